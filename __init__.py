@@ -1,0 +1,24 @@
+"""dfuse: serve diffusion models disaggregated (encoder, DiT, decoder as separate processes).
+
+The package root is the repository root. This module stays lazy on purpose: pytest imports it
+under the checkout folder's name, and an eager `from .engine import Engine` would load a second
+copy of the whole tree (see FACTS.md, packaging).
+"""
+
+__all__ = ["Engine", "EngineConfig", "GenerationResult"]
+
+
+def __getattr__(name):
+    if name == "Engine":
+        from .engine.engine import Engine
+
+        return Engine
+    if name == "EngineConfig":
+        from .engine.config import EngineConfig
+
+        return EngineConfig
+    if name == "GenerationResult":
+        from .engine.engine import GenerationResult
+
+        return GenerationResult
+    raise AttributeError(f"module 'dfuse' has no attribute {name!r}")

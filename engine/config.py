@@ -1,0 +1,150 @@
+"""One frozen config tree for an engine; every field validated when it is built."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Mapping
+
+from ..stages import STAGE_KINDS
+
+DEFAULT_MODEL = "tiny-sd3"
+MAX_INSTANCES = 64
+
+
+@dataclass(frozen=True)
+class TransportConfig:
+    """Shared-memory slots that carry tensors from one stage to the next."""
+
+    slot_mib: int = 16
+    """Size of one slot in MiB; a stage's outputs for one request must fit (SD3 1024 px with CFG: ~11 MiB)."""
+    slots_per_worker: int = 3
+    """Slots in each producing worker's pool: how far a producer may run ahead of its consumer."""
+
+    def __post_init__(self):
+        _check_int("transport.slot_mib", self.slot_mib, 1, 4096)
+        _check_int("transport.slots_per_worker", self.slots_per_worker, 1, 64)
+
+    @property
+    def slot_bytes(self) -> int:
+        return self.slot_mib * 2**20
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything an Engine needs to start its stage workers."""
+
+    model: str = DEFAULT_MODEL
+    """A built-in tiny model name (tiny-sd3) or the path of a local diffusers model folder."""
+    devices: Mapping[str, str] = field(default_factory=lambda: {s: "cpu" for s in STAGE_KINDS})
+    """Device of each stage's instances: "cpu", "cuda" or "cuda:N"."""
+    instances: Mapping[str, int] = field(default_factory=lambda: {s: 1 for s in STAGE_KINDS})
+    """Number of worker processes per stage."""
+    cpu_threads: int | None = None
+    """Torch threads per CPU worker; None divides the machine's cores among the CPU workers."""
+    dtype: str = "auto"
+    """Weights and activations dtype: auto (float32 on CPU, bfloat16 on CUDA), float32, float16, bfloat16."""
+    transport: TransportConfig = field(default_factory=TransportConfig)
+    """Shared-memory handoff between stages."""
+    max_inflight_per_worker: int = 2
+    """Tasks sent to one worker at once: one computing, the next already queued beside it."""
+    max_attempts: int = 3
+    """A request whose worker dies this many times fails instead of being retried again."""
+    startup_timeout_s: float = 600.0
+    """How long to wait for all workers to load their weights and say READY."""
+
+    def __post_init__(self):
+        if not isinstance(self.model, (str, os.PathLike)) or not str(self.model):
+            raise ValueError(f"model: expected a built-in name or a folder path, got {self.model!r}")
+        object.__setattr__(self, "model", str(self.model))
+        object.__setattr__(self, "devices", MappingProxyType(_per_stage("device", self.devices, str)))
+        for stage, device in self.devices.items():
+            _check_device(f"device ({stage})", device)
+        instances = _per_stage("instances", self.instances, int)
+        for stage, count in instances.items():
+            _check_int(f"instances.{stage}", count, 1, MAX_INSTANCES)
+        object.__setattr__(self, "instances", MappingProxyType(instances))
+        if self.cpu_threads is not None:
+            _check_int("cpu_threads", self.cpu_threads, 1, 1024)
+        if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
+            raise ValueError(f"dtype: must be one of auto, float32, float16, bfloat16 (got {self.dtype!r})")
+        _check_int("max_inflight_per_worker", self.max_inflight_per_worker, 1, 64)
+        _check_int("max_attempts", self.max_attempts, 1, 100)
+        if not (isinstance(self.startup_timeout_s, (int, float)) and self.startup_timeout_s > 0):
+            raise ValueError(f"startup_timeout_s: must be a number > 0 (got {self.startup_timeout_s!r})")
+
+    def threads_per_worker(self) -> int:
+        if self.cpu_threads is not None:
+            return self.cpu_threads
+        cpu_workers = sum(n for s, n in self.instances.items() if self.devices[s] == "cpu")
+        return max(1, (os.cpu_count() or 1) // max(1, cpu_workers))
+
+    def torch_dtype(self, device: str):
+        import torch
+
+        if self.dtype == "auto":
+            return torch.float32 if device == "cpu" else torch.bfloat16
+        return getattr(torch, self.dtype)
+
+
+def resolve_model_path(model: str) -> Path:
+    """The folder of `model`: a built-in tiny model (built on first use) or a local path."""
+    from ..stages.tiny import TINY_MODELS, tiny_model_path
+
+    if model in TINY_MODELS:
+        return tiny_model_path(model)
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise ValueError(
+            f"model: {model!r} is neither a built-in model ({', '.join(sorted(TINY_MODELS))}) "
+            "nor an existing folder"
+        )
+    return path.resolve()
+
+
+def parse_instances(text: str) -> dict[str, int]:
+    """Parse the CLI form "encoder=1,dit=2,decoder=1" (stages left out keep 1 instance)."""
+    counts = {s: 1 for s in STAGE_KINDS}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        stage, sep, value = part.partition("=")
+        if not sep or stage.strip() not in STAGE_KINDS or not value.strip().isdigit():
+            raise ValueError(
+                f"instances: expected stage=count pairs like encoder=1,dit=2,decoder=1 with stages "
+                f"{', '.join(STAGE_KINDS)} (got {part!r})"
+            )
+        counts[stage.strip()] = int(value)
+    return counts
+
+
+def _per_stage(name: str, value, kind: type) -> dict:
+    """Accept one value for all stages or a mapping stage -> value (missing stages: default)."""
+    if isinstance(value, kind) and not isinstance(value, bool):
+        return {s: value for s in STAGE_KINDS}
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{name}: expected a {kind.__name__} or a mapping of stage -> {kind.__name__}, got {value!r}")
+    unknown = set(value) - set(STAGE_KINDS)
+    if unknown:
+        raise ValueError(f"{name}: unknown stage(s) {sorted(unknown)}; stages are {', '.join(STAGE_KINDS)}")
+    default = "cpu" if kind is str else 1
+    return {s: value.get(s, default) for s in STAGE_KINDS}
+
+
+def _check_int(name: str, value, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{name}: must be an integer in [{low}, {high}] (got {value!r})")
+
+
+def _check_device(name: str, device: str) -> None:
+    if device == "cpu":
+        return
+    kind, _, index = device.partition(":")
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise ValueError(f"{name}: must be 'cpu', 'cuda' or 'cuda:N' (got {device!r})")
+    import torch
+
+    count = torch.cuda.device_count()
+    if count == 0 or int(index or 0) >= count:
+        available = ", ".join(["cpu"] + [f"cuda:{i}" for i in range(count)])
+        raise ValueError(f"{name}: {device!r} is not available here; available devices: {available}")

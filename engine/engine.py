@@ -1,0 +1,171 @@
+"""Engine: the user-facing front. Validates requests, hands them to the router, returns images."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import weakref
+from concurrent.futures import CancelledError, Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from typing import Mapping
+
+from PIL import Image
+
+from ..stages import STAGE_KINDS
+from ..stages.families import describe_model
+from .config import DEFAULT_MODEL, EngineConfig, resolve_model_path
+from .requests import build_requests
+from .router import EngineClosed, ProgressCallback, Request, RequestFailed, Router, StageTiming
+
+__all__ = ["Engine", "GenerationResult", "RequestFailed", "EngineClosed", "StageTiming"]
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """The outcome of one `submit`: one entry per prompt, in prompt order."""
+
+    images: list[Image.Image]
+    seeds: list[int]  # prompt i was generated with seeds[i]
+    timings: list[dict[str, StageTiming]]  # per prompt: stage -> where and how long it ran
+
+
+class Engine:
+    """Serve one diffusion model as three kinds of stage processes (encoder, dit, decoder).
+
+        with Engine(device="cpu", instances={"encoder": 1, "dit": 1, "decoder": 1}) as engine:
+            images = engine.generate("a red fox in the snow", num_inference_steps=4, seed=0)
+
+    `generate` and `submit` may be called from many threads at once; `submit` returns at once
+    with a future, so many requests can be in flight together.
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        device: str | Mapping[str, str] = "cpu",
+        instances: Mapping[str, int] | None = None,
+        *,
+        cpu_threads: int | None = None,
+        dtype: str = "auto",
+        config: EngineConfig | None = None,
+    ):
+        if config is None:
+            config = EngineConfig(
+                model=model or DEFAULT_MODEL,
+                devices=device,
+                instances=instances if instances is not None else {s: 1 for s in STAGE_KINDS},
+                cpu_threads=cpu_threads,
+                dtype=dtype,
+            )
+        self.config = config
+        self._init_model()
+        self._init_router()
+
+    def _init_model(self) -> None:
+        self.model_path = resolve_model_path(self.config.model)
+        self.model_info = describe_model(self.model_path)  # ValueError before any process starts
+        self._ids = itertools.count()
+        self._ids_lock = threading.Lock()
+
+    def _init_router(self) -> None:
+        self._router = Router(self.config, self.model_path)
+        # Closes the workers even if the user never calls close() (runs at interpreter exit too).
+        self._finalizer = weakref.finalize(self, self._router.close)
+        self._router.start()
+        if not self._router.ready.wait(self.config.startup_timeout_s):
+            self.close()
+            raise RuntimeError(f"stage workers were not ready within {self.config.startup_timeout_s:g} s")
+        if self._router.startup_error:
+            error = self._router.startup_error
+            self.close()
+            raise RuntimeError(error)
+
+    # --- requests ----------------------------------------------------------------------------
+    def submit(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        seed: int | None = None,
+        on_progress: ProgressCallback | None = None,
+    ) -> Future:
+        """Queue a request and return a Future of its GenerationResult (cancel() drops it).
+
+        Defaults follow diffusers for the model (e.g. SD3: 28 steps, guidance 7.0, its native
+        size). Prompt i of a list uses seed + i; a missing seed is drawn at random and reported.
+        Raises ValueError naming the field for bad input; the engine keeps serving.
+        """
+        if not self._finalizer.alive:
+            raise EngineClosed("the engine is closed")
+        params = build_requests(
+            self.model_info, prompt, negative_prompt, num_inference_steps, guidance_scale, height, width, seed
+        )
+        with self._ids_lock:
+            requests = [Request(next(self._ids), p, Future(), on_progress) for p in params]
+        outer = _gather(requests)
+        for request in requests:
+            self._router.submit(request)
+        return outer
+
+    def generate(self, prompt: str | list[str], *, timeout: float | None = None, **params) -> list[Image.Image]:
+        """Generate one image per prompt and wait for them (see `submit` for the parameters).
+
+        `timeout` (seconds) raises TimeoutError and drops the request's remaining work.
+        """
+        future = self.submit(prompt, **params)
+        try:
+            return future.result(timeout).images
+        except FutureTimeout:
+            future.cancel()
+            raise TimeoutError(f"the request did not complete within timeout={timeout} s") from None
+
+    def stats(self) -> dict:
+        """Placement, queue depths, per-worker state: a snapshot."""
+        return {"model": str(self.model_path), "family": self.model_info.family, **self._router.stats()}
+
+    # --- lifetime ----------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop every worker and free every shared-memory segment; pending requests fail."""
+        self._finalizer()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _gather(requests: list[Request]) -> Future:
+    """One future for the whole submit: resolves when every prompt's request has."""
+    outer: Future = Future()
+    remaining = [len(requests)]
+    lock = threading.Lock()
+
+    def on_inner_done(_inner: Future) -> None:
+        with lock:
+            remaining[0] -= 1
+            if remaining[0] or outer.done():
+                return
+        try:
+            results = [r.future.result() for r in requests]
+        except CancelledError:
+            return
+        except Exception as e:
+            outer.set_exception(e)
+            return
+        images = [Image.fromarray(pixels) for pixels, _ in results]
+        outer.set_result(GenerationResult(images, [r.params.seed for r in requests], [t for _, t in results]))
+
+    def on_outer_done(_outer: Future) -> None:
+        if outer.cancelled():
+            for request in requests:
+                request.future.cancel()
+
+    for request in requests:
+        request.future.add_done_callback(on_inner_done)
+    outer.add_done_callback(on_outer_done)
+    return outer

@@ -1,0 +1,120 @@
+"""Wire messages between the engine and its stage workers: msgspec structs, nothing else.
+
+Every message is a tagged struct encoded with msgpack; receivers decode against the union of the
+types they accept, so an unknown or malformed frame is a `msgspec.ValidationError`/`DecodeError`,
+never code execution (no pickle on any socket). Tensors never travel inside a message: a message
+carries `TensorRef`s into a shared-memory slot.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+_STRUCT = dict(tag=True, array_like=True, omit_defaults=True, forbid_unknown_fields=True)
+
+
+class TensorRef(msgspec.Struct, **_STRUCT):
+    """One tensor inside a transport segment: where it starts, its shape and dtype."""
+
+    name: str
+    segment: str  # shared-memory segment name (created by the engine)
+    offset: int  # byte offset inside the segment
+    shape: tuple[int, ...]
+    dtype: str  # torch dtype name without the "torch." prefix, e.g. "float32"
+
+
+class OutputSlot(msgspec.Struct, **_STRUCT):
+    """Where a stage must write its outputs: a byte range of a segment reserved for this task."""
+
+    segment: str
+    offset: int
+    nbytes: int
+
+
+class RequestParams(msgspec.Struct, **_STRUCT):
+    """What a stage needs to know about one request; validated by the engine before it runs."""
+
+    prompt: str
+    negative_prompt: str | None
+    num_inference_steps: int
+    guidance_scale: float
+    height: int
+    width: int
+    seed: int
+
+
+class StageTask(msgspec.Struct, **_STRUCT):
+    """Engine -> worker: run this stage for one request, read `inputs`, write into `output`."""
+
+    request_id: int
+    params: RequestParams
+    inputs: list[TensorRef]
+    output: OutputSlot
+    report_progress: bool = False
+
+
+class Shutdown(msgspec.Struct, **_STRUCT):
+    """Engine -> worker: finish the current task, then exit."""
+
+
+class Ready(msgspec.Struct, **_STRUCT):
+    """Worker -> engine: weights are loaded, tasks may come."""
+
+    worker_id: int
+    pid: int
+    load_s: float
+
+
+class LoadFailed(msgspec.Struct, **_STRUCT):
+    """Worker -> engine: the stage could not load (bad model folder, out of memory ...)."""
+
+    worker_id: int
+    error: str
+
+
+class StageTimings(msgspec.Struct, **_STRUCT):
+    """Seconds spent by one worker on one task."""
+
+    queued_s: float  # received by the worker -> compute started
+    compute_s: float  # forward pass, including writing outputs into the slot
+
+
+class StageDone(msgspec.Struct, **_STRUCT):
+    """Worker -> engine: outputs are in the task's output slot; its inputs may be released."""
+
+    worker_id: int
+    request_id: int
+    outputs: list[TensorRef]
+    timings: StageTimings
+
+
+class StageFailed(msgspec.Struct, **_STRUCT):
+    """Worker -> engine: the task raised; the worker stays up and takes the next task."""
+
+    worker_id: int
+    request_id: int
+    error: str
+
+
+class Progress(msgspec.Struct, **_STRUCT):
+    """Worker -> engine: `step` of `total` steps done (the DiT reports its denoising steps)."""
+
+    worker_id: int
+    request_id: int
+    step: int
+    total: int
+
+
+ToWorker = StageTask | Shutdown
+ToEngine = Ready | LoadFailed | StageDone | StageFailed | Progress
+
+_encoder = msgspec.msgpack.Encoder()
+
+
+def encode(message: msgspec.Struct) -> bytes:
+    return _encoder.encode(message)
+
+
+# Decoders are bound to the union a receiver accepts: anything else is rejected at decode time.
+worker_decoder = msgspec.msgpack.Decoder(ToWorker)
+engine_decoder = msgspec.msgpack.Decoder(ToEngine)

@@ -1,0 +1,95 @@
+"""Validation of generation requests: every bad field gets a ValueError naming it and its range."""
+
+from __future__ import annotations
+
+import math
+import numbers
+import secrets
+from collections.abc import Sequence
+
+from ..stages.families.base import ModelInfo
+from .protocol import RequestParams
+
+MAX_PROMPTS = 256
+MAX_STEPS = 1000
+MAX_GUIDANCE = 100.0
+MAX_SEED = 2**63 - 1
+MAX_PROMPT_CHARS = 10_000
+
+
+def build_requests(
+    info: ModelInfo,
+    prompt,
+    negative_prompt=None,
+    num_inference_steps=None,
+    guidance_scale=None,
+    height=None,
+    width=None,
+    seed=None,
+) -> list[RequestParams]:
+    """One RequestParams per prompt; prompt i uses seed + i so each image is reproducible alone."""
+    prompts = _prompts("prompt", prompt, allow_none=False)
+    negatives = _prompts("negative_prompt", negative_prompt, allow_none=True)
+    if isinstance(negative_prompt, (list, tuple)) and len(negatives) != len(prompts):
+        raise ValueError(
+            f"negative_prompt: a list must have one entry per prompt ({len(prompts)}), got {len(negatives)}"
+        )
+    if len(negatives) == 1:
+        negatives = negatives * len(prompts)
+    steps = _integer("num_inference_steps", info.num_inference_steps if num_inference_steps is None else num_inference_steps, 1, MAX_STEPS)
+    guidance = _guidance(info.guidance_scale if guidance_scale is None else guidance_scale)
+    height = _size("height", info.default_size if height is None else height, info)
+    width = _size("width", info.default_size if width is None else width, info)
+    if seed is None:
+        seed = secrets.randbelow(MAX_SEED - MAX_PROMPTS)
+    seed = _integer("seed", seed, 0, MAX_SEED - len(prompts) + 1)
+    return [
+        RequestParams(p, n, steps, guidance, height, width, seed + i)
+        for i, (p, n) in enumerate(zip(prompts, negatives))
+    ]
+
+
+def _prompts(field: str, value, allow_none: bool) -> list:
+    if value is None and allow_none:
+        return [None]
+    if isinstance(value, str):
+        values = [value]
+    elif isinstance(value, Sequence) and not isinstance(value, (bytes, bytearray)):
+        values = list(value)
+        if not 1 <= len(values) <= MAX_PROMPTS:
+            raise ValueError(f"{field}: a list must hold 1 to {MAX_PROMPTS} strings (got {len(values)})")
+    else:
+        kind = "a string, a list of strings or None" if allow_none else "a string or a list of strings"
+        raise ValueError(f"{field}: must be {kind} (got {type(value).__name__})")
+    for i, item in enumerate(values):
+        if not isinstance(item, str):
+            raise ValueError(f"{field}[{i}]: must be a string (got {type(item).__name__})")
+        if len(item) > MAX_PROMPT_CHARS:
+            raise ValueError(f"{field}[{i}]: at most {MAX_PROMPT_CHARS} characters (got {len(item)})")
+    return values
+
+
+def _integer(field: str, value, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{field}: must be an integer in [{low}, {high}] (got {value!r})")
+    if not low <= value <= high:
+        raise ValueError(f"{field}: must be in [{low}, {high}] (got {value})")
+    return int(value)
+
+
+def _guidance(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"guidance_scale: must be a finite number in [0, {MAX_GUIDANCE:g}] (got {value!r})")
+    if not 0 <= value <= MAX_GUIDANCE:
+        raise ValueError(f"guidance_scale: must be in [0, {MAX_GUIDANCE:g}] (got {value})")
+    return float(value)
+
+
+def _size(field: str, value, info: ModelInfo) -> int:
+    m = info.pixel_multiple
+    allowed = f"a multiple of {m} in [{m}, {info.max_size}]"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{field}: must be {allowed} (got {value!r})")
+    if value <= 0 or value % m or value > info.max_size:
+        raise ValueError(f"{field}: must be {allowed} (got {value})")
+    return int(value)

@@ -1,0 +1,430 @@
+"""The engine's event loop: per-stage queues, dispatch, slot credits, crash recovery.
+
+One thread (the router) owns every zmq socket and all routing state, so nothing here needs a
+lock; other threads only append to the inbox and ring the wake socket. Each request walks the
+stages in order; between two hops its tensors stay in the producer's slot, and the slot is
+released when the consumer reports done (or the request is dropped):
+
+    queue[encoder] -> encoder worker -> StageDone(refs) -> queue[dit] -> dit worker -> ...
+                      writes slot E                        reads slot E, writes slot D;
+                                                           on StageDone slot E is released
+
+A worker that dies is replaced on the same device; its in-flight requests go back to the front
+of their queue (their inputs are still in the upstream slot) until `max_attempts` is reached.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import msgspec
+import zmq
+
+from ..stages import STAGE_KINDS
+from ..stages.worker import WorkerSpec
+from . import protocol as wire
+from .config import EngineConfig
+from .launcher import WorkerProcess, spawn_worker
+from .transport.shm import SlotPool, dtype_from_name, new_segment_prefix, sweep_stale_segments, unlink_segments
+
+log = logging.getLogger("dfuse.engine")
+
+HEALTH_INTERVAL_S = 0.1  # how often worker liveness is checked: a crash is seen within ~0.1 s
+ProgressCallback = Callable[[str, int, int], None]  # (stage, step, total)
+
+
+class RequestFailed(RuntimeError):
+    """A request could not be completed (its stage raised, or its workers kept dying)."""
+
+
+class EngineClosed(RuntimeError):
+    """The engine closed before the request completed."""
+
+
+@dataclass
+class StageTiming:
+    worker_id: int
+    queued_s: float  # waiting inside the worker before compute
+    compute_s: float
+
+
+@dataclass
+class Request:
+    """Engine-side state of one request (one prompt) while it walks the stages."""
+
+    id: int
+    params: wire.RequestParams
+    future: Future  # resolves to (image array, {stage: StageTiming})
+    on_progress: ProgressCallback | None = None
+    stage_index: int = 0
+    inputs: list[wire.TensorRef] = field(default_factory=list)
+    input_pool: SlotPool | None = None  # the upstream pool whose slot holds `inputs`
+    input_offset: int = -1
+    output_offset: int = -1  # the slot reserved in the current worker's pool
+    attempts: int = 0
+    timings: dict[str, StageTiming] = field(default_factory=dict)
+
+    @property
+    def stage(self) -> str:
+        return STAGE_KINDS[self.stage_index]
+
+
+@dataclass
+class Worker:
+    """Engine-side handle of one stage instance."""
+
+    id: int
+    stage: str
+    device: str
+    pool: SlotPool  # where this worker writes its outputs
+    socket: zmq.Socket | None = None
+    process: WorkerProcess | None = None
+    ready: bool = False
+    generation: int = 0
+    restarts: int = 0
+    load_s: float = 0.0
+    inflight: dict[int, Request] = field(default_factory=dict)
+
+
+class Router:
+    def __init__(self, config: EngineConfig, model_path: Path):
+        self.config = config
+        self.model_path = model_path
+        self.ready = threading.Event()
+        self.startup_error: str | None = None
+        self._closing = False
+        self._shut_down = False  # set under _wake_lock once the sockets are gone
+        self._inbox: collections.deque = collections.deque()
+        self._queues = {stage: collections.deque() for stage in STAGE_KINDS}
+        self._completed = 0
+        self._failed = 0
+        self._init_run_dir()
+        self._init_sockets()
+        self._init_workers()
+        self._thread = threading.Thread(target=self._loop, name="dfuse-router", daemon=True)
+
+    # --- setup -----------------------------------------------------------------------------
+    def _init_run_dir(self) -> None:
+        sweep_stale_segments()
+        # Private (0700, random name) so no other local user can reach the control sockets.
+        self.run_dir = tempfile.mkdtemp(prefix="dfuse-")
+        self.segment_prefix = new_segment_prefix()
+
+    def _init_sockets(self) -> None:
+        self._context = zmq.Context()
+        self._results = self._context.socket(zmq.PULL)
+        self._results.bind(self._endpoint("results"))
+        self._wake_pull = self._context.socket(zmq.PULL)
+        self._wake_pull.bind("inproc://wake")
+        self._wake_push = self._context.socket(zmq.PUSH)
+        self._wake_push.connect("inproc://wake")
+        self._wake_lock = threading.Lock()
+        self._poller = zmq.Poller()
+        self._poller.register(self._results, zmq.POLLIN)
+        self._poller.register(self._wake_pull, zmq.POLLIN)
+
+    def _init_workers(self) -> None:
+        self.workers: dict[int, Worker] = {}
+        transport = self.config.transport
+        for stage in STAGE_KINDS:
+            for _ in range(self.config.instances[stage]):
+                worker_id = len(self.workers)
+                pool = SlotPool.create(f"{self.segment_prefix}w{worker_id}", transport.slot_bytes, transport.slots_per_worker)
+                self.workers[worker_id] = Worker(worker_id, stage, self.config.devices[stage], pool)
+        self._segments = {w.pool.segment.name: w.pool.segment for w in self.workers.values()}
+
+    def _endpoint(self, name: str) -> str:
+        return f"ipc://{os.path.join(self.run_dir, name)}"
+
+    # --- called from other threads -----------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, request: Request) -> None:
+        self._post(("submit", request))
+
+    def close(self, timeout: float = 30.0) -> None:
+        self._post(("close", None))
+        self._thread.join(timeout)
+
+    def stats(self) -> dict:
+        """A snapshot for users and the CLI (read without locks: values may be a moment old)."""
+        return {
+            "completed": self._completed,
+            "failed": self._failed,
+            "queues": {stage: len(q) for stage, q in self._queues.items()},
+            "workers": [
+                {
+                    "id": w.id, "stage": w.stage, "device": w.device, "ready": w.ready,
+                    "pid": w.process.process.pid if w.process else None, "inflight": len(w.inflight),
+                    "free_slots": w.pool.free, "restarts": w.restarts, "load_s": round(w.load_s, 3),
+                }
+                for w in list(self.workers.values())
+            ],
+        }
+
+    def _post(self, item) -> None:
+        with self._wake_lock:  # zmq sockets are not thread-safe; the lock serialises the wake
+            if self._shut_down:
+                if item[0] == "submit":
+                    _resolve(item[1].future, error=EngineClosed(self.startup_error or "the engine is closed"))
+                return
+            self._inbox.append(item)
+            self._wake_push.send(b"", zmq.NOBLOCK)
+
+    # --- the loop ----------------------------------------------------------------------------
+    def _loop(self) -> None:
+        handlers = {
+            wire.Ready: self._on_ready,
+            wire.LoadFailed: self._on_load_failed,
+            wire.StageDone: self._on_done,
+            wire.StageFailed: self._on_failed,
+            wire.Progress: self._on_progress,
+        }
+        next_health = 0.0
+        try:
+            for worker in self.workers.values():
+                self._spawn(worker)
+            while not self._closing:
+                events = dict(self._poller.poll(HEALTH_INTERVAL_S * 1000))
+                if self._wake_pull in events:
+                    while self._wake_pull.poll(0):
+                        self._wake_pull.recv()
+                self._drain_inbox()
+                if self._results in events:
+                    self._drain_results(handlers)
+                if time.monotonic() >= next_health:
+                    self._check_workers()
+                    next_health = time.monotonic() + HEALTH_INTERVAL_S
+                self._dispatch()
+        except Exception as e:
+            log.exception("router crashed")
+            self._fatal(f"engine router crashed: {type(e).__name__}: {e}")
+        finally:
+            self._shutdown()
+
+    def _drain_inbox(self) -> None:
+        while self._inbox:
+            kind, item = self._inbox.popleft()
+            if kind == "submit":
+                if self.startup_error:
+                    _resolve(item.future, error=RequestFailed(self.startup_error))
+                else:
+                    self._queues[STAGE_KINDS[0]].append(item)
+            elif kind == "close":
+                self._closing = True
+
+    def _drain_results(self, handlers) -> None:
+        while True:
+            try:
+                frame = self._results.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                message = wire.engine_decoder.decode(frame)
+            except msgspec.MsgspecError as e:
+                log.warning("dropped a malformed message from a worker (%d bytes): %s", len(frame), e)
+                continue
+            worker = self.workers.get(message.worker_id)
+            if worker is None:
+                log.warning("dropped a message from unknown worker %r", message.worker_id)
+                continue
+            handlers[type(message)](worker, message)
+
+    # --- messages from workers ---------------------------------------------------------------
+    def _on_ready(self, worker: Worker, message: wire.Ready) -> None:
+        worker.ready, worker.load_s = True, message.load_s
+        log.info("%s worker %d ready in %.2f s (pid %d)", worker.stage, worker.id, message.load_s, message.pid)
+        if all(w.ready for w in self.workers.values()):
+            self.ready.set()
+
+    def _on_load_failed(self, worker: Worker, message: wire.LoadFailed) -> None:
+        self._fatal(f"{worker.stage} worker {worker.id} could not load the model: {message.error}")
+
+    def _on_done(self, worker: Worker, message: wire.StageDone) -> None:
+        request = worker.inflight.pop(message.request_id, None)
+        if request is None:
+            return  # a late message about a request already re-queued or dropped
+        self._release_inputs(request)
+        request.timings[worker.stage] = StageTiming(worker.id, message.timings.queued_s, message.timings.compute_s)
+        if request.stage_index == len(STAGE_KINDS) - 1:
+            self._finish(request, worker, message.outputs)
+            return
+        request.inputs, request.input_pool, request.input_offset = message.outputs, worker.pool, request.output_offset
+        request.stage_index += 1
+        if request.future.cancelled():
+            self._drop(request)
+        else:
+            self._queues[request.stage].append(request)
+
+    def _on_failed(self, worker: Worker, message: wire.StageFailed) -> None:
+        request = worker.inflight.pop(message.request_id, None)
+        if request is not None:
+            worker.pool.release(request.output_offset)
+            self._fail(request, RequestFailed(f"the {worker.stage} stage failed: {message.error}"))
+
+    def _on_progress(self, worker: Worker, message: wire.Progress) -> None:
+        request = worker.inflight.get(message.request_id)
+        if request is not None and request.on_progress is not None:
+            try:
+                request.on_progress(worker.stage, message.step, message.total)
+            except Exception:
+                log.exception("progress callback raised")
+
+    # --- dispatch ----------------------------------------------------------------------------
+    def _dispatch(self) -> None:
+        # Downstream first: finishing requests frees the upstream slots that new work needs.
+        for stage in reversed(STAGE_KINDS):
+            queue = self._queues[stage]
+            while queue:
+                if queue[0].future.cancelled():
+                    self._drop(queue.popleft())
+                    continue
+                worker = self._pick_worker(stage)
+                if worker is None:
+                    break
+                self._send_task(worker, queue.popleft())
+
+    def _pick_worker(self, stage: str) -> Worker | None:
+        """The ready instance with the least work in flight that has a free output slot."""
+        candidates = [
+            w for w in self.workers.values()
+            if w.stage == stage and w.ready and w.pool.free and len(w.inflight) < self.config.max_inflight_per_worker
+        ]
+        return min(candidates, key=lambda w: (len(w.inflight), w.id), default=None)
+
+    def _send_task(self, worker: Worker, request: Request) -> None:
+        slot = worker.pool.acquire(request.id)
+        task = wire.StageTask(
+            request.id, request.params, request.inputs, slot,
+            report_progress=request.on_progress is not None and worker.stage == "dit",
+        )
+        try:
+            worker.socket.send(wire.encode(task), zmq.NOBLOCK)
+        except zmq.Again:  # the worker's receiver is not connected (yet, or any more)
+            worker.pool.release(slot.offset)
+            self._queues[worker.stage].appendleft(request)
+            return
+        request.output_offset = slot.offset
+        worker.inflight[request.id] = request
+
+    # --- requests leaving the engine ---------------------------------------------------------
+    def _finish(self, request: Request, worker: Worker, outputs: list[wire.TensorRef]) -> None:
+        (ref,) = [r for r in outputs if r.name == "image"]
+        view = self._segments[ref.segment].view(ref.offset, ref.shape, dtype_from_name(ref.dtype))
+        image = view[0].numpy().copy()  # copy out before the slot is reused
+        worker.pool.release(request.output_offset)
+        self._completed += 1
+        _resolve(request.future, result=(image, request.timings))
+
+    def _fail(self, request: Request, error: Exception) -> None:
+        self._release_inputs(request)
+        self._failed += 1
+        _resolve(request.future, error=error)
+
+    def _drop(self, request: Request) -> None:
+        self._release_inputs(request)
+
+    def _release_inputs(self, request: Request) -> None:
+        if request.input_pool is not None:
+            request.input_pool.release(request.input_offset)
+            request.input_pool = None
+
+    def _fatal(self, error: str) -> None:
+        """Nothing more can be served: fail everything waiting and stop."""
+        self.startup_error = self.startup_error or error
+        self._closing = True
+        self.ready.set()
+
+    # --- worker processes --------------------------------------------------------------------
+    def _spawn(self, worker: Worker) -> None:
+        worker.generation += 1
+        # A fresh endpoint per generation: frames queued for a dead worker die with its socket.
+        endpoint = self._endpoint(f"w{worker.id}.{worker.generation}")
+        worker.socket = self._context.socket(zmq.PUSH)
+        worker.socket.setsockopt(zmq.LINGER, 0)
+        worker.socket.bind(endpoint)
+        spec = WorkerSpec(
+            worker_id=worker.id, stage=worker.stage, model_path=str(self.model_path), device=worker.device,
+            dtype=str(self.config.torch_dtype(worker.device)).removeprefix("torch."),
+            cpu_threads=self.config.threads_per_worker(), task_endpoint=endpoint,
+            result_endpoint=self._endpoint("results"), engine_pid=os.getpid(),
+            segment_prefix=self.segment_prefix, run_dir=self.run_dir,
+        )
+        worker.process = spawn_worker(spec)
+
+    def _check_workers(self) -> None:
+        for worker in self.workers.values():
+            if worker.process is None or worker.process.alive:
+                continue
+            code = worker.process.process.exitcode
+            if not worker.ready:
+                self._fatal(f"{worker.stage} worker {worker.id} exited with code {code} before it was ready")
+                return
+            log.warning("%s worker %d died (exit code %s); restarting it", worker.stage, worker.id, code)
+            self._recover(worker, code)
+
+    def _recover(self, worker: Worker, exit_code) -> None:
+        worker.process.kill()
+        worker.socket.close()
+        worker.ready = False
+        for request in sorted(worker.inflight.values(), key=lambda r: r.id, reverse=True):
+            worker.pool.release(request.output_offset)
+            request.attempts += 1
+            if request.attempts >= self.config.max_attempts:
+                self._fail(request, RequestFailed(
+                    f"the {worker.stage} workers running request {request.id} died {request.attempts} "
+                    f"times (last exit code {exit_code}); giving up"
+                ))
+            else:
+                self._queues[worker.stage].appendleft(request)  # inputs are still in the upstream slot
+        worker.inflight.clear()
+        worker.restarts += 1
+        self._spawn(worker)
+
+    def _shutdown(self) -> None:
+        """Stop every worker, fail what is left, remove every segment and socket."""
+        alive = [w for w in self.workers.values() if w.process is not None]
+        for worker in alive:
+            try:
+                worker.socket.send(wire.encode(wire.Shutdown()), zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+        for worker in alive:
+            worker.process.stop()
+            worker.socket.close()
+        error = EngineClosed(self.startup_error or "the engine closed before this request completed")
+        pending = [r for q in self._queues.values() for r in q] + [r for w in alive for r in w.inflight.values()]
+        pending += [item for kind, item in self._inbox if kind == "submit"]
+        for request in pending:
+            _resolve(request.future, error=error)
+        for sock in (self._results, self._wake_pull):
+            sock.close(linger=0)
+        with self._wake_lock:
+            self._shut_down = True
+            self._wake_push.close(linger=0)
+        self._context.term()
+        unlink_segments(self.segment_prefix)
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+        self.ready.set()
+
+
+def _resolve(future: Future, result=None, error: Exception | None = None) -> None:
+    """Set a future's outcome unless the caller cancelled it meanwhile (from another thread)."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except InvalidStateError:
+        pass

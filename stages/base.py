@@ -1,0 +1,40 @@
+"""A stage: loads its own components only, declares the inputs it needs, and runs `forward`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..engine.protocol import RequestParams
+from .families.base import Family, OnStep, Tensors
+
+
+class Stage:
+    """Base class: `load` once, then `run` per request (validates inputs, delegates to `forward`)."""
+
+    kind: str
+    requires: tuple[str, ...] = ()  # input tensors that must be present
+
+    def __init__(self, family: Family, model_path: Path, device: torch.device, dtype: torch.dtype):
+        self.family = family
+        self.model_path = model_path
+        self.device = device
+        self.dtype = dtype
+        self.model: Any = None
+
+    def load(self) -> None:
+        raise NotImplementedError
+
+    def forward(self, inputs: Tensors, params: RequestParams, on_step: OnStep) -> Tensors:
+        raise NotImplementedError
+
+    def run(self, inputs: Tensors, params: RequestParams, on_step: OnStep) -> Tensors:
+        missing = [name for name in self.requires if name not in inputs]
+        if missing:
+            raise ValueError(f"{self.kind} stage is missing inputs {missing}; got {sorted(inputs)}")
+        outputs = self.forward(inputs, params, on_step)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # outputs are read on the host next
+        return outputs

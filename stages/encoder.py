@@ -1,0 +1,13 @@
+"""Encoder stage: tokenizers + text encoders -> prompt embeddings."""
+
+from .base import Stage
+
+
+class EncoderStage(Stage):
+    kind = "encoder"
+
+    def load(self):
+        self.model = self.family.load_encoder(self.model_path, self.device, self.dtype)
+
+    def forward(self, inputs, params, on_step):
+        return self.family.encode(self.model, params)

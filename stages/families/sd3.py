@@ -1,0 +1,119 @@
+"""Stable Diffusion 3 / 3.5 (StableDiffusion3Pipeline components), split into three stages.
+
+encoder: two CLIP + T5 -> prompt embeddings (negative ones too when guidance_scale > 1, because
+         SD3 runs negative and positive as one batch in the DiT).
+dit:     SD3Transformer2DModel + FlowMatch scheduler, driven by the pipeline's own __call__ with
+         prompt_embeds= and output_type="latent", so the denoising loop is diffusers' exactly.
+decoder: AutoencoderKL, unscale/shift, vae.decode, VaeImageProcessor -> uint8 pixels.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ...engine.protocol import RequestParams
+from .base import Family, ModelInfo, OnStep, Tensors, read_json
+
+_TEXT_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")
+
+
+class SD3Family(Family):
+    name = "sd3"
+    pipeline_class = "StableDiffusion3Pipeline"
+
+    def describe(self, path: Path) -> ModelInfo:
+        transformer = read_json(path / "transformer" / "config.json")
+        vae = read_json(path / "vae" / "config.json")
+        vae_factor = 2 ** (len(vae["block_out_channels"]) - 1)
+        patch = transformer["patch_size"]
+        max_patches = transformer.get("pos_embed_max_size") or transformer["sample_size"] // patch
+        return ModelInfo(
+            path=path,
+            family=self.name,
+            pixel_multiple=vae_factor * patch,
+            default_size=transformer["sample_size"] * vae_factor,
+            max_size=max_patches * patch * vae_factor,
+            num_inference_steps=28,
+            guidance_scale=7.0,
+        )
+
+    # 1. Encoder
+    def load_encoder(self, path, device, dtype):
+        from diffusers import StableDiffusion3Pipeline
+
+        pipe = StableDiffusion3Pipeline.from_pretrained(path, transformer=None, vae=None, dtype=dtype)
+        return pipe.to(device)
+
+    def encode(self, pipe, params: RequestParams) -> Tensors:
+        guided = params.guidance_scale > 1
+        with torch.inference_mode():
+            embeds, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(
+                prompt=params.prompt,
+                prompt_2=None,
+                prompt_3=None,
+                negative_prompt=params.negative_prompt,
+                do_classifier_free_guidance=guided,
+                device=pipe._execution_device,
+            )
+        outputs = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+        if guided:
+            outputs |= {"negative_prompt_embeds": negative_embeds, "negative_pooled_prompt_embeds": negative_pooled}
+        return outputs
+
+    # 2. Diffusion transformer
+    def load_dit(self, path, device, dtype):
+        from diffusers import StableDiffusion3Pipeline
+
+        pipe = StableDiffusion3Pipeline.from_pretrained(
+            path, vae=None, dtype=dtype, **{name: None for name in _TEXT_COMPONENTS}
+        )
+        pipe.set_progress_bar_config(disable=True)
+        # Schedulers keep state between calls: every request starts from a copy of this one.
+        return pipe.to(device), copy.deepcopy(pipe.scheduler)
+
+    def denoise(self, model, inputs: Tensors, params: RequestParams, on_step: OnStep) -> Tensors:
+        pipe, pristine_scheduler = model
+        device = pipe._execution_device
+        pipe.scheduler = copy.deepcopy(pristine_scheduler)
+        total = params.num_inference_steps
+
+        def step_end(_pipe, index, _timestep, kwargs):
+            on_step(index + 1, total)
+            return kwargs
+
+        with torch.inference_mode():
+            latents = pipe(
+                **{name: t.to(device) for name, t in inputs.items()},
+                num_inference_steps=total,
+                guidance_scale=params.guidance_scale,
+                height=params.height,
+                width=params.width,
+                # A CPU generator, as in the diffusers reference: same noise on every device.
+                generator=torch.Generator("cpu").manual_seed(params.seed),
+                output_type="latent",
+                callback_on_step_end=step_end,
+            ).images
+        return {"latents": latents}
+
+    # 3. VAE decoder
+    def load_decoder(self, path, device, dtype):
+        from diffusers import AutoencoderKL
+        from diffusers.image_processor import VaeImageProcessor
+
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", dtype=dtype).to(device)
+        processor = VaeImageProcessor(vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1))
+        return vae, processor
+
+    def decode(self, model, inputs: Tensors, params: RequestParams) -> Tensors:
+        vae, processor = model
+        latents = inputs["latents"].to(vae.device)
+        with torch.inference_mode():
+            latents = (latents / vae.config.scaling_factor) + vae.config.shift_factor
+            image = vae.decode(latents, return_dict=False)[0]
+            pixels = processor.postprocess(image, output_type="np")
+        # The same rounding as VaeImageProcessor.numpy_to_pil, so PIL images equal diffusers'.
+        return {"image": torch.from_numpy((pixels * 255).round().astype(np.uint8))}

@@ -1,0 +1,219 @@
+"""Tiny random diffusion models in diffusers format, built offline and deterministically.
+
+Tests and benchmarks need models that go through the real loading code
+(`from_pretrained(local_dir)`) without any model hub. The builders here write a complete
+pipeline folder with random weights; the same builder version gives the same bytes every time.
+
+Pitfalls handled (see shared FACTS.md):
+- tokenizers are built by hand: the `tokenizers` trainers give different ids run to run;
+- CLIP eos must not be id 2, or CLIP falls back to legacy argmax pooling;
+- SD3 pads the CLIP embeddings up to the T5 width: T5 d_model < sum of CLIP widths silently
+  truncates them, so T5 d_model == joint_attention_dim >= that sum;
+- models built in memory are in train mode and T5 dropout defaults to 0.1: dropout 0, eval().
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import tempfile
+import threading
+
+# Builders seed torch's global RNG: two threads building at once would interleave it.
+_BUILD_LOCK = threading.Lock()
+
+# Bump whenever a builder's output changes: the cache folder name carries it.
+BUILDER_VERSION = 1
+
+# Words the tokenizers spell as one token each (others fall back to bytes / letters).
+WORDS = (
+    "a an the of in on at with and by red blue green white black yellow fox cat dog horse "
+    "astronaut riding photo painting portrait snow forest city night sky sea mountain man "
+    "woman tree house car sun moon flower bird small big high quality blurry"
+).split()
+
+CLIP_MAX_LEN = 77  # SD3 pipelines read tokenizer.model_max_length; CLIP positions match it.
+
+
+def _bytes_to_unicode() -> list[str]:
+    """GPT-2 / CLIP byte-level alphabet: 256 printable characters, in the canonical order."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    bs += list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Plain BPE: merge the lowest-ranked adjacent pair until none applies."""
+    while len(symbols) > 1:
+        pairs = [(ranks.get(p, 1 << 30), i) for i, p in enumerate(zip(symbols, symbols[1:]))]
+        rank, i = min(pairs)
+        if rank == 1 << 30:
+            break
+        symbols = symbols[:i] + [symbols[i] + symbols[i + 1]] + symbols[i + 2:]
+    return symbols
+
+
+def _clip_vocab_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    alphabet = _bytes_to_unicode()
+    tokens = alphabet + [c + "</w>" for c in alphabet]
+    merges: list[tuple[str, str]] = []  # tokenizers' BPE wants pairs, not "a b" strings
+    ranks: dict[tuple[str, str], int] = {}
+    for word in WORDS:
+        # Run the merges so far, then append merges joining what is left left-to-right. New merges
+        # rank after all old ones, so words already spelled as one token keep their tokenization.
+        pieces = _bpe(list(word[:-1]) + [word[-1] + "</w>"], ranks)
+        while len(pieces) > 1:
+            a, b = pieces[0], pieces[1]
+            ranks[(a, b)] = len(merges)
+            merges.append((a, b))
+            tokens.append(a + b)
+            pieces = [a + b] + pieces[2:]
+    # Specials at the end as in the real CLIP vocab, so eos is never id 2.
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    assert len(set(tokens)) == len(tokens)
+    return {t: i for i, t in enumerate(tokens)}, merges
+
+
+def _clip_tokenizer(pad_token: str | None):
+    from transformers import CLIPTokenizer
+
+    vocab, merges = _clip_vocab_merges()
+    kwargs = {"pad_token": pad_token} if pad_token else {}
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=CLIP_MAX_LEN, **kwargs)
+
+
+def _t5_tokenizer():
+    from transformers import T5Tokenizer
+
+    # Unigram picks the segmentation with the best total score: whole words beat letters.
+    letters = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789,.!?'-"
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [("\u2581" + w, -1.0 - 0.01 * i) for i, w in enumerate(WORDS)]
+    vocab += [(c, -6.0) for c in letters]
+    # extra_ids=0: no sentinel tokens; SD3 reads 256 tokens, T5 itself has no length limit.
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
+
+
+def _clip_encoder(seed: int, tokenizer, hidden: int, proj: int, act: str):
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+        projection_dim=proj, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=CLIP_MAX_LEN, hidden_act=act, dropout=0.0, attention_dropout=0.0,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    assert config.eos_token_id != 2  # else legacy argmax pooling
+    return CLIPTextModelWithProjection(config).eval()
+
+
+# SD3 "tiny" sizes. Pooled text = concat of the two CLIP projections; the joint text sequence
+# is the CLIP hidden states (concatenated, zero-padded to the T5 width) followed by T5.
+SD3_CLIP_WIDTHS = (32, 32)  # hidden == projection dim, as in CLIP-L / CLIP-G
+SD3_T5_DIM = 64  # >= sum(SD3_CLIP_WIDTHS)
+
+
+def build_tiny_sd3(out_dir: pathlib.Path) -> None:
+    import torch
+
+    assert SD3_T5_DIM >= sum(SD3_CLIP_WIDTHS)
+    with _BUILD_LOCK, torch.random.fork_rng():  # leave the caller's RNG state alone
+        _build_tiny_sd3(out_dir)
+
+
+def _build_tiny_sd3(out_dir: pathlib.Path) -> None:
+    import torch
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler,
+                           SD3Transformer2DModel, StableDiffusion3Pipeline)
+    from transformers import T5Config, T5EncoderModel
+
+    tok1 = _clip_tokenizer(None)
+    tok2 = _clip_tokenizer("!")  # SD3's second CLIP tokenizer pads with "!"
+    tok3 = _t5_tokenizer()
+    w1, w2 = SD3_CLIP_WIDTHS
+    te1 = _clip_encoder(1, tok1, w1, w1, "quick_gelu")  # CLIP-L uses quick_gelu
+    te2 = _clip_encoder(2, tok2, w2, w2, "gelu")  # CLIP-G uses gelu
+
+    torch.manual_seed(3)
+    te3 = T5EncoderModel(T5Config(
+        vocab_size=len(tok3), d_model=SD3_T5_DIM, d_kv=16, d_ff=2 * SD3_T5_DIM, num_layers=2,
+        num_heads=4, dropout_rate=0.0, feed_forward_proj="gated-gelu",  # T5 v1.1 as in SD3
+        pad_token_id=tok3.pad_token_id, eos_token_id=tok3.eos_token_id, decoder_start_token_id=0,
+    )).eval()
+
+    torch.manual_seed(4)
+    transformer = SD3Transformer2DModel(
+        sample_size=16,  # latent size: default image 128 px
+        patch_size=2, in_channels=16, out_channels=16, num_layers=2,
+        attention_head_dim=16, num_attention_heads=4,  # inner dim 64
+        joint_attention_dim=SD3_T5_DIM, caption_projection_dim=64,  # must equal the inner dim
+        pooled_projection_dim=w1 + w2,
+        pos_embed_max_size=64,  # 64 patches * 2 * 8 = up to 1024 px images
+    ).eval()
+
+    torch.manual_seed(5)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=16,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(32, 32, 32, 32),  # 4 blocks: the real x8 downscale
+        layers_per_block=1, norm_num_groups=32, sample_size=128,
+        scaling_factor=1.5305, shift_factor=0.0609,  # SD3 VAE latent statistics
+        use_quant_conv=False, use_post_quant_conv=False,  # as in the SD3 VAE
+    ).eval()
+
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=scheduler, vae=vae,
+        text_encoder=te1, tokenizer=tok1, text_encoder_2=te2, tokenizer_2=tok2,
+        text_encoder_3=te3, tokenizer_3=tok3,
+    )
+    # Models built from configs are float32 already; no pipe.to(dtype) (it warns, changes nothing).
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+
+
+TINY_MODELS = {"tiny-sd3": build_tiny_sd3}
+
+
+def cache_dir() -> pathlib.Path:
+    env = os.environ.get("DFUSE_CACHE")
+    return pathlib.Path(env) if env else pathlib.Path.home() / ".cache" / "dfuse"
+
+
+def tiny_model_path(name: str = "tiny-sd3", rebuild: bool = False) -> pathlib.Path:
+    """Path of the tiny model `name`, built on first use. Safe with concurrent callers."""
+    if name not in TINY_MODELS:
+        raise ValueError(f"unknown tiny model {name!r}; known: {sorted(TINY_MODELS)}")
+    models = cache_dir() / "models"
+    final = models / f"{name}-v{BUILDER_VERSION}"
+    models.mkdir(parents=True, exist_ok=True)
+    if rebuild and final.exists():
+        # Move aside first (atomic), so no reader ever sees a half-deleted folder.
+        trash = pathlib.Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=models))
+        try:
+            os.rename(final, trash / "m")
+        except FileNotFoundError:  # another process moved it first
+            pass
+        shutil.rmtree(trash, ignore_errors=True)
+    if final.is_dir():  # only ever appears complete: it is renamed into place
+        return final
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=models))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
+    try:
+        TINY_MODELS[name](tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError:  # lost the race: the winner's folder is there and equivalent
+            if not final.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # no-op when the rename succeeded
+    return final

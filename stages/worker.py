@@ -1,0 +1,178 @@
+"""The stage worker process: load one stage, say READY, then serve tasks until told to stop.
+
+Threads in a worker:
+    receiver  PULL socket -> decode against the schema -> local task queue (drops bad frames)
+    watcher   blocks on the death pipe; when the engine dies: unlink its segments, exit
+    main      the compute loop: take a task, map its inputs, run the stage, write the outputs
+              into the reserved slot, send StageDone on its own PUSH socket
+The receiver keeps accepting the next task while main computes, so a task's message latency
+hides behind the previous task's compute. Each zmq socket is used by one thread only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import shutil
+import signal
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+import msgspec
+import torch
+import zmq
+
+from ..engine import protocol as wire
+from ..engine.transport.shm import SegmentCache, read_tensors, unlink_segments, write_tensors
+from .decoder import DecoderStage
+from .dit import DiTStage
+from .encoder import EncoderStage
+from .families import detect_family
+
+log = logging.getLogger("dfuse.worker")
+
+STAGE_CLASSES = {cls.kind: cls for cls in (EncoderStage, DiTStage, DecoderStage)}
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What a worker process needs to start (passed once at spawn, never over a socket)."""
+
+    worker_id: int
+    stage: str
+    model_path: str
+    device: str
+    dtype: str  # torch dtype name
+    cpu_threads: int
+    task_endpoint: str  # the engine binds a PUSH socket here for this worker
+    result_endpoint: str  # the engine's PULL socket shared by all workers
+    engine_pid: int
+    segment_prefix: str  # the engine's segments: unlinked by any worker that outlives it
+    run_dir: str  # the engine's private socket directory: removed likewise
+
+
+def run_stage_worker(spec: WorkerSpec, death_pipe: Connection) -> None:
+    """Process entry point (spawn target)."""
+    # Ctrl-C reaches the whole process group; the engine decides how its workers stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(level=os.environ.get("DFUSE_LOG", "WARNING"), format=f"[{spec.stage}#{spec.worker_id}] %(message)s")
+    threading.Thread(target=_watch_engine, args=(spec, death_pipe), daemon=True, name="death-watch").start()
+    _quiet_libraries()
+    if spec.device == "cpu":
+        torch.set_num_threads(spec.cpu_threads)
+    else:
+        torch.cuda.set_device(torch.device(spec.device))
+
+    context = zmq.Context()
+    results = context.socket(zmq.PUSH)
+    results.setsockopt(zmq.LINGER, 5000)
+    results.connect(spec.result_endpoint)
+    try:
+        started = time.perf_counter()
+        stage = STAGE_CLASSES[spec.stage](
+            detect_family(spec.model_path), Path(spec.model_path), torch.device(spec.device), getattr(torch, spec.dtype)
+        )
+        stage.load()
+    except Exception as e:  # any load failure must reach the engine as a message, not a hang
+        results.send(wire.encode(wire.LoadFailed(spec.worker_id, f"{type(e).__name__}: {e}")))
+        results.close()
+        context.term()
+        return
+    results.send(wire.encode(wire.Ready(spec.worker_id, os.getpid(), time.perf_counter() - started)))
+
+    tasks: queue.Queue = queue.Queue()
+    threading.Thread(target=_receive, args=(context, spec, tasks), daemon=True, name="receiver").start()
+    _ComputeLoop(spec, stage, results, tasks).run()
+    results.close()
+    context.term()
+
+
+class _ComputeLoop:
+    """Short loop on the main thread: one task at a time, dispatch by message type."""
+
+    def __init__(self, spec: WorkerSpec, stage, results: zmq.Socket, tasks: queue.Queue):
+        self.spec = spec
+        self.stage = stage
+        self.results = results
+        self.tasks = tasks
+        self.segments = SegmentCache()
+        self.running = True
+        self.handlers = {wire.StageTask: self.on_task, wire.Shutdown: self.on_shutdown}
+
+    def run(self) -> None:
+        while self.running:
+            received_at, message = self.tasks.get()
+            self.handlers[type(message)](message, received_at)
+
+    def on_shutdown(self, message: wire.Shutdown, received_at: float) -> None:
+        self.running = False
+
+    def on_task(self, task: wire.StageTask, received_at: float) -> None:
+        started = time.perf_counter()
+        try:
+            inputs = read_tensors(task.inputs, self.segments)
+            outputs = self.stage.run(inputs, task.params, self._progress_sender(task))
+            refs = write_tensors(self.segments.get(task.output.segment), task.output, outputs)
+        except Exception as e:  # a failing request must not take the worker down
+            log.warning("request %d failed:\n%s", task.request_id, traceback.format_exc())
+            self._send(wire.StageFailed(self.spec.worker_id, task.request_id, f"{type(e).__name__}: {e}"))
+            return
+        timings = wire.StageTimings(queued_s=started - received_at, compute_s=time.perf_counter() - started)
+        self._send(wire.StageDone(self.spec.worker_id, task.request_id, refs, timings))
+
+    def _progress_sender(self, task: wire.StageTask):
+        if not task.report_progress:
+            return lambda step, total: None
+        return lambda step, total: self._send(wire.Progress(self.spec.worker_id, task.request_id, step, total))
+
+    def _send(self, message) -> None:
+        self.results.send(wire.encode(message))
+
+
+def _quiet_libraries() -> None:
+    """Loading bars and advice from N workers would bury the engine's own output."""
+    import diffusers
+    import transformers
+
+    for library in (diffusers, transformers):
+        library.utils.logging.set_verbosity_error()
+        library.utils.logging.disable_progress_bar()
+
+
+def _receive(context: zmq.Context, spec: WorkerSpec, tasks: queue.Queue) -> None:
+    """Receiver thread: decode every frame against the schema; malformed frames are dropped."""
+    socket = context.socket(zmq.PULL)
+    socket.connect(spec.task_endpoint)
+    while True:
+        frame = socket.recv()
+        try:
+            message = wire.worker_decoder.decode(frame)
+        except msgspec.MsgspecError as e:
+            log.warning("dropped a malformed message (%d bytes): %s", len(frame), e)
+            continue
+        tasks.put((time.perf_counter(), message))
+        if isinstance(message, wire.Shutdown):
+            return
+
+
+def _watch_engine(spec: WorkerSpec, death_pipe: Connection) -> None:
+    """Exit as soon as the engine closes the pipe; if the engine died, clean up after it."""
+    try:
+        death_pipe.recv_bytes()
+    except (EOFError, OSError):
+        pass
+    # The pipe closes when the engine exits *or* stops this worker on purpose; only in the first
+    # case is nobody left to remove the engine's segments. The kernel closes a dying process's
+    # files before it reparents its children, so give the reparenting a moment to show.
+    deadline = time.monotonic() + 1.0
+    while os.getppid() == spec.engine_pid and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if os.getppid() != spec.engine_pid:
+        unlink_segments(spec.segment_prefix)
+        shutil.rmtree(spec.run_dir, ignore_errors=True)
+    os._exit(0)
