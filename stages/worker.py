@@ -136,6 +136,7 @@ class _ComputeLoop:
 
 def _quiet_libraries() -> None:
     """Loading bars and advice from N workers would bury the engine's own output."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # dfuse loads local folders only; never a hub
     import diffusers
     import transformers
 

@@ -1,0 +1,159 @@
+"""`dfuse` command line: run a generation, build the tiny models, run benchmarks."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from .engine.config import DEFAULT_MODEL, EngineConfig, parse_instances, resolve_model_path
+from .stages import STAGE_KINDS
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main():
+    """dfuse: serve diffusion models as disaggregated stages (encoder, DiT, decoder)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # dfuse loads local folders only; never a hub
+
+
+@main.command()
+@click.argument("prompt")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Built-in tiny model or a local diffusers SD3 folder.")
+@click.option("--negative-prompt", default=None, help="What the image should not show (used when guidance > 1).")
+@click.option("--steps", type=int, default=None, help="Denoising steps [default: the model's, 28 for SD3].")
+@click.option("--guidance-scale", type=float, default=None, help="Classifier-free guidance; <= 1 turns it off [default: the model's].")
+@click.option("--height", type=int, default=None, help="Image height in pixels [default: the model's native size].")
+@click.option("--width", type=int, default=None, help="Image width in pixels [default: the model's native size].")
+@click.option("--seed", type=int, default=None, help="Random seed [default: random, printed].")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("out.png"), show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N, or per stage: encoder=cpu,dit=cuda:0,decoder=cuda:0.")
+@click.option("--instances", default="encoder=1,dit=1,decoder=1", show_default=True, help="Worker processes per stage.")
+@click.option("--threads", type=int, default=None, help="Torch threads per CPU worker [default: cores / CPU workers].")
+@click.option("-v", "--verbose", is_flag=True, help="Show worker placement, queues and engine logs.")
+def run(prompt, model, negative_prompt, steps, guidance_scale, height, width, seed, out, device, instances, threads, verbose):
+    """Generate one image for PROMPT and write it to --out."""
+    from .engine.engine import Engine
+    from .engine.requests import build_requests
+    from .stages.families import describe_model
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # Validate everything before a single process starts: bad input costs nothing.
+    try:
+        if out.suffix.lower() not in IMAGE_SUFFIXES:
+            raise ValueError(f"--out: the file name must end in one of {', '.join(IMAGE_SUFFIXES)} (got {out.name!r})")
+        config = EngineConfig(
+            model=model, devices=_parse_devices(device), instances=parse_instances(instances), cpu_threads=threads
+        )
+        info = describe_model(resolve_model_path(config.model))
+        (params,) = build_requests(info, prompt, negative_prompt, steps, guidance_scale, height, width, seed)
+    except ValueError as e:
+        raise click.UsageError(_with_flag(str(e))) from None
+
+    layout = ", ".join(f"{s} x{config.instances[s]} on {config.devices[s]}" for s in STAGE_KINDS)
+    click.echo(f"Starting stage workers: {layout} ...", err=True)
+    started = time.perf_counter()
+    try:
+        with Engine(config=config) as engine:
+            click.echo(f"Workers ready in {time.perf_counter() - started:.1f} s", err=True)
+            with _StepBar(params.num_inference_steps) as bar:
+                future = engine.submit(
+                    params.prompt, negative_prompt=params.negative_prompt,
+                    num_inference_steps=params.num_inference_steps, guidance_scale=params.guidance_scale,
+                    height=params.height, width=params.width, seed=params.seed, on_progress=bar.update,
+                )
+                result = future.result()
+            if verbose:
+                _print_stats(engine.stats())
+    except KeyboardInterrupt:
+        click.echo("Interrupted: workers stopped, shared memory released.", err=True)
+        sys.exit(130)
+    except RuntimeError as e:
+        raise click.ClickException(str(e)) from None
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result.images[0].save(out)
+    timings = result.timings[0]
+    stage_times = "  ".join(f"{s} {timings[s].compute_s * 1000:.0f} ms" for s in STAGE_KINDS)
+    click.echo(f"Wrote {out} ({params.width}x{params.height}, seed {result.seeds[0]})")
+    click.echo(f"Stage compute: {stage_times}  (total {time.perf_counter() - started:.1f} s with start-up)")
+
+
+@main.group()
+def models():
+    """Built-in tiny models (built offline, deterministically)."""
+
+
+@models.command("build-tiny")
+@click.option("--name", default=DEFAULT_MODEL, show_default=True)
+@click.option("--rebuild", is_flag=True, help="Build again even if the cached folder exists.")
+def build_tiny(name, rebuild):
+    """Build a tiny random model in diffusers format and print its folder."""
+    from .stages.tiny import TINY_MODELS, tiny_model_path
+
+    if name not in TINY_MODELS:
+        raise click.UsageError(f"--name: unknown tiny model {name!r}; known: {', '.join(sorted(TINY_MODELS))}")
+    click.echo(tiny_model_path(name, rebuild=rebuild))
+
+
+_FLAGS = {"num_inference_steps": "--steps", "guidance_scale": "--guidance-scale", "negative_prompt": "--negative-prompt",
+          "height": "--height", "width": "--width", "seed": "--seed", "model": "--model", "prompt": "PROMPT"}
+
+
+def _with_flag(message: str) -> str:
+    """Engine errors name the API field ("num_inference_steps: ..."); say which flag that is."""
+    field, sep, rest = message.partition(": ")
+    flag = _FLAGS.get(field)
+    return f"{flag} ({field}): {rest}" if sep and flag else message
+
+
+def _parse_devices(text: str) -> str | dict[str, str]:
+    if "=" not in text:
+        return text.strip()
+    devices = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        stage, _, device = part.partition("=")
+        devices[stage.strip()] = device.strip()
+    return devices
+
+
+class _StepBar:
+    """A progress bar over the DiT's denoising steps, fed from the engine's router thread."""
+
+    def __init__(self, total: int):
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=total, desc="denoising", unit="step", file=sys.stderr, leave=False)
+
+    def update(self, stage: str, step: int, total: int) -> None:
+        self._bar.n = step
+        self._bar.refresh()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._bar.close()
+
+
+def _print_stats(stats: dict) -> None:
+    click.echo(f"Model {stats['model']} ({stats['family']}); completed {stats['completed']}, failed {stats['failed']}")
+    click.echo("Queues: " + ", ".join(f"{s} {n}" for s, n in stats["queues"].items()))
+    for w in stats["workers"]:
+        click.echo(
+            f"  worker {w['id']}: {w['stage']:<8} {w['device']:<7} pid {w['pid']}  loaded in {w['load_s']:.2f} s  "
+            f"in flight {w['inflight']}  free slots {w['free_slots']}  restarts {w['restarts']}"
+        )
+
+
+from .bench.commands import bench  # noqa: E402  (after main exists)
+
+main.add_command(bench)
+
+if __name__ == "__main__":
+    main()

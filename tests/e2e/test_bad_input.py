@@ -1,0 +1,55 @@
+"""Bad requests get a ValueError naming the field and its allowed values; the engine keeps serving."""
+
+import math
+
+import numpy as np
+import pytest
+
+from dfuse import Engine
+
+BAD = [
+    (dict(height=100), "height"),
+    (dict(width=0), "width"),
+    (dict(height=-16), "height"),
+    (dict(num_inference_steps=0), "num_inference_steps"),
+    (dict(num_inference_steps=-3), "num_inference_steps"),
+    (dict(guidance_scale=math.nan), "guidance_scale"),
+    (dict(guidance_scale=-1.0), "guidance_scale"),
+    (dict(prompt=42), "prompt"),
+    (dict(prompt=[]), "prompt"),
+    (dict(prompt=["ok", None]), "prompt[1]"),
+    (dict(negative_prompt=["a", "b"]), "negative_prompt"),
+    (dict(seed=-1), "seed"),
+]
+
+
+@pytest.mark.parametrize("bad,field", BAD, ids=[f for _, f in BAD])
+def test_bad_field_is_named_and_engine_keeps_serving(engine, reference, bad, field):
+    request = dict(prompt="a red fox", num_inference_steps=2, height=64, width=64, seed=5) | bad
+    with pytest.raises(ValueError) as info:
+        engine.generate(**request)
+    assert str(info.value).startswith(field)
+    (image,) = engine.generate("a red fox", num_inference_steps=2, height=64, width=64, seed=5)
+    assert np.array_equal(np.array(image), reference("a red fox", num_inference_steps=2, height=64, width=64, seed=5))
+
+
+def test_missing_model_path_is_refused_before_any_process(tmp_path):
+    with pytest.raises(ValueError, match="^model: .*neither a built-in model"):
+        Engine(model=str(tmp_path / "nope"))
+
+
+def test_folder_that_is_not_an_sd3_model_is_refused(tmp_path):
+    (tmp_path / "model_index.json").write_text('{"_class_name": "KandinskyPipeline"}')
+    with pytest.raises(ValueError, match="^model: .*StableDiffusion3Pipeline"):
+        Engine(model=str(tmp_path))
+
+
+def test_broken_weights_fail_start_up_with_a_clear_error(tmp_path, model_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(model_path, broken)
+    for weights in (broken / "vae").glob("*.safetensors"):
+        weights.write_bytes(b"not a safetensors file")
+    with pytest.raises(RuntimeError, match="decoder worker .* could not load the model"):
+        Engine(model=str(broken), cpu_threads=1)

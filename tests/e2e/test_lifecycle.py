@@ -1,0 +1,123 @@
+"""Nothing outlives the engine: no worker process, no shared-memory segment, no socket folder,
+whether it closes normally, through an exception, by Ctrl-C of `dfuse run`, or by SIGKILL."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from dfuse import Engine
+from dfuse.engine.transport.shm import list_segments
+
+from process_utils import alive, engine_segments, wait_until
+
+THREADS = 1
+
+
+def _worker_pids(engine) -> list[int]:
+    return [w["pid"] for w in engine.stats()["workers"]]
+
+
+def test_close_leaves_nothing(model_path):
+    engine = Engine(model=str(model_path), cpu_threads=THREADS, instances={"encoder": 1, "dit": 2, "decoder": 1})
+    pids, run_dir, prefix = _worker_pids(engine), engine._router.run_dir, engine._router.segment_prefix
+    assert len(pids) == 4 and all(alive(p) for p in pids)
+    assert list_segments(prefix)  # the slot pools exist while the engine runs
+    engine.generate("a cat", num_inference_steps=1, height=64, width=64, seed=0)
+    engine.close()
+    assert not any(alive(p) for p in pids)
+    assert list_segments(prefix) == []
+    assert not os.path.exists(run_dir)
+    with pytest.raises(RuntimeError, match="closed"):
+        engine.generate("a cat")
+
+
+def test_exception_inside_with_leaves_nothing(model_path):
+    with pytest.raises(KeyError):
+        with Engine(model=str(model_path), cpu_threads=THREADS) as engine:
+            pids, prefix = _worker_pids(engine), engine._router.segment_prefix
+            engine.submit("a cat", num_inference_steps=50, height=256, width=256, seed=0)  # still running
+            raise KeyError("user code failed")
+    assert not any(alive(p) for p in pids)
+    assert list_segments(prefix) == []
+
+
+def test_killed_worker_is_replaced_and_its_requests_complete(model_path, reference):
+    """SIGKILL the DiT worker with requests in flight: all finish with their exact images."""
+    with Engine(model=str(model_path), cpu_threads=THREADS) as engine:
+        (dit,) = [w for w in engine.stats()["workers"] if w["stage"] == "dit"]
+        params = dict(num_inference_steps=30, height=64, width=64)
+        futures = [engine.submit("a red fox", seed=20 + i, **params) for i in range(4)]
+        assert wait_until(lambda: engine.stats()["workers"][dit["id"]]["inflight"] > 0, 60)
+        os.kill(dit["pid"], signal.SIGKILL)
+        for i, future in enumerate(futures):
+            image = future.result(timeout=120).images[0]
+            assert np.array_equal(np.array(image), reference("a red fox", seed=20 + i, **params))
+        restarted = engine.stats()["workers"][dit["id"]]
+        assert restarted["restarts"] == 1 and restarted["pid"] != dit["pid"]
+        # And the replacement keeps serving new work.
+        (image,) = engine.generate("a cat", num_inference_steps=2, height=64, width=64, seed=1)
+        assert np.array_equal(np.array(image), reference("a cat", num_inference_steps=2, height=64, width=64, seed=1))
+
+
+ENGINE_SCRIPT = """
+import sys, time
+from dfuse import Engine
+from dfuse.engine.transport.shm import list_segments
+if __name__ == "__main__":
+    engine = Engine(model=sys.argv[1], cpu_threads=1)
+    print(" ".join(str(w["pid"]) for w in engine.stats()["workers"]), flush=True)
+    time.sleep(600)
+"""
+
+
+def test_engine_killed_with_sigkill_leaves_nothing(model_path, tmp_path):
+    script = tmp_path / "engine_main.py"
+    script.write_text(ENGINE_SCRIPT)
+    proc = subprocess.Popen([sys.executable, str(script), str(model_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(p) for p in proc.stdout.readline().split()]
+        assert len(pids) == 3 and engine_segments(proc.pid)
+        proc.kill()
+        proc.wait(10)
+        assert wait_until(lambda: not any(alive(p) for p in pids), 10), "workers outlived the engine"
+        assert wait_until(lambda: engine_segments(proc.pid) == [], 10), "the engine's segments leaked"
+    finally:
+        proc.kill()
+
+
+def test_ctrl_c_of_dfuse_run_leaves_nothing(model_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dfuse.cli", "run", "a fox", "--model", str(model_path), "--steps", "1000",
+         "--height", "512", "--width", "512", "--threads", "1", "--out", os.devnull + ".png"],
+        stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        line = ""
+        while "Workers ready" not in line:
+            line = proc.stderr.readline()
+            assert line, "dfuse run exited before its workers were ready"
+        children = [int(p) for p in os.listdir("/proc") if p.isdigit() and _parent(int(p)) == proc.pid]
+        assert children
+        time.sleep(0.5)  # let the request reach the DiT
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 130, err
+        assert "Interrupted" in err and "Traceback" not in err
+        # multiprocessing's resource tracker (also a child) exits once it sees its parent gone.
+        assert wait_until(lambda: not any(alive(p) for p in children), 10)
+        assert engine_segments(proc.pid) == []
+    finally:
+        proc.kill()
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (FileNotFoundError, ValueError, IndexError):
+        return None
