@@ -56,6 +56,8 @@ class EngineConfig:
     """How long to wait for all workers to load their weights and say READY."""
 
     def __post_init__(self):
+        if not isinstance(self.transport, TransportConfig):
+            raise ValueError(f"transport: must be a TransportConfig (got {type(self.transport).__name__})")
         if not isinstance(self.model, (str, os.PathLike)) or not str(self.model):
             raise ValueError(f"model: expected a built-in name or a folder path, got {self.model!r}")
         object.__setattr__(self, "model", str(self.model))
@@ -72,7 +74,8 @@ class EngineConfig:
             raise ValueError(f"dtype: must be one of auto, float32, float16, bfloat16 (got {self.dtype!r})")
         _check_int("max_inflight_per_worker", self.max_inflight_per_worker, 1, 64)
         _check_int("max_attempts", self.max_attempts, 1, 100)
-        if not (isinstance(self.startup_timeout_s, (int, float)) and self.startup_timeout_s > 0):
+        timeout = self.startup_timeout_s
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
             raise ValueError(f"startup_timeout_s: must be a number > 0 (got {self.startup_timeout_s!r})")
 
     def threads_per_worker(self) -> int:
@@ -109,7 +112,7 @@ def parse_instances(text: str) -> dict[str, int]:
     counts = {s: 1 for s in STAGE_KINDS}
     for part in filter(None, (p.strip() for p in text.split(","))):
         stage, sep, value = part.partition("=")
-        if not sep or stage.strip() not in STAGE_KINDS or not value.strip().isdigit():
+        if not sep or stage.strip() not in STAGE_KINDS or not value.strip().isdecimal():
             raise ValueError(
                 f"instances: expected stage=count pairs like encoder=1,dit=2,decoder=1 with stages "
                 f"{', '.join(STAGE_KINDS)} (got {part!r})"
@@ -137,10 +140,12 @@ def _check_int(name: str, value, low: int, high: int) -> None:
 
 
 def _check_device(name: str, device: str) -> None:
+    if not isinstance(device, str):
+        raise ValueError(f"{name}: must be 'cpu', 'cuda' or 'cuda:N' (got {device!r})")
     if device == "cpu":
         return
     kind, _, index = device.partition(":")
-    if kind != "cuda" or (index and not index.isdigit()):
+    if kind != "cuda" or (index and not index.isdecimal()):
         raise ValueError(f"{name}: must be 'cpu', 'cuda' or 'cuda:N' (got {device!r})")
     import torch
 

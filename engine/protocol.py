@@ -115,6 +115,22 @@ def encode(message: msgspec.Struct) -> bytes:
     return _encoder.encode(message)
 
 
-# Decoders are bound to the union a receiver accepts: anything else is rejected at decode time.
-worker_decoder = msgspec.msgpack.Decoder(ToWorker)
-engine_decoder = msgspec.msgpack.Decoder(ToEngine)
+class _Decoder:
+    """A msgpack decoder bound to the union a receiver accepts: anything else is rejected.
+
+    Every malformed frame raises msgspec.DecodeError/ValidationError; msgspec itself lets
+    invalid UTF-8 out as UnicodeDecodeError, which would slip past the receivers' handlers.
+    """
+
+    def __init__(self, accepted):
+        self._decoder = msgspec.msgpack.Decoder(accepted)
+
+    def decode(self, frame: bytes):
+        try:
+            return self._decoder.decode(frame)
+        except UnicodeDecodeError as e:
+            raise msgspec.DecodeError(f"invalid UTF-8 in a string field: {e}") from None
+
+
+worker_decoder = _Decoder(ToWorker)
+engine_decoder = _Decoder(ToEngine)

@@ -30,7 +30,7 @@ def build_requests(
     """One RequestParams per prompt; prompt i uses seed + i so each image is reproducible alone."""
     prompts = _prompts("prompt", prompt, allow_none=False)
     negatives = _prompts("negative_prompt", negative_prompt, allow_none=True)
-    if isinstance(negative_prompt, (list, tuple)) and len(negatives) != len(prompts):
+    if not isinstance(negative_prompt, (str, type(None))) and len(negatives) != len(prompts):
         raise ValueError(
             f"negative_prompt: a list must have one entry per prompt ({len(prompts)}), got {len(negatives)}"
         )
@@ -78,11 +78,18 @@ def _integer(field: str, value, low: int, high: int) -> int:
 
 
 def _guidance(value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not _finite(value):
         raise ValueError(f"guidance_scale: must be a finite number in [0, {MAX_GUIDANCE:g}] (got {value!r})")
     if not 0 <= value <= MAX_GUIDANCE:
         raise ValueError(f"guidance_scale: must be in [0, {MAX_GUIDANCE:g}] (got {value})")
     return float(value)
+
+
+def _finite(value: numbers.Real) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 def _size(field: str, value, info: ModelInfo) -> int:

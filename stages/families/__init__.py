@@ -25,7 +25,7 @@ def detect_family(path: str | Path) -> Family:
             f"model: {str(path)!r} is not a diffusers pipeline folder (no readable model_index.json "
             f"with a _class_name); supported pipelines: {supported}"
         ) from None
-    if class_name not in FAMILIES:
+    if not isinstance(class_name, str) or class_name not in FAMILIES:
         raise ValueError(f"model: pipeline {class_name!r} is not supported; supported pipelines: {supported}")
     return FAMILIES[class_name]
 

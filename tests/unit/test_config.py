@@ -1,0 +1,186 @@
+"""EngineConfig: the defaults, and a ValueError naming the field for every bad value."""
+import dataclasses
+import os
+
+import pytest
+import torch
+
+from dfuse.engine.config import (
+    DEFAULT_MODEL,
+    MAX_INSTANCES,
+    EngineConfig,
+    TransportConfig,
+    parse_instances,
+    resolve_model_path,
+)
+from dfuse.stages import STAGE_KINDS
+
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without CUDA")
+
+
+def _raises_for(field: str, **kwargs) -> ValueError:
+    with pytest.raises(ValueError) as info:
+        EngineConfig(**kwargs)
+    assert str(info.value).startswith(field), str(info.value)
+    return info.value
+
+
+def test_defaults():
+    config = EngineConfig()
+    assert config.model == DEFAULT_MODEL == "tiny-sd3"
+    assert dict(config.devices) == {s: "cpu" for s in STAGE_KINDS}
+    assert dict(config.instances) == {s: 1 for s in STAGE_KINDS}
+    assert list(config.instances) == list(STAGE_KINDS) == ["encoder", "dit", "decoder"]
+    assert config.cpu_threads is None and config.dtype == "auto"
+    assert config.transport == TransportConfig(slot_mib=16, slots_per_worker=3)
+    assert config.transport.slot_bytes == 16 * 2**20
+    assert config.max_inflight_per_worker == 2 and config.max_attempts == 3
+    assert config.startup_timeout_s > 0
+    assert config.torch_dtype("cpu") == torch.float32
+    assert config.torch_dtype("cuda:0") == torch.bfloat16
+    assert config.threads_per_worker() == max(1, (os.cpu_count() or 1) // 3)
+
+
+def test_config_is_frozen_and_its_mappings_read_only():
+    config = EngineConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.dtype = "float16"
+    with pytest.raises(TypeError):
+        config.instances["dit"] = 4
+    with pytest.raises(TypeError):
+        config.devices["dit"] = "cuda"
+
+
+def test_one_value_or_a_partial_mapping_per_stage():
+    config = EngineConfig(instances={"dit": 3}, cpu_threads=2, dtype="bfloat16")
+    assert dict(config.instances) == {"encoder": 1, "dit": 3, "decoder": 1}
+    assert config.threads_per_worker() == 2 and config.torch_dtype("cpu") == torch.bfloat16
+    assert dict(EngineConfig(instances=MAX_INSTANCES).instances) == {s: MAX_INSTANCES for s in STAGE_KINDS}
+    assert EngineConfig(model=os.curdir).model == os.curdir  # path-like accepted, stored as str
+
+
+def test_caller_mapping_is_copied():
+    instances = {"dit": 2}
+    config = EngineConfig(instances=instances)
+    instances["dit"] = 0
+    assert config.instances["dit"] == 2
+
+
+@pytest.mark.parametrize("value", [0, 65, -1, "2", True, 2.0, None, {"dit": 0}, {"dit": 65}, {"dit": "2"}, {"dit": False}])
+def test_bad_instances(value):
+    _raises_for("instances", instances=value)
+
+
+@pytest.mark.parametrize("field", ["instances", "devices"])
+def test_unknown_stage_names(field):
+    value = {"vae": 1} if field == "instances" else {"vae": "cpu"}
+    error = _raises_for(field.removesuffix("s"), **{field: value})
+    assert "vae" in str(error) and "encoder, dit, decoder" in str(error)
+
+
+# ids spell the value as a repr: tests/conftest.py skips items whose keywords include "gpu".
+@pytest.mark.parametrize("device", ["gpu", "cuda:x", "cuda:-1", "CPU", "cuda0", "", "mps"], ids=repr)
+def test_bad_device_names(device):
+    # The message says "device": the user-facing name (Engine(device=...), `dfuse run --device`).
+    error = _raises_for("device", devices=device)
+    assert repr(device) in str(error)
+    _raises_for("device (dit)", devices={"dit": device})
+
+
+@no_cuda
+@pytest.mark.parametrize("device", ["cuda", "cuda:0", "cuda:3"])
+def test_cuda_without_cuda_lists_the_available_devices(device):
+    error = _raises_for("device", devices={"decoder": device})
+    assert str(error).startswith("device (decoder)")
+    assert "available devices: cpu" in str(error)
+
+
+@pytest.mark.parametrize("value", [0, None, ["cpu"]])
+def test_devices_of_the_wrong_type(value):
+    _raises_for("device", devices=value)
+
+
+def test_non_string_device_in_a_mapping():
+    _raises_for("device", devices={"dit": 0})
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "float64", "Float32", None, torch.float32])
+def test_bad_dtype(dtype):
+    _raises_for("dtype", dtype=dtype)
+
+
+@pytest.mark.parametrize("value", [0, -1, 1025, 1.5, "4", True])
+def test_bad_cpu_threads(value):
+    _raises_for("cpu_threads", cpu_threads=value)
+
+
+@pytest.mark.parametrize("model", ["", 3, None])
+def test_bad_model(model):
+    _raises_for("model", model=model)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("max_inflight_per_worker", 0), ("max_inflight_per_worker", 65), ("max_attempts", 0),
+        ("max_attempts", 1.0), ("startup_timeout_s", 0), ("startup_timeout_s", -1.0),
+        ("startup_timeout_s", float("nan")), ("startup_timeout_s", "600"),
+    ],
+)
+def test_bad_limits(field, value):
+    _raises_for(field, **{field: value})
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(slot_mib=0), "transport.slot_mib"), (dict(slot_mib=4097), "transport.slot_mib"),
+        (dict(slot_mib=1.5), "transport.slot_mib"), (dict(slot_mib=True), "transport.slot_mib"),
+        (dict(slots_per_worker=0), "transport.slots_per_worker"),
+        (dict(slots_per_worker=65), "transport.slots_per_worker"),
+    ],
+)
+def test_bad_transport(kwargs, field):
+    with pytest.raises(ValueError) as info:
+        TransportConfig(**kwargs)
+    assert str(info.value).startswith(field), str(info.value)
+
+
+@pytest.mark.parametrize("value", [{"slot_mib": 0}, 16])
+def test_transport_of_the_wrong_type(value):
+    _raises_for("transport", transport=value)
+
+
+def test_startup_timeout_rejects_bool():
+    _raises_for("startup_timeout_s", startup_timeout_s=True)
+
+
+def test_parse_instances():
+    assert parse_instances("dit=2") == {"encoder": 1, "dit": 2, "decoder": 1}
+    assert parse_instances(" encoder = 2 , decoder=3,") == {"encoder": 2, "dit": 1, "decoder": 3}
+    assert parse_instances("") == {s: 1 for s in STAGE_KINDS}
+    assert list(parse_instances("decoder=2,encoder=1")) == list(STAGE_KINDS)
+
+
+@pytest.mark.parametrize("text", ["dit=two", "gpu=1", "dit", "dit=", "=2", "dit=-1", "dit=1.5", "dit:2"])
+def test_parse_instances_rejects(text):
+    with pytest.raises(ValueError) as info:
+        parse_instances(text)
+    assert str(info.value).startswith("instances"), str(info.value)
+
+
+def test_parse_instances_rejects_superscript_digits():
+    with pytest.raises(ValueError, match="^instances"):
+        parse_instances("dit=²")
+
+
+def test_resolve_missing_model_path(tmp_path):
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(ValueError) as info:
+        resolve_model_path(str(missing))
+    assert str(info.value).startswith("model"), str(info.value)
+    assert "tiny-sd3" in str(info.value)  # it lists the built-in names
+
+
+def test_resolve_existing_folder(tmp_path):
+    assert resolve_model_path(str(tmp_path)) == tmp_path.resolve()

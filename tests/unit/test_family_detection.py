@@ -1,0 +1,80 @@
+"""Model family detection: a clear ValueError naming `model` for every unusable folder."""
+import json
+import shutil
+
+import pytest
+
+from dfuse.stages.families import FAMILIES, describe_model, detect_family
+from dfuse.stages.families.sd3 import SD3Family
+from dfuse.stages.tiny import tiny_model_path
+
+
+def _model_error(call, path) -> str:
+    with pytest.raises(ValueError) as info:
+        call(path)
+    message = str(info.value)
+    assert message.startswith("model:"), message
+    return message
+
+
+@pytest.mark.parametrize("call", [detect_family, describe_model])
+def test_missing_folder(tmp_path, call):
+    assert "not a directory" in _model_error(call, tmp_path / "missing")
+
+
+@pytest.mark.parametrize("call", [detect_family, describe_model])
+def test_a_file_is_not_a_model_folder(tmp_path, call):
+    (tmp_path / "model.safetensors").write_bytes(b"\0" * 8)
+    assert "not a directory" in _model_error(call, tmp_path / "model.safetensors")
+
+
+@pytest.mark.parametrize("call", [detect_family, describe_model])
+def test_folder_without_model_index(tmp_path, call):
+    message = _model_error(call, tmp_path)
+    assert "model_index.json" in message and "StableDiffusion3Pipeline" in message
+
+
+@pytest.mark.parametrize(
+    "content",
+    ['{"_class_name": "StableDiffusion3Pipeline"', "not json", "", "[1, 2]", '{"_diffusers_version": "0.30"}', "\udcff"],
+    ids=["truncated", "not_json", "empty", "a_list", "no_class_name", "bad_utf8"],
+)
+def test_unreadable_model_index(tmp_path, content):
+    (tmp_path / "model_index.json").write_bytes(content.encode("utf-8", "surrogateescape"))
+    message = _model_error(detect_family, tmp_path)
+    assert "model_index.json" in message and "StableDiffusion3Pipeline" in message
+
+
+@pytest.mark.parametrize("class_name", ["FluxPipeline", "StableDiffusionXLPipeline", None, 3])
+def test_unsupported_pipeline_lists_the_supported_ones(tmp_path, class_name):
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": class_name}))
+    message = _model_error(detect_family, tmp_path)
+    assert "not supported" in message and repr(class_name) in message
+    assert "StableDiffusion3Pipeline" in message
+
+
+def test_unhashable_class_name(tmp_path):
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": ["StableDiffusion3Pipeline"]}))
+    _model_error(detect_family, tmp_path)
+
+
+def test_sd3_index_without_component_configs(tmp_path):
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
+    assert isinstance(detect_family(tmp_path), SD3Family)
+    message = _model_error(describe_model, tmp_path)
+    assert "not a complete StableDiffusion3Pipeline folder" in message
+
+
+def test_sd3_with_a_broken_transformer_config(tmp_path):
+    shutil.copytree(tiny_model_path(), tmp_path / "m", ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    (tmp_path / "m" / "transformer" / "config.json").write_text("{}")
+    assert "not a complete StableDiffusion3Pipeline folder" in _model_error(describe_model, tmp_path / "m")
+
+
+def test_tiny_model_is_detected_and_described():
+    path = tiny_model_path()
+    assert FAMILIES["StableDiffusion3Pipeline"] is detect_family(path)
+    info = describe_model(str(path))
+    assert info.family == "sd3" and info.path == path.resolve()
+    assert (info.pixel_multiple, info.default_size, info.max_size) == (16, 128, 1024)
+    assert info.num_inference_steps == 28 and info.guidance_scale == 7.0

@@ -1,0 +1,165 @@
+"""Wire messages: every message survives encode/decode, receivers accept only their own union,
+garbage frames are rejected as msgspec errors, and nothing on the wire is pickled."""
+import inspect
+import io
+import pathlib
+import tokenize
+
+import msgspec
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dfuse.engine import protocol as wire
+
+REPO = pathlib.Path(wire.__file__).resolve().parents[1]
+
+_params = wire.RequestParams("a red fox", None, 28, 7.0, 1024, 768, 2**63 - 1)
+_ref = wire.TensorRef("prompt_embeds", "dfuse_1_ab_w0", 64, (2, 333, 4096), "bfloat16")
+_slot = wire.OutputSlot("dfuse_1_ab_w1", 2**24, 2**24)
+
+TO_WORKER = [
+    wire.StageTask(0, _params, [], _slot),
+    wire.StageTask(7, wire.RequestParams("", "blurry", 1, 0.0, 16, 16, 0), [_ref, _ref], _slot, report_progress=True),
+    wire.Shutdown(),
+]
+TO_ENGINE = [
+    wire.Ready(3, 12345, 1.5),
+    wire.LoadFailed(2, "OSError: no such file"),
+    wire.StageDone(1, 9, [_ref], wire.StageTimings(0.001, 2.5)),
+    wire.StageDone(1, 10, [], wire.StageTimings(0.0, 0.0)),
+    wire.StageFailed(4, 11, "RuntimeError: boom \u2603"),
+    wire.Progress(1, 9, 3, 28),
+]
+
+
+def test_every_message_type_is_covered_here():
+    structs = {
+        obj for _, obj in inspect.getmembers(wire, inspect.isclass)
+        if issubclass(obj, msgspec.Struct) and obj.__module__ == wire.__name__
+    }
+    top_level = {type(m) for m in TO_WORKER + TO_ENGINE}
+    nested = {wire.RequestParams, wire.TensorRef, wire.OutputSlot, wire.StageTimings}
+    assert structs == top_level | nested
+    assert top_level == set(wire.ToWorker.__args__) | set(wire.ToEngine.__args__)
+
+
+@pytest.mark.parametrize("message", TO_WORKER, ids=lambda m: type(m).__name__)
+def test_worker_bound_messages_round_trip(message):
+    decoded = wire.worker_decoder.decode(wire.encode(message))
+    assert type(decoded) is type(message) and decoded == message
+
+
+@pytest.mark.parametrize("message", TO_ENGINE, ids=lambda m: type(m).__name__)
+def test_engine_bound_messages_round_trip(message):
+    decoded = wire.engine_decoder.decode(wire.encode(message))
+    assert type(decoded) is type(message) and decoded == message
+
+
+def test_tuple_shape_and_large_ints_survive():
+    done = wire.engine_decoder.decode(wire.encode(TO_ENGINE[2]))
+    assert done.outputs[0].shape == (2, 333, 4096) and isinstance(done.outputs[0].shape, tuple)
+    task = wire.worker_decoder.decode(wire.encode(TO_WORKER[0]))
+    assert task.params.seed == 2**63 - 1
+
+
+@pytest.mark.parametrize("message", TO_ENGINE, ids=lambda m: type(m).__name__)
+def test_worker_decoder_rejects_engine_bound_messages(message):
+    with pytest.raises(msgspec.ValidationError):
+        wire.worker_decoder.decode(wire.encode(message))
+
+
+@pytest.mark.parametrize("message", TO_WORKER, ids=lambda m: type(m).__name__)
+def test_engine_decoder_rejects_worker_bound_messages(message):
+    with pytest.raises(msgspec.ValidationError):
+        wire.engine_decoder.decode(wire.encode(message))
+
+
+def test_wrong_field_types_and_extra_fields_are_rejected():
+    enc = msgspec.msgpack.encode
+    with pytest.raises(msgspec.ValidationError):  # step as a string
+        wire.engine_decoder.decode(enc(["Progress", 1, 9, "3", 28]))
+    with pytest.raises(msgspec.ValidationError):  # one field too many
+        wire.engine_decoder.decode(enc(["Progress", 1, 9, 3, 28, 0]))
+    with pytest.raises(msgspec.ValidationError):  # unknown tag
+        wire.worker_decoder.decode(enc(["Exec", "import os"]))
+
+
+# A msgpack string holding invalid UTF-8, where the decoders expect a tag and where they expect
+# a str field (LoadFailed.error): "\x80" cannot start a UTF-8 character.
+INVALID_UTF8_FRAMES = [b"\x91\xa1\x80", b"\x93\xaaLoadFailed\x01\xa2a\x80", b"\x93\xaaLoadFailed\x01\xa1\xff"]
+
+
+# msgspec raises UnicodeDecodeError for invalid UTF-8; protocol.py turns it into a DecodeError.
+_TOLERATED = msgspec.MsgspecError
+
+
+@pytest.mark.parametrize("frame", INVALID_UTF8_FRAMES)
+def test_invalid_utf8_is_a_msgspec_error(frame):
+    for decoder in (wire.worker_decoder, wire.engine_decoder):
+        with pytest.raises(msgspec.MsgspecError):
+            decoder.decode(frame)
+
+
+def _decodes_or_msgspec_error(frame: bytes) -> None:
+    for decoder, accepted in ((wire.worker_decoder, wire.ToWorker), (wire.engine_decoder, wire.ToEngine)):
+        try:
+            message = decoder.decode(frame)
+        except _TOLERATED:
+            continue
+        assert isinstance(message, accepted.__args__)
+
+
+_FUZZ = settings(max_examples=300, database=None, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@_FUZZ
+@given(st.binary(max_size=256))
+def test_random_bytes_raise_only_msgspec_errors(frame):
+    _decodes_or_msgspec_error(frame)
+
+
+_scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**63), 2**64 - 1), st.floats(), st.text(max_size=8), st.binary(max_size=8)
+)
+_values = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=4), max_leaves=6)
+_tags = st.sampled_from([cls.__name__ for cls in (*wire.ToWorker.__args__, *wire.ToEngine.__args__)])
+
+
+@settings(_FUZZ, max_examples=150)
+@given(_tags, st.lists(_values, max_size=7))
+def test_well_formed_msgpack_with_real_tags_raises_only_msgspec_errors(tag, fields):
+    _decodes_or_msgspec_error(msgspec.msgpack.encode([tag, *fields]))
+
+
+@_FUZZ
+@given(st.sampled_from(TO_WORKER + TO_ENGINE), st.data())
+def test_corrupted_real_frames_raise_only_msgspec_errors(message, data):
+    frame = bytearray(wire.encode(message))
+    for _ in range(data.draw(st.integers(1, 4))):
+        frame[data.draw(st.integers(0, len(frame) - 1))] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(0, len(frame)))
+    _decodes_or_msgspec_error(bytes(frame[:cut]))
+
+
+_PICKLE_NAMES = {"pickle", "cPickle", "cloudpickle", "dill", "recv_pyobj", "send_pyobj"}
+
+
+def _wire_sources():
+    files = [REPO / "cli.py"]
+    for folder in ("engine", "stages", "scheduler"):
+        files += sorted((REPO / folder).rglob("*.py"))
+    return files
+
+
+def test_no_pickle_on_the_wire():
+    """Scans code tokens only: docstrings and comments may say "pickle" (protocol.py does)."""
+    files = _wire_sources()
+    assert REPO / "engine" / "protocol.py" in files and REPO / "stages" / "worker.py" in files
+    found = []
+    for path in files:
+        source = path.read_text()
+        for token in tokenize.generate_tokens(io.StringIO(source).readline):
+            if token.type == tokenize.NAME and token.string in _PICKLE_NAMES:
+                found.append(f"{path.relative_to(REPO)}:{token.start[0]}: {token.line.strip()}")
+    assert not found, "pickle on the wire:\n" + "\n".join(found)
