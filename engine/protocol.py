@@ -14,21 +14,45 @@ _STRUCT = dict(tag=True, array_like=True, omit_defaults=True, forbid_unknown_fie
 
 
 class TensorRef(msgspec.Struct, **_STRUCT):
-    """One tensor inside a transport segment: where it starts, its shape and dtype."""
+    """One tensor inside a transport pool: where it starts, its shape and dtype."""
 
     name: str
-    segment: str  # shared-memory segment name (created by the engine)
-    offset: int  # byte offset inside the segment
+    pool: str  # pool name: a shared-memory segment, or a CUDA pool announced by a PoolInfo
+    offset: int  # byte offset inside the pool
     shape: tuple[int, ...]
     dtype: str  # torch dtype name without the "torch." prefix, e.g. "float32"
 
 
 class OutputSlot(msgspec.Struct, **_STRUCT):
-    """Where a stage must write its outputs: a byte range of a segment reserved for this task."""
+    """Where a stage must write its outputs: a byte range of a pool reserved for this task."""
 
-    segment: str
+    pool: str
     offset: int
     nbytes: int
+
+
+class CudaIpcHandle(msgspec.Struct, **_STRUCT):
+    """What `UntypedStorage._share_cuda_()` returns, as plain fields (never pickled)."""
+
+    device_index: int  # in the producer's numbering; consumers locate the GPU by uuid
+    handle: bytes
+    size: int
+    offset: int
+    ref_counter_handle: bytes
+    ref_counter_offset: int
+    event_handle: bytes
+    event_sync_required: bool
+
+
+class PoolInfo(msgspec.Struct, **_STRUCT):
+    """A producer's GPU slot pool, exported once per link (not per tensor)."""
+
+    name: str
+    device_uuid: str
+    slot_bytes: int
+    n_slots: int
+    memory: CudaIpcHandle
+    slot_events: list[bytes]  # one interprocess event per slot: recorded after the producer writes
 
 
 class RequestParams(msgspec.Struct, **_STRUCT):
@@ -53,6 +77,12 @@ class StageTask(msgspec.Struct, **_STRUCT):
     report_progress: bool = False
 
 
+class OpenPool(msgspec.Struct, **_STRUCT):
+    """Engine -> consumer worker: map this producer's GPU pool (sent before any task reads it)."""
+
+    pool: PoolInfo
+
+
 class Shutdown(msgspec.Struct, **_STRUCT):
     """Engine -> worker: finish the current task, then exit."""
 
@@ -63,6 +93,7 @@ class Ready(msgspec.Struct, **_STRUCT):
     worker_id: int
     pid: int
     load_s: float
+    pool: PoolInfo | None = None  # set by producers on a GPU whose consumers map GPU memory
 
 
 class LoadFailed(msgspec.Struct, **_STRUCT):
@@ -105,7 +136,7 @@ class Progress(msgspec.Struct, **_STRUCT):
     total: int
 
 
-ToWorker = StageTask | Shutdown
+ToWorker = StageTask | OpenPool | Shutdown
 ToEngine = Ready | LoadFailed | StageDone | StageFailed | Progress
 
 _encoder = msgspec.msgpack.Encoder()

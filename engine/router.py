@@ -35,7 +35,8 @@ from ..stages.worker import WorkerSpec
 from . import protocol as wire
 from .config import EngineConfig
 from .launcher import WorkerProcess, spawn_worker
-from .transport.shm import SlotPool, dtype_from_name, new_segment_prefix, sweep_stale_segments, unlink_segments
+from .transport.base import byte_view, choose_link, cuda_peer_access, dtype_from_name, pool_kind, probe_places
+from .transport.shm import SlotPool, new_segment_prefix, sweep_stale_segments, unlink_segments
 
 log = logging.getLogger("dfuse.engine")
 
@@ -87,6 +88,7 @@ class Worker:
     stage: str
     device: str
     pool: SlotPool  # where this worker writes its outputs
+    pool_info: wire.PoolInfo | None = None  # its GPU pool's export, for consumers to map
     socket: zmq.Socket | None = None
     process: WorkerProcess | None = None
     ready: bool = False
@@ -134,14 +136,27 @@ class Router:
         self._poller.register(self._wake_pull, zmq.POLLIN)
 
     def _init_workers(self) -> None:
+        """Choose each stage pair's link, then give every worker the pool its link needs."""
+        devices = self.config.devices
+        places = probe_places(devices.values())
+        consumers = {stage: STAGE_KINDS[i + 1] for i, stage in enumerate(STAGE_KINDS[:-1])}
+        self.links = {
+            f"{stage}->{consumer}": choose_link(places[devices[stage]], places[devices[consumer]], cuda_peer_access)
+            for stage, consumer in consumers.items()
+        }
+        self.links[f"{STAGE_KINDS[-1]}->engine"] = "shm"  # the engine reads final pixels on the host
         self.workers: dict[int, Worker] = {}
         transport = self.config.transport
         for stage in STAGE_KINDS:
+            link = self.links[f"{stage}->{consumers.get(stage, 'engine')}"]
             for _ in range(self.config.instances[stage]):
                 worker_id = len(self.workers)
-                pool = SlotPool.create(f"{self.segment_prefix}w{worker_id}", transport.slot_bytes, transport.slots_per_worker)
-                self.workers[worker_id] = Worker(worker_id, stage, self.config.devices[stage], pool)
-        self._segments = {w.pool.segment.name: w.pool.segment for w in self.workers.values()}
+                name, size, count = f"{self.segment_prefix}w{worker_id}", transport.slot_bytes, transport.slots_per_worker
+                if pool_kind([link]) == "cuda":
+                    pool = SlotPool(name, size, count)  # the worker allocates it on its GPU
+                else:
+                    pool = SlotPool.create_host(name, size, count)
+                self.workers[worker_id] = Worker(worker_id, stage, devices[stage], pool)
 
     def _endpoint(self, name: str) -> str:
         return f"ipc://{os.path.join(self.run_dir, name)}"
@@ -160,6 +175,7 @@ class Router:
     def stats(self) -> dict:
         """A snapshot for users and the CLI (read without locks: values may be a moment old)."""
         return {
+            "links": dict(self.links),
             "completed": self._completed,
             "failed": self._failed,
             "queues": {stage: len(q) for stage, q in self._queues.items()},
@@ -245,8 +261,32 @@ class Router:
     def _on_ready(self, worker: Worker, message: wire.Ready) -> None:
         worker.ready, worker.load_s = True, message.load_s
         log.info("%s worker %d ready in %.2f s (pid %d)", worker.stage, worker.id, message.load_s, message.pid)
+        if message.pool is not None:  # a (re)started GPU producer: consumers map its new pool
+            worker.pool_info = message.pool
+            for consumer in self._consumers_of(worker):
+                if consumer.ready:  # the others map it when they say READY (below)
+                    self._send(consumer, wire.OpenPool(message.pool))
+        # A (re)started consumer maps the GPU pools it reads before its first task.
+        for producer in self._producers_of(worker):
+            if producer.pool_info is not None:
+                self._send(worker, wire.OpenPool(producer.pool_info))
         if all(w.ready for w in self.workers.values()):
             self.ready.set()
+
+    def _consumers_of(self, worker: Worker) -> list[Worker]:
+        index = STAGE_KINDS.index(worker.stage) + 1
+        return [w for w in self.workers.values() if index < len(STAGE_KINDS) and w.stage == STAGE_KINDS[index]]
+
+    def _producers_of(self, worker: Worker) -> list[Worker]:
+        index = STAGE_KINDS.index(worker.stage) - 1
+        return [w for w in self.workers.values() if index >= 0 and w.stage == STAGE_KINDS[index]]
+
+    def _send(self, worker: Worker, message) -> bool:
+        try:
+            worker.socket.send(wire.encode(message), zmq.NOBLOCK)
+            return True
+        except zmq.Again:  # the worker's receiver is not connected (yet, or any more)
+            return False
 
     def _on_load_failed(self, worker: Worker, message: wire.LoadFailed) -> None:
         self._fatal(f"{worker.stage} worker {worker.id} could not load the model: {message.error}")
@@ -309,9 +349,7 @@ class Router:
             request.id, request.params, request.inputs, slot,
             report_progress=request.on_progress is not None and worker.stage == "dit",
         )
-        try:
-            worker.socket.send(wire.encode(task), zmq.NOBLOCK)
-        except zmq.Again:  # the worker's receiver is not connected (yet, or any more)
+        if not self._send(worker, task):
             worker.pool.release(slot.offset)
             self._queues[worker.stage].appendleft(request)
             return
@@ -321,7 +359,7 @@ class Router:
     # --- requests leaving the engine ---------------------------------------------------------
     def _finish(self, request: Request, worker: Worker, outputs: list[wire.TensorRef]) -> None:
         (ref,) = [r for r in outputs if r.name == "image"]
-        view = self._segments[ref.segment].view(ref.offset, ref.shape, dtype_from_name(ref.dtype))
+        view = byte_view(worker.pool.segment.data, ref.offset, ref.shape, dtype_from_name(ref.dtype))
         image = view[0].numpy().copy()  # copy out before the slot is reused
         worker.pool.release(request.output_offset)
         self._completed += 1
@@ -360,6 +398,7 @@ class Router:
             cpu_threads=self.config.threads_per_worker(), task_endpoint=endpoint,
             result_endpoint=self._endpoint("results"), engine_pid=os.getpid(),
             segment_prefix=self.segment_prefix, run_dir=self.run_dir,
+            gpu_pool=None if worker.pool.segment else (worker.pool.name, worker.pool.slot_bytes, worker.pool.n_slots),
         )
         worker.process = spawn_worker(spec)
 
@@ -389,15 +428,28 @@ class Router:
             else:
                 self._queues[worker.stage].appendleft(request)  # inputs are still in the upstream slot
         worker.inflight.clear()
+        if worker.pool.segment is None:
+            self._restart_requests_reading(worker.pool)
         worker.restarts += 1
         self._spawn(worker)
+
+    def _restart_requests_reading(self, pool: SlotPool) -> None:
+        """A dead GPU producer's pool died with it: queued requests whose inputs lived there
+        start over from the first stage (host pools belong to the engine and survive)."""
+        for stage, queue in self._queues.items():
+            lost = [r for r in queue if r.input_pool is pool]
+            for request in lost:
+                queue.remove(request)
+                pool.release(request.input_offset)
+                request.input_pool, request.inputs, request.stage_index = None, [], 0
+                self._queues[STAGE_KINDS[0]].appendleft(request)
 
     def _shutdown(self) -> None:
         """Stop every worker, fail what is left, remove every segment and socket."""
         alive = [w for w in self.workers.values() if w.process is not None]
         for worker in alive:
             try:
-                worker.socket.send(wire.encode(wire.Shutdown()), zmq.NOBLOCK)
+                self._send(worker, wire.Shutdown())
             except zmq.ZMQError:
                 pass
         for worker in alive:

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from ..engine.protocol import RequestParams
+from ..engine.transport.base import SlotWriter
 from .families.base import Family, OnStep, Tensors
 
 
@@ -27,14 +28,13 @@ class Stage:
     def load(self) -> None:
         raise NotImplementedError
 
-    def forward(self, inputs: Tensors, params: RequestParams, on_step: OnStep) -> Tensors:
+    def forward(self, inputs: Tensors, params: RequestParams, on_step: OnStep, out: SlotWriter) -> Tensors:
+        """Return the outputs by name. A stage that can produce an output in place asks `out`
+        for it (`out.empty(...)`) and returns it too: it is then not copied again."""
         raise NotImplementedError
 
-    def run(self, inputs: Tensors, params: RequestParams, on_step: OnStep) -> Tensors:
+    def run(self, inputs: Tensors, params: RequestParams, on_step: OnStep, out: SlotWriter) -> Tensors:
         missing = [name for name in self.requires if name not in inputs]
         if missing:
             raise ValueError(f"{self.kind} stage is missing inputs {missing}; got {sorted(inputs)}")
-        outputs = self.forward(inputs, params, on_step)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)  # outputs are read on the host next
-        return outputs
+        return self.forward(inputs, params, on_step, out)

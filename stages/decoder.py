@@ -10,5 +10,5 @@ class DecoderStage(Stage):
     def load(self):
         self.model = self.family.load_decoder(self.model_path, self.device, self.dtype)
 
-    def forward(self, inputs, params, on_step):
+    def forward(self, inputs, params, on_step, out):
         return self.family.decode(self.model, inputs, params)

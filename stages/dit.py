@@ -10,5 +10,5 @@ class DiTStage(Stage):
     def load(self):
         self.model = self.family.load_dit(self.model_path, self.device, self.dtype)
 
-    def forward(self, inputs, params, on_step):
+    def forward(self, inputs, params, on_step, out):
         return self.family.denoise(self.model, inputs, params, on_step)

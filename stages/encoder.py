@@ -9,5 +9,5 @@ class EncoderStage(Stage):
     def load(self):
         self.model = self.family.load_encoder(self.model_path, self.device, self.dtype)
 
-    def forward(self, inputs, params, on_step):
+    def forward(self, inputs, params, on_step, out):
         return self.family.encode(self.model, params)

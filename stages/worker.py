@@ -1,12 +1,14 @@
 """The stage worker process: load one stage, say READY, then serve tasks until told to stop.
 
 Threads in a worker:
-    receiver  PULL socket -> decode against the schema -> local task queue (drops bad frames)
+    receiver  PULL socket -> decode against the schema (drops bad frames) -> open announced
+              GPU pools, prefetch each task's inputs (map, or copy on the copy stream) ->
+              local task queue
     watcher   blocks on the death pipe; when the engine dies: unlink its segments, exit
-    main      the compute loop: take a task, map its inputs, run the stage, write the outputs
-              into the reserved slot, send StageDone on its own PUSH socket
-The receiver keeps accepting the next task while main computes, so a task's message latency
-hides behind the previous task's compute. Each zmq socket is used by one thread only.
+    main      the compute loop: take a task, run the stage on its (prefetched) inputs, write
+              the outputs into the reserved slot, send StageDone on its own PUSH socket
+The receiver accepts and prepares the next task while main computes, so message latency and
+input transfers hide behind the current task's compute. Each zmq socket has one thread.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ import torch
 import zmq
 
 from ..engine import protocol as wire
-from ..engine.transport.shm import SegmentCache, read_tensors, unlink_segments, write_tensors
+from ..engine.transport.endpoint import Endpoint
+from ..engine.transport.shm import unlink_segments
 from .decoder import DecoderStage
 from .dit import DiTStage
 from .encoder import EncoderStage
@@ -54,6 +57,7 @@ class WorkerSpec:
     engine_pid: int
     segment_prefix: str  # the engine's segments: unlinked by any worker that outlives it
     run_dir: str  # the engine's private socket directory: removed likewise
+    gpu_pool: tuple[str, int, int] | None = None  # (name, slot bytes, slots): outputs stay on this GPU
 
 
 def run_stage_worker(spec: WorkerSpec, death_pipe: Connection) -> None:
@@ -72,22 +76,28 @@ def run_stage_worker(spec: WorkerSpec, death_pipe: Connection) -> None:
     results = context.socket(zmq.PUSH)
     results.setsockopt(zmq.LINGER, 5000)
     results.connect(spec.result_endpoint)
+    device = torch.device(spec.device)
+    endpoint = Endpoint(device)
     try:
         started = time.perf_counter()
         stage = STAGE_CLASSES[spec.stage](
-            detect_family(spec.model_path), Path(spec.model_path), torch.device(spec.device), getattr(torch, spec.dtype)
+            detect_family(spec.model_path), Path(spec.model_path), device, getattr(torch, spec.dtype)
         )
         stage.load()
+        pool = endpoint.create_gpu_pool(*spec.gpu_pool) if spec.gpu_pool else None
     except Exception as e:  # any load failure must reach the engine as a message, not a hang
         results.send(wire.encode(wire.LoadFailed(spec.worker_id, f"{type(e).__name__}: {e}")))
         results.close()
         context.term()
         return
-    results.send(wire.encode(wire.Ready(spec.worker_id, os.getpid(), time.perf_counter() - started)))
 
     tasks: queue.Queue = queue.Queue()
-    threading.Thread(target=_receive, args=(context, spec, tasks), daemon=True, name="receiver").start()
-    _ComputeLoop(spec, stage, results, tasks).run()
+    connected = threading.Event()
+    receiver = threading.Thread(target=_receive, args=(context, spec, endpoint, tasks, connected), daemon=True)
+    receiver.start()
+    connected.wait(10)  # connect the task socket before READY: the engine sends work right after
+    results.send(wire.encode(wire.Ready(spec.worker_id, os.getpid(), time.perf_counter() - started, pool)))
+    _ComputeLoop(spec, stage, endpoint, results, tasks).run()
     results.close()
     context.term()
 
@@ -95,12 +105,12 @@ def run_stage_worker(spec: WorkerSpec, death_pipe: Connection) -> None:
 class _ComputeLoop:
     """Short loop on the main thread: one task at a time, dispatch by message type."""
 
-    def __init__(self, spec: WorkerSpec, stage, results: zmq.Socket, tasks: queue.Queue):
+    def __init__(self, spec: WorkerSpec, stage, endpoint: Endpoint, results: zmq.Socket, tasks: queue.Queue):
         self.spec = spec
         self.stage = stage
+        self.endpoint = endpoint
         self.results = results
         self.tasks = tasks
-        self.segments = SegmentCache()
         self.running = True
         self.handlers = {wire.StageTask: self.on_task, wire.Shutdown: self.on_shutdown}
 
@@ -115,9 +125,11 @@ class _ComputeLoop:
     def on_task(self, task: wire.StageTask, received_at: float) -> None:
         started = time.perf_counter()
         try:
-            inputs = read_tensors(task.inputs, self.segments)
-            outputs = self.stage.run(inputs, task.params, self._progress_sender(task))
-            refs = write_tensors(self.segments.get(task.output.segment), task.output, outputs)
+            inputs = self.endpoint.fetch(task.request_id, task.inputs)
+            writer = self.endpoint.writer(task.output)
+            outputs = self.stage.run(inputs, task.params, self._progress_sender(task), writer)
+            refs = writer.put_all(outputs)
+            self.endpoint.finish(task.output)
         except Exception as e:  # a failing request must not take the worker down
             log.warning("request %d failed:\n%s", task.request_id, traceback.format_exc())
             self._send(wire.StageFailed(self.spec.worker_id, task.request_id, f"{type(e).__name__}: {e}"))
@@ -145,10 +157,14 @@ def _quiet_libraries() -> None:
         library.utils.logging.disable_progress_bar()
 
 
-def _receive(context: zmq.Context, spec: WorkerSpec, tasks: queue.Queue) -> None:
-    """Receiver thread: decode every frame against the schema; malformed frames are dropped."""
+def _receive(context, spec: WorkerSpec, endpoint: Endpoint, tasks: queue.Queue, connected: threading.Event) -> None:
+    """Receiver thread: decode every frame against the schema (malformed frames are dropped),
+    open announced pools, prefetch task inputs, queue tasks for the compute loop."""
+    if endpoint.cuda:
+        torch.cuda.set_device(endpoint.device)  # the current device is per thread
     socket = context.socket(zmq.PULL)
     socket.connect(spec.task_endpoint)
+    connected.set()
     while True:
         frame = socket.recv()
         try:
@@ -156,7 +172,16 @@ def _receive(context: zmq.Context, spec: WorkerSpec, tasks: queue.Queue) -> None
         except msgspec.MsgspecError as e:
             log.warning("dropped a malformed message (%d bytes): %s", len(frame), e)
             continue
-        tasks.put((time.perf_counter(), message))
+        received_at = time.perf_counter()
+        try:
+            if isinstance(message, wire.OpenPool):
+                endpoint.open_pool(message.pool)  # before any task that reads it: same socket, in order
+                continue
+            if isinstance(message, wire.StageTask):
+                endpoint.prefetch(message.request_id, message.inputs)
+        except Exception:  # the compute loop fetches again and reports the error with the task
+            log.warning("could not prepare a message:\n%s", traceback.format_exc())
+        tasks.put((received_at, message))
         if isinstance(message, wire.Shutdown):
             return
 

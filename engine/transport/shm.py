@@ -1,8 +1,8 @@
-"""Shared-memory segments and slots for CPU tensor handoff between processes on one host.
+"""Shared-memory segments for tensor handoff between processes on one host, and slot credits.
 
-Layout: the engine creates one segment per producing worker, cut into equal slots.
+Layout: every producing worker has one pool, cut into equal slots.
 
-    segment dfuse_<engine pid>_<token>_w<worker id>
+    pool dfuse_<engine pid>_<token>_w<worker id>
     +-----------+-----------+-----------+
     |  slot 0   |  slot 1   |  slot 2   |      each slot: tensors packed at 64-byte offsets
     +-----------+-----------+-----------+
@@ -12,11 +12,12 @@ consumer maps the same pages and reads views (no copy, cost independent of size)
 credits owned by the engine (see `SlotPool`): a task is only dispatched when its producer has a
 free slot, so memory never grows without bound.
 
-We map /dev/shm files directly instead of `multiprocessing.shared_memory`: its resource tracker
-unlinks segments behind our back (Python 3.11 registers attachers too) and is itself killed in a
-group kill. Instead, segments are named after the engine pid: the engine unlinks them on close,
-its workers unlink them when they see the engine die, and a new engine sweeps those of dead
-engines at start-up. Files are created 0600: other local users cannot map them.
+Host pools are /dev/shm files created by the engine. We map them directly instead of using
+`multiprocessing.shared_memory`: its resource tracker unlinks segments behind our back (Python
+3.11 registers attachers too) and is itself killed in a group kill. Instead, segments are named
+after the engine pid: the engine unlinks them on close, its workers unlink them when they see
+the engine die, and a new engine sweeps those of dead engines at start-up. Files are created
+0600: other local users cannot map them.
 """
 
 from __future__ import annotations
@@ -25,23 +26,17 @@ import mmap
 import os
 import re
 import secrets
-from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from ..protocol import OutputSlot, TensorRef
+from ..protocol import OutputSlot
 
 SHM_DIR = "/dev/shm"
 PREFIX = "dfuse_"
-ALIGN = 64
 _PAGE = mmap.PAGESIZE
 _NAME_RE = re.compile(rf"^{PREFIX}(\d+)_")
-
-
-class SlotOverflowError(ValueError):
-    """A stage's outputs do not fit the slot reserved for them."""
 
 
 def new_segment_prefix() -> str:
@@ -49,10 +44,16 @@ def new_segment_prefix() -> str:
     return f"{PREFIX}{os.getpid()}_{secrets.token_hex(4)}_"
 
 
+def is_segment_name(name: str) -> bool:
+    return name.startswith(PREFIX) and "/" not in name and name not in (".", "..")
+
+
 class Segment:
     """A shared-memory file mapped into this process, exposed as one flat uint8 tensor."""
 
     def __init__(self, name: str, size: int | None = None, *, create: bool = False):
+        if not is_segment_name(name):
+            raise ValueError(f"not a dfuse segment name: {name!r}")
         self.name = name
         path = os.path.join(SHM_DIR, name)
         flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
@@ -74,68 +75,27 @@ class Segment:
         elif self.size:
             self.data[::_PAGE].sum()
 
-    def view(self, offset: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        nbytes = _numel(shape) * _itemsize(dtype)
-        if offset < 0 or offset + nbytes > self.size:
-            raise ValueError(f"tensor [{offset}, {offset + nbytes}) outside segment {self.name}")
-        return self.data[offset : offset + nbytes].view(dtype).view(shape)
-
     def unlink(self) -> None:
         unlink_segment(self.name)
 
 
-class SegmentCache:
-    """Segments a worker has attached, by name: each is mapped once per process."""
-
-    def __init__(self) -> None:
-        self._segments: dict[str, Segment] = {}
-
-    def get(self, name: str) -> Segment:
-        segment = self._segments.get(name)
-        if segment is None:
-            if not name.startswith(PREFIX) or "/" in name:
-                raise ValueError(f"not a dfuse segment name: {name!r}")
-            segment = self._segments[name] = Segment(name)
-        return segment
-
-
-def write_tensors(segment: Segment, slot: OutputSlot, tensors: Mapping[str, torch.Tensor]) -> list[TensorRef]:
-    """Copy `tensors` into `slot` (packed, 64-byte aligned) and return refs to them."""
-    refs, cursor = [], 0
-    for name, tensor in tensors.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if cursor + nbytes > slot.nbytes:
-            need = sum(t.numel() * t.element_size() + ALIGN for t in tensors.values())
-            raise SlotOverflowError(
-                f"stage outputs need about {need / 2**20:.1f} MiB but a transport slot holds "
-                f"{slot.nbytes / 2**20:.1f} MiB: start the engine with a larger slot_mib"
-            )
-        offset = slot.offset + cursor
-        segment.view(offset, tuple(tensor.shape), tensor.dtype).copy_(tensor)
-        refs.append(TensorRef(name, segment.name, offset, tuple(tensor.shape), dtype_name(tensor.dtype)))
-        cursor += -(-nbytes // ALIGN) * ALIGN
-    return refs
-
-
-def read_tensors(refs: Iterable[TensorRef], segments: SegmentCache) -> dict[str, torch.Tensor]:
-    """Views of the referenced tensors (valid until the engine hands their slot to another task)."""
-    return {r.name: segments.get(r.segment).view(r.offset, r.shape, dtype_from_name(r.dtype)) for r in refs}
-
-
 @dataclass
 class SlotPool:
-    """Engine-side credits for one segment: which slots are free, which task holds the others."""
+    """Engine-side credits for one producer's pool: which slots are free, which request holds
+    the others. The memory itself is a host segment (`segment`) or the producer's GPU memory."""
 
-    segment: Segment
+    name: str
     slot_bytes: int
+    n_slots: int
+    segment: Segment | None = None  # host pools only: the engine creates (and unlinks) them
     holders: list[int | None] = field(init=False)  # request id holding each slot, or None
 
     def __post_init__(self) -> None:
-        self.holders = [None] * (self.segment.size // self.slot_bytes)
+        self.holders = [None] * self.n_slots
 
     @classmethod
-    def create(cls, name: str, slot_bytes: int, n_slots: int) -> "SlotPool":
-        return cls(Segment(name, slot_bytes * n_slots, create=True), slot_bytes)
+    def create_host(cls, name: str, slot_bytes: int, n_slots: int) -> "SlotPool":
+        return cls(name, slot_bytes, n_slots, Segment(name, slot_bytes * n_slots, create=True))
 
     @property
     def free(self) -> int:
@@ -146,7 +106,7 @@ class SlotPool:
         for index, holder in enumerate(self.holders):
             if holder is None:
                 self.holders[index] = request_id
-                return OutputSlot(self.segment.name, index * self.slot_bytes, self.slot_bytes)
+                return OutputSlot(self.name, index * self.slot_bytes, self.slot_bytes)
         return None
 
     def release(self, offset: int) -> None:
@@ -195,28 +155,3 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-_DTYPES = {str(d).removeprefix("torch."): d for d in (
-    torch.float32, torch.float16, torch.bfloat16, torch.float64,
-    torch.uint8, torch.int8, torch.int32, torch.int64, torch.bool,
-)}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def dtype_from_name(name: str) -> torch.dtype:
-    try:
-        return _DTYPES[name]
-    except KeyError:
-        raise ValueError(f"unsupported tensor dtype {name!r}; allowed: {sorted(_DTYPES)}") from None
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    return int(np.prod(shape, dtype=np.int64)) if shape else 1
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()

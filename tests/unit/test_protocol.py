@@ -17,14 +17,21 @@ REPO = pathlib.Path(wire.__file__).resolve().parents[1]
 _params = wire.RequestParams("a red fox", None, 28, 7.0, 1024, 768, 2**63 - 1)
 _ref = wire.TensorRef("prompt_embeds", "dfuse_1_ab_w0", 64, (2, 333, 4096), "bfloat16")
 _slot = wire.OutputSlot("dfuse_1_ab_w1", 2**24, 2**24)
+_pool = wire.PoolInfo(
+    "dfuse_1_ab_w1", "GPU-8f1c2d3e-0000-1111-2222-333344445555", 2**24, 3,
+    wire.CudaIpcHandle(0, b"\x00\xffipc-handle", 3 * 2**24, 0, b"/torch_1_ref", 8, b"\x01event", True),
+    [b"\x02e0", b"\x02e1", b"\x02e2"],
+)
 
 TO_WORKER = [
     wire.StageTask(0, _params, [], _slot),
     wire.StageTask(7, wire.RequestParams("", "blurry", 1, 0.0, 16, 16, 0), [_ref, _ref], _slot, report_progress=True),
+    wire.OpenPool(_pool),
     wire.Shutdown(),
 ]
 TO_ENGINE = [
     wire.Ready(3, 12345, 1.5),
+    wire.Ready(4, 12346, 2.0, _pool),
     wire.LoadFailed(2, "OSError: no such file"),
     wire.StageDone(1, 9, [_ref], wire.StageTimings(0.001, 2.5)),
     wire.StageDone(1, 10, [], wire.StageTimings(0.0, 0.0)),
@@ -39,7 +46,7 @@ def test_every_message_type_is_covered_here():
         if issubclass(obj, msgspec.Struct) and obj.__module__ == wire.__name__
     }
     top_level = {type(m) for m in TO_WORKER + TO_ENGINE}
-    nested = {wire.RequestParams, wire.TensorRef, wire.OutputSlot, wire.StageTimings}
+    nested = {wire.RequestParams, wire.TensorRef, wire.OutputSlot, wire.StageTimings, wire.PoolInfo, wire.CudaIpcHandle}
     assert structs == top_level | nested
     assert top_level == set(wire.ToWorker.__args__) | set(wire.ToEngine.__args__)
 
@@ -57,7 +64,7 @@ def test_engine_bound_messages_round_trip(message):
 
 
 def test_tuple_shape_and_large_ints_survive():
-    done = wire.engine_decoder.decode(wire.encode(TO_ENGINE[2]))
+    done = wire.engine_decoder.decode(wire.encode(next(m for m in TO_ENGINE if isinstance(m, wire.StageDone))))
     assert done.outputs[0].shape == (2, 333, 4096) and isinstance(done.outputs[0].shape, tuple)
     task = wire.worker_decoder.decode(wire.encode(TO_WORKER[0]))
     assert task.params.seed == 2**63 - 1

@@ -11,20 +11,17 @@ import sys
 import pytest
 import torch
 
-from dfuse.engine.protocol import OutputSlot
+from dfuse.engine.protocol import OutputSlot, TensorRef
 from dfuse.engine.transport import shm
+from dfuse.engine.transport.base import ALIGN, SlotOverflowError, SlotWriter, byte_view
+from dfuse.engine.transport.endpoint import Endpoint
 from dfuse.engine.transport.shm import (
-    ALIGN,
     Segment,
-    SegmentCache,
-    SlotOverflowError,
     SlotPool,
     list_segments,
     new_segment_prefix,
-    read_tensors,
     sweep_stale_segments,
     unlink_segments,
-    write_tensors,
 )
 
 pytestmark = pytest.mark.skipif(not os.path.isdir(shm.SHM_DIR), reason="needs /dev/shm")
@@ -47,7 +44,21 @@ def prefix():
 
 
 def _pool(prefix, slot_bytes=1 << 16, n_slots=3):
-    return SlotPool.create(prefix + "w0", slot_bytes, n_slots)
+    return SlotPool.create_host(prefix + "w0", slot_bytes, n_slots)
+
+
+def write_tensors(segment, slot, tensors):
+    """What a producing worker does: put its outputs into the reserved slot."""
+    return SlotWriter(segment.data, slot).put_all(tensors)
+
+
+def read_tensors(refs, endpoint):
+    """What a consuming worker does: map the referenced tensors (its own mapping)."""
+    return endpoint.fetch(0, refs)
+
+
+def SegmentCache():  # noqa: N802  (a consumer's endpoint maps each pool once)
+    return Endpoint(torch.device("cpu"))
 
 
 def _tensors(generator):
@@ -85,7 +96,7 @@ def test_many_tensors_round_trip_packed_and_aligned(prefix):
     assert [r.name for r in refs] == list(tensors)
     spans = []
     for ref, tensor in zip(refs, tensors.values()):
-        assert ref.segment == pool.segment.name
+        assert ref.pool == pool.segment.name
         assert ref.offset % ALIGN == 0
         spans.append((ref.offset, ref.offset + tensor.numel() * tensor.element_size()))
     assert spans[0][0] == slot.offset  # packed from the start of the slot
@@ -143,12 +154,12 @@ def test_outputs_larger_than_the_slot_raise_slot_overflow(prefix):
 
 def test_view_outside_the_segment_and_unknown_dtype_raise_value_error(prefix):
     pool = _pool(prefix, slot_bytes=4096, n_slots=1)
-    with pytest.raises(ValueError, match="outside segment"):
-        pool.segment.view(4096 - 4, (2,), torch.float32)
-    with pytest.raises(ValueError, match="outside segment"):
-        pool.segment.view(-64, (1,), torch.uint8)
+    with pytest.raises(ValueError, match="outside its pool"):
+        byte_view(pool.segment.data, 4096 - 4, (2,), torch.float32)
+    with pytest.raises(ValueError, match="outside its pool"):
+        byte_view(pool.segment.data, -64, (1,), torch.uint8)
     ref = write_tensors(pool.segment, pool.acquire(1), {"x": torch.zeros(2)})[0]
-    bad = shm.TensorRef(ref.name, ref.segment, ref.offset, ref.shape, "complex64")
+    bad = TensorRef(ref.name, ref.pool, ref.offset, ref.shape, "complex64")
     with pytest.raises(ValueError, match="unsupported tensor dtype"):
         read_tensors([bad], SegmentCache())
 
@@ -158,7 +169,7 @@ def test_slot_pool_credits(prefix):
     assert pool.free == 3
     a, b, c = pool.acquire(10), pool.acquire(11), pool.acquire(10)
     assert sorted(s.offset for s in (a, b, c)) == [0, 4096, 8192]
-    assert all(s.nbytes == 4096 and s.segment == pool.segment.name for s in (a, b, c))
+    assert all(s.nbytes == 4096 and s.pool == pool.segment.name for s in (a, b, c))
     assert pool.acquire(12) is None  # back-pressure: every slot is taken
     assert pool.free == 0
 
@@ -221,16 +232,16 @@ def test_unlink_segments_removes_only_matching_names(prefix):
         unlink_segments(other)
 
 
-def test_segment_cache_maps_each_segment_once(prefix):
+def test_endpoint_maps_each_segment_once(prefix):
     pool = _pool(prefix)
-    cache = SegmentCache()
-    assert cache.get(pool.segment.name) is cache.get(pool.segment.name)
+    endpoint = Endpoint(torch.device("cpu"))
+    assert endpoint._buffer(pool.segment.name).data_ptr() == endpoint._buffer(pool.segment.name).data_ptr()
 
 
 @pytest.mark.parametrize(
     "name",
     ["../etc/passwd", "../etc", "dfuse_/../../etc/passwd", "/dev/shm/dfuse_1_x_w0", "sem.other", "", "dfuse"],
 )
-def test_segment_cache_rejects_names_that_are_not_dfuse_segments(name):
+def test_segments_reject_names_that_are_not_dfuse_segments(name):
     with pytest.raises(ValueError, match="not a dfuse segment name"):
-        SegmentCache().get(name)
+        Segment(name)

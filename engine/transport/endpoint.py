@@ -1,0 +1,113 @@
+"""A worker's side of the transport: the pools it reads and the pool it writes.
+
+The worker loop never needs to know the link: `fetch` returns input tensors on the worker's
+device (a view when the memory is already there, else a copy made on the copy stream), `writer`
+places outputs in the reserved slot, `finish` makes the task's reads and writes complete
+before the worker reports done (after which the engine may reuse both slots).
+
+`prefetch` runs on the receiver thread as soon as a task arrives, so the next task's inputs
+are mapped (CPU) or copied on the copy stream (GPU) while the current task computes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import torch
+
+from ..protocol import OutputSlot, PoolInfo, TensorRef
+from .base import SlotWriter, byte_view, dtype_from_name
+from .shm import Segment
+
+log = logging.getLogger("dfuse.transport")
+
+
+class Endpoint:
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
+        self._lock = threading.Lock()  # the receiver thread prefetches beside the compute loop
+        self._host: dict[str, Segment] = {}
+        self._gpu: dict[str, object] = {}  # OpenedCudaPool by name
+        self._own_gpu = None  # CudaPool, when this worker's outputs stay on its GPU
+        self._prefetched: dict[int, tuple[dict[str, torch.Tensor], object]] = {}
+
+    # --- pools -----------------------------------------------------------------------------
+    def create_gpu_pool(self, name: str, slot_bytes: int, n_slots: int) -> PoolInfo:
+        from .cuda_ipc import CudaPool
+
+        self._own_gpu = CudaPool(name, self.device, slot_bytes, n_slots)
+        return self._own_gpu.export()
+
+    def open_pool(self, info: PoolInfo) -> None:
+        from .cuda_ipc import OpenedCudaPool
+
+        with self._lock:
+            self._gpu[info.name] = OpenedCudaPool(info)  # a restarted producer replaces its pool
+
+    def _buffer(self, pool: str) -> torch.Tensor:
+        if self._own_gpu is not None and pool == self._own_gpu.name:
+            return self._own_gpu.buffer
+        if pool in self._gpu:
+            return self._gpu[pool].buffer
+        segment = self._host.get(pool)
+        if segment is None:
+            segment = self._host[pool] = Segment(pool)
+            if self.cuda:
+                _pin(segment)
+        return segment.data
+
+    # --- inputs ----------------------------------------------------------------------------
+    def prefetch(self, request_id: int, refs: list[TensorRef]) -> None:
+        with self._lock:
+            self._prefetched[request_id] = self._load(refs)
+
+    def fetch(self, request_id: int, refs: list[TensorRef]) -> dict[str, torch.Tensor]:
+        with self._lock:
+            tensors, copied = self._prefetched.pop(request_id, None) or self._load(refs)
+        if copied is not None:
+            torch.cuda.current_stream(self.device).wait_event(copied)
+        return tensors
+
+    def _load(self, refs: list[TensorRef]):
+        tensors, copied = {}, None
+        for ref in refs:
+            view = byte_view(self._buffer(ref.pool), ref.offset, ref.shape, dtype_from_name(ref.dtype))
+            producer_pool = self._gpu.get(ref.pool)
+            if view.device == self.device:
+                if producer_pool is not None:  # same GPU: read in place once the writes landed
+                    producer_pool.wait_written(ref.offset, torch.cuda.current_stream(self.device))
+                tensors[ref.name] = view
+                continue
+            # Another GPU (peer access) or host memory: copy on the copy stream.
+            if producer_pool is not None:
+                producer_pool.wait_written(ref.offset, self.copy_stream)
+            with torch.cuda.stream(self.copy_stream):
+                tensors[ref.name] = view.to(self.device, non_blocking=True)
+            copied = copied or torch.cuda.Event()
+        if copied is not None:
+            copied.record(self.copy_stream)
+        return tensors, copied
+
+    # --- outputs ---------------------------------------------------------------------------
+    def writer(self, slot: OutputSlot) -> SlotWriter:
+        return SlotWriter(self._buffer(slot.pool), slot)
+
+    def finish(self, slot: OutputSlot) -> None:
+        """The task's reads and writes are complete when this returns."""
+        if not self.cuda:
+            return
+        if self._own_gpu is not None and slot.pool == self._own_gpu.name:
+            self._own_gpu.record_written(slot.offset)
+        # Inputs must be read before StageDone lets the engine recycle their slot.
+        torch.cuda.current_stream(self.device).synchronize()
+
+
+def _pin(segment: Segment) -> None:
+    """Page-lock a host segment in this process so H2D/D2H copies can run asynchronously."""
+    cudart = torch.cuda.cudart()
+    code = cudart.cudaHostRegister(segment.data.data_ptr(), segment.size, 0)
+    if int(code) != 0:
+        log.warning("could not pin %s (cudaHostRegister returned %s): copies use pageable memory", segment.name, code)
