@@ -93,11 +93,14 @@ def byte_view(buffer: torch.Tensor, offset: int, shape: tuple[int, ...], dtype: 
     return buffer[offset : offset + nbytes].view(dtype).view(shape)
 
 
+ViewFn = Callable[[str, int, tuple, torch.dtype], torch.Tensor]  # (pool, offset, shape, dtype) -> view
+
+
 class SlotWriter:
     """Places a stage's outputs in its reserved slot; `empty` lets a stage produce in place."""
 
-    def __init__(self, buffer: torch.Tensor, slot: OutputSlot):
-        self.buffer = buffer
+    def __init__(self, view: ViewFn, slot: OutputSlot):
+        self.view = view
         self.slot = slot
         self.refs: list[TensorRef] = []
         self._cursor = 0
@@ -113,7 +116,7 @@ class SlotWriter:
         offset = self.slot.offset + self._cursor
         self._cursor += -(-nbytes // ALIGN) * ALIGN
         self.refs.append(TensorRef(name, self.slot.pool, offset, tuple(shape), dtype_name(dtype)))
-        return byte_view(self.buffer, offset, tuple(shape), dtype)
+        return self.view(self.slot.pool, offset, tuple(shape), dtype)
 
     def put(self, name: str, tensor: torch.Tensor) -> None:
         """Copy a finished tensor into the slot (a device-to-host copy when the pool is host memory)."""
@@ -148,4 +151,4 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+    return dtype.itemsize

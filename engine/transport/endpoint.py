@@ -21,6 +21,7 @@ from .base import SlotWriter, byte_view, dtype_from_name
 from .shm import Segment
 
 log = logging.getLogger("dfuse.transport")
+_MAX_CACHED_VIEWS = 1024
 
 
 class Endpoint:
@@ -33,6 +34,10 @@ class Endpoint:
         self._gpu: dict[str, object] = {}  # OpenedCudaPool by name
         self._own_gpu = None  # CudaPool, when this worker's outputs stay on its GPU
         self._prefetched: dict[int, tuple[dict[str, torch.Tensor], object]] = {}
+        # Requests of one shape reuse the same (slot, shape, dtype) views over and over: caching
+        # them keeps the hop to a dict lookup, which matters most when the producer's large
+        # write has just evicted this process's code and data from the shared cache.
+        self._views: dict[tuple, torch.Tensor] = {}
 
     # --- pools -----------------------------------------------------------------------------
     def create_gpu_pool(self, name: str, slot_bytes: int, n_slots: int) -> PoolInfo:
@@ -46,6 +51,7 @@ class Endpoint:
 
         with self._lock:
             self._gpu[info.name] = OpenedCudaPool(info)  # a restarted producer replaces its pool
+            self._views.clear()
 
     def _buffer(self, pool: str) -> torch.Tensor:
         if self._own_gpu is not None and pool == self._own_gpu.name:
@@ -58,6 +64,15 @@ class Endpoint:
             if self.cuda:
                 _pin(segment)
         return segment.data
+
+    def view(self, pool: str, offset: int, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+        key = (pool, offset, shape, dtype)
+        view = self._views.get(key)
+        if view is None:
+            if len(self._views) >= _MAX_CACHED_VIEWS:
+                self._views.clear()
+            view = self._views[key] = byte_view(self._buffer(pool), offset, shape, dtype)
+        return view
 
     # --- inputs ----------------------------------------------------------------------------
     def prefetch(self, request_id: int, refs: list[TensorRef]) -> None:
@@ -74,7 +89,7 @@ class Endpoint:
     def _load(self, refs: list[TensorRef]):
         tensors, copied = {}, None
         for ref in refs:
-            view = byte_view(self._buffer(ref.pool), ref.offset, ref.shape, dtype_from_name(ref.dtype))
+            view = self.view(ref.pool, ref.offset, tuple(ref.shape), dtype_from_name(ref.dtype))
             producer_pool = self._gpu.get(ref.pool)
             if view.device == self.device:
                 if producer_pool is not None:  # same GPU: read in place once the writes landed
@@ -93,13 +108,15 @@ class Endpoint:
 
     # --- outputs ---------------------------------------------------------------------------
     def writer(self, slot: OutputSlot) -> SlotWriter:
-        return SlotWriter(self._buffer(slot.pool), slot)
+        return SlotWriter(self.view, slot)
 
     def finish(self, slot: OutputSlot) -> None:
         """The task's reads and writes are complete when this returns."""
         if not self.cuda:
             return
         if self._own_gpu is not None and slot.pool == self._own_gpu.name:
+            # Outputs may have been written on the copy stream: the slot's event follows both.
+            torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
             self._own_gpu.record_written(slot.offset)
         # Inputs must be read before StageDone lets the engine recycle their slot.
         torch.cuda.current_stream(self.device).synchronize()

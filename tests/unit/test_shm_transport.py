@@ -49,7 +49,7 @@ def _pool(prefix, slot_bytes=1 << 16, n_slots=3):
 
 def write_tensors(segment, slot, tensors):
     """What a producing worker does: put its outputs into the reserved slot."""
-    return SlotWriter(segment.data, slot).put_all(tensors)
+    return SlotWriter(lambda _pool, offset, shape, dtype: byte_view(segment.data, offset, shape, dtype), slot).put_all(tensors)
 
 
 def read_tensors(refs, endpoint):

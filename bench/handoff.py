@@ -1,0 +1,268 @@
+"""`dfuse bench handoff`: the cost of one hop between two processes, by tensor size.
+
+Mechanisms, each measured here in one run:
+    dfuse       two spawned processes with the real transport: the producer writes the tensor in
+                place into its slot, sends a StageDone carrying TensorRefs over zmq; the consumer
+                decodes it and `Endpoint.fetch`es the inputs (a view on CPU / same GPU), checks a
+                value, and acks so the slot can be reused.
+    memcpy      the floor: one copy of the same bytes inside one process (1 thread on CPU).
+    pickle-zmq  the naive way: pickle.dumps of the array, zmq send, pickle.loads on the other side.
+The hop time is one-way: CLOCK_MONOTONIC (perf_counter_ns) is shared by all processes of a host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import multiprocessing as mp
+import os
+import pickle  # the naive baseline being measured; dfuse itself never pickles on a socket
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import msgspec
+import numpy as np
+import torch
+import zmq
+
+from ..engine import protocol as wire
+from ..engine.transport.endpoint import Endpoint
+from ..engine.transport.shm import SlotPool, new_segment_prefix, unlink_segments
+
+DEFAULT_SIZES = "64KiB,1MiB,16MiB,64MiB,256MiB"
+_UNITS = {"KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "B": 1}
+
+
+def parse_size(text: str) -> int:
+    text = text.strip()
+    for unit, factor in _UNITS.items():
+        if text.endswith(unit) and text[: -len(unit)].strip().isdecimal():
+            return int(text[: -len(unit)]) * factor
+    raise ValueError(f"--sizes: {text!r} is not a size like 64KiB, 16MiB or 1GiB")
+
+
+def iterations_for(nbytes: int, budget_bytes: int = 4 * 2**30) -> int:
+    """Enough samples for a p99 on small sizes, bounded time on large ones."""
+    return int(min(200, max(10, budget_bytes // nbytes)))
+
+
+# --- dfuse: two real processes --------------------------------------------------------------------
+# The consumer hears what a worker hears from its producer's side: a pool announcement, then refs.
+_hop_decoder = msgspec.msgpack.Decoder(wire.OpenPool | wire.StageDone)
+
+
+def _producer(device: str, pool_name: str | None, nbytes: int, iterations: int, run_dir: str, full_write: bool) -> None:
+    torch.set_num_threads(1)
+    endpoint = Endpoint(torch.device(device))
+    context = zmq.Context()
+    hops, acks = context.socket(zmq.PUSH), context.socket(zmq.PULL)
+    hops.connect(f"ipc://{run_dir}/hop")
+    acks.connect(f"ipc://{run_dir}/ack")
+    if pool_name is None:  # GPU: the producer owns its pool and exports it once
+        info = endpoint.create_gpu_pool(f"{new_segment_prefix()}gpu", nbytes, 1)
+        pool_name = info.name
+        hops.send(wire.encode(wire.OpenPool(info)))
+    slot = wire.OutputSlot(pool_name, 0, nbytes)
+    for i in range(iterations + 1):  # + the consumer's untimed first hop
+        writer = endpoint.writer(slot)
+        tensor = writer.empty("x", (nbytes,), torch.uint8)  # produced in place: not timed
+        # On a GPU the write goes through the copy stream: the slot's event must order it too.
+        with torch.cuda.stream(endpoint.copy_stream) if endpoint.cuda else contextlib.nullcontext():
+            if full_write:
+                tensor.fill_(i % 251)
+            else:
+                tensor[-1] = i % 251
+        endpoint.finish(slot)  # GPU: the slot's event is recorded, the writes are done
+        sent_ns = time.perf_counter_ns()
+        hops.send(wire.encode(wire.StageDone(0, sent_ns, writer.refs, wire.StageTimings(0.0, 0.0))))
+        acks.recv()  # the consumer has read it: the slot may be written again
+    hops.close()
+    acks.close()
+    context.term()
+
+
+def _consumer(device: str, iterations: int, run_dir: str, results) -> None:
+    torch.set_num_threads(1)
+    endpoint = Endpoint(torch.device(device))
+    context = zmq.Context()
+    hops, acks = context.socket(zmq.PULL), context.socket(zmq.PUSH)
+    hops.bind(f"ipc://{run_dir}/hop")
+    acks.bind(f"ipc://{run_dir}/ack")
+    results.send_bytes(b"bound")
+    samples, wrong, hops_seen = [], 0, 0
+    while len(samples) < iterations:
+        message = _hop_decoder.decode(hops.recv())
+        if isinstance(message, wire.OpenPool):
+            endpoint.open_pool(message.pool)
+            continue
+        tensor = endpoint.fetch(hops_seen, message.outputs)["x"]
+        value = int(tensor[-1].item())  # a real read of the far end (waits for the GPU writes)
+        elapsed_us = (time.perf_counter_ns() - message.request_id) / 1000
+        wrong += value != hops_seen % 251
+        hops_seen += 1
+        if hops_seen > 1:  # the first hop maps the pool (once per process, as in a worker)
+            samples.append(elapsed_us)
+        acks.send(b"")
+    results.send_bytes(json.dumps({"samples_us": samples, "wrong_values": wrong}).encode())
+    hops.close()
+    acks.close()
+    context.term()
+
+
+def measure_dfuse(nbytes: int, iterations: int, device: str, full_write: bool = True) -> dict:
+    spawn = mp.get_context("spawn")
+    run_dir = Path(tempfile.mkdtemp(prefix="dfuse-bench-"))
+    prefix = new_segment_prefix()
+    pool = None if device.startswith("cuda") else SlotPool.create_host(f"{prefix}hop", nbytes, 1)
+    receiver, sender = spawn.Pipe(duplex=False)
+    consumer = spawn.Process(target=_consumer, args=(device, iterations, str(run_dir), sender), daemon=True)
+    consumer.start()
+    try:
+        receiver.recv_bytes()  # sockets bound
+        producer = spawn.Process(
+            target=_producer, args=(device, pool and pool.name, nbytes, iterations, str(run_dir), full_write),
+            daemon=True,
+        )
+        producer.start()
+        result = json.loads(receiver.recv_bytes())
+        producer.join(30)
+        consumer.join(30)
+    finally:
+        for process in (consumer,):
+            if process.is_alive():
+                process.kill()
+        unlink_segments(prefix)
+        shutil.rmtree(run_dir, ignore_errors=True)
+    if result["wrong_values"]:
+        raise RuntimeError(f"dfuse handoff read {result['wrong_values']} wrong values at {nbytes} bytes")
+    return _summary("dfuse" if full_write else "dfuse-touch1", nbytes, result["samples_us"])
+
+
+# --- the floor and the naive way -------------------------------------------------------------------
+def measure_memcpy(nbytes: int, iterations: int, device: str) -> dict:
+    torch.set_num_threads(1)
+    src = torch.full((nbytes,), 7, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # faults the pages in: a pool's slots are pre-faulted too
+    samples = []
+    for _ in range(iterations):
+        _sync(device)
+        start = time.perf_counter_ns()
+        dst.copy_(src)
+        _sync(device)
+        samples.append((time.perf_counter_ns() - start) / 1000)
+    return _summary("memcpy", nbytes, samples)
+
+
+def _pickle_receiver(iterations: int, run_dir: str, results) -> None:
+    context = zmq.Context()
+    socket, acks = context.socket(zmq.PULL), context.socket(zmq.PUSH)
+    socket.bind(f"ipc://{run_dir}/pickle")
+    acks.bind(f"ipc://{run_dir}/pickle-ack")
+    results.send_bytes(b"bound")
+    samples = []
+    for _ in range(iterations):
+        sent_ns, array = pickle.loads(socket.recv())
+        samples.append((time.perf_counter_ns() - sent_ns) / 1000)
+        del array
+        acks.send(b"")
+    results.send_bytes(json.dumps(samples).encode())
+    socket.close()
+    acks.close()
+    context.term()
+
+
+def measure_pickle_zmq(nbytes: int, iterations: int, device: str) -> dict:
+    spawn = mp.get_context("spawn")
+    run_dir = Path(tempfile.mkdtemp(prefix="dfuse-bench-"))
+    receiver, sender = spawn.Pipe(duplex=False)
+    process = spawn.Process(target=_pickle_receiver, args=(iterations, str(run_dir), sender), daemon=True)
+    process.start()
+    receiver.recv_bytes()
+    context = zmq.Context()
+    socket, acks = context.socket(zmq.PUSH), context.socket(zmq.PULL)
+    socket.connect(f"ipc://{run_dir}/pickle")
+    acks.connect(f"ipc://{run_dir}/pickle-ack")
+    tensor = torch.full((nbytes,), 7, dtype=torch.uint8, device=device)
+    try:
+        for _ in range(iterations):
+            sent_ns = time.perf_counter_ns()
+            socket.send(pickle.dumps((sent_ns, tensor.cpu().numpy()), protocol=pickle.HIGHEST_PROTOCOL))
+            acks.recv()  # one hop at a time, like the dfuse hop: no queueing in the numbers
+        samples = json.loads(receiver.recv_bytes())
+        process.join(30)
+    finally:
+        socket.close(linger=0)
+        acks.close(linger=0)
+        context.term()
+        if process.is_alive():
+            process.kill()
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return _summary("pickle-zmq", nbytes, samples)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def _summary(mechanism: str, nbytes: int, samples_us: list[float]) -> dict:
+    ordered = sorted(samples_us)
+    p99 = ordered[min(len(ordered) - 1, int(round(0.99 * (len(ordered) - 1))))]
+    return {"mechanism": mechanism, "bytes": nbytes, "p50_us": round(statistics.median(ordered), 1),
+            "p99_us": round(p99, 1), "samples": len(ordered)}
+
+
+MECHANISMS = {
+    "dfuse": measure_dfuse,
+    "dfuse-touch1": lambda nbytes, iterations, device: measure_dfuse(nbytes, iterations, device, full_write=False),
+    "memcpy": measure_memcpy,
+    "pickle-zmq": measure_pickle_zmq,
+}
+
+
+def run_handoff(sizes: list[int], device: str, mechanisms=tuple(MECHANISMS)) -> dict:
+    from tqdm import tqdm
+
+    results = []
+    steps = [(m, n) for n in sizes for m in mechanisms]
+    for mechanism, nbytes in tqdm(steps, desc="handoff", unit="case", leave=False):
+        results.append(MECHANISMS[mechanism](nbytes, iterations_for(nbytes), device))
+    return {
+        "benchmark": "handoff",
+        "device": device if device == "cpu" else torch.cuda.get_device_name(device),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
+        "note": "one-way hop p50/p99 in microseconds, from the producer's send to the consumer's read of the "
+                "last element. dfuse: the producer rewrites the whole tensor in place before every hop (as a "
+                "stage would), the consumer maps a view (same GPU: a CUDA IPC view ordered by an interprocess "
+                "event); that write evicts the shared L3, so the hop's own code runs cold at large sizes. "
+                "dfuse-touch1: the same hop with the producer rewriting one element, isolating the mechanism.",
+        "results": results,
+    }
+
+
+@click.command("handoff")
+@click.option("--sizes", default=DEFAULT_SIZES, show_default=True, help="Comma-separated sizes (KiB, MiB, GiB).")
+@click.option("--device", default="cpu", show_default=True, help="cpu, or cuda:N for the same-GPU CUDA IPC link.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the JSON here.")
+def handoff_command(sizes, device, out):
+    """One hop between two real processes: dfuse vs memcpy (floor) vs pickle over zmq."""
+    try:
+        parsed = [parse_size(s) for s in sizes.split(",") if s.strip()]
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    if device != "cpu" and not torch.cuda.is_available():
+        raise click.UsageError(f"--device: {device!r} is not available here; available devices: cpu")
+    report = run_handoff(parsed, device)
+    click.echo(f"{'size':>10} {'mechanism':>13} {'p50 us':>10} {'p99 us':>10}")
+    for r in report["results"]:
+        click.echo(f"{r['bytes'] / 2**20:>9.2f}M {r['mechanism']:>13} {r['p50_us']:>10.1f} {r['p99_us']:>10.1f}")
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+        click.echo(f"Wrote {out}")
