@@ -92,10 +92,15 @@ class EngineConfig:
         return getattr(torch, self.dtype)
 
 
-def resolve_model_path(model: str) -> Path:
-    """The folder of `model`: a built-in tiny model (built on first use) or a local path."""
+def resolve_model_path(model: str) -> Path | str:
+    """The folder of `model`: a built-in tiny model (built on first use) or a local path; a
+    `synthetic:` spec (benchmarks of the engine itself) is returned as it is, once parsed."""
+    from ..stages.families.synthetic import PREFIX, parse_spec
     from ..stages.tiny import TINY_MODELS, tiny_model_path
 
+    if model.startswith(PREFIX):
+        parse_spec(model)
+        return model
     if model in TINY_MODELS:
         return tiny_model_path(model)
     path = Path(model).expanduser()

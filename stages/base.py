@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,7 +17,7 @@ class Stage:
     kind: str
     requires: tuple[str, ...] = ()  # input tensors that must be present
 
-    def __init__(self, family: Family, model_path: Path, device: torch.device, dtype: torch.dtype):
+    def __init__(self, family: Family, model_path: str, device: torch.device, dtype: torch.dtype):
         self.family = family
         self.model_path = model_path
         self.device = device

@@ -23,7 +23,6 @@ import time
 import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from pathlib import Path
 
 import msgspec
 import torch
@@ -81,7 +80,7 @@ def run_stage_worker(spec: WorkerSpec, death_pipe: Connection) -> None:
     try:
         started = time.perf_counter()
         stage = STAGE_CLASSES[spec.stage](
-            detect_family(spec.model_path), Path(spec.model_path), device, getattr(torch, spec.dtype)
+            detect_family(spec.model_path), spec.model_path, device, getattr(torch, spec.dtype)
         )
         stage.load()
         pool = endpoint.create_gpu_pool(*spec.gpu_pool) if spec.gpu_pool else None

@@ -7,12 +7,17 @@ from pathlib import Path
 
 from .base import Family, ModelInfo
 from .sd3 import SD3Family
+from .synthetic import PREFIX as SYNTHETIC_PREFIX
+from .synthetic import SyntheticFamily
 
 FAMILIES: dict[str, Family] = {family.pipeline_class: family for family in (SD3Family(),)}
 
 
 def detect_family(path: str | Path) -> Family:
-    """The family serving the diffusers folder at `path`; ValueError naming `model` otherwise."""
+    """The family serving the diffusers folder at `path` (or a `synthetic:` spec); ValueError
+    naming `model` otherwise."""
+    if str(path).startswith(SYNTHETIC_PREFIX):
+        return SyntheticFamily(str(path))
     path = Path(path)
     supported = ", ".join(sorted(FAMILIES))
     index = path / "model_index.json"
@@ -32,8 +37,10 @@ def detect_family(path: str | Path) -> Family:
 
 def describe_model(path: str | Path) -> ModelInfo:
     """Detect the family and read the model's static facts; ValueError naming `model` if unusable."""
-    path = Path(path).resolve()
     family = detect_family(path)
+    if isinstance(family, SyntheticFamily):
+        return family.describe(path)
+    path = Path(path).resolve()
     try:
         return family.describe(path)
     except (OSError, ValueError, KeyError, TypeError) as e:

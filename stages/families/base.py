@@ -19,7 +19,7 @@ OnStep = Callable[[int, int], None]  # (steps done, total steps)
 class ModelInfo:
     """Static facts about a model folder, read from its JSON configs (no weights loaded)."""
 
-    path: Path
+    path: Path | str  # a model folder, or a synthetic spec
     family: str
     pixel_multiple: int  # height and width must be multiples of this (VAE factor x patch size)
     default_size: int  # diffusers' default height and width for this model

@@ -59,6 +59,8 @@ def test_killed_worker_is_replaced_and_its_requests_complete(model_path, referen
             assert np.array_equal(np.array(image), reference("a red fox", seed=20 + i, **params))
         restarted = engine.stats()["workers"][dit["id"]]
         assert restarted["restarts"] == 1 and restarted["pid"] != dit["pid"]
+        # Every slot the dead worker's tasks held (its outputs, its inputs upstream) came back.
+        assert wait_until(lambda: all(w["free_slots"] == 3 for w in engine.stats()["workers"]), 10)
         # And the replacement keeps serving new work.
         (image,) = engine.generate("a cat", num_inference_steps=2, height=64, width=64, seed=1)
         assert np.array_equal(np.array(image), reference("a cat", num_inference_steps=2, height=64, width=64, seed=1))

@@ -1,0 +1,99 @@
+"""A synthetic model family for benchmarking the engine itself (like vLLM's dummy weights).
+
+Selected like a model: `synthetic:encoder=20ms,dit=100ms,decoder=60ms[,mode=sleep|burn]`.
+Each stage takes its configured time per request and produces tensors of realistic shapes, so
+the real workers, transport, router and scheduler run; only the model math is replaced.
+
+    mode=sleep  the stage waits, like a stage process whose GPU computes (measures the engine's
+                own overhead without two CPU cores' contention deciding the result)
+    mode=burn   the stage spins on its core (measures contention too)
+
+Costs are given at the nominal shape (4 steps, 64x64 px) and scale like real stages: the
+encoder is flat, the DiT grows with steps x pixels, the decoder with pixels. The image is a
+deterministic function of the seed, so correctness stays checkable end to end.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+import torch
+
+from ...engine.protocol import RequestParams
+from .base import Family, ModelInfo, OnStep, Tensors
+
+PREFIX = "synthetic:"
+NOMINAL_STEPS = 4
+NOMINAL_PIXELS = 64 * 64
+_COST = re.compile(r"^(\d+(?:\.\d+)?)(ms|s)$")
+
+
+def parse_spec(spec: str) -> tuple[dict[str, float], str]:
+    """`synthetic:encoder=20ms,...` -> ({stage: seconds}, mode); ValueError naming `model`."""
+    costs, mode = {"encoder": 0.0, "dit": 0.0, "decoder": 0.0}, "sleep"
+    for part in filter(None, (p.strip() for p in spec.removeprefix(PREFIX).split(","))):
+        key, _, value = part.partition("=")
+        if key == "mode" and value in ("sleep", "burn"):
+            mode = value
+            continue
+        match = _COST.match(value.strip())
+        if key not in costs or not match:
+            raise ValueError(
+                f"model: bad synthetic spec part {part!r}; expected encoder=20ms,dit=100ms,decoder=60ms"
+                ",mode=sleep|burn"
+            )
+        costs[key] = float(match.group(1)) / (1000 if match.group(2) == "ms" else 1)
+    return costs, mode
+
+
+class SyntheticFamily(Family):
+    name = "synthetic"
+    pipeline_class = "synthetic"
+
+    def __init__(self, spec: str):
+        self.spec = spec
+        self.costs, self.mode = parse_spec(spec)
+
+    def describe(self, path) -> ModelInfo:
+        return ModelInfo(path=self.spec, family=self.name, pixel_multiple=16, default_size=64, max_size=1024,
+                         num_inference_steps=NOMINAL_STEPS, guidance_scale=1.0)
+
+    def cost(self, stage: str, params: RequestParams) -> float:
+        pixels = params.height * params.width / NOMINAL_PIXELS
+        scale = {"encoder": 1.0, "dit": pixels * params.num_inference_steps / NOMINAL_STEPS, "decoder": pixels}
+        return self.costs[stage] * scale[stage]
+
+    def _spend(self, seconds: float) -> None:
+        if self.mode == "sleep":
+            time.sleep(seconds)
+            return
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            pass
+
+    def load_encoder(self, path, device, dtype):
+        return dtype
+
+    def encode(self, dtype, params: RequestParams) -> Tensors:
+        self._spend(self.cost("encoder", params))
+        return {"prompt_embeds": torch.full((1, 77, 64), float(len(params.prompt)), dtype=dtype)}
+
+    def load_dit(self, path, device, dtype):
+        return dtype
+
+    def denoise(self, dtype, inputs: Tensors, params: RequestParams, on_step: OnStep) -> Tensors:
+        per_step = self.cost("dit", params) / params.num_inference_steps
+        for step in range(params.num_inference_steps):
+            self._spend(per_step)
+            on_step(step + 1, params.num_inference_steps)
+        shape = (1, 16, params.height // 8, params.width // 8)
+        return {"latents": torch.full(shape, float(params.seed % 251), dtype=dtype)}
+
+    def load_decoder(self, path, device, dtype):
+        return dtype
+
+    def decode(self, dtype, inputs: Tensors, params: RequestParams) -> Tensors:
+        self._spend(self.cost("decoder", params))
+        value = int(inputs["latents"].flatten()[0].item())
+        return {"image": torch.full((1, params.height, params.width, 3), value, dtype=torch.uint8)}
