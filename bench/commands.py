@@ -26,15 +26,17 @@ def bench():
 @click.option("--mono-threads", type=click.IntRange(1, 1024), default=None,
               help="Torch threads of the strongest monolithic run [default: all cores].")
 @click.option("--model", default=None, help="Built-in tiny model or a local diffusers SD3 folder [default: tiny-sd3].")
-@click.option("--warmup", type=click.IntRange(0, 64), default=2, show_default=True, help="Untimed requests per mechanism first.")
-@click.option("--attempts", type=click.IntRange(1, 20), default=3, show_default=True,
+@click.option("--warmup", type=click.IntRange(0, 64), default=3, show_default=True, help="Untimed requests per mechanism first.")
+@click.option("--rounds", type=click.IntRange(1, 20), default=5, show_default=True,
+              help="Time every mechanism this many times, interleaved; the median round is reported.")
+@click.option("--attempts", type=click.IntRange(1, 20), default=2, show_default=True,
               help="Repeat a timed phase during which other processes were busy, at most this many runs in all.")
 @click.option("--quiet-wait", type=click.FloatRange(0), default=30.0, show_default=True,
               help="Seconds to wait at most for an idle machine before each timed phase.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("bench/results/throughput-cpu.json"),
               show_default=True, help="Where the JSON result is written.")
-def throughput(requests, steps, height, width, guidance_scale, threads, mono_threads, model, warmup, attempts,
-               quiet_wait, out):
+def throughput(requests, steps, height, width, guidance_scale, threads, mono_threads, model, warmup, rounds,
+               attempts, quiet_wait, out):
     """N requests through dfuse (3 CPU processes) vs diffusers' monolithic pipeline in one process.
 
     Runs diffusers with --threads threads, diffusers with all cores, then dfuse with --threads per
@@ -45,7 +47,7 @@ def throughput(requests, steps, height, width, guidance_scale, threads, mono_thr
 
     from .throughput import format_table, run_throughput
 
-    total = 3 * (requests + warmup)
+    total = 3 * (rounds * requests + warmup)
     with tqdm(total=total, desc="throughput", unit="req", file=sys.stderr) as bar:
         phases: dict[str, int] = {}
 
@@ -59,8 +61,8 @@ def throughput(requests, steps, height, width, guidance_scale, threads, mono_thr
 
         try:
             doc = run_throughput(requests, steps, height, width, guidance_scale, threads, model, warmup,
-                                 mono_threads=mono_threads, attempts=attempts, quiet_wait_s=quiet_wait,
-                                 progress=progress)
+                                 mono_threads=mono_threads, rounds=rounds, attempts=attempts,
+                                 quiet_wait_s=quiet_wait, progress=progress)
         except ValueError as e:
             raise click.UsageError(str(e)) from None
         except RuntimeError as e:
@@ -82,3 +84,16 @@ def throughput(requests, steps, height, width, guidance_scale, threads, mono_thr
             "the throughput comparison is not like for like.", fg="red", bold=True, err=True,
         )
         sys.exit(1)
+
+
+from .handoff import handoff_command  # noqa: E402
+
+bench.add_command(handoff_command)
+
+from .simulate import simulate  # noqa: E402
+
+bench.add_command(simulate)
+
+from .pipeline import pipeline_command  # noqa: E402
+
+bench.add_command(pipeline_command)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 import weakref
 from concurrent.futures import CancelledError, Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -15,10 +16,10 @@ from PIL import Image
 from ..stages import STAGE_KINDS
 from ..stages.families import describe_model
 from .config import DEFAULT_MODEL, EngineConfig, resolve_model_path
-from .requests import build_requests
-from .router import EngineClosed, ProgressCallback, Request, RequestFailed, Router, StageTiming
+from .requests import build_requests, check_priority, check_timeout
+from .router import EngineClosed, ProgressCallback, Request, RequestFailed, RequestTimeout, Router, StageTiming
 
-__all__ = ["Engine", "GenerationResult", "RequestFailed", "EngineClosed", "StageTiming"]
+__all__ = ["Engine", "GenerationResult", "RequestFailed", "RequestTimeout", "EngineClosed", "StageTiming"]
 
 
 @dataclass(frozen=True)
@@ -92,20 +93,26 @@ class Engine:
         width: int | None = None,
         seed: int | None = None,
         on_progress: ProgressCallback | None = None,
+        priority: int = 0,
+        timeout: float | None = None,
     ) -> Future:
         """Queue a request and return a Future of its GenerationResult (cancel() drops it).
 
         Defaults follow diffusers for the model (e.g. SD3: 28 steps, guidance 7.0, its native
         size). Prompt i of a list uses seed + i; a missing seed is drawn at random and reported.
-        Raises ValueError naming the field for bad input; the engine keeps serving.
+        Higher `priority` is served first at every stage; a request still unfinished `timeout`
+        seconds from now fails with RequestTimeout and its remaining work is dropped at the next
+        stage boundary. Raises ValueError naming the field for bad input; the engine keeps serving.
         """
         if not self._finalizer.alive:
             raise EngineClosed("the engine is closed")
         params = build_requests(
             self.model_info, prompt, negative_prompt, num_inference_steps, guidance_scale, height, width, seed
         )
+        priority, timeout = check_priority(priority), check_timeout(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._ids_lock:
-            requests = [Request(next(self._ids), p, Future(), on_progress) for p in params]
+            requests = [Request(next(self._ids), p, Future(), on_progress, priority, deadline) for p in params]
         outer = _gather(requests)
         for request in requests:
             self._router.submit(request)
@@ -114,14 +121,14 @@ class Engine:
     def generate(self, prompt: str | list[str], *, timeout: float | None = None, **params) -> list[Image.Image]:
         """Generate one image per prompt and wait for them (see `submit` for the parameters).
 
-        `timeout` (seconds) raises TimeoutError and drops the request's remaining work.
+        `timeout` (seconds) raises RequestTimeout (a TimeoutError) and drops the remaining work.
         """
-        future = self.submit(prompt, **params)
+        future = self.submit(prompt, timeout=timeout, **params)
         try:
             return future.result(timeout).images
         except FutureTimeout:
             future.cancel()
-            raise TimeoutError(f"the request did not complete within timeout={timeout} s") from None
+            raise RequestTimeout(f"the request did not complete within timeout={timeout} s") from None
 
     def stats(self) -> dict:
         """Placement, queue depths, per-worker state: a snapshot."""

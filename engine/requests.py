@@ -49,6 +49,23 @@ def build_requests(
     ]
 
 
+MAX_PRIORITY = 1000
+MAX_TIMEOUT_S = 86_400.0
+
+
+def check_priority(value) -> int:
+    return _integer("priority", value, -MAX_PRIORITY, MAX_PRIORITY)
+
+
+def check_timeout(value) -> float | None:
+    """Seconds a request may take in all; None waits for as long as it takes."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not _finite(value) or not 0 < value <= MAX_TIMEOUT_S:
+        raise ValueError(f"timeout: must be None or a number of seconds in (0, {MAX_TIMEOUT_S:g}] (got {value!r})")
+    return float(value)
+
+
 def _prompts(field: str, value, allow_none: bool) -> list:
     if value is None and allow_none:
         return [None]

@@ -34,6 +34,7 @@ from ..stages import STAGE_KINDS
 from ..stages.worker import WorkerSpec
 from . import protocol as wire
 from .config import EngineConfig
+from .queues import StageQueue
 from .launcher import WorkerProcess, spawn_worker
 from .transport.base import byte_view, choose_link, cuda_peer_access, dtype_from_name, pool_kind, probe_places
 from .transport.shm import SlotPool, new_segment_prefix, sweep_stale_segments, unlink_segments
@@ -52,6 +53,10 @@ class EngineClosed(RuntimeError):
     """The engine closed before the request completed."""
 
 
+class RequestTimeout(TimeoutError):
+    """The request passed its deadline; its remaining work was dropped."""
+
+
 @dataclass
 class StageTiming:
     worker_id: int
@@ -67,6 +72,8 @@ class Request:
     params: wire.RequestParams
     future: Future  # resolves to (image array, {stage: StageTiming})
     on_progress: ProgressCallback | None = None
+    priority: int = 0  # higher is served first
+    deadline: float | None = None  # time.monotonic() after which the request is dropped
     stage_index: int = 0
     inputs: list[wire.TensorRef] = field(default_factory=list)
     input_pool: SlotPool | None = None  # the upstream pool whose slot holds `inputs`
@@ -78,6 +85,9 @@ class Request:
     @property
     def stage(self) -> str:
         return STAGE_KINDS[self.stage_index]
+
+    def expired(self) -> bool:
+        return self.deadline is not None and time.monotonic() > self.deadline
 
 
 @dataclass
@@ -95,6 +105,7 @@ class Worker:
     generation: int = 0
     restarts: int = 0
     load_s: float = 0.0
+    died_at: float | None = None  # monotonic time its death was noticed, until its replacement is READY
     inflight: dict[int, Request] = field(default_factory=dict)
 
 
@@ -107,9 +118,10 @@ class Router:
         self._closing = False
         self._shut_down = False  # set under _wake_lock once the sockets are gone
         self._inbox: collections.deque = collections.deque()
-        self._queues = {stage: collections.deque() for stage in STAGE_KINDS}
+        self._queues = {stage: StageQueue() for stage in STAGE_KINDS}
         self._completed = 0
         self._failed = 0
+        self._recovery_s: list[float] = []  # death noticed -> replacement READY, per restart
         self._init_run_dir()
         self._init_sockets()
         self._init_workers()
@@ -178,6 +190,7 @@ class Router:
             "links": dict(self.links),
             "completed": self._completed,
             "failed": self._failed,
+            "recovery_s": [round(r, 3) for r in self._recovery_s],
             "queues": {stage: len(q) for stage, q in self._queues.items()},
             "workers": [
                 {
@@ -221,6 +234,7 @@ class Router:
                     self._drain_results(handlers)
                 if time.monotonic() >= next_health:
                     self._check_workers()
+                    self._expire_waiting()
                     next_health = time.monotonic() + HEALTH_INTERVAL_S
                 self._dispatch()
         except Exception as e:
@@ -236,7 +250,7 @@ class Router:
                 if self.startup_error:
                     _resolve(item.future, error=RequestFailed(self.startup_error))
                 else:
-                    self._queues[STAGE_KINDS[0]].append(item)
+                    self._queues[STAGE_KINDS[0]].push(item)
             elif kind == "close":
                 self._closing = True
 
@@ -249,6 +263,12 @@ class Router:
             try:
                 message = wire.engine_decoder.decode(frame)
             except msgspec.MsgspecError as e:
+                if not self.ready.is_set():
+                    # Before READY only our own workers talk here: their messages not decoding
+                    # means engine and workers run different code (it changed on disk mid-start).
+                    self._fatal(f"a stage worker sent a message this engine cannot decode ({e}); "
+                                "did the dfuse code change while the engine was starting?")
+                    return
                 log.warning("dropped a malformed message from a worker (%d bytes): %s", len(frame), e)
                 continue
             worker = self.workers.get(message.worker_id)
@@ -260,6 +280,9 @@ class Router:
     # --- messages from workers ---------------------------------------------------------------
     def _on_ready(self, worker: Worker, message: wire.Ready) -> None:
         worker.ready, worker.load_s = True, message.load_s
+        if worker.died_at is not None:
+            self._recovery_s.append(time.monotonic() - worker.died_at)
+            worker.died_at = None
         log.info("%s worker %d ready in %.2f s (pid %d)", worker.stage, worker.id, message.load_s, message.pid)
         if message.pool is not None:  # a (re)started GPU producer: consumers map its new pool
             worker.pool_info = message.pool
@@ -302,10 +325,16 @@ class Router:
             return
         request.inputs, request.input_pool, request.input_offset = message.outputs, worker.pool, request.output_offset
         request.stage_index += 1
+        self._enqueue(request)
+
+    def _enqueue(self, request: Request) -> None:
+        """Between two stages: drop what was cancelled or is past its deadline, queue the rest."""
         if request.future.cancelled():
             self._drop(request)
+        elif request.expired():
+            self._fail(request, RequestTimeout(f"request {request.id} passed its deadline before the {request.stage} stage"))
         else:
-            self._queues[request.stage].append(request)
+            self._queues[request.stage].push(request)
 
     def _on_failed(self, worker: Worker, message: wire.StageFailed) -> None:
         request = worker.inflight.pop(message.request_id, None)
@@ -327,13 +356,14 @@ class Router:
         for stage in reversed(STAGE_KINDS):
             queue = self._queues[stage]
             while queue:
-                if queue[0].future.cancelled():
-                    self._drop(queue.popleft())
+                head = queue.peek()
+                if head.future.cancelled() or head.expired():
+                    self._enqueue(queue.pop())  # drops or fails it
                     continue
                 worker = self._pick_worker(stage)
                 if worker is None:
                     break
-                self._send_task(worker, queue.popleft())
+                self._send_task(worker, queue.pop())
 
     def _pick_worker(self, stage: str) -> Worker | None:
         """The ready instance with the least work in flight that has a free output slot."""
@@ -351,7 +381,7 @@ class Router:
         )
         if not self._send(worker, task):
             worker.pool.release(slot.offset)
-            self._queues[worker.stage].appendleft(request)
+            self._queues[worker.stage].push(request)
             return
         request.output_offset = slot.offset
         worker.inflight[request.id] = request
@@ -402,6 +432,12 @@ class Router:
         )
         worker.process = spawn_worker(spec)
 
+    def _expire_waiting(self) -> None:
+        """Requests whose deadline passed while waiting fail now, not when they reach a worker."""
+        for queue in self._queues.values():
+            for request in queue.remove_where(lambda r: r.future.cancelled() or r.expired()):
+                self._enqueue(request)
+
     def _check_workers(self) -> None:
         for worker in self.workers.values():
             if worker.process is None or worker.process.alive:
@@ -414,6 +450,7 @@ class Router:
             self._recover(worker, code)
 
     def _recover(self, worker: Worker, exit_code) -> None:
+        worker.died_at = time.monotonic()
         worker.process.kill()
         worker.socket.close()
         worker.ready = False
@@ -426,7 +463,7 @@ class Router:
                     f"times (last exit code {exit_code}); giving up"
                 ))
             else:
-                self._queues[worker.stage].appendleft(request)  # inputs are still in the upstream slot
+                self._queues[worker.stage].push(request)  # inputs are still in the upstream slot
         worker.inflight.clear()
         if worker.pool.segment is None:
             self._restart_requests_reading(worker.pool)
@@ -436,13 +473,11 @@ class Router:
     def _restart_requests_reading(self, pool: SlotPool) -> None:
         """A dead GPU producer's pool died with it: queued requests whose inputs lived there
         start over from the first stage (host pools belong to the engine and survive)."""
-        for stage, queue in self._queues.items():
-            lost = [r for r in queue if r.input_pool is pool]
-            for request in lost:
-                queue.remove(request)
+        for queue in self._queues.values():
+            for request in queue.remove_where(lambda r: r.input_pool is pool):
                 pool.release(request.input_offset)
                 request.input_pool, request.inputs, request.stage_index = None, [], 0
-                self._queues[STAGE_KINDS[0]].appendleft(request)
+                self._queues[STAGE_KINDS[0]].push(request)
 
     def _shutdown(self) -> None:
         """Stop every worker, fail what is left, remove every segment and socket."""

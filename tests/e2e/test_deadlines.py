@@ -1,0 +1,85 @@
+"""Priorities, deadlines and cancellation: observed as which requests finish, in which order,
+and what the engine still serves afterwards (never as durations)."""
+
+import threading
+
+import pytest
+
+from dfuse import Engine
+from dfuse.engine.router import RequestTimeout
+
+# The DiT takes 150 ms a request (sleeping, like a GPU stage): queues form behind it.
+MODEL = "synthetic:encoder=1ms,dit=150ms,decoder=1ms"
+
+
+@pytest.fixture(scope="module")
+def engine():
+    with Engine(model=MODEL, cpu_threads=1) as engine:
+        yield engine
+
+
+def _expect_image(result, seed):
+    assert result.images[0].getpixel((0, 0))[0] == seed % 251
+
+
+def test_high_priority_overtakes_queued_low_priority_work(engine):
+    finished, lock = [], threading.Lock()
+
+    def record(name):
+        def done(_future):
+            with lock:
+                finished.append(name)
+        return done
+
+    lows = [engine.submit("low", seed=i, priority=0) for i in range(6)]
+    high = engine.submit("high", seed=99, priority=10)
+    for i, future in enumerate(lows):
+        future.add_done_callback(record(f"low{i}"))
+    high.add_done_callback(record("high"))
+    _expect_image(high.result(timeout=30), 99)
+    for i, future in enumerate(lows):
+        _expect_image(future.result(timeout=30), i)
+    # At most the lows already handed to the DiT (one computing, one queued beside it) and the
+    # ones already past it may finish first; the last lows waited behind the high one.
+    assert finished.index("high") < finished.index("low5")
+    assert finished.index("high") <= 3
+
+
+def test_timeout_raises_and_the_engine_keeps_serving(engine):
+    before = engine.stats()["completed"]
+    with pytest.raises(TimeoutError):
+        engine.generate("slow", seed=1, num_inference_steps=40, timeout=0.3)  # DiT: 1.5 s
+    _expect_image(engine.submit("next", seed=2).result(timeout=30), 2)
+    # The timed-out request's DiT work was not followed by a decode: only "next" completed.
+    assert engine.stats()["completed"] == before + 1
+
+
+def test_waiting_requests_past_their_deadline_fail_with_request_timeout(engine):
+    blockers = [engine.submit("blocker", seed=i, num_inference_steps=8) for i in range(3)]  # ~0.9 s
+    # Earliest deadline first may even serve it before the blockers, but its DiT alone takes
+    # 150 ms: a 50 ms deadline cannot be met in any order.
+    waiting = engine.submit("waiting", seed=5, timeout=0.05)
+    with pytest.raises(RequestTimeout, match="deadline"):
+        waiting.result(timeout=30)
+    for i, future in enumerate(blockers):
+        _expect_image(future.result(timeout=30), i)
+
+
+def test_cancelled_request_is_dropped_and_others_complete(engine):
+    before = engine.stats()["completed"]
+    first = engine.submit("first", seed=10)
+    doomed = engine.submit("doomed", seed=11, num_inference_steps=8)
+    third = engine.submit("third", seed=12)
+    assert doomed.cancel()
+    _expect_image(first.result(timeout=30), 10)
+    _expect_image(third.result(timeout=30), 12)
+    assert doomed.cancelled()
+    assert engine.stats()["completed"] in (before + 2, before + 3)  # + 3 only if it was mid-stage
+
+
+@pytest.mark.parametrize("bad,field", [(dict(priority=1.5), "priority"), (dict(priority=10**6), "priority"),
+                                       (dict(timeout=0), "timeout"), (dict(timeout=float("nan")), "timeout"),
+                                       (dict(timeout="5"), "timeout")])
+def test_bad_priority_or_timeout_is_named(engine, bad, field):
+    with pytest.raises(ValueError, match=f"^{field}:"):
+        engine.submit("x", **bad)
