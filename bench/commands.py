@@ -90,10 +90,6 @@ from .handoff import handoff_command  # noqa: E402
 
 bench.add_command(handoff_command)
 
-from .simulate import simulate  # noqa: E402
-
-bench.add_command(simulate)
-
 from .pipeline import pipeline_command  # noqa: E402
 
 bench.add_command(pipeline_command)

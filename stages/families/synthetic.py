@@ -11,11 +11,16 @@ the real workers, transport, router and scheduler run; only the model math is re
 Costs are given at the nominal shape (4 steps, 64x64 px) and scale like real stages: the
 encoder is flat, the DiT grows with steps x pixels, the decoder with pixels. The image is a
 deterministic function of the seed, so correctness stays checkable end to end.
+
+Chaos knob: a prompt `crash:<stage>` makes that stage's worker process die on the spot (as on
+SIGKILL or OOM), to test that such a request fails cleanly after bounded attempts.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import time
 
 import torch
@@ -64,6 +69,10 @@ class SyntheticFamily(Family):
         scale = {"encoder": 1.0, "dit": pixels * params.num_inference_steps / NOMINAL_STEPS, "decoder": pixels}
         return self.costs[stage] * scale[stage]
 
+    def _maybe_crash(self, stage: str, params: RequestParams) -> None:
+        if params.prompt == f"crash:{stage}":
+            os.kill(os.getpid(), signal.SIGKILL)
+
     def _spend(self, seconds: float) -> None:
         if self.mode == "sleep":
             time.sleep(seconds)
@@ -76,6 +85,7 @@ class SyntheticFamily(Family):
         return dtype
 
     def encode(self, dtype, params: RequestParams) -> Tensors:
+        self._maybe_crash("encoder", params)
         self._spend(self.cost("encoder", params))
         return {"prompt_embeds": torch.full((1, 77, 64), float(len(params.prompt)), dtype=dtype)}
 
@@ -83,6 +93,7 @@ class SyntheticFamily(Family):
         return dtype
 
     def denoise(self, dtype, inputs: Tensors, params: RequestParams, on_step: OnStep) -> Tensors:
+        self._maybe_crash("dit", params)
         per_step = self.cost("dit", params) / params.num_inference_steps
         for step in range(params.num_inference_steps):
             self._spend(per_step)
@@ -94,6 +105,7 @@ class SyntheticFamily(Family):
         return dtype
 
     def decode(self, dtype, inputs: Tensors, params: RequestParams) -> Tensors:
+        self._maybe_crash("decoder", params)
         self._spend(self.cost("decoder", params))
         value = int(inputs["latents"].flatten()[0].item())
         return {"image": torch.full((1, params.height, params.width, 3), value, dtype=torch.uint8)}
