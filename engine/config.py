@@ -48,6 +48,8 @@ class EngineConfig:
     """Weights and activations dtype: auto (float32 on CPU, bfloat16 on CUDA), float32, float16, bfloat16."""
     transport: TransportConfig = field(default_factory=TransportConfig)
     """Shared-memory handoff between stages."""
+    memory_limit_gib: Mapping[str, float] = field(default_factory=dict)
+    """Activation memory a request may use per device, e.g. {"cpu": 8}; unset devices: detected."""
     max_inflight_per_worker: int = 2
     """Tasks sent to one worker at once: one computing, the next already queued beside it."""
     max_attempts: int = 3
@@ -72,6 +74,14 @@ class EngineConfig:
             _check_int("cpu_threads", self.cpu_threads, 1, 1024)
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ValueError(f"dtype: must be one of auto, float32, float16, bfloat16 (got {self.dtype!r})")
+        if not isinstance(self.memory_limit_gib, Mapping):
+            raise ValueError(f"memory_limit_gib: expected a mapping of device -> GiB, got {self.memory_limit_gib!r}")
+        for device, gib in self.memory_limit_gib.items():
+            if device not in self.devices.values():
+                raise ValueError(f"memory_limit_gib: {device!r} is not a device of this engine ({sorted(set(self.devices.values()))})")
+            if isinstance(gib, bool) or not isinstance(gib, (int, float)) or not 0 < gib < 2**20:
+                raise ValueError(f"memory_limit_gib.{device}: must be a number of GiB > 0 (got {gib!r})")
+        object.__setattr__(self, "memory_limit_gib", MappingProxyType(dict(self.memory_limit_gib)))
         _check_int("max_inflight_per_worker", self.max_inflight_per_worker, 1, 64)
         _check_int("max_attempts", self.max_attempts, 1, 100)
         timeout = self.startup_timeout_s

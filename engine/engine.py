@@ -14,7 +14,8 @@ from typing import Mapping
 from PIL import Image
 
 from ..stages import STAGE_KINDS
-from ..stages.families import describe_model
+from ..stages.families import describe_model, detect_family
+from .admission import admit, detect_budgets
 from .config import DEFAULT_MODEL, EngineConfig, resolve_model_path
 from .requests import build_requests, check_priority, check_timeout
 from .router import EngineClosed, ProgressCallback, Request, RequestFailed, RequestTimeout, Router, StageTiming
@@ -66,6 +67,7 @@ class Engine:
     def _init_model(self) -> None:
         self.model_path = resolve_model_path(self.config.model)
         self.model_info = describe_model(self.model_path)  # ValueError before any process starts
+        self._family = detect_family(self.model_path)
         self._ids = itertools.count()
         self._ids_lock = threading.Lock()
 
@@ -81,6 +83,9 @@ class Engine:
             error = self._router.startup_error
             self.close()
             raise RuntimeError(error)
+        # Measured now that the workers hold their weights (see engine/admission.py).
+        self._memory_budgets = detect_budgets(self.config.devices, self.config.memory_limit_gib, self.model_path)
+        self._itemsizes = {s: self.config.torch_dtype(d).itemsize for s, d in self.config.devices.items()}
 
     # --- requests ----------------------------------------------------------------------------
     def submit(
@@ -109,6 +114,8 @@ class Engine:
         params = build_requests(
             self.model_info, prompt, negative_prompt, num_inference_steps, guidance_scale, height, width, seed
         )
+        family = self._family
+        params = [admit(family, self.model_info, p, self._memory_budgets, self._itemsizes) for p in params]
         priority, timeout = check_priority(priority), check_timeout(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._ids_lock:

@@ -65,6 +65,7 @@ class RequestParams(msgspec.Struct, **_STRUCT):
     height: int
     width: int
     seed: int
+    vae_tiling: bool = False  # decode in tiles: set by memory admission when a full decode won't fit
 
 
 class StageTask(msgspec.Struct, **_STRUCT):

@@ -13,6 +13,7 @@ input transfers hide behind the current task's compute. Each zmq socket has one 
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import queue
@@ -129,12 +130,24 @@ class _ComputeLoop:
             outputs = self.stage.run(inputs, task.params, self._progress_sender(task), writer)
             refs = writer.put_all(outputs)
             self.endpoint.finish(task.output)
+        except (torch.OutOfMemoryError, MemoryError) as e:
+            self._send(wire.StageFailed(self.spec.worker_id, task.request_id, self._out_of_memory(task, e)))
+            return
         except Exception as e:  # a failing request must not take the worker down
             log.warning("request %d failed:\n%s", task.request_id, traceback.format_exc())
             self._send(wire.StageFailed(self.spec.worker_id, task.request_id, f"{type(e).__name__}: {e}"))
             return
         timings = wire.StageTimings(queued_s=started - received_at, compute_s=time.perf_counter() - started)
         self._send(wire.StageDone(self.spec.worker_id, task.request_id, refs, timings))
+
+    def _out_of_memory(self, task: wire.StageTask, error: BaseException) -> str:
+        """Give the memory back so the next request starts clean, and say what did not fit."""
+        gc.collect()
+        if self.endpoint.cuda:
+            torch.cuda.empty_cache()
+        p = task.params
+        return (f"out of memory on {self.spec.device} in the {self.spec.stage} stage for a {p.width}x{p.height} "
+                f"request ({type(error).__name__}: {error}); the worker recovered and serves on")
 
     def _progress_sender(self, task: wire.StageTask):
         if not task.report_progress:

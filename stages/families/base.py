@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -26,6 +26,7 @@ class ModelInfo:
     max_size: int  # largest height/width the transformer's position embedding covers
     num_inference_steps: int  # diffusers' default number of steps
     guidance_scale: float  # diffusers' default guidance scale
+    dims: Mapping[str, int] = field(default_factory=dict)  # sizes the memory estimates need
 
 
 class Family:
@@ -40,6 +41,14 @@ class Family:
 
     def describe(self, path: Path) -> ModelInfo:
         raise NotImplementedError
+
+    def peak_bytes(self, info: ModelInfo, stage: str, params: RequestParams, itemsize: int) -> int:
+        """Estimated activation memory of `stage` for one request (weights excluded); 0 if unknown.
+        With params.vae_tiling the decoder's estimate is that of a tiled decode."""
+        return 0
+
+    def supports_vae_tiling(self) -> bool:
+        return False
 
     def load_encoder(self, path: Path, device: torch.device, dtype: torch.dtype) -> Any:
         raise NotImplementedError

@@ -39,7 +39,37 @@ class SD3Family(Family):
             max_size=max_patches * patch * vae_factor,
             num_inference_steps=28,
             guidance_scale=7.0,
+            dims={
+                "dit_width": transformer["num_attention_heads"] * transformer["attention_head_dim"],
+                "text_tokens": 77 + 256,  # CLIP tokens + T5 max_sequence_length, concatenated
+                "text_width": transformer["joint_attention_dim"],
+                "vae_channels": vae["block_out_channels"][0],  # channels of the full-resolution maps
+                "vae_tile": vae.get("sample_size", 1024),  # AutoencoderKL's tile_sample_min_size
+                "vae_factor": vae_factor,
+                "patch": patch,
+            },
         )
+
+    # Activation estimates (not measurements): a handful of full-size maps live at once.
+    LIVE_MAPS_VAE = 6  # up-block resnets keep input, two norms/convs and the skip at full size
+    LIVE_MAPS_DIT = 12  # qkv, attention out, MLP (4x) and residuals per token, both streams
+
+    def peak_bytes(self, info: ModelInfo, stage: str, params: RequestParams, itemsize: int) -> int:
+        d, h, w = info.dims, params.height, params.width
+        batch = 2 if params.guidance_scale > 1 else 1
+        if stage == "encoder":
+            return batch * d["text_tokens"] * d["text_width"] * self.LIVE_MAPS_DIT * itemsize
+        if stage == "dit":
+            tokens = (h // d["vae_factor"] // d["patch"]) * (w // d["vae_factor"] // d["patch"]) + d["text_tokens"]
+            return batch * tokens * d["dit_width"] * self.LIVE_MAPS_DIT * itemsize
+        pixels_out = 3 * h * w * 4  # float32 image before the uint8 conversion
+        if params.vae_tiling:  # one tile's maps, plus the decoded tiles and the blended image
+            tile = min(d["vae_tile"], max(h, w))
+            return self.LIVE_MAPS_VAE * d["vae_channels"] * tile * tile * itemsize + 2 * pixels_out
+        return self.LIVE_MAPS_VAE * d["vae_channels"] * h * w * itemsize + pixels_out
+
+    def supports_vae_tiling(self) -> bool:
+        return True
 
     # 1. Encoder
     def load_encoder(self, path, device, dtype):
@@ -110,6 +140,11 @@ class SD3Family(Family):
 
     def decode(self, model, inputs: Tensors, params: RequestParams) -> Tensors:
         vae, processor = model
+        # The same switch as diffusers' `pipe.vae.enable_tiling()`: its tiled output, exactly.
+        if params.vae_tiling:
+            vae.enable_tiling()
+        else:
+            vae.disable_tiling()
         latents = inputs["latents"].to(vae.device)
         with torch.inference_mode():
             latents = (latents / vae.config.scaling_factor) + vae.config.shift_factor

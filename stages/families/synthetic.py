@@ -12,8 +12,9 @@ Costs are given at the nominal shape (4 steps, 64x64 px) and scale like real sta
 encoder is flat, the DiT grows with steps x pixels, the decoder with pixels. The image is a
 deterministic function of the seed, so correctness stays checkable end to end.
 
-Chaos knob: a prompt `crash:<stage>` makes that stage's worker process die on the spot (as on
-SIGKILL or OOM), to test that such a request fails cleanly after bounded attempts.
+Chaos knobs: a prompt `crash:<stage>` makes that stage's worker process die on the spot (as on
+SIGKILL or the kernel's OOM killer), to test that such a request fails cleanly after bounded
+attempts; `oom:<stage>` makes that stage raise MemoryError, as an allocation that does not fit.
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ class SyntheticFamily(Family):
     def _maybe_crash(self, stage: str, params: RequestParams) -> None:
         if params.prompt == f"crash:{stage}":
             os.kill(os.getpid(), signal.SIGKILL)
+        if params.prompt == f"oom:{stage}":
+            raise MemoryError(f"synthetic allocation failure in the {stage} stage")
 
     def _spend(self, seconds: float) -> None:
         if self.mode == "sleep":

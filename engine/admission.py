@@ -1,0 +1,85 @@
+"""Memory admission: refuse, before it runs, a request whose activations cannot fit the device
+of one of its stages, or switch its decode to tiles when that makes it fit.
+
+Budgets are per device: `memory_limit_gib` from the config, else detected once at start-up
+(CPU: MemAvailable after the workers loaded their weights; GPU: total memory minus the weight
+files placed on it, minus a reserve). The estimates come from each family (`peak_bytes`) and
+are stated estimates, not measurements: admission catches requests that are far too big, and an
+out-of-memory that still happens inside a worker is reported to the caller (the worker lives on).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import msgspec
+
+from ..stages import STAGE_KINDS
+from ..stages.families.base import Family, ModelInfo
+from .protocol import RequestParams
+
+GPU_RESERVE_BYTES = 2**30  # CUDA context, allocator slack
+CPU_SHARE = 0.8  # leave room for the rest of the machine
+# Subfolders holding each stage's weights (diffusers layout), to subtract them from a GPU.
+STAGE_COMPONENTS = {
+    "encoder": ("text_encoder", "text_encoder_2", "text_encoder_3"),
+    "dit": ("transformer",),
+    "decoder": ("vae",),
+}
+
+
+def admit(
+    family: Family, info: ModelInfo, params: RequestParams, budgets: Mapping[str, int], itemsizes: Mapping[str, int]
+) -> RequestParams:
+    """`params` as they may run (maybe with vae_tiling), or ValueError naming height/width."""
+    for stage in STAGE_KINDS:
+        need = family.peak_bytes(info, stage, params, itemsizes[stage])
+        if need <= budgets[stage]:
+            continue
+        if stage == "decoder" and family.supports_vae_tiling() and not params.vae_tiling:
+            tiled = msgspec.structs.replace(params, vae_tiling=True)
+            if family.peak_bytes(info, stage, tiled, itemsizes[stage]) <= budgets[stage]:
+                return tiled
+        raise ValueError(
+            f"height/width: a {params.width}x{params.height} request needs about {need / 2**30:.2f} GiB of "
+            f"activations in the {stage} stage, more than the {budgets[stage] / 2**30:.2f} GiB its device has "
+            f"for them{' even when decoded in tiles' if stage == 'decoder' else ''}; ask for a smaller image"
+        )
+    return params
+
+
+def detect_budgets(devices: Mapping[str, str], limits_gib: Mapping[str, float], model_path) -> dict[str, int]:
+    """Bytes of activations each stage may use, by the device it runs on."""
+    by_device: dict[str, int] = {}
+    for device in set(devices.values()):
+        if device in limits_gib:
+            by_device[device] = int(limits_gib[device] * 2**30)
+        elif device == "cpu":
+            by_device[device] = int(_mem_available() * CPU_SHARE)
+        else:
+            by_device[device] = _gpu_budget(device, [s for s, d in devices.items() if d == device], model_path)
+    return {stage: by_device[devices[stage]] for stage in STAGE_KINDS}
+
+
+def _mem_available() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 2**62  # unknown: do not refuse anything
+
+
+def _gpu_budget(device: str, stages: list[str], model_path) -> int:
+    import torch
+
+    total = torch.cuda.get_device_properties(torch.device(device)).total_memory
+    weights = 0
+    if isinstance(model_path, Path):
+        for stage in stages:
+            for component in STAGE_COMPONENTS[stage]:
+                weights += sum(f.stat().st_size for f in (model_path / component).glob("*.safetensors"))
+    return max(0, total - weights - GPU_RESERVE_BYTES)
