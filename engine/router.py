@@ -62,6 +62,7 @@ class StageTiming:
     worker_id: int
     queued_s: float  # waiting inside the worker before compute
     compute_s: float
+    waited_s: float = 0.0  # waiting in the engine's queue for this stage (no worker or slot free)
 
 
 @dataclass
@@ -81,6 +82,8 @@ class Request:
     output_offset: int = -1  # the slot reserved in the current worker's pool
     attempts: int = 0
     timings: dict[str, StageTiming] = field(default_factory=dict)
+    queued_at: float = 0.0  # when it last entered a stage queue (monotonic)
+    waited_s: float = 0.0  # time in the current stage's queue, known once it is dispatched
 
     @property
     def stage(self) -> str:
@@ -250,6 +253,7 @@ class Router:
                 if self.startup_error:
                     _resolve(item.future, error=RequestFailed(self.startup_error))
                 else:
+                    item.queued_at = time.monotonic()
                     self._queues[STAGE_KINDS[0]].push(item)
             elif kind == "close":
                 self._closing = True
@@ -319,7 +323,9 @@ class Router:
         if request is None:
             return  # a late message about a request already re-queued or dropped
         self._release_inputs(request)
-        request.timings[worker.stage] = StageTiming(worker.id, message.timings.queued_s, message.timings.compute_s)
+        request.timings[worker.stage] = StageTiming(
+            worker.id, message.timings.queued_s, message.timings.compute_s, request.waited_s
+        )
         if request.stage_index == len(STAGE_KINDS) - 1:
             self._finish(request, worker, message.outputs)
             return
@@ -334,6 +340,7 @@ class Router:
         elif request.expired():
             self._fail(request, RequestTimeout(f"request {request.id} passed its deadline before the {request.stage} stage"))
         else:
+            request.queued_at = time.monotonic()
             self._queues[request.stage].push(request)
 
     def _on_failed(self, worker: Worker, message: wire.StageFailed) -> None:
@@ -384,6 +391,7 @@ class Router:
             self._queues[worker.stage].push(request)
             return
         request.output_offset = slot.offset
+        request.waited_s = time.monotonic() - request.queued_at
         worker.inflight[request.id] = request
 
     # --- requests leaving the engine ---------------------------------------------------------
