@@ -57,3 +57,17 @@ def test_list_of_prompts_uses_consecutive_seeds(engine, reference):
     assert all(t.compute_s > 0 for t in result.timings[0].values())
     for prompt, seed, image in zip(["a cat", "a dog"], result.seeds, result.images):
         assert np.array_equal(np.array(image), reference(prompt, num_inference_steps=2, height=64, width=64, seed=seed))
+
+
+def test_two_dit_workers_many_requests_each_equal_its_reference(model_path, reference):
+    """1:2:1 layout: requests interleave across two DiT processes and the shared pools."""
+    from dfuse import Engine
+
+    cases = [dict(prompt=c["prompt"], guidance_scale=c["guidance_scale"], height=64, width=64,
+                  num_inference_steps=2, seed=200 + i) for i, c in enumerate(CASES * 3)]
+    with Engine(model=str(model_path), cpu_threads=1, instances={"encoder": 1, "dit": 2, "decoder": 1}) as engine:
+        futures = [engine.submit(**c) for c in cases]
+        results = [f.result(timeout=180) for f in futures]
+    assert {r.timings[0]["dit"].worker_id for r in results} == {1, 2}  # both DiT workers served
+    for case, result in zip(cases, results):
+        assert np.array_equal(np.array(result.images[0]), reference(**case))
