@@ -155,5 +155,8 @@ from .bench.commands import bench  # noqa: E402  (after main exists)
 
 main.add_command(bench)
 
+from .bench.profile import profile  # noqa: E402
+main.add_command(profile)
+
 if __name__ == "__main__":
     main()

@@ -93,3 +93,7 @@ bench.add_command(handoff_command)
 from .pipeline import pipeline_command  # noqa: E402
 
 bench.add_command(pipeline_command)
+
+from .simulate import simulate  # noqa: E402
+
+bench.add_command(simulate)
