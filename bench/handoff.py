@@ -26,7 +26,6 @@ from pathlib import Path
 
 import click
 import msgspec
-import numpy as np
 import torch
 import zmq
 

@@ -18,7 +18,8 @@ from ..stages.families import describe_model, detect_family
 from .admission import admit, detect_budgets
 from .config import DEFAULT_MODEL, EngineConfig, resolve_model_path
 from .requests import build_requests, check_priority, check_timeout
-from .router import EngineClosed, ProgressCallback, Request, RequestFailed, RequestTimeout, Router, StageTiming
+from .router import Router
+from .state import EngineClosed, ProgressCallback, Request, RequestFailed, RequestTimeout, StageTiming
 
 __all__ = ["Engine", "GenerationResult", "RequestFailed", "RequestTimeout", "EngineClosed", "StageTiming"]
 
@@ -136,6 +137,13 @@ class Engine:
         except FutureTimeout:
             future.cancel()
             raise RequestTimeout(f"the request did not complete within timeout={timeout} s") from None
+
+    def move(self, worker_id: int, stage: str) -> None:
+        """Move a worker to another stage on the same device, without losing a request: it
+        stops taking work, finishes what it holds, and restarts as a `stage` worker
+        (`stats()["switch_s"]` records how long each switch took). ValueError if the move
+        would leave a stage without workers."""
+        self._router.move(worker_id, stage)
 
     def stats(self) -> dict:
         """Placement, queue depths, per-worker state: a snapshot."""

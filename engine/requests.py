@@ -26,8 +26,13 @@ def build_requests(
     height=None,
     width=None,
     seed=None,
+    true_cfg_scale=None,
 ) -> list[RequestParams]:
-    """One RequestParams per prompt; prompt i uses seed + i so each image is reproducible alone."""
+    """One RequestParams per prompt; prompt i uses seed + i so each image is reproducible alone.
+
+    true_cfg_scale (Flux only, default 1): true classifier-free guidance, a second transformer
+    pass with the negative prompt, when it is > 1 and a negative prompt is given (as diffusers'
+    FluxPipeline); guidance_scale is then still the embedded guidance."""
     prompts = _prompts("prompt", prompt, allow_none=False)
     negatives = _prompts("negative_prompt", negative_prompt, allow_none=True)
     if not isinstance(negative_prompt, (str, type(None))) and len(negatives) != len(prompts):
@@ -37,14 +42,20 @@ def build_requests(
     if len(negatives) == 1:
         negatives = negatives * len(prompts)
     steps = _integer("num_inference_steps", info.num_inference_steps if num_inference_steps is None else num_inference_steps, 1, MAX_STEPS)
-    guidance = _guidance(info.guidance_scale if guidance_scale is None else guidance_scale)
+    guidance = _scale("guidance_scale", info.guidance_scale if guidance_scale is None else guidance_scale)
+    true_cfg = _scale("true_cfg_scale", 1.0 if true_cfg_scale is None else true_cfg_scale)
+    if true_cfg > 1 and not info.true_cfg:
+        raise ValueError(
+            f"true_cfg_scale: the {info.family} family has no true CFG (Flux models do); "
+            f"use guidance_scale, or leave true_cfg_scale at 1 (got {true_cfg:g})"
+        )
     height = _size("height", info.default_size if height is None else height, info)
     width = _size("width", info.default_size if width is None else width, info)
     if seed is None:
         seed = secrets.randbelow(MAX_SEED - MAX_PROMPTS)
     seed = _integer("seed", seed, 0, MAX_SEED - len(prompts) + 1)
     return [
-        RequestParams(p, n, steps, guidance, height, width, seed + i)
+        RequestParams(p, n, steps, guidance, height, width, seed + i, true_cfg_scale=true_cfg)
         for i, (p, n) in enumerate(zip(prompts, negatives))
     ]
 
@@ -94,11 +105,12 @@ def _integer(field: str, value, low: int, high: int) -> int:
     return int(value)
 
 
-def _guidance(value) -> float:
+def _scale(field: str, value) -> float:
+    """A guidance scale: values <= 1 turn that guidance off, as in diffusers."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not _finite(value):
-        raise ValueError(f"guidance_scale: must be a finite number in [0, {MAX_GUIDANCE:g}] (got {value!r})")
+        raise ValueError(f"{field}: must be a finite number in [0, {MAX_GUIDANCE:g}] (got {value!r})")
     if not 0 <= value <= MAX_GUIDANCE:
-        raise ValueError(f"guidance_scale: must be in [0, {MAX_GUIDANCE:g}] (got {value})")
+        raise ValueError(f"{field}: must be in [0, {MAX_GUIDANCE:g}] (got {value})")
     return float(value)
 
 

@@ -23,9 +23,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import Future, InvalidStateError
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import msgspec
 import zmq
@@ -35,81 +33,21 @@ from ..stages.worker import WorkerSpec
 from . import protocol as wire
 from .config import EngineConfig
 from .queues import StageQueue
-from .launcher import WorkerProcess, spawn_worker
+from .state import (  # noqa: F401  (re-exported: the errors are part of the API)
+    EngineClosed,
+    Request,
+    RequestFailed,
+    RequestTimeout,
+    StageTiming,
+    Worker,
+)
+from .launcher import spawn_worker
 from .transport.base import byte_view, choose_link, cuda_peer_access, dtype_from_name, pool_kind, probe_places
 from .transport.shm import SlotPool, new_segment_prefix, sweep_stale_segments, unlink_segments
 
 log = logging.getLogger("dfuse.engine")
 
 HEALTH_INTERVAL_S = 0.1  # how often worker liveness is checked: a crash is seen within ~0.1 s
-ProgressCallback = Callable[[str, int, int], None]  # (stage, step, total)
-
-
-class RequestFailed(RuntimeError):
-    """A request could not be completed (its stage raised, or its workers kept dying)."""
-
-
-class EngineClosed(RuntimeError):
-    """The engine closed before the request completed."""
-
-
-class RequestTimeout(TimeoutError):
-    """The request passed its deadline; its remaining work was dropped."""
-
-
-@dataclass
-class StageTiming:
-    worker_id: int
-    queued_s: float  # waiting inside the worker before compute
-    compute_s: float
-    waited_s: float = 0.0  # waiting in the engine's queue for this stage (no worker or slot free)
-
-
-@dataclass
-class Request:
-    """Engine-side state of one request (one prompt) while it walks the stages."""
-
-    id: int
-    params: wire.RequestParams
-    future: Future  # resolves to (image array, {stage: StageTiming})
-    on_progress: ProgressCallback | None = None
-    priority: int = 0  # higher is served first
-    deadline: float | None = None  # time.monotonic() after which the request is dropped
-    stage_index: int = 0
-    inputs: list[wire.TensorRef] = field(default_factory=list)
-    input_pool: SlotPool | None = None  # the upstream pool whose slot holds `inputs`
-    input_offset: int = -1
-    output_offset: int = -1  # the slot reserved in the current worker's pool
-    attempts: int = 0
-    timings: dict[str, StageTiming] = field(default_factory=dict)
-    queued_at: float = 0.0  # when it last entered a stage queue (monotonic)
-    waited_s: float = 0.0  # time in the current stage's queue, known once it is dispatched
-
-    @property
-    def stage(self) -> str:
-        return STAGE_KINDS[self.stage_index]
-
-    def expired(self) -> bool:
-        return self.deadline is not None and time.monotonic() > self.deadline
-
-
-@dataclass
-class Worker:
-    """Engine-side handle of one stage instance."""
-
-    id: int
-    stage: str
-    device: str
-    pool: SlotPool  # where this worker writes its outputs
-    pool_info: wire.PoolInfo | None = None  # its GPU pool's export, for consumers to map
-    socket: zmq.Socket | None = None
-    process: WorkerProcess | None = None
-    ready: bool = False
-    generation: int = 0
-    restarts: int = 0
-    load_s: float = 0.0
-    died_at: float | None = None  # monotonic time its death was noticed, until its replacement is READY
-    inflight: dict[int, Request] = field(default_factory=dict)
 
 
 class Router:
@@ -125,6 +63,7 @@ class Router:
         self._completed = 0
         self._failed = 0
         self._recovery_s: list[float] = []  # death noticed -> replacement READY, per restart
+        self._switch_s: list[float] = []  # move asked -> worker READY in its new stage, per move
         self._init_run_dir()
         self._init_sockets()
         self._init_workers()
@@ -183,6 +122,28 @@ class Router:
     def submit(self, request: Request) -> None:
         self._post(("submit", request))
 
+    def move(self, worker_id: int, stage: str) -> None:
+        """Restart worker `worker_id` as a `stage` worker on the same device, losing nothing:
+        it takes no new work, finishes what it holds, stops, and comes back in its new role."""
+        self._check_move(worker_id, stage)
+        self._post(("move", (worker_id, stage)))
+
+    def _check_move(self, worker_id: int, stage: str) -> None:
+        worker = self.workers.get(worker_id)
+        if worker is None:
+            raise ValueError(f"worker_id: no worker {worker_id!r}; workers are {sorted(self.workers)}")
+        if stage not in STAGE_KINDS:
+            raise ValueError(f"stage: must be one of {', '.join(STAGE_KINDS)} (got {stage!r})")
+        if worker.moving_to is not None:
+            raise ValueError(f"worker_id: worker {worker_id} is already moving to {worker.moving_to}")
+        if worker.stage == stage:
+            raise ValueError(f"stage: worker {worker_id} already serves {stage}")
+        if worker.pool.segment is None:
+            raise ValueError(f"worker_id: worker {worker_id} keeps its outputs on its GPU; moving it is not supported yet")
+        staying = [w for w in self.workers.values() if w.stage == worker.stage and w.moving_to is None]
+        if len(staying) == 1:
+            raise ValueError(f"worker_id: worker {worker_id} is the last {worker.stage} worker; moving it would stall every request")
+
     def close(self, timeout: float = 30.0) -> None:
         self._post(("close", None))
         self._thread.join(timeout)
@@ -194,12 +155,14 @@ class Router:
             "completed": self._completed,
             "failed": self._failed,
             "recovery_s": [round(r, 3) for r in self._recovery_s],
+            "switch_s": [round(r, 3) for r in self._switch_s],
             "queues": {stage: len(q) for stage, q in self._queues.items()},
             "workers": [
                 {
                     "id": w.id, "stage": w.stage, "device": w.device, "ready": w.ready,
                     "pid": w.process.process.pid if w.process else None, "inflight": len(w.inflight),
                     "free_slots": w.pool.free, "restarts": w.restarts, "load_s": round(w.load_s, 3),
+                    "moving_to": w.moving_to,
                 }
                 for w in list(self.workers.values())
             ],
@@ -235,6 +198,7 @@ class Router:
                 self._drain_inbox()
                 if self._results in events:
                     self._drain_results(handlers)
+                self._advance_moves()
                 if time.monotonic() >= next_health:
                     self._check_workers()
                     self._expire_waiting()
@@ -255,6 +219,15 @@ class Router:
                 else:
                     item.queued_at = time.monotonic()
                     self._queues[STAGE_KINDS[0]].push(item)
+            elif kind == "move":
+                worker_id, stage = item
+                try:
+                    self._check_move(worker_id, stage)  # again: things may have changed since
+                except ValueError as e:
+                    log.warning("move of worker %d to %s dropped: %s", worker_id, stage, e)
+                    continue
+                worker = self.workers[worker_id]
+                worker.moving_to, worker.switch_started = stage, time.monotonic()
             elif kind == "close":
                 self._closing = True
 
@@ -287,6 +260,10 @@ class Router:
         if worker.died_at is not None:
             self._recovery_s.append(time.monotonic() - worker.died_at)
             worker.died_at = None
+        if worker.switch_started is not None:
+            self._switch_s.append(time.monotonic() - worker.switch_started)
+            log.info("worker %d now serves %s (switch %.2f s)", worker.id, worker.stage, self._switch_s[-1])
+            worker.switch_started = None
         log.info("%s worker %d ready in %.2f s (pid %d)", worker.stage, worker.id, message.load_s, message.pid)
         if message.pool is not None:  # a (re)started GPU producer: consumers map its new pool
             worker.pool_info = message.pool
@@ -376,7 +353,8 @@ class Router:
         """The ready instance with the least work in flight that has a free output slot."""
         candidates = [
             w for w in self.workers.values()
-            if w.stage == stage and w.ready and w.pool.free and len(w.inflight) < self.config.max_inflight_per_worker
+            if w.stage == stage and w.ready and w.moving_to is None and w.pool.free
+            and len(w.inflight) < self.config.max_inflight_per_worker
         ]
         return min(candidates, key=lambda w: (len(w.inflight), w.id), default=None)
 
@@ -446,9 +424,29 @@ class Router:
             for request in queue.remove_where(lambda r: r.future.cancelled() or r.expired()):
                 self._enqueue(request)
 
+    def _advance_moves(self) -> None:
+        """Drained movers get Shutdown; stopped ones come back in their new stage."""
+        for worker in self.workers.values():
+            if worker.moving_to is None:
+                continue
+            if not worker.stopping and not worker.inflight:
+                worker.stopping, worker.ready = True, False
+                self._send(worker, wire.Shutdown())
+            elif worker.stopping and not worker.process.alive:
+                worker.process.kill()  # reaps it and closes its death pipe
+                worker.socket.close()
+                self._become(worker)
+
+    def _become(self, worker: Worker) -> None:
+        """Start `worker` in its new stage. Its host pool stays: requests downstream may still be
+        reading slots it filled; the new stage simply writes into the free ones."""
+        worker.stage, worker.moving_to, worker.stopping = worker.moving_to, None, False
+        worker.pool_info = None
+        self._spawn(worker)
+
     def _check_workers(self) -> None:
         for worker in self.workers.values():
-            if worker.process is None or worker.process.alive:
+            if worker.process is None or worker.process.alive or worker.stopping:
                 continue
             code = worker.process.process.exitcode
             if not worker.ready:
@@ -476,6 +474,9 @@ class Router:
         if worker.pool.segment is None:
             self._restart_requests_reading(worker.pool)
         worker.restarts += 1
+        if worker.moving_to is not None:  # it died while draining: finish the move now
+            self._become(worker)
+            return
         self._spawn(worker)
 
     def _restart_requests_reading(self, pool: SlotPool) -> None:

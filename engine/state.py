@@ -1,0 +1,91 @@
+"""Engine-side state of requests and workers, and the errors a request can end with.
+
+Owned and mutated by the router thread only (engine/router.py): no locks, no logic beyond
+small properties.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Callable
+
+import zmq
+
+from ..stages import STAGE_KINDS
+from . import protocol as wire
+from .launcher import WorkerProcess
+from .transport.shm import SlotPool
+
+ProgressCallback = Callable[[str, int, int], None]  # (stage, step, total)
+
+
+class RequestFailed(RuntimeError):
+    """A request could not be completed (its stage raised, or its workers kept dying)."""
+
+
+class EngineClosed(RuntimeError):
+    """The engine closed before the request completed."""
+
+
+class RequestTimeout(TimeoutError):
+    """The request passed its deadline; its remaining work was dropped."""
+
+
+@dataclass
+class StageTiming:
+    worker_id: int
+    queued_s: float  # waiting inside the worker before compute
+    compute_s: float
+    waited_s: float = 0.0  # waiting in the engine's queue for this stage (no worker or slot free)
+
+
+@dataclass
+class Request:
+    """Engine-side state of one request (one prompt) while it walks the stages."""
+
+    id: int
+    params: wire.RequestParams
+    future: Future  # resolves to (image array, {stage: StageTiming})
+    on_progress: ProgressCallback | None = None
+    priority: int = 0  # higher is served first
+    deadline: float | None = None  # time.monotonic() after which the request is dropped
+    stage_index: int = 0
+    inputs: list[wire.TensorRef] = field(default_factory=list)
+    input_pool: SlotPool | None = None  # the upstream pool whose slot holds `inputs`
+    input_offset: int = -1
+    output_offset: int = -1  # the slot reserved in the current worker's pool
+    attempts: int = 0
+    timings: dict[str, StageTiming] = field(default_factory=dict)
+    queued_at: float = 0.0  # when it last entered a stage queue (monotonic)
+    waited_s: float = 0.0  # time in the current stage's queue, known once it is dispatched
+
+    @property
+    def stage(self) -> str:
+        return STAGE_KINDS[self.stage_index]
+
+    def expired(self) -> bool:
+        return self.deadline is not None and time.monotonic() > self.deadline
+
+
+@dataclass
+class Worker:
+    """Engine-side handle of one stage instance."""
+
+    id: int
+    stage: str
+    device: str
+    pool: SlotPool  # where this worker writes its outputs
+    pool_info: wire.PoolInfo | None = None  # its GPU pool's export, for consumers to map
+    socket: zmq.Socket | None = None
+    process: WorkerProcess | None = None
+    ready: bool = False
+    generation: int = 0
+    restarts: int = 0
+    load_s: float = 0.0
+    died_at: float | None = None  # monotonic time its death was noticed, until its replacement is READY
+    moving_to: str | None = None  # draining before it restarts as a worker of this stage
+    stopping: bool = False  # told to shut down (the last step of a move)
+    switch_started: float | None = None  # a move's start, until the new stage is READY
+    inflight: dict[int, Request] = field(default_factory=dict)

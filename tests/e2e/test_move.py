@@ -1,0 +1,44 @@
+"""Moving a worker between stages while requests flow loses nothing and changes no image."""
+
+import numpy as np
+import pytest
+
+from dfuse import Engine
+
+from process_utils import alive, wait_until
+
+PARAMS = dict(num_inference_steps=3, guidance_scale=4.5, height=64, width=64)
+
+
+def test_move_under_load_loses_nothing(model_path, reference):
+    with Engine(model=str(model_path), cpu_threads=1, instances={"encoder": 1, "dit": 2, "decoder": 1}) as engine:
+        before = {w["id"]: w for w in engine.stats()["workers"]}
+        futures = [engine.submit("a red fox", seed=300 + i, **PARAMS) for i in range(12)]
+        engine.move(2, "decoder")  # the second DiT worker becomes a second decoder, mid-stream
+        futures += [engine.submit("a red fox", seed=300 + i, **PARAMS) for i in range(12, 16)]
+        for i, future in enumerate(futures):
+            image = future.result(timeout=180).images[0]
+            assert np.array_equal(np.array(image), reference("a red fox", seed=300 + i, **PARAMS))
+        assert wait_until(lambda: engine.stats()["workers"][2]["ready"], 60)
+        stats = engine.stats()
+        assert [w["stage"] for w in stats["workers"]] == ["encoder", "dit", "decoder", "decoder"]
+        assert not alive(before[2]["pid"]) and stats["workers"][2]["pid"] != before[2]["pid"]
+        assert len(stats["switch_s"]) == 1 and stats["failed"] == 0
+        # The moved worker now decodes: new requests use both decoders.
+        results = [engine.submit("a cat", seed=400 + i, **PARAMS).result(timeout=180) for i in range(4)]
+        # One at a time, both decoders idle: least-loaded dispatch breaks the tie to worker 2.
+        assert {r.timings[0]["decoder"].worker_id for r in results} == {2}
+        for i, result in enumerate(results):
+            assert np.array_equal(np.array(result.images[0]), reference("a cat", seed=400 + i, **PARAMS))
+
+
+def test_moves_that_would_stall_a_stage_are_refused():
+    with Engine(model="synthetic:encoder=1ms,dit=1ms,decoder=1ms", cpu_threads=1) as engine:
+        with pytest.raises(ValueError, match="^worker_id: worker 1 is the last dit worker"):
+            engine.move(1, "decoder")
+        with pytest.raises(ValueError, match="^stage: must be one of"):
+            engine.move(1, "vae")
+        with pytest.raises(ValueError, match="^worker_id: no worker 9"):
+            engine.move(9, "dit")
+        (image,) = engine.generate("x", seed=4)
+        assert image.getpixel((0, 0))[0] == 4
