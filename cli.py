@@ -24,10 +24,11 @@ def main():
 
 @main.command()
 @click.argument("prompt")
-@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Built-in tiny model or a local diffusers SD3 folder.")
-@click.option("--negative-prompt", default=None, help="What the image should not show (used when guidance > 1).")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Built-in tiny model (tiny-sd3, tiny-flux, tiny-pixart) or a local diffusers SD3, Flux or PixArt-Sigma folder.")
+@click.option("--negative-prompt", default=None, help="What the image should not show (used when guidance > 1; Flux: with --true-cfg-scale > 1).")
 @click.option("--steps", type=int, default=None, help="Denoising steps [default: the model's, 28 for SD3].")
-@click.option("--guidance-scale", type=float, default=None, help="Classifier-free guidance; <= 1 turns it off [default: the model's].")
+@click.option("--guidance-scale", type=float, default=None, help="Classifier-free guidance, <= 1 turns it off; Flux: the embedded guidance [default: the model's].")
+@click.option("--true-cfg-scale", type=float, default=None, help="Flux only: true classifier-free guidance with --negative-prompt when > 1 [default: 1, off].")
 @click.option("--height", type=int, default=None, help="Image height in pixels [default: the model's native size].")
 @click.option("--width", type=int, default=None, help="Image width in pixels [default: the model's native size].")
 @click.option("--seed", type=int, default=None, help="Random seed [default: random, printed].")
@@ -36,7 +37,7 @@ def main():
 @click.option("--instances", default="encoder=1,dit=1,decoder=1", show_default=True, help="Worker processes per stage.")
 @click.option("--threads", type=int, default=None, help="Torch threads per CPU worker [default: cores / CPU workers].")
 @click.option("-v", "--verbose", is_flag=True, help="Show worker placement, queues and engine logs.")
-def run(prompt, model, negative_prompt, steps, guidance_scale, height, width, seed, out, device, instances, threads, verbose):
+def run(prompt, model, negative_prompt, steps, guidance_scale, true_cfg_scale, height, width, seed, out, device, instances, threads, verbose):
     """Generate one image for PROMPT and write it to --out."""
     from .engine.engine import Engine
     from .engine.requests import build_requests
@@ -51,7 +52,7 @@ def run(prompt, model, negative_prompt, steps, guidance_scale, height, width, se
             model=model, devices=_parse_devices(device), instances=parse_instances(instances), cpu_threads=threads
         )
         info = describe_model(resolve_model_path(config.model))
-        (params,) = build_requests(info, prompt, negative_prompt, steps, guidance_scale, height, width, seed)
+        (params,) = build_requests(info, prompt, negative_prompt, steps, guidance_scale, height, width, seed, true_cfg_scale)
     except ValueError as e:
         raise click.UsageError(_with_flag(str(e))) from None
 
@@ -66,6 +67,7 @@ def run(prompt, model, negative_prompt, steps, guidance_scale, height, width, se
                     params.prompt, negative_prompt=params.negative_prompt,
                     num_inference_steps=params.num_inference_steps, guidance_scale=params.guidance_scale,
                     height=params.height, width=params.width, seed=params.seed, on_progress=bar.update,
+                    true_cfg_scale=params.true_cfg_scale,
                 )
                 result = future.result()
             if verbose:
@@ -102,6 +104,7 @@ def build_tiny(name, rebuild):
 
 
 _FLAGS = {"num_inference_steps": "--steps", "guidance_scale": "--guidance-scale", "negative_prompt": "--negative-prompt",
+          "true_cfg_scale": "--true-cfg-scale",
           "height": "--height", "width": "--width", "seed": "--seed", "model": "--model", "prompt": "PROMPT"}
 
 

@@ -101,6 +101,7 @@ class Engine:
         on_progress: ProgressCallback | None = None,
         priority: int = 0,
         timeout: float | None = None,
+        true_cfg_scale: float | None = None,
     ) -> Future:
         """Queue a request and return a Future of its GenerationResult (cancel() drops it).
 
@@ -108,12 +109,15 @@ class Engine:
         size). Prompt i of a list uses seed + i; a missing seed is drawn at random and reported.
         Higher `priority` is served first at every stage; a request still unfinished `timeout`
         seconds from now fails with RequestTimeout and its remaining work is dropped at the next
-        stage boundary. Raises ValueError naming the field for bad input; the engine keeps serving.
+        stage boundary. `true_cfg_scale` > 1 with a negative prompt turns on Flux's true CFG (a second
+        transformer pass); `guidance_scale` is then still Flux's embedded guidance. Raises ValueError
+        naming the field for bad input; the engine keeps serving.
         """
         if not self._finalizer.alive:
             raise EngineClosed("the engine is closed")
         params = build_requests(
-            self.model_info, prompt, negative_prompt, num_inference_steps, guidance_scale, height, width, seed
+            self.model_info, prompt, negative_prompt, num_inference_steps, guidance_scale, height, width, seed,
+            true_cfg_scale,
         )
         family = self._family
         params = [admit(family, self.model_info, p, self._memory_budgets, self._itemsizes) for p in params]

@@ -4,12 +4,16 @@ Tests and benchmarks need models that go through the real loading code
 (`from_pretrained(local_dir)`) without any model hub. The builders here write a complete
 pipeline folder with random weights; the same builder version gives the same bytes every time.
 
+Models: tiny-sd3, tiny-flux (guidance-embedded, like FLUX.1-dev) and tiny-pixart (PixArt-Sigma).
+
 Pitfalls handled (see shared FACTS.md):
 - tokenizers are built by hand: the `tokenizers` trainers give different ids run to run;
 - CLIP eos must not be id 2, or CLIP falls back to legacy argmax pooling;
 - SD3 pads the CLIP embeddings up to the T5 width: T5 d_model < sum of CLIP widths silently
   truncates them, so T5 d_model == joint_attention_dim >= that sum;
-- models built in memory are in train mode and T5 dropout defaults to 0.1: dropout 0, eval().
+- models built in memory are in train mode and T5 dropout defaults to 0.1: dropout 0, eval();
+- Flux: the RoPE axes must add up to the attention head dim;
+- each builder seeds every component itself, so adding a model never changes another's bytes.
 """
 from __future__ import annotations
 
@@ -100,9 +104,10 @@ def _t5_tokenizer():
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
 
 
-def _clip_encoder(seed: int, tokenizer, hidden: int, proj: int, act: str):
+def _clip_encoder(seed: int, tokenizer, hidden: int, proj: int, act: str, with_projection: bool = True):
+    """CLIPTextModelWithProjection (SD3) or CLIPTextModel (Flux: pooler output only)."""
     import torch
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
     config = CLIPTextConfig(
@@ -113,7 +118,37 @@ def _clip_encoder(seed: int, tokenizer, hidden: int, proj: int, act: str):
         pad_token_id=tokenizer.pad_token_id,
     )
     assert config.eos_token_id != 2  # else legacy argmax pooling
-    return CLIPTextModelWithProjection(config).eval()
+    model_class = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    return model_class(config).eval()
+
+
+def _t5_encoder(seed: int, tokenizer, d_model: int):
+    """A T5 v1.1 encoder (gated-gelu), as SD3, Flux and PixArt use; dropout 0 (default 0.1)."""
+    import torch
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    return T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer), d_model=d_model, d_kv=16, d_ff=2 * d_model, num_layers=2,
+        num_heads=4, dropout_rate=0.0, feed_forward_proj="gated-gelu",
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=0,
+    )).eval()
+
+
+def _vae(seed: int, latent_channels: int, scaling: float, shift: float | None, quant_conv: bool):
+    """AutoencoderKL with the real x8 downscale (4 blocks) and the family's latent statistics."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=latent_channels,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(32, 32, 32, 32),  # 4 blocks: the real x8 downscale
+        layers_per_block=1, norm_num_groups=32, sample_size=128,
+        scaling_factor=scaling, shift_factor=shift,
+        use_quant_conv=quant_conv, use_post_quant_conv=quant_conv,  # SD3/Flux: none; SDXL's VAE: both
+    ).eval()
 
 
 # SD3 "tiny" sizes. Pooled text = concat of the two CLIP projections; the joint text sequence
@@ -122,19 +157,21 @@ SD3_CLIP_WIDTHS = (32, 32)  # hidden == projection dim, as in CLIP-L / CLIP-G
 SD3_T5_DIM = 64  # >= sum(SD3_CLIP_WIDTHS)
 
 
-def build_tiny_sd3(out_dir: pathlib.Path) -> None:
+def _locked(build, out_dir: pathlib.Path) -> None:
     import torch
 
-    assert SD3_T5_DIM >= sum(SD3_CLIP_WIDTHS)
     with _BUILD_LOCK, torch.random.fork_rng():  # leave the caller's RNG state alone
-        _build_tiny_sd3(out_dir)
+        build(out_dir)
+
+
+def build_tiny_sd3(out_dir: pathlib.Path) -> None:
+    assert SD3_T5_DIM >= sum(SD3_CLIP_WIDTHS)
+    _locked(_build_tiny_sd3, out_dir)
 
 
 def _build_tiny_sd3(out_dir: pathlib.Path) -> None:
     import torch
-    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler,
-                           SD3Transformer2DModel, StableDiffusion3Pipeline)
-    from transformers import T5Config, T5EncoderModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
     tok1 = _clip_tokenizer(None)
     tok2 = _clip_tokenizer("!")  # SD3's second CLIP tokenizer pads with "!"
@@ -143,12 +180,7 @@ def _build_tiny_sd3(out_dir: pathlib.Path) -> None:
     te1 = _clip_encoder(1, tok1, w1, w1, "quick_gelu")  # CLIP-L uses quick_gelu
     te2 = _clip_encoder(2, tok2, w2, w2, "gelu")  # CLIP-G uses gelu
 
-    torch.manual_seed(3)
-    te3 = T5EncoderModel(T5Config(
-        vocab_size=len(tok3), d_model=SD3_T5_DIM, d_kv=16, d_ff=2 * SD3_T5_DIM, num_layers=2,
-        num_heads=4, dropout_rate=0.0, feed_forward_proj="gated-gelu",  # T5 v1.1 as in SD3
-        pad_token_id=tok3.pad_token_id, eos_token_id=tok3.eos_token_id, decoder_start_token_id=0,
-    )).eval()
+    te3 = _t5_encoder(3, tok3, SD3_T5_DIM)
 
     torch.manual_seed(4)
     transformer = SD3Transformer2DModel(
@@ -160,15 +192,7 @@ def _build_tiny_sd3(out_dir: pathlib.Path) -> None:
         pos_embed_max_size=64,  # 64 patches * 2 * 8 = up to 1024 px images
     ).eval()
 
-    torch.manual_seed(5)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=16,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(32, 32, 32, 32),  # 4 blocks: the real x8 downscale
-        layers_per_block=1, norm_num_groups=32, sample_size=128,
-        scaling_factor=1.5305, shift_factor=0.0609,  # SD3 VAE latent statistics
-        use_quant_conv=False, use_post_quant_conv=False,  # as in the SD3 VAE
-    ).eval()
+    vae = _vae(5, 16, scaling=1.5305, shift=0.0609, quant_conv=False)  # SD3 VAE latent statistics
 
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
     pipe = StableDiffusion3Pipeline(
@@ -180,7 +204,84 @@ def _build_tiny_sd3(out_dir: pathlib.Path) -> None:
     pipe.save_pretrained(out_dir, safe_serialization=True)
 
 
-TINY_MODELS = {"tiny-sd3": build_tiny_sd3}
+# Flux "tiny" sizes. Pooled text = CLIP's pooler output; the text sequence is T5's alone (512
+# tokens, FluxPipeline's max_sequence_length default).
+FLUX_CLIP_WIDTH = 32
+FLUX_T5_DIM = 32
+
+
+def build_tiny_flux(out_dir: pathlib.Path) -> None:
+    _locked(_build_tiny_flux, out_dir)
+
+
+def _build_tiny_flux(out_dir: pathlib.Path) -> None:
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    tok1, tok2 = _clip_tokenizer(None), _t5_tokenizer()
+    te1 = _clip_encoder(11, tok1, FLUX_CLIP_WIDTH, FLUX_CLIP_WIDTH, "quick_gelu", with_projection=False)
+    te2 = _t5_encoder(12, tok2, FLUX_T5_DIM)
+
+    torch.manual_seed(13)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64,  # 16 latent channels packed 2x2 by the pipeline
+        num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=FLUX_T5_DIM, pooled_projection_dim=FLUX_CLIP_WIDTH,
+        guidance_embeds=True,  # FLUX.1-dev style: the guidance scale is an input, no CFG batch
+        axes_dims_rope=(4, 6, 6),  # RoPE axes (text, row, column) must add up to the head dim
+    ).eval()
+
+    vae = _vae(14, 16, scaling=0.3611, shift=0.1159, quant_conv=False)  # Flux VAE latent statistics
+    # FLUX.1's scheduler config: the shift mu grows with the image's token count (256 -> 4096).
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+        base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096,
+    )
+    pipe = FluxPipeline(
+        transformer=transformer, scheduler=scheduler, vae=vae,
+        text_encoder=te1, tokenizer=tok1, text_encoder_2=te2, tokenizer_2=tok2,
+    )
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+
+
+PIXART_T5_DIM = 32
+
+
+def build_tiny_pixart(out_dir: pathlib.Path) -> None:
+    _locked(_build_tiny_pixart, out_dir)
+
+
+def _build_tiny_pixart(out_dir: pathlib.Path) -> None:
+    import torch
+    from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+
+    tokenizer = _t5_tokenizer()
+    text_encoder = _t5_encoder(21, tokenizer, PIXART_T5_DIM)
+
+    torch.manual_seed(22)
+    transformer = PixArtTransformer2DModel(
+        sample_size=16,  # latent size: default image 128 px (no resolution binning at this size)
+        patch_size=2, in_channels=4, out_channels=8,  # learned sigma: the pipeline keeps half
+        num_layers=2, attention_head_dim=16, num_attention_heads=2,
+        cross_attention_dim=32,  # == the inner dim
+        caption_channels=PIXART_T5_DIM,
+        use_additional_conditions=False,  # as PixArt-Sigma: no resolution/aspect micro-conditions
+    ).eval()
+
+    vae = _vae(23, 4, scaling=0.13025, shift=None, quant_conv=True)  # SDXL's VAE, as PixArt-Sigma
+    # PixArt-Sigma's scheduler config (DPM-Solver++ 2M, linear betas, epsilon prediction).
+    scheduler = DPMSolverMultistepScheduler(
+        num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+        algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint",
+        prediction_type="epsilon", lower_order_final=True, timestep_spacing="linspace",
+    )
+    pipe = PixArtSigmaPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae, scheduler=scheduler,
+    )
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+
+
+TINY_MODELS = {"tiny-sd3": build_tiny_sd3, "tiny-flux": build_tiny_flux, "tiny-pixart": build_tiny_pixart}
 
 
 def cache_dir() -> pathlib.Path:

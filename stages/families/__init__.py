@@ -6,11 +6,15 @@ import json
 from pathlib import Path
 
 from .base import Family, ModelInfo
+from .flux import FluxFamily
+from .pixart import PixArtSigmaFamily
 from .sd3 import SD3Family
 from .synthetic import PREFIX as SYNTHETIC_PREFIX
 from .synthetic import SyntheticFamily
 
-FAMILIES: dict[str, Family] = {family.pipeline_class: family for family in (SD3Family(),)}
+FAMILIES: dict[str, Family] = {
+    family.pipeline_class: family for family in (SD3Family(), FluxFamily(), PixArtSigmaFamily())
+}
 
 
 def detect_family(path: str | Path) -> Family:

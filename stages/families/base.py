@@ -27,6 +27,7 @@ class ModelInfo:
     num_inference_steps: int  # diffusers' default number of steps
     guidance_scale: float  # diffusers' default guidance scale
     dims: Mapping[str, int] = field(default_factory=dict)  # sizes the memory estimates need
+    true_cfg: bool = False  # runs true CFG (true_cfg_scale > 1 with a negative prompt): Flux
 
 
 class Family:
@@ -68,6 +69,51 @@ class Family:
     def decode(self, model: Any, inputs: Tensors, params: RequestParams) -> Tensors:
         """Return {"image": uint8 tensor (batch, height, width, channels)} on the CPU."""
         raise NotImplementedError
+
+
+# Activation estimates (not measurements): a handful of full-size maps live at once.
+LIVE_MAPS_VAE = 6  # up-block resnets keep input, two norms/convs and the skip at full size
+LIVE_MAPS_DIT = 12  # qkv, attention out, MLP (4x) and residuals per token
+
+
+def image_peak_bytes(info: ModelInfo, stage: str, params: RequestParams, itemsize: int, *,
+                     text_batch: int, dit_batch: int, joint_text: bool) -> int:
+    """The estimate SD3Family.peak_bytes makes, for any image DiT + AutoencoderKL family.
+
+    text_batch: prompts encoded per request (2 with a negative prompt in use); dit_batch: rows
+    of one transformer forward (2 when CFG runs as one batch, 1 when its passes run one after
+    the other); joint_text: the text tokens join the image tokens in the transformer's sequence
+    (MMDiT) rather than only being attended to (cross-attention).
+    Needs dims text_tokens, text_width, dit_width, vae_factor, patch, vae_channels, vae_tile."""
+    d, h, w = info.dims, params.height, params.width
+    if stage == "encoder":
+        return text_batch * d["text_tokens"] * d["text_width"] * LIVE_MAPS_DIT * itemsize
+    if stage == "dit":
+        tokens = (h // d["vae_factor"] // d["patch"]) * (w // d["vae_factor"] // d["patch"])
+        tokens += d["text_tokens"] if joint_text else 0
+        return dit_batch * tokens * d["dit_width"] * LIVE_MAPS_DIT * itemsize
+    pixels_out = 3 * h * w * 4  # float32 image before the uint8 conversion
+    if params.vae_tiling:  # one tile's maps, plus the decoded tiles and the blended image
+        tile = min(d["vae_tile"], max(h, w))
+        return LIVE_MAPS_VAE * d["vae_channels"] * tile * tile * itemsize + 2 * pixels_out
+    return LIVE_MAPS_VAE * d["vae_channels"] * h * w * itemsize + pixels_out
+
+
+def vae_dims(vae: dict) -> dict[str, int]:
+    """The decoder's sizes for the estimates, from an AutoencoderKL config.json."""
+    return {
+        "vae_channels": vae["block_out_channels"][0],  # channels of the full-resolution maps
+        "vae_tile": vae.get("sample_size", 1024),  # AutoencoderKL's tile_sample_min_size
+        "vae_factor": 2 ** (len(vae["block_out_channels"]) - 1),
+    }
+
+
+def uint8_pixels(pixels) -> torch.Tensor:
+    """VaeImageProcessor's float [0, 1] numpy images -> uint8, rounded as its numpy_to_pil does,
+    so PIL images made from them equal diffusers' own."""
+    import numpy as np
+
+    return torch.from_numpy((pixels * 255).round().astype(np.uint8))
 
 
 def read_json(path: Path) -> dict:

@@ -12,11 +12,10 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ...engine.protocol import RequestParams
-from .base import Family, ModelInfo, OnStep, Tensors, read_json
+from .base import Family, ModelInfo, OnStep, Tensors, image_peak_bytes, read_json, uint8_pixels
 
 _TEXT_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")
 
@@ -50,23 +49,9 @@ class SD3Family(Family):
             },
         )
 
-    # Activation estimates (not measurements): a handful of full-size maps live at once.
-    LIVE_MAPS_VAE = 6  # up-block resnets keep input, two norms/convs and the skip at full size
-    LIVE_MAPS_DIT = 12  # qkv, attention out, MLP (4x) and residuals per token, both streams
-
     def peak_bytes(self, info: ModelInfo, stage: str, params: RequestParams, itemsize: int) -> int:
-        d, h, w = info.dims, params.height, params.width
-        batch = 2 if params.guidance_scale > 1 else 1
-        if stage == "encoder":
-            return batch * d["text_tokens"] * d["text_width"] * self.LIVE_MAPS_DIT * itemsize
-        if stage == "dit":
-            tokens = (h // d["vae_factor"] // d["patch"]) * (w // d["vae_factor"] // d["patch"]) + d["text_tokens"]
-            return batch * tokens * d["dit_width"] * self.LIVE_MAPS_DIT * itemsize
-        pixels_out = 3 * h * w * 4  # float32 image before the uint8 conversion
-        if params.vae_tiling:  # one tile's maps, plus the decoded tiles and the blended image
-            tile = min(d["vae_tile"], max(h, w))
-            return self.LIVE_MAPS_VAE * d["vae_channels"] * tile * tile * itemsize + 2 * pixels_out
-        return self.LIVE_MAPS_VAE * d["vae_channels"] * h * w * itemsize + pixels_out
+        batch = 2 if params.guidance_scale > 1 else 1  # negative + positive as one batch
+        return image_peak_bytes(info, stage, params, itemsize, text_batch=batch, dit_batch=batch, joint_text=True)
 
     def supports_vae_tiling(self) -> bool:
         return True
@@ -150,5 +135,4 @@ class SD3Family(Family):
             latents = (latents / vae.config.scaling_factor) + vae.config.shift_factor
             image = vae.decode(latents, return_dict=False)[0]
             pixels = processor.postprocess(image, output_type="np")
-        # The same rounding as VaeImageProcessor.numpy_to_pil, so PIL images equal diffusers'.
-        return {"image": torch.from_numpy((pixels * 255).round().astype(np.uint8))}
+        return {"image": uint8_pixels(pixels)}

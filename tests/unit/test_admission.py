@@ -51,3 +51,23 @@ def test_a_request_too_big_even_in_tiles_is_refused_naming_height_width(sd3):
     tiled = family.peak_bytes(info, "decoder", params(512, tiling=True), 4)
     with pytest.raises(ValueError, match=r"^height/width: a 512x512 request needs about .* GiB .* decoder .* tiles"):
         admit(family, info, params(512), budgets(tiled / 2 / GIB), ITEMSIZES)
+
+
+def test_flux_and_pixart_estimates_follow_how_they_run():
+    """Flux's true CFG encodes two prompts but runs its two transformer passes one after the
+    other; PixArt's CFG is one batch of two in the transformer."""
+    from dfuse.engine.protocol import RequestParams as P
+    from dfuse.stages.families import describe_model, detect_family
+
+    flux_path, pixart_path = tiny_model_path("tiny-flux"), tiny_model_path("tiny-pixart")
+    flux, flux_info = detect_family(flux_path), describe_model(flux_path)
+    plain, cfg = P("a fox", "blurry", 4, 3.5, 256, 256, 0), P("a fox", "blurry", 4, 3.5, 256, 256, 0, true_cfg_scale=4.0)
+    assert flux.peak_bytes(flux_info, "encoder", cfg, 4) == 2 * flux.peak_bytes(flux_info, "encoder", plain, 4)
+    assert flux.peak_bytes(flux_info, "dit", cfg, 4) == flux.peak_bytes(flux_info, "dit", plain, 4)
+    pixart, pixart_info = detect_family(pixart_path), describe_model(pixart_path)
+    for family, info in ((flux, flux_info), (pixart, pixart_info)):
+        for stage in ("dit", "decoder"):
+            assert family.peak_bytes(info, stage, params(512), 4) > family.peak_bytes(info, stage, params(256), 4)
+        assert family.supports_vae_tiling()
+        assert family.peak_bytes(info, "decoder", params(1024, tiling=True), 4) < family.peak_bytes(info, "decoder", params(1024), 4)
+    assert pixart.peak_bytes(pixart_info, "dit", params(256, 4.5), 4) == 2 * pixart.peak_bytes(pixart_info, "dit", params(256, 1.0), 4)

@@ -5,6 +5,8 @@ import shutil
 import pytest
 
 from dfuse.stages.families import FAMILIES, describe_model, detect_family
+from dfuse.stages.families.flux import FluxFamily
+from dfuse.stages.families.pixart import PixArtSigmaFamily
 from dfuse.stages.families.sd3 import SD3Family
 from dfuse.stages.tiny import tiny_model_path
 
@@ -45,12 +47,19 @@ def test_unreadable_model_index(tmp_path, content):
     assert "model_index.json" in message and "StableDiffusion3Pipeline" in message
 
 
-@pytest.mark.parametrize("class_name", ["FluxPipeline", "StableDiffusionXLPipeline", None, 3])
+@pytest.mark.parametrize("class_name", ["PixArtAlphaPipeline", "StableDiffusionXLPipeline", "FluxImg2ImgPipeline", None, 3])
 def test_unsupported_pipeline_lists_the_supported_ones(tmp_path, class_name):
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": class_name}))
     message = _model_error(detect_family, tmp_path)
     assert "not supported" in message and repr(class_name) in message
-    assert "StableDiffusion3Pipeline" in message
+    assert "FluxPipeline, PixArtSigmaPipeline, StableDiffusion3Pipeline" in message
+
+
+@pytest.mark.parametrize("class_name, family", [("FluxPipeline", FluxFamily), ("PixArtSigmaPipeline", PixArtSigmaFamily)])
+def test_detected_from_model_index_class_name(tmp_path, class_name, family):
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": class_name}))
+    assert isinstance(detect_family(tmp_path), family)
+    assert f"not a complete {class_name} folder" in _model_error(describe_model, tmp_path)
 
 
 def test_unhashable_class_name(tmp_path):
@@ -78,3 +87,24 @@ def test_tiny_model_is_detected_and_described():
     assert info.family == "sd3" and info.path == path.resolve()
     assert (info.pixel_multiple, info.default_size, info.max_size) == (16, 128, 1024)
     assert info.num_inference_steps == 28 and info.guidance_scale == 7.0
+
+
+def test_tiny_flux_is_detected_and_described():
+    path = tiny_model_path("tiny-flux")
+    assert FAMILIES["FluxPipeline"] is detect_family(path)
+    info = describe_model(path)
+    assert info.family == "flux" and info.true_cfg
+    # FluxPipeline's defaults: 1024 px (128 latent pixels x 8), 28 steps, embedded guidance 3.5.
+    assert (info.pixel_multiple, info.default_size) == (16, 1024)
+    assert info.num_inference_steps == 28 and info.guidance_scale == 3.5
+    assert info.dims["text_tokens"] == 512 and info.dims["patch"] == 2
+
+
+def test_tiny_pixart_is_detected_and_described():
+    path = tiny_model_path("tiny-pixart")
+    assert FAMILIES["PixArtSigmaPipeline"] is detect_family(path)
+    info = describe_model(path)
+    assert info.family == "pixart" and not info.true_cfg
+    assert (info.pixel_multiple, info.default_size) == (16, 128)  # transformer sample_size 16 x 8
+    assert info.num_inference_steps == 20 and info.guidance_scale == 4.5
+    assert info.dims["text_tokens"] == 300

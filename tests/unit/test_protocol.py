@@ -26,6 +26,7 @@ _pool = wire.PoolInfo(
 TO_WORKER = [
     wire.StageTask(0, _params, [], _slot),
     wire.StageTask(7, wire.RequestParams("", "blurry", 1, 0.0, 16, 16, 0), [_ref, _ref], _slot, report_progress=True),
+    wire.StageTask(8, wire.RequestParams("a fox", "blurry", 2, 3.5, 64, 64, 1, true_cfg_scale=4.0), [], _slot),
     wire.OpenPool(_pool),
     wire.Shutdown(),
 ]

@@ -1,4 +1,5 @@
 """build_requests: defaults, seeds per prompt, and a ValueError naming the field for bad input."""
+import dataclasses
 import math
 import re
 from collections import UserList
@@ -110,6 +111,28 @@ def test_bad_guidance(guidance):
 
 def test_huge_integer_guidance():
     assert _error_field(guidance_scale=10**400) == "guidance_scale"
+
+
+FLUX_INFO = dataclasses.replace(INFO, family="flux", guidance_scale=3.5, true_cfg=True)
+
+
+def test_true_cfg_defaults_to_off_and_is_kept_for_flux():
+    assert build_requests(INFO, "x", seed=0)[0].true_cfg_scale == 1.0
+    (params,) = build_requests(FLUX_INFO, "x", "blurry", seed=0, true_cfg_scale=4)
+    assert params.true_cfg_scale == 4.0 and type(params.true_cfg_scale) is float
+    assert params.guidance_scale == 3.5  # still the embedded guidance
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -1, 100.5, 10**400, "4", True, [4]])
+def test_bad_true_cfg(value):
+    with pytest.raises(ValueError, match=r"^true_cfg_scale: .*\[0, 100\]"):
+        build_requests(FLUX_INFO, "x", true_cfg_scale=value)
+
+
+def test_true_cfg_is_refused_by_families_without_it():
+    assert build_requests(INFO, "x", seed=0, true_cfg_scale=1)[0].true_cfg_scale == 1.0  # off: harmless
+    with pytest.raises(ValueError, match=r"^true_cfg_scale: the sd3 family has no true CFG"):
+        build_requests(INFO, "x", "blurry", true_cfg_scale=4.0)
 
 
 @pytest.mark.parametrize("field", ["height", "width"])

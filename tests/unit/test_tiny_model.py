@@ -1,4 +1,4 @@
-"""Tiny random SD3 model: byte-deterministic builds, cache path, real diffusers loading."""
+"""Tiny random models (SD3, Flux, PixArt-Sigma): byte-deterministic builds, cache path, real diffusers loading."""
 import os
 import pathlib
 import threading
@@ -15,14 +15,15 @@ def _files(root: pathlib.Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def test_two_builds_are_byte_identical(tmp_path):
-    tiny.build_tiny_sd3(tmp_path / "a")
-    tiny.build_tiny_sd3(tmp_path / "b")
+@pytest.mark.parametrize("name", sorted(tiny.TINY_MODELS))
+def test_two_builds_are_byte_identical(tmp_path, name):
+    tiny.TINY_MODELS[name](tmp_path / "a")
+    tiny.TINY_MODELS[name](tmp_path / "b")
     a, b = _files(tmp_path / "a"), _files(tmp_path / "b")
     assert "model_index.json" in a and "transformer/diffusion_pytorch_model.safetensors" in a
     assert sorted(a) == sorted(b)
-    for name in a:
-        assert a[name] == b[name], name
+    for file in a:
+        assert a[file] == b[file], (name, file)
 
 
 def test_unknown_name_raises(tmp_path, monkeypatch):
@@ -86,3 +87,22 @@ def test_pipeline_loads_and_generates(tmp_path, monkeypatch):
         tokenizer=None, tokenizer_2=None, tokenizer_3=None, vae=None,
     )
     assert dit.transformer is not None and dit.text_encoder is None
+
+
+@pytest.mark.parametrize("name, pipeline, latent_channels, scaling", [
+    ("tiny-flux", "FluxPipeline", 16, 0.3611), ("tiny-pixart", "PixArtSigmaPipeline", 4, 0.13025),
+])
+def test_other_families_load_with_their_pipeline(tmp_path, monkeypatch, name, pipeline, latent_channels, scaling):
+    import diffusers
+    import torch
+
+    monkeypatch.setenv("DFUSE_CACHE", str(tmp_path))
+    path = tiny.tiny_model_path(name)
+    assert path.name == f"{name}-v{tiny.BUILDER_VERSION}"
+    pipe = getattr(diffusers, pipeline).from_pretrained(path)
+    assert type(pipe).__name__ == pipeline
+    assert pipe.vae.config.latent_channels == latent_channels and pipe.vae.config.scaling_factor == scaling
+    extra = {"use_resolution_binning": False, "clean_caption": False} if name == "tiny-pixart" else {}
+    img = pipe("a red fox", num_inference_steps=2, height=32, width=48,
+               generator=torch.Generator().manual_seed(0), **extra).images[0]
+    assert img.size == (48, 32) and np.asarray(img).std() > 0

@@ -1,0 +1,158 @@
+"""FLUX.1 (FluxPipeline components), split into three stages.
+
+encoder: CLIP (pooled output only) + T5 -> prompt embeddings; the negative prompt's too when
+         true CFG is on (true_cfg_scale > 1 with a negative prompt), because Flux runs it as a
+         second transformer pass with its own embeddings, not as a CFG batch.
+dit:     FluxTransformer2DModel + FlowMatch scheduler, driven by the pipeline's own __call__
+         with prompt_embeds= and output_type="latent": latent packing (2x2 patches), img/txt
+         ids, the resolution-dependent shift mu, the guidance embedding and true CFG are all
+         diffusers' own. Its output stays packed: (batch, tokens, 64).
+decoder: AutoencoderKL: unpack, unscale/shift, vae.decode, VaeImageProcessor -> uint8 pixels,
+         exactly as FluxPipeline does after its loop.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+
+from ...engine.protocol import RequestParams
+from .base import Family, ModelInfo, OnStep, Tensors, image_peak_bytes, read_json, uint8_pixels, vae_dims
+
+_TEXT_COMPONENTS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+PACK = 2  # the pipeline packs 2x2 latent pixels into one token
+DEFAULT_SAMPLE_SIZE = 128  # FluxPipeline.default_sample_size (latent pixels): 1024 px images
+MAX_SEQUENCE_LENGTH = 512  # FluxPipeline's default T5 length (FLUX.1-schnell users often pass 256)
+# RoPE positions are computed for any size, so no table bounds the image; 4096 px (a 4x larger
+# side than FLUX.1 was trained at) is a sanity cap, and memory admission does the rest.
+MAX_SIZE = 4096
+
+
+def true_cfg(params: RequestParams) -> bool:
+    """diffusers' rule (FluxPipeline.__call__): a second pass with the negative prompt's
+    embeddings when true_cfg_scale > 1 and a negative prompt (even "") is given."""
+    return params.true_cfg_scale > 1 and params.negative_prompt is not None
+
+
+class FluxFamily(Family):
+    name = "flux"
+    pipeline_class = "FluxPipeline"
+
+    def describe(self, path: Path) -> ModelInfo:
+        transformer = read_json(path / "transformer" / "config.json")
+        vae = vae_dims(read_json(path / "vae" / "config.json"))
+        return ModelInfo(
+            path=path,
+            family=self.name,
+            pixel_multiple=vae["vae_factor"] * PACK,
+            default_size=DEFAULT_SAMPLE_SIZE * vae["vae_factor"],
+            max_size=MAX_SIZE,
+            num_inference_steps=28,
+            # Embedded guidance (FLUX.1-dev); a model without guidance_embeds ignores it.
+            guidance_scale=3.5,
+            dims={
+                "dit_width": transformer["num_attention_heads"] * transformer["attention_head_dim"],
+                "text_tokens": MAX_SEQUENCE_LENGTH,  # T5 tokens join the image tokens (MMDiT)
+                "text_width": transformer["joint_attention_dim"],
+                "patch": PACK * transformer.get("patch_size", 1),
+                **vae,
+            },
+            true_cfg=True,
+        )
+
+    def peak_bytes(self, info: ModelInfo, stage: str, params: RequestParams, itemsize: int) -> int:
+        # True CFG encodes two prompts, but its two transformer passes run one after the other.
+        return image_peak_bytes(info, stage, params, itemsize, text_batch=2 if true_cfg(params) else 1,
+                                dit_batch=1, joint_text=True)
+
+    def supports_vae_tiling(self) -> bool:
+        return True
+
+    # 1. Encoder
+    def load_encoder(self, path, device, dtype):
+        from diffusers import FluxPipeline
+
+        pipe = FluxPipeline.from_pretrained(path, transformer=None, vae=None, dtype=dtype)
+        return pipe.to(device)
+
+    def encode(self, pipe, params: RequestParams) -> Tensors:
+        prompts = {"": params.prompt}
+        if true_cfg(params):
+            prompts["negative_"] = params.negative_prompt
+        outputs = {}
+        with torch.inference_mode():
+            for prefix, prompt in prompts.items():
+                # text_ids (zeros) are not sent: the DiT's own encode_prompt rebuilds them.
+                embeds, pooled, _text_ids = pipe.encode_prompt(
+                    prompt=prompt, prompt_2=None, device=pipe._execution_device,
+                    max_sequence_length=MAX_SEQUENCE_LENGTH,
+                )
+                outputs |= {f"{prefix}prompt_embeds": embeds, f"{prefix}pooled_prompt_embeds": pooled}
+        return outputs
+
+    # 2. Diffusion transformer
+    def load_dit(self, path, device, dtype):
+        from diffusers import FluxPipeline
+
+        pipe = FluxPipeline.from_pretrained(path, vae=None, dtype=dtype, **{n: None for n in _TEXT_COMPONENTS})
+        # Without a VAE the pipeline assumes a factor of 8 for the latent size: use the real one.
+        pipe.vae_scale_factor = vae_dims(read_json(Path(path) / "vae" / "config.json"))["vae_factor"]
+        pipe.set_progress_bar_config(disable=True)
+        # Schedulers keep state between calls: every request starts from a copy of this one.
+        return pipe.to(device), copy.deepcopy(pipe.scheduler)
+
+    def denoise(self, model, inputs: Tensors, params: RequestParams, on_step: OnStep) -> Tensors:
+        pipe, pristine_scheduler = model
+        device = pipe._execution_device
+        pipe.scheduler = copy.deepcopy(pristine_scheduler)
+        total = params.num_inference_steps
+
+        def step_end(_pipe, index, _timestep, kwargs):
+            on_step(index + 1, total)
+            return kwargs
+
+        with torch.inference_mode():
+            latents = pipe(
+                # negative_* are present only with true CFG: the pipeline's own rule then holds.
+                **{name: t.to(device) for name, t in inputs.items()},
+                true_cfg_scale=params.true_cfg_scale,
+                num_inference_steps=total,
+                guidance_scale=params.guidance_scale,
+                height=params.height,
+                width=params.width,
+                max_sequence_length=MAX_SEQUENCE_LENGTH,
+                # A CPU generator, as in the diffusers reference: same noise on every device.
+                generator=torch.Generator("cpu").manual_seed(params.seed),
+                output_type="latent",
+                callback_on_step_end=step_end,
+            ).images
+        return {"latents": latents}
+
+    # 3. VAE decoder
+    def load_decoder(self, path, device, dtype):
+        from diffusers import AutoencoderKL
+        from diffusers.image_processor import VaeImageProcessor
+
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", dtype=dtype).to(device)
+        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        return vae, VaeImageProcessor(vae_scale_factor=factor * PACK), factor  # as FluxPipeline builds it
+
+    def decode(self, model, inputs: Tensors, params: RequestParams) -> Tensors:
+        from diffusers import FluxPipeline
+
+        vae, processor, factor = model
+        # The same switch as diffusers' `pipe.vae.enable_tiling()`: its tiled output, exactly.
+        if params.vae_tiling:
+            vae.enable_tiling()
+        else:
+            vae.disable_tiling()
+        with torch.inference_mode():
+            # FluxPipeline.__call__ after its loop, step by step.
+            latents = FluxPipeline._unpack_latents(inputs["latents"], params.height, params.width, factor)
+            latents = (latents / vae.config.scaling_factor) + vae.config.shift_factor
+            latents = latents.to(vae.device)
+            image = vae.decode(latents, return_dict=False)[0]
+            pixels = processor.postprocess(image, output_type="np")
+        return {"image": uint8_pixels(pixels)}

@@ -1,0 +1,153 @@
+"""PixArt-Sigma (PixArtSigmaPipeline components), split into three stages.
+
+encoder: T5 -> prompt embeddings and their attention masks (int64 tensors: the transformer's
+         cross-attention must skip the padding of the 300-token sequence); the negative
+         prompt's too when guidance_scale > 1, because PixArt runs negative and positive as one
+         batch in the DiT.
+dit:     PixArtTransformer2DModel + DPM-Solver, driven by the pipeline's own __call__ with
+         prompt_embeds=, prompt_attention_mask= and output_type="latent".
+decoder: AutoencoderKL (SDXL's): unscale, vae.decode, PixArtImageProcessor -> uint8 pixels.
+
+Two pipeline defaults are fixed here, and references must pass the same:
+- clean_caption=False: cleaning needs bs4 and ftfy, and diffusers itself falls back to
+  False (lower-case and strip) without them, so the default's result depends on the machine;
+- use_resolution_binning=False: the image is rendered at the requested size (binning renders
+  at the nearest trained aspect-ratio bucket and resizes; it only exists for sample sizes
+  32/64/128/256, so not for small models).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+
+from ...engine.protocol import RequestParams
+from .base import Family, ModelInfo, OnStep, Tensors, image_peak_bytes, read_json, uint8_pixels, vae_dims
+
+MAX_SEQUENCE_LENGTH = 300  # PixArtSigmaPipeline's default T5 length
+# The sin-cos position embedding is recomputed for any other size, so no table bounds the
+# image; 4096 px is PixArt-Sigma's largest trained size (its "4K" model).
+MAX_SIZE = 4096
+
+
+class PixArtSigmaFamily(Family):
+    name = "pixart"
+    pipeline_class = "PixArtSigmaPipeline"
+
+    def describe(self, path: Path) -> ModelInfo:
+        transformer = read_json(path / "transformer" / "config.json")
+        vae = vae_dims(read_json(path / "vae" / "config.json"))
+        patch = transformer["patch_size"]
+        return ModelInfo(
+            path=path,
+            family=self.name,
+            pixel_multiple=vae["vae_factor"] * patch,
+            default_size=transformer["sample_size"] * vae["vae_factor"],
+            max_size=MAX_SIZE,
+            num_inference_steps=20,
+            guidance_scale=4.5,
+            dims={
+                "dit_width": transformer["num_attention_heads"] * transformer["attention_head_dim"],
+                "text_tokens": MAX_SEQUENCE_LENGTH,
+                "text_width": transformer["caption_channels"],
+                "patch": patch,
+                **vae,
+            },
+        )
+
+    def peak_bytes(self, info: ModelInfo, stage: str, params: RequestParams, itemsize: int) -> int:
+        batch = 2 if params.guidance_scale > 1 else 1
+        # Text enters through cross-attention only: the transformer's sequence is image tokens.
+        return image_peak_bytes(info, stage, params, itemsize, text_batch=batch, dit_batch=batch, joint_text=False)
+
+    def supports_vae_tiling(self) -> bool:
+        return True
+
+    # 1. Encoder
+    def load_encoder(self, path, device, dtype):
+        from diffusers import PixArtSigmaPipeline
+
+        pipe = PixArtSigmaPipeline.from_pretrained(path, transformer=None, vae=None, dtype=dtype)
+        return pipe.to(device)
+
+    def encode(self, pipe, params: RequestParams) -> Tensors:
+        guided = params.guidance_scale > 1
+        with torch.inference_mode():
+            embeds, mask, negative_embeds, negative_mask = pipe.encode_prompt(
+                params.prompt,
+                do_classifier_free_guidance=guided,
+                # The pipeline's default negative prompt is "" (None would not tokenize).
+                negative_prompt="" if params.negative_prompt is None else params.negative_prompt,
+                device=pipe._execution_device,
+                clean_caption=False,
+                max_sequence_length=MAX_SEQUENCE_LENGTH,
+            )
+        outputs = {"prompt_embeds": embeds, "prompt_attention_mask": mask}
+        if guided:
+            outputs |= {"negative_prompt_embeds": negative_embeds, "negative_prompt_attention_mask": negative_mask}
+        return outputs
+
+    # 2. Diffusion transformer
+    def load_dit(self, path, device, dtype):
+        from diffusers import PixArtSigmaPipeline
+
+        pipe = PixArtSigmaPipeline.from_pretrained(path, vae=None, text_encoder=None, tokenizer=None, dtype=dtype)
+        # Without a VAE the pipeline assumes a factor of 8 for the latent size: use the real one.
+        pipe.vae_scale_factor = vae_dims(read_json(Path(path) / "vae" / "config.json"))["vae_factor"]
+        pipe.set_progress_bar_config(disable=True)
+        # DPM-Solver keeps the previous model outputs between steps: a fresh copy per request.
+        return pipe.to(device), copy.deepcopy(pipe.scheduler)
+
+    def denoise(self, model, inputs: Tensors, params: RequestParams, on_step: OnStep) -> Tensors:
+        pipe, pristine_scheduler = model
+        device = pipe._execution_device
+        pipe.scheduler = copy.deepcopy(pristine_scheduler)
+        total = params.num_inference_steps
+
+        # PixArt's pipeline has the older per-step `callback(step, timestep, latents)` only.
+        def step_done(step, _timestep, _latents):
+            on_step(step + 1, total)
+
+        with torch.inference_mode():
+            latents = pipe(
+                # negative_prompt must be None next to negative_prompt_embeds (check_inputs).
+                negative_prompt=None,
+                **{name: t.to(device) for name, t in inputs.items()},
+                num_inference_steps=total,
+                guidance_scale=params.guidance_scale,
+                height=params.height,
+                width=params.width,
+                # A CPU generator, as in the diffusers reference: same noise on every device.
+                generator=torch.Generator("cpu").manual_seed(params.seed),
+                output_type="latent",
+                use_resolution_binning=False,
+                clean_caption=False,
+                max_sequence_length=MAX_SEQUENCE_LENGTH,
+                callback=step_done,
+                callback_steps=1,
+            ).images
+        return {"latents": latents}
+
+    # 3. VAE decoder
+    def load_decoder(self, path, device, dtype):
+        from diffusers import AutoencoderKL
+        from diffusers.image_processor import PixArtImageProcessor
+
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", dtype=dtype).to(device)
+        processor = PixArtImageProcessor(vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1))
+        return vae, processor
+
+    def decode(self, model, inputs: Tensors, params: RequestParams) -> Tensors:
+        vae, processor = model
+        if params.vae_tiling:
+            vae.enable_tiling()
+        else:
+            vae.disable_tiling()
+        latents = inputs["latents"].to(vae.device)
+        with torch.inference_mode():
+            # PixArtSigmaPipeline.__call__ after its loop: cast first, then unscale (no shift).
+            image = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+            pixels = processor.postprocess(image, output_type="np")
+        return {"image": uint8_pixels(pixels)}
