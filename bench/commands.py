@@ -97,3 +97,7 @@ bench.add_command(pipeline_command)
 from .simulate import simulate  # noqa: E402
 
 bench.add_command(simulate)
+
+from .chaos import chaos_command  # noqa: E402
+
+bench.add_command(chaos_command)

@@ -94,6 +94,10 @@ def _prompts(field: str, value, allow_none: bool) -> list:
             raise ValueError(f"{field}[{i}]: must be a string (got {type(item).__name__})")
         if len(item) > MAX_PROMPT_CHARS:
             raise ValueError(f"{field}[{i}]: at most {MAX_PROMPT_CHARS} characters (got {len(item)})")
+        try:
+            item.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"{field}[{i}]: must be valid Unicode text ({e.reason} at position {e.start})") from None
     return values
 
 

@@ -256,7 +256,7 @@ class Router:
 
     # --- messages from workers ---------------------------------------------------------------
     def _on_ready(self, worker: Worker, message: wire.Ready) -> None:
-        worker.ready, worker.load_s = True, message.load_s
+        worker.ready, worker.load_s, worker.load_deaths = True, message.load_s, 0
         if worker.died_at is not None:
             self._recovery_s.append(time.monotonic() - worker.died_at)
             worker.died_at = None
@@ -345,9 +345,8 @@ class Router:
                     self._enqueue(queue.pop())  # drops or fails it
                     continue
                 worker = self._pick_worker(stage)
-                if worker is None:
-                    break
-                self._send_task(worker, queue.pop())
+                if worker is None or not self._send_task(worker, queue.pop()):
+                    break  # retrying the same unreachable worker at once would spin forever
 
     def _pick_worker(self, stage: str) -> Worker | None:
         """The ready instance with the least work in flight that has a free output slot."""
@@ -358,19 +357,27 @@ class Router:
         ]
         return min(candidates, key=lambda w: (len(w.inflight), w.id), default=None)
 
-    def _send_task(self, worker: Worker, request: Request) -> None:
+    def _send_task(self, worker: Worker, request: Request) -> bool:
+        """Hand `request` to `worker`; False if the worker cannot take it now (put back)."""
         slot = worker.pool.acquire(request.id)
         task = wire.StageTask(
             request.id, request.params, request.inputs, slot,
             report_progress=request.on_progress is not None and worker.stage == "dit",
         )
-        if not self._send(worker, task):
+        try:
+            sent = self._send(worker, task)
+        except Exception as e:  # the request itself cannot be encoded: fail it alone
+            worker.pool.release(slot.offset)
+            self._fail(request, RequestFailed(f"request {request.id} could not be sent to a worker: {e}"))
+            return True
+        if not sent:  # e.g. it died a moment ago; the health check will replace it
             worker.pool.release(slot.offset)
             self._queues[worker.stage].push(request)
-            return
+            return False
         request.output_offset = slot.offset
         request.waited_s = time.monotonic() - request.queued_at
         worker.inflight[request.id] = request
+        return True
 
     # --- requests leaving the engine ---------------------------------------------------------
     def _finish(self, request: Request, worker: Worker, outputs: list[wire.TensorRef]) -> None:
@@ -450,8 +457,13 @@ class Router:
                 continue
             code = worker.process.process.exitcode
             if not worker.ready:
-                self._fatal(f"{worker.stage} worker {worker.id} exited with code {code} before it was ready")
-                return
+                worker.load_deaths += 1
+                # At first start-up a death while loading means the model or device is unusable;
+                # later it is a replacement that was killed too (chaos, OOM killer): try again.
+                if not self.ready.is_set() or worker.load_deaths >= self.config.max_attempts:
+                    self._fatal(f"{worker.stage} worker {worker.id} exited with code {code} before it was "
+                                f"ready ({worker.load_deaths} time(s) in a row)")
+                    return
             log.warning("%s worker %d died (exit code %s); restarting it", worker.stage, worker.id, code)
             self._recover(worker, code)
 
@@ -460,9 +472,13 @@ class Router:
         worker.process.kill()
         worker.socket.close()
         worker.ready = False
-        for request in sorted(worker.inflight.values(), key=lambda r: r.id, reverse=True):
+        # A worker computes its tasks in the order it got them: only the first was running when
+        # it died and may be the cause (a poison request); the ones queued beside it are not
+        # charged an attempt, or they would share a poison request's fate.
+        computing = next(iter(worker.inflight), None)
+        for request in list(worker.inflight.values()):
             worker.pool.release(request.output_offset)
-            request.attempts += 1
+            request.attempts += request.id == computing
             if request.attempts >= self.config.max_attempts:
                 self._fail(request, RequestFailed(
                     f"the {worker.stage} workers running request {request.id} died {request.attempts} "

@@ -83,6 +83,7 @@ class Worker:
     ready: bool = False
     generation: int = 0
     restarts: int = 0
+    load_deaths: int = 0  # deaths in a row before READY (a replacement killed while loading)
     load_s: float = 0.0
     died_at: float | None = None  # monotonic time its death was noticed, until its replacement is READY
     moving_to: str | None = None  # draining before it restarts as a worker of this stage

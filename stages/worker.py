@@ -185,14 +185,17 @@ def _receive(context, spec: WorkerSpec, endpoint: Endpoint, tasks: queue.Queue, 
             log.warning("dropped a malformed message (%d bytes): %s", len(frame), e)
             continue
         received_at = time.perf_counter()
-        try:
-            if isinstance(message, wire.OpenPool):
+        if isinstance(message, wire.OpenPool):
+            try:
                 endpoint.open_pool(message.pool)  # before any task that reads it: same socket, in order
-                continue
-            if isinstance(message, wire.StageTask):
+            except Exception:  # tasks reading it will fail one by one, with the error
+                log.warning("could not open pool %s:\n%s", message.pool.name, traceback.format_exc())
+            continue
+        if isinstance(message, wire.StageTask):
+            try:
                 endpoint.prefetch(message.request_id, message.inputs)
-        except Exception:  # the compute loop fetches again and reports the error with the task
-            log.warning("could not prepare a message:\n%s", traceback.format_exc())
+            except Exception:  # the compute loop fetches again and reports the error with the task
+                log.warning("could not prefetch request %d:\n%s", message.request_id, traceback.format_exc())
         tasks.put((received_at, message))
         if isinstance(message, wire.Shutdown):
             return

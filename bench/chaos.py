@@ -1,0 +1,328 @@
+"""`dfuse bench chaos`: requests keep flowing while stage workers are killed with SIGKILL.
+
+The scenario of issue 7, as a benchmark (tests/e2e/test_chaos.py runs the same driver):
+
+    1. no-kill pass   the requests go through the engine; their images are the reference
+    2. chaos pass     the same requests again, submitted in waves (a new wave of `wave` requests
+                      whenever fewer than `wave` are outstanding); every `kill_every` completions a
+                      random worker (seeded: a random stage, then a random instance of it) is killed
+                      with SIGKILL; every request must complete with its no-kill image
+    3. close          the engine closes; no worker process and no segment of it may remain
+
+Recovery is measured two ways: the engine's own `stats()["recovery_s"]` (death noticed ->
+replacement READY) and, from outside, kill -> the victim's replacement reported ready (includes
+the detection delay). There are no timing assertions: only numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import platform
+import random
+import signal
+import statistics
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import click
+import numpy as np
+
+from ..stages import STAGE_KINDS
+from .throughput import make_prompts
+
+# Small requests with CFG on: the chaos is in the processes, not in the math.
+PARAMS = dict(num_inference_steps=2, guidance_scale=4.5, height=64, width=64)
+# Two DiT instances: a dead DiT leaves a survivor serving while its replacement loads.
+INSTANCES = {"encoder": 1, "dit": 2, "decoder": 1}
+
+
+def chaos_requests(n: int, params: dict | None = None) -> list[dict]:
+    """n distinct requests (prompt i, seed i): a request served with another's image shows."""
+    params = PARAMS if params is None else params
+    return [dict(prompt=p, seed=i, **params) for i, p in enumerate(make_prompts(n))]
+
+
+def max_attempts_for(requests: int, kill_every: int) -> int:
+    # A kill costs each request in flight on the victim one attempt, and a request can be in flight
+    # on at most one victim per kill: with K kills in all, no request loses more than K attempts.
+    # K + 1 means chaos alone can never exhaust a request's attempts (only a real poison would).
+    return min(100, requests // kill_every + 1)
+
+
+@dataclass
+class Kill:
+    at_completed: int  # requests completed when the kill was made
+    worker_id: int
+    stage: str
+    pid: int
+    inflight: int  # tasks the engine had on the victim (as stats() saw them just before)
+    at_s: float  # seconds since the pass started
+    kill_to_ready_s: float | None = None  # kill -> the replacement reported ready (seen from outside)
+
+
+@dataclass
+class ChaosPass:
+    images: list[np.ndarray | None]
+    errors: list[str | None]
+    kills: list[Kill] = field(default_factory=list)
+    worker_pids: set[int] = field(default_factory=set)  # every worker pid seen during the pass
+    wall_s: float = 0.0
+    stalled: str | None = None  # why the pass gave up waiting, if it did
+
+    @property
+    def served(self) -> int:
+        return sum(image is not None for image in self.images)
+
+
+def drive(engine, requests: list[dict], kill_every: int | None, rng: random.Random | None = None, *,
+          wave: int = 20, stall_s: float = 60.0, victim_ready_s: float = 60.0, progress=None) -> ChaosPass:
+    """Submit `requests` in waves and, if `kill_every`, SIGKILL a random worker every `kill_every`
+    completions. Returns when every request has an outcome, or after `stall_s` without any."""
+    n = len(requests)
+    run = ChaosPass(images=[None] * n, errors=[None] * n)
+    done = [0]
+    changed = threading.Condition()
+
+    def on_done(index: int):
+        def callback(future):
+            try:
+                run.images[index] = np.array(future.result().images[0])
+            except Exception as e:  # recorded: the caller decides what a failure means
+                run.errors[index] = f"{type(e).__name__}: {e}"
+            with changed:
+                done[0] += 1
+                changed.notify_all()
+        return callback
+
+    started = last_change = time.monotonic()
+    submitted, next_kill, seen_done = 0, kill_every or n + 1, 0
+    while True:
+        with changed:
+            completed = done[0]
+        if completed == n:
+            break
+        now = time.monotonic()
+        if completed != seen_done:
+            seen_done, last_change = completed, now
+            if progress:
+                progress(completed)
+        elif now - last_change > stall_s:
+            run.stalled = f"no request completed for {stall_s:g} s ({completed}/{n} done, {submitted} submitted)"
+            break
+        if submitted < n and submitted - completed < wave:
+            for index in range(submitted, min(n, submitted + wave)):
+                engine.submit(**requests[index]).add_done_callback(on_done(index))
+            submitted = min(n, submitted + wave)
+        workers = engine.stats()["workers"]
+        run.worker_pids.update(w["pid"] for w in workers if w["pid"])
+        _note_replacements(run, workers, started)
+        if completed >= next_kill and completed < n:
+            kill = _kill_random_worker(engine, rng, completed, started, victim_ready_s)
+            if kill is None:
+                run.stalled = f"the chosen victim was not ready within {victim_ready_s:g} s"
+                break
+            run.kills.append(kill)
+            run.worker_pids.add(kill.pid)
+            next_kill = (completed // kill_every + 1) * kill_every  # a burst past a multiple: one kill
+            last_change = time.monotonic()  # a restart may pause completions: not a stall
+        with changed:
+            changed.wait(0.02)
+    run.wall_s = time.monotonic() - started
+    if progress:
+        progress(done[0])
+    workers = engine.stats()["workers"]
+    run.worker_pids.update(w["pid"] for w in workers if w["pid"])
+    _note_replacements(run, workers, started)
+    return run
+
+
+def _kill_random_worker(engine, rng: random.Random, completed: int, started: float, ready_s: float) -> Kill | None:
+    """A random stage, then a random instance of it (both from `rng`); wait until that instance
+    is ready (a replacement still loading is not killed again), then SIGKILL it."""
+    stage = rng.choice(STAGE_KINDS)
+    candidates = sorted(w["id"] for w in engine.stats()["workers"] if w["stage"] == stage)
+    worker_id = rng.choice(candidates)
+    deadline = time.monotonic() + ready_s
+    while time.monotonic() < deadline:
+        worker = engine.stats()["workers"][worker_id]
+        if worker["ready"] and worker["pid"]:
+            os.kill(worker["pid"], signal.SIGKILL)
+            return Kill(completed, worker_id, stage, worker["pid"], worker["inflight"],
+                        round(time.monotonic() - started, 3))
+        time.sleep(0.01)
+    return None
+
+
+def _note_replacements(run: ChaosPass, workers: list[dict], started: float) -> None:
+    for kill in run.kills:
+        worker = workers[kill.worker_id]
+        if kill.kill_to_ready_s is None and worker["ready"] and worker["pid"] != kill.pid:
+            kill.kill_to_ready_s = round(time.monotonic() - started - kill.at_s, 3)
+
+
+def alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie waiting to be reaped counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def close_and_check(engine, worker_pids: set[int], wait_s: float = 10.0) -> dict:
+    """Close the engine, then report what outlived it: worker processes, segments, socket folder."""
+    from ..engine.transport.shm import list_segments
+
+    prefix, run_dir = engine._router.segment_prefix, engine._router.run_dir
+    engine.close()
+    deadline = time.monotonic() + wait_s  # close() joins the workers: this only absorbs a slow reap
+    while time.monotonic() < deadline and any(alive(p) for p in worker_pids):
+        time.sleep(0.05)
+    children = {c.pid for c in multiprocessing.active_children()}
+    return {
+        "leaked_processes": sorted({p for p in worker_pids if alive(p)} | children),
+        "leaked_segments": list_segments(prefix),
+        "run_dir_left": os.path.exists(run_dir),
+    }
+
+
+def _quantiles(values: list[float]) -> dict:
+    if not values:
+        return {"n": 0, "p50": None, "max": None}
+    return {"n": len(values), "p50": round(statistics.median(values), 3), "max": round(max(values), 3)}
+
+
+def run_chaos(requests: int, kill_every: int, seed: int, model: str, *, wave: int = 20,
+              instances: dict[str, int] | None = None, progress=None) -> dict:
+    """Both passes on one engine, then close it; returns the JSON-ready report."""
+    from ..engine.config import EngineConfig
+    from ..engine.engine import Engine
+
+    instances = dict(INSTANCES if instances is None else instances)
+    max_attempts = max_attempts_for(requests, kill_every)
+    work = chaos_requests(requests)
+    config = EngineConfig(model=model, cpu_threads=1, instances=instances, max_attempts=max_attempts)
+    start = time.monotonic()
+    engine = Engine(config=config)
+    startup_s = time.monotonic() - start
+    pids = {w["pid"] for w in engine.stats()["workers"]}
+    try:
+        reference = drive(engine, work, None, wave=wave, progress=progress and (lambda d: progress("no-kill", d)))
+        pids |= reference.worker_pids
+        chaos = drive(engine, work, kill_every, random.Random(seed), wave=wave,
+                      progress=progress and (lambda d: progress("chaos", d)))
+        pids |= chaos.worker_pids
+        stats = engine.stats()
+    finally:
+        leaks = close_and_check(engine, pids)
+    equal = [
+        i for i in range(requests)
+        if chaos.images[i] is not None and reference.images[i] is not None
+        and np.array_equal(chaos.images[i], reference.images[i])
+    ]
+    restarts = sum(w["restarts"] for w in stats["workers"])
+    kill_to_ready = [k.kill_to_ready_s for k in chaos.kills if k.kill_to_ready_s is not None]
+    return {
+        "benchmark": "chaos",
+        "model": model,
+        "params": PARAMS,
+        "instances": instances,
+        "max_attempts": max_attempts,
+        "seed": seed,
+        "kill_every": kill_every,
+        "wave": wave,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0]},
+        "requests_submitted": requests,
+        "requests_served": chaos.served,
+        "requests_failed": sum(e is not None for e in chaos.errors),
+        "errors": sorted({e for e in chaos.errors if e})[:10],
+        "reference_served": reference.served,
+        "images_equal_to_no_kill_run": len(equal),
+        "unequal_indices": [i for i in range(requests) if chaos.images[i] is not None and i not in set(equal)][:20],
+        "kills": len(chaos.kills),
+        "kills_by_stage": {s: sum(k.stage == s for k in chaos.kills) for s in STAGE_KINDS},
+        "kills_with_work_in_flight": sum(k.inflight > 0 for k in chaos.kills),
+        "restarts": restarts,
+        "recovery_s": _quantiles(stats["recovery_s"]),
+        "kill_to_ready_s": _quantiles(kill_to_ready),
+        "stalled": chaos.stalled or reference.stalled,
+        "startup_s": round(startup_s, 3),
+        "no_kill_wall_s": round(reference.wall_s, 3),
+        "chaos_wall_s": round(chaos.wall_s, 3),
+        "chaos_over_no_kill_wall": round(chaos.wall_s / reference.wall_s, 3) if reference.wall_s else None,
+        **leaks,
+        "kill_log": [asdict(k) for k in chaos.kills],
+    }
+
+
+def format_report(doc: dict) -> str:
+    r, k = doc["recovery_s"], doc["kill_to_ready_s"]
+    lines = [
+        f"requests served / submitted   {doc['requests_served']} / {doc['requests_submitted']}"
+        f"  (failed {doc['requests_failed']})",
+        f"images equal to no-kill run   {doc['images_equal_to_no_kill_run']} / {doc['requests_submitted']}",
+        f"kills                         {doc['kills']}  by stage {doc['kills_by_stage']}, "
+        f"{doc['kills_with_work_in_flight']} with work in flight; restarts {doc['restarts']}",
+        f"recovery (noticed -> READY)   p50 {r['p50']} s  max {r['max']} s  (n={r['n']})",
+        f"kill -> replacement ready     p50 {k['p50']} s  max {k['max']} s  (n={k['n']})",
+        f"wall: no-kill {doc['no_kill_wall_s']} s, chaos {doc['chaos_wall_s']} s "
+        f"(x{doc['chaos_over_no_kill_wall']}); start-up {doc['startup_s']} s",
+        f"leaked segments               {len(doc['leaked_segments'])} {doc['leaked_segments'] or ''}",
+        f"leaked processes              {len(doc['leaked_processes'])} {doc['leaked_processes'] or ''}",
+    ]
+    if doc["run_dir_left"]:
+        lines.append("socket folder left behind")
+    if doc["stalled"]:
+        lines.append(f"STALLED: {doc['stalled']}")
+    return "\n".join(lines)
+
+
+def passed(doc: dict) -> bool:
+    n = doc["requests_submitted"]
+    return (doc["requests_served"] == n and doc["images_equal_to_no_kill_run"] == n and not doc["stalled"]
+            and not doc["leaked_segments"] and not doc["leaked_processes"] and not doc["run_dir_left"])
+
+
+@click.command("chaos")
+@click.option("--requests", type=click.IntRange(1, 10_000), default=200, show_default=True, help="Requests per pass.")
+@click.option("--kill-every", type=click.IntRange(1, 10_000), default=20, show_default=True,
+              help="SIGKILL a random worker every this many completed requests.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the victim choice.")
+@click.option("--model", default="tiny-sd3", show_default=True, help="Built-in tiny model, SD3 folder or synthetic:... spec.")
+@click.option("--wave", type=click.IntRange(1, 256), default=20, show_default=True,
+              help="Requests submitted together whenever fewer than this many are outstanding.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("bench/results/chaos-cpu.json"),
+              show_default=True, help="Where the JSON result is written.")
+def chaos_command(requests, kill_every, seed, model, wave, out):
+    """Requests in flight while random workers are SIGKILLed: served, equal, recovered, nothing leaked."""
+    from tqdm import tqdm
+
+    click.echo(f"chaos: {requests} requests, a random worker killed every {kill_every} completions, seed {seed}",
+               err=True)
+    bars: list[tqdm] = []
+
+    def progress(phase: str, completed: int) -> None:
+        if not bars or bars[-1].desc != phase:
+            for bar in bars:
+                bar.close()
+            bars.append(tqdm(total=requests, desc=phase, unit="req", file=sys.stderr))
+        bars[-1].update(completed - bars[-1].n)
+
+    try:
+        doc = run_chaos(requests, kill_every, seed, model, wave=wave, progress=progress)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    finally:
+        for bar in bars:
+            bar.close()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=2) + "\n")
+    click.echo(format_report(doc))
+    click.echo(f"Wrote {out}")
+    if not passed(doc):
+        sys.exit(1)
