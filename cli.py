@@ -75,6 +75,8 @@ def run(prompt, model, negative_prompt, steps, guidance_scale, true_cfg_scale, h
     except KeyboardInterrupt:
         click.echo("Interrupted: workers stopped, shared memory released.", err=True)
         sys.exit(130)
+    except ValueError as e:  # e.g. memory admission, decided once the workers are up
+        raise click.UsageError(_with_flag(str(e))) from None
     except RuntimeError as e:
         raise click.ClickException(str(e)) from None
 
@@ -105,7 +107,7 @@ def build_tiny(name, rebuild):
 
 _FLAGS = {"num_inference_steps": "--steps", "guidance_scale": "--guidance-scale", "negative_prompt": "--negative-prompt",
           "true_cfg_scale": "--true-cfg-scale",
-          "height": "--height", "width": "--width", "seed": "--seed", "model": "--model", "prompt": "PROMPT"}
+          "height": "--height", "width": "--width", "height/width": "--height/--width", "seed": "--seed", "model": "--model", "prompt": "PROMPT"}
 
 
 def _with_flag(message: str) -> str:

@@ -85,7 +85,7 @@ class EngineConfig:
         _check_int("max_inflight_per_worker", self.max_inflight_per_worker, 1, 64)
         _check_int("max_attempts", self.max_attempts, 1, 100)
         timeout = self.startup_timeout_s
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < 1e6:
             raise ValueError(f"startup_timeout_s: must be a number > 0 (got {self.startup_timeout_s!r})")
 
     def threads_per_worker(self) -> int:

@@ -53,9 +53,11 @@ class Engine:
         dtype: str = "auto",
         config: EngineConfig | None = None,
     ):
+        if config is not None and (model, device, instances, cpu_threads, dtype) != (None, "cpu", None, None, "auto"):
+            raise ValueError("config: pass either config= or model/device/instances/cpu_threads/dtype, not both")
         if config is None:
             config = EngineConfig(
-                model=model or DEFAULT_MODEL,
+                model=DEFAULT_MODEL if model is None else model,
                 devices=device,
                 instances=instances if instances is not None else {s: 1 for s in STAGE_KINDS},
                 cpu_threads=cpu_threads,
@@ -122,6 +124,8 @@ class Engine:
         family = self._family
         params = [admit(family, self.model_info, p, self._memory_budgets, self._itemsizes) for p in params]
         priority, timeout = check_priority(priority), check_timeout(timeout)
+        if on_progress is not None and not callable(on_progress):
+            raise ValueError(f"on_progress: must be callable (stage, step, total) or None (got {on_progress!r})")
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._ids_lock:
             requests = [Request(next(self._ids), p, Future(), on_progress, priority, deadline) for p in params]

@@ -8,6 +8,7 @@ watcher thread sees EOF and the worker exits: no worker outlives its engine.
 from __future__ import annotations
 
 import multiprocessing as mp
+import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 
@@ -26,25 +27,26 @@ class WorkerProcess:
     def alive(self) -> bool:
         return self.process.exitcode is None
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """After a Shutdown message: wait, then close the pipe, terminate, and finally kill."""
-        self.process.join(timeout)
-        self.death_pipe.close()
-        if self.process.exitcode is None:
-            self.process.join(1.0)  # the watcher exits the worker on EOF
-        if self.process.exitcode is None:
-            self.process.terminate()
-            self.process.join(2.0)
-        if self.process.exitcode is None:
-            self.process.kill()
-            self.process.join()
-
     def kill(self) -> None:
         """The worker is dead or must die now (e.g. it stopped answering)."""
         if self.process.exitcode is None:
             self.process.kill()
         self.process.join()
         self.death_pipe.close()
+
+
+def stop_all(processes: list[WorkerProcess], timeout: float = 5.0) -> None:
+    """Stop workers together, within one deadline: closing a death pipe makes its worker exit
+    at once (work in flight is abandoned: the engine is closing); stragglers are killed."""
+    for worker in processes:
+        worker.death_pipe.close()
+    deadline = time.monotonic() + timeout
+    for worker in processes:
+        worker.process.join(max(0.0, deadline - time.monotonic()))
+    for worker in processes:
+        if worker.process.exitcode is None:
+            worker.process.kill()
+            worker.process.join()
 
 
 def spawn_worker(spec: WorkerSpec) -> WorkerProcess:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import msgspec
 
-_STRUCT = dict(tag=True, array_like=True, omit_defaults=True, forbid_unknown_fields=True)
+_STRUCT = dict(tag=True, array_like=True, omit_defaults=True, forbid_unknown_fields=True, gc=False)
 
 
 class TensorRef(msgspec.Struct, **_STRUCT):

@@ -10,7 +10,8 @@ released when the consumer reports done (or the request is dropped):
                                                            on StageDone slot E is released
 
 A worker that dies is replaced on the same device; its in-flight requests go back to the front
-of their queue (their inputs are still in the upstream slot) until `max_attempts` is reached.
+of their queue (their inputs are still in the upstream slot; the queue keeps their place by
+priority, deadline and arrival) until `max_attempts` is reached.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from .state import (  # noqa: F401  (re-exported: the errors are part of the API
     StageTiming,
     Worker,
 )
-from .launcher import spawn_worker
+from .launcher import spawn_worker, stop_all
 from .transport.base import byte_view, choose_link, cuda_peer_access, dtype_from_name, pool_kind, probe_places
 from .transport.shm import SlotPool, new_segment_prefix, sweep_stale_segments, unlink_segments
 
@@ -66,7 +67,15 @@ class Router:
         self._switch_s: list[float] = []  # move asked -> worker READY in its new stage, per move
         self._init_run_dir()
         self._init_sockets()
-        self._init_workers()
+        try:
+            self._init_workers()
+        except BaseException:  # e.g. /dev/shm full: leave nothing of a half-built engine behind
+            unlink_segments(self.segment_prefix)
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+            for sock in (self._results, self._wake_pull, self._wake_push):
+                sock.close(linger=0)
+            self._context.term()
+            raise
         self._thread = threading.Thread(target=self._loop, name="dfuse-router", daemon=True)
 
     # --- setup -----------------------------------------------------------------------------
@@ -140,6 +149,9 @@ class Router:
             raise ValueError(f"stage: worker {worker_id} already serves {stage}")
         if worker.pool.segment is None:
             raise ValueError(f"worker_id: worker {worker_id} keeps its outputs on its GPU; moving it is not supported yet")
+        if worker.device != self.config.devices[stage]:
+            raise ValueError(f"stage: worker {worker_id} runs on {worker.device} but {stage} runs on "
+                             f"{self.config.devices[stage]}; moves across devices are not supported yet")
         staying = [w for w in self.workers.values() if w.stage == worker.stage and w.moving_to is None]
         if len(staying) == 1:
             raise ValueError(f"worker_id: worker {worker_id} is the last {worker.stage} worker; moving it would stall every request")
@@ -198,6 +210,8 @@ class Router:
                 self._drain_inbox()
                 if self._results in events:
                     self._drain_results(handlers)
+                for worker in self.workers.values():
+                    self._flush_outbox(worker)
                 self._advance_moves()
                 if time.monotonic() >= next_health:
                     self._check_workers()
@@ -269,11 +283,11 @@ class Router:
             worker.pool_info = message.pool
             for consumer in self._consumers_of(worker):
                 if consumer.ready:  # the others map it when they say READY (below)
-                    self._send(consumer, wire.OpenPool(message.pool))
+                    self._send_control(consumer, wire.OpenPool(message.pool))
         # A (re)started consumer maps the GPU pools it reads before its first task.
         for producer in self._producers_of(worker):
             if producer.pool_info is not None:
-                self._send(worker, wire.OpenPool(producer.pool_info))
+                self._send_control(worker, wire.OpenPool(producer.pool_info))
         if all(w.ready for w in self.workers.values()):
             self.ready.set()
 
@@ -285,6 +299,17 @@ class Router:
         index = STAGE_KINDS.index(worker.stage) - 1
         return [w for w in self.workers.values() if index >= 0 and w.stage == STAGE_KINDS[index]]
 
+    def _send_control(self, worker: Worker, message) -> None:
+        """Pool announcements and Shutdown must arrive, and before any later task: they wait in
+        the worker's outbox until its socket takes them (a worker that just said READY may not
+        have finished connecting yet)."""
+        worker.outbox.append(message)
+        self._flush_outbox(worker)
+
+    def _flush_outbox(self, worker: Worker) -> None:
+        while worker.outbox and self._send(worker, worker.outbox[0]):
+            worker.outbox.pop(0)
+
     def _send(self, worker: Worker, message) -> bool:
         try:
             worker.socket.send(wire.encode(message), zmq.NOBLOCK)
@@ -293,7 +318,12 @@ class Router:
             return False
 
     def _on_load_failed(self, worker: Worker, message: wire.LoadFailed) -> None:
-        self._fatal(f"{worker.stage} worker {worker.id} could not load the model: {message.error}")
+        if not self.ready.is_set():  # at first start-up: the model or device is unusable
+            self._fatal(f"{worker.stage} worker {worker.id} could not load the model: {message.error}")
+            return
+        # A replacement (e.g. a CUDA OOM while the dead process's memory is still being freed):
+        # it exits now, and the health check restarts it, up to max_attempts times in a row.
+        log.warning("replacement %s worker %d could not load: %s", worker.stage, worker.id, message.error)
 
     def _on_done(self, worker: Worker, message: wire.StageDone) -> None:
         request = worker.inflight.pop(message.request_id, None)
@@ -323,7 +353,7 @@ class Router:
     def _on_failed(self, worker: Worker, message: wire.StageFailed) -> None:
         request = worker.inflight.pop(message.request_id, None)
         if request is not None:
-            worker.pool.release(request.output_offset)
+            worker.pool.release(request.output_offset, request.id)
             self._fail(request, RequestFailed(f"the {worker.stage} stage failed: {message.error}"))
 
     def _on_progress(self, worker: Worker, message: wire.Progress) -> None:
@@ -352,7 +382,7 @@ class Router:
         """The ready instance with the least work in flight that has a free output slot."""
         candidates = [
             w for w in self.workers.values()
-            if w.stage == stage and w.ready and w.moving_to is None and w.pool.free
+            if w.stage == stage and w.ready and w.moving_to is None and w.pool.free and not w.outbox
             and len(w.inflight) < self.config.max_inflight_per_worker
         ]
         return min(candidates, key=lambda w: (len(w.inflight), w.id), default=None)
@@ -367,11 +397,11 @@ class Router:
         try:
             sent = self._send(worker, task)
         except Exception as e:  # the request itself cannot be encoded: fail it alone
-            worker.pool.release(slot.offset)
+            worker.pool.release(slot.offset, request.id)
             self._fail(request, RequestFailed(f"request {request.id} could not be sent to a worker: {e}"))
             return True
         if not sent:  # e.g. it died a moment ago; the health check will replace it
-            worker.pool.release(slot.offset)
+            worker.pool.release(slot.offset, request.id)
             self._queues[worker.stage].push(request)
             return False
         request.output_offset = slot.offset
@@ -384,7 +414,7 @@ class Router:
         (ref,) = [r for r in outputs if r.name == "image"]
         view = byte_view(worker.pool.segment.data, ref.offset, ref.shape, dtype_from_name(ref.dtype))
         image = view[0].numpy().copy()  # copy out before the slot is reused
-        worker.pool.release(request.output_offset)
+        worker.pool.release(request.output_offset, request.id)
         self._completed += 1
         _resolve(request.future, result=(image, request.timings))
 
@@ -398,7 +428,7 @@ class Router:
 
     def _release_inputs(self, request: Request) -> None:
         if request.input_pool is not None:
-            request.input_pool.release(request.input_offset)
+            request.input_pool.release(request.input_offset, request.id)
             request.input_pool = None
 
     def _fatal(self, error: str) -> None:
@@ -410,6 +440,7 @@ class Router:
     # --- worker processes --------------------------------------------------------------------
     def _spawn(self, worker: Worker) -> None:
         worker.generation += 1
+        worker.outbox.clear()  # meant for the previous process; the new one is told at its READY
         # A fresh endpoint per generation: frames queued for a dead worker die with its socket.
         endpoint = self._endpoint(f"w{worker.id}.{worker.generation}")
         worker.socket = self._context.socket(zmq.PUSH)
@@ -430,6 +461,12 @@ class Router:
         for queue in self._queues.values():
             for request in queue.remove_where(lambda r: r.future.cancelled() or r.expired()):
                 self._enqueue(request)
+        # Computing ones: the caller hears now; their slots are released when the stage ends.
+        for worker in self.workers.values():
+            for request in worker.inflight.values():
+                if request.expired() and not request.future.done():
+                    _resolve(request.future, error=RequestTimeout(
+                        f"request {request.id} passed its deadline in the {worker.stage} stage"))
 
     def _advance_moves(self) -> None:
         """Drained movers get Shutdown; stopped ones come back in their new stage."""
@@ -438,7 +475,7 @@ class Router:
                 continue
             if not worker.stopping and not worker.inflight:
                 worker.stopping, worker.ready = True, False
-                self._send(worker, wire.Shutdown())
+                self._send_control(worker, wire.Shutdown())
             elif worker.stopping and not worker.process.alive:
                 worker.process.kill()  # reaps it and closes its death pipe
                 worker.socket.close()
@@ -477,7 +514,7 @@ class Router:
         # charged an attempt, or they would share a poison request's fate.
         computing = next(iter(worker.inflight), None)
         for request in list(worker.inflight.values()):
-            worker.pool.release(request.output_offset)
+            worker.pool.release(request.output_offset, request.id)
             request.attempts += request.id == computing
             if request.attempts >= self.config.max_attempts:
                 self._fail(request, RequestFailed(
@@ -500,20 +537,20 @@ class Router:
         start over from the first stage (host pools belong to the engine and survive)."""
         for queue in self._queues.values():
             for request in queue.remove_where(lambda r: r.input_pool is pool):
-                pool.release(request.input_offset)
+                pool.release(request.input_offset, request.id)
                 request.input_pool, request.inputs, request.stage_index = None, [], 0
                 self._queues[STAGE_KINDS[0]].push(request)
 
     def _shutdown(self) -> None:
         """Stop every worker, fail what is left, remove every segment and socket."""
+        # Nothing may be submitted from here on (a done-callback below could try): close the
+        # door first, then fail everything that got in.
+        with self._wake_lock:
+            self._shut_down = True
+            self._wake_push.close(linger=0)
         alive = [w for w in self.workers.values() if w.process is not None]
+        stop_all([w.process for w in alive])  # all at once: closing death pipes stops them now
         for worker in alive:
-            try:
-                self._send(worker, wire.Shutdown())
-            except zmq.ZMQError:
-                pass
-        for worker in alive:
-            worker.process.stop()
             worker.socket.close()
         error = EngineClosed(self.startup_error or "the engine closed before this request completed")
         pending = [r for q in self._queues.values() for r in q] + [r for w in alive for r in w.inflight.values()]
@@ -522,9 +559,6 @@ class Router:
             _resolve(request.future, error=error)
         for sock in (self._results, self._wake_pull):
             sock.close(linger=0)
-        with self._wake_lock:
-            self._shut_down = True
-            self._wake_push.close(linger=0)
         self._context.term()
         unlink_segments(self.segment_prefix)
         shutil.rmtree(self.run_dir, ignore_errors=True)

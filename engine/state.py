@@ -89,4 +89,5 @@ class Worker:
     moving_to: str | None = None  # draining before it restarts as a worker of this stage
     stopping: bool = False  # told to shut down (the last step of a move)
     switch_started: float | None = None  # a move's start, until the new stage is READY
-    inflight: dict[int, Request] = field(default_factory=dict)
+    inflight: dict[int, Request] = field(default_factory=dict)  # in dispatch (= compute) order
+    outbox: list = field(default_factory=list)  # control messages not yet accepted by its socket

@@ -22,6 +22,7 @@ the engine die, and a new engine sweeps those of dead engines at start-up. Files
 
 from __future__ import annotations
 
+import logging
 import mmap
 import os
 import re
@@ -33,6 +34,7 @@ import torch
 
 from ..protocol import OutputSlot
 
+log = logging.getLogger("dfuse.transport")
 SHM_DIR = "/dev/shm"
 PREFIX = "dfuse_"
 _PAGE = mmap.PAGESIZE
@@ -60,7 +62,7 @@ class Segment:
         fd = os.open(path, flags, 0o600)
         try:
             if create:
-                os.ftruncate(fd, size)
+                _allocate(fd, name, size)
             self.size = os.fstat(fd).st_size
             self._mmap = mmap.mmap(fd, self.size)
         finally:
@@ -74,9 +76,6 @@ class Segment:
             self.data[::_PAGE].zero_()
         elif self.size:
             self.data[::_PAGE].sum()
-
-    def unlink(self) -> None:
-        unlink_segment(self.name)
 
 
 @dataclass
@@ -109,12 +108,28 @@ class SlotPool:
                 return OutputSlot(self.name, index * self.slot_bytes, self.slot_bytes)
         return None
 
-    def release(self, offset: int) -> None:
-        self.holders[offset // self.slot_bytes] = None
+    def release(self, offset: int, request_id: int) -> None:
+        """Give back the slot `request_id` holds. A release by anyone else is a bug upstream:
+        it is logged and refused rather than freeing a slot another request still reads."""
+        index = offset // self.slot_bytes
+        if self.holders[index] != request_id:
+            log.error("refused release of slot %d of %s by request %s: held by %s", index, self.name,
+                      request_id, self.holders[index])
+            return
+        self.holders[index] = None
 
-    def release_request(self, request_id: int) -> None:
-        """Free whatever `request_id` holds here (its task failed or was dropped)."""
-        self.holders = [None if h == request_id else h for h in self.holders]
+
+def _allocate(fd: int, name: str, size: int) -> None:
+    """Reserve the pages now: ftruncate alone would succeed on a full /dev/shm and the first
+    touch would kill the process with SIGBUS (e.g. Docker's default 64 MiB /dev/shm)."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        unlink_segment(name)  # the caller closes fd
+        raise ValueError(
+            f"transport: cannot reserve {size / 2**20:.0f} MiB in {SHM_DIR} ({e.strerror}); lower "
+            "transport.slot_mib or transport.slots_per_worker, or give the machine more shared memory"
+        ) from None
 
 
 def unlink_segment(name: str) -> None:

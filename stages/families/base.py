@@ -116,6 +116,12 @@ def uint8_pixels(pixels) -> torch.Tensor:
     return torch.from_numpy((pixels * 255).round().astype(np.uint8))
 
 
+def to_stage(tensors: Tensors, device: torch.device, dtype: torch.dtype) -> Tensors:
+    """Inputs onto this stage's device; floating ones into its dtype too (the producing stage
+    may run elsewhere, e.g. float32 on the CPU for a bf16 GPU stage). Masks keep their type."""
+    return {n: t.to(device, dtype) if t.is_floating_point() else t.to(device) for n, t in tensors.items()}
+
+
 def read_json(path: Path) -> dict:
     with open(path) as f:
         return json.load(f)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ...engine.protocol import RequestParams
-from .base import Family, ModelInfo, OnStep, Tensors, image_peak_bytes, read_json, uint8_pixels, vae_dims
+from .base import Family, ModelInfo, OnStep, Tensors, image_peak_bytes, read_json, to_stage, uint8_pixels, vae_dims
 
 _TEXT_COMPONENTS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 PACK = 2  # the pipeline packs 2x2 latent pixels into one token
@@ -116,7 +116,7 @@ class FluxFamily(Family):
         with torch.inference_mode():
             latents = pipe(
                 # negative_* are present only with true CFG: the pipeline's own rule then holds.
-                **{name: t.to(device) for name, t in inputs.items()},
+                **to_stage(inputs, device, pipe.transformer.dtype),
                 true_cfg_scale=params.true_cfg_scale,
                 num_inference_steps=total,
                 guidance_scale=params.guidance_scale,
@@ -152,7 +152,7 @@ class FluxFamily(Family):
             # FluxPipeline.__call__ after its loop, step by step.
             latents = FluxPipeline._unpack_latents(inputs["latents"], params.height, params.width, factor)
             latents = (latents / vae.config.scaling_factor) + vae.config.shift_factor
-            latents = latents.to(vae.device)
+            latents = latents.to(vae.device, vae.dtype)
             image = vae.decode(latents, return_dict=False)[0]
             pixels = processor.postprocess(image, output_type="np")
         return {"image": uint8_pixels(pixels)}

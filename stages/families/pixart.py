@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ...engine.protocol import RequestParams
-from .base import Family, ModelInfo, OnStep, Tensors, image_peak_bytes, read_json, uint8_pixels, vae_dims
+from .base import Family, ModelInfo, OnStep, Tensors, image_peak_bytes, read_json, to_stage, uint8_pixels, vae_dims
 
 MAX_SEQUENCE_LENGTH = 300  # PixArtSigmaPipeline's default T5 length
 # The sin-cos position embedding is recomputed for any other size, so no table bounds the
@@ -114,7 +114,7 @@ class PixArtSigmaFamily(Family):
             latents = pipe(
                 # negative_prompt must be None next to negative_prompt_embeds (check_inputs).
                 negative_prompt=None,
-                **{name: t.to(device) for name, t in inputs.items()},
+                **to_stage(inputs, device, pipe.transformer.dtype),
                 num_inference_steps=total,
                 guidance_scale=params.guidance_scale,
                 height=params.height,
@@ -145,7 +145,7 @@ class PixArtSigmaFamily(Family):
             vae.enable_tiling()
         else:
             vae.disable_tiling()
-        latents = inputs["latents"].to(vae.device)
+        latents = inputs["latents"].to(vae.device, vae.dtype)
         with torch.inference_mode():
             # PixArtSigmaPipeline.__call__ after its loop: cast first, then unscale (no shift).
             image = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]

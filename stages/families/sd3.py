@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ...engine.protocol import RequestParams
-from .base import Family, ModelInfo, OnStep, Tensors, image_peak_bytes, read_json, uint8_pixels
+from .base import Family, ModelInfo, OnStep, Tensors, image_peak_bytes, read_json, to_stage, uint8_pixels
 
 _TEXT_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")
 
@@ -102,7 +102,7 @@ class SD3Family(Family):
 
         with torch.inference_mode():
             latents = pipe(
-                **{name: t.to(device) for name, t in inputs.items()},
+                **to_stage(inputs, device, pipe.transformer.dtype),
                 num_inference_steps=total,
                 guidance_scale=params.guidance_scale,
                 height=params.height,
@@ -130,7 +130,7 @@ class SD3Family(Family):
             vae.enable_tiling()
         else:
             vae.disable_tiling()
-        latents = inputs["latents"].to(vae.device)
+        latents = inputs["latents"].to(vae.device, vae.dtype)
         with torch.inference_mode():
             latents = (latents / vae.config.scaling_factor) + vae.config.shift_factor
             image = vae.decode(latents, return_dict=False)[0]

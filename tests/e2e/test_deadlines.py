@@ -31,7 +31,9 @@ def test_high_priority_overtakes_queued_low_priority_work(engine):
                 finished.append(name)
         return done
 
-    lows = [engine.submit("low", seed=i, priority=0) for i in range(6)]
+    # 12 steps: 450 ms per low in the DiT, so the high one arrives while the first low is still
+    # computing even if this thread is descheduled between the submits.
+    lows = [engine.submit("low", seed=i, priority=0, num_inference_steps=12) for i in range(6)]
     high = engine.submit("high", seed=99, priority=10)
     for i, future in enumerate(lows):
         future.add_done_callback(record(f"low{i}"))

@@ -24,7 +24,7 @@ def test_move_under_load_loses_nothing(model_path, reference):
         assert [w["stage"] for w in stats["workers"]] == ["encoder", "dit", "decoder", "decoder"]
         assert not alive(before[2]["pid"]) and stats["workers"][2]["pid"] != before[2]["pid"]
         assert len(stats["switch_s"]) == 1 and stats["failed"] == 0
-        # The moved worker now decodes: new requests use both decoders.
+        # The moved worker now decodes.
         results = [engine.submit("a cat", seed=400 + i, **PARAMS).result(timeout=180) for i in range(4)]
         # One at a time, both decoders idle: least-loaded dispatch breaks the tie to worker 2.
         assert {r.timings[0]["decoder"].worker_id for r in results} == {2}

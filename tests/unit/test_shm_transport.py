@@ -173,16 +173,27 @@ def test_slot_pool_credits(prefix):
     assert pool.acquire(12) is None  # back-pressure: every slot is taken
     assert pool.free == 0
 
-    pool.release(b.offset)
+    pool.release(b.offset, 11)
     assert pool.free == 1
     again = pool.acquire(12)
     assert again.offset == b.offset  # exactly the released slot comes back
     assert pool.acquire(13) is None
 
-    pool.release_request(10)  # request 10 held two slots
+    pool.release(a.offset, 10)
+    pool.release(c.offset, 10)  # request 10 held two slots
     assert pool.free == 2
     assert sorted(pool.acquire(14).offset for _ in range(2)) == sorted([a.offset, c.offset])
     assert pool.acquire(15) is None
+
+
+def test_a_release_by_another_request_is_refused(prefix):
+    """A double release (a bug) must not free a slot that another request now reads."""
+    pool = _pool(prefix, slot_bytes=4096, n_slots=1)
+    slot = pool.acquire(1)
+    pool.release(slot.offset, 1)
+    assert pool.acquire(2).offset == slot.offset  # request 2 now reads it
+    pool.release(slot.offset, 1)  # request 1 releases again: refused
+    assert pool.free == 0 and pool.acquire(3) is None
 
 
 def test_segment_files_are_private_to_the_user(prefix):
