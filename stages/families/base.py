@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,6 +115,56 @@ def uint8_pixels(pixels) -> torch.Tensor:
     import numpy as np
 
     return torch.from_numpy((pixels * 255).round().astype(np.uint8))
+
+
+def load_dit_pipeline(pipeline_cls, path, device: torch.device, dtype: torch.dtype, drop: tuple[str, ...]):
+    """The family's diffusers pipeline with only its transformer and scheduler (what `denoise`
+    takes): text components in `drop` and the VAE are not loaded."""
+    pipe = pipeline_cls.from_pretrained(path, vae=None, dtype=dtype, **{name: None for name in drop})
+    # Without a VAE a pipeline assumes a factor of 8 for the latent size: use the real one.
+    pipe.vae_scale_factor = vae_dims(read_json(Path(path) / "vae" / "config.json"))["vae_factor"]
+    pipe.set_progress_bar_config(disable=True)
+    # Schedulers keep state between calls (DPM-Solver keeps earlier model outputs): every
+    # request starts from a copy of this one.
+    return pipe.to(device), copy.deepcopy(pipe.scheduler)
+
+
+def run_denoise(model, inputs: Tensors, params: RequestParams, on_step: OnStep, *, legacy_callback: bool = False,
+                **family_kwargs) -> Tensors:
+    """Drive the pipeline's own __call__ (its denoising loop, exactly) to latents."""
+    pipe, pristine_scheduler = model
+    pipe.scheduler = copy.deepcopy(pristine_scheduler)
+    total = params.num_inference_steps
+    if legacy_callback:  # e.g. PixArt's pipeline: only the older callback(step, timestep, latents)
+        progress = dict(callback=lambda step, _timestep, _latents: on_step(step + 1, total), callback_steps=1)
+    else:
+        def step_end(_pipe, index, _timestep, kwargs):
+            on_step(index + 1, total)
+            return kwargs
+
+        progress = dict(callback_on_step_end=step_end)
+    with torch.inference_mode():
+        latents = pipe(
+            **to_stage(inputs, pipe._execution_device, pipe.transformer.dtype),
+            num_inference_steps=total,
+            guidance_scale=params.guidance_scale,
+            height=params.height,
+            width=params.width,
+            # A CPU generator, as in the diffusers reference: the same noise on every device.
+            generator=torch.Generator("cpu").manual_seed(params.seed),
+            output_type="latent",
+            **progress,
+            **family_kwargs,
+        ).images
+    return {"latents": latents}
+
+
+def set_vae_tiling(vae, tiled: bool) -> None:
+    """The same switch as diffusers' `pipe.vae.enable_tiling()`: its tiled output, exactly."""
+    if tiled:
+        vae.enable_tiling()
+    else:
+        vae.disable_tiling()
 
 
 def to_stage(tensors: Tensors, device: torch.device, dtype: torch.dtype) -> Tensors:

@@ -13,13 +13,24 @@ decoder: AutoencoderKL: unpack, unscale/shift, vae.decode, VaeImageProcessor -> 
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import torch
 
 from ...engine.protocol import RequestParams
-from .base import Family, ModelInfo, OnStep, Tensors, image_peak_bytes, read_json, to_stage, uint8_pixels, vae_dims
+from .base import (
+    Family,
+    ModelInfo,
+    OnStep,
+    Tensors,
+    image_peak_bytes,
+    load_dit_pipeline,
+    read_json,
+    run_denoise,
+    set_vae_tiling,
+    uint8_pixels,
+    vae_dims,
+)
 
 _TEXT_COMPONENTS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 PACK = 2  # the pipeline packs 2x2 latent pixels into one token
@@ -96,39 +107,12 @@ class FluxFamily(Family):
     def load_dit(self, path, device, dtype):
         from diffusers import FluxPipeline
 
-        pipe = FluxPipeline.from_pretrained(path, vae=None, dtype=dtype, **{n: None for n in _TEXT_COMPONENTS})
-        # Without a VAE the pipeline assumes a factor of 8 for the latent size: use the real one.
-        pipe.vae_scale_factor = vae_dims(read_json(Path(path) / "vae" / "config.json"))["vae_factor"]
-        pipe.set_progress_bar_config(disable=True)
-        # Schedulers keep state between calls: every request starts from a copy of this one.
-        return pipe.to(device), copy.deepcopy(pipe.scheduler)
+        return load_dit_pipeline(FluxPipeline, path, device, dtype, drop=_TEXT_COMPONENTS)
 
     def denoise(self, model, inputs: Tensors, params: RequestParams, on_step: OnStep) -> Tensors:
-        pipe, pristine_scheduler = model
-        device = pipe._execution_device
-        pipe.scheduler = copy.deepcopy(pristine_scheduler)
-        total = params.num_inference_steps
-
-        def step_end(_pipe, index, _timestep, kwargs):
-            on_step(index + 1, total)
-            return kwargs
-
-        with torch.inference_mode():
-            latents = pipe(
-                # negative_* are present only with true CFG: the pipeline's own rule then holds.
-                **to_stage(inputs, device, pipe.transformer.dtype),
-                true_cfg_scale=params.true_cfg_scale,
-                num_inference_steps=total,
-                guidance_scale=params.guidance_scale,
-                height=params.height,
-                width=params.width,
-                max_sequence_length=MAX_SEQUENCE_LENGTH,
-                # A CPU generator, as in the diffusers reference: same noise on every device.
-                generator=torch.Generator("cpu").manual_seed(params.seed),
-                output_type="latent",
-                callback_on_step_end=step_end,
-            ).images
-        return {"latents": latents}
+        # negative_* inputs are present only with true CFG: the pipeline's own rule then holds.
+        return run_denoise(model, inputs, params, on_step, true_cfg_scale=params.true_cfg_scale,
+                           max_sequence_length=MAX_SEQUENCE_LENGTH)
 
     # 3. VAE decoder
     def load_decoder(self, path, device, dtype):
@@ -143,11 +127,7 @@ class FluxFamily(Family):
         from diffusers import FluxPipeline
 
         vae, processor, factor = model
-        # The same switch as diffusers' `pipe.vae.enable_tiling()`: its tiled output, exactly.
-        if params.vae_tiling:
-            vae.enable_tiling()
-        else:
-            vae.disable_tiling()
+        set_vae_tiling(vae, params.vae_tiling)
         with torch.inference_mode():
             # FluxPipeline.__call__ after its loop, step by step.
             latents = FluxPipeline._unpack_latents(inputs["latents"], params.height, params.width, factor)

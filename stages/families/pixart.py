@@ -18,13 +18,24 @@ Two pipeline defaults are fixed here, and references must pass the same:
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import torch
 
 from ...engine.protocol import RequestParams
-from .base import Family, ModelInfo, OnStep, Tensors, image_peak_bytes, read_json, to_stage, uint8_pixels, vae_dims
+from .base import (
+    Family,
+    ModelInfo,
+    OnStep,
+    Tensors,
+    image_peak_bytes,
+    load_dit_pipeline,
+    read_json,
+    run_denoise,
+    set_vae_tiling,
+    uint8_pixels,
+    vae_dims,
+)
 
 MAX_SEQUENCE_LENGTH = 300  # PixArtSigmaPipeline's default T5 length
 # The sin-cos position embedding is recomputed for any other size, so no table bounds the
@@ -93,42 +104,14 @@ class PixArtSigmaFamily(Family):
     def load_dit(self, path, device, dtype):
         from diffusers import PixArtSigmaPipeline
 
-        pipe = PixArtSigmaPipeline.from_pretrained(path, vae=None, text_encoder=None, tokenizer=None, dtype=dtype)
-        # Without a VAE the pipeline assumes a factor of 8 for the latent size: use the real one.
-        pipe.vae_scale_factor = vae_dims(read_json(Path(path) / "vae" / "config.json"))["vae_factor"]
-        pipe.set_progress_bar_config(disable=True)
-        # DPM-Solver keeps the previous model outputs between steps: a fresh copy per request.
-        return pipe.to(device), copy.deepcopy(pipe.scheduler)
+        return load_dit_pipeline(PixArtSigmaPipeline, path, device, dtype, drop=("text_encoder", "tokenizer"))
 
     def denoise(self, model, inputs: Tensors, params: RequestParams, on_step: OnStep) -> Tensors:
-        pipe, pristine_scheduler = model
-        device = pipe._execution_device
-        pipe.scheduler = copy.deepcopy(pristine_scheduler)
-        total = params.num_inference_steps
-
-        # PixArt's pipeline has the older per-step `callback(step, timestep, latents)` only.
-        def step_done(step, _timestep, _latents):
-            on_step(step + 1, total)
-
-        with torch.inference_mode():
-            latents = pipe(
-                # negative_prompt must be None next to negative_prompt_embeds (check_inputs).
-                negative_prompt=None,
-                **to_stage(inputs, device, pipe.transformer.dtype),
-                num_inference_steps=total,
-                guidance_scale=params.guidance_scale,
-                height=params.height,
-                width=params.width,
-                # A CPU generator, as in the diffusers reference: same noise on every device.
-                generator=torch.Generator("cpu").manual_seed(params.seed),
-                output_type="latent",
-                use_resolution_binning=False,
-                clean_caption=False,
-                max_sequence_length=MAX_SEQUENCE_LENGTH,
-                callback=step_done,
-                callback_steps=1,
-            ).images
-        return {"latents": latents}
+        return run_denoise(
+            model, inputs, params, on_step, legacy_callback=True,
+            negative_prompt=None,  # must be None beside negative_prompt_embeds (check_inputs)
+            use_resolution_binning=False, clean_caption=False, max_sequence_length=MAX_SEQUENCE_LENGTH,
+        )
 
     # 3. VAE decoder
     def load_decoder(self, path, device, dtype):
@@ -141,10 +124,7 @@ class PixArtSigmaFamily(Family):
 
     def decode(self, model, inputs: Tensors, params: RequestParams) -> Tensors:
         vae, processor = model
-        if params.vae_tiling:
-            vae.enable_tiling()
-        else:
-            vae.disable_tiling()
+        set_vae_tiling(vae, params.vae_tiling)
         latents = inputs["latents"].to(vae.device, vae.dtype)
         with torch.inference_mode():
             # PixArtSigmaPipeline.__call__ after its loop: cast first, then unscale (no shift).

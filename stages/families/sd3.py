@@ -9,13 +9,23 @@ decoder: AutoencoderKL, unscale/shift, vae.decode, VaeImageProcessor -> uint8 pi
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import torch
 
 from ...engine.protocol import RequestParams
-from .base import Family, ModelInfo, OnStep, Tensors, image_peak_bytes, read_json, to_stage, uint8_pixels
+from .base import (
+    Family,
+    ModelInfo,
+    OnStep,
+    Tensors,
+    image_peak_bytes,
+    load_dit_pipeline,
+    read_json,
+    run_denoise,
+    set_vae_tiling,
+    uint8_pixels,
+)
 
 _TEXT_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")
 
@@ -83,36 +93,10 @@ class SD3Family(Family):
     def load_dit(self, path, device, dtype):
         from diffusers import StableDiffusion3Pipeline
 
-        pipe = StableDiffusion3Pipeline.from_pretrained(
-            path, vae=None, dtype=dtype, **{name: None for name in _TEXT_COMPONENTS}
-        )
-        pipe.set_progress_bar_config(disable=True)
-        # Schedulers keep state between calls: every request starts from a copy of this one.
-        return pipe.to(device), copy.deepcopy(pipe.scheduler)
+        return load_dit_pipeline(StableDiffusion3Pipeline, path, device, dtype, drop=_TEXT_COMPONENTS)
 
     def denoise(self, model, inputs: Tensors, params: RequestParams, on_step: OnStep) -> Tensors:
-        pipe, pristine_scheduler = model
-        device = pipe._execution_device
-        pipe.scheduler = copy.deepcopy(pristine_scheduler)
-        total = params.num_inference_steps
-
-        def step_end(_pipe, index, _timestep, kwargs):
-            on_step(index + 1, total)
-            return kwargs
-
-        with torch.inference_mode():
-            latents = pipe(
-                **to_stage(inputs, device, pipe.transformer.dtype),
-                num_inference_steps=total,
-                guidance_scale=params.guidance_scale,
-                height=params.height,
-                width=params.width,
-                # A CPU generator, as in the diffusers reference: same noise on every device.
-                generator=torch.Generator("cpu").manual_seed(params.seed),
-                output_type="latent",
-                callback_on_step_end=step_end,
-            ).images
-        return {"latents": latents}
+        return run_denoise(model, inputs, params, on_step)
 
     # 3. VAE decoder
     def load_decoder(self, path, device, dtype):
@@ -125,11 +109,7 @@ class SD3Family(Family):
 
     def decode(self, model, inputs: Tensors, params: RequestParams) -> Tensors:
         vae, processor = model
-        # The same switch as diffusers' `pipe.vae.enable_tiling()`: its tiled output, exactly.
-        if params.vae_tiling:
-            vae.enable_tiling()
-        else:
-            vae.disable_tiling()
+        set_vae_tiling(vae, params.vae_tiling)
         latents = inputs["latents"].to(vae.device, vae.dtype)
         with torch.inference_mode():
             latents = (latents / vae.config.scaling_factor) + vae.config.shift_factor
