@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -20,6 +21,11 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 def main():
     """dfuse: serve diffusion models as disaggregated stages (encoder, DiT, decoder)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # dfuse loads local folders only; never a hub
+    # tqdm's default lock is a multiprocessing semaphore that the spawn resource tracker then
+    # reports as leaked at exit; our bars are only updated from threads of this process.
+    from tqdm import tqdm
+
+    tqdm.set_lock(threading.RLock())
 
 
 @main.command()

@@ -167,6 +167,11 @@ def _quiet_libraries() -> None:
     for library in (diffusers, transformers):
         library.utils.logging.set_verbosity_error()
         library.utils.logging.disable_progress_bar()
+    # Pipelines build a (disabled) tqdm bar per call, and tqdm's default lock is a
+    # multiprocessing semaphore the resource tracker reports as leaked when the engine exits.
+    from tqdm import tqdm
+
+    tqdm.set_lock(threading.RLock())
 
 
 def _receive(context, spec: WorkerSpec, endpoint: Endpoint, tasks: queue.Queue, connected: threading.Event) -> None:
