@@ -3,14 +3,7 @@
 import os
 import time
 
-
-def alive(pid: int) -> bool:
-    """True while `pid` runs (a zombie waiting to be reaped counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
+from dfuse.bench.chaos import alive  # noqa: F401  (one definition, shared with the chaos benchmark)
 
 
 def engine_segments(engine_pid: int) -> list[str]:
