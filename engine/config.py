@@ -12,6 +12,7 @@ from ..stages import STAGE_KINDS
 
 DEFAULT_MODEL = "tiny-sd3"
 MAX_INSTANCES = 64
+POLICIES = ("static", "elastic")
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,9 @@ class EngineConfig:
     """A request whose worker dies this many times fails instead of being retried again."""
     startup_timeout_s: float = 600.0
     """How long to wait for all workers to load their weights and say READY."""
+    policy: str = "static"
+    """static: workers keep their stage. elastic: the engine moves workers between stages on one
+    device as the workload's bottleneck moves (scheduler/controller.py on live statistics)."""
 
     def __post_init__(self):
         if not isinstance(self.transport, TransportConfig):
@@ -87,6 +91,8 @@ class EngineConfig:
         timeout = self.startup_timeout_s
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < 1e6:
             raise ValueError(f"startup_timeout_s: must be a number > 0 (got {self.startup_timeout_s!r})")
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy: must be one of {', '.join(POLICIES)} (got {self.policy!r})")
 
     def threads_per_worker(self) -> int:
         if self.cpu_threads is not None:

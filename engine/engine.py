@@ -51,10 +51,12 @@ class Engine:
         *,
         cpu_threads: int | None = None,
         dtype: str = "auto",
+        policy: str = "static",
         config: EngineConfig | None = None,
     ):
-        if config is not None and (model, device, instances, cpu_threads, dtype) != (None, "cpu", None, None, "auto"):
-            raise ValueError("config: pass either config= or model/device/instances/cpu_threads/dtype, not both")
+        given = (model, device, instances, cpu_threads, dtype, policy)
+        if config is not None and given != (None, "cpu", None, None, "auto", "static"):
+            raise ValueError("config: pass either config= or model/device/instances/cpu_threads/dtype/policy, not both")
         if config is None:
             config = EngineConfig(
                 model=DEFAULT_MODEL if model is None else model,
@@ -62,6 +64,7 @@ class Engine:
                 instances=instances if instances is not None else {s: 1 for s in STAGE_KINDS},
                 cpu_threads=cpu_threads,
                 dtype=dtype,
+                policy=policy,
             )
         self.config = config
         self._init_model()

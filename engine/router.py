@@ -65,6 +65,8 @@ class Router:
         self._failed = 0
         self._recovery_s: list[float] = []  # death noticed -> replacement READY, per restart
         self._switch_s: list[float] = []  # move asked -> worker READY in its new stage, per move
+        self._started = time.monotonic()
+        self._moves: list[dict] = []  # every accepted move, oldest first
         self._init_run_dir()
         self._init_sockets()
         try:
@@ -162,7 +164,11 @@ class Router:
 
     def stats(self) -> dict:
         """A snapshot for users and the CLI (read without locks: values may be a moment old)."""
+        workers = list(self.workers.values())
         return {
+            "policy": self.config.policy,
+            "placement": {stage: sum(w.stage == stage for w in workers) for stage in STAGE_KINDS},
+            "moves": list(self._moves),
             "links": dict(self.links),
             "completed": self._completed,
             "failed": self._failed,
@@ -176,7 +182,7 @@ class Router:
                     "free_slots": w.pool.free, "restarts": w.restarts, "load_s": round(w.load_s, 3),
                     "moving_to": w.moving_to,
                 }
-                for w in list(self.workers.values())
+                for w in workers
             ],
         }
 
@@ -242,6 +248,8 @@ class Router:
                     continue
                 worker = self.workers[worker_id]
                 worker.moving_to, worker.switch_started = stage, time.monotonic()
+                self._moves.append({"t_s": round(worker.switch_started - self._started, 3), "worker": worker_id,
+                                    "from": worker.stage, "to": stage})
             elif kind == "close":
                 self._closing = True
 
