@@ -151,9 +151,9 @@ class Engine:
 
     def move(self, worker_id: int, stage: str) -> None:
         """Move a worker to another stage on the same device, without losing a request: it
-        stops taking work, finishes what it holds, and restarts as a `stage` worker
-        (`stats()["switch_s"]` records how long each switch took). ValueError if the move
-        would leave a stage without workers."""
+        stops taking work, finishes what it holds, then unloads its stage and loads `stage` in
+        the same process (`stats()["switch_s"]` records each switch, asked -> READY).
+        ValueError if the move would leave a stage without workers."""
         self._router.move(worker_id, stage)
 
     def stats(self) -> dict:

@@ -89,6 +89,13 @@ class Shutdown(msgspec.Struct, **_STRUCT):
     """Engine -> worker: finish the current task, then exit."""
 
 
+class Become(msgspec.Struct, **_STRUCT):
+    """Engine -> drained worker: unload your stage, load `stage` in this same process, then say
+    READY again (a move between stages: no process start, no imports, the output pool stays)."""
+
+    stage: str
+
+
 class Ready(msgspec.Struct, **_STRUCT):
     """Worker -> engine: weights are loaded, tasks may come."""
 
@@ -138,7 +145,7 @@ class Progress(msgspec.Struct, **_STRUCT):
     total: int
 
 
-ToWorker = StageTask | OpenPool | Shutdown
+ToWorker = StageTask | OpenPool | Shutdown | Become
 ToEngine = Ready | LoadFailed | StageDone | StageFailed | Progress
 
 _encoder = msgspec.msgpack.Encoder()

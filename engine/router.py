@@ -477,28 +477,18 @@ class Router:
                         f"request {request.id} passed its deadline in the {worker.stage} stage"))
 
     def _advance_moves(self) -> None:
-        """Drained movers get Shutdown; stopped ones come back in their new stage."""
+        """A drained mover switches stage in its own process (wire.Become): no process start, no
+        imports, and its output pool stays for requests downstream still reading its slots. It
+        takes work again when it says READY in its new stage."""
         for worker in self.workers.values():
-            if worker.moving_to is None:
-                continue
-            if not worker.stopping and not worker.inflight:
-                worker.stopping, worker.ready = True, False
-                self._send_control(worker, wire.Shutdown())
-            elif worker.stopping and not worker.process.alive:
-                worker.process.kill()  # reaps it and closes its death pipe
-                worker.socket.close()
-                self._become(worker)
-
-    def _become(self, worker: Worker) -> None:
-        """Start `worker` in its new stage. Its host pool stays: requests downstream may still be
-        reading slots it filled; the new stage simply writes into the free ones."""
-        worker.stage, worker.moving_to, worker.stopping = worker.moving_to, None, False
-        worker.pool_info = None
-        self._spawn(worker)
+            if worker.moving_to is not None and worker.ready and not worker.inflight:
+                worker.stage, worker.moving_to, worker.ready = worker.moving_to, None, False
+                worker.pool_info = None
+                self._send_control(worker, wire.Become(worker.stage))
 
     def _check_workers(self) -> None:
         for worker in self.workers.values():
-            if worker.process is None or worker.process.alive or worker.stopping:
+            if worker.process is None or worker.process.alive:
                 continue
             code = worker.process.process.exitcode
             if not worker.ready:
@@ -535,9 +525,8 @@ class Router:
         if worker.pool.segment is None:
             self._restart_requests_reading(worker.pool)
         worker.restarts += 1
-        if worker.moving_to is not None:  # it died while draining: finish the move now
-            self._become(worker)
-            return
+        if worker.moving_to is not None:  # it died while draining: it comes back in its new stage
+            worker.stage, worker.moving_to = worker.moving_to, None
         self._spawn(worker)
 
     def _restart_requests_reading(self, pool: SlotPool) -> None:

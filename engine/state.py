@@ -86,8 +86,7 @@ class Worker:
     load_deaths: int = 0  # deaths in a row before READY (a replacement killed while loading)
     load_s: float = 0.0
     died_at: float | None = None  # monotonic time its death was noticed, until its replacement is READY
-    moving_to: str | None = None  # draining before it restarts as a worker of this stage
-    stopping: bool = False  # told to shut down (the last step of a move)
+    moving_to: str | None = None  # draining before it switches to this stage
     switch_started: float | None = None  # a move's start, until the new stage is READY
     inflight: dict[int, Request] = field(default_factory=dict)  # in dispatch (= compute) order
     outbox: list = field(default_factory=list)  # control messages not yet accepted by its socket

@@ -13,6 +13,7 @@ input transfers hide behind the current task's compute. Each zmq socket has one 
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import os
@@ -80,10 +81,7 @@ def run_stage_worker(spec: WorkerSpec, death_pipe: Connection) -> None:
     endpoint = Endpoint(device)
     try:
         started = time.perf_counter()
-        stage = STAGE_CLASSES[spec.stage](
-            detect_family(spec.model_path), spec.model_path, device, getattr(torch, spec.dtype)
-        )
-        stage.load()
+        stage = load_stage(spec, spec.stage)
         pool = endpoint.create_gpu_pool(*spec.gpu_pool) if spec.gpu_pool else None
     except Exception as e:  # any load failure must reach the engine as a message, not a hang
         results.send(wire.encode(wire.LoadFailed(spec.worker_id, f"{type(e).__name__}: {e}")))
@@ -102,6 +100,13 @@ def run_stage_worker(spec: WorkerSpec, death_pipe: Connection) -> None:
     context.term()
 
 
+def load_stage(spec: WorkerSpec, kind: str):
+    stage = STAGE_CLASSES[kind](detect_family(spec.model_path), spec.model_path, torch.device(spec.device),
+                                getattr(torch, spec.dtype))
+    stage.load()
+    return stage
+
+
 class _ComputeLoop:
     """Short loop on the main thread: one task at a time, dispatch by message type."""
 
@@ -112,7 +117,7 @@ class _ComputeLoop:
         self.results = results
         self.tasks = tasks
         self.running = True
-        self.handlers = {wire.StageTask: self.on_task, wire.Shutdown: self.on_shutdown}
+        self.handlers = {wire.StageTask: self.on_task, wire.Shutdown: self.on_shutdown, wire.Become: self.on_become}
 
     def run(self) -> None:
         while self.running:
@@ -121,6 +126,26 @@ class _ComputeLoop:
 
     def on_shutdown(self, message: wire.Shutdown, received_at: float) -> None:
         self.running = False
+
+    def on_become(self, message: wire.Become, received_at: float) -> None:
+        """Switch stage in place. The engine sends this only once every task here is done, so
+        nothing is computing; the old stage's weights are freed before the new ones load."""
+        if message.stage not in STAGE_CLASSES:  # only a forged frame can say this: ignore it
+            log.warning("ignored a switch to unknown stage %r", message.stage)
+            return
+        started = time.perf_counter()
+        self.stage = None
+        gc.collect()
+        if self.endpoint.cuda:
+            torch.cuda.empty_cache()
+        try:
+            self.stage = load_stage(self.spec, message.stage)
+        except Exception as e:  # the engine restarts this worker in its new stage
+            self._send(wire.LoadFailed(self.spec.worker_id, f"{type(e).__name__}: {e}"))
+            self.running = False
+            return
+        self.spec = dataclasses.replace(self.spec, stage=message.stage)
+        self._send(wire.Ready(self.spec.worker_id, os.getpid(), time.perf_counter() - started, None))
 
     def on_task(self, task: wire.StageTask, received_at: float) -> None:
         started = time.perf_counter()
