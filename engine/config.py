@@ -9,6 +9,7 @@ from types import MappingProxyType
 from typing import Mapping
 
 from ..stages import STAGE_KINDS
+from .elastic import ElasticConfig
 
 DEFAULT_MODEL = "tiny-sd3"
 MAX_INSTANCES = 64
@@ -60,6 +61,8 @@ class EngineConfig:
     policy: str = "static"
     """static: workers keep their stage. elastic: the engine moves workers between stages on one
     device as the workload's bottleneck moves (scheduler/controller.py on live statistics)."""
+    elastic: ElasticConfig = field(default_factory=ElasticConfig)
+    """How the elastic policy watches and decides (used with policy="elastic")."""
 
     def __post_init__(self):
         if not isinstance(self.transport, TransportConfig):
@@ -91,6 +94,8 @@ class EngineConfig:
         timeout = self.startup_timeout_s
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < 1e6:
             raise ValueError(f"startup_timeout_s: must be a number > 0 (got {self.startup_timeout_s!r})")
+        if not isinstance(self.elastic, ElasticConfig):
+            raise ValueError(f"elastic: must be an ElasticConfig (got {type(self.elastic).__name__})")
         if self.policy not in POLICIES:
             raise ValueError(f"policy: must be one of {', '.join(POLICIES)} (got {self.policy!r})")
 

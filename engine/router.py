@@ -33,6 +33,7 @@ from ..stages import STAGE_KINDS
 from ..stages.worker import WorkerSpec
 from . import protocol as wire
 from .config import EngineConfig
+from .elastic import Elastic
 from .queues import StageQueue
 from .state import (  # noqa: F401  (re-exported: the errors are part of the API)
     EngineClosed,
@@ -52,9 +53,10 @@ HEALTH_INTERVAL_S = 0.1  # how often worker liveness is checked: a crash is seen
 
 
 class Router:
-    def __init__(self, config: EngineConfig, model_path: Path):
+    def __init__(self, config: EngineConfig, model_path: Path, true_cfg: bool = False):
         self.config = config
         self.model_path = model_path
+        self._true_cfg = true_cfg  # the family runs CFG only as true CFG (Flux): what a request costs
         self.ready = threading.Event()
         self.startup_error: str | None = None
         self._closing = False
@@ -122,6 +124,16 @@ class Router:
                 else:
                     pool = SlotPool.create_host(name, size, count)
                 self.workers[worker_id] = Worker(worker_id, stage, devices[stage], pool)
+        self._elastic = self._init_elastic() if self.config.policy == "elastic" else None
+
+    def _init_elastic(self) -> Elastic:
+        fixed = [w.id for w in self.workers.values() if w.pool.segment is None]
+        if fixed:
+            raise ValueError(
+                f"policy: 'elastic' cannot move workers {fixed}: they hand their outputs over in GPU memory "
+                f"(links {self.links}), and moving such a worker is not supported yet; use policy='static'")
+        return Elastic(self.config.elastic, {w.id: w.device for w in self.workers.values()},
+                       dict(self.config.devices), self._true_cfg)
 
     def _endpoint(self, name: str) -> str:
         return f"ipc://{os.path.join(self.run_dir, name)}"
@@ -169,6 +181,7 @@ class Router:
             "policy": self.config.policy,
             "placement": {stage: sum(w.stage == stage for w in workers) for stage in STAGE_KINDS},
             "moves": list(self._moves),
+            "decisions": list(self._elastic.decisions[-20:]) if self._elastic else [],
             "links": dict(self.links),
             "completed": self._completed,
             "failed": self._failed,
@@ -222,6 +235,8 @@ class Router:
                 if time.monotonic() >= next_health:
                     self._check_workers()
                     self._expire_waiting()
+                    if self._elastic and self.ready.is_set():
+                        self._rebalance()
                     next_health = time.monotonic() + HEALTH_INTERVAL_S
                 self._dispatch()
         except Exception as e:
@@ -238,20 +253,33 @@ class Router:
                     _resolve(item.future, error=RequestFailed(self.startup_error))
                 else:
                     item.queued_at = time.monotonic()
+                    if self._elastic:
+                        self._elastic.arrival(item.queued_at, item.params)
                     self._queues[STAGE_KINDS[0]].push(item)
             elif kind == "move":
-                worker_id, stage = item
-                try:
-                    self._check_move(worker_id, stage)  # again: things may have changed since
-                except ValueError as e:
-                    log.warning("move of worker %d to %s dropped: %s", worker_id, stage, e)
-                    continue
-                worker = self.workers[worker_id]
-                worker.moving_to, worker.switch_started = stage, time.monotonic()
-                self._moves.append({"t_s": round(worker.switch_started - self._started, 3), "worker": worker_id,
-                                    "from": worker.stage, "to": stage})
+                self._start_move(*item, reason="asked")
             elif kind == "close":
                 self._closing = True
+
+    def _start_move(self, worker_id: int, stage: str, reason: str) -> None:
+        try:
+            self._check_move(worker_id, stage)  # again: things may have changed since it was asked
+        except ValueError as e:
+            log.warning("move of worker %d to %s dropped: %s", worker_id, stage, e)
+            return
+        worker = self.workers[worker_id]
+        worker.moving_to, worker.switch_started = stage, time.monotonic()
+        log.info("moving worker %d from %s to %s (%s)", worker_id, worker.stage, stage, reason)
+        self._moves.append({"t_s": round(worker.switch_started - self._started, 3), "worker": worker_id,
+                            "from": worker.stage, "to": stage, "reason": reason})
+
+    def _rebalance(self) -> None:
+        """Ask the elastic policy for moves (it decides once per interval)."""
+        stages = {w.id: w.moving_to or w.stage for w in self.workers.values()}
+        busy = collections.Counter(w.stage for w in self.workers.values() if w.inflight)
+        queues = {stage: len(q) for stage, q in self._queues.items()}
+        for worker_id, stage in self._elastic.step(time.monotonic(), stages, queues, busy):
+            self._start_move(worker_id, stage, reason="elastic")
 
     def _drain_results(self, handlers) -> None:
         while True:
@@ -284,6 +312,8 @@ class Router:
             worker.died_at = None
         if worker.switch_started is not None:
             self._switch_s.append(time.monotonic() - worker.switch_started)
+            if self._elastic:
+                self._elastic.switched(self._switch_s[-1])
             log.info("worker %d now serves %s (switch %.2f s)", worker.id, worker.stage, self._switch_s[-1])
             worker.switch_started = None
         log.info("%s worker %d ready in %.2f s (pid %d)", worker.stage, worker.id, message.load_s, message.pid)
@@ -341,6 +371,8 @@ class Router:
         request.timings[worker.stage] = StageTiming(
             worker.id, message.timings.queued_s, message.timings.compute_s, request.waited_s
         )
+        if self._elastic:
+            self._elastic.computed(worker.stage, worker.device, request.params, message.timings.compute_s)
         if request.stage_index == len(STAGE_KINDS) - 1:
             self._finish(request, worker, message.outputs)
             return
@@ -424,15 +456,22 @@ class Router:
         image = view[0].numpy().copy()  # copy out before the slot is reused
         worker.pool.release(request.output_offset, request.id)
         self._completed += 1
+        self._left(request)
         _resolve(request.future, result=(image, request.timings))
 
     def _fail(self, request: Request, error: Exception) -> None:
         self._release_inputs(request)
         self._failed += 1
+        self._left(request)
         _resolve(request.future, error=error)
 
     def _drop(self, request: Request) -> None:
         self._release_inputs(request)
+        self._left(request)
+
+    def _left(self, request: Request) -> None:
+        if self._elastic:
+            self._elastic.finished(time.monotonic(), request.params)
 
     def _release_inputs(self, request: Request) -> None:
         if request.input_pool is not None:

@@ -29,6 +29,7 @@ TO_WORKER = [
     wire.StageTask(8, wire.RequestParams("a fox", "blurry", 2, 3.5, 64, 64, 1, true_cfg_scale=4.0), [], _slot),
     wire.OpenPool(_pool),
     wire.Shutdown(),
+    wire.Become("decoder"),
 ]
 TO_ENGINE = [
     wire.Ready(3, 12345, 1.5),

@@ -1,0 +1,168 @@
+"""The elastic policy inside the engine: live statistics in, worker moves out.
+
+The router thread owns one `Elastic` and tells it what happens (arrivals, finished requests,
+every stage task's compute time, queue gauges); every `interval_s` it asks for moves. The
+decision itself is scheduler/controller.py, unchanged from the simulator:
+
+    router events -> Feedback (rate, mix, queues, busy workers)          -> Stats
+    StageDone     -> per (stage, device) samples -> fit_stage            -> Predictor
+    Controller.step(now, placement, stats) -> moves -> Router._start_move
+
+Each worker is one scheduler "device" that hosts exactly one stage; a worker may only take a
+stage configured on its own device (moves never cross devices). The cost model is refitted on
+the engine's own measurements (the same linear features `dfuse profile` fits), so it needs no
+profile and follows the machine as it is: the runtime feedback *is* the correction.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import time
+from dataclasses import dataclass, field
+
+from ..scheduler.controller import Controller, ControllerConfig
+from ..scheduler.core import Device, Move, Placement, Shape, Stats
+from ..scheduler.feedback import Feedback, FeedbackConfig
+from ..scheduler.planner import Planner, PlannerConfig
+from ..scheduler.predictor import DeviceSpec, Geometry, Predictor, StageSpec, fit_stage
+from ..stages import STAGE_KINDS
+from . import protocol as wire
+
+
+@dataclass(frozen=True)
+class ElasticConfig:
+    """How the elastic policy watches and decides (EngineConfig.elastic)."""
+
+    interval_s: float = 2.0
+    """How often the controller looks at the statistics."""
+    window_s: float = 20.0
+    """Arrival rate and request mix are measured over this sliding window."""
+    min_arrivals: int = 20
+    """No decision from fewer arrivals in the window (a mix from a handful of requests is noise)."""
+    min_gain: float = 0.1
+    """A new placement must raise the bottleneck capacity by this fraction at least."""
+    dwell_s: float = 20.0
+    """A moved worker stays in its new stage at least this long; no stage gets back, within
+    this time, capacity a move took from it (no ping-pong)."""
+    payback_s: float = 60.0
+    """The extra requests a move serves over this horizon must exceed those lost while it switches."""
+    confirm_s: float = 8.0
+    """A gain must hold for the demand averaged over up to this long before it is acted on."""
+    samples: int = 200
+    """Recent compute times kept per (stage, device) for the cost model."""
+
+    def __post_init__(self):
+        for name in ("interval_s", "window_s", "dwell_s", "payback_s", "confirm_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1e6:
+                raise ValueError(f"elastic.{name}: must be a number of seconds > 0 (got {value!r})")
+        if isinstance(self.min_gain, bool) or not isinstance(self.min_gain, (int, float)) or not 0 <= self.min_gain < 10:
+            raise ValueError(f"elastic.min_gain: must be a number in [0, 10) (got {self.min_gain!r})")
+        for name, low in (("min_arrivals", 1), ("samples", 2)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= 100_000:
+                raise ValueError(f"elastic.{name}: must be an integer in [{low}, 100000] (got {value!r})")
+
+
+def request_shape(params: wire.RequestParams, true_cfg: bool) -> Shape:
+    """What a request costs depends on (scheduler/core.py Shape)."""
+    if true_cfg:  # Flux: guidance is an embedding; only true CFG runs a second pass
+        cfg = params.true_cfg_scale > 1 and params.negative_prompt is not None
+    else:
+        cfg = params.guidance_scale > 1
+    frames = getattr(params, "num_frames", None) or 1
+    return Shape(height=params.height, width=params.width, steps=params.num_inference_steps, frames=frames, cfg=cfg)
+
+
+@dataclass
+class Elastic:
+    """Owned by the router thread; no locks."""
+
+    config: ElasticConfig
+    devices: dict[int, str]  # worker id -> its device
+    stage_devices: dict[str, str]  # stage -> the device its workers run on
+    true_cfg: bool = False
+    decisions: list[dict] = field(default_factory=list)
+
+    def __post_init__(self):
+        c = self.config
+        self.feedback = Feedback(FeedbackConfig(window_s=c.window_s, min_window_arrivals=c.min_arrivals,
+                                                max_window_s=max(c.window_s, 10 * c.window_s),
+                                                utilization_window_s=max(c.interval_s, c.window_s / 4)))
+        self._samples: dict[tuple[str, str], collections.deque] = collections.defaultdict(
+            lambda: collections.deque(maxlen=c.samples))
+        self._switch_s = 1.0  # until one is measured: switches are in-process loads
+        self._next_step = 0.0
+        self._t0 = time.monotonic()  # decisions are reported in seconds since the engine started
+        self.controller = Controller(
+            devices=[Device(str(w), device) for w, device in sorted(self.devices.items())],
+            predictor=self._predictor({}),
+            planner=Planner(PlannerConfig(share="none")),
+            config=ControllerConfig(
+                interval_s=c.interval_s, min_gain=c.min_gain, dwell_s=c.dwell_s, payback_s=c.payback_s,
+                drain_horizon_s=c.payback_s, confirm_s=c.confirm_s, min_arrivals=c.min_arrivals,
+                use_corrections=False,  # the cost model is refitted on live samples instead
+            ),
+        )
+
+    # --- what the router reports ---------------------------------------------------------------
+    def arrival(self, now: float, params: wire.RequestParams) -> None:
+        self.feedback.arrival(now, request_shape(params, self.true_cfg))
+
+    def finished(self, now: float, params: wire.RequestParams) -> None:
+        self.feedback.finished(now, request_shape(params, self.true_cfg))
+
+    def computed(self, stage: str, device: str, params: wire.RequestParams, compute_s: float) -> None:
+        if compute_s > 0:
+            self._samples[stage, device].append((request_shape(params, self.true_cfg), compute_s))
+
+    def switched(self, seconds: float) -> None:
+        self._switch_s = 0.5 * self._switch_s + 0.5 * seconds
+
+    # --- the decision ---------------------------------------------------------------------------
+    def step(self, now: float, stages: dict[int, str], queues: dict[str, int], busy: dict[str, int]) -> list[tuple[int, str]]:
+        """Moves to start now, as (worker id, new stage); `stages` is every worker's stage (a
+        moving one counted in its destination), `busy` the workers computing per stage."""
+        instances = collections.Counter(stages.values())
+        self.feedback.gauge(now, queues, busy, instances)
+        if now < self._next_step:
+            return []
+        self._next_step = now + self.config.interval_s
+        coefficients = self._fit()
+        if coefficients is None:
+            return []  # some stage has no measurements yet: nothing to plan with
+        self.controller.predictor = self._predictor(coefficients)
+        placement = Placement({str(w): frozenset((s,)) for w, s in stages.items()})
+        stats = self.feedback.snapshot(now)
+        before = len(self.controller.decisions)
+        moves = self.controller.step(now, placement, stats)
+        for d in self.controller.decisions[before:]:
+            self.decisions.append({"t_s": round(d.t - self._t0, 3), "current_rps": round(d.current_rps, 3),
+                                   "target_rps": round(d.target_rps, 3), "reason": d.reason})
+        return [self._as_worker_move(m) for m in moves]
+
+    def _fit(self) -> dict[tuple[str, str], tuple] | None:
+        coefficients = {}
+        for stage, device in self.stage_devices.items():
+            samples = list(self._samples.get((stage, device), ()))
+            if len(samples) < 3:
+                return None
+            coefficients[stage, device] = fit_stage(stage, samples, self._geometry)
+        return coefficients
+
+    _geometry = Geometry()  # only shapes the fitted features; the fit absorbs the model's own factors
+
+    def _predictor(self, coefficients) -> Predictor:
+        """Costs from the fit; memory is the admission check's business, so never binding here.
+        A worker may only host a stage configured on its device: only those have coefficients."""
+        kinds = set(self.devices.values())
+        return Predictor(
+            self._geometry, {s: StageSpec(weights_gb=0.0) for s in STAGE_KINDS},
+            {k: DeviceSpec(k, memory_gb=math.inf) for k in kinds}, coefficients, process_start_s=self._switch_s,
+        )
+
+    @staticmethod
+    def _as_worker_move(move: Move) -> tuple[int, str]:
+        (stage,) = move.dst
+        return int(move.device), stage
