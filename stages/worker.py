@@ -36,6 +36,7 @@ from ..engine.transport.shm import unlink_segments
 from .decoder import DecoderStage
 from .dit import DiTStage
 from .encoder import EncoderStage
+from . import weights
 from .families import detect_family
 
 log = logging.getLogger("dfuse.worker")
@@ -79,6 +80,7 @@ def run_stage_worker(spec: WorkerSpec, death_pipe: Connection) -> None:
     results.connect(spec.result_endpoint)
     device = torch.device(spec.device)
     endpoint = Endpoint(device)
+    weights.attach(spec.segment_prefix, spec.run_dir)
     try:
         started = time.perf_counter()
         stage = load_stage(spec, spec.stage)
@@ -101,9 +103,12 @@ def run_stage_worker(spec: WorkerSpec, death_pipe: Connection) -> None:
 
 
 def load_stage(spec: WorkerSpec, kind: str):
-    stage = STAGE_CLASSES[kind](detect_family(spec.model_path), spec.model_path, torch.device(spec.device),
-                                getattr(torch, spec.dtype))
+    """Load a stage, its components from the engine's host weight cache where another worker
+    already published them (stages/weights.py); publish what had to come from disk."""
+    dtype = getattr(torch, spec.dtype)
+    stage = STAGE_CLASSES[kind](detect_family(spec.model_path), spec.model_path, torch.device(spec.device), dtype)
     stage.load()
+    weights.publish(stage.model, dtype)
     return stage
 
 

@@ -11,6 +11,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from ...engine.protocol import RequestParams
+from ..weights import pretrained
 
 Tensors = dict[str, torch.Tensor]
 OnStep = Callable[[int, int], None]  # (steps done, total steps)
@@ -120,7 +121,7 @@ def uint8_pixels(pixels) -> torch.Tensor:
 def load_dit_pipeline(pipeline_cls, path, device: torch.device, dtype: torch.dtype, drop: tuple[str, ...]):
     """The family's diffusers pipeline with only its transformer and scheduler (what `denoise`
     takes): text components in `drop` and the VAE are not loaded."""
-    pipe = pipeline_cls.from_pretrained(path, vae=None, dtype=dtype, **{name: None for name in drop})
+    pipe = pretrained(pipeline_cls, path, vae=None, dtype=dtype, **{name: None for name in drop})
     # Without a VAE a pipeline assumes a factor of 8 for the latent size: use the real one.
     pipe.vae_scale_factor = vae_dims(read_json(Path(path) / "vae" / "config.json"))["vae_factor"]
     pipe.set_progress_bar_config(disable=True)

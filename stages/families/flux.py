@@ -31,6 +31,7 @@ from .base import (
     uint8_pixels,
     vae_dims,
 )
+from ..weights import pretrained
 
 _TEXT_COMPONENTS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 PACK = 2  # the pipeline packs 2x2 latent pixels into one token
@@ -85,7 +86,7 @@ class FluxFamily(Family):
     def load_encoder(self, path, device, dtype):
         from diffusers import FluxPipeline
 
-        pipe = FluxPipeline.from_pretrained(path, transformer=None, vae=None, dtype=dtype)
+        pipe = pretrained(FluxPipeline, path, transformer=None, vae=None, dtype=dtype)
         return pipe.to(device)
 
     def encode(self, pipe, params: RequestParams) -> Tensors:
@@ -119,7 +120,7 @@ class FluxFamily(Family):
         from diffusers import AutoencoderKL
         from diffusers.image_processor import VaeImageProcessor
 
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", dtype=dtype).to(device)
+        vae = pretrained(AutoencoderKL, path, subfolder="vae", dtype=dtype).to(device)
         factor = 2 ** (len(vae.config.block_out_channels) - 1)
         return vae, VaeImageProcessor(vae_scale_factor=factor * PACK), factor  # as FluxPipeline builds it
 

@@ -36,6 +36,7 @@ from .base import (
     uint8_pixels,
     vae_dims,
 )
+from ..weights import pretrained
 
 MAX_SEQUENCE_LENGTH = 300  # PixArtSigmaPipeline's default T5 length
 # The sin-cos position embedding is recomputed for any other size, so no table bounds the
@@ -80,7 +81,7 @@ class PixArtSigmaFamily(Family):
     def load_encoder(self, path, device, dtype):
         from diffusers import PixArtSigmaPipeline
 
-        pipe = PixArtSigmaPipeline.from_pretrained(path, transformer=None, vae=None, dtype=dtype)
+        pipe = pretrained(PixArtSigmaPipeline, path, transformer=None, vae=None, dtype=dtype)
         return pipe.to(device)
 
     def encode(self, pipe, params: RequestParams) -> Tensors:
@@ -118,7 +119,7 @@ class PixArtSigmaFamily(Family):
         from diffusers import AutoencoderKL
         from diffusers.image_processor import PixArtImageProcessor
 
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", dtype=dtype).to(device)
+        vae = pretrained(AutoencoderKL, path, subfolder="vae", dtype=dtype).to(device)
         processor = PixArtImageProcessor(vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1))
         return vae, processor
 

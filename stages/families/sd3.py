@@ -26,6 +26,7 @@ from .base import (
     set_vae_tiling,
     uint8_pixels,
 )
+from ..weights import pretrained
 
 _TEXT_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")
 
@@ -70,7 +71,7 @@ class SD3Family(Family):
     def load_encoder(self, path, device, dtype):
         from diffusers import StableDiffusion3Pipeline
 
-        pipe = StableDiffusion3Pipeline.from_pretrained(path, transformer=None, vae=None, dtype=dtype)
+        pipe = pretrained(StableDiffusion3Pipeline, path, transformer=None, vae=None, dtype=dtype)
         return pipe.to(device)
 
     def encode(self, pipe, params: RequestParams) -> Tensors:
@@ -103,7 +104,7 @@ class SD3Family(Family):
         from diffusers import AutoencoderKL
         from diffusers.image_processor import VaeImageProcessor
 
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", dtype=dtype).to(device)
+        vae = pretrained(AutoencoderKL, path, subfolder="vae", dtype=dtype).to(device)
         processor = VaeImageProcessor(vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1))
         return vae, processor
 
