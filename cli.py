@@ -15,6 +15,7 @@ from .engine.config import DEFAULT_MODEL, EngineConfig, parse_instances, resolve
 from .stages import STAGE_KINDS
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+VIDEO_SUFFIXES = (".mp4", ".gif")  # mp4: H.264 through imageio-ffmpeg; gif: PIL (256 colours)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -30,35 +31,47 @@ def main():
 
 @main.command()
 @click.argument("prompt")
-@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Built-in tiny model (tiny-sd3, tiny-flux, tiny-pixart) or a local diffusers SD3, Flux or PixArt-Sigma folder.")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Built-in tiny model (tiny-sd3, tiny-flux, tiny-pixart, tiny-wan) or a local diffusers SD3, Flux, PixArt-Sigma or Wan2.1 folder.")
 @click.option("--negative-prompt", default=None, help="What the image should not show (used when guidance > 1; Flux: with --true-cfg-scale > 1).")
 @click.option("--steps", type=int, default=None, help="Denoising steps [default: the model's, 28 for SD3].")
 @click.option("--guidance-scale", type=float, default=None, help="Classifier-free guidance, <= 1 turns it off; Flux: the embedded guidance [default: the model's].")
 @click.option("--true-cfg-scale", type=float, default=None, help="Flux only: true classifier-free guidance with --negative-prompt when > 1 [default: 1, off].")
 @click.option("--height", type=int, default=None, help="Image height in pixels [default: the model's native size].")
 @click.option("--width", type=int, default=None, help="Image width in pixels [default: the model's native size].")
+@click.option("--num-frames", type=int, default=None, help="Video models (Wan): frames, 4k+1 [default: the model's, 81 for Wan].")
+@click.option("--fps", type=click.IntRange(1, 240), default=16, show_default=True, help="Video models: frames per second of the written video (Wan2.1 is made for 16).")
 @click.option("--seed", type=int, default=None, help="Random seed [default: random, printed].")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("out.png"), show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Output file: .png/.jpg/.webp/.bmp for images, .mp4/.gif for videos [default: out.png, out.mp4 for video models].")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N, or per stage: encoder=cpu,dit=cuda:0,decoder=cuda:0.")
 @click.option("--instances", default="encoder=1,dit=1,decoder=1", show_default=True, help="Worker processes per stage.")
 @click.option("--threads", type=int, default=None, help="Torch threads per CPU worker [default: cores / CPU workers].")
+@click.option("--slot-mib", type=int, default=None, help="Transport slot size in MiB: one request's stage outputs must fit (long videos need more) [default: 16].")
 @click.option("-v", "--verbose", is_flag=True, help="Show worker placement, queues and engine logs.")
-def run(prompt, model, negative_prompt, steps, guidance_scale, true_cfg_scale, height, width, seed, out, device, instances, threads, verbose):
-    """Generate one image for PROMPT and write it to --out."""
+def run(prompt, model, negative_prompt, steps, guidance_scale, true_cfg_scale, height, width, num_frames, fps, seed,
+        out, device, instances, threads, slot_mib, verbose):
+    """Generate one image (or video, with a video model) for PROMPT and write it to --out."""
+    from .engine.admission import check_transport
+    from .engine.config import TransportConfig
     from .engine.engine import Engine
     from .engine.requests import build_requests
-    from .stages.families import describe_model
+    from .stages.families import describe_model, detect_family
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # Validate everything before a single process starts: bad input costs nothing.
     try:
-        if out.suffix.lower() not in IMAGE_SUFFIXES:
-            raise ValueError(f"--out: the file name must end in one of {', '.join(IMAGE_SUFFIXES)} (got {out.name!r})")
+        transport = TransportConfig() if slot_mib is None else TransportConfig(slot_mib=slot_mib)
         config = EngineConfig(
-            model=model, devices=_parse_devices(device), instances=parse_instances(instances), cpu_threads=threads
+            model=model, devices=_parse_devices(device), instances=parse_instances(instances), cpu_threads=threads,
+            transport=transport,
         )
-        info = describe_model(resolve_model_path(config.model))
-        (params,) = build_requests(info, prompt, negative_prompt, steps, guidance_scale, height, width, seed, true_cfg_scale)
+        model_path = resolve_model_path(config.model)
+        info = describe_model(model_path)
+        out = _output_path(out, info)
+        (params,) = build_requests(info, prompt, negative_prompt, steps, guidance_scale, height, width, seed,
+                                   true_cfg_scale, num_frames)
+        itemsizes = {s: config.torch_dtype(d).itemsize for s, d in config.devices.items()}
+        check_transport(detect_family(model_path), info, params, transport.slot_bytes, itemsizes)
     except ValueError as e:
         raise click.UsageError(_with_flag(str(e))) from None
 
@@ -73,7 +86,7 @@ def run(prompt, model, negative_prompt, steps, guidance_scale, true_cfg_scale, h
                     params.prompt, negative_prompt=params.negative_prompt,
                     num_inference_steps=params.num_inference_steps, guidance_scale=params.guidance_scale,
                     height=params.height, width=params.width, seed=params.seed, on_progress=bar.update,
-                    true_cfg_scale=params.true_cfg_scale,
+                    true_cfg_scale=params.true_cfg_scale, num_frames=params.num_frames,
                 )
                 result = future.result()
             if verbose:
@@ -87,10 +100,15 @@ def run(prompt, model, negative_prompt, steps, guidance_scale, true_cfg_scale, h
         raise click.ClickException(str(e)) from None
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    result.images[0].save(out)
+    if result.frames is None:
+        result.images[0].save(out)
+        shape = f"{params.width}x{params.height}"
+    else:
+        _write_video(result.frames[0], out, fps)
+        shape = f"{params.num_frames} frames of {params.width}x{params.height} at {fps} fps"
     timings = result.timings[0]
     stage_times = "  ".join(f"{s} {timings[s].compute_s * 1000:.0f} ms" for s in STAGE_KINDS)
-    click.echo(f"Wrote {out} ({params.width}x{params.height}, seed {result.seeds[0]})")
+    click.echo(f"Wrote {out} ({shape}, seed {result.seeds[0]})")
     click.echo(f"Stage compute: {stage_times}  (total {time.perf_counter() - started:.1f} s with start-up)")
 
 
@@ -111,8 +129,32 @@ def build_tiny(name, rebuild):
     click.echo(tiny_model_path(name, rebuild=rebuild))
 
 
+def _output_path(out: Path | None, info) -> Path:
+    """--out, checked against what the model makes: a video model never writes a lone frame to
+    an image file (that would drop the video silently), an image model never an .mp4."""
+    suffixes, kind = (VIDEO_SUFFIXES, "videos") if info.video else (IMAGE_SUFFIXES, "images")
+    if out is None:
+        return Path("out" + suffixes[0])
+    if out.suffix.lower() not in suffixes:
+        raise ValueError(f"--out: the {info.family} model makes {kind}: the file name must end in one of "
+                         f"{', '.join(suffixes)} (got {out.name!r})")
+    return out
+
+
+def _write_video(frames, out: Path, fps: int) -> None:
+    """diffusers' own writers: export_to_video (imageio-ffmpeg, H.264) or export_to_gif (PIL)."""
+    from diffusers.utils import export_to_gif, export_to_video
+
+    if out.suffix.lower() == ".gif":
+        export_to_gif(frames, str(out), fps=fps)
+    else:
+        export_to_video(frames, str(out), fps=fps)
+
+
 _FLAGS = {"num_inference_steps": "--steps", "guidance_scale": "--guidance-scale", "negative_prompt": "--negative-prompt",
-          "true_cfg_scale": "--true-cfg-scale",
+          "true_cfg_scale": "--true-cfg-scale", "num_frames": "--num-frames",
+          "transport.slot_mib": "--slot-mib",
+          "num_frames/height/width": "--num-frames/--height/--width",
           "height": "--height", "width": "--width", "height/width": "--height/--width", "seed": "--seed", "model": "--model", "prompt": "PROMPT"}
 
 

@@ -32,7 +32,8 @@ STAGE_COMPONENTS = {
 def admit(
     family: Family, info: ModelInfo, params: RequestParams, budgets: Mapping[str, int], itemsizes: Mapping[str, int]
 ) -> RequestParams:
-    """`params` as they may run (maybe with vae_tiling), or ValueError naming height/width."""
+    """`params` as they may run (maybe with vae_tiling), or ValueError naming height/width
+    (num_frames/height/width for a video)."""
     for stage in STAGE_KINDS:
         need = family.peak_bytes(info, stage, params, itemsizes[stage])
         if need <= budgets[stage]:
@@ -42,11 +43,35 @@ def admit(
             if family.peak_bytes(info, stage, tiled, itemsizes[stage]) <= budgets[stage]:
                 return tiled
         raise ValueError(
-            f"height/width: a {params.width}x{params.height} request needs about {need / 2**30:.2f} GiB of "
+            f"{_shape(info, params)} request needs about {need / 2**30:.2f} GiB of "
             f"activations in the {stage} stage, more than the {budgets[stage] / 2**30:.2f} GiB its device has "
-            f"for them{' even when decoded in tiles' if stage == 'decoder' else ''}; ask for a smaller image"
+            f"for them{' even when decoded in tiles' if stage == 'decoder' else ''}; ask for a smaller "
+            f"{'video' if info.video else 'image'}"
         )
     return params
+
+
+def check_transport(family: Family, info: ModelInfo, params: RequestParams, slot_bytes: int,
+                    itemsizes: Mapping[str, int]) -> None:
+    """ValueError naming the size fields when a stage's outputs for `params` cannot fit one
+    transport slot: refused up front rather than failing in the worker after the DiT ran (a
+    video's frames grow with num_frames x height x width; an 81-frame 832x480 clip is ~93 MiB)."""
+    for stage in STAGE_KINDS:
+        need = family.output_bytes(info, stage, params, itemsizes[stage])
+        if need > slot_bytes:
+            raise ValueError(
+                f"{_shape(info, params)} request makes {need / 2**20:.1f} MiB of {stage} outputs, more than one "
+                f"transport slot holds ({slot_bytes / 2**20:g} MiB); ask for a smaller "
+                f"{'video (fewer frames)' if info.video else 'image'}, or start the engine with larger slots "
+                f"(EngineConfig(transport=TransportConfig(slot_mib={-(-need // 2**20)})), dfuse run --slot-mib)"
+            )
+
+
+def _shape(info: ModelInfo, params: RequestParams) -> str:
+    """The start of an error message: the fields that set the size, and the size asked for."""
+    if info.video:
+        return f"num_frames/height/width: a {params.num_frames}-frame {params.width}x{params.height}"
+    return f"height/width: a {params.width}x{params.height}"
 
 
 def detect_budgets(devices: Mapping[str, str], limits_gib: Mapping[str, float], model_path) -> dict[str, int]:

@@ -15,7 +15,7 @@ from PIL import Image
 
 from ..stages import STAGE_KINDS
 from ..stages.families import describe_model, detect_family
-from .admission import admit, detect_budgets
+from .admission import admit, check_transport, detect_budgets
 from .config import DEFAULT_MODEL, EngineConfig, resolve_model_path
 from .requests import build_requests, check_priority, check_timeout
 from .router import Router
@@ -26,11 +26,15 @@ __all__ = ["Engine", "GenerationResult", "RequestFailed", "RequestTimeout", "Eng
 
 @dataclass(frozen=True)
 class GenerationResult:
-    """The outcome of one `submit`: one entry per prompt, in prompt order."""
+    """The outcome of one `submit`: one entry per prompt, in prompt order.
+
+    Video models (Wan): `frames[i]` holds prompt i's video, one PIL image per frame, and
+    `images[i]` is its first frame (a thumbnail). Image models: `frames` is None."""
 
     images: list[Image.Image]
     seeds: list[int]  # prompt i was generated with seeds[i]
     timings: list[dict[str, StageTiming]]  # per prompt: stage -> where and how long it ran
+    frames: list[list[Image.Image]] | None = None  # video models: per prompt, its frames in order
 
 
 class Engine:
@@ -78,7 +82,7 @@ class Engine:
         self._ids_lock = threading.Lock()
 
     def _init_router(self) -> None:
-        self._router = Router(self.config, self.model_path)
+        self._router = Router(self.config, self.model_path, true_cfg=self.model_info.true_cfg)
         # Closes the workers even if the user never calls close() (runs at interpreter exit too).
         self._finalizer = weakref.finalize(self, self._router.close)
         self._router.start()
@@ -107,6 +111,7 @@ class Engine:
         priority: int = 0,
         timeout: float | None = None,
         true_cfg_scale: float | None = None,
+        num_frames: int | None = None,
     ) -> Future:
         """Queue a request and return a Future of its GenerationResult (cancel() drops it).
 
@@ -115,17 +120,20 @@ class Engine:
         Higher `priority` is served first at every stage; a request still unfinished `timeout`
         seconds from now fails with RequestTimeout and its remaining work is dropped at the next
         stage boundary. `true_cfg_scale` > 1 with a negative prompt turns on Flux's true CFG (a second
-        transformer pass); `guidance_scale` is then still Flux's embedded guidance. Raises ValueError
-        naming the field for bad input; the engine keeps serving.
+        transformer pass); `guidance_scale` is then still Flux's embedded guidance. `num_frames`
+        (video models: 4k+1 frames for Wan, default 81; image models: None or 1) sets a video's
+        length. Raises ValueError naming the field for bad input; the engine keeps serving.
         """
         if not self._finalizer.alive:
             raise EngineClosed("the engine is closed")
         params = build_requests(
             self.model_info, prompt, negative_prompt, num_inference_steps, guidance_scale, height, width, seed,
-            true_cfg_scale,
+            true_cfg_scale, num_frames,
         )
         family = self._family
         params = [admit(family, self.model_info, p, self._memory_budgets, self._itemsizes) for p in params]
+        for p in params:
+            check_transport(family, self.model_info, p, self.config.transport.slot_bytes, self._itemsizes)
         priority, timeout = check_priority(priority), check_timeout(timeout)
         if on_progress is not None and not callable(on_progress):
             raise ValueError(f"on_progress: must be callable (stage, step, total) or None (got {on_progress!r})")
@@ -137,14 +145,17 @@ class Engine:
             self._router.submit(request)
         return outer
 
-    def generate(self, prompt: str | list[str], *, timeout: float | None = None, **params) -> list[Image.Image]:
+    def generate(self, prompt: str | list[str], *, timeout: float | None = None,
+                 **params) -> list[Image.Image] | list[list[Image.Image]]:
         """Generate one image per prompt and wait for them (see `submit` for the parameters).
+        Video models return one list of frames (PIL images) per prompt instead.
 
         `timeout` (seconds) raises RequestTimeout (a TimeoutError) and drops the remaining work.
         """
         future = self.submit(prompt, timeout=timeout, **params)
         try:
-            return future.result(timeout).images
+            result = future.result(timeout)
+            return result.images if result.frames is None else result.frames
         except FutureTimeout:
             future.cancel()
             raise RequestTimeout(f"the request did not complete within timeout={timeout} s") from None
@@ -190,8 +201,12 @@ def _gather(requests: list[Request]) -> Future:
         except Exception as e:
             outer.set_exception(e)
             return
-        images = [Image.fromarray(pixels) for pixels, _ in results]
-        outer.set_result(GenerationResult(images, [r.params.seed for r in requests], [t for _, t in results]))
+        seeds, timings = [r.params.seed for r in requests], [t for _, t in results]
+        if results[0][0].ndim == 4:  # a video model's (frames, height, width, 3)
+            frames = [[Image.fromarray(frame) for frame in pixels] for pixels, _ in results]
+            outer.set_result(GenerationResult([video[0] for video in frames], seeds, timings, frames))
+        else:
+            outer.set_result(GenerationResult([Image.fromarray(pixels) for pixels, _ in results], seeds, timings))
 
     def on_outer_done(_outer: Future) -> None:
         if outer.cancelled():

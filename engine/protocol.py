@@ -67,6 +67,7 @@ class RequestParams(msgspec.Struct, **_STRUCT):
     seed: int
     vae_tiling: bool = False  # decode in tiles: set by memory admission when a full decode won't fit
     true_cfg_scale: float = 1.0  # Flux true CFG: a second forward with the negative prompt when > 1
+    num_frames: int = 1  # video families (Wan): frames to generate; image families: always 1
 
 
 class StageTask(msgspec.Struct, **_STRUCT):

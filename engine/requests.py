@@ -27,12 +27,15 @@ def build_requests(
     width=None,
     seed=None,
     true_cfg_scale=None,
+    num_frames=None,
 ) -> list[RequestParams]:
     """One RequestParams per prompt; prompt i uses seed + i so each image is reproducible alone.
 
     true_cfg_scale (Flux only, default 1): true classifier-free guidance, a second transformer
     pass with the negative prompt, when it is > 1 and a negative prompt is given (as diffusers'
-    FluxPipeline); guidance_scale is then still the embedded guidance."""
+    FluxPipeline); guidance_scale is then still the embedded guidance.
+    num_frames (video families only): frame_step * k + 1 frames, the model's default if None;
+    image families accept only None or 1."""
     prompts = _prompts("prompt", prompt, allow_none=False)
     negatives = _prompts("negative_prompt", negative_prompt, allow_none=True)
     if not isinstance(negative_prompt, (str, type(None))) and len(negatives) != len(prompts):
@@ -49,13 +52,15 @@ def build_requests(
             f"true_cfg_scale: the {info.family} family has no true CFG (Flux models do); "
             f"use guidance_scale, or leave true_cfg_scale at 1 (got {true_cfg:g})"
         )
-    height = _size("height", info.default_size if height is None else height, info)
-    width = _size("width", info.default_size if width is None else width, info)
+    default_height, default_width = info.default_height_width
+    height = _size("height", default_height if height is None else height, info)
+    width = _size("width", default_width if width is None else width, info)
+    frames = _frames(num_frames, info)
     if seed is None:
         seed = secrets.randbelow(MAX_SEED - MAX_PROMPTS)
     seed = _integer("seed", seed, 0, MAX_SEED - len(prompts) + 1)
     return [
-        RequestParams(p, n, steps, guidance, height, width, seed + i, true_cfg_scale=true_cfg)
+        RequestParams(p, n, steps, guidance, height, width, seed + i, true_cfg_scale=true_cfg, num_frames=frames)
         for i, (p, n) in enumerate(zip(prompts, negatives))
     ]
 
@@ -133,3 +138,26 @@ def _size(field: str, value, info: ModelInfo) -> int:
     if value <= 0 or value % m or value > info.max_size:
         raise ValueError(f"{field}: must be {allowed} (got {value})")
     return int(value)
+
+
+def _frames(value, info: ModelInfo) -> int:
+    """Video: frame_step * k + 1 frames (the VAE compresses frame_step frames after the first
+    into one latent frame; diffusers would silently round other counts). Images: one frame."""
+    if not info.video:
+        if value is None or (_is_integer(value) and value == 1):
+            return 1
+        raise ValueError(f"num_frames: the {info.family} family makes images, not videos; leave num_frames "
+                         f"unset or 1 (got {value!r})")
+    step = info.frame_step
+    allowed = (f"{step}k+1 in [1, {info.max_frames}], e.g. 1, {1 + step}, {1 + 2 * step}, ... "
+               f"(default {info.default_frames})")
+    value = info.default_frames if value is None else value
+    if not _is_integer(value):
+        raise ValueError(f"num_frames: must be an integer {allowed} (got {value!r})")
+    if not 1 <= value <= info.max_frames or (value - 1) % step:
+        raise ValueError(f"num_frames: must be {allowed} (got {value})")
+    return int(value)
+
+
+def _is_integer(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)

@@ -4,7 +4,8 @@ Tests and benchmarks need models that go through the real loading code
 (`from_pretrained(local_dir)`) without any model hub. The builders here write a complete
 pipeline folder with random weights; the same builder version gives the same bytes every time.
 
-Models: tiny-sd3, tiny-flux (guidance-embedded, like FLUX.1-dev) and tiny-pixart (PixArt-Sigma).
+Models: tiny-sd3, tiny-flux (guidance-embedded, like FLUX.1-dev), tiny-pixart (PixArt-Sigma) and
+tiny-wan (Wan2.1 text-to-video).
 
 Pitfalls handled (see shared FACTS.md):
 - tokenizers are built by hand: the `tokenizers` trainers give different ids run to run;
@@ -13,6 +14,8 @@ Pitfalls handled (see shared FACTS.md):
   truncates them, so T5 d_model == joint_attention_dim >= that sum;
 - models built in memory are in train mode and T5 dropout defaults to 0.1: dropout 0, eval();
 - Flux: the RoPE axes must add up to the attention head dim;
+- Wan: the head dim is split 2*(d//6) + 2*(d//6) + rest over (height, width, frames) RoPE axes,
+  so d = 12 gives three 4-wide axes; loading WanTransformer3DModel needs `accelerate`;
 - each builder seeds every component itself, so adding a model never changes another's bytes.
 """
 from __future__ import annotations
@@ -281,7 +284,57 @@ def _build_tiny_pixart(out_dir: pathlib.Path) -> None:
     pipe.save_pretrained(out_dir, safe_serialization=True)
 
 
-TINY_MODELS = {"tiny-sd3": build_tiny_sd3, "tiny-flux": build_tiny_flux, "tiny-pixart": build_tiny_pixart}
+WAN_T5_DIM = 32
+
+
+def build_tiny_wan(out_dir: pathlib.Path) -> None:
+    _locked(_build_tiny_wan, out_dir)
+
+
+def _build_tiny_wan(out_dir: pathlib.Path) -> None:
+    import torch
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    # Wan's UMT5 tokenizer is a T5 (SentencePiece Unigram) tokenizer; WanPipeline loads it with
+    # AutoTokenizer, which the hand-built T5 one satisfies.
+    tokenizer = _t5_tokenizer()
+    torch.manual_seed(31)
+    text_encoder = UMT5EncoderModel(UMT5Config(
+        vocab_size=len(tokenizer), d_model=WAN_T5_DIM, d_kv=16, d_ff=2 * WAN_T5_DIM, num_layers=2, num_heads=2,
+        dropout_rate=0.0, feed_forward_proj="gated-gelu",
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=0,
+    )).eval()
+
+    torch.manual_seed(32)
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), in_channels=16, out_channels=16,  # Wan2.1: 16 latent channels
+        num_attention_heads=2, attention_head_dim=12,  # RoPE axes 4 + 4 + 4
+        text_dim=WAN_T5_DIM, freq_dim=32, ffn_dim=48, num_layers=2,
+        cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+    ).eval()
+
+    torch.manual_seed(33)
+    # Wan2.1's VAE layout (x8 space, x4 time, 16 latent channels, its latent mean/std) at a
+    # tenth of the width: base_dim 96 -> 8.
+    vae = AutoencoderKLWan(
+        base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1, attn_scales=[],
+        temperal_downsample=[False, True, True],
+    ).eval()
+
+    # Wan2.1's default scheduler in diffusers: UniPC over flow-matching sigmas, shift 3 (480p).
+    scheduler = UniPCMultistepScheduler(
+        num_train_timesteps=1000, prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
+    )
+    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae,
+                       scheduler=scheduler)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+
+
+TINY_MODELS = {
+    "tiny-sd3": build_tiny_sd3, "tiny-flux": build_tiny_flux, "tiny-pixart": build_tiny_pixart,
+    "tiny-wan": build_tiny_wan,
+}
 
 
 def cache_dir() -> pathlib.Path:

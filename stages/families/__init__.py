@@ -11,9 +11,10 @@ from .pixart import PixArtSigmaFamily
 from .sd3 import SD3Family
 from .synthetic import PREFIX as SYNTHETIC_PREFIX
 from .synthetic import SyntheticFamily
+from .wan import WanFamily
 
 FAMILIES: dict[str, Family] = {
-    family.pipeline_class: family for family in (SD3Family(), FluxFamily(), PixArtSigmaFamily())
+    family.pipeline_class: family for family in (SD3Family(), FluxFamily(), PixArtSigmaFamily(), WanFamily())
 }
 
 

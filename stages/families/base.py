@@ -30,6 +30,16 @@ class ModelInfo:
     guidance_scale: float  # diffusers' default guidance scale
     dims: Mapping[str, int] = field(default_factory=dict)  # sizes the memory estimates need
     true_cfg: bool = False  # runs true CFG (true_cfg_scale > 1 with a negative prompt): Flux
+    # Video families (Wan). Image families keep these defaults: one frame, num_frames must stay 1.
+    video: bool = False
+    default_shape: tuple[int, int] | None = None  # (height, width) where diffusers' default is not square (Wan)
+    default_frames: int = 1  # diffusers' default num_frames
+    frame_step: int = 1  # num_frames must be frame_step * k + 1 (the VAE's temporal factor)
+    max_frames: int = 1
+
+    @property
+    def default_height_width(self) -> tuple[int, int]:
+        return self.default_shape or (self.default_size, self.default_size)
 
 
 class Family:
@@ -50,6 +60,14 @@ class Family:
         With params.vae_tiling the decoder's estimate is that of a tiled decode."""
         return 0
 
+    def output_bytes(self, info: ModelInfo, stage: str, params: RequestParams, itemsize: int) -> int:
+        """Bytes `stage` writes into its transport slot for one request; 0 if not known (the
+        worker still refuses outputs that overflow the slot). Every family's decoder writes
+        uint8 pixels: (1, height, width, 3), or (1, num_frames, height, width, 3) for video."""
+        if stage != "decoder":
+            return 0
+        return slot_nbytes(params.num_frames * params.height * params.width * 3)
+
     def supports_vae_tiling(self) -> bool:
         return False
 
@@ -69,8 +87,16 @@ class Family:
         raise NotImplementedError
 
     def decode(self, model: Any, inputs: Tensors, params: RequestParams) -> Tensors:
-        """Return {"image": uint8 tensor (batch, height, width, channels)} on the CPU."""
+        """Return {"image": uint8 tensor (batch, height, width, channels)} on the CPU; video
+        families: (batch, frames, height, width, channels)."""
         raise NotImplementedError
+
+
+def slot_nbytes(*tensor_nbytes: int) -> int:
+    """Bytes these tensors take in a transport slot, where each starts on an ALIGN boundary."""
+    from ...engine.transport.base import ALIGN
+
+    return sum(-(-n // ALIGN) * ALIGN for n in tensor_nbytes)
 
 
 # Activation estimates (not measurements): a handful of full-size maps live at once.
@@ -79,26 +105,30 @@ LIVE_MAPS_DIT = 12  # qkv, attention out, MLP (4x) and residuals per token
 
 
 def image_peak_bytes(info: ModelInfo, stage: str, params: RequestParams, itemsize: int, *,
-                     text_batch: int, dit_batch: int, joint_text: bool) -> int:
-    """The estimate SD3Family.peak_bytes makes, for any image DiT + AutoencoderKL family.
+                     text_batch: int, dit_batch: int, joint_text: bool, latent_frames: int = 1,
+                     vae_frames: int = 1) -> int:
+    """The estimate SD3Family.peak_bytes makes, for any image DiT + AutoencoderKL family, and
+    for video DiTs with a frame-by-frame VAE (Wan).
 
     text_batch: prompts encoded per request (2 with a negative prompt in use); dit_batch: rows
     of one transformer forward (2 when CFG runs as one batch, 1 when its passes run one after
     the other); joint_text: the text tokens join the image tokens in the transformer's sequence
-    (MMDiT) rather than only being attended to (cross-attention).
+    (MMDiT) rather than only being attended to (cross-attention); latent_frames: frames of the
+    latent video (each adds a frame of tokens); vae_frames: output frames whose full-size maps
+    the VAE holds at once (Wan decodes one latent frame, i.e. up to 4 output frames, at a time).
     Needs dims text_tokens, text_width, dit_width, vae_factor, patch, vae_channels, vae_tile."""
     d, h, w = info.dims, params.height, params.width
     if stage == "encoder":
         return text_batch * d["text_tokens"] * d["text_width"] * LIVE_MAPS_DIT * itemsize
     if stage == "dit":
-        tokens = (h // d["vae_factor"] // d["patch"]) * (w // d["vae_factor"] // d["patch"])
+        tokens = latent_frames * (h // d["vae_factor"] // d["patch"]) * (w // d["vae_factor"] // d["patch"])
         tokens += d["text_tokens"] if joint_text else 0
         return dit_batch * tokens * d["dit_width"] * LIVE_MAPS_DIT * itemsize
-    pixels_out = 3 * h * w * 4  # float32 image before the uint8 conversion
+    pixels_out = 3 * params.num_frames * h * w * 4  # float32 frames before the uint8 conversion
     if params.vae_tiling:  # one tile's maps, plus the decoded tiles and the blended image
         tile = min(d["vae_tile"], max(h, w))
-        return LIVE_MAPS_VAE * d["vae_channels"] * tile * tile * itemsize + 2 * pixels_out
-    return LIVE_MAPS_VAE * d["vae_channels"] * h * w * itemsize + pixels_out
+        return LIVE_MAPS_VAE * d["vae_channels"] * vae_frames * tile * tile * itemsize + 2 * pixels_out
+    return LIVE_MAPS_VAE * d["vae_channels"] * vae_frames * h * w * itemsize + pixels_out
 
 
 def vae_dims(vae: dict) -> dict[str, int]:
@@ -118,12 +148,19 @@ def uint8_pixels(pixels) -> torch.Tensor:
     return torch.from_numpy((pixels * 255).round().astype(np.uint8))
 
 
-def load_dit_pipeline(pipeline_cls, path, device: torch.device, dtype: torch.dtype, drop: tuple[str, ...]):
+def load_dit_pipeline(pipeline_cls, path, device: torch.device, dtype: torch.dtype, drop: tuple[str, ...],
+                      vae_factors: Mapping[str, int] | None = None):
     """The family's diffusers pipeline with only its transformer and scheduler (what `denoise`
-    takes): text components in `drop` and the VAE are not loaded."""
+    takes): text components in `drop` and the VAE are not loaded.
+
+    vae_factors: the pipeline attributes holding the VAE's scale factors, and their values
+    (default: `vae_scale_factor`, read from an AutoencoderKL config)."""
     pipe = pretrained(pipeline_cls, path, vae=None, dtype=dtype, **{name: None for name in drop})
     # Without a VAE a pipeline assumes a factor of 8 for the latent size: use the real one.
-    pipe.vae_scale_factor = vae_dims(read_json(Path(path) / "vae" / "config.json"))["vae_factor"]
+    if vae_factors is None:
+        vae_factors = {"vae_scale_factor": vae_dims(read_json(Path(path) / "vae" / "config.json"))["vae_factor"]}
+    for attribute, factor in vae_factors.items():
+        setattr(pipe, attribute, factor)
     pipe.set_progress_bar_config(disable=True)
     # Schedulers keep state between calls (DPM-Solver keeps earlier model outputs): every
     # request starts from a copy of this one.
@@ -132,7 +169,8 @@ def load_dit_pipeline(pipeline_cls, path, device: torch.device, dtype: torch.dty
 
 def run_denoise(model, inputs: Tensors, params: RequestParams, on_step: OnStep, *, legacy_callback: bool = False,
                 **family_kwargs) -> Tensors:
-    """Drive the pipeline's own __call__ (its denoising loop, exactly) to latents."""
+    """Drive the pipeline's own __call__ (its denoising loop, exactly) to latents.
+    family_kwargs: the family's own __call__ arguments (e.g. Wan's num_frames)."""
     pipe, pristine_scheduler = model
     pipe.scheduler = copy.deepcopy(pristine_scheduler)
     total = params.num_inference_steps
@@ -155,8 +193,9 @@ def run_denoise(model, inputs: Tensors, params: RequestParams, on_step: OnStep, 
             generator=torch.Generator("cpu").manual_seed(params.seed),
             output_type="latent",
             **progress,
+            return_dict=False,  # a tuple: image pipelines name the output .images, video ones .frames
             **family_kwargs,
-        ).images
+        )[0]
     return {"latents": latents}
 
 

@@ -20,6 +20,7 @@ BAD = [
     (dict(prompt=["ok", None]), "prompt[1]"),
     (dict(negative_prompt=["a", "b"]), "negative_prompt"),
     (dict(seed=-1), "seed"),
+    (dict(num_frames=9), "num_frames"),  # an image model makes one frame
 ]
 
 

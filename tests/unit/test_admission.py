@@ -1,9 +1,10 @@
 """Memory admission with made-up budgets: what fits runs, what fits tiled is tiled, the rest is
 refused naming the field; estimates grow the way the stages do."""
 
+import msgspec
 import pytest
 
-from dfuse.engine.admission import admit
+from dfuse.engine.admission import admit, check_transport
 from dfuse.engine.protocol import RequestParams
 from dfuse.stages.families.sd3 import SD3Family
 from dfuse.stages.tiny import tiny_model_path
@@ -71,3 +72,48 @@ def test_flux_and_pixart_estimates_follow_how_they_run():
         assert family.supports_vae_tiling()
         assert family.peak_bytes(info, "decoder", params(1024, tiling=True), 4) < family.peak_bytes(info, "decoder", params(1024), 4)
     assert pixart.peak_bytes(pixart_info, "dit", params(256, 4.5), 4) == 2 * pixart.peak_bytes(pixart_info, "dit", params(256, 1.0), 4)
+
+
+@pytest.fixture(scope="module")
+def wan():
+    from dfuse.stages.families.wan import WanFamily
+
+    family = WanFamily()
+    return family, family.describe(tiny_model_path("tiny-wan"))
+
+
+def video(frames, height=64, width=64, guidance=5.0, tiling=False):
+    return RequestParams("a fox", None, 4, guidance, height, width, 0, vae_tiling=tiling, num_frames=frames)
+
+
+def test_wan_estimates_grow_with_frames(wan):
+    family, info = wan
+    for stage in ("dit", "decoder"):
+        assert family.peak_bytes(info, stage, video(81), 4) > family.peak_bytes(info, stage, video(9), 4)
+        assert family.output_bytes(info, stage, video(81), 4) > family.output_bytes(info, stage, video(9), 4)
+    # CFG: two prompts encoded, but the transformer's two passes run one after the other.
+    assert family.peak_bytes(info, "encoder", video(9), 4) == 2 * family.peak_bytes(info, "encoder", video(9, guidance=1), 4)
+    assert family.peak_bytes(info, "dit", video(9), 4) == family.peak_bytes(info, "dit", video(9, guidance=1), 4)
+    big = video(81, 1024, 1024)
+    assert family.peak_bytes(info, "decoder", msgspec.structs.replace(big, vae_tiling=True), 4) < family.peak_bytes(info, "decoder", big, 4)
+    # The decoder writes uint8 frames; the DiT float32 latents of 1 + (81 - 1) / 4 frames.
+    assert family.output_bytes(info, "decoder", video(81), 4) == 81 * 64 * 64 * 3
+    assert family.output_bytes(info, "dit", video(81), 2) == 16 * 21 * 8 * 8 * 4
+
+
+def test_a_video_too_big_for_the_devices_is_refused_naming_frames(wan):
+    family, info = wan
+    need = family.peak_bytes(info, "dit", video(81), 4)
+    with pytest.raises(ValueError, match=r"^num_frames/height/width: a 81-frame 64x64 request needs about"):
+        admit(family, info, video(81), budgets(need / 2 / GIB), ITEMSIZES)
+
+
+def test_outputs_that_cannot_fit_a_transport_slot_are_refused_up_front(wan):
+    family, info = wan
+    check_transport(family, info, video(9), 2**20, ITEMSIZES)  # 9 x 64 x 64 x 3 bytes: fits 1 MiB
+    with pytest.raises(ValueError, match=r"^num_frames/height/width: a 81-frame 832x480 request makes 92\.5 MiB "
+                                         r"of decoder outputs, more than one transport slot holds \(16 MiB\).*slot_mib=93"):
+        check_transport(family, info, video(81, 480, 832), 16 * 2**20, ITEMSIZES)
+    family, info = SD3Family(), SD3Family().describe(tiny_model_path())
+    with pytest.raises(ValueError, match=r"^height/width: a 1024x1024 request makes 3\.0 MiB of decoder outputs"):
+        check_transport(family, info, params(1024), 2**20, ITEMSIZES)

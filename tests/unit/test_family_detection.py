@@ -108,3 +108,21 @@ def test_tiny_pixart_is_detected_and_described():
     assert (info.pixel_multiple, info.default_size) == (16, 128)  # transformer sample_size 16 x 8
     assert info.num_inference_steps == 20 and info.guidance_scale == 4.5
     assert info.dims["text_tokens"] == 300
+
+
+def test_tiny_wan_is_detected_and_described():
+    path = tiny_model_path("tiny-wan")
+    assert FAMILIES["WanPipeline"] is detect_family(path)
+    info = describe_model(path)
+    assert info.family == "wan" and info.video and not info.true_cfg
+    # WanPipeline's defaults: 480 x 832, 81 frames (4k + 1: the VAE's x4 time compression), 50 steps, CFG 5.
+    assert info.default_height_width == (480, 832) and info.pixel_multiple == 16
+    assert (info.default_frames, info.frame_step, info.max_frames) == (81, 4, 1025)
+    assert info.num_inference_steps == 50 and info.guidance_scale == 5.0
+    assert info.dims["text_tokens"] == 512
+
+
+def test_image_families_describe_one_frame():
+    for name in ("tiny-sd3", "tiny-flux", "tiny-pixart"):
+        info = describe_model(tiny_model_path(name))
+        assert not info.video and info.max_frames == 1 and info.default_height_width == (info.default_size,) * 2

@@ -250,3 +250,33 @@ def test_property_valid_or_value_error_naming_the_field(prompt, negative, steps,
         assert 0 <= p.seed <= MAX_SEED and p.seed == params[0].seed + i
         if seed is not None:
             assert p.seed == seed + i
+
+
+# --- num_frames: video families take frame_step * k + 1 frames, image families one ------------
+
+WAN_INFO = dataclasses.replace(INFO, family="wan", default_shape=(480, 832), video=True, default_frames=81,
+                               frame_step=4, max_frames=1025)
+
+
+def test_num_frames_defaults_follow_the_model():
+    assert build_requests(INFO, "x", seed=0)[0].num_frames == 1
+    (params,) = build_requests(WAN_INFO, "x", seed=0)
+    assert params.num_frames == 81 and (params.height, params.width) == (480, 832)
+    assert [build_requests(WAN_INFO, "x", seed=0, num_frames=n)[0].num_frames for n in (1, 5, 9, 1025)] == [1, 5, 9, 1025]
+
+
+@pytest.mark.parametrize("frames", [0, -3, 2, 4, 10, 80, 1029, 9.0, "9", True, [9]])
+def test_bad_num_frames_name_the_field_and_the_allowed_values(frames):
+    with pytest.raises(ValueError, match=r"^num_frames: must be .*4k\+1 in \[1, 1025\]") as info:
+        build_requests(WAN_INFO, "x", num_frames=frames)
+    assert "default 81" in str(info.value)
+
+
+@pytest.mark.parametrize("frames", [2, 5, 9, 81, 0, 1.0, "1", True])
+def test_image_families_refuse_more_than_one_frame(frames):
+    with pytest.raises(ValueError, match=r"^num_frames: the sd3 family makes images, not videos; leave num_frames unset or 1"):
+        build_requests(INFO, "x", num_frames=frames)
+
+
+def test_image_families_accept_one_frame():
+    assert build_requests(INFO, "x", seed=0, num_frames=1)[0].num_frames == 1

@@ -106,3 +106,19 @@ def test_other_families_load_with_their_pipeline(tmp_path, monkeypatch, name, pi
     img = pipe("a red fox", num_inference_steps=2, height=32, width=48,
                generator=torch.Generator().manual_seed(0), **extra).images[0]
     assert img.size == (48, 32) and np.asarray(img).std() > 0
+
+
+def test_tiny_wan_loads_with_its_pipeline_and_makes_a_video(tmp_path, monkeypatch):
+    import torch
+    from diffusers import AutoencoderKLWan, WanPipeline
+
+    monkeypatch.setenv("DFUSE_CACHE", str(tmp_path))
+    path = tiny.tiny_model_path("tiny-wan")
+    pipe = WanPipeline.from_pretrained(path)  # needs accelerate (WanTransformer3DModel keeps fp32 modules)
+    vae = pipe.vae
+    assert isinstance(vae, AutoencoderKLWan) and vae.config.z_dim == 16
+    assert (vae.config.scale_factor_temporal, vae.config.scale_factor_spatial) == (4, 8)
+    frames = pipe("a red fox", num_inference_steps=2, height=32, width=48, num_frames=5, output_type="np",
+                  generator=torch.Generator().manual_seed(0)).frames[0]
+    assert frames.shape == (5, 32, 48, 3) and frames.std() > 0
+    assert not np.array_equal(frames[0], frames[-1])  # frames differ: a video, not a still
