@@ -47,9 +47,11 @@ def main():
 @click.option("--instances", default="encoder=1,dit=1,decoder=1", show_default=True, help="Worker processes per stage.")
 @click.option("--threads", type=int, default=None, help="Torch threads per CPU worker [default: cores / CPU workers].")
 @click.option("--slot-mib", type=int, default=None, help="Transport slot size in MiB: one request's stage outputs must fit (long videos need more) [default: 16].")
+@click.option("--policy", type=click.Choice(["static", "elastic"]), default="static", show_default=True,
+              help="elastic: move workers between stages on a device as the bottleneck moves (pays off for long-running engines; see `dfuse bench sweep`).")
 @click.option("-v", "--verbose", is_flag=True, help="Show worker placement, queues and engine logs.")
 def run(prompt, model, negative_prompt, steps, guidance_scale, true_cfg_scale, height, width, num_frames, fps, seed,
-        out, device, instances, threads, slot_mib, verbose):
+        out, device, instances, threads, slot_mib, policy, verbose):
     """Generate one image (or video, with a video model) for PROMPT and write it to --out."""
     from .engine.admission import check_transport
     from .engine.config import TransportConfig
@@ -63,7 +65,7 @@ def run(prompt, model, negative_prompt, steps, guidance_scale, true_cfg_scale, h
         transport = TransportConfig() if slot_mib is None else TransportConfig(slot_mib=slot_mib)
         config = EngineConfig(
             model=model, devices=_parse_devices(device), instances=parse_instances(instances), cpu_threads=threads,
-            transport=transport,
+            transport=transport, policy=policy,
         )
         model_path = resolve_model_path(config.model)
         info = describe_model(model_path)
@@ -196,6 +198,9 @@ class _StepBar:
 
 def _print_stats(stats: dict) -> None:
     click.echo(f"Model {stats['model']} ({stats['family']}); completed {stats['completed']}, failed {stats['failed']}")
+    placement = ", ".join(f"{s} x{n}" for s, n in stats["placement"].items())
+    click.echo(f"Placement ({stats['policy']}): {placement}; moves {len(stats['moves'])}"
+               + (f", switch times {stats['switch_s']} s" if stats["switch_s"] else ""))
     click.echo("Queues: " + ", ".join(f"{s} {n}" for s, n in stats["queues"].items()))
     for w in stats["workers"]:
         click.echo(
