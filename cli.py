@@ -202,6 +202,8 @@ def _print_stats(stats: dict) -> None:
     click.echo(f"Placement ({stats['policy']}): {placement}; moves {len(stats['moves'])}"
                + (f", switch times {stats['switch_s']} s" if stats["switch_s"] else ""))
     click.echo("Queues: " + ", ".join(f"{s} {n}" for s, n in stats["queues"].items()))
+    click.echo("Stage compute (p50 / p90 of recent tasks): " + ", ".join(
+        f"{s} {t['p50']} / {t['p90']} ms" for s, t in stats["stage_ms"].items() if t["tasks"]))
     for w in stats["workers"]:
         click.echo(
             f"  worker {w['id']}: {w['stage']:<8} {w['device']:<7} pid {w['pid']}  loaded in {w['load_s']:.2f} s  "

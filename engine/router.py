@@ -69,6 +69,7 @@ class Router:
         self._switch_s: list[float] = []  # move asked -> worker READY in its new stage, per move
         self._started = time.monotonic()
         self._moves: list[dict] = []  # every accepted move, oldest first
+        self._stage_times = {stage: collections.deque(maxlen=200) for stage in STAGE_KINDS}  # recent compute_s
         self._init_run_dir()
         self._init_sockets()
         try:
@@ -188,6 +189,7 @@ class Router:
             "recovery_s": [round(r, 3) for r in self._recovery_s],
             "switch_s": [round(r, 3) for r in self._switch_s],
             "queues": {stage: len(q) for stage, q in self._queues.items()},
+            "stage_ms": {stage: _summary_ms(times) for stage, times in self._stage_times.items()},
             "workers": [
                 {
                     "id": w.id, "stage": w.stage, "device": w.device, "ready": w.ready,
@@ -371,6 +373,7 @@ class Router:
         request.timings[worker.stage] = StageTiming(
             worker.id, message.timings.queued_s, message.timings.compute_s, request.waited_s
         )
+        self._stage_times[worker.stage].append(message.timings.compute_s)
         if self._elastic:
             self._elastic.computed(worker.stage, worker.device, request.params, message.timings.compute_s)
         if request.stage_index == len(STAGE_KINDS) - 1:
@@ -610,3 +613,12 @@ def _resolve(future: Future, result=None, error: Exception | None = None) -> Non
             future.set_result(result)
     except InvalidStateError:
         pass
+
+
+def _summary_ms(seconds) -> dict:
+    """Median and p90 compute time of a stage's recent tasks, in ms (None before the first)."""
+    ordered = sorted(seconds)
+    if not ordered:
+        return {"tasks": 0, "p50": None, "p90": None}
+    pick = lambda q: round(1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))], 2)  # noqa: E731
+    return {"tasks": len(ordered), "p50": pick(0.5), "p90": pick(0.9)}

@@ -86,8 +86,13 @@ def test_static_policy_never_moves():
     with Engine(config=config) as engine:
         load = OpenLoop(engine)
         load.feed(rate=12, seconds=4, **DECODER_BOUND)
-        load.check_all()
-        assert engine.stats()["moves"] == [] and engine.stats()["policy"] == "static"
+        served = load.check_all()
+        stats = engine.stats()
+        assert stats["moves"] == [] and stats["policy"] == "static"
+        assert stats["placement"] == {"encoder": 1, "dit": 2, "decoder": 1}
+        # Per-stage timings of the recent tasks: the 128 px decode (~120 ms) dwarfs the encode (5 ms).
+        assert all(stats["stage_ms"][s]["tasks"] == served for s in ("encoder", "dit", "decoder"))
+        assert stats["stage_ms"]["decoder"]["p50"] > stats["stage_ms"]["encoder"]["p50"]
 
 
 def test_a_worker_killed_while_switching_comes_back_in_its_new_stage():
