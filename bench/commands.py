@@ -101,3 +101,11 @@ bench.add_command(simulate)
 from .chaos import chaos_command  # noqa: E402
 
 bench.add_command(chaos_command)
+
+from .sweep import sweep_command  # noqa: E402
+
+bench.add_command(sweep_command)
+
+from .batching import batching_command  # noqa: E402
+
+bench.add_command(batching_command)

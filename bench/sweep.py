@@ -1,0 +1,482 @@
+"""`dfuse bench sweep`: an open-loop serving benchmark (like vLLM's and SGLang's bench_serving).
+
+For every mode and arrival rate, one driver thread submits a seeded trace's requests at their
+arrival times whatever has completed (open loop); a done-callback on each future records when
+its result came back, and the main thread samples the allocation every SAMPLE_S seconds:
+
+    mono     the monolithic baseline (bench/monolithic.py): whole requests, one process per device
+    static   dfuse Engine(policy="static"): every worker keeps its stage
+    elastic  dfuse Engine(policy="elastic"): the engine may move workers between stages
+
+Every (engine mode, rate) point gets a fresh engine, warmed up with one request per kind, so an
+elastic engine's moves at one rate do not carry over to the next; the monolithic processes hold
+no state between requests and serve every rate of the sweep (each warmed up before READY).
+Before each point the sweep waits (at most --quiet-wait s) for an idle machine and measures the
+CPU time other processes used during it (bench/throughput.py's helpers).
+
+SLO: SLO_FACTOR x the isolated latency of the request's kind, one reference for every mode: a
+static engine with the sweep's instances, one request at a time (the median of ISOLATED_REPEATS
+after a warm-up). The first static point's fresh engine measures it before its trace (saving an
+engine start); without static among the modes, a static engine of its own measures it after the
+sweep (the metrics are computed from the request records at the end). A request meets its SLO when it
+is served (output checked) within that time of its scheduled arrival; failed and unfinished
+requests count as misses. Requests still unfinished --drain-timeout seconds after the last arrival
+are cancelled and reported as unfinished. Every engine and process the sweep starts is closed and
+checked for leftovers (processes, /dev/shm segments, socket folders).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping
+
+import click
+
+from ..engine.protocol import RequestParams
+from ..stages import STAGE_KINDS
+from ..stages.families.synthetic import PREFIX as SYNTHETIC_PREFIX
+from .sweep_report import UNFINISHED, Record, compact_requests, document, summarize
+from .sweep_runners import (ISOLATED_REPEATS, REQUEST_TIMEOUT_S, EngineRunner, MonoRunner, measure_isolated,
+                            served_or_raise)
+from .sweep_traces import TRACES, interarrival_cv, kind_of, make_trace, parse_modes, parse_rates, trace_kinds
+from .throughput import BASE_SEED, _CpuMeter, _wait_quiet, make_prompts
+
+SLO_FACTOR = 3.0
+SAMPLE_S = 0.25
+Progress = Callable[[str, int], None]  # (what runs now, requests of it completed)
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """One sweep: the model and layout, the trace, the modes and rates (validated by the CLI)."""
+
+    model: str
+    """A built-in tiny model, a diffusers folder or a synthetic:... spec."""
+    rates: tuple[float, ...]
+    """Mean arrival rates in requests/s."""
+    trace: str = "poisson"
+    """poisson, bursty or shift (bench/sweep_traces.py)."""
+    modes: tuple[str, ...] = ("mono", "static", "elastic")
+    """Which of mono, static, elastic run, in this order."""
+    duration_s: float = 30.0
+    """Length of each point's arrival trace."""
+    instances: Mapping[str, int] = field(default_factory=lambda: {s: 1 for s in STAGE_KINDS})
+    """Engine workers per stage (static and elastic)."""
+    devices: str | Mapping[str, str] = "cpu"
+    """Engine device, or one per stage."""
+    threads: int | None = None
+    """Torch threads per engine worker (None: the engine's default, cores / CPU workers)."""
+    mono_threads: int | None = None
+    """Torch threads of a CPU monolithic process (None: every core)."""
+    steps: int | None = None
+    """Base request's denoising steps (None: the model's default)."""
+    size: int | None = None
+    """Base request's height and width (None: the model's default)."""
+    seed: int = 0
+    """Seed of the arrival trace (the same arrivals for every mode at a rate)."""
+    drain_s: float = 120.0
+    """After the last arrival, wait at most this long for outstanding requests."""
+    quiet_wait_s: float = 10.0
+    """Before each point, wait at most this long for an idle machine."""
+
+    @property
+    def synthetic(self) -> bool:
+        return self.model.startswith(SYNTHETIC_PREFIX)
+
+
+# --- the open-loop driver ----------------------------------------------------------------------
+def drive(runner, kinds: list[str], arrivals_s: list[float], params: list[RequestParams], *, drain_s: float,
+          progress: Callable[[int], None] | None = None) -> tuple[list[Record], list[dict], float]:
+    """Submit request i at arrivals_s[i] (seconds from start) from one driver thread, whatever has
+    completed; sample the runner every SAMPLE_S s until every request has an outcome or drain_s
+    after the last arrival; then cancel what is left (recorded as unfinished). Returns the
+    records, the samples and the start (time.monotonic())."""
+    records = [Record(kind, t) for kind, t in zip(kinds, arrivals_s)]
+    futures: list[Future | None] = [None] * len(records)
+    counted = threading.Semaphore(0)  # one release per request with an outcome
+    start = time.monotonic() + 0.05
+
+    def finish(i: int, error: str | None = None, stages: dict | None = None) -> None:
+        records[i].done_s, records[i].error, records[i].stages = time.monotonic() - start, error, stages
+        counted.release()
+
+    def on_done(i: int):
+        def callback(future: Future) -> None:
+            if future.cancelled():
+                return finish(i, f"{UNFINISHED}: cancelled {drain_s:g} s after the last arrival")
+            try:
+                finish(i, *runner.outcome(future, params[i]))
+            except Exception as e:  # the request failed: recorded, never raised into the engine
+                finish(i, f"{type(e).__name__}: {e}")
+        return callback
+
+    def submit_all() -> None:
+        for i, t in enumerate(arrivals_s):
+            delay = start + t - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            records[i].submitted_s = time.monotonic() - start
+            try:
+                futures[i] = runner.submit(params[i])
+            except Exception as e:  # refused at submit (bad input, engine closed): a failure
+                finish(i, f"{type(e).__name__}: {e}")
+                continue
+            futures[i].add_done_callback(on_done(i))
+
+    driver = threading.Thread(target=submit_all, name="sweep-driver", daemon=True)
+    driver.start()
+    samples, done = _watch(runner, driver, counted, len(records), start, drain_s, progress)
+    driver.join()
+    if done < len(records):
+        _cancel_left(futures, records, counted, len(records) - done)
+    return records, samples, start
+
+
+def _watch(runner, driver: threading.Thread, counted: threading.Semaphore, n: int, start: float, drain_s: float,
+           progress) -> tuple[list[dict], int]:
+    """Sample every SAMPLE_S s until all n requests have an outcome, or drain_s after the driver
+    has submitted the last one. Returns the samples and how many outcomes were counted."""
+    samples, done, drain_until = [], 0, None
+    while True:
+        now = time.monotonic()
+        samples.append({"t_s": round(now - start, 3), **runner.sample()})
+        while done < n and counted.acquire(blocking=False):
+            done += 1
+        if progress:
+            progress(done)
+        if done == n:
+            return samples, done
+        if not driver.is_alive():
+            drain_until = drain_until or now + drain_s
+            if now >= drain_until:
+                return samples, done
+        time.sleep(max(0.0, SAMPLE_S - (time.monotonic() - now)))
+
+
+def _cancel_left(futures: list[Future | None], records: list[Record], counted: threading.Semaphore,
+                 missing: int) -> None:
+    """Cancel the requests still outstanding and wait for the `missing` outcomes (a cancelled
+    request's callback records it as unfinished; a monolithic request already running cannot be
+    cancelled: it finishes, a request's time at most)."""
+    for future, record in zip(futures, records):
+        if future is not None and record.done_s is None:
+            future.cancel()
+    deadline = time.monotonic() + REQUEST_TIMEOUT_S
+    for _ in range(missing):
+        if not counted.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            break
+    for record in records:
+        if record.done_s is None:
+            record.error = f"{UNFINISHED}: no outcome within {REQUEST_TIMEOUT_S:g} s of the cancel"
+
+
+# --- one point and the whole sweep -------------------------------------------------------------
+@dataclass
+class Workload:
+    """The requests of one rate: the same for every mode."""
+
+    rate: float
+    kinds: list[str]
+    arrivals_s: list[float]
+    params: list[RequestParams]
+    interarrival_cv: float
+
+
+def build_workloads(config: SweepConfig, info) -> tuple[dict[str, RequestParams], list[Workload]]:
+    """The request kinds (one RequestParams each) and every rate's seeded trace."""
+    from ..engine.requests import build_requests
+
+    steps = config.steps or info.num_inference_steps
+    size = config.size or info.default_size
+    shapes = trace_kinds(config.trace, steps, size)
+
+    def params_for(shape, prompt: str, seed: int) -> RequestParams:
+        return build_requests(info, prompt, num_inference_steps=shape.steps, height=shape.height, width=shape.width,
+                              seed=seed)[0]
+
+    kind_params = {name: params_for(shape, "a photo of a house", 0) for name, shape in shapes.items()}
+    workloads = []
+    for rate in config.rates:
+        arrivals = make_trace(config.trace, rate, config.duration_s, steps, size, config.seed)
+        prompts = make_prompts(len(arrivals))
+        workloads.append(Workload(
+            rate, [kind_of(a, shapes) for a in arrivals], [a.t for a in arrivals],
+            [params_for(a.shape, prompts[i], BASE_SEED + i) for i, a in enumerate(arrivals)],
+            round(interarrival_cv(arrivals), 3),
+        ))
+    return kind_params, workloads
+
+
+def run_point(runner, mode: str, work: Workload, config: SweepConfig, progress: Progress | None) -> dict:
+    """Drive one workload through a started, warmed-up runner: its request records and samples
+    (`finish_points` turns the records into metrics once the SLO reference is known)."""
+    label = f"{mode} @ {work.rate:g} req/s"
+    if progress:
+        progress(f"{label}: waiting for a quiet machine", 0)
+    waited = _wait_quiet(config.quiet_wait_s)
+    meter, started = _CpuMeter([os.getpid(), *sorted(runner.pids)]), time.perf_counter()
+    records, samples, start = drive(runner, work.kinds, work.arrivals_s, work.params, drain_s=config.drain_s,
+                                    progress=progress and (lambda done: progress(label, done)))
+    cpu = meter.stop(time.perf_counter() - started)
+    return {"mode": mode, "rate_rps": work.rate, "records": records, **cpu, "started_monotonic": start,
+            "waited_for_quiet_s": round(waited, 1), "allocation": _columns(samples)}
+
+
+def finish_points(points: list[dict], slo_s: dict[str, float], duration_s: float) -> list[dict]:
+    """Each point's metrics from its records, and its requests as compact columns."""
+    finished = []
+    for point in points:
+        records, rest = point.pop("records"), {k: v for k, v in point.items() if k not in ("mode", "rate_rps")}
+        finished.append({"mode": point["mode"], "rate_rps": point["rate_rps"], **summarize(records, slo_s, duration_s),
+                         **rest, "requests": compact_requests(records, list(slo_s))})
+    return finished
+
+
+def _columns(samples: list[dict]) -> dict:
+    """Samples as columns: t_s, and per key (placement, queues, inflight) a list per stage."""
+    out: dict = {"t_s": [s["t_s"] for s in samples], "moving": [s["moving"] for s in samples]}
+    for key in ("placement", "queues", "inflight"):
+        stages = list(samples[0][key]) if samples else []
+        out[key] = {stage: [s[key][stage] for s in samples] for stage in stages}
+    return out
+
+
+def run_engine_mode(config: SweepConfig, mode: str, kind_params: dict, workloads: list[Workload],
+                    progress: Progress | None, reference: dict | None = None) -> list[dict]:
+    """A fresh engine per rate, warmed up with one request per kind. Given an empty `reference`,
+    the first engine measures the SLO reference into it instead (which warms it up as well)."""
+    points = []
+    for work in workloads:
+        if progress:
+            progress(f"{mode} @ {work.rate:g} req/s: starting the engine", 0)
+        runner = EngineRunner(config, mode)
+        try:
+            if reference is not None and not reference:
+                if progress:
+                    progress(f"{mode} @ {work.rate:g} req/s: isolated latency (SLO reference)", 0)
+                reference.update(isolated_latency_s=measure_isolated(runner, kind_params), startup_s=runner.startup_s,
+                                 measured_by=f"the first {mode} engine (rate {work.rate:g}), before its trace")
+            else:
+                for name, params in kind_params.items():
+                    served_or_raise(runner, params, f"warm-up request ({name})")
+            point = run_point(runner, mode, work, config, progress)
+        finally:
+            closed = runner.close()
+        start = point.pop("started_monotonic")
+        for move in closed["moves"]:  # the engine times moves from its own start
+            move["t_point_s"] = round(runner.created + move["t_s"] - start, 3)
+        points.append({**point, **closed})
+    return points
+
+
+def run_mono_mode(config: SweepConfig, kind_params: dict, workloads: list[Workload],
+                  progress: Progress | None) -> tuple[list[dict], dict]:
+    """One monolithic pool serves every rate (each process warmed up before READY)."""
+    if progress:
+        progress("mono: starting the monolithic processes", 0)
+    runner = MonoRunner(config, tuple(kind_params.values()))
+    info = {"description": runner.description, "startup_s": runner.startup_s, "load_s": runner.pool.load_s}
+    points = []
+    try:
+        info["isolated_latency_s"] = measure_isolated(runner, kind_params)
+        for work in workloads:
+            points.append(run_point(runner, "mono", work, config, progress))
+            points[-1].pop("started_monotonic")
+    finally:
+        info.update(runner.close())
+    for point in points:  # the pool served every rate: its leftovers are every point's
+        point.update(leaked_processes=info["leaked_processes"], leaked_segments=[], run_dir_left=False)
+    return points, info
+
+
+def measure_reference(config: SweepConfig, kind_params: dict, progress: Progress | None) -> dict:
+    """The SLO reference from a static engine of its own (when static is not among the modes)."""
+    if progress:
+        progress("SLO reference: static engine, one request at a time", 0)
+    runner = EngineRunner(config, "static")
+    try:
+        isolated = measure_isolated(runner, kind_params)
+    finally:
+        closed = runner.close()
+    return {"isolated_latency_s": isolated, "startup_s": runner.startup_s,
+            "measured_by": "a static engine of its own, after the sweep",
+            **{k: closed[k] for k in ("leaked_processes", "leaked_segments", "run_dir_left")}}
+
+
+def run_sweep(config: SweepConfig, progress: Progress | None = None, command: str | None = None) -> dict:
+    """Every mode at every rate; returns the JSON-ready document (see module docstring)."""
+    from ..engine.config import resolve_model_path
+    from ..stages.families import describe_model
+
+    info = describe_model(resolve_model_path(config.model))
+    kind_params, workloads = build_workloads(config, info)
+    created, load_before = time.strftime("%Y-%m-%dT%H:%M:%S%z"), os.getloadavg()
+    started = time.perf_counter()
+    points, modes, reference = [], {}, {}
+    for mode in config.modes:
+        if mode == "mono":
+            mono_points, modes["mono"] = run_mono_mode(config, kind_params, workloads, progress)
+            points += mono_points
+        else:
+            points += run_engine_mode(config, mode, kind_params, workloads, progress,
+                                      reference if mode == "static" else None)
+            modes[mode] = f"dfuse Engine(policy={mode!r}), a fresh engine per rate"
+    reference = reference or measure_reference(config, kind_params, progress)
+    slo_s = {k: round(SLO_FACTOR * v, 4) for k, v in reference["isolated_latency_s"].items()}
+    slo = {"factor": SLO_FACTOR, "reference": "static engine with the sweep's instances, one request at a time, "
+           f"median of {ISOLATED_REPEATS} after a warm-up", "isolated_latency_s": reference.pop("isolated_latency_s"),
+           "slo_s": slo_s, "reference_engine": reference}
+    return document(config, info, kind_params, workloads, slo, finish_points(points, slo_s, config.duration_s), modes,
+                    created=created, load_before=load_before, wall_s=time.perf_counter() - started, command=command)
+
+
+def planned_requests(config: SweepConfig) -> int:
+    """How many requests the sweep will send in all (for the progress bar)."""
+    from ..engine.config import resolve_model_path
+    from ..stages.families import describe_model
+
+    _, workloads = build_workloads(config, describe_model(resolve_model_path(config.model)))
+    return len(config.modes) * sum(len(w.params) for w in workloads)
+
+
+# --- the command ---------------------------------------------------------------------------------
+def _option(flag: str, parse, *args):
+    """parse(*args), a ValueError turned into a usage error naming `flag`."""
+    try:
+        return parse(*args)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint=f"'{flag}'") from None
+
+
+def config_from_options(model, rates, trace, modes, duration, instances, device, threads, mono_threads, steps, size,
+                        seed, drain_timeout, quiet_wait) -> SweepConfig:
+    """Every option checked before a process starts; a bad one is a usage error naming it."""
+    from ..cli import _parse_devices
+    from ..engine.config import EngineConfig, parse_instances, resolve_model_path
+    from ..stages.families import describe_model
+
+    counts = _option("--instances", parse_instances, instances)
+    _option("--instances", lambda: EngineConfig(instances=counts))
+    devices = _parse_devices(device)
+    _option("--device", lambda: EngineConfig(devices=devices, instances=counts))
+    info = _option("--model", lambda: describe_model(resolve_model_path(model)))
+    config = SweepConfig(
+        model=model, rates=tuple(_option("--rates", parse_rates, rates)), trace=trace,
+        modes=tuple(_option("--modes", parse_modes, modes)), duration_s=duration, instances=counts, devices=devices,
+        threads=threads, mono_threads=mono_threads, steps=steps, size=size, seed=seed, drain_s=drain_timeout,
+        quiet_wait_s=quiet_wait,
+    )
+    _check_kinds(config, info)
+    return config
+
+
+def _check_kinds(config: SweepConfig, info) -> None:
+    from ..engine.requests import build_requests
+
+    kinds = trace_kinds(config.trace, config.steps or info.num_inference_steps, config.size or info.default_size)
+    for name, shape in kinds.items():
+        try:
+            build_requests(info, "x", num_inference_steps=shape.steps, height=shape.height, width=shape.width)
+        except ValueError as e:
+            flag = "--steps" if str(e).startswith("num_inference_steps") else "--size"
+            raise click.BadParameter(f"{e} (the {config.trace} trace's {name!r} requests are {shape.label()})",
+                                     param_hint=f"'{flag}'") from None
+
+
+def _want_plots(plots: bool | None) -> bool:
+    from .sweep_plot import available
+
+    if plots and not available():
+        raise click.BadParameter("matplotlib is not installed: pip install -e '.[bench]' (or --no-plots)",
+                                 param_hint="'--plots'")
+    if plots is None and not available():
+        click.echo("matplotlib is not installed: skipping the plots (pip install -e '.[bench]' to draw them)", err=True)
+        return False
+    return plots is not False
+
+
+@click.command("sweep")
+@click.option("--model", default="tiny-sd3", show_default=True,
+              help="Built-in tiny model, a local diffusers folder, or "
+                   "synthetic:encoder=..,dit=..,decoder=..[,mode=sleep].")
+@click.option("--rates", required=True, help="Mean arrival rates in requests/s, comma-separated, e.g. 1,2,4.")
+@click.option("--trace", type=click.Choice(TRACES), default="poisson", show_default=True,
+              help="poisson; bursty (on/off: 1 s at 3x the rate, 2 s silent, on average); shift (few-step, "
+                   "then many-step, then 2x-size requests, a third of the run each).")
+@click.option("--modes", default="mono,static,elastic", show_default=True,
+              help="Comma-separated subset of mono (diffusers / synthetic stages in one process per device), "
+                   "static, elastic (dfuse Engine policies).")
+@click.option("--duration", type=click.FloatRange(1, 3600), default=30.0, show_default=True,
+              help="Seconds of arrivals per mode and rate.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Output folder for sweep.json, sweep.csv, summary.md and plots "
+                   "[default: bench/results/sweep-MODEL-TRACE].")
+@click.option("--instances", default="encoder=1,dit=1,decoder=1", show_default=True,
+              help="Engine workers per stage (static and elastic).")
+@click.option("--device", default="cpu", show_default=True,
+              help="cpu, cuda, cuda:N, or per stage: encoder=cpu,dit=cuda:0,...")
+@click.option("--threads", type=click.IntRange(1, 1024), default=None,
+              help="Torch threads per engine worker [default: cores / CPU workers].")
+@click.option("--mono-threads", type=click.IntRange(1, 1024), default=None,
+              help="Torch threads of a CPU monolithic process [default: every core].")
+@click.option("--steps", type=click.IntRange(1, 1000), default=None,
+              help="Base request's denoising steps [default: the model's]; shift: steps/4, 2 x steps, steps/2.")
+@click.option("--size", type=int, default=None,
+              help="Base request's height and width in px [default: the model's]; shift's last phase: 2 x size.")
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True,
+              help="Seed of the arrival trace (every mode sees the same arrivals).")
+@click.option("--drain-timeout", type=click.FloatRange(0, 3600), default=120.0, show_default=True,
+              help="Seconds after the last arrival to wait for outstanding requests (then: unfinished).")
+@click.option("--quiet-wait", type=click.FloatRange(0, 600), default=10.0, show_default=True,
+              help="Before each point, wait at most this long for an idle machine.")
+@click.option("--plots/--no-plots", default=None,
+              help="Draw latency.png and allocation.png [default: if matplotlib is installed].")
+def sweep_command(model, rates, trace, modes, duration, out, instances, device, threads, mono_threads, steps, size,
+                  seed, drain_timeout, quiet_wait, plots):
+    """Open-loop serving sweep: every mode at every arrival rate, throughput, latency, SLO, allocation."""
+    from tqdm import tqdm
+
+    from .sweep_report import format_markdown, write_outputs
+
+    config = config_from_options(model, rates, trace, modes, duration, instances, device, threads, mono_threads,
+                                 steps, size, seed, drain_timeout, quiet_wait)
+    plots = _want_plots(plots)
+    slug = "synthetic" if config.synthetic else Path(model).name
+    out = out or Path("bench/results") / f"sweep-{slug}-{trace}"
+    with tqdm(total=planned_requests(config), desc="sweep", unit="req", file=sys.stderr) as bar:
+        seen: dict[str, int] = {}
+
+        def progress(label: str, done: int) -> None:
+            if label not in seen:
+                bar.set_description(label, refresh=False)
+            bar.update(done - seen.get(label, 0))
+            seen[label] = done
+
+        try:
+            doc = run_sweep(config, progress, command=shlex.join(["dfuse", *sys.argv[1:]]))
+        except RuntimeError as e:
+            raise click.ClickException(str(e)) from None
+    written = write_outputs(doc, out, plots)
+    click.echo(format_markdown(doc))
+    click.echo("Wrote " + ", ".join(str(p) for p in written))
+    _report_problems(doc)
+
+
+def _report_problems(doc: dict) -> None:
+    totals = doc["totals"]
+    if totals["unfinished"]:
+        click.secho(f"WARNING: {totals['unfinished']} request(s) were still unfinished {doc['config']['drain_s']:g} s "
+                    "after the last arrival (overload): cancelled and counted as SLO misses.", fg="yellow", err=True)
+    leaked = totals["leaked_processes"] or totals["leaked_segments"] or totals["run_dir_left"]
+    if totals["failed"] or leaked:
+        click.secho(f"FAILED: {totals['failed']} request(s) failed; leaked processes {totals['leaked_processes']}, "
+                    f"segments {totals['leaked_segments']}, socket folder left: {totals['run_dir_left']}",
+                    fg="red", bold=True, err=True)
+        sys.exit(1)

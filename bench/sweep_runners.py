@@ -1,0 +1,127 @@
+"""The two kinds of system `dfuse bench sweep` drives, behind one interface (submit -> Future,
+outcome, sample, close): a dfuse Engine, and the monolithic baseline's pool (bench/monolithic.py)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from concurrent.futures import Future
+from typing import Mapping
+
+from ..engine.protocol import RequestParams
+from ..stages import STAGE_KINDS
+from .chaos import close_and_check
+
+ISOLATED_REPEATS = 3
+REQUEST_TIMEOUT_S = 600.0  # one warm-up or isolated request, alone
+
+
+def check_output(params: RequestParams, height: int, width: int, pixel: int, synthetic: bool) -> str | None:
+    """None when the output is the request's own; the synthetic image's value is seed % 251."""
+    if (height, width) != (params.height, params.width):
+        return f"wrong output: {width}x{height} px for a {params.width}x{params.height} request"
+    if synthetic and pixel != params.seed % 251:
+        return f"wrong output: another request's image (value {pixel}, seed {params.seed})"
+    return None
+
+
+class EngineRunner:
+    """A dfuse Engine with the sweep's layout and `policy`."""
+
+    def __init__(self, config, policy: str):
+        from ..engine.engine import Engine
+
+        started, self.created = time.perf_counter(), time.monotonic()  # ~ the engine's clock zero
+        self.engine = Engine(model=config.model, device=config.devices, instances=config.instances,
+                             cpu_threads=config.threads, policy=policy)
+        self.startup_s = round(time.perf_counter() - started, 3)
+        self.pids = {w["pid"] for w in self.engine.stats()["workers"] if w["pid"]}
+        self._synthetic = config.synthetic
+
+    def submit(self, p: RequestParams) -> Future:
+        return self.engine.submit(p.prompt, negative_prompt=p.negative_prompt,
+                                  num_inference_steps=p.num_inference_steps, guidance_scale=p.guidance_scale,
+                                  height=p.height, width=p.width, seed=p.seed, true_cfg_scale=p.true_cfg_scale)
+
+    def outcome(self, future: Future, p: RequestParams) -> tuple[str | None, dict]:
+        result = future.result()
+        image = result.images[0]
+        stages = {s: [t.waited_s + t.queued_s, t.compute_s] for s, t in result.timings[0].items()}
+        return check_output(p, image.height, image.width, image.getpixel((0, 0))[0], self._synthetic), stages
+
+    def sample(self) -> dict:
+        stats = self.engine.stats()
+        workers = stats["workers"]
+        self.pids.update(w["pid"] for w in workers if w["pid"])  # replacements after a crash too
+        return {
+            "placement": dict(stats["placement"]),
+            "queues": dict(stats["queues"]),
+            "inflight": {s: sum(w["inflight"] for w in workers if w["stage"] == s) for s in STAGE_KINDS},
+            "moving": sum(w.get("moving_to") is not None for w in workers),
+        }
+
+    def close(self) -> dict:
+        stats = self.engine.stats()
+        leaks = close_and_check(self.engine, self.pids)
+        return {"moves": list(stats.get("moves", [])), "decisions": list(stats.get("decisions", [])),
+                "placement_end": dict(stats["placement"]),
+                "switch_s": list(stats.get("switch_s", [])), "startup_s": self.startup_s,
+                "restarts": sum(w["restarts"] for w in stats["workers"]), **leaks}
+
+
+class MonoRunner:
+    """The monolithic baseline's processes (bench/monolithic.py), warmed up with every kind."""
+
+    def __init__(self, config, warmup: tuple[RequestParams, ...]):
+        from ..engine.config import resolve_model_path
+        from .monolithic import MonolithicPool, describe, monolithic_configs
+
+        devices = config.devices if isinstance(config.devices, Mapping) else {s: config.devices for s in STAGE_KINDS}
+        model = config.model if config.synthetic else str(resolve_model_path(config.model))
+        configs = monolithic_configs(model, dict(devices), dict(config.instances), config.mono_threads, warmup)
+        self.description = describe(configs)
+        started = time.perf_counter()
+        self.pool = MonolithicPool(configs)
+        self.startup_s = round(time.perf_counter() - started, 3)
+        self.pids = set(self.pool.pids)
+        self._synthetic = config.synthetic
+
+    def submit(self, p: RequestParams) -> Future:
+        return self.pool.submit(p)
+
+    def outcome(self, future: Future, p: RequestParams) -> tuple[str | None, None]:
+        height, width, pixel = future.result()
+        return check_output(p, height, width, pixel, self._synthetic), None
+
+    def sample(self) -> dict:
+        stats = self.pool.stats()
+        return {"placement": {"mono": stats["processes"]}, "queues": {"mono": stats["queue"]},
+                "inflight": {"mono": stats["busy"]}, "moving": 0}
+
+    def close(self) -> dict:
+        return {"leaked_processes": self.pool.close(), "leaked_segments": [], "run_dir_left": False}
+
+
+def served_or_raise(runner, params: RequestParams, what: str) -> float:
+    """Run one request alone; its latency in seconds (RuntimeError naming `what` if it fails)."""
+    started = time.perf_counter()
+    future = runner.submit(params)
+    try:
+        future.result(REQUEST_TIMEOUT_S)
+        elapsed = time.perf_counter() - started
+        error, _ = runner.outcome(future, params)
+    except Exception as e:
+        raise RuntimeError(f"{what} failed: {type(e).__name__}: {e}") from None
+    if error:
+        raise RuntimeError(f"{what}: {error}")
+    return elapsed
+
+
+def measure_isolated(runner, kinds: dict[str, RequestParams], repeats: int = ISOLATED_REPEATS) -> dict[str, float]:
+    """Median latency of each kind alone (one request at a time), after one warm-up request."""
+    isolated = {}
+    for name, params in kinds.items():
+        served_or_raise(runner, params, f"warm-up request ({name})")
+        times = [served_or_raise(runner, params, f"isolated request ({name})") for _ in range(repeats)]
+        isolated[name] = round(statistics.median(times), 4)
+    return isolated
