@@ -34,6 +34,50 @@ class TransportConfig:
         return self.slot_mib * 2**20
 
 
+DEFAULT_MAX_BATCH = {"encoder": 8, "dit": 4, "decoder": 4}
+MAX_BATCH = 64
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    """Per-stage batching: a free worker takes several compatible queued requests as one call.
+
+    Off by default: a batched call changes the last bits of the outputs on CPU (FACTS.md), and
+    unbatched dfuse output equals diffusers' unbatched pipeline call bit for bit. When on, the
+    encoder batches any prompts, the DiT requests of one shape, step count and guidance, the
+    decoder latents of one shape under an activation-memory cap (engine/batching.py)."""
+
+    enabled: bool = False
+    """Turn batching on (False: every task carries one request, exactly as without this config)."""
+    max_batch: Mapping[str, int] = field(default_factory=lambda: dict(DEFAULT_MAX_BATCH))
+    """Most requests in one call, per stage (an int sets every stage). Each request keeps its own
+    output slot, so a worker's pool gets at least max_batch + 1 slots when batching is on."""
+    max_wait_ms: float = 0.0
+    """How long the head of a queue may wait for companions before a partial batch is sent to a
+    free worker; 0 takes whatever is queued at once (no added latency at low load)."""
+    max_batch_gib: float | None = None
+    """Estimated activation memory (the families' peak_bytes) one batch may use; None: the
+    device's memory budget from memory admission. Binds mostly the decoder (grows with pixels)."""
+
+    def __post_init__(self):
+        if not isinstance(self.enabled, bool):
+            raise ValueError(f"batching.enabled: must be True or False (got {self.enabled!r})")
+        sizes = _per_stage("batching.max_batch", self.max_batch, int, DEFAULT_MAX_BATCH)
+        for stage, size in sizes.items():
+            _check_int(f"batching.max_batch.{stage}", size, 1, MAX_BATCH)
+        object.__setattr__(self, "max_batch", MappingProxyType(sizes))
+        wait = self.max_wait_ms
+        if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not 0 <= wait <= 60_000:
+            raise ValueError(f"batching.max_wait_ms: must be a number in [0, 60000] (got {wait!r})")
+        cap = self.max_batch_gib
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or not 0 < cap < 2**20):
+            raise ValueError(f"batching.max_batch_gib: must be None or a number of GiB > 0 (got {cap!r})")
+
+    def batch_limit(self, stage: str) -> int:
+        """Most requests per call in `stage` (1 when batching is off)."""
+        return self.max_batch[stage] if self.enabled else 1
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything an Engine needs to start its stage workers."""
@@ -63,6 +107,8 @@ class EngineConfig:
     device as the workload's bottleneck moves (scheduler/controller.py on live statistics)."""
     elastic: ElasticConfig = field(default_factory=ElasticConfig)
     """How the elastic policy watches and decides (used with policy="elastic")."""
+    batching: BatchConfig = field(default_factory=BatchConfig)
+    """Per-stage batching of compatible requests (off by default)."""
 
     def __post_init__(self):
         if not isinstance(self.transport, TransportConfig):
@@ -96,8 +142,16 @@ class EngineConfig:
             raise ValueError(f"startup_timeout_s: must be a number > 0 (got {self.startup_timeout_s!r})")
         if not isinstance(self.elastic, ElasticConfig):
             raise ValueError(f"elastic: must be an ElasticConfig (got {type(self.elastic).__name__})")
+        if not isinstance(self.batching, BatchConfig):
+            raise ValueError(f"batching: must be a BatchConfig (got {type(self.batching).__name__})")
         if self.policy not in POLICIES:
             raise ValueError(f"policy: must be one of {', '.join(POLICIES)} (got {self.policy!r})")
+
+    def slots_per_worker(self, stage: str) -> int:
+        """Output slots of a `stage` worker: a batch needs one per request, and one more lets the
+        next batch start while downstream still reads the last one."""
+        limit = self.batching.batch_limit(stage)
+        return self.transport.slots_per_worker if limit == 1 else max(self.transport.slots_per_worker, limit + 1)
 
     def threads_per_worker(self) -> int:
         if self.cpu_threads is not None:
@@ -147,7 +201,7 @@ def parse_instances(text: str) -> dict[str, int]:
     return counts
 
 
-def _per_stage(name: str, value, kind: type) -> dict:
+def _per_stage(name: str, value, kind: type, defaults: Mapping | None = None) -> dict:
     """Accept one value for all stages or a mapping stage -> value (missing stages: default)."""
     if isinstance(value, kind) and not isinstance(value, bool):
         return {s: value for s in STAGE_KINDS}
@@ -157,7 +211,7 @@ def _per_stage(name: str, value, kind: type) -> dict:
     if unknown:
         raise ValueError(f"{name}: unknown stage(s) {sorted(unknown)}; stages are {', '.join(STAGE_KINDS)}")
     default = "cpu" if kind is str else 1
-    return {s: value.get(s, default) for s in STAGE_KINDS}
+    return {s: value.get(s, defaults[s] if defaults else default) for s in STAGE_KINDS}
 
 
 def _check_int(name: str, value, low: int, high: int) -> None:

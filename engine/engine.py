@@ -16,6 +16,7 @@ from PIL import Image
 from ..stages import STAGE_KINDS
 from ..stages.families import describe_model, detect_family
 from .admission import admit, check_transport, detect_budgets
+from .batching import stage_profiles
 from .config import DEFAULT_MODEL, EngineConfig, resolve_model_path
 from .requests import build_requests, check_priority, check_timeout
 from .router import Router
@@ -96,6 +97,11 @@ class Engine:
         # Measured now that the workers hold their weights (see engine/admission.py).
         self._memory_budgets = detect_budgets(self.config.devices, self.config.memory_limit_gib, self.model_path)
         self._itemsizes = {s: self.config.torch_dtype(d).itemsize for s, d in self.config.devices.items()}
+        # A batch's summed activation estimate must fit its device's budget (or the set cap).
+        cap_gib = self.config.batching.max_batch_gib
+        self._router.batch_caps = {
+            s: budget if cap_gib is None else min(budget, int(cap_gib * 2**30)) for s, budget in self._memory_budgets.items()
+        }
 
     # --- requests ----------------------------------------------------------------------------
     def submit(
@@ -140,6 +146,9 @@ class Engine:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._ids_lock:
             requests = [Request(next(self._ids), p, Future(), on_progress, priority, deadline) for p in params]
+        if self.config.batching.enabled:
+            for request in requests:
+                request.profiles = stage_profiles(family, self.model_info, request.params, self._itemsizes)
         outer = _gather(requests)
         for request in requests:
             self._router.submit(request)

@@ -80,6 +80,14 @@ class StageTask(msgspec.Struct, **_STRUCT):
     report_progress: bool = False
 
 
+class StageBatch(msgspec.Struct, **_STRUCT):
+    """Engine -> worker: run this stage for several compatible requests as one call (per-stage
+    batching). Each task keeps its own output slot; the worker answers one StageDone (or
+    StageFailed) per task, so the engine's bookkeeping stays per request."""
+
+    tasks: list[StageTask]
+
+
 class OpenPool(msgspec.Struct, **_STRUCT):
     """Engine -> consumer worker: map this producer's GPU pool (sent before any task reads it)."""
 
@@ -118,6 +126,7 @@ class StageTimings(msgspec.Struct, **_STRUCT):
 
     queued_s: float  # received by the worker -> compute started
     compute_s: float  # forward pass, including writing outputs into the slot
+    batch_size: int = 1  # requests computed together in that call (compute_s is the whole call's)
 
 
 class StageDone(msgspec.Struct, **_STRUCT):
@@ -146,7 +155,7 @@ class Progress(msgspec.Struct, **_STRUCT):
     total: int
 
 
-ToWorker = StageTask | OpenPool | Shutdown | Become
+ToWorker = StageTask | StageBatch | OpenPool | Shutdown | Become
 ToEngine = Ready | LoadFailed | StageDone | StageFailed | Progress
 
 _encoder = msgspec.msgpack.Encoder()

@@ -36,6 +36,15 @@ class StageQueue:
     def pop(self) -> Queued:
         return heapq.heappop(self._heap)[1]
 
+    def in_order(self) -> list[Queued]:
+        """Every queued request, first to be served first (a sort: for batching's look-ahead)."""
+        return [entry[1] for entry in sorted(self._heap, key=lambda entry: entry[0])]
+
+    def remove(self, requests: list[Queued]) -> None:
+        """Take out exactly these requests (a batch chosen from `in_order`)."""
+        ids = {id(r) for r in requests}
+        self.remove_where(lambda r: id(r) in ids)
+
     def remove_where(self, predicate) -> list[Queued]:
         """Take out every request matching `predicate` (rare: expiry sweeps, lost pools)."""
         kept, removed = [], []

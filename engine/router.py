@@ -12,6 +12,10 @@ released when the consumer reports done (or the request is dropped):
 A worker that dies is replaced on the same device; its in-flight requests go back to the front
 of their queue (their inputs are still in the upstream slot; the queue keeps their place by
 priority, deadline and arrival) until `max_attempts` is reached.
+
+With batching on (EngineConfig.batching), a free worker takes the queue's head plus compatible
+requests behind it as one task (engine/batching.py); each request still holds its own output
+slot and gets its own StageDone, so everything above stays per request.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from ..stages import STAGE_KINDS
 from ..stages.worker import WorkerSpec
 from . import protocol as wire
 from .config import EngineConfig
+from .batching import select_batch, should_wait
 from .elastic import Elastic
 from .queues import StageQueue
 from .state import (  # noqa: F401  (re-exported: the errors are part of the API)
@@ -69,6 +74,9 @@ class Router:
         self._switch_s: list[float] = []  # move asked -> worker READY in its new stage, per move
         self._started = time.monotonic()
         self._moves: list[dict] = []  # every accepted move, oldest first
+        self._batch_wake: float | None = None  # a partial batch waits for companions until then
+        self._batched: dict[str, int] = {stage: 0 for stage in STAGE_KINDS}  # tasks of > 1 request sent
+        self.batch_caps: dict[str, int] = {}  # activation bytes per batch and stage: set by the engine
         self._stage_times = {stage: collections.deque(maxlen=200) for stage in STAGE_KINDS}  # recent compute_s
         self._init_run_dir()
         self._init_sockets()
@@ -119,7 +127,8 @@ class Router:
             link = self.links[f"{stage}->{consumers.get(stage, 'engine')}"]
             for _ in range(self.config.instances[stage]):
                 worker_id = len(self.workers)
-                name, size, count = f"{self.segment_prefix}w{worker_id}", transport.slot_bytes, transport.slots_per_worker
+                name, size = f"{self.segment_prefix}w{worker_id}", transport.slot_bytes
+                count = self.config.slots_per_worker(stage)
                 if pool_kind([link]) == "cuda":
                     pool = SlotPool(name, size, count)  # the worker allocates it on its GPU
                 else:
@@ -189,6 +198,7 @@ class Router:
             "recovery_s": [round(r, 3) for r in self._recovery_s],
             "switch_s": [round(r, 3) for r in self._switch_s],
             "queues": {stage: len(q) for stage, q in self._queues.items()},
+            "batched_tasks": dict(self._batched),
             "stage_ms": {stage: _summary_ms(times) for stage, times in self._stage_times.items()},
             "workers": [
                 {
@@ -224,7 +234,10 @@ class Router:
             for worker in self.workers.values():
                 self._spawn(worker)
             while not self._closing:
-                events = dict(self._poller.poll(HEALTH_INTERVAL_S * 1000))
+                timeout = HEALTH_INTERVAL_S
+                if self._batch_wake is not None:  # a partial batch's wait ends sooner
+                    timeout = min(timeout, max(0.0, self._batch_wake - time.monotonic()))
+                events = dict(self._poller.poll(timeout * 1000))
                 if self._wake_pull in events:
                     while self._wake_pull.poll(0):
                         self._wake_pull.recv()
@@ -366,16 +379,19 @@ class Router:
         log.warning("replacement %s worker %d could not load: %s", worker.stage, worker.id, message.error)
 
     def _on_done(self, worker: Worker, message: wire.StageDone) -> None:
-        request = worker.inflight.pop(message.request_id, None)
+        request = self._take_inflight(worker, message.request_id)
         if request is None:
             return  # a late message about a request already re-queued or dropped
         self._release_inputs(request)
         request.timings[worker.stage] = StageTiming(
-            worker.id, message.timings.queued_s, message.timings.compute_s, request.waited_s
+            worker.id, message.timings.queued_s, message.timings.compute_s, request.waited_s,
+            message.timings.batch_size,
         )
         self._stage_times[worker.stage].append(message.timings.compute_s)
         if self._elastic:
-            self._elastic.computed(worker.stage, worker.device, request.params, message.timings.compute_s)
+            # The cost model is per request: a batch's time is shared by its requests.
+            per_request = message.timings.compute_s / max(1, message.timings.batch_size)
+            self._elastic.computed(worker.stage, worker.device, request.params, per_request)
         if request.stage_index == len(STAGE_KINDS) - 1:
             self._finish(request, worker, message.outputs)
             return
@@ -393,8 +409,19 @@ class Router:
             request.queued_at = time.monotonic()
             self._queues[request.stage].push(request)
 
+    def _take_inflight(self, worker: Worker, request_id: int) -> Request | None:
+        """Remove a finished request from the worker's books (and from its task's batch)."""
+        request = worker.inflight.pop(request_id, None)
+        for batch in worker.batches:
+            if request_id in batch:
+                batch.discard(request_id)
+                if not batch:
+                    worker.batches.remove(batch)
+                break
+        return request
+
     def _on_failed(self, worker: Worker, message: wire.StageFailed) -> None:
-        request = worker.inflight.pop(message.request_id, None)
+        request = self._take_inflight(worker, message.request_id)
         if request is not None:
             worker.pool.release(request.output_offset, request.id)
             self._fail(request, RequestFailed(f"the {worker.stage} stage failed: {message.error}"))
@@ -409,6 +436,7 @@ class Router:
 
     # --- dispatch ----------------------------------------------------------------------------
     def _dispatch(self) -> None:
+        self._batch_wake = None
         # Downstream first: finishing requests frees the upstream slots that new work needs.
         for stage in reversed(STAGE_KINDS):
             queue = self._queues[stage]
@@ -418,38 +446,68 @@ class Router:
                     self._enqueue(queue.pop())  # drops or fails it
                     continue
                 worker = self._pick_worker(stage)
-                if worker is None or not self._send_task(worker, queue.pop()):
-                    break  # retrying the same unreachable worker at once would spin forever
+                if worker is None:
+                    break
+                batch = self._take_batch(stage, queue, worker)
+                if batch is None or not self._send_batch(worker, batch):
+                    break  # waiting for companions; or retrying an unreachable worker would spin
+
+    def _take_batch(self, stage: str, queue, worker: Worker) -> list[Request] | None:
+        """Pop the head of `queue` and the requests that may share its call (engine/batching.py),
+        at most one per free output slot; None while a partial batch waits for companions."""
+        limit = min(self.config.batching.batch_limit(stage), worker.pool.free)
+        if limit == 1:
+            return [queue.pop()]
+        batch = select_batch(queue.in_order(), stage, limit, self.batch_caps.get(stage))
+        send_at = should_wait(batch, stage, limit, self.config.batching.max_wait_ms / 1000)
+        if send_at is not None:
+            self._batch_wake = send_at if self._batch_wake is None else min(self._batch_wake, send_at)
+            return None
+        queue.remove(batch)
+        return batch
 
     def _pick_worker(self, stage: str) -> Worker | None:
-        """The ready instance with the least work in flight that has a free output slot."""
+        """The ready instance with the fewest tasks in flight that has a free output slot."""
         candidates = [
             w for w in self.workers.values()
             if w.stage == stage and w.ready and w.moving_to is None and w.pool.free and not w.outbox
-            and len(w.inflight) < self.config.max_inflight_per_worker
+            and len(w.batches) < self.config.max_inflight_per_worker
         ]
-        return min(candidates, key=lambda w: (len(w.inflight), w.id), default=None)
+        return min(candidates, key=lambda w: (len(w.batches), len(w.inflight), w.id), default=None)
 
-    def _send_task(self, worker: Worker, request: Request) -> bool:
-        """Hand `request` to `worker`; False if the worker cannot take it now (put back)."""
-        slot = worker.pool.acquire(request.id)
-        task = wire.StageTask(
-            request.id, request.params, request.inputs, slot,
-            report_progress=request.on_progress is not None and worker.stage == "dit",
-        )
+    def _send_batch(self, worker: Worker, batch: list[Request]) -> bool:
+        """Hand `batch` to `worker` as one task (a plain StageTask when it holds one request),
+        one output slot per request; False if the worker cannot take it now (put back)."""
+        slots = [worker.pool.acquire(request.id) for request in batch]
+        tasks = [
+            wire.StageTask(request.id, request.params, request.inputs, slot,
+                           report_progress=request.on_progress is not None and worker.stage == "dit")
+            for request, slot in zip(batch, slots)
+        ]
         try:
-            sent = self._send(worker, task)
-        except Exception as e:  # the request itself cannot be encoded: fail it alone
-            worker.pool.release(slot.offset, request.id)
-            self._fail(request, RequestFailed(f"request {request.id} could not be sent to a worker: {e}"))
+            sent = self._send(worker, tasks[0] if len(tasks) == 1 else wire.StageBatch(tasks))
+        except Exception as e:  # a request itself cannot be encoded
+            for request, slot in zip(batch, slots):
+                worker.pool.release(slot.offset, request.id)
+            if len(batch) == 1:
+                self._fail(batch[0], RequestFailed(f"request {batch[0].id} could not be sent to a worker: {e}"))
+            else:  # send them one by one: only the culprit fails
+                for request in batch:
+                    request.solo = True
+                    self._queues[worker.stage].push(request)
             return True
         if not sent:  # e.g. it died a moment ago; the health check will replace it
-            worker.pool.release(slot.offset, request.id)
-            self._queues[worker.stage].push(request)
+            for request, slot in zip(batch, slots):
+                worker.pool.release(slot.offset, request.id)
+                self._queues[worker.stage].push(request)
             return False
-        request.output_offset = slot.offset
-        request.waited_s = time.monotonic() - request.queued_at
-        worker.inflight[request.id] = request
+        now = time.monotonic()
+        for request, slot in zip(batch, slots):
+            request.output_offset = slot.offset
+            request.waited_s = now - request.queued_at
+            worker.inflight[request.id] = request
+        worker.batches.append({request.id for request in batch})
+        self._batched[worker.stage] += len(batch) > 1
         return True
 
     # --- requests leaving the engine ---------------------------------------------------------
@@ -551,11 +609,14 @@ class Router:
         worker.ready = False
         # A worker computes its tasks in the order it got them: only the first was running when
         # it died and may be the cause (a poison request); the ones queued beside it are not
-        # charged an attempt, or they would share a poison request's fate.
-        computing = next(iter(worker.inflight), None)
+        # charged an attempt, or they would share a poison request's fate. Every request of a
+        # computing batch is charged (the poison one cannot be told apart), and each runs alone
+        # from now on, so an innocent one cannot die with the poison again.
+        computing = worker.batches[0] if worker.batches else set()
         for request in list(worker.inflight.values()):
             worker.pool.release(request.output_offset, request.id)
-            request.attempts += request.id == computing
+            request.attempts += request.id in computing
+            request.solo = request.solo or (request.id in computing and len(computing) > 1)
             if request.attempts >= self.config.max_attempts:
                 self._fail(request, RequestFailed(
                     f"the {worker.stage} workers running request {request.id} died {request.attempts} "
@@ -564,6 +625,7 @@ class Router:
             else:
                 self._queues[worker.stage].push(request)  # inputs are still in the upstream slot
         worker.inflight.clear()
+        worker.batches.clear()
         if worker.pool.segment is None:
             self._restart_requests_reading(worker.pool)
         worker.restarts += 1

@@ -39,6 +39,7 @@ class StageTiming:
     queued_s: float  # waiting inside the worker before compute
     compute_s: float
     waited_s: float = 0.0  # waiting in the engine's queue for this stage (no worker or slot free)
+    batch_size: int = 1  # requests computed together in that call (compute_s is the whole call's)
 
 
 @dataclass
@@ -60,6 +61,8 @@ class Request:
     timings: dict[str, StageTiming] = field(default_factory=dict)
     queued_at: float = 0.0  # when it last entered a stage queue (monotonic)
     waited_s: float = 0.0  # time in the current stage's queue, known once it is dispatched
+    profiles: dict = field(default_factory=dict)  # stage -> batching.StageProfile (key, activation bytes)
+    solo: bool = False  # survived a batch whose worker died: from now on it runs alone
 
     @property
     def stage(self) -> str:
@@ -89,4 +92,5 @@ class Worker:
     moving_to: str | None = None  # draining before it switches to this stage
     switch_started: float | None = None  # a move's start, until the new stage is READY
     inflight: dict[int, Request] = field(default_factory=dict)  # in dispatch (= compute) order
+    batches: list[set[int]] = field(default_factory=list)  # request ids per task sent, in compute order
     outbox: list = field(default_factory=list)  # control messages not yet accepted by its socket

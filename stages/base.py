@@ -32,8 +32,20 @@ class Stage:
         for it (`out.empty(...)`) and returns it too: it is then not copied again."""
         raise NotImplementedError
 
+    def forward_batch(self, inputs: list[Tensors], params: list[RequestParams], on_step: list[OnStep]) -> list[Tensors]:
+        """Several requests of one batch key as one call; outputs per request, in order."""
+        raise NotImplementedError
+
     def run(self, inputs: Tensors, params: RequestParams, on_step: OnStep, out: SlotWriter) -> Tensors:
+        self._check(inputs)
+        return self.forward(inputs, params, on_step, out)
+
+    def run_batch(self, inputs: list[Tensors], params: list[RequestParams], on_step: list[OnStep]) -> list[Tensors]:
+        for one in inputs:
+            self._check(one)
+        return self.forward_batch(inputs, params, on_step)
+
+    def _check(self, inputs: Tensors) -> None:
         missing = [name for name in self.requires if name not in inputs]
         if missing:
             raise ValueError(f"{self.kind} stage is missing inputs {missing}; got {sorted(inputs)}")
-        return self.forward(inputs, params, on_step, out)

@@ -12,3 +12,6 @@ class DecoderStage(Stage):
 
     def forward(self, inputs, params, on_step, out):
         return self.family.decode(self.model, inputs, params)
+
+    def forward_batch(self, inputs, params, on_step):
+        return self.family.decode_batch(self.model, inputs, params)

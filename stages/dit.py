@@ -12,3 +12,6 @@ class DiTStage(Stage):
 
     def forward(self, inputs, params, on_step, out):
         return self.family.denoise(self.model, inputs, params, on_step)
+
+    def forward_batch(self, inputs, params, on_step):
+        return self.family.denoise_batch(self.model, inputs, params, on_step)

@@ -11,3 +11,6 @@ class EncoderStage(Stage):
 
     def forward(self, inputs, params, on_step, out):
         return self.family.encode(self.model, params)
+
+    def forward_batch(self, inputs, params, on_step):
+        return self.family.encode_batch(self.model, params)

@@ -122,7 +122,8 @@ class _ComputeLoop:
         self.results = results
         self.tasks = tasks
         self.running = True
-        self.handlers = {wire.StageTask: self.on_task, wire.Shutdown: self.on_shutdown, wire.Become: self.on_become}
+        self.handlers = {wire.StageTask: self.on_task, wire.StageBatch: self.on_batch, wire.Shutdown: self.on_shutdown,
+                         wire.Become: self.on_become}
 
     def run(self) -> None:
         while self.running:
@@ -169,6 +170,33 @@ class _ComputeLoop:
             return
         timings = wire.StageTimings(queued_s=started - received_at, compute_s=time.perf_counter() - started)
         self._send(wire.StageDone(self.spec.worker_id, task.request_id, refs, timings))
+
+    def on_batch(self, batch: wire.StageBatch, received_at: float) -> None:
+        """Several requests as one call of the stage, then one StageDone per request. If the
+        batched call raises (one bad request, or a batch too big for memory), the requests run
+        again one by one, so only the request at fault fails."""
+        started = time.perf_counter()
+        tasks = batch.tasks
+        try:
+            inputs = [self.endpoint.fetch(t.request_id, t.inputs) for t in tasks]
+            outputs = self.stage.run_batch(inputs, [t.params for t in tasks], [self._progress_sender(t) for t in tasks])
+            writers = [self.endpoint.writer(t.output) for t in tasks]
+            refs = [w.put_all(o) for w, o in zip(writers, outputs)]
+            for task in tasks:
+                self.endpoint.finish(task.output)
+        except Exception as e:  # incl. out of memory; the single path reports each request's own error
+            log.warning("a batch of %d failed (%s: %s); running its requests one by one",
+                        len(tasks), type(e).__name__, e)
+            gc.collect()
+            if self.endpoint.cuda:
+                torch.cuda.empty_cache()
+            for task in tasks:
+                self.on_task(task, received_at)
+            return
+        compute_s = time.perf_counter() - started
+        for task, task_refs in zip(tasks, refs):
+            timings = wire.StageTimings(started - received_at, compute_s, batch_size=len(tasks))
+            self._send(wire.StageDone(self.spec.worker_id, task.request_id, task_refs, timings))
 
     def _out_of_memory(self, task: wire.StageTask, error: BaseException) -> str:
         """Give the memory back so the next request starts clean, and say what did not fit."""
@@ -226,11 +254,13 @@ def _receive(context, spec: WorkerSpec, endpoint: Endpoint, tasks: queue.Queue, 
             except Exception:  # tasks reading it will fail one by one, with the error
                 log.warning("could not open pool %s:\n%s", message.pool.name, traceback.format_exc())
             continue
-        if isinstance(message, wire.StageTask):
+        for task in message.tasks if isinstance(message, wire.StageBatch) else [message]:
+            if not isinstance(task, wire.StageTask):
+                continue
             try:
-                endpoint.prefetch(message.request_id, message.inputs)
+                endpoint.prefetch(task.request_id, task.inputs)
             except Exception:  # the compute loop fetches again and reports the error with the task
-                log.warning("could not prefetch request %d:\n%s", message.request_id, traceback.format_exc())
+                log.warning("could not prefetch request %d:\n%s", task.request_id, traceback.format_exc())
         tasks.put((received_at, message))
         if isinstance(message, wire.Shutdown):
             return

@@ -71,6 +71,21 @@ class Family:
     def supports_vae_tiling(self) -> bool:
         return False
 
+    def batch_key(self, stage: str, params: RequestParams):
+        """Requests with equal keys may share one call of `stage` (None: never batched).
+
+        One diffusers call takes one size, frame count, step count and guidance for its whole
+        batch, so the DiT key holds them all (no step-level batching); the encoder needs to know
+        only whether negatives are encoded; the decoder needs one latent shape, and never
+        batches tiled decodes (admission tiled them because memory is short)."""
+        if stage == "encoder":
+            return (params.guidance_scale > 1, params.true_cfg_scale > 1 and params.negative_prompt is not None)
+        if stage == "dit":
+            true_cfg = params.true_cfg_scale if params.negative_prompt is not None else 1.0
+            return (params.height, params.width, params.num_frames, params.num_inference_steps,
+                    params.guidance_scale, true_cfg)
+        return None if params.vae_tiling else (params.height, params.width, params.num_frames)
+
     def load_encoder(self, path: Path, device: torch.device, dtype: torch.dtype) -> Any:
         raise NotImplementedError
 
@@ -85,6 +100,18 @@ class Family:
 
     def load_decoder(self, path: Path, device: torch.device, dtype: torch.dtype) -> Any:
         raise NotImplementedError
+
+    # Batched entry points: one list entry per request, outputs split back per request. These
+    # defaults run the requests one by one; families override them with one diffusers call.
+    def encode_batch(self, model: Any, params: list[RequestParams]) -> list[Tensors]:
+        return [self.encode(model, p) for p in params]
+
+    def denoise_batch(self, model: Any, inputs: list[Tensors], params: list[RequestParams],
+                      on_step: list[OnStep]) -> list[Tensors]:
+        return [self.denoise(model, i, p, s) for i, p, s in zip(inputs, params, on_step)]
+
+    def decode_batch(self, model: Any, inputs: list[Tensors], params: list[RequestParams]) -> list[Tensors]:
+        return [self.decode(model, i, p) for i, p in zip(inputs, params)]
 
     def decode(self, model: Any, inputs: Tensors, params: RequestParams) -> Tensors:
         """Return {"image": uint8 tensor (batch, height, width, channels)} on the CPU; video
@@ -197,6 +224,50 @@ def run_denoise(model, inputs: Tensors, params: RequestParams, on_step: OnStep, 
             **family_kwargs,
         )[0]
     return {"latents": latents}
+
+
+def run_denoise_batch(model, inputs: list[Tensors], params: list[RequestParams], on_step: list[OnStep],
+                      **family_kwargs) -> list[Tensors]:
+    """`run_denoise` for requests of one batch key (same size, steps, guidance): one pipeline
+    call on their concatenated embeddings, one CPU generator per request (diffusers draws each
+    row's noise from its own generator, so row i starts from request i's noise)."""
+    pipe, pristine_scheduler = model
+    pipe.scheduler = copy.deepcopy(pristine_scheduler)
+    first, total = params[0], params[0].num_inference_steps
+
+    def step_end(_pipe, index, _timestep, kwargs):
+        for report in on_step:
+            report(index + 1, total)
+        return kwargs
+
+    if family_kwargs.pop("legacy_callback", False):
+        progress = dict(callback=lambda step, _t, _l: step_end(None, step, None, None), callback_steps=1)
+    else:
+        progress = dict(callback_on_step_end=step_end)
+    with torch.inference_mode():
+        latents = pipe(
+            **to_stage(concat(inputs), pipe._execution_device, pipe.transformer.dtype),
+            num_inference_steps=total,
+            guidance_scale=first.guidance_scale,
+            height=first.height,
+            width=first.width,
+            generator=[torch.Generator("cpu").manual_seed(p.seed) for p in params],
+            output_type="latent",
+            **progress,
+            return_dict=False,
+            **family_kwargs,
+        )[0]
+    return split({"latents": latents}, len(params))
+
+
+def concat(tensors: list[Tensors]) -> Tensors:
+    """Per-request tensors (batch 1 each) -> one batch, name by name."""
+    return {name: torch.cat([t[name] for t in tensors]) for name in tensors[0]}
+
+
+def split(tensors: Tensors, n: int) -> list[Tensors]:
+    """One batch's outputs -> per-request tensors (batch 1 each, views: the slot writer copies)."""
+    return [{name: t[i:i + 1] for name, t in tensors.items()} for i in range(n)]
 
 
 def set_vae_tiling(vae, tiled: bool) -> None:

@@ -25,9 +25,12 @@ from .base import (
     Tensors,
     image_peak_bytes,
     load_dit_pipeline,
+    concat,
     read_json,
     run_denoise,
+    run_denoise_batch,
     set_vae_tiling,
+    split,
     uint8_pixels,
     vae_dims,
 )
@@ -90,9 +93,19 @@ class FluxFamily(Family):
         return pipe.to(device)
 
     def encode(self, pipe, params: RequestParams) -> Tensors:
-        prompts = {"": params.prompt}
-        if true_cfg(params):
-            prompts["negative_"] = params.negative_prompt
+        negative = params.negative_prompt if true_cfg(params) else None
+        return self._encode(pipe, params.prompt, negative)
+
+    def encode_batch(self, pipe, params: list[RequestParams]) -> list[Tensors]:
+        # One batch key: true CFG on for all (each has a negative prompt) or for none.
+        negatives = [p.negative_prompt for p in params] if true_cfg(params[0]) else None
+        return split(self._encode(pipe, [p.prompt for p in params], negatives), len(params))
+
+    def _encode(self, pipe, prompt, negative) -> Tensors:
+        """prompt, negative: one string each, or one list entry per request (a batch)."""
+        prompts = {"": prompt}
+        if negative is not None:
+            prompts["negative_"] = negative
         outputs = {}
         with torch.inference_mode():
             for prefix, prompt in prompts.items():
@@ -114,6 +127,10 @@ class FluxFamily(Family):
         # negative_* inputs are present only with true CFG: the pipeline's own rule then holds.
         return run_denoise(model, inputs, params, on_step, true_cfg_scale=params.true_cfg_scale,
                            max_sequence_length=MAX_SEQUENCE_LENGTH)
+
+    def denoise_batch(self, model, inputs: list[Tensors], params: list[RequestParams], on_step: list[OnStep]) -> list[Tensors]:
+        return run_denoise_batch(model, inputs, params, on_step, true_cfg_scale=params[0].true_cfg_scale,
+                                 max_sequence_length=MAX_SEQUENCE_LENGTH)
 
     # 3. VAE decoder
     def load_decoder(self, path, device, dtype):
@@ -137,3 +154,7 @@ class FluxFamily(Family):
             image = vae.decode(latents, return_dict=False)[0]
             pixels = processor.postprocess(image, output_type="np")
         return {"image": uint8_pixels(pixels)}
+
+    def decode_batch(self, model, inputs: list[Tensors], params: list[RequestParams]) -> list[Tensors]:
+        # One batch key: one latent shape, no tiling; the decode runs on the stacked latents.
+        return split(self.decode(model, concat(inputs), params[0]), len(params))

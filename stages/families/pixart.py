@@ -30,9 +30,12 @@ from .base import (
     Tensors,
     image_peak_bytes,
     load_dit_pipeline,
+    concat,
     read_json,
     run_denoise,
+    run_denoise_batch,
     set_vae_tiling,
+    split,
     uint8_pixels,
     vae_dims,
 )
@@ -85,13 +88,22 @@ class PixArtSigmaFamily(Family):
         return pipe.to(device)
 
     def encode(self, pipe, params: RequestParams) -> Tensors:
-        guided = params.guidance_scale > 1
+        # The pipeline's default negative prompt is "" (None would not tokenize).
+        negative = "" if params.negative_prompt is None else params.negative_prompt
+        return self._encode(pipe, params.prompt, negative, params.guidance_scale > 1)
+
+    def encode_batch(self, pipe, params: list[RequestParams]) -> list[Tensors]:
+        negatives = ["" if p.negative_prompt is None else p.negative_prompt for p in params]
+        outputs = self._encode(pipe, [p.prompt for p in params], negatives, params[0].guidance_scale > 1)
+        return split(outputs, len(params))
+
+    def _encode(self, pipe, prompt, negative, guided: bool) -> Tensors:
+        """prompt, negative: one string each, or one list entry per request (a batch)."""
         with torch.inference_mode():
             embeds, mask, negative_embeds, negative_mask = pipe.encode_prompt(
-                params.prompt,
+                prompt,
                 do_classifier_free_guidance=guided,
-                # The pipeline's default negative prompt is "" (None would not tokenize).
-                negative_prompt="" if params.negative_prompt is None else params.negative_prompt,
+                negative_prompt=negative,
                 device=pipe._execution_device,
                 clean_caption=False,
                 max_sequence_length=MAX_SEQUENCE_LENGTH,
@@ -114,6 +126,12 @@ class PixArtSigmaFamily(Family):
             use_resolution_binning=False, clean_caption=False, max_sequence_length=MAX_SEQUENCE_LENGTH,
         )
 
+    def denoise_batch(self, model, inputs: list[Tensors], params: list[RequestParams], on_step: list[OnStep]) -> list[Tensors]:
+        return run_denoise_batch(
+            model, inputs, params, on_step, legacy_callback=True, negative_prompt=None,
+            use_resolution_binning=False, clean_caption=False, max_sequence_length=MAX_SEQUENCE_LENGTH,
+        )
+
     # 3. VAE decoder
     def load_decoder(self, path, device, dtype):
         from diffusers import AutoencoderKL
@@ -132,3 +150,7 @@ class PixArtSigmaFamily(Family):
             image = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
             pixels = processor.postprocess(image, output_type="np")
         return {"image": uint8_pixels(pixels)}
+
+    def decode_batch(self, model, inputs: list[Tensors], params: list[RequestParams]) -> list[Tensors]:
+        # One batch key: one latent shape, no tiling; the decode runs on the stacked latents.
+        return split(self.decode(model, concat(inputs), params[0]), len(params))

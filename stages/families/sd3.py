@@ -21,9 +21,12 @@ from .base import (
     Tensors,
     image_peak_bytes,
     load_dit_pipeline,
+    concat,
     read_json,
     run_denoise,
+    run_denoise_batch,
     set_vae_tiling,
+    split,
     uint8_pixels,
 )
 from ..weights import pretrained
@@ -90,6 +93,23 @@ class SD3Family(Family):
             outputs |= {"negative_prompt_embeds": negative_embeds, "negative_pooled_prompt_embeds": negative_pooled}
         return outputs
 
+    def encode_batch(self, pipe, params: list[RequestParams]) -> list[Tensors]:
+        # One batch key: all guided or none. A missing negative prompt is "", as in encode_prompt.
+        guided = params[0].guidance_scale > 1
+        with torch.inference_mode():
+            embeds, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(
+                prompt=[p.prompt for p in params],
+                prompt_2=None,
+                prompt_3=None,
+                negative_prompt=[p.negative_prompt or "" for p in params],
+                do_classifier_free_guidance=guided,
+                device=pipe._execution_device,
+            )
+        outputs = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+        if guided:
+            outputs |= {"negative_prompt_embeds": negative_embeds, "negative_pooled_prompt_embeds": negative_pooled}
+        return split(outputs, len(params))
+
     # 2. Diffusion transformer
     def load_dit(self, path, device, dtype):
         from diffusers import StableDiffusion3Pipeline
@@ -98,6 +118,9 @@ class SD3Family(Family):
 
     def denoise(self, model, inputs: Tensors, params: RequestParams, on_step: OnStep) -> Tensors:
         return run_denoise(model, inputs, params, on_step)
+
+    def denoise_batch(self, model, inputs: list[Tensors], params: list[RequestParams], on_step: list[OnStep]) -> list[Tensors]:
+        return run_denoise_batch(model, inputs, params, on_step)
 
     # 3. VAE decoder
     def load_decoder(self, path, device, dtype):
@@ -117,3 +140,6 @@ class SD3Family(Family):
             image = vae.decode(latents, return_dict=False)[0]
             pixels = processor.postprocess(image, output_type="np")
         return {"image": uint8_pixels(pixels)}
+
+    def decode_batch(self, model, inputs: list[Tensors], params: list[RequestParams]) -> list[Tensors]:
+        return split(self.decode(model, concat(inputs), params[0]), len(params))

@@ -32,9 +32,12 @@ from .base import (
     image_peak_bytes,
     load_dit_pipeline,
     read_json,
+    concat,
     run_denoise,
+    run_denoise_batch,
     set_vae_tiling,
     slot_nbytes,
+    split,
     uint8_pixels,
 )
 from ..weights import pretrained
@@ -132,16 +135,26 @@ class WanFamily(Family):
         return pipe.to(device)
 
     def encode(self, pipe, params: RequestParams) -> Tensors:
+        # None: "" when guided, as in the pipeline
+        return self._encode(pipe, params.prompt, params.negative_prompt, guided(params))
+
+    def encode_batch(self, pipe, params: list[RequestParams]) -> list[Tensors]:
+        # A list must not hold None: encode_prompt maps only a whole missing negative to "".
+        negatives = [p.negative_prompt or "" for p in params]
+        return split(self._encode(pipe, [p.prompt for p in params], negatives, guided(params[0])), len(params))
+
+    def _encode(self, pipe, prompt, negative, cfg: bool) -> Tensors:
+        """prompt, negative: one string (or None) each, or one list entry per request (a batch)."""
         with torch.inference_mode():
             embeds, negative_embeds = pipe.encode_prompt(
-                prompt=params.prompt,
-                negative_prompt=params.negative_prompt,  # None: "" when guided, as in the pipeline
-                do_classifier_free_guidance=guided(params),
+                prompt=prompt,
+                negative_prompt=negative,
+                do_classifier_free_guidance=cfg,
                 max_sequence_length=MAX_SEQUENCE_LENGTH,
                 device=pipe._execution_device,
             )
         outputs = {"prompt_embeds": embeds}
-        if guided(params):
+        if cfg:
             outputs["negative_prompt_embeds"] = negative_embeds
         return outputs
 
@@ -158,6 +171,10 @@ class WanFamily(Family):
     def denoise(self, model, inputs: Tensors, params: RequestParams, on_step: OnStep) -> Tensors:
         return run_denoise(model, inputs, params, on_step, num_frames=params.num_frames,
                            max_sequence_length=MAX_SEQUENCE_LENGTH)
+
+    def denoise_batch(self, model, inputs: list[Tensors], params: list[RequestParams], on_step: list[OnStep]) -> list[Tensors]:
+        return run_denoise_batch(model, inputs, params, on_step, num_frames=params[0].num_frames,
+                                 max_sequence_length=MAX_SEQUENCE_LENGTH)
 
     # 3. VAE decoder
     def load_decoder(self, path, device, dtype):
@@ -182,3 +199,7 @@ class WanFamily(Family):
             video = vae.decode(latents, return_dict=False)[0]
             frames = processor.postprocess_video(video, output_type="np")  # (batch, frames, h, w, 3)
         return {"image": uint8_pixels(frames)}
+
+    def decode_batch(self, model, inputs: list[Tensors], params: list[RequestParams]) -> list[Tensors]:
+        # One batch key: one latent shape, no tiling; the decode runs on the stacked latents.
+        return split(self.decode(model, concat(inputs), params[0]), len(params))

@@ -27,6 +27,7 @@ TO_WORKER = [
     wire.StageTask(0, _params, [], _slot),
     wire.StageTask(7, wire.RequestParams("", "blurry", 1, 0.0, 16, 16, 0), [_ref, _ref], _slot, report_progress=True),
     wire.StageTask(8, wire.RequestParams("a fox", "blurry", 2, 3.5, 64, 64, 1, true_cfg_scale=4.0), [], _slot),
+    wire.StageBatch([wire.StageTask(0, _params, [_ref], _slot), wire.StageTask(1, _params, [], _slot, report_progress=True)]),
     wire.OpenPool(_pool),
     wire.Shutdown(),
     wire.Become("decoder"),
@@ -37,6 +38,7 @@ TO_ENGINE = [
     wire.LoadFailed(2, "OSError: no such file"),
     wire.StageDone(1, 9, [_ref], wire.StageTimings(0.001, 2.5)),
     wire.StageDone(1, 10, [], wire.StageTimings(0.0, 0.0)),
+    wire.StageDone(1, 11, [_ref], wire.StageTimings(0.002, 1.5, batch_size=4)),
     wire.StageFailed(4, 11, "RuntimeError: boom \u2603"),
     wire.Progress(1, 9, 3, 28),
 ]
