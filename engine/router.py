@@ -190,6 +190,7 @@ class Router:
         return {
             "policy": self.config.policy,
             "placement": {stage: sum(w.stage == stage for w in workers) for stage in STAGE_KINDS},
+            "uptime_s": round(time.monotonic() - self._started, 3),  # moves' and decisions' t_s count from 0 here
             "moves": list(self._moves),
             "decisions": list(self._elastic.decisions[-20:]) if self._elastic else [],
             "links": dict(self.links),

@@ -31,7 +31,7 @@ CHAOS_SEED = 7  # picks the victims: a random stage, then a random instance of i
 # that means chaos alone can never exhaust a request (only a request that is itself fatal could).
 MAX_ATTEMPTS = REQUESTS // KILL_EVERY + 1
 INSTANCES = {"encoder": 1, "dit": 2, "decoder": 1}
-SLOTS = EngineConfig().transport.slots_per_worker
+SLOTS = {stage: EngineConfig(instances=INSTANCES).slots_per_worker(stage) for stage in ("encoder", "dit", "decoder")}
 
 CHAOS_SCRIPT = """
 import dataclasses, json, os, random, sys, time
@@ -41,8 +41,8 @@ from dfuse.bench.chaos import chaos_requests, close_and_check, drive
 from dfuse.engine.config import EngineConfig
 
 if __name__ == "__main__":
-    model, requests, kill_every, seed, max_attempts, instances, slots, out = sys.argv[1:]
-    requests, kill_every, seed, slots = int(requests), int(kill_every), int(seed), int(slots)
+    model, requests, kill_every, seed, max_attempts, instances, out = sys.argv[1:]
+    requests, kill_every, seed = int(requests), int(kill_every), int(seed)
     config = EngineConfig(model=model, cpu_threads=1, instances=json.loads(instances), max_attempts=int(max_attempts))
     engine = Engine(config=config)
     run = drive(engine, chaos_requests(requests), kill_every, random.Random(seed), stall_s=20)
@@ -55,7 +55,7 @@ if __name__ == "__main__":
     # The last victim's replacement may still be loading, and the last slot releases may trail
     # the last result by a moment.
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not all(w["ready"] and w["free_slots"] == slots
+    while time.monotonic() < deadline and not all(w["ready"] and w["free_slots"] == config.slots_per_worker(w["stage"])
                                                   for w in engine.stats()["workers"]):
         time.sleep(0.05)
     report["stats"] = engine.stats()
@@ -85,7 +85,7 @@ def test_chaos_all_requests_complete_with_their_no_kill_images(model_path, refer
     code, out, err = _run_child(
         CHAOS_SCRIPT,
         [str(model_path), str(REQUESTS), str(KILL_EVERY), str(CHAOS_SEED), str(MAX_ATTEMPTS),
-         json.dumps(INSTANCES), str(SLOTS), str(tmp_path)],
+         json.dumps(INSTANCES), str(tmp_path)],
         tmp_path, timeout=400,
     )
     assert code is not None, f"the chaos run hung past its time limit; stderr tail:\n{err[-3000:]}"
@@ -108,7 +108,7 @@ def test_chaos_all_requests_complete_with_their_no_kill_images(model_path, refer
     assert REQUESTS // KILL_EVERY // 2 <= len(kills) <= REQUESTS // KILL_EVERY
     for worker in stats["workers"]:
         assert worker["restarts"] == sum(k["worker_id"] == worker["id"] for k in kills), worker
-        assert worker["ready"] and worker["free_slots"] == SLOTS, worker
+        assert worker["ready"] and worker["free_slots"] == SLOTS[worker["stage"]], worker
     assert len(stats["recovery_s"]) == len(kills)
     assert stats["completed"] == REQUESTS and stats["failed"] == 0
 

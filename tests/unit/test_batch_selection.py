@@ -131,3 +131,14 @@ def test_partial_batches_wait_only_when_asked_and_only_until_the_deadline():
     assert should_wait([a, _request(1)], "dit", 2, 0.5, now=100.1) is None  # full
     a.solo = True
     assert should_wait([a], "dit", 4, 0.5, now=100.1) is None
+
+
+def test_producers_get_a_slot_for_every_task_their_consumers_may_hold():
+    # 1:2:1: each DiT may hold two encoder slots (one computing, one queued): 2 x 2 + 1.
+    static = EngineConfig(instances={"encoder": 1, "dit": 2, "decoder": 1})
+    assert [static.slots_per_worker(s) for s in ("encoder", "dit", "decoder")] == [5, 3, 3]
+    # Elastic on one device: any worker may become a producer for up to 4 - 2 = 2 consumers...
+    elastic = EngineConfig(instances={"encoder": 1, "dit": 2, "decoder": 1}, policy="elastic")
+    assert elastic.max_consumers("encoder") == 2 and elastic.max_consumers("decoder") == 1
+    # ...and its pool, which it keeps through moves, is sized for the stage that needs most.
+    assert [elastic.slots_per_worker(s) for s in ("encoder", "dit", "decoder")] == [5, 5, 5]
