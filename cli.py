@@ -90,7 +90,7 @@ def run(prompt, model, negative_prompt, steps, guidance_scale, true_cfg_scale, h
                     height=params.height, width=params.width, seed=params.seed, on_progress=bar.update,
                     true_cfg_scale=params.true_cfg_scale, num_frames=params.num_frames,
                 )
-                result = future.result()
+                result = _wait_interruptibly(future)
             if verbose:
                 _print_stats(engine.stats())
     except KeyboardInterrupt:
@@ -194,6 +194,19 @@ class _StepBar:
 
     def __exit__(self, *exc):
         self._bar.close()
+
+
+def _wait_interruptibly(future):
+    """future.result(), but Ctrl-C always gets through: a SIGINT the kernel hands to another
+    thread (the router, a progress callback) would leave an untimed wait blocked forever, since
+    Python only acts on signals in the main thread when it runs bytecode."""
+    from concurrent.futures import TimeoutError as FutureTimeout
+
+    while True:
+        try:
+            return future.result(timeout=0.2)
+        except FutureTimeout:
+            continue
 
 
 def _print_stats(stats: dict) -> None:
