@@ -97,6 +97,9 @@ def test_ctrl_c_of_dfuse_run_leaves_nothing(model_path):
         [sys.executable, "-m", "dfuse.cli", "run", "a fox", "--model", str(model_path), "--steps", "1000",
          "--height", "512", "--width", "512", "--threads", "1", "--out", os.devnull + ".png"],
         stderr=subprocess.PIPE, text=True,
+        # As at a terminal: a suite launched in the background (`cmd &` in a script) runs with
+        # SIGINT ignored, which children inherit and Python then keeps ignoring.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         line = ""
