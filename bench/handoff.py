@@ -55,7 +55,9 @@ def iterations_for(nbytes: int, budget_bytes: int = 4 * 2**30) -> int:
 _hop_decoder = msgspec.msgpack.Decoder(wire.OpenPool | wire.StageDone)
 
 
-def _producer(device: str, pool_name: str | None, nbytes: int, iterations: int, run_dir: str, full_write: bool) -> None:
+def _producer(
+    device: str, pool_name: str | None, nbytes: int, iterations: int, run_dir: str, full_write: bool, carry: bool
+) -> None:
     torch.set_num_threads(1)
     endpoint = Endpoint(torch.device(device))
     context = zmq.Context()
@@ -78,7 +80,8 @@ def _producer(device: str, pool_name: str | None, nbytes: int, iterations: int, 
                 tensor[-1] = i % 251
         endpoint.finish(slot)  # GPU: the slot's event is recorded, the writes are done
         sent_ns = time.perf_counter_ns()
-        hops.send(wire.encode(wire.StageDone(0, sent_ns, writer.refs, wire.StageTimings(0.0, 0.0))))
+        refs = writer.refs if carry else []
+        hops.send(wire.encode(wire.StageDone(0, sent_ns, refs, wire.StageTimings(0.0, 0.0))))
         acks.recv()  # the consumer has read it: the slot may be written again
     hops.close()
     acks.close()
@@ -99,10 +102,11 @@ def _consumer(device: str, iterations: int, run_dir: str, results) -> None:
         if isinstance(message, wire.OpenPool):
             endpoint.open_pool(message.pool)
             continue
-        tensor = endpoint.fetch(hops_seen, message.outputs)["x"]
-        value = int(tensor[-1].item())  # a real read of the far end (waits for the GPU writes)
+        if message.outputs:
+            tensor = endpoint.fetch(hops_seen, message.outputs)["x"]
+            value = int(tensor[-1].item())  # a real read of the far end (waits for the GPU writes)
+            wrong += value != hops_seen % 251
         elapsed_us = (time.perf_counter_ns() - message.request_id) / 1000
-        wrong += value != hops_seen % 251
         hops_seen += 1
         if hops_seen > 1:  # the first hop maps the pool (once per process, as in a worker)
             samples.append(elapsed_us)
@@ -113,7 +117,7 @@ def _consumer(device: str, iterations: int, run_dir: str, results) -> None:
     context.term()
 
 
-def measure_dfuse(nbytes: int, iterations: int, device: str, full_write: bool = True) -> dict:
+def measure_dfuse(nbytes: int, iterations: int, device: str, full_write: bool = True, carry: bool = True) -> dict:
     spawn = mp.get_context("spawn")
     run_dir = Path(tempfile.mkdtemp(prefix="dfuse-bench-"))
     prefix = new_segment_prefix()
@@ -124,7 +128,7 @@ def measure_dfuse(nbytes: int, iterations: int, device: str, full_write: bool = 
     try:
         receiver.recv_bytes()  # sockets bound
         producer = spawn.Process(
-            target=_producer, args=(device, pool and pool.name, nbytes, iterations, str(run_dir), full_write),
+            target=_producer, args=(device, pool and pool.name, nbytes, iterations, str(run_dir), full_write, carry),
             daemon=True,
         )
         producer.start()
@@ -139,7 +143,8 @@ def measure_dfuse(nbytes: int, iterations: int, device: str, full_write: bool = 
         shutil.rmtree(run_dir, ignore_errors=True)
     if result["wrong_values"]:
         raise RuntimeError(f"dfuse handoff read {result['wrong_values']} wrong values at {nbytes} bytes")
-    return _summary("dfuse" if full_write else "dfuse-touch1", nbytes, result["samples_us"])
+    mechanism = "zmq-floor" if not carry else "dfuse" if full_write else "dfuse-touch1"
+    return _summary(mechanism, nbytes, result["samples_us"])
 
 
 # --- the floor and the naive way -------------------------------------------------------------------
@@ -220,6 +225,7 @@ def _summary(mechanism: str, nbytes: int, samples_us: list[float]) -> dict:
 MECHANISMS = {
     "dfuse": measure_dfuse,
     "dfuse-touch1": lambda nbytes, iterations, device: measure_dfuse(nbytes, iterations, device, full_write=False),
+    "zmq-floor": lambda nbytes, iterations, device: measure_dfuse(nbytes, iterations, device, carry=False),
     "memcpy": measure_memcpy,
     "pickle-zmq": measure_pickle_zmq,
 }
@@ -239,8 +245,10 @@ def run_handoff(sizes: list[int], device: str, mechanisms=tuple(MECHANISMS)) -> 
         "note": "one-way hop p50/p99 in microseconds, from the producer's send to the consumer's read of the "
                 "last element. dfuse: the producer rewrites the whole tensor in place before every hop (as a "
                 "stage would), the consumer maps a view (same GPU: a CUDA IPC view ordered by an interprocess "
-                "event); that write evicts the shared L3, so the hop's own code runs cold at large sizes. "
-                "dfuse-touch1: the same hop with the producer rewriting one element, isolating the mechanism.",
+                "event). dfuse-touch1: the producer rewrites one element. zmq-floor: the same write and wait, "
+                "but the message carries no tensor and the consumer reads nothing. The consumer sleeps while "
+                "the producer writes, and waking a process (and zmq's I/O threads) costs more the longer it "
+                "slept, so large sizes pay a longer wake-up, whatever the transport does.",
         "results": results,
     }
 
