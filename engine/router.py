@@ -579,10 +579,15 @@ class Router:
 
     def _advance_moves(self) -> None:
         """A drained mover switches stage in its own process (wire.Become): no process start, no
-        imports, and its output pool stays for requests downstream still reading its slots. It
-        takes work again when it says READY in its new stage."""
+        imports, and it keeps its output pool. It takes work again when it says READY in its
+        new stage.
+
+        Drained means its tasks are done and downstream has read every output it produced: a
+        slot still held there is a slot its new stage cannot write, and if the mover became the
+        only worker of that stage, the request holding it could never run (no free output slot)."""
         for worker in self.workers.values():
-            if worker.moving_to is not None and worker.ready and not worker.inflight:
+            drained = not worker.inflight and worker.pool.free == worker.pool.n_slots
+            if worker.moving_to is not None and worker.ready and drained:
                 worker.stage, worker.moving_to, worker.ready = worker.moving_to, None, False
                 worker.pool_info = None
                 self._send_control(worker, wire.Become(worker.stage))

@@ -43,3 +43,38 @@ def test_moves_that_would_stall_a_stage_are_refused():
             engine.move(9, "dit")
         (image,) = engine.generate("x", seed=4)
         assert image.getpixel((0, 0))[0] == 4
+
+
+
+def test_a_mover_takes_its_new_stage_only_once_downstream_has_read_its_outputs():
+    """DiT worker 1's slots are full of latents waiting for the decoder (worker 3, busy with two
+    large images) when worker 1 is moved to the decoder stage. Had it switched at once, its own
+    full pool would leave it no slot to decode into, and once worker 3 moved away it would be the
+    only decoder: those requests would hang. It must wait until its outputs have been read."""
+    with Engine(model="synthetic:encoder=1ms,dit=1ms,decoder=10ms", cpu_threads=1,
+                instances={"encoder": 1, "dit": 2, "decoder": 1}) as engine:
+
+        def serves(worker_id, stage):
+            worker = engine.stats()["workers"][worker_id]
+            return worker["stage"] == stage and worker["ready"] and worker["moving_to"] is None
+
+        engine.move(1, "encoder")  # for a moment worker 2 is the only DiT: it takes the large ones
+        assert wait_until(lambda: serves(1, "encoder"), 60)
+        large = [engine.submit("x", height=1024, width=1024, seed=i) for i in range(2)]  # ~2.6 s to decode each
+        assert wait_until(lambda: engine.stats()["workers"][3]["inflight"] == 2, 60)
+        engine.move(1, "dit")
+        assert wait_until(lambda: serves(1, "dit"), 60)
+        small = []
+        for i in range(3):  # one at a time, so each goes to worker 1: both DiTs idle, lowest id
+            small.append(engine.submit("x", seed=10 + i))
+            assert wait_until(lambda: engine.stats()["queues"]["decoder"] == i + 1, 60)
+        assert engine.stats()["workers"][1]["free_slots"] == 0
+        engine.move(1, "decoder")
+        assert wait_until(lambda: serves(1, "decoder"), 60)
+        engine.move(3, "dit")  # legal: worker 1 serves the decoder stage now
+        for seed, future in enumerate(large):
+            assert future.result(timeout=60).images[0].getpixel((0, 0))[0] == seed
+        for i, future in enumerate(small):
+            assert future.result(timeout=60).images[0].getpixel((0, 0))[0] == 10 + i
+        assert wait_until(lambda: serves(3, "dit"), 60)
+        assert engine.generate("x", seed=99)[0].getpixel((0, 0))[0] == 99
