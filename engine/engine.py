@@ -161,6 +161,10 @@ class Engine:
 
         `timeout` (seconds) raises RequestTimeout (a TimeoutError) and drops the remaining work.
         """
+        if threading.current_thread() is self._router.completions.thread:
+            # Results are delivered on that thread: waiting there for one would wait forever.
+            raise RuntimeError("generate() cannot be called from a done-callback or on_progress (they run on "
+                               "the engine's completion thread, which delivers results); use submit() there")
         future = self.submit(prompt, timeout=timeout, **params)
         try:
             result = future.result(timeout)

@@ -2,7 +2,8 @@
 
 Every worker gets the read end of a pipe whose write end only the engine holds. When the engine
 process ends (normally, by exception, by SIGKILL), the kernel closes the write end, the worker's
-watcher thread sees EOF and the worker exits: no worker outlives its engine.
+watcher thread sees EOF and the worker exits: no worker outlives its engine. An engine that stops
+its workers on purpose writes STOP first, so they exit at once without cleaning up after it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from multiprocessing.connection import Connection
 
 from ..stages.worker import WorkerSpec, run_stage_worker
 
+STOP = b"stop"
 _SPAWN = mp.get_context("spawn")  # fork would copy the engine's threads, sockets and CUDA state
 
 
@@ -36,9 +38,13 @@ class WorkerProcess:
 
 
 def stop_all(processes: list[WorkerProcess], timeout: float = 5.0) -> None:
-    """Stop workers together, within one deadline: closing a death pipe makes its worker exit
+    """Stop workers together, within one deadline: a word on the death pipe makes its worker exit
     at once (work in flight is abandoned: the engine is closing); stragglers are killed."""
     for worker in processes:
+        try:
+            worker.death_pipe.send_bytes(STOP)  # on purpose: the engine cleans up, not the worker
+        except OSError:  # it is already gone
+            pass
         worker.death_pipe.close()
     deadline = time.monotonic() + timeout
     for worker in processes:

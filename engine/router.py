@@ -27,7 +27,6 @@ import shutil
 import tempfile
 import threading
 import time
-from concurrent.futures import Future, InvalidStateError
 from pathlib import Path
 
 import msgspec
@@ -38,6 +37,7 @@ from ..stages.worker import WorkerSpec
 from . import protocol as wire
 from .config import EngineConfig
 from .batching import select_batch, should_wait
+from .completions import Completions, resolve
 from .elastic import Elastic
 from .queues import StageQueue
 from .state import (  # noqa: F401  (re-exported: the errors are part of the API)
@@ -78,6 +78,7 @@ class Router:
         self._batched: dict[str, int] = {stage: 0 for stage in STAGE_KINDS}  # tasks of > 1 request sent
         self.batch_caps: dict[str, int] = {}  # activation bytes per batch and stage: set by the engine
         self._stage_times = {stage: collections.deque(maxlen=200) for stage in STAGE_KINDS}  # recent compute_s
+        self.completions = Completions()  # futures and user callbacks run there, never here
         self._init_run_dir()
         self._init_sockets()
         try:
@@ -88,6 +89,7 @@ class Router:
             for sock in (self._results, self._wake_pull, self._wake_push):
                 sock.close(linger=0)
             self._context.term()
+            self.completions.close()
             raise
         self._thread = threading.Thread(target=self._loop, name="dfuse-router", daemon=True)
 
@@ -216,7 +218,7 @@ class Router:
         with self._wake_lock:  # zmq sockets are not thread-safe; the lock serialises the wake
             if self._shut_down:
                 if item[0] == "submit":
-                    _resolve(item[1].future, error=EngineClosed(self.startup_error or "the engine is closed"))
+                    resolve(item[1].future, error=EngineClosed(self.startup_error or "the engine is closed"))
                 return
             self._inbox.append(item)
             self._wake_push.send(b"", zmq.NOBLOCK)
@@ -266,7 +268,7 @@ class Router:
             kind, item = self._inbox.popleft()
             if kind == "submit":
                 if self.startup_error:
-                    _resolve(item.future, error=RequestFailed(self.startup_error))
+                    self.completions.resolve(item.future, error=RequestFailed(self.startup_error))
                 else:
                     item.queued_at = time.monotonic()
                     if self._elastic:
@@ -430,10 +432,7 @@ class Router:
     def _on_progress(self, worker: Worker, message: wire.Progress) -> None:
         request = worker.inflight.get(message.request_id)
         if request is not None and request.on_progress is not None:
-            try:
-                request.on_progress(worker.stage, message.step, message.total)
-            except Exception:
-                log.exception("progress callback raised")
+            self.completions.call(request.on_progress, worker.stage, message.step, message.total)
 
     # --- dispatch ----------------------------------------------------------------------------
     def _dispatch(self) -> None:
@@ -519,13 +518,13 @@ class Router:
         worker.pool.release(request.output_offset, request.id)
         self._completed += 1
         self._left(request)
-        _resolve(request.future, result=(image, request.timings))
+        self.completions.resolve(request.future, result=(image, request.timings))
 
     def _fail(self, request: Request, error: Exception) -> None:
         self._release_inputs(request)
         self._failed += 1
         self._left(request)
-        _resolve(request.future, error=error)
+        self.completions.resolve(request.future, error=error)
 
     def _drop(self, request: Request) -> None:
         self._release_inputs(request)
@@ -573,8 +572,9 @@ class Router:
         # Computing ones: the caller hears now; their slots are released when the stage ends.
         for worker in self.workers.values():
             for request in worker.inflight.values():
-                if request.expired() and not request.future.done():
-                    _resolve(request.future, error=RequestTimeout(
+                if request.expired() and not request.timed_out:
+                    request.timed_out = True
+                    self.completions.resolve(request.future, error=RequestTimeout(
                         f"request {request.id} passed its deadline in the {worker.stage} stage"))
 
     def _advance_moves(self) -> None:
@@ -657,30 +657,20 @@ class Router:
             self._wake_push.close(linger=0)
         alive = [w for w in self.workers.values() if w.process is not None]
         stop_all([w.process for w in alive])  # all at once: closing death pipes stops them now
-        for worker in alive:
-            worker.socket.close()
         error = EngineClosed(self.startup_error or "the engine closed before this request completed")
         pending = [r for q in self._queues.values() for r in q] + [r for w in alive for r in w.inflight.values()]
         pending += [item for kind, item in self._inbox if kind == "submit"]
         for request in pending:
-            _resolve(request.future, error=error)
-        for sock in (self._results, self._wake_pull):
-            sock.close(linger=0)
-        self._context.term()
+            self.completions.resolve(request.future, error=error)
         unlink_segments(self.segment_prefix)
         shutil.rmtree(self.run_dir, ignore_errors=True)
+        # Every socket, including one bound for a worker whose spawn then failed: term() would
+        # wait forever on a socket left open.
+        for sock in [w.socket for w in self.workers.values() if w.socket is not None] + [self._results, self._wake_pull]:
+            sock.close(linger=0)
+        self._context.term()
+        self.completions.close()  # the callers hear before close() returns
         self.ready.set()
-
-
-def _resolve(future: Future, result=None, error: Exception | None = None) -> None:
-    """Set a future's outcome unless the caller cancelled it meanwhile (from another thread)."""
-    try:
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)
-    except InvalidStateError:
-        pass
 
 
 def _summary_ms(seconds) -> dict:

@@ -63,6 +63,7 @@ class Request:
     waited_s: float = 0.0  # time in the current stage's queue, known once it is dispatched
     profiles: dict = field(default_factory=dict)  # stage -> batching.StageProfile (key, activation bytes)
     solo: bool = False  # survived a batch whose worker died: from now on it runs alone
+    timed_out: bool = False  # its caller was told RequestTimeout while a stage still computed it
 
     @property
     def stage(self) -> str:

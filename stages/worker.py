@@ -269,12 +269,14 @@ def _receive(context, spec: WorkerSpec, endpoint: Endpoint, tasks: queue.Queue, 
 def _watch_engine(spec: WorkerSpec, death_pipe: Connection) -> None:
     """Exit as soon as the engine closes the pipe; if the engine died, clean up after it."""
     try:
-        death_pipe.recv_bytes()
+        death_pipe.recv_bytes()  # only the engine stopping this worker on purpose writes
+        os._exit(0)
     except (EOFError, OSError):
         pass
-    # The pipe closes when the engine exits *or* stops this worker on purpose; only in the first
-    # case is nobody left to remove the engine's segments. The kernel closes a dying process's
-    # files before it reparents its children, so give the reparenting a moment to show.
+    # EOF: the engine is gone, or it closed the pipe without a word (it does so only after
+    # killing this process). To be sure nobody is left to remove the engine's segments, wait
+    # for the reparenting: the kernel closes a dying process's files before it reparents its
+    # children.
     deadline = time.monotonic() + 1.0
     while os.getppid() == spec.engine_pid and time.monotonic() < deadline:
         time.sleep(0.02)

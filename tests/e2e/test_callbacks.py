@@ -1,0 +1,68 @@
+"""User callbacks (done-callbacks, on_progress) cannot stall or freeze the engine."""
+
+import multiprocessing
+import os
+import threading
+
+import pytest
+
+import dfuse.engine.router as router_module
+from dfuse import Engine
+from dfuse.engine.transport.shm import list_segments
+
+from process_utils import wait_until
+
+SYNTHETIC = "synthetic:encoder=1ms,dit=1ms,decoder=1ms"
+
+
+def test_a_blocked_callback_does_not_stop_the_engine_serving():
+    with Engine(model=SYNTHETIC, cpu_threads=1) as engine:
+        release, progress = threading.Event(), []
+        first = engine.submit("x", seed=1)
+        first.add_done_callback(lambda _: release.wait(60))  # e.g. a slow upload of the image
+        assert wait_until(lambda: engine.stats()["completed"] == 1, 60)
+        second = engine.submit("x", seed=2, on_progress=lambda *step: progress.append(step))
+        # The engine computes and finishes the second request while the first's callback blocks.
+        assert wait_until(lambda: engine.stats()["completed"] == 2, 60)
+        release.set()
+        assert second.result(timeout=60).images[0].getpixel((0, 0))[0] == 2
+        assert progress and progress[-1][0] == "dit" and progress[-1][1] == progress[-1][2]
+
+
+def test_generate_inside_a_callback_is_refused_and_submit_works():
+    with Engine(model=SYNTHETIC, cpu_threads=1) as engine:
+        outcome = {}
+
+        def chain(_):
+            try:
+                engine.generate("y", seed=5)
+            except RuntimeError as e:
+                outcome["error"] = str(e)
+            outcome["chained"] = engine.submit("y", seed=6)  # what to do instead
+
+        engine.submit("x", seed=4).add_done_callback(chain)
+        assert wait_until(lambda: "chained" in outcome, 60)
+        assert "use submit() there" in outcome["error"]
+        assert outcome["chained"].result(timeout=60).images[0].getpixel((0, 0))[0] == 6
+        assert engine.generate("z", seed=7)[0].getpixel((0, 0))[0] == 7  # still serving
+
+
+def test_a_failed_spawn_fails_start_up_and_leaves_nothing(monkeypatch):
+    """A spawn that raises (out of file descriptors, a script without a __main__ guard) must
+    not hang the engine's shutdown on the socket it had bound for that worker."""
+    real_spawn, started = router_module.spawn_worker, []
+
+    def spawn_or_fail(spec):
+        started.append(spec)
+        if spec.worker_id == 1:
+            raise OSError(24, "Too many open files")
+        return real_spawn(spec)
+
+    monkeypatch.setattr(router_module, "spawn_worker", spawn_or_fail)
+    with pytest.raises(RuntimeError, match="Too many open files"):
+        Engine(model=SYNTHETIC, cpu_threads=1)
+    spec = started[0]
+    assert list_segments(spec.segment_prefix) == []
+    assert not os.path.exists(spec.run_dir)
+    assert not any(t.name == "dfuse-router" for t in threading.enumerate())
+    assert multiprocessing.active_children() == []  # worker 0, which did start, was stopped
