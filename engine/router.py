@@ -86,6 +86,7 @@ class Router:
         except BaseException:  # e.g. /dev/shm full: leave nothing of a half-built engine behind
             unlink_segments(self.segment_prefix)
             shutil.rmtree(self.run_dir, ignore_errors=True)
+            self._release_host_resources()
             for sock in (self._results, self._wake_pull, self._wake_push):
                 sock.close(linger=0)
             self._context.term()
@@ -95,10 +96,28 @@ class Router:
 
     # --- setup -----------------------------------------------------------------------------
     def _init_run_dir(self) -> None:
+        from .transport.janitor import Janitor
+        from .transport.shm import EngineLock
+
         sweep_stale_segments()
         # Private (0700, random name) so no other local user can reach the control sockets.
         self.run_dir = tempfile.mkdtemp(prefix="dfuse-")
         self.segment_prefix = new_segment_prefix()
+        # The liveness lock comes before any segment of the prefix: while this process holds it,
+        # no sweep (from any PID namespace) takes our segments for a dead engine's.
+        self._engine_lock = self._janitor = None
+        try:
+            self._engine_lock = EngineLock.acquire(self.segment_prefix, self.run_dir)
+        except BaseException:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+            raise
+        # If this process and its workers die together (a group SIGKILL or SIGTERM), nobody here
+        # is left to clean up: the janitor, in a session of its own, does it then.
+        try:
+            self._janitor = Janitor.start(self.segment_prefix, self.run_dir)
+        except OSError as e:
+            log.warning("no shared-memory janitor (%s): if the engine and its workers are killed together, "
+                        "their segments stay until the next engine starts", e)
 
     def _init_sockets(self) -> None:
         self._context = zmq.Context()
@@ -664,6 +683,7 @@ class Router:
             self.completions.resolve(request.future, error=error)
         unlink_segments(self.segment_prefix)
         shutil.rmtree(self.run_dir, ignore_errors=True)
+        self._release_host_resources()
         # Every socket, including one bound for a worker whose spawn then failed: term() would
         # wait forever on a socket left open.
         for sock in [w.socket for w in self.workers.values() if w.socket is not None] + [self._results, self._wake_pull]:
@@ -671,6 +691,17 @@ class Router:
         self._context.term()
         self.completions.close()  # the callers hear before close() returns
         self.ready.set()
+
+    def _release_host_resources(self) -> None:
+        """Give back what the engine holds for its host segments, once it has unlinked them and
+        removed its run dir: the liveness lock, then the janitor (its stdin closes, it finds
+        nothing left, it exits and is reaped here). Idempotent."""
+        lock, self._engine_lock = getattr(self, "_engine_lock", None), None
+        if lock is not None:
+            lock.release()
+        janitor, self._janitor = getattr(self, "_janitor", None), None
+        if janitor is not None:
+            janitor.close()
 
 
 def _summary_ms(seconds) -> dict:

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from ..engine.transport.base import byte_view, dtype_from_name
-from ..engine.transport.shm import Segment
+from ..engine.transport.shm import Segment, ShmFull, unlink_segment
 
 log = logging.getLogger("dfuse.weights")
 
@@ -116,16 +116,26 @@ class HostWeights:
             segment = Segment(segment_name, max(size, 1), create=True)
         except FileExistsError:
             return  # another worker is publishing it right now
-        except OSError as e:  # e.g. /dev/shm too small for this component
-            log.warning("host weight cache: no room for %s (%d MiB): %s", key, size >> 20, e)
+        except ShmFull as e:  # /dev/shm too small for this component: the cache is only a shortcut
+            log.warning("host weight cache: no room in shared memory for %s (%d MiB): %s; later loads of it "
+                        "read it from disk", key, size >> 20, e)
             return
-        for (tensor_name, kind, tensor), (_, _, dtype_name, shape, offset) in zip(_tensors(module), tensors):
-            byte_view(segment.data, offset, tuple(shape), tensor.dtype).copy_(tensor.detach())
-        manifest = {"segment": segment_name, "bytes": size, "tensors": tensors, **_describe(module)}
-        self.dir.mkdir(mode=0o700, exist_ok=True)
-        tmp = manifest_path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(manifest))
-        os.replace(tmp, manifest_path)  # readers see a complete manifest or none
+        except OSError as e:
+            log.warning("host weight cache: cannot create a segment for %s (%d MiB): %s; later loads of it "
+                        "read it from disk", key, size >> 20, e)
+            return
+        try:
+            for (tensor_name, kind, tensor), (_, _, dtype_name, shape, offset) in zip(_tensors(module), tensors):
+                byte_view(segment.data, offset, tuple(shape), tensor.dtype).copy_(tensor.detach())
+            manifest = {"segment": segment_name, "bytes": size, "tensors": tensors, **_describe(module)}
+            self.dir.mkdir(mode=0o700, exist_ok=True)
+            tmp = manifest_path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(manifest))
+            os.replace(tmp, manifest_path)  # readers see a complete manifest or none
+        except OSError as e:  # e.g. the run dir's disk is full: no manifest, so no segment either
+            unlink_segment(segment_name)
+            log.warning("host weight cache: cannot publish %s (%s); later loads of it read it from disk", key, e)
+            return
         self._segments[key] = segment
 
 

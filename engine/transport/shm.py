@@ -15,39 +15,52 @@ free slot, so memory never grows without bound.
 Host pools are /dev/shm files created by the engine. We map them directly instead of using
 `multiprocessing.shared_memory`: its resource tracker unlinks segments behind our back (Python
 3.11 registers attachers too) and is itself killed in a group kill. Instead, segments are named
-after the engine pid: the engine unlinks them on close, its workers unlink them when they see
-the engine die, and a new engine sweeps those of dead engines at start-up. Files are created
-0600: other local users cannot map them.
+after the engine (`dfuse_<engine pid>_<token>_`): the engine unlinks them on close, its workers
+unlink them when they see the engine die, its janitor (janitor.py, a process in a session of
+its own) when the engine and its workers die together (a group SIGKILL or SIGTERM), and a new
+engine sweeps those of dead engines at start-up. An engine is alive while it holds the flock on
+its lock file `<prefix>lock` (shm_files.py), which holds across PID namespaces. Files are
+created 0600: other local users cannot map them.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import mmap
 import os
-import re
-import secrets
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from ..protocol import OutputSlot
+from .shm_files import (  # noqa: F401  (re-exported: the name-only half of this module, torch-free)
+    PREFIX,
+    SHM_DIR,
+    EngineLock,
+    _pid_alive,
+    is_engine_prefix,
+    is_segment_name,
+    list_segments,
+    new_segment_prefix,
+    sweep_stale_segments,
+    unlink_segment,
+    unlink_segments,
+)
 
 log = logging.getLogger("dfuse.transport")
-SHM_DIR = "/dev/shm"
-PREFIX = "dfuse_"
 _PAGE = mmap.PAGESIZE
-_NAME_RE = re.compile(rf"^{PREFIX}(\d+)_")
 
 
-def new_segment_prefix() -> str:
-    """A per-engine name prefix: the pid lets others sweep it, the token avoids collisions."""
-    return f"{PREFIX}{os.getpid()}_{secrets.token_hex(4)}_"
+class ShmFull(ValueError, OSError):
+    """/dev/shm cannot hold a new segment. An OSError (errno ENOSPC as a rule): a cache that can
+    do without its segment catches it and carries on; and a ValueError: a pool the configuration
+    asks for but the machine cannot hold is a bad setting, reported as one."""
 
-
-def is_segment_name(name: str) -> bool:
-    return name.startswith(PREFIX) and "/" not in name and name not in (".", "..")
+    def __init__(self, message: str, error: int | None = errno.ENOSPC):
+        super().__init__(message)
+        self.errno = error  # str(self) stays the message (no strerror set)
 
 
 class Segment:
@@ -94,7 +107,16 @@ class SlotPool:
 
     @classmethod
     def create_host(cls, name: str, slot_bytes: int, n_slots: int) -> "SlotPool":
-        return cls(name, slot_bytes, n_slots, Segment(name, slot_bytes * n_slots, create=True))
+        size = slot_bytes * n_slots
+        try:
+            segment = Segment(name, size, create=True)
+        except ShmFull as e:
+            raise ShmFull(
+                f"transport: cannot reserve {size / 2**20:.0f} MiB in {SHM_DIR} ({os.strerror(e.errno or errno.ENOSPC)}); "
+                "lower transport.slot_mib or transport.slots_per_worker, or give the machine more shared memory",
+                e.errno,
+            ) from None
+        return cls(name, slot_bytes, n_slots, segment)
 
     @property
     def free(self) -> int:
@@ -126,47 +148,4 @@ def _allocate(fd: int, name: str, size: int) -> None:
         os.posix_fallocate(fd, 0, size)
     except OSError as e:
         unlink_segment(name)  # the caller closes fd
-        raise ValueError(
-            f"transport: cannot reserve {size / 2**20:.0f} MiB in {SHM_DIR} ({e.strerror}); lower "
-            "transport.slot_mib or transport.slots_per_worker, or give the machine more shared memory"
-        ) from None
-
-
-def unlink_segment(name: str) -> None:
-    try:
-        os.unlink(os.path.join(SHM_DIR, name))
-    except FileNotFoundError:
-        pass
-
-
-def list_segments(prefix: str = PREFIX) -> list[str]:
-    try:
-        return sorted(n for n in os.listdir(SHM_DIR) if n.startswith(prefix))
-    except FileNotFoundError:
-        return []
-
-
-def unlink_segments(prefix: str) -> None:
-    for name in list_segments(prefix):
-        unlink_segment(name)
-
-
-def sweep_stale_segments() -> list[str]:
-    """Unlink segments left by dfuse engines that no longer run (e.g. killed with SIGKILL)."""
-    swept = []
-    for name in list_segments():
-        match = _NAME_RE.match(name)
-        if match and not _pid_alive(int(match.group(1))):
-            unlink_segment(name)
-            swept.append(name)
-    return swept
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        raise ShmFull(f"cannot reserve {size / 2**20:.0f} MiB in {SHM_DIR} for {name} ({e.strerror})", e.errno) from None

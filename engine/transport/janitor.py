@@ -1,0 +1,142 @@
+"""The engine's janitor: a tiny process that removes the engine's segments and run dir once the
+engine is gone, however it went.
+
+    python -m dfuse.engine.transport.janitor <segment prefix> <run dir>
+
+The engine starts it (`Janitor.start`) right after taking its lock, in a session of its own so
+that a signal to the engine's process group (`kill -9 -- -PGID`, Ctrl-C, a group SIGTERM) does
+not reach it, and keeps the write end of its stdin. The janitor only blocks reading stdin; at
+EOF -- the engine closed it after cleaning up itself, or the engine process ended and the kernel
+closed it -- it removes the run dir, unlinks every file with the prefix (the lock file last) and
+exits. It ignores SIGINT, SIGTERM and SIGHUP (systemd signals the whole cgroup on stop): it exits
+when the engine does, never later than its cleanup.
+
+Why it is needed: the engine cleans up on close, its workers clean up when they see the engine
+die, but when the engine and its workers die at the same moment (a group SIGKILL or SIGTERM) no
+one is left, and the pools and the GB-sized weight cache would wait in /dev/shm for the next
+engine start. Import nothing heavy here (no torch): only the standard library and shm_files.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import weakref
+
+from .shm_files import RUN_DIR_PREFIX, is_engine_prefix, unlink_segments
+
+log = logging.getLogger("dfuse.transport")
+
+MODULE = "dfuse.engine.transport.janitor"
+STRAGGLER_WAIT_S = 1.0  # after an engine that died uncleanly: one more pass for dying workers' files
+
+
+class Janitor:
+    """The engine's handle on its janitor process."""
+
+    def __init__(self, process: subprocess.Popen):
+        self.process = process
+        _started.add(self)
+
+    @classmethod
+    def start(cls, prefix: str, run_dir: str) -> "Janitor":
+        _check_args(prefix, run_dir)
+        process = subprocess.Popen(
+            [sys.executable, "-m", MODULE, prefix, run_dir],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,  # stderr inherited: it only reports errors
+            close_fds=True, start_new_session=True,
+        )
+        return cls(process)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Let the janitor go (the engine has cleaned up: it finds nothing left) and reap it."""
+        _started.discard(self)
+        stdin = self.process.stdin
+        if stdin is not None and not stdin.closed:
+            try:
+                stdin.close()
+            except OSError:
+                pass
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:  # it still finishes on its own; Popen reaps it later
+            log.warning("the shared-memory janitor (pid %d) has not exited yet", self.process.pid)
+
+
+_started: "weakref.WeakSet[Janitor]" = weakref.WeakSet()
+
+
+def _forget_janitors_in_child() -> None:
+    """After os.fork() (not fork+exec, which closes the pipe anyway): a child holding the write
+    end would keep the janitor waiting after the engine died. Close the child's copy."""
+    for janitor in list(_started):
+        try:
+            janitor.process.stdin.close()
+        except (OSError, ValueError, AttributeError):
+            pass
+        janitor.process.returncode = 0  # not this child's to wait for
+    _started.clear()
+
+
+os.register_at_fork(after_in_child=_forget_janitors_in_child)
+
+
+def _check_args(prefix: str, run_dir: str) -> None:
+    # A short prefix ("dfuse_") would match every engine's segments, not just this one's.
+    if not is_engine_prefix(prefix):
+        raise ValueError(f"janitor: not an engine segment prefix: {prefix!r}")
+    if not os.path.isabs(run_dir) or not os.path.basename(run_dir.rstrip("/")).startswith(RUN_DIR_PREFIX):
+        raise ValueError(f"janitor: not a dfuse run dir: {run_dir!r}")
+
+
+def clean(prefix: str, run_dir: str) -> list[str]:
+    """Remove the engine's run dir, then unlink its segments, its lock file last (the lock file
+    names the run dir: while it exists, a sweep can still find both). What was removed."""
+    removed = []
+    if os.path.isdir(run_dir) and not os.path.islink(run_dir):
+        shutil.rmtree(run_dir, ignore_errors=True)
+        removed.append(run_dir)
+    return removed + unlink_segments(prefix)
+
+
+def _wait_for_eof(fd: int = 0) -> None:
+    while True:
+        try:
+            if not os.read(fd, 4096):
+                return
+        except OSError:
+            return
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        if len(args) != 2:
+            raise ValueError("usage: python -m dfuse.engine.transport.janitor <segment prefix> <run dir>")
+        _check_args(*args)
+    except ValueError as e:
+        print(e, file=sys.stderr)
+        return 2
+    prefix, run_dir = args
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    _wait_for_eof()
+    if clean(prefix, run_dir):
+        # The engine did not clean up: it died, maybe with workers that are dying too and might
+        # still create a file (a weight segment being published). Look once more, then go.
+        time.sleep(STRAGGLER_WAIT_S)
+        clean(prefix, run_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
