@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -101,13 +103,13 @@ def run(prompt, model, negative_prompt, steps, guidance_scale, true_cfg_scale, h
     except RuntimeError as e:
         raise click.ClickException(str(e)) from None
 
-    out.parent.mkdir(parents=True, exist_ok=True)
     if result.frames is None:
-        result.images[0].save(out)
+        _write_atomically(out, lambda path: result.images[0].save(path))
         shape = f"{params.width}x{params.height}"
     else:
-        _write_video(result.frames[0], out, fps)
-        shape = f"{params.num_frames} frames of {params.width}x{params.height} at {fps} fps"
+        _write_atomically(out, lambda path: _write_video(result.frames[0], path, fps))
+        frames = "1 frame" if params.num_frames == 1 else f"{params.num_frames} frames"
+        shape = f"{frames} of {params.width}x{params.height} at {fps} fps"
     timings = result.timings[0]
     stage_times = "  ".join(f"{s} {timings[s].compute_s * 1000:.0f} ms" for s in STAGE_KINDS)
     click.echo(f"Wrote {out} ({shape}, seed {result.seeds[0]})")
@@ -140,31 +142,66 @@ def _output_path(out: Path | None, info) -> Path:
     if out.suffix.lower() not in suffixes:
         raise ValueError(f"--out: the {info.family} model makes {kind}: the file name must end in one of "
                          f"{', '.join(suffixes)} (got {out.name!r})")
+    _check_writable(out)
     return out
 
 
-def _write_video(frames, out: Path, fps: int) -> None:
+def _check_writable(out: Path) -> None:
+    """Refuse an --out that cannot be written before any worker starts, not after the work."""
+    if out.is_dir():
+        raise ValueError(f"--out: {out} is a directory; give a file name")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # Creating a file there is the only sure test (root passes every access() check, /proc refuses).
+        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=".dfuse-check-"):
+            pass
+    except OSError as e:
+        raise ValueError(f"--out: cannot write in {out.parent} ({e.strerror or e})") from None
+
+
+def _write_atomically(out: Path, write) -> None:
+    """write(path) into a hidden file beside `out` (same suffix: the writers pick the format
+    from it), then rename: a failed write never leaves a truncated file at `out`."""
+    tmp = str(out.parent / f".{out.stem}-{secrets.token_hex(4)}{out.suffix}")  # the writer creates it: usual mode
+    try:
+        write(tmp)
+        if not os.path.exists(tmp) or os.path.getsize(tmp) == 0:  # a writer that failed without raising
+            raise OSError(f"the {out.suffix} writer produced no data")
+        os.replace(tmp, out)
+    except (OSError, ValueError) as e:
+        raise click.ClickException(f"--out: could not write {out}: {e}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _write_video(frames, out: str, fps: int) -> None:
     """diffusers' own writers: export_to_video (imageio-ffmpeg, H.264) or export_to_gif (PIL)."""
     from diffusers.utils import export_to_gif, export_to_video
 
-    if out.suffix.lower() == ".gif":
-        export_to_gif(frames, str(out), fps=fps)
+    if out.lower().endswith(".gif"):
+        export_to_gif(frames, out, fps=fps)
     else:
-        export_to_video(frames, str(out), fps=fps)
+        export_to_video(frames, out, fps=fps)
 
 
 _FLAGS = {"num_inference_steps": "--steps", "guidance_scale": "--guidance-scale", "negative_prompt": "--negative-prompt",
           "true_cfg_scale": "--true-cfg-scale", "num_frames": "--num-frames",
           "transport.slot_mib": "--slot-mib",
           "num_frames/height/width": "--num-frames/--height/--width",
-          "height": "--height", "width": "--width", "height/width": "--height/--width", "seed": "--seed", "model": "--model", "prompt": "PROMPT"}
+          "height": "--height", "width": "--width", "height/width": "--height/--width", "seed": "--seed", "model": "--model", "prompt": "PROMPT",
+          "cpu_threads": "--threads", "instances": "--instances", "device": "--device", "policy": "--policy"}
 
 
 def _with_flag(message: str) -> str:
-    """Engine errors name the API field ("num_inference_steps: ..."); say which flag that is."""
+    """Engine errors name the API field ("num_inference_steps: ...", "instances.dit: ...",
+    "device (encoder): ..."); say which flag that is."""
     field, sep, rest = message.partition(": ")
-    flag = _FLAGS.get(field)
-    return f"{flag} ({field}): {rest}" if sep and flag else message
+    name, _, qualifier = field.partition(" ")
+    flag = _FLAGS.get(field) or _FLAGS.get(name.split(".")[0])
+    if not (sep and flag):
+        return message
+    return f"{flag} {qualifier}: {rest}" if qualifier else f"{flag} ({field}): {rest}"
 
 
 def _parse_devices(text: str) -> str | dict[str, str]:
@@ -183,7 +220,8 @@ class _StepBar:
     def __init__(self, total: int):
         from tqdm import tqdm
 
-        self._bar = tqdm(total=total, desc="denoising", unit="step", file=sys.stderr, leave=False)
+        # disable=None: no bar when stderr is not a terminal (a log would get one line per step).
+        self._bar = tqdm(total=total, desc="denoising", unit="step", file=sys.stderr, leave=False, disable=None)
 
     def update(self, stage: str, step: int, total: int) -> None:
         self._bar.n = step

@@ -47,10 +47,10 @@ def _files(prefix: str) -> list[str]:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["group-sigkill", "group-sigterm"])
-def test_a_group_kill_of_dfuse_run_leaves_no_segment_and_no_run_dir(model_path, sig):
+def test_a_group_kill_of_dfuse_run_leaves_no_segment_and_no_run_dir(model_path, sig, tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "dfuse.cli", "run", "a fox", "--model", str(model_path), "--steps", "1000",
-         "--height", "256", "--width", "256", "--threads", "1", "--out", os.devnull + ".png"],
+         "--height", "256", "--width", "256", "--threads", "1", "--out", str(tmp_path / "out.png")],
         stderr=subprocess.PIPE, text=True, start_new_session=True,  # its own process group, as with setsid
     )
     try:
