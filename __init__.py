@@ -5,7 +5,8 @@ under the checkout folder's name, and an eager `from .engine import Engine` woul
 copy of the whole tree (see FACTS.md, packaging).
 """
 
-__all__ = ["Engine", "EngineConfig", "GenerationResult"]
+__all__ = ["Engine", "EngineConfig", "GenerationResult", "EngineClosed", "RequestFailed", "RequestTimeout"]
+_ERRORS = ("EngineClosed", "RequestFailed", "RequestTimeout")  # what generate()/submit() raise
 
 
 def __getattr__(name):
@@ -21,4 +22,8 @@ def __getattr__(name):
         from .engine.engine import GenerationResult
 
         return GenerationResult
+    if name in _ERRORS:
+        from .engine import state
+
+        return getattr(state, name)
     raise AttributeError(f"module 'dfuse' has no attribute {name!r}")

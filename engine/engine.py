@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import multiprocessing
 import threading
 import time
 import weakref
@@ -17,6 +18,7 @@ from ..stages import STAGE_KINDS
 from ..stages.families import describe_model, detect_family
 from .admission import admit, check_transport, detect_budgets
 from .batching import stage_profiles
+from .completions import resolve
 from .config import DEFAULT_MODEL, EngineConfig, resolve_model_path
 from .requests import build_requests, check_priority, check_timeout
 from .router import Router
@@ -59,6 +61,11 @@ class Engine:
         policy: str = "static",
         config: EngineConfig | None = None,
     ):
+        if getattr(multiprocessing.current_process(), "_inheriting", False):
+            # A spawned worker re-imports the user's script while it bootstraps (the flag is the
+            # one multiprocessing checks itself): unguarded, that import starts an engine there.
+            raise RuntimeError('Engine() ran while a dfuse worker was importing your script: create the engine '
+                               'under `if __name__ == "__main__":` (workers are spawned and re-import the main module)')
         given = (model, device, instances, cpu_threads, dtype, policy)
         if config is not None and given != (None, "cpu", None, None, "auto", "static"):
             raise ValueError("config: pass either config= or model/device/instances/cpu_threads/dtype/policy, not both")
@@ -178,6 +185,8 @@ class Engine:
         stops taking work, finishes what it holds, then unloads its stage and loads `stage` in
         the same process (`stats()["switch_s"]` records each switch, asked -> READY).
         ValueError if the move would leave a stage without workers."""
+        if not self._finalizer.alive:
+            raise EngineClosed("the engine is closed")
         self._router.move(worker_id, stage)
 
     def stats(self) -> dict:
@@ -197,29 +206,37 @@ class Engine:
 
 
 def _gather(requests: list[Request]) -> Future:
-    """One future for the whole submit: resolves when every prompt's request has."""
+    """One future for the whole submit: resolves when every prompt's request has, or fails with
+    the first prompt that fails (its siblings are cancelled then: their work would be thrown away)."""
     outer: Future = Future()
     remaining = [len(requests)]
     lock = threading.Lock()
+    settled = [False]  # outer's outcome is decided (set under the lock, acted on outside it)
 
-    def on_inner_done(_inner: Future) -> None:
+    def on_inner_done(inner: Future) -> None:
+        error = None if inner.cancelled() else inner.exception()
         with lock:
             remaining[0] -= 1
-            if remaining[0] or outer.done():
-                return
+            first_failure = error is not None and not settled[0]
+            last = remaining[0] == 0 and not settled[0]
+            settled[0] = settled[0] or first_failure or last
+        if first_failure:
+            resolve(outer, error=error)
+            for request in requests:
+                request.future.cancel()
+            return
+        if not last:
+            return
         try:
             results = [r.future.result() for r in requests]
-        except CancelledError:
-            return
-        except Exception as e:
-            outer.set_exception(e)
+        except CancelledError:  # the caller cancelled the whole submit
             return
         seeds, timings = [r.params.seed for r in requests], [t for _, t in results]
         if results[0][0].ndim == 4:  # a video model's (frames, height, width, 3)
             frames = [[Image.fromarray(frame) for frame in pixels] for pixels, _ in results]
-            outer.set_result(GenerationResult([video[0] for video in frames], seeds, timings, frames))
+            resolve(outer, result=GenerationResult([video[0] for video in frames], seeds, timings, frames))
         else:
-            outer.set_result(GenerationResult([Image.fromarray(pixels) for pixels, _ in results], seeds, timings))
+            resolve(outer, result=GenerationResult([Image.fromarray(pixels) for pixels, _ in results], seeds, timings))
 
     def on_outer_done(_outer: Future) -> None:
         if outer.cancelled():

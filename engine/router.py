@@ -622,7 +622,7 @@ class Router:
                 # later it is a replacement that was killed too (chaos, OOM killer): try again.
                 if not self.ready.is_set() or worker.load_deaths >= self.config.max_attempts:
                     self._fatal(f"{worker.stage} worker {worker.id} exited with code {code} before it was "
-                                f"ready ({worker.load_deaths} time(s) in a row)")
+                                f"ready ({worker.load_deaths} time(s) in a row; its own error, if any, is on stderr above)")
                     return
             log.warning("%s worker %d died (exit code %s); restarting it", worker.stage, worker.id, code)
             self._recover(worker, code)

@@ -54,3 +54,15 @@ def test_broken_weights_fail_start_up_with_a_clear_error(tmp_path, model_path):
         weights.write_bytes(b"not a safetensors file")
     with pytest.raises(RuntimeError, match="decoder worker .* could not load the model"):
         Engine(model=str(broken), cpu_threads=1)
+
+
+def test_a_script_without_a_main_guard_gets_told_how_to_fix_it(tmp_path, model_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "unguarded.py"
+    script.write_text(f"from dfuse import Engine\nEngine(model={str(model_path)!r}, cpu_threads=1).close()\n")
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1
+    assert 'create the engine under `if __name__ == "__main__":`' in run.stderr
+    assert "exited with code 1 before it was ready" in run.stderr.splitlines()[-1]

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from dfuse import Engine
+from dfuse import Engine, EngineClosed
 from dfuse.engine.transport.shm import list_segments
 
 from process_utils import alive, engine_segments, wait_until
@@ -32,8 +32,10 @@ def test_close_leaves_nothing(model_path):
     assert not any(alive(p) for p in pids)
     assert list_segments(prefix) == []
     assert not os.path.exists(run_dir)
-    with pytest.raises(RuntimeError, match="closed"):
+    with pytest.raises(EngineClosed, match="closed"):
         engine.generate("a cat")
+    with pytest.raises(EngineClosed, match="closed"):
+        engine.move(1, "decoder")
 
 
 def test_exception_inside_with_leaves_nothing(model_path):
@@ -68,7 +70,7 @@ def test_killed_worker_is_replaced_and_its_requests_complete(model_path, referen
 
 ENGINE_SCRIPT = """
 import sys, time
-from dfuse import Engine
+from dfuse import Engine, EngineClosed
 from dfuse.engine.transport.shm import list_segments
 if __name__ == "__main__":
     engine = Engine(model=sys.argv[1], cpu_threads=1)
@@ -92,10 +94,10 @@ def test_engine_killed_with_sigkill_leaves_nothing(model_path, tmp_path):
         proc.kill()
 
 
-def test_ctrl_c_of_dfuse_run_leaves_nothing(model_path):
+def test_ctrl_c_of_dfuse_run_leaves_nothing(model_path, tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "dfuse.cli", "run", "a fox", "--model", str(model_path), "--steps", "1000",
-         "--height", "512", "--width", "512", "--threads", "1", "--out", os.devnull + ".png"],
+         "--height", "512", "--width", "512", "--threads", "1", "--out", str(tmp_path / "out.png")],
         stderr=subprocess.PIPE, text=True,
         # As at a terminal: a suite launched in the background (`cmd &` in a script) runs with
         # SIGINT ignored, which children inherit and Python then keeps ignoring.
