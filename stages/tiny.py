@@ -30,7 +30,7 @@ import threading
 _BUILD_LOCK = threading.Lock()
 
 # Bump whenever a builder's output changes: the cache folder name carries it.
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2  # 2: dfuse.json serving defaults for tiny-flux and tiny-wan
 
 # Words the tokenizers spell as one token each (others fall back to bytes / letters).
 WORDS = (
@@ -245,6 +245,8 @@ def _build_tiny_flux(out_dir: pathlib.Path) -> None:
         text_encoder=te1, tokenizer=tok1, text_encoder_2=te2, tokenizer_2=tok2,
     )
     pipe.save_pretrained(out_dir, safe_serialization=True)
+    # FluxPipeline's default is 1024 px whatever the model: 128 px like the other tiny models.
+    _write_serving_defaults(out_dir, height=128, width=128)
 
 
 PIXART_T5_DIM = 32
@@ -329,6 +331,15 @@ def _build_tiny_wan(out_dir: pathlib.Path) -> None:
     pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae,
                        scheduler=scheduler)
     pipe.save_pretrained(out_dir, safe_serialization=True)
+    # WanPipeline's defaults (81 frames of 832x480) are a 90 MiB video: 9 frames at Wan's aspect.
+    _write_serving_defaults(out_dir, num_frames=9, height=64, width=112)
+
+
+def _write_serving_defaults(out_dir: pathlib.Path, **defaults) -> None:
+    """dfuse.json (stages/families: SERVING_DEFAULTS): what requests that leave these unset get."""
+    import json
+
+    (out_dir / "dfuse.json").write_text(json.dumps({"defaults": defaults}, indent=2) + "\n")
 
 
 TINY_MODELS = {

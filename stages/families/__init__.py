@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -47,6 +48,46 @@ def describe_model(path: str | Path) -> ModelInfo:
         return family.describe(path)
     path = Path(path).resolve()
     try:
-        return family.describe(path)
+        info = family.describe(path)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"model: {str(path)!r} is not a complete {family.pipeline_class} folder ({e})") from None
+    return _with_serving_defaults(info, path / SERVING_DEFAULTS)
+
+
+# Optional, beside model_index.json: what a request that leaves a field unset gets, where the
+# pipeline class's own default does not suit this model (like vLLM's generation_config.json).
+# The built-in tiny models use it: diffusers' Flux and Wan defaults (1024 px; 81 frames of
+# 832x480) cost minutes on a CPU for a tiny random model. Explicit parameters never change.
+SERVING_DEFAULTS = "dfuse.json"
+_DEFAULT_FIELDS = ("height", "width", "num_frames", "num_inference_steps")
+
+
+def _with_serving_defaults(info: ModelInfo, file: Path) -> ModelInfo:
+    if not file.exists():
+        return info
+    where = f"model: {str(file)!r}"
+    try:
+        defaults = json.loads(file.read_text())["defaults"]
+        if not isinstance(defaults, dict):
+            raise TypeError
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ValueError(f'{where} must hold {{"defaults": {{...}}}} with any of {", ".join(_DEFAULT_FIELDS)}') from None
+    unknown = sorted(set(defaults) - set(_DEFAULT_FIELDS))
+    if unknown:
+        raise ValueError(f"{where}: unknown default(s) {unknown}; allowed: {', '.join(_DEFAULT_FIELDS)}")
+    for name, value in defaults.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{where}: defaults.{name} must be a positive integer (got {value!r})")
+    height, width = (defaults.get(k, d) for k, d in zip(("height", "width"), info.default_height_width))
+    for name, value in (("height", height), ("width", width)):
+        if value % info.pixel_multiple or value > info.max_size:
+            raise ValueError(f"{where}: defaults.{name} must be a multiple of {info.pixel_multiple} in "
+                             f"[{info.pixel_multiple}, {info.max_size}] (got {value})")
+    frames = defaults.get("num_frames", info.default_frames)
+    if (frames - 1) % info.frame_step or frames > info.max_frames:
+        raise ValueError(f"{where}: defaults.num_frames must be {info.frame_step}k+1 in [1, {info.max_frames}] (got {frames})")
+    return dataclasses.replace(
+        info, default_size=height if height == width else info.default_size,
+        default_shape=None if height == width else (height, width), default_frames=frames,
+        num_inference_steps=defaults.get("num_inference_steps", info.num_inference_steps),
+    )

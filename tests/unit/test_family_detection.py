@@ -92,12 +92,15 @@ def test_tiny_model_is_detected_and_described():
 def test_tiny_flux_is_detected_and_described():
     path = tiny_model_path("tiny-flux")
     assert FAMILIES["FluxPipeline"] is detect_family(path)
-    info = describe_model(path)
+    info = FAMILIES["FluxPipeline"].describe(path)  # the pipeline class's own defaults
     assert info.family == "flux" and info.true_cfg
     # FluxPipeline's defaults: 1024 px (128 latent pixels x 8), 28 steps, embedded guidance 3.5.
     assert (info.pixel_multiple, info.default_size) == (16, 1024)
     assert info.num_inference_steps == 28 and info.guidance_scale == 3.5
     assert info.dims["text_tokens"] == 512 and info.dims["patch"] == 2
+    # The tiny model's dfuse.json makes 128 px the default (1024 px takes ~10 s on a CPU).
+    served = describe_model(path)
+    assert served.default_height_width == (128, 128) and served.num_inference_steps == 28
 
 
 def test_tiny_pixart_is_detected_and_described():
@@ -113,13 +116,41 @@ def test_tiny_pixart_is_detected_and_described():
 def test_tiny_wan_is_detected_and_described():
     path = tiny_model_path("tiny-wan")
     assert FAMILIES["WanPipeline"] is detect_family(path)
-    info = describe_model(path)
+    info = FAMILIES["WanPipeline"].describe(path)  # the pipeline class's own defaults
     assert info.family == "wan" and info.video and not info.true_cfg
     # WanPipeline's defaults: 480 x 832, 81 frames (4k + 1: the VAE's x4 time compression), 50 steps, CFG 5.
     assert info.default_height_width == (480, 832) and info.pixel_multiple == 16
     assert (info.default_frames, info.frame_step, info.max_frames) == (81, 4, 1025)
     assert info.num_inference_steps == 50 and info.guidance_scale == 5.0
     assert info.dims["text_tokens"] == 512
+    # The tiny model's dfuse.json: 9 frames of 112 x 64 (81 frames of 832 x 480 overflow a transport slot).
+    served = describe_model(path)
+    assert served.default_height_width == (64, 112) and served.default_frames == 9
+
+
+def _with_dfuse_json(tmp_path, content):
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_model_path(), folder)
+    (folder / "dfuse.json").write_text(content)
+    return folder
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"defaults": {"height": 96, "width": 64, "num_inference_steps": 4}}', None),
+    ('{"defaults": {"seed": 1}}', "unknown default(s) ['seed']; allowed: height, width, num_frames"),
+    ('{"defaults": {"height": 100}}', "defaults.height must be a multiple of 16 in [16, 1024] (got 100)"),
+    ('{"defaults": {"num_frames": 9}}', "defaults.num_frames must be 1k+1 in [1, 1] (got 9)"),
+    ('{"defaults": {"width": "64"}}', "defaults.width must be a positive integer (got '64')"),
+    ('{"height": 64}', 'must hold {"defaults": {...}}'),
+    ("not json", 'must hold {"defaults": {...}}'),
+])
+def test_a_folders_serving_defaults_are_checked_and_applied(tmp_path, content, message):
+    folder = _with_dfuse_json(tmp_path, content)
+    if message is None:
+        info = describe_model(folder)
+        assert info.default_height_width == (96, 64) and info.num_inference_steps == 4
+    else:
+        assert message in _model_error(describe_model, folder) and "dfuse.json" in _model_error(describe_model, folder)
 
 
 def test_image_families_describe_one_frame():
