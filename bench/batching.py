@@ -22,6 +22,7 @@ from pathlib import Path
 import click
 
 from ..stages import STAGE_KINDS
+from .outputs import default_out
 
 WORKLOADS = {
     "light": dict(num_inference_steps=2, height=64, width=64, guidance_scale=4.5),
@@ -108,7 +109,7 @@ def run_batching(model: str, requests: int, rounds: int, threads: int, max_batch
 @click.option("--threads", type=click.IntRange(1, 1024), default=1, show_default=True, help="Torch threads per worker.")
 @click.option("--max-batch", type=click.IntRange(2, 64), default=8, show_default=True, help="Batch limit of every stage.")
 @click.option("--workloads", default="light,heavy", show_default=True, help=f"Comma list of {', '.join(WORKLOADS)}.")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("bench/results/batching-cpu.json"),
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=default_out("batching.json"),
               show_default=True, help="Where the JSON result is written.")
 def batching_command(model, requests, rounds, threads, max_batch, workloads, out):
     """Throughput with per-stage batching on vs off (same engine, same requests, one run)."""

@@ -1,4 +1,5 @@
-"""`dfuse bench ...`: benchmarks of the real engine; results are written as JSON under bench/results/."""
+"""`dfuse bench ...`: benchmarks of the real engine; results are written as JSON (by default under
+./dfuse-bench/; the committed ones are in bench/results/)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import sys
 from pathlib import Path
 
 import click
+
+from .outputs import default_out
 
 
 @click.group()
@@ -33,7 +36,7 @@ def bench():
               help="Repeat a timed phase during which other processes were busy, at most this many runs in all.")
 @click.option("--quiet-wait", type=click.FloatRange(0), default=30.0, show_default=True,
               help="Seconds to wait at most for an idle machine before each timed phase.")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("bench/results/throughput-cpu.json"),
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=default_out("throughput.json"),
               show_default=True, help="Where the JSON result is written.")
 def throughput(requests, steps, height, width, guidance_scale, threads, mono_threads, model, warmup, rounds,
                attempts, quiet_wait, out):

@@ -32,6 +32,7 @@ import zmq
 from ..engine import protocol as wire
 from ..engine.transport.endpoint import Endpoint
 from ..engine.transport.shm import SlotPool, new_segment_prefix, unlink_segments
+from .outputs import default_out
 
 DEFAULT_SIZES = "64KiB,1MiB,16MiB,64MiB,256MiB"
 _UNITS = {"KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "B": 1}
@@ -43,6 +44,14 @@ def parse_size(text: str) -> int:
         if text.endswith(unit) and text[: -len(unit)].strip().isdecimal():
             return int(text[: -len(unit)]) * factor
     raise ValueError(f"--sizes: {text!r} is not a size like 64KiB, 16MiB or 1GiB")
+
+
+def format_size(nbytes: int) -> str:
+    """64 KiB, 1 MiB, 1.5 GiB: the largest binary unit the size reaches, without trailing zeros."""
+    for unit, factor in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= factor:
+            return f"{nbytes / factor:.2f}".rstrip("0").rstrip(".") + f" {unit}"
+    return f"{nbytes} B"
 
 
 def iterations_for(nbytes: int, budget_bytes: int = 4 * 2**30) -> int:
@@ -256,7 +265,8 @@ def run_handoff(sizes: list[int], device: str, mechanisms=tuple(MECHANISMS)) -> 
 @click.command("handoff")
 @click.option("--sizes", default=DEFAULT_SIZES, show_default=True, help="Comma-separated sizes (KiB, MiB, GiB).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, or cuda:N for the same-GPU CUDA IPC link.")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the JSON here.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=default_out("handoff.json"),
+              show_default=True, help="Where the JSON result is written.")
 def handoff_command(sizes, device, out):
     """One hop between two real processes: dfuse vs memcpy (floor) vs pickle over zmq."""
     try:
@@ -268,8 +278,7 @@ def handoff_command(sizes, device, out):
     report = run_handoff(parsed, device)
     click.echo(f"{'size':>10} {'mechanism':>13} {'p50 us':>10} {'p99 us':>10}")
     for r in report["results"]:
-        click.echo(f"{r['bytes'] / 2**20:>9.2f}M {r['mechanism']:>13} {r['p50_us']:>10.1f} {r['p99_us']:>10.1f}")
-    if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2) + "\n")
-        click.echo(f"Wrote {out}")
+        click.echo(f"{format_size(r['bytes']):>10} {r['mechanism']:>13} {r['p50_us']:>10.1f} {r['p99_us']:>10.1f}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    click.echo(f"Wrote {out}")

@@ -20,6 +20,7 @@ import click
 from ..engine.config import parse_instances
 from ..stages import STAGE_KINDS
 from ..stages.families.synthetic import parse_spec
+from .outputs import default_out
 
 DEFAULT_MODEL = "synthetic:encoder=20ms,dit=100ms,decoder=60ms"
 DEFAULT_LAYOUTS = "1:1:1,1:2:1"
@@ -75,10 +76,12 @@ def run_layout(model: str, instances: dict[str, int], requests: int, warmup: int
 @click.option("--model", default=DEFAULT_MODEL, show_default=True,
               help="synthetic:encoder=..ms,dit=..ms,decoder=..ms[,mode=sleep|burn]")
 @click.option("--layouts", default=DEFAULT_LAYOUTS, show_default=True, help="Instance layouts encoder:dit:decoder.")
-@click.option("--requests", type=click.IntRange(4, 10_000), default=100, show_default=True)
+@click.option("--requests", type=click.IntRange(4, 10_000), default=100, show_default=True,
+              help="Requests per layout, all submitted at once (the first --warmup completions are not timed).")
 @click.option("--warmup", type=click.IntRange(1, 1000), default=10, show_default=True,
               help="Completions that fill the pipeline before the steady-state clock starts.")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the JSON here.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=default_out("pipeline.json"),
+              show_default=True, help="Where the JSON result is written.")
 def pipeline_command(model, layouts, requests, warmup, out):
     """The real engine on a synthetic model, fed faster than it serves: throughput vs bottleneck."""
     from tqdm import tqdm
@@ -112,7 +115,6 @@ def pipeline_command(model, layouts, requests, warmup, out):
     for r in runs:
         click.echo(f"{r['layout']:>7} {r['mode']:>6} {r['bottleneck_stage']:>11} {r['bottleneck_capacity_rps']:>9.2f} "
                    f"{r['throughput_rps']:>9.2f} {r['efficiency']:>10.3f}")
-    if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2) + "\n")
-        click.echo(f"Wrote {out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    click.echo(f"Wrote {out}")

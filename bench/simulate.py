@@ -9,15 +9,18 @@ from pathlib import Path
 
 import click
 
+from .outputs import default_out, require_matplotlib
+
 SCENARIO_NAMES = ("wan-480p-8xa10g", "flux-1024-4xh100-4xl4", "sd35-shift-8xl40s", "sd35-shift-reverse-8xl40s")
 
 
 @click.command()
 @click.option("--scenario", type=click.Choice(SCENARIO_NAMES), required=True, help="Cluster, model and trace.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="JSON result [default: bench/results/simulate-SCENARIO.json].")
+              help="JSON result [default: ./dfuse-bench/simulate-SCENARIO.json].")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Also draw latency / attainment against arrival rate and device roles over time (PNG).")
+              help="Also draw latency / attainment against arrival rate and device roles over time (PNG; needs "
+                   "matplotlib: pip install matplotlib).")
 @click.option("--policies", default=None,
               help="Comma-separated subset of monolithic, monolithic-offload, static, threshold, elastic, "
                    "elastic-nofb, oracle [default: all].")
@@ -37,7 +40,9 @@ def simulate(scenario, out, plot, policies, seed):
     unknown = [p for p in chosen if p not in POLICIES + EXTRA_POLICIES]
     if unknown or not chosen:
         raise click.UsageError(f"--policies: unknown {unknown}; known: {', '.join(POLICIES + EXTRA_POLICIES)}")
-    out = out or Path("bench/results") / f"simulate-{scenario}.json"
+    if plot is not None:
+        require_matplotlib("--plot")  # before the simulation, not after it
+    out = out or Path(default_out(f"simulate-{scenario}.json"))
     with tqdm(total=len(chosen) * (len(LOADS) + 1), desc=scenario, unit="run", file=sys.stderr) as bar:
         def progress(policy, load):
             bar.set_postfix_str(f"{policy} {'closed loop' if load is None else f'load {load:.2f}'}")

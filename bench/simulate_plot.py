@@ -18,7 +18,7 @@ def plot(doc: dict, out: Path) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise RuntimeError("--plot needs matplotlib: pip install -e '.[bench]'") from None
+        raise RuntimeError("--plot needs matplotlib: pip install matplotlib (or pip install -e '.[bench]')") from None
 
     shown = [p for p in ALLOCATION_POLICIES if p in doc["allocation"]]
     fig = plt.figure(figsize=(11, 4 + 2.2 * len(shown)), constrained_layout=True)

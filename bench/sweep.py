@@ -42,6 +42,8 @@ import click
 from ..engine.protocol import RequestParams
 from ..stages import STAGE_KINDS
 from ..stages.families.synthetic import PREFIX as SYNTHETIC_PREFIX
+from . import outputs
+from .outputs import INSTALL_MATPLOTLIB, default_out, require_matplotlib
 from .sweep_report import UNFINISHED, Record, compact_requests, document, summarize
 from .sweep_runners import (ISOLATED_REPEATS, REQUEST_TIMEOUT_S, EngineRunner, MonoRunner, measure_isolated,
                             served_or_raise)
@@ -391,13 +393,12 @@ def _check_kinds(config: SweepConfig, info) -> None:
 
 
 def _want_plots(plots: bool | None) -> bool:
-    from .sweep_plot import available
-
-    if plots and not available():
-        raise click.BadParameter("matplotlib is not installed: pip install -e '.[bench]' (or --no-plots)",
-                                 param_hint="'--plots'")
-    if plots is None and not available():
-        click.echo("matplotlib is not installed: skipping the plots (pip install -e '.[bench]' to draw them)", err=True)
+    """--plots needs matplotlib (refused up front without it); by default, plots are drawn when
+    matplotlib is installed, else skipped with a warning before the sweep starts."""
+    if plots:
+        require_matplotlib("--plots", skip_with="--no-plots")
+    if plots is None and not outputs.matplotlib_available():
+        click.echo(f"matplotlib is not installed: skipping the plots ({INSTALL_MATPLOTLIB} to draw them)", err=True)
         return False
     return plots is not False
 
@@ -417,7 +418,7 @@ def _want_plots(plots: bool | None) -> bool:
               help="Seconds of arrivals per mode and rate.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Output folder for sweep.json, sweep.csv, summary.md and plots "
-                   "[default: bench/results/sweep-MODEL-TRACE].")
+                   "[default: ./dfuse-bench/sweep-MODEL-TRACE].")
 @click.option("--instances", default="encoder=1,dit=1,decoder=1", show_default=True,
               help="Engine workers per stage (static and elastic).")
 @click.option("--device", default="cpu", show_default=True,
@@ -437,7 +438,8 @@ def _want_plots(plots: bool | None) -> bool:
 @click.option("--quiet-wait", type=click.FloatRange(0, 600), default=10.0, show_default=True,
               help="Before each point, wait at most this long for an idle machine.")
 @click.option("--plots/--no-plots", default=None,
-              help="Draw latency.png and allocation.png [default: if matplotlib is installed].")
+              help="Draw latency.png and allocation.png (needs matplotlib: pip install matplotlib) "
+                   "[default: if matplotlib is installed, else a warning up front].")
 def sweep_command(model, rates, trace, modes, duration, out, instances, device, threads, mono_threads, steps, size,
                   seed, drain_timeout, quiet_wait, plots):
     """Open-loop serving sweep: every mode at every arrival rate, throughput, latency, SLO, allocation."""
@@ -447,9 +449,9 @@ def sweep_command(model, rates, trace, modes, duration, out, instances, device, 
 
     config = config_from_options(model, rates, trace, modes, duration, instances, device, threads, mono_threads,
                                  steps, size, seed, drain_timeout, quiet_wait)
-    plots = _want_plots(plots)
+    plots = _want_plots(plots)  # decided before any request, not after the sweep
     slug = "synthetic" if config.synthetic else Path(model).name
-    out = out or Path("bench/results") / f"sweep-{slug}-{trace}"
+    out = out or Path(default_out(f"sweep-{slug}-{trace}"))
     with tqdm(total=planned_requests(config), desc="sweep", unit="req", file=sys.stderr) as bar:
         seen: dict[str, int] = {}
 

@@ -9,12 +9,6 @@ STAGE_COLORS = {"encoder": "#1f77b4", "dit": "#ff7f0e", "decoder": "#2ca02c"}
 PERCENTILES = (("latency_p50_s", "p50", "-"), ("latency_p95_s", "p95", "--"), ("latency_p99_s", "p99", ":"))
 
 
-def available() -> bool:
-    from importlib.util import find_spec
-
-    return find_spec("matplotlib") is not None
-
-
 def _pyplot():
     try:
         import matplotlib
@@ -22,7 +16,8 @@ def _pyplot():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise RuntimeError("plots need matplotlib: pip install -e '.[bench]'") from None
+        raise RuntimeError("plots need matplotlib: pip install matplotlib (or pip install -e '.[bench]'), "
+                           "or pass --no-plots") from None
     return plt
 
 

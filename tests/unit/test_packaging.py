@@ -61,7 +61,9 @@ def test_importing_dfuse_does_not_import_torch(tmp_path):
 
 def test_lazy_attributes_resolve_and_unknown_names_raise():
     assert dfuse.EngineConfig.__name__ == "EngineConfig"
-    assert set(dfuse.__all__) == {"Engine", "EngineConfig", "GenerationResult"}
+    assert set(dfuse.__all__) == {"Engine", "EngineConfig", "GenerationResult", "EngineClosed", "RequestFailed",
+                                  "RequestTimeout"}
+    assert all(getattr(dfuse, name).__name__ == name for name in dfuse.__all__)
     try:
         dfuse.NoSuchThing
     except AttributeError as e:

@@ -1,0 +1,34 @@
+"""Where `dfuse bench ...` writes when no --out is given, and the up-front check for matplotlib.
+
+A run without --out goes to ./dfuse-bench/ under the current working directory, never into
+bench/results/: the committed results there are only rewritten by naming them with --out
+(bench/results/README.md gives the commands).
+"""
+
+from __future__ import annotations
+
+import click
+
+OUT_DIR = "./dfuse-bench"
+INSTALL_MATPLOTLIB = "pip install matplotlib (or pip install -e '.[bench]')"
+
+
+def default_out(name: str) -> str:
+    """The default --out of a benchmark: ./dfuse-bench/NAME, relative to the working directory."""
+    return f"{OUT_DIR}/{name}"
+
+
+def matplotlib_available() -> bool:
+    from importlib.util import find_spec
+
+    return find_spec("matplotlib") is not None
+
+
+def require_matplotlib(option: str, *, skip_with: str | None = None) -> None:
+    """Refuse before any work starts when `option` needs matplotlib and it is not installed."""
+    if matplotlib_available():
+        return
+    message = f"{option} draws with matplotlib, which is not installed: {INSTALL_MATPLOTLIB}"
+    if skip_with:
+        message += f", or pass {skip_with} to skip the plots"
+    raise click.UsageError(message + ".")
