@@ -78,9 +78,9 @@ class Router:
         self._batched: dict[str, int] = {stage: 0 for stage in STAGE_KINDS}  # tasks of > 1 request sent
         self.batch_caps: dict[str, int] = {}  # activation bytes per batch and stage: set by the engine
         self._stage_times = {stage: collections.deque(maxlen=200) for stage in STAGE_KINDS}  # recent compute_s
-        self.completions = Completions()  # futures and user callbacks run there, never here
         self._init_run_dir()
         self._init_sockets()
+        self.completions = Completions()  # futures and user callbacks run there, never here
         try:
             self._init_workers()
         except BaseException:  # e.g. /dev/shm full: leave nothing of a half-built engine behind
