@@ -33,6 +33,7 @@ from dfuse.engine.transport.shm import (
     sweep_stale_segments,
     unlink_segments,
 )
+from process_utils import alive, wait_until
 
 pytestmark = pytest.mark.skipif(not os.path.isdir(shm.SHM_DIR), reason="needs /dev/shm")
 
@@ -60,24 +61,6 @@ def _dead_pid() -> int:
 
 def _prefix(pid: int) -> str:
     return f"{shm.PREFIX}{pid}_{secrets.token_hex(4)}_"
-
-
-def _alive(pid: int) -> bool:
-    """True while `pid` runs (a zombie counts as gone: init may reap it late)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-def _wait_until(condition, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return condition()
 
 
 class _LockHolder:
@@ -353,10 +336,10 @@ def test_the_janitor_of_a_killed_engine_cleans_up_and_exits(engine_files):
         "time.sleep(600)"), prefix, run_dir], stdout=subprocess.PIPE, text=True)
     try:
         janitor_pid = int(engine.stdout.readline())
-        assert _alive(janitor_pid) and os.getsid(janitor_pid) != os.getsid(engine.pid)
+        assert alive(janitor_pid) and os.getsid(janitor_pid) != os.getsid(engine.pid)
         engine.kill()
         engine.wait(30)
-        assert _wait_until(lambda: _files(prefix) == [] and not os.path.exists(run_dir), 10)
-        assert _wait_until(lambda: not _alive(janitor_pid), 10), "the janitor outlived its cleanup"
+        assert wait_until(lambda: _files(prefix) == [] and not os.path.exists(run_dir), 10)
+        assert wait_until(lambda: not alive(janitor_pid), 10), "the janitor outlived its cleanup"
     finally:
         engine.kill()
