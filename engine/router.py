@@ -23,8 +23,6 @@ from __future__ import annotations
 import collections
 import logging
 import os
-import shutil
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -39,7 +37,10 @@ from .config import EngineConfig
 from .batching import select_batch, should_wait
 from .completions import Completions, resolve
 from .elastic import Elastic
+from .host_resources import HostResources
+from .placement import build_workers, check_move, choose_links
 from .queues import StageQueue
+from .router_stats import RouterStats
 from .state import (  # noqa: F401  (re-exported: the errors are part of the API)
     EngineClosed,
     Request,
@@ -49,8 +50,8 @@ from .state import (  # noqa: F401  (re-exported: the errors are part of the API
     Worker,
 )
 from .launcher import spawn_worker, stop_all
-from .transport.base import byte_view, choose_link, cuda_peer_access, dtype_from_name, pool_kind, probe_places
-from .transport.shm import SlotPool, new_segment_prefix, sweep_stale_segments, unlink_segments
+from .transport.base import byte_view, dtype_from_name
+from .transport.shm import SlotPool
 
 log = logging.getLogger("dfuse.engine")
 
@@ -68,25 +69,17 @@ class Router:
         self._shut_down = False  # set under _wake_lock once the sockets are gone
         self._inbox: collections.deque = collections.deque()
         self._queues = {stage: StageQueue() for stage in STAGE_KINDS}
-        self._completed = 0
-        self._failed = 0
-        self._recovery_s: list[float] = []  # death noticed -> replacement READY, per restart
-        self._switch_s: list[float] = []  # move asked -> worker READY in its new stage, per move
-        self._started = time.monotonic()
-        self._moves: list[dict] = []  # every accepted move, oldest first
+        self._stats = RouterStats()
         self._batch_wake: float | None = None  # a partial batch waits for companions until then
-        self._batched: dict[str, int] = {stage: 0 for stage in STAGE_KINDS}  # tasks of > 1 request sent
         self.batch_caps: dict[str, int] = {}  # activation bytes per batch and stage: set by the engine
-        self._stage_times = {stage: collections.deque(maxlen=200) for stage in STAGE_KINDS}  # recent compute_s
-        self._init_run_dir()
+        self._host = HostResources()  # run dir, segment prefix and its lock, janitor
+        self.run_dir, self.segment_prefix = self._host.run_dir, self._host.segment_prefix
         self._init_sockets()
         self.completions = Completions()  # futures and user callbacks run there, never here
         try:
             self._init_workers()
         except BaseException:  # e.g. /dev/shm full: leave nothing of a half-built engine behind
-            unlink_segments(self.segment_prefix)
-            shutil.rmtree(self.run_dir, ignore_errors=True)
-            self._release_host_resources()
+            self._host.release()
             for sock in (self._results, self._wake_pull, self._wake_push):
                 sock.close(linger=0)
             self._context.term()
@@ -95,34 +88,10 @@ class Router:
         self._thread = threading.Thread(target=self._loop, name="dfuse-router", daemon=True)
 
     # --- setup -----------------------------------------------------------------------------
-    def _init_run_dir(self) -> None:
-        from .transport.janitor import Janitor
-        from .transport.shm import EngineLock
-
-        sweep_stale_segments()
-        # Private (0700, random name) so no other local user can reach the control sockets.
-        self.run_dir = tempfile.mkdtemp(prefix="dfuse-")
-        self.segment_prefix = new_segment_prefix()
-        # The liveness lock comes before any segment of the prefix: while this process holds it,
-        # no sweep (from any PID namespace) takes our segments for a dead engine's.
-        self._engine_lock = self._janitor = None
-        try:
-            self._engine_lock = EngineLock.acquire(self.segment_prefix, self.run_dir)
-        except BaseException:
-            shutil.rmtree(self.run_dir, ignore_errors=True)
-            raise
-        # If this process and its workers die together (a group SIGKILL or SIGTERM), nobody here
-        # is left to clean up: the janitor, in a session of its own, does it then.
-        try:
-            self._janitor = Janitor.start(self.segment_prefix, self.run_dir)
-        except OSError as e:
-            log.warning("no shared-memory janitor (%s): if the engine and its workers are killed together, "
-                        "their segments stay until the next engine starts", e)
-
     def _init_sockets(self) -> None:
         self._context = zmq.Context()
         self._results = self._context.socket(zmq.PULL)
-        self._results.bind(self._endpoint("results"))
+        self._results.bind(self._host.endpoint("results"))
         self._wake_pull = self._context.socket(zmq.PULL)
         self._wake_pull.bind("inproc://wake")
         self._wake_push = self._context.socket(zmq.PUSH)
@@ -133,28 +102,8 @@ class Router:
         self._poller.register(self._wake_pull, zmq.POLLIN)
 
     def _init_workers(self) -> None:
-        """Choose each stage pair's link, then give every worker the pool its link needs."""
-        devices = self.config.devices
-        places = probe_places(devices.values())
-        consumers = {stage: STAGE_KINDS[i + 1] for i, stage in enumerate(STAGE_KINDS[:-1])}
-        self.links = {
-            f"{stage}->{consumer}": choose_link(places[devices[stage]], places[devices[consumer]], cuda_peer_access)
-            for stage, consumer in consumers.items()
-        }
-        self.links[f"{STAGE_KINDS[-1]}->engine"] = "shm"  # the engine reads final pixels on the host
-        self.workers: dict[int, Worker] = {}
-        transport = self.config.transport
-        for stage in STAGE_KINDS:
-            link = self.links[f"{stage}->{consumers.get(stage, 'engine')}"]
-            for _ in range(self.config.instances[stage]):
-                worker_id = len(self.workers)
-                name, size = f"{self.segment_prefix}w{worker_id}", transport.slot_bytes
-                count = self.config.slots_per_worker(stage)
-                if pool_kind([link]) == "cuda":
-                    pool = SlotPool(name, size, count)  # the worker allocates it on its GPU
-                else:
-                    pool = SlotPool.create_host(name, size, count)
-                self.workers[worker_id] = Worker(worker_id, stage, devices[stage], pool)
+        self.links = choose_links(self.config.devices)
+        self.workers: dict[int, Worker] = build_workers(self.config, self.links, self.segment_prefix)
         self._elastic = self._init_elastic() if self.config.policy == "elastic" else None
 
     def _init_elastic(self) -> Elastic:
@@ -166,9 +115,6 @@ class Router:
         return Elastic(self.config.elastic, {w.id: w.device for w in self.workers.values()},
                        dict(self.config.devices), self._true_cfg)
 
-    def _endpoint(self, name: str) -> str:
-        return f"ipc://{os.path.join(self.run_dir, name)}"
-
     # --- called from other threads -----------------------------------------------------------
     def start(self) -> None:
         self._thread.start()
@@ -179,27 +125,8 @@ class Router:
     def move(self, worker_id: int, stage: str) -> None:
         """Restart worker `worker_id` as a `stage` worker on the same device, losing nothing:
         it takes no new work, finishes what it holds, stops, and comes back in its new role."""
-        self._check_move(worker_id, stage)
+        check_move(self.workers, self.config.devices, worker_id, stage)
         self._post(("move", (worker_id, stage)))
-
-    def _check_move(self, worker_id: int, stage: str) -> None:
-        worker = self.workers.get(worker_id)
-        if worker is None:
-            raise ValueError(f"worker_id: no worker {worker_id!r}; workers are {sorted(self.workers)}")
-        if stage not in STAGE_KINDS:
-            raise ValueError(f"stage: must be one of {', '.join(STAGE_KINDS)} (got {stage!r})")
-        if worker.moving_to is not None:
-            raise ValueError(f"worker_id: worker {worker_id} is already moving to {worker.moving_to}")
-        if worker.stage == stage:
-            raise ValueError(f"stage: worker {worker_id} already serves {stage}")
-        if worker.pool.segment is None:
-            raise ValueError(f"worker_id: worker {worker_id} keeps its outputs on its GPU; moving it is not supported yet")
-        if worker.device != self.config.devices[stage]:
-            raise ValueError(f"stage: worker {worker_id} runs on {worker.device} but {stage} runs on "
-                             f"{self.config.devices[stage]}; moves across devices are not supported yet")
-        staying = [w for w in self.workers.values() if w.stage == worker.stage and w.moving_to is None]
-        if len(staying) == 1:
-            raise ValueError(f"worker_id: worker {worker_id} is the last {worker.stage} worker; moving it would stall every request")
 
     def close(self, timeout: float = 30.0) -> None:
         self._post(("close", None))
@@ -207,31 +134,8 @@ class Router:
 
     def stats(self) -> dict:
         """A snapshot for users and the CLI (read without locks: values may be a moment old)."""
-        workers = list(self.workers.values())
-        return {
-            "policy": self.config.policy,
-            "placement": {stage: sum(w.stage == stage for w in workers) for stage in STAGE_KINDS},
-            "uptime_s": round(time.monotonic() - self._started, 3),  # moves' and decisions' t_s count from 0 here
-            "moves": list(self._moves),
-            "decisions": list(self._elastic.decisions[-20:]) if self._elastic else [],
-            "links": dict(self.links),
-            "completed": self._completed,
-            "failed": self._failed,
-            "recovery_s": [round(r, 3) for r in self._recovery_s],
-            "switch_s": [round(r, 3) for r in self._switch_s],
-            "queues": {stage: len(q) for stage, q in self._queues.items()},
-            "batched_tasks": dict(self._batched),
-            "stage_ms": {stage: _summary_ms(times) for stage, times in self._stage_times.items()},
-            "workers": [
-                {
-                    "id": w.id, "stage": w.stage, "device": w.device, "ready": w.ready,
-                    "pid": w.process.process.pid if w.process else None, "inflight": len(w.inflight),
-                    "free_slots": w.pool.free, "restarts": w.restarts, "load_s": round(w.load_s, 3),
-                    "moving_to": w.moving_to,
-                }
-                for w in workers
-            ],
-        }
+        decisions = list(self._elastic.decisions[-20:]) if self._elastic else []
+        return self._stats.snapshot(self.workers.values(), self._queues, self.links, self.config.policy, decisions)
 
     def _post(self, item) -> None:
         with self._wake_lock:  # zmq sockets are not thread-safe; the lock serialises the wake
@@ -300,15 +204,14 @@ class Router:
 
     def _start_move(self, worker_id: int, stage: str, reason: str) -> None:
         try:
-            self._check_move(worker_id, stage)  # again: things may have changed since it was asked
+            check_move(self.workers, self.config.devices, worker_id, stage)  # again: things may have changed since it was asked
         except ValueError as e:
             log.warning("move of worker %d to %s dropped: %s", worker_id, stage, e)
             return
         worker = self.workers[worker_id]
         worker.moving_to, worker.switch_started = stage, time.monotonic()
         log.info("moving worker %d from %s to %s (%s)", worker_id, worker.stage, stage, reason)
-        self._moves.append({"t_s": round(worker.switch_started - self._started, 3), "worker": worker_id,
-                            "from": worker.stage, "to": stage, "reason": reason})
+        self._stats.moved(worker.switch_started, worker_id, worker.stage, stage, reason)
 
     def _rebalance(self) -> None:
         """Ask the elastic policy for moves (it decides once per interval)."""
@@ -345,13 +248,14 @@ class Router:
     def _on_ready(self, worker: Worker, message: wire.Ready) -> None:
         worker.ready, worker.load_s, worker.load_deaths = True, message.load_s, 0
         if worker.died_at is not None:
-            self._recovery_s.append(time.monotonic() - worker.died_at)
+            self._stats.recovery_s.append(time.monotonic() - worker.died_at)
             worker.died_at = None
         if worker.switch_started is not None:
-            self._switch_s.append(time.monotonic() - worker.switch_started)
+            switch_s = time.monotonic() - worker.switch_started
+            self._stats.switch_s.append(switch_s)
             if self._elastic:
-                self._elastic.switched(self._switch_s[-1])
-            log.info("worker %d now serves %s (switch %.2f s)", worker.id, worker.stage, self._switch_s[-1])
+                self._elastic.switched(switch_s)
+            log.info("worker %d now serves %s (switch %.2f s)", worker.id, worker.stage, switch_s)
             worker.switch_started = None
         log.info("%s worker %d ready in %.2f s (pid %d)", worker.stage, worker.id, message.load_s, message.pid)
         if message.pool is not None:  # a (re)started GPU producer: consumers map its new pool
@@ -409,7 +313,7 @@ class Router:
             worker.id, message.timings.queued_s, message.timings.compute_s, request.waited_s,
             message.timings.batch_size,
         )
-        self._stage_times[worker.stage].append(message.timings.compute_s)
+        self._stats.stage_times[worker.stage].append(message.timings.compute_s)
         if self._elastic:
             # The cost model is per request: a batch's time is shared by its requests.
             per_request = message.timings.compute_s / max(1, message.timings.batch_size)
@@ -526,7 +430,7 @@ class Router:
             request.waited_s = now - request.queued_at
             worker.inflight[request.id] = request
         worker.batches.append({request.id for request in batch})
-        self._batched[worker.stage] += len(batch) > 1
+        self._stats.batched[worker.stage] += len(batch) > 1
         return True
 
     # --- requests leaving the engine ---------------------------------------------------------
@@ -535,13 +439,13 @@ class Router:
         view = byte_view(worker.pool.segment.data, ref.offset, ref.shape, dtype_from_name(ref.dtype))
         image = view[0].numpy().copy()  # copy out before the slot is reused
         worker.pool.release(request.output_offset, request.id)
-        self._completed += 1
+        self._stats.completed += 1
         self._left(request)
         self.completions.resolve(request.future, result=(image, request.timings))
 
     def _fail(self, request: Request, error: Exception) -> None:
         self._release_inputs(request)
-        self._failed += 1
+        self._stats.failed += 1
         self._left(request)
         self.completions.resolve(request.future, error=error)
 
@@ -569,7 +473,7 @@ class Router:
         worker.generation += 1
         worker.outbox.clear()  # meant for the previous process; the new one is told at its READY
         # A fresh endpoint per generation: frames queued for a dead worker die with its socket.
-        endpoint = self._endpoint(f"w{worker.id}.{worker.generation}")
+        endpoint = self._host.endpoint(f"w{worker.id}.{worker.generation}")
         worker.socket = self._context.socket(zmq.PUSH)
         worker.socket.setsockopt(zmq.LINGER, 0)
         worker.socket.bind(endpoint)
@@ -577,7 +481,7 @@ class Router:
             worker_id=worker.id, stage=worker.stage, model_path=str(self.model_path), device=worker.device,
             dtype=str(self.config.torch_dtype(worker.device)).removeprefix("torch."),
             cpu_threads=self.config.threads_per_worker(), task_endpoint=endpoint,
-            result_endpoint=self._endpoint("results"), engine_pid=os.getpid(),
+            result_endpoint=self._host.endpoint("results"), engine_pid=os.getpid(),
             segment_prefix=self.segment_prefix, run_dir=self.run_dir,
             gpu_pool=None if worker.pool.segment else (worker.pool.name, worker.pool.slot_bytes, worker.pool.n_slots),
         )
@@ -681,9 +585,7 @@ class Router:
         pending += [item for kind, item in self._inbox if kind == "submit"]
         for request in pending:
             self.completions.resolve(request.future, error=error)
-        unlink_segments(self.segment_prefix)
-        shutil.rmtree(self.run_dir, ignore_errors=True)
-        self._release_host_resources()
+        self._host.release()
         # Every socket, including one bound for a worker whose spawn then failed: term() would
         # wait forever on a socket left open.
         for sock in [w.socket for w in self.workers.values() if w.socket is not None] + [self._results, self._wake_pull]:
@@ -691,23 +593,3 @@ class Router:
         self._context.term()
         self.completions.close()  # the callers hear before close() returns
         self.ready.set()
-
-    def _release_host_resources(self) -> None:
-        """Give back what the engine holds for its host segments, once it has unlinked them and
-        removed its run dir: the liveness lock, then the janitor (its stdin closes, it finds
-        nothing left, it exits and is reaped here). Idempotent."""
-        lock, self._engine_lock = getattr(self, "_engine_lock", None), None
-        if lock is not None:
-            lock.release()
-        janitor, self._janitor = getattr(self, "_janitor", None), None
-        if janitor is not None:
-            janitor.close()
-
-
-def _summary_ms(seconds) -> dict:
-    """Median and p90 compute time of a stage's recent tasks, in ms (None before the first)."""
-    ordered = sorted(seconds)
-    if not ordered:
-        return {"tasks": 0, "p50": None, "p90": None}
-    pick = lambda q: round(1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))], 2)  # noqa: E731
-    return {"tasks": len(ordered), "p50": pick(0.5), "p90": pick(0.9)}

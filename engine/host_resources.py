@@ -1,0 +1,60 @@
+"""What an engine owns on its host beside its processes, made and given back as one:
+
+- a private run dir (0700, random name): the control sockets and weight manifests;
+- a /dev/shm name prefix for its segments (slot pools, weight cache), with the liveness lock
+  that tells other engines' sweeps this engine is alive (transport/shm_files.py);
+- the janitor, a process of its own that removes both if the engine and its workers die
+  together (transport/janitor.py).
+
+Creating one first sweeps what dead engines left behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+
+from .transport.janitor import Janitor
+from .transport.shm_files import EngineLock, new_segment_prefix, sweep_stale_segments, unlink_segments
+
+log = logging.getLogger("dfuse.engine")
+
+
+class HostResources:
+    def __init__(self) -> None:
+        sweep_stale_segments()
+        self.run_dir = tempfile.mkdtemp(prefix="dfuse-")
+        self.segment_prefix = new_segment_prefix()
+        self._janitor: Janitor | None = None
+        # The liveness lock comes before any segment of the prefix: while this process holds it,
+        # no sweep (from any PID namespace) takes our segments for a dead engine's.
+        try:
+            self._lock: EngineLock | None = EngineLock.acquire(self.segment_prefix, self.run_dir)
+        except BaseException:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+            raise
+        # If this process and its workers die together (a group SIGKILL or SIGTERM), nobody here
+        # is left to clean up: the janitor, in a session of its own, does it then.
+        try:
+            self._janitor = Janitor.start(self.segment_prefix, self.run_dir)
+        except OSError as e:
+            log.warning("no shared-memory janitor (%s): if the engine and its workers are killed together, "
+                        "their segments stay until the next engine starts", e)
+
+    def endpoint(self, name: str) -> str:
+        """A ZeroMQ endpoint in the run dir (only this user can reach it)."""
+        return f"ipc://{os.path.join(self.run_dir, name)}"
+
+    def release(self) -> None:
+        """Unlink every segment, remove the run dir, then drop the lock and let the janitor go
+        (it finds nothing left and exits; it is reaped here). Idempotent."""
+        unlink_segments(self.segment_prefix)
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            lock.release()
+        janitor, self._janitor = self._janitor, None
+        if janitor is not None:
+            janitor.close()

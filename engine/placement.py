@@ -1,0 +1,65 @@
+"""Where workers live: the link of each stage pair, each worker's output pool, and the rules a
+move between stages must keep. Decided in the engine process, before and while the router runs."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+from ..stages import STAGE_KINDS
+from .config import EngineConfig
+from .state import Worker
+from .transport.base import choose_link, cuda_peer_access, pool_kind, probe_places
+from .transport.shm import SlotPool
+
+_CONSUMERS = {stage: STAGE_KINDS[i + 1] for i, stage in enumerate(STAGE_KINDS[:-1])}
+
+
+def choose_links(devices: Mapping[str, str]) -> dict[str, str]:
+    """The transport of every stage pair ("encoder->dit": "shm" | "cuda_ipc" | ...), probed from
+    where each side lives; the last stage hands its pixels to the engine on the host."""
+    places = probe_places(devices.values())
+    links = {
+        f"{stage}->{consumer}": choose_link(places[devices[stage]], places[devices[consumer]], cuda_peer_access)
+        for stage, consumer in _CONSUMERS.items()
+    }
+    links[f"{STAGE_KINDS[-1]}->engine"] = "shm"
+    return links
+
+
+def build_workers(config: EngineConfig, links: Mapping[str, str], segment_prefix: str) -> dict[int, Worker]:
+    """Every configured instance, with the output pool its link needs: host pools are created
+    here (the engine owns them); a GPU pool is allocated by its worker on its device."""
+    workers: dict[int, Worker] = {}
+    for stage in STAGE_KINDS:
+        link = links[f"{stage}->{_CONSUMERS.get(stage, 'engine')}"]
+        for _ in range(config.instances[stage]):
+            worker_id = len(workers)
+            name, size = f"{segment_prefix}w{worker_id}", config.transport.slot_bytes
+            count = config.slots_per_worker(stage)
+            if pool_kind([link]) == "cuda":
+                pool = SlotPool(name, size, count)
+            else:
+                pool = SlotPool.create_host(name, size, count)
+            workers[worker_id] = Worker(worker_id, stage, config.devices[stage], pool)
+    return workers
+
+
+def check_move(workers: Mapping[int, Worker], devices: Mapping[str, str], worker_id: int, stage: str) -> None:
+    """ValueError, naming the field, unless worker `worker_id` may move to `stage` now."""
+    worker = workers.get(worker_id)
+    if worker is None:
+        raise ValueError(f"worker_id: no worker {worker_id!r}; workers are {sorted(workers)}")
+    if stage not in STAGE_KINDS:
+        raise ValueError(f"stage: must be one of {', '.join(STAGE_KINDS)} (got {stage!r})")
+    if worker.moving_to is not None:
+        raise ValueError(f"worker_id: worker {worker_id} is already moving to {worker.moving_to}")
+    if worker.stage == stage:
+        raise ValueError(f"stage: worker {worker_id} already serves {stage}")
+    if worker.pool.segment is None:
+        raise ValueError(f"worker_id: worker {worker_id} keeps its outputs on its GPU; moving it is not supported yet")
+    if worker.device != devices[stage]:
+        raise ValueError(f"stage: worker {worker_id} runs on {worker.device} but {stage} runs on "
+                         f"{devices[stage]}; moves across devices are not supported yet")
+    staying = [w for w in workers.values() if w.stage == worker.stage and w.moving_to is None]
+    if len(staying) == 1:
+        raise ValueError(f"worker_id: worker {worker_id} is the last {worker.stage} worker; moving it would stall every request")

@@ -1,0 +1,66 @@
+"""What the router counts while it serves, and the `stats()` snapshot built from it.
+
+The router thread records; any thread may take a snapshot (read without locks: values may be a
+moment old, never torn: each is a list, dict or int replaced or appended to whole).
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+
+from ..stages import STAGE_KINDS
+
+RECENT_TASKS = 200  # stage compute times kept per stage for the p50/p90
+
+
+class RouterStats:
+    def __init__(self) -> None:
+        self.started = time.monotonic()  # moves' and decisions' t_s count from here
+        self.completed = 0
+        self.failed = 0
+        self.recovery_s: list[float] = []  # death noticed -> replacement READY, per restart
+        self.switch_s: list[float] = []  # move asked -> worker READY in its new stage, per move
+        self.moves: list[dict] = []  # every accepted move, oldest first
+        self.batched: dict[str, int] = {stage: 0 for stage in STAGE_KINDS}  # tasks of > 1 request sent
+        self.stage_times = {stage: collections.deque(maxlen=RECENT_TASKS) for stage in STAGE_KINDS}  # compute_s
+
+    def moved(self, at: float, worker_id: int, source: str, target: str, reason: str) -> None:
+        self.moves.append({"t_s": round(at - self.started, 3), "worker": worker_id, "from": source, "to": target,
+                           "reason": reason})
+
+    def snapshot(self, workers, queues, links, policy: str, decisions: list) -> dict:
+        workers = list(workers)
+        return {
+            "policy": policy,
+            "placement": {stage: sum(w.stage == stage for w in workers) for stage in STAGE_KINDS},
+            "uptime_s": round(time.monotonic() - self.started, 3),
+            "moves": list(self.moves),
+            "decisions": decisions,
+            "links": dict(links),
+            "completed": self.completed,
+            "failed": self.failed,
+            "recovery_s": [round(r, 3) for r in self.recovery_s],
+            "switch_s": [round(r, 3) for r in self.switch_s],
+            "queues": {stage: len(q) for stage, q in queues.items()},
+            "batched_tasks": dict(self.batched),
+            "stage_ms": {stage: _summary_ms(times) for stage, times in self.stage_times.items()},
+            "workers": [
+                {
+                    "id": w.id, "stage": w.stage, "device": w.device, "ready": w.ready,
+                    "pid": w.process.process.pid if w.process else None, "inflight": len(w.inflight),
+                    "free_slots": w.pool.free, "restarts": w.restarts, "load_s": round(w.load_s, 3),
+                    "moving_to": w.moving_to,
+                }
+                for w in workers
+            ],
+        }
+
+
+def _summary_ms(seconds) -> dict:
+    """Median and p90 compute time of a stage's recent tasks, in ms (None before the first)."""
+    ordered = sorted(seconds)
+    if not ordered:
+        return {"tasks": 0, "p50": None, "p90": None}
+    pick = lambda q: round(1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))], 2)  # noqa: E731
+    return {"tasks": len(ordered), "p50": pick(0.5), "p90": pick(0.9)}
