@@ -7,6 +7,9 @@ Mechanisms, each measured here in one run:
                 value, and acks so the slot can be reused.
     memcpy      the floor: one copy of the same bytes inside one process (1 thread on CPU).
     pickle-zmq  the naive way: pickle.dumps of the array, zmq send, pickle.loads on the other side.
+    zmq-floor   the dfuse processes, write and wait, but the message carries no tensor.
+    socket-floor the same write, then one bare AF_UNIX datagram between two Python processes: no
+                zmq, no tensor. The cheapest wake-up any design that sleeps while it waits can get.
 The hop time is one-way: CLOCK_MONOTONIC (perf_counter_ns) is shared by all processes of a host.
 """
 
@@ -19,6 +22,7 @@ import os
 import pickle  # the naive baseline being measured; dfuse itself never pickles on a socket
 import platform
 import shutil
+import socket
 import statistics
 import tempfile
 import time
@@ -156,6 +160,60 @@ def measure_dfuse(nbytes: int, iterations: int, device: str, full_write: bool = 
     return _summary(mechanism, nbytes, result["samples_us"])
 
 
+# --- socket-floor: the wake-up alone, without zmq --------------------------------------------------
+def _socket_consumer(iterations: int, path: str, results) -> None:
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(path)
+    listener.listen(1)
+    results.send_bytes(b"bound")
+    connection, _ = listener.accept()
+    samples = []
+    for i in range(iterations + 1):  # the first hop is untimed, as for dfuse
+        sent_ns = int.from_bytes(connection.recv(8), "little")
+        if i:
+            samples.append((time.perf_counter_ns() - sent_ns) / 1000)
+        connection.send(b"a")
+    results.send_bytes(json.dumps(samples).encode())
+    connection.close()
+    listener.close()
+
+
+def _socket_producer(nbytes: int, iterations: int, path: str, device: str) -> None:
+    torch.set_num_threads(1)
+    tensor = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    connection = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    connection.connect(path)
+    for i in range(iterations + 1):
+        tensor.fill_(i % 251)  # the same write as the dfuse producer's: not timed
+        _sync(device)
+        connection.send(time.perf_counter_ns().to_bytes(8, "little"))
+        connection.recv(1)
+    connection.close()
+
+
+def measure_socket_floor(nbytes: int, iterations: int, device: str) -> dict:
+    spawn = mp.get_context("spawn")
+    run_dir = Path(tempfile.mkdtemp(prefix="dfuse-bench-"))
+    receiver, sender = spawn.Pipe(duplex=False)
+    path = str(run_dir / "doorbell")
+    consumer = spawn.Process(target=_socket_consumer, args=(iterations, path, sender), daemon=True)
+    consumer.start()
+    producer = None
+    try:
+        receiver.recv_bytes()
+        producer = spawn.Process(target=_socket_producer, args=(nbytes, iterations, path, device), daemon=True)
+        producer.start()
+        samples = json.loads(receiver.recv_bytes())
+        producer.join(30)
+        consumer.join(30)
+    finally:
+        for process in (consumer, producer):
+            if process is not None and process.is_alive():
+                process.kill()
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return _summary("socket-floor", nbytes, samples)
+
+
 # --- the floor and the naive way -------------------------------------------------------------------
 def measure_memcpy(nbytes: int, iterations: int, device: str) -> dict:
     torch.set_num_threads(1)
@@ -235,6 +293,7 @@ MECHANISMS = {
     "dfuse": measure_dfuse,
     "dfuse-touch1": lambda nbytes, iterations, device: measure_dfuse(nbytes, iterations, device, full_write=False),
     "zmq-floor": lambda nbytes, iterations, device: measure_dfuse(nbytes, iterations, device, carry=False),
+    "socket-floor": measure_socket_floor,
     "memcpy": measure_memcpy,
     "pickle-zmq": measure_pickle_zmq,
 }
@@ -255,7 +314,9 @@ def run_handoff(sizes: list[int], device: str, mechanisms=tuple(MECHANISMS)) -> 
                 "last element. dfuse: the producer rewrites the whole tensor in place before every hop (as a "
                 "stage would), the consumer maps a view (same GPU: a CUDA IPC view ordered by an interprocess "
                 "event). dfuse-touch1: the producer rewrites one element. zmq-floor: the same write and wait, "
-                "but the message carries no tensor and the consumer reads nothing. The consumer sleeps while "
+                "but the message carries no tensor and the consumer reads nothing. socket-floor: the same write, "
+                "then one bare AF_UNIX datagram between two Python processes (no zmq, no tensor), the "
+                "cheapest wake-up for any design whose consumer sleeps while it waits. The consumer sleeps while "
                 "the producer writes, and waking a process (and zmq's I/O threads) costs more the longer it "
                 "slept, so large sizes pay a longer wake-up, whatever the transport does.",
         "results": results,

@@ -87,6 +87,9 @@ class Endpoint:
         return tensors
 
     def _load(self, refs: list[TensorRef]):
+        if not self.cuda:  # a CPU worker reads every pool in place: no device checks to make
+            return {ref.name: self.view(ref.pool, ref.offset, tuple(ref.shape), dtype_from_name(ref.dtype))
+                    for ref in refs}, None
         tensors, copied = {}, None
         for ref in refs:
             view = self.view(ref.pool, ref.offset, tuple(ref.shape), dtype_from_name(ref.dtype))
