@@ -34,6 +34,7 @@ import torch
 import zmq
 
 from ..engine import protocol as wire
+from ..engine.config import check_device
 from ..engine.transport.endpoint import Endpoint
 from ..engine.transport.shm import SlotPool, new_segment_prefix, unlink_segments
 from .outputs import default_out
@@ -138,6 +139,7 @@ def measure_dfuse(nbytes: int, iterations: int, device: str, full_write: bool = 
     receiver, sender = spawn.Pipe(duplex=False)
     consumer = spawn.Process(target=_consumer, args=(device, iterations, str(run_dir), sender), daemon=True)
     consumer.start()
+    producer = None
     try:
         receiver.recv_bytes()  # sockets bound
         producer = spawn.Process(
@@ -149,8 +151,8 @@ def measure_dfuse(nbytes: int, iterations: int, device: str, full_write: bool = 
         producer.join(30)
         consumer.join(30)
     finally:
-        for process in (consumer,):
-            if process.is_alive():
+        for process in (consumer, producer):
+            if process is not None and process.is_alive():
                 process.kill()
         unlink_segments(prefix)
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -334,8 +336,10 @@ def handoff_command(sizes, device, out):
         parsed = [parse_size(s) for s in sizes.split(",") if s.strip()]
     except ValueError as e:
         raise click.UsageError(str(e)) from None
-    if device != "cpu" and not torch.cuda.is_available():
-        raise click.UsageError(f"--device: {device!r} is not available here; available devices: cpu")
+    try:
+        device = check_device("--device", device)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
     report = run_handoff(parsed, device)
     click.echo(f"{'size':>10} {'mechanism':>13} {'p50 us':>10} {'p99 us':>10}")
     for r in report["results"]:

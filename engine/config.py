@@ -116,9 +116,9 @@ class EngineConfig:
         if not isinstance(self.model, (str, os.PathLike)) or not str(self.model):
             raise ValueError(f"model: expected a built-in name or a folder path, got {self.model!r}")
         object.__setattr__(self, "model", str(self.model))
-        object.__setattr__(self, "devices", MappingProxyType(_per_stage("device", self.devices, str)))
-        for stage, device in self.devices.items():
-            _check_device(f"device ({stage})", device)
+        devices = _per_stage("device", self.devices, str)
+        devices = {stage: check_device(f"device ({stage})", device) for stage, device in devices.items()}
+        object.__setattr__(self, "devices", MappingProxyType(devices))
         instances = _per_stage("instances", self.instances, int)
         for stage, count in instances.items():
             _check_int(f"instances.{stage}", count, 1, MAX_INSTANCES)
@@ -129,12 +129,13 @@ class EngineConfig:
             raise ValueError(f"dtype: must be one of auto, float32, float16, bfloat16 (got {self.dtype!r})")
         if not isinstance(self.memory_limit_gib, Mapping):
             raise ValueError(f"memory_limit_gib: expected a mapping of device -> GiB, got {self.memory_limit_gib!r}")
-        for device, gib in self.memory_limit_gib.items():
+        limits = {_canonical_device(device): gib for device, gib in self.memory_limit_gib.items()}
+        for device, gib in limits.items():
             if device not in self.devices.values():
                 raise ValueError(f"memory_limit_gib: {device!r} is not a device of this engine ({sorted(set(self.devices.values()))})")
             if isinstance(gib, bool) or not isinstance(gib, (int, float)) or not 0 < gib < 2**20:
                 raise ValueError(f"memory_limit_gib.{device}: must be a number of GiB > 0 (got {gib!r})")
-        object.__setattr__(self, "memory_limit_gib", MappingProxyType(dict(self.memory_limit_gib)))
+        object.__setattr__(self, "memory_limit_gib", MappingProxyType(limits))
         _check_int("max_inflight_per_worker", self.max_inflight_per_worker, 1, 64)
         _check_int("max_attempts", self.max_attempts, 1, 100)
         timeout = self.startup_timeout_s
@@ -246,11 +247,18 @@ def _check_int(name: str, value, low: int, high: int) -> None:
         raise ValueError(f"{name}: must be an integer in [{low}, {high}] (got {value!r})")
 
 
-def _check_device(name: str, device: str) -> None:
+def _canonical_device(device):
+    """'cuda' means the first GPU, as in torch; spelled out, so that every process, every
+    comparison of two stages' devices and `torch.cuda.set_device` see one name for it."""
+    return "cuda:0" if device == "cuda" else device
+
+
+def check_device(name: str, device: str) -> str:
+    """The device, checked and in its canonical form."""
     if not isinstance(device, str):
         raise ValueError(f"{name}: must be 'cpu', 'cuda' or 'cuda:N' (got {device!r})")
     if device == "cpu":
-        return
+        return device
     kind, _, index = device.partition(":")
     if kind != "cuda" or (index and not index.isdecimal()):
         raise ValueError(f"{name}: must be 'cpu', 'cuda' or 'cuda:N' (got {device!r})")
@@ -260,3 +268,4 @@ def _check_device(name: str, device: str) -> None:
     if count == 0 or int(index or 0) >= count:
         available = ", ".join(["cpu"] + [f"cuda:{i}" for i in range(count)])
         raise ValueError(f"{name}: {device!r} is not available here; available devices: {available}")
+    return _canonical_device(device)

@@ -95,6 +95,16 @@ def test_cuda_without_cuda_lists_the_available_devices(device):
     assert "available devices: cpu" in str(error)
 
 
+def test_bare_cuda_means_the_first_gpu_everywhere(monkeypatch):
+    # A worker's torch.cuda.set_device("cuda") raises (no index), and "cuda" != "cuda:0" would
+    # make two stages on one GPU look like two devices: the config spells it out once.
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    config = EngineConfig(devices={"encoder": "cpu", "dit": "cuda", "decoder": "cuda:0"},
+                          memory_limit_gib={"cuda": 8})
+    assert dict(config.devices) == {"encoder": "cpu", "dit": "cuda:0", "decoder": "cuda:0"}
+    assert dict(config.memory_limit_gib) == {"cuda:0": 8}
+
+
 @pytest.mark.parametrize("value", [0, None, ["cpu"]])
 def test_devices_of_the_wrong_type(value):
     _raises_for("device", devices=value)
