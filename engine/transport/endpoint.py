@@ -104,6 +104,9 @@ class Endpoint:
                 producer_pool.wait_written(ref.offset, self.copy_stream)
             with torch.cuda.stream(self.copy_stream):
                 tensors[ref.name] = view.to(self.device, non_blocking=True)
+            # Allocated on the copy stream, used on the compute stream: the allocator must not
+            # hand its memory out again before the compute stream is done with it.
+            tensors[ref.name].record_stream(torch.cuda.current_stream(self.device))
             copied = copied or torch.cuda.Event()
         if copied is not None:
             copied.record(self.copy_stream)
@@ -128,6 +131,18 @@ class Endpoint:
 def _pin(segment: Segment) -> None:
     """Page-lock a host segment in this process so H2D/D2H copies can run asynchronously."""
     cudart = torch.cuda.cudart()
-    code = cudart.cudaHostRegister(segment.data.data_ptr(), segment.size, 0)
-    if int(code) != 0:
-        log.warning("could not pin %s (cudaHostRegister returned %s): copies use pageable memory", segment.name, code)
+    code = int(cudart.cudaHostRegister(segment.data.data_ptr(), segment.size, 0))
+    if code != 0:
+        log.warning("could not pin %s (cudaHostRegister: %s): copies use pageable memory",
+                    segment.name, cudart.cudaGetErrorString(cudart.cudaError(code)))
+        _clear_cuda_error()
+
+
+def _clear_cuda_error() -> None:
+    """A failed CUDA runtime call leaves its error pending in this thread, and the next kernel
+    launch would raise it against an innocent request. torch's launch check reads (and so
+    clears) it: let it do so on a throwaway launch."""
+    try:
+        torch.zeros(1, device=torch.cuda.current_device())
+    except RuntimeError:
+        pass

@@ -14,7 +14,9 @@ deterministic function of the seed, so correctness stays checkable end to end.
 
 Chaos knobs: a prompt `crash:<stage>` makes that stage's worker process die on the spot (as on
 SIGKILL or the kernel's OOM killer), to test that such a request fails cleanly after bounded
-attempts; `oom:<stage>` makes that stage raise MemoryError, as an allocation that does not fit.
+attempts; `oom:<stage>` makes that stage raise MemoryError, as an allocation that does not fit;
+`device-fault:<stage>` raises the error an illegal memory access or a device-side assert gives
+(torch.AcceleratorError), after which a real worker's CUDA context is unusable.
 """
 
 from __future__ import annotations
@@ -75,6 +77,8 @@ class SyntheticFamily(Family):
             os.kill(os.getpid(), signal.SIGKILL)
         if params.prompt == f"oom:{stage}":
             raise MemoryError(f"synthetic allocation failure in the {stage} stage")
+        if params.prompt == f"device-fault:{stage}":
+            raise torch.AcceleratorError(f"synthetic device fault in the {stage} stage: an illegal memory access")
 
     def _spend(self, seconds: float) -> None:
         if self.mode == "sleep":

@@ -185,6 +185,21 @@ def test_innocent_request_dispatched_beside_a_poison_request_completes(poison_en
     assert _pixel(innocent, timeout=120) == 31
 
 
+def test_a_device_fault_fails_its_request_and_replaces_the_worker(poison_engine):
+    # After an illegal address or a device-side assert a CUDA context is unusable: a worker that
+    # served on would fail every later request. It reports the request and exits to be replaced.
+    engine = poison_engine
+    assert wait_until(lambda: _dit(engine)["ready"] and _dit(engine)["inflight"] == 0, 60)
+    before = _dit(engine)
+    faulty = engine.submit("device-fault:dit", seed=4)
+    with pytest.raises(RequestFailed) as info:
+        faulty.result(timeout=120)
+    assert "AcceleratorError" in str(info.value) and "dit worker restarts" in str(info.value)
+    assert wait_until(lambda: _dit(engine)["ready"] and _dit(engine)["pid"] != before["pid"], 60)
+    assert _dit(engine)["restarts"] > before["restarts"]
+    assert _pixel(engine.submit("after a device fault", seed=41)) == 41
+
+
 def test_replacement_killed_while_loading_is_replaced_again():
     with Engine(model="synthetic:encoder=1ms,dit=2ms,decoder=1ms", cpu_threads=1) as engine:
         dit = _dit(engine)
