@@ -11,7 +11,7 @@ released when the consumer reports done (or the request is dropped):
 
 A worker that dies is replaced on the same device; its in-flight requests go back to the front
 of their queue (their inputs are still in the upstream slot; the queue keeps their place by
-priority, deadline and arrival) until `max_attempts` is reached.
+priority, deadline and arrival) until `max_attempts` is reached (engine/recovery.py).
 
 With batching on (EngineConfig.batching), a free worker takes the queue's head plus compatible
 requests behind it as one task (engine/batching.py); each request still holds its own output
@@ -40,6 +40,7 @@ from .elastic import Elastic
 from .host_resources import HostResources
 from .placement import build_workers, check_move, choose_links
 from .queues import StageQueue
+from .recovery import WorkerRecovery
 from .router_stats import RouterStats
 from .state import (  # noqa: F401  (re-exported: the errors are part of the API)
     EngineClosed,
@@ -51,14 +52,13 @@ from .state import (  # noqa: F401  (re-exported: the errors are part of the API
 )
 from .launcher import spawn_worker, stop_all
 from .transport.base import byte_view, dtype_from_name
-from .transport.shm import SlotPool
 
 log = logging.getLogger("dfuse.engine")
 
 HEALTH_INTERVAL_S = 0.1  # how often worker liveness is checked: a crash is seen within ~0.1 s
 
 
-class Router:
+class Router(WorkerRecovery):
     def __init__(self, config: EngineConfig, model_path: Path, true_cfg: bool = False):
         self.config = config
         self.model_path = model_path
@@ -308,6 +308,10 @@ class Router:
         request = self._take_inflight(worker, message.request_id)
         if request is None:
             return  # a late message about a request already re-queued or dropped
+        if request.inputs_lost:  # computed from memory freed under it: not a result
+            worker.pool.release(request.output_offset, request.id)
+            self._start_over(request)
+            return
         self._release_inputs(request)
         request.timings[worker.stage] = StageTiming(
             worker.id, message.timings.queued_s, message.timings.compute_s, request.waited_s,
@@ -350,6 +354,9 @@ class Router:
         request = self._take_inflight(worker, message.request_id)
         if request is not None:
             worker.pool.release(request.output_offset, request.id)
+            if request.inputs_lost:  # the failure may be the lost inputs' doing, not the request's
+                self._start_over(request)
+                return
             self._fail(request, RequestFailed(f"the {worker.stage} stage failed: {message.error}"))
 
     def _on_progress(self, worker: Worker, message: wire.Progress) -> None:
@@ -514,62 +521,6 @@ class Router:
                 worker.stage, worker.moving_to, worker.ready = worker.moving_to, None, False
                 worker.pool_info = None
                 self._send_control(worker, wire.Become(worker.stage))
-
-    def _check_workers(self) -> None:
-        for worker in self.workers.values():
-            if worker.process is None or worker.process.alive:
-                continue
-            code = worker.process.process.exitcode
-            if not worker.ready:
-                worker.load_deaths += 1
-                # At first start-up a death while loading means the model or device is unusable;
-                # later it is a replacement that was killed too (chaos, OOM killer): try again.
-                if not self.ready.is_set() or worker.load_deaths >= self.config.max_attempts:
-                    self._fatal(f"{worker.stage} worker {worker.id} exited with code {code} before it was "
-                                f"ready ({worker.load_deaths} time(s) in a row; its own error, if any, is on stderr above)")
-                    return
-            log.warning("%s worker %d died (exit code %s); restarting it", worker.stage, worker.id, code)
-            self._recover(worker, code)
-
-    def _recover(self, worker: Worker, exit_code) -> None:
-        worker.died_at = time.monotonic()
-        worker.process.kill()
-        worker.socket.close()
-        worker.ready = False
-        # A worker computes its tasks in the order it got them: only the first was running when
-        # it died and may be the cause (a poison request); the ones queued beside it are not
-        # charged an attempt, or they would share a poison request's fate. Every request of a
-        # computing batch is charged (the poison one cannot be told apart), and each runs alone
-        # from now on, so an innocent one cannot die with the poison again.
-        computing = worker.batches[0] if worker.batches else set()
-        for request in list(worker.inflight.values()):
-            worker.pool.release(request.output_offset, request.id)
-            request.attempts += request.id in computing
-            request.solo = request.solo or (request.id in computing and len(computing) > 1)
-            if request.attempts >= self.config.max_attempts:
-                self._fail(request, RequestFailed(
-                    f"the {worker.stage} workers running request {request.id} died {request.attempts} "
-                    f"times (last exit code {exit_code}); giving up"
-                ))
-            else:
-                self._queues[worker.stage].push(request)  # inputs are still in the upstream slot
-        worker.inflight.clear()
-        worker.batches.clear()
-        if worker.pool.segment is None:
-            self._restart_requests_reading(worker.pool)
-        worker.restarts += 1
-        if worker.moving_to is not None:  # it died while draining: it comes back in its new stage
-            worker.stage, worker.moving_to = worker.moving_to, None
-        self._spawn(worker)
-
-    def _restart_requests_reading(self, pool: SlotPool) -> None:
-        """A dead GPU producer's pool died with it: queued requests whose inputs lived there
-        start over from the first stage (host pools belong to the engine and survive)."""
-        for queue in self._queues.values():
-            for request in queue.remove_where(lambda r: r.input_pool is pool):
-                pool.release(request.input_offset, request.id)
-                request.input_pool, request.inputs, request.stage_index = None, [], 0
-                self._queues[STAGE_KINDS[0]].push(request)
 
     def _shutdown(self) -> None:
         """Stop every worker, fail what is left, remove every segment and socket."""

@@ -64,6 +64,7 @@ class Request:
     profiles: dict = field(default_factory=dict)  # stage -> batching.StageProfile (key, activation bytes)
     solo: bool = False  # survived a batch whose worker died: from now on it runs alone
     timed_out: bool = False  # its caller was told RequestTimeout while a stage still computed it
+    inputs_lost: bool = False  # its inputs died with a GPU producer while a consumer had it: redo
 
     @property
     def stage(self) -> str:

@@ -34,3 +34,38 @@ def test_engine_on_one_gpu_uses_cuda_ipc_and_matches_diffusers():
     for seed, image in enumerate(images):
         expected = pipe("a red fox in the snow", generator=torch.Generator().manual_seed(seed), **params).images[0]
         assert np.array_equal(np.array(image), np.array(expected))
+
+
+def test_requests_survive_a_gpu_producer_killed_while_consumers_hold_its_outputs():
+    # The DiT's outputs live in its own GPU memory (cuda_ipc), so they die with it. Killed once it
+    # has denoised the first request, the decoder still has or is about to get requests whose
+    # latents were there: they start over from the encoder, and every image equals diffusers'.
+    import os
+    import signal
+    import threading
+
+    from diffusers import StableDiffusion3Pipeline
+
+    from dfuse import Engine
+    from dfuse.stages.tiny import tiny_model_path
+
+    path = tiny_model_path()
+    params = dict(num_inference_steps=4, guidance_scale=4.5, height=256, width=256)
+    first_denoised = threading.Event()
+
+    def on_progress(stage, step, total):
+        if stage == "dit" and step == total:
+            first_denoised.set()
+
+    with Engine(model=str(path), device="cuda:0", dtype="float32") as engine:
+        (dit,) = [w for w in engine.stats()["workers"] if w["stage"] == "dit"]
+        futures = [engine.submit("a red fox in the snow", seed=s, on_progress=on_progress, **params) for s in range(12)]
+        assert first_denoised.wait(120)
+        os.kill(dit["pid"], signal.SIGKILL)
+        images = [f.result(timeout=300).images[0] for f in futures]
+        (dit_after,) = [w for w in engine.stats()["workers"] if w["stage"] == "dit"]
+        assert dit_after["restarts"] == 1
+    pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype=torch.float32).to("cuda:0")
+    for seed, image in enumerate(images):
+        expected = pipe("a red fox in the snow", generator=torch.Generator().manual_seed(seed), **params).images[0]
+        assert np.array_equal(np.array(image), np.array(expected)), f"seed {seed}"

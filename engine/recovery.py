@@ -1,0 +1,91 @@
+"""What the router does when a worker process dies: replace it, and put its requests back.
+
+A mixin of `Router` (engine/router.py), kept apart because it is the one part of the loop that
+reasons about failure: who gets charged an attempt, what a dead GPU producer takes with it.
+It uses the router's state (`workers`, `_queues`, `config`, `ready`) and its request exits
+(`_enqueue`, `_fail`, `_release_inputs`, `_spawn`, `_fatal`), all on the router thread.
+
+A dead worker's in-flight requests go back to the front of their stage's queue: their inputs
+are still in the upstream slot. Host pools belong to the engine and outlive any worker; a GPU
+pool lives in its producer's memory and dies with it, so requests whose inputs were there
+start over from the first stage.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from .state import Request, RequestFailed, Worker
+from .transport.shm import SlotPool
+
+log = logging.getLogger("dfuse.engine")
+
+
+class WorkerRecovery:
+    def _check_workers(self) -> None:
+        for worker in self.workers.values():
+            if worker.process is None or worker.process.alive:
+                continue
+            code = worker.process.process.exitcode
+            if not worker.ready:
+                worker.load_deaths += 1
+                # At first start-up a death while loading means the model or device is unusable;
+                # later it is a replacement that was killed too (chaos, OOM killer): try again.
+                if not self.ready.is_set() or worker.load_deaths >= self.config.max_attempts:
+                    self._fatal(f"{worker.stage} worker {worker.id} exited with code {code} before it was "
+                                f"ready ({worker.load_deaths} time(s) in a row; its own error, if any, is on stderr above)")
+                    return
+            log.warning("%s worker %d died (exit code %s); restarting it", worker.stage, worker.id, code)
+            self._recover(worker, code)
+
+    def _recover(self, worker: Worker, exit_code) -> None:
+        worker.died_at = time.monotonic()
+        worker.process.kill()
+        worker.socket.close()
+        worker.ready = False
+        # A worker computes its tasks in the order it got them: only the first was running when
+        # it died and may be the cause (a poison request); the ones queued beside it are not
+        # charged an attempt, or they would share a poison request's fate. Every request of a
+        # computing batch is charged (the poison one cannot be told apart), and each runs alone
+        # from now on, so an innocent one cannot die with the poison again.
+        computing = worker.batches[0] if worker.batches else set()
+        for request in list(worker.inflight.values()):
+            worker.pool.release(request.output_offset, request.id)
+            request.attempts += request.id in computing
+            request.solo = request.solo or (request.id in computing and len(computing) > 1)
+            if request.inputs_lost:
+                self._start_over(request)
+            elif request.attempts >= self.config.max_attempts:
+                self._fail(request, RequestFailed(
+                    f"the {worker.stage} workers running request {request.id} died {request.attempts} "
+                    f"times (last exit code {exit_code}); giving up"
+                ))
+            else:
+                self._queues[worker.stage].push(request)  # inputs are still in the upstream slot
+        worker.inflight.clear()
+        worker.batches.clear()
+        if worker.pool.segment is None:
+            worker.pool_info = None  # consumers starting now must wait for the new pool's handle
+            self._restart_requests_reading(worker.pool)
+        worker.restarts += 1
+        if worker.moving_to is not None:  # it died while draining: it comes back in its new stage
+            worker.stage, worker.moving_to = worker.moving_to, None
+        self._spawn(worker)
+
+    def _restart_requests_reading(self, pool: SlotPool) -> None:
+        """A dead GPU producer's pool died with it (host pools belong to the engine and survive).
+        Queued requests whose inputs lived there start over from the first stage now; those a
+        consumer already has start over when it reports, and keep their slot in the dead pool
+        till then, so the producer's replacement cannot write where the consumer still reads."""
+        for queue in self._queues.values():
+            for request in queue.remove_where(lambda r: r.input_pool is pool):
+                self._start_over(request)
+        for consumer in self.workers.values():
+            for request in consumer.inflight.values():
+                request.inputs_lost = request.inputs_lost or request.input_pool is pool
+
+    def _start_over(self, request: Request) -> None:
+        self._release_inputs(request)
+        request.inputs, request.stage_index, request.inputs_lost = [], 0, False
+        self._enqueue(request)
