@@ -131,29 +131,37 @@ def _consumer(device: str, iterations: int, run_dir: str, results) -> None:
     context.term()
 
 
-def measure_dfuse(nbytes: int, iterations: int, device: str, full_write: bool = True, carry: bool = True) -> dict:
+def _run_pair(consumer, consumer_args: tuple, producer, producer_args: tuple) -> bytes:
+    """Start the consumer, wait until it listens, then the producer; return the consumer's report.
+    Neither process outlives the measurement."""
     spawn = mp.get_context("spawn")
+    receiver, sender = spawn.Pipe(duplex=False)
+    processes = [spawn.Process(target=consumer, args=(*consumer_args, sender), daemon=True)]
+    processes[0].start()
+    try:
+        receiver.recv_bytes()  # listening
+        processes.append(spawn.Process(target=producer, args=producer_args, daemon=True))
+        processes[1].start()
+        report = receiver.recv_bytes()
+        for process in processes:
+            process.join(30)
+        return report
+    finally:
+        for process in processes:
+            if process.is_alive():
+                process.kill()
+
+
+def measure_dfuse(nbytes: int, iterations: int, device: str, full_write: bool = True, carry: bool = True) -> dict:
     run_dir = Path(tempfile.mkdtemp(prefix="dfuse-bench-"))
     prefix = new_segment_prefix()
     pool = None if device.startswith("cuda") else SlotPool.create_host(f"{prefix}hop", nbytes, 1)
-    receiver, sender = spawn.Pipe(duplex=False)
-    consumer = spawn.Process(target=_consumer, args=(device, iterations, str(run_dir), sender), daemon=True)
-    consumer.start()
-    producer = None
     try:
-        receiver.recv_bytes()  # sockets bound
-        producer = spawn.Process(
-            target=_producer, args=(device, pool and pool.name, nbytes, iterations, str(run_dir), full_write, carry),
-            daemon=True,
-        )
-        producer.start()
-        result = json.loads(receiver.recv_bytes())
-        producer.join(30)
-        consumer.join(30)
+        result = json.loads(_run_pair(
+            _consumer, (device, iterations, str(run_dir)),
+            _producer, (device, pool and pool.name, nbytes, iterations, str(run_dir), full_write, carry),
+        ))
     finally:
-        for process in (consumer, producer):
-            if process is not None and process.is_alive():
-                process.kill()
         unlink_segments(prefix)
         shutil.rmtree(run_dir, ignore_errors=True)
     if result["wrong_values"]:
@@ -194,24 +202,12 @@ def _socket_producer(nbytes: int, iterations: int, path: str, device: str) -> No
 
 
 def measure_socket_floor(nbytes: int, iterations: int, device: str) -> dict:
-    spawn = mp.get_context("spawn")
     run_dir = Path(tempfile.mkdtemp(prefix="dfuse-bench-"))
-    receiver, sender = spawn.Pipe(duplex=False)
     path = str(run_dir / "doorbell")
-    consumer = spawn.Process(target=_socket_consumer, args=(iterations, path, sender), daemon=True)
-    consumer.start()
-    producer = None
     try:
-        receiver.recv_bytes()
-        producer = spawn.Process(target=_socket_producer, args=(nbytes, iterations, path, device), daemon=True)
-        producer.start()
-        samples = json.loads(receiver.recv_bytes())
-        producer.join(30)
-        consumer.join(30)
+        samples = json.loads(_run_pair(
+            _socket_consumer, (iterations, path), _socket_producer, (nbytes, iterations, path, device)))
     finally:
-        for process in (consumer, producer):
-            if process is not None and process.is_alive():
-                process.kill()
         shutil.rmtree(run_dir, ignore_errors=True)
     return _summary("socket-floor", nbytes, samples)
 
