@@ -5,8 +5,10 @@ under the checkout folder's name, and an eager `from .engine import Engine` woul
 copy of the whole tree (see FACTS.md, packaging).
 """
 
-__all__ = ["Engine", "EngineConfig", "GenerationResult", "EngineClosed", "RequestFailed", "RequestTimeout"]
+__all__ = ["Engine", "EngineConfig", "BatchConfig", "ElasticConfig", "TransportConfig", "GenerationResult",
+           "EngineClosed", "RequestFailed", "RequestTimeout"]
 _ERRORS = ("EngineClosed", "RequestFailed", "RequestTimeout")  # what generate()/submit() raise
+_CONFIGS = ("EngineConfig", "BatchConfig", "ElasticConfig", "TransportConfig")  # what EngineConfig takes
 
 
 def __getattr__(name):
@@ -14,10 +16,10 @@ def __getattr__(name):
         from .engine.engine import Engine
 
         return Engine
-    if name == "EngineConfig":
-        from .engine.config import EngineConfig
+    if name in _CONFIGS:
+        from .engine import config
 
-        return EngineConfig
+        return getattr(config, name)
     if name == "GenerationResult":
         from .engine.engine import GenerationResult
 

@@ -36,7 +36,7 @@ import zmq
 from ..engine import protocol as wire
 from ..engine.config import check_device
 from ..engine.transport.endpoint import Endpoint
-from ..engine.transport.shm import SlotPool, new_segment_prefix, unlink_segments
+from ..engine.transport.shm import ShmFull, SlotPool, new_segment_prefix, unlink_segments
 from .outputs import default_out
 
 DEFAULT_SIZES = "64KiB,1MiB,16MiB,64MiB,256MiB"
@@ -46,9 +46,9 @@ _UNITS = {"KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "B": 1}
 def parse_size(text: str) -> int:
     text = text.strip()
     for unit, factor in _UNITS.items():
-        if text.endswith(unit) and text[: -len(unit)].strip().isdecimal():
+        if text.endswith(unit) and text[: -len(unit)].strip().isdecimal() and int(text[: -len(unit)]) > 0:
             return int(text[: -len(unit)]) * factor
-    raise ValueError(f"--sizes: {text!r} is not a size like 64KiB, 16MiB or 1GiB")
+    raise ValueError(f"--sizes: {text!r} is not a size like 64KiB, 16MiB or 1GiB (more than 0 bytes)")
 
 
 def format_size(nbytes: int) -> str:
@@ -336,7 +336,11 @@ def handoff_command(sizes, device, out):
         device = check_device("--device", device)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
-    report = run_handoff(parsed, device)
+    try:
+        report = run_handoff(parsed, device)
+    except ShmFull as e:  # a size this machine's /dev/shm cannot hold
+        raise click.UsageError(f"--sizes: {', '.join(map(format_size, parsed))}: the largest does not fit in "
+                               f"/dev/shm on this machine; choose smaller sizes ({e.errno and os.strerror(e.errno)})") from None
     click.echo(f"{'size':>10} {'mechanism':>13} {'p50 us':>10} {'p99 us':>10}")
     for r in report["results"]:
         click.echo(f"{format_size(r['bytes']):>10} {r['mechanism']:>13} {r['p50_us']:>10.1f} {r['p99_us']:>10.1f}")

@@ -56,15 +56,17 @@ def check_transport(family: Family, info: ModelInfo, params: RequestParams, slot
     """ValueError naming the size fields when a stage's outputs for `params` cannot fit one
     transport slot: refused up front rather than failing in the worker after the DiT ran (a
     video's frames grow with num_frames x height x width; an 81-frame 832x480 clip is ~93 MiB)."""
-    for stage in STAGE_KINDS:
-        need = family.output_bytes(info, stage, params, itemsizes[stage])
-        if need > slot_bytes:
-            raise ValueError(
-                f"{_shape(info, params)} request makes {need / 2**20:.1f} MiB of {stage} outputs, more than one "
-                f"transport slot holds ({slot_bytes / 2**20:g} MiB); ask for a smaller "
-                f"{'video (fewer frames)' if info.video else 'image'}, or start the engine with larger slots "
-                f"(EngineConfig(transport=TransportConfig(slot_mib={-(-need // 2**20)})), dfuse run --slot-mib)"
-            )
+    needs = {stage: family.output_bytes(info, stage, params, itemsizes[stage]) for stage in STAGE_KINDS}
+    stage = next((s for s in STAGE_KINDS if needs[s] > slot_bytes), None)
+    if stage is not None:
+        # The size to suggest is the largest stage's: the first one over is not always it.
+        slot_mib = -(-max(needs.values()) // 2**20)
+        raise ValueError(
+            f"{_shape(info, params)} request makes {needs[stage] / 2**20:.1f} MiB of {stage} outputs, more than "
+            f"one transport slot holds ({slot_bytes / 2**20:g} MiB); ask for a smaller "
+            f"{'video (fewer frames)' if info.video else 'image'}, or start the engine with slots of "
+            f"{slot_mib} MiB (dfuse run --slot-mib {slot_mib}; EngineConfig(transport=TransportConfig(slot_mib={slot_mib})))"
+        )
 
 
 def _shape(info: ModelInfo, params: RequestParams) -> str:

@@ -66,6 +66,8 @@ class Engine:
             # one multiprocessing checks itself): unguarded, that import starts an engine there.
             raise RuntimeError('Engine() ran while a dfuse worker was importing your script: create the engine '
                                'under `if __name__ == "__main__":` (workers are spawned and re-import the main module)')
+        if config is not None and not isinstance(config, EngineConfig):
+            raise ValueError(f"config: must be an EngineConfig (got {type(config).__name__})")
         given = (model, device, instances, cpu_threads, dtype, policy)
         if config is not None and given != (None, "cpu", None, None, "auto", "static"):
             raise ValueError("config: pass either config= or model/device/instances/cpu_threads/dtype/policy, not both")

@@ -111,6 +111,13 @@ def test_handoff_sizes_are_printed_in_binary_units(nbytes, text):
     assert format_size(nbytes) == text
 
 
+@pytest.mark.parametrize("sizes", ["0KiB", "abc", "-1MiB", "1TB"])
+def test_bad_handoff_sizes_are_refused_naming_the_option(sizes):
+    result = CliRunner().invoke(main, ["bench", "handoff", "--sizes", sizes])
+    assert result.exit_code == 2
+    assert f"Error: --sizes: {sizes!r} is not a size" in result.output
+
+
 def _chaos_doc(**changes) -> dict:
     doc = {"requests_served": 20, "requests_submitted": 20, "requests_failed": 0, "images_equal_to_no_kill_run": 20,
            "kills": 1, "kills_by_stage": {"encoder": 0, "dit": 1, "decoder": 0}, "kills_with_work_in_flight": 1,

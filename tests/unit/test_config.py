@@ -194,3 +194,10 @@ def test_resolve_missing_model_path(tmp_path):
 
 def test_resolve_existing_folder(tmp_path):
     assert resolve_model_path(str(tmp_path)) == tmp_path.resolve()
+
+
+def test_engine_refuses_a_config_that_is_not_an_engine_config():
+    from dfuse import Engine
+
+    with pytest.raises(ValueError, match=r"^config: must be an EngineConfig \(got str\)"):
+        Engine(config="tiny-sd3")
