@@ -139,11 +139,15 @@ class StageDone(msgspec.Struct, **_STRUCT):
 
 
 class StageFailed(msgspec.Struct, **_STRUCT):
-    """Worker -> engine: the task raised; the worker stays up and takes the next task."""
+    """Worker -> engine: the task raised; the worker stays up and takes the next task, unless
+    `replace_me`: its device is unusable (a CUDA fault), it computes nothing more and waits for
+    the engine to replace it. The engine kills it only after reading this, so the request's own
+    error reaches the caller instead of a "worker died" retry."""
 
     worker_id: int
     request_id: int
     error: str
+    replace_me: bool = False
 
 
 class Progress(msgspec.Struct, **_STRUCT):

@@ -39,7 +39,9 @@ class WorkerRecovery:
             log.warning("%s worker %d died (exit code %s); restarting it", worker.stage, worker.id, code)
             self._recover(worker, code)
 
-    def _recover(self, worker: Worker, exit_code) -> None:
+    def _recover(self, worker: Worker, exit_code, charge: bool = True) -> None:
+        """`charge=False`: the worker asked to be replaced after reporting its failing request,
+        so the requests still queued there did not run and none is charged an attempt."""
         worker.died_at = time.monotonic()
         worker.process.kill()
         worker.socket.close()
@@ -49,7 +51,7 @@ class WorkerRecovery:
         # charged an attempt, or they would share a poison request's fate. Every request of a
         # computing batch is charged (the poison one cannot be told apart), and each runs alone
         # from now on, so an innocent one cannot die with the poison again.
-        computing = worker.batches[0] if worker.batches else set()
+        computing = worker.batches[0] if worker.batches and charge else set()
         for request in list(worker.inflight.values()):
             worker.pool.release(request.output_offset, request.id)
             request.attempts += request.id in computing

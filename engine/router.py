@@ -356,8 +356,11 @@ class Router(WorkerRecovery):
             worker.pool.release(request.output_offset, request.id)
             if request.inputs_lost:  # the failure may be the lost inputs' doing, not the request's
                 self._start_over(request)
-                return
-            self._fail(request, RequestFailed(f"the {worker.stage} stage failed: {message.error}"))
+            else:
+                self._fail(request, RequestFailed(f"the {worker.stage} stage failed: {message.error}"))
+        if message.replace_me and worker.ready:
+            log.warning("%s worker %d reported a device fault; replacing it", worker.stage, worker.id)
+            self._recover(worker, "device fault", charge=False)
 
     def _on_progress(self, worker: Worker, message: wire.Progress) -> None:
         request = worker.inflight.get(message.request_id)

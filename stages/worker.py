@@ -167,9 +167,10 @@ class _ComputeLoop:
         except torch.AcceleratorError as e:
             # An illegal address or a device-side assert leaves the CUDA context unusable: every
             # later call would fail too. Report this request, then exit so the engine restarts us.
-            log.error("request %d hit a device error; restarting:\n%s", task.request_id, traceback.format_exc())
-            self._fail_and_exit(wire.StageFailed(
-                self.spec.worker_id, task.request_id, f"{type(e).__name__}: {e} (the {self.spec.stage} worker restarts)"))
+            log.error("request %d hit a device error; asking to be replaced:\n%s", task.request_id, traceback.format_exc())
+            self._send(wire.StageFailed(self.spec.worker_id, task.request_id,
+                                        f"{type(e).__name__}: {e} (the {self.spec.stage} worker restarts)", replace_me=True))
+            threading.Event().wait()  # until the engine kills this process: nothing more runs here
         except Exception as e:  # a failing request must not take the worker down
             log.warning("request %d failed:\n%s", task.request_id, traceback.format_exc())
             self._send(wire.StageFailed(self.spec.worker_id, task.request_id, f"{type(e).__name__}: {e}"))
@@ -220,16 +221,6 @@ class _ComputeLoop:
 
     def _send(self, message) -> None:
         self.results.send(wire.encode(message))
-
-    def _fail_and_exit(self, message) -> None:
-        # Wait until zmq has handed the report to the socket (a Unix socket keeps what was
-        # written after the writer dies), then exit at once: a clean exit could block on CUDA.
-        tracker = self.results.send(wire.encode(message), copy=False, track=True)
-        try:
-            tracker.wait(5)
-        except zmq.NotDone:
-            pass
-        os._exit(1)
 
 
 def _quiet_libraries() -> None:
