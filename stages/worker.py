@@ -166,7 +166,8 @@ class _ComputeLoop:
             return
         except torch.AcceleratorError as e:
             # An illegal address or a device-side assert leaves the CUDA context unusable: every
-            # later call would fail too. Report this request, then exit so the engine restarts us.
+            # later call would fail too. Report this request, then wait for the engine to replace us
+            # (exiting here could lose the report: see wire.StageFailed.replace_me).
             log.error("request %d hit a device error; asking to be replaced:\n%s", task.request_id, traceback.format_exc())
             self._send(wire.StageFailed(self.spec.worker_id, task.request_id,
                                         f"{type(e).__name__}: {e} (the {self.spec.stage} worker restarts)", replace_me=True))

@@ -9,16 +9,11 @@ from click.testing import CliRunner
 
 from dfuse.bench.handoff import MECHANISMS
 from dfuse.cli import main
-from dfuse.engine.transport.shm import PREFIX, list_segments
-
-
-def _ours() -> set[str]:
-    # Segments named after this process (other engines may run beside the test).
-    return {name for name in list_segments() if name.startswith(f"{PREFIX}{os.getpid()}_")}
+from process_utils import engine_segments
 
 
 def test_handoff_runs_every_mechanism_and_leaves_no_segment(tmp_path):
-    before = _ours()
+    before = set(engine_segments(os.getpid()))  # ours only: other engines may run beside the test
     out = tmp_path / "handoff.json"
     result = CliRunner().invoke(main, ["bench", "handoff", "--sizes", "64KiB", "--out", str(out)])
     assert result.exit_code == 0, result.output
@@ -27,4 +22,4 @@ def test_handoff_runs_every_mechanism_and_leaves_no_segment(tmp_path):
     for row in report["results"]:
         assert row["bytes"] == 64 * 1024
         assert row["samples"] > 0 and 0 < row["p50_us"] <= row["p99_us"], row
-    assert _ours() <= before
+    assert set(engine_segments(os.getpid())) <= before
