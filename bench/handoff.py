@@ -36,7 +36,7 @@ import zmq
 from ..engine import protocol as wire
 from ..engine.config import check_device
 from ..engine.transport.endpoint import Endpoint
-from ..engine.transport.shm import ShmFull, SlotPool, new_segment_prefix, unlink_segments
+from ..engine.transport.shm import ShmFull, SlotPool, new_segment_prefix, unlink_cuda_ipc_files, unlink_segments
 from .outputs import default_out
 
 DEFAULT_SIZES = "64KiB,1MiB,16MiB,64MiB,256MiB"
@@ -150,6 +150,8 @@ def _run_pair(consumer, consumer_args: tuple, producer, producer_args: tuple) ->
         for process in processes:
             if process.is_alive():
                 process.kill()
+                process.join()
+            unlink_cuda_ipc_files(process.pid)
 
 
 def measure_dfuse(nbytes: int, iterations: int, device: str, full_write: bool = True, carry: bool = True) -> dict:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 
 from ..stages.worker import WorkerSpec, run_stage_worker
+from .transport.shm_files import unlink_cuda_ipc_files
 
 STOP = b"stop"
 _SPAWN = mp.get_context("spawn")  # fork would copy the engine's threads, sockets and CUDA state
@@ -35,6 +36,7 @@ class WorkerProcess:
             self.process.kill()
         self.process.join()
         self.death_pipe.close()
+        unlink_cuda_ipc_files(self.process.pid)
 
 
 def stop_all(processes: list[WorkerProcess], timeout: float = 5.0) -> None:
@@ -53,6 +55,7 @@ def stop_all(processes: list[WorkerProcess], timeout: float = 5.0) -> None:
         if worker.process.exitcode is None:
             worker.process.kill()
             worker.process.join()
+        unlink_cuda_ipc_files(worker.process.pid)
 
 
 def spawn_worker(spec: WorkerSpec) -> WorkerProcess:

@@ -73,6 +73,22 @@ def unlink_segment(name: str) -> None:
         pass
 
 
+def unlink_cuda_ipc_files(pid: int) -> list[str]:
+    """Unlink what exporting CUDA IPC handles left in /dev/shm for `pid`, a process that exited.
+
+    The CUDA driver gives a process that exports IPC memory or interprocess events an 80 KiB
+    `cuda.shm.<n>.<pid in hex>.<n>`, and torch's export a reference-count file
+    `torch_<pid>_<n>_<n>`. The driver's stays even after a normal exit, torch's after an exit
+    that skips its atexit hooks (a killed or stopped worker); H100, driver 580: see
+    bench/results/README.md. A GPU worker that restarts all day would pile them up. Call only
+    once the process was reaped, before its pid can be reused."""
+    own = re.compile(rf"cuda\.shm\.\d+\.{pid:x}\.\d+|torch_{pid}_\d+_\d+")
+    names = [n for n in _list_files("") if own.fullmatch(n)]
+    for name in names:
+        unlink_segment(name)
+    return names
+
+
 def list_segments(prefix: str = PREFIX) -> list[str]:
     """Segments (shared memory) whose names start with `prefix`; engines' lock files are not."""
     return [n for n in _list_files(prefix) if not _is_lock(n)]

@@ -68,6 +68,41 @@ def test_killed_worker_is_replaced_and_its_requests_complete(model_path, referen
         assert np.array_equal(np.array(image), reference("a cat", num_inference_steps=2, height=64, width=64, seed=1))
 
 
+def test_what_cuda_ipc_leaves_for_a_dead_worker_is_removed(model_path):
+    """Exporting CUDA IPC handles leaves /dev/shm/cuda.shm.<n>.<pid in hex>.<n> (the driver's)
+    and torch_<pid>_<n>_<n> (torch's reference counts) behind a worker that exits or is killed
+    (tests/gpu checks real ones). Planted here for CPU workers: each goes once its worker is
+    reaped; another process's stay."""
+    def driver_file(pid):
+        return os.path.join("/dev/shm", f"cuda.shm.0.{pid:x}.1")
+
+    def torch_file(pid):
+        return os.path.join("/dev/shm", f"torch_{pid}_123_0")
+
+    def files(pid):
+        return [driver_file(pid), torch_file(pid)]
+
+    not_a_worker, workers = files(os.getpid()), []
+    try:
+        for path in not_a_worker:
+            open(path, "wb").close()
+        with Engine(model=str(model_path), cpu_threads=THREADS) as engine:
+            workers = engine.stats()["workers"]
+            for path in [p for w in workers for p in files(w["pid"])]:
+                open(path, "wb").close()
+            (dit,) = [w for w in workers if w["stage"] == "dit"]
+            os.kill(dit["pid"], signal.SIGKILL)
+            assert wait_until(lambda: engine.stats()["workers"][dit["id"]]["restarts"] == 1, 60)
+            assert not any(os.path.exists(p) for p in files(dit["pid"]))
+            assert all(os.path.exists(p) for w in workers if w is not dit for p in files(w["pid"]))
+        assert not any(os.path.exists(p) for w in workers for p in files(w["pid"]))
+        assert all(os.path.exists(p) for p in not_a_worker)
+    finally:
+        for path in not_a_worker + [p for w in workers for p in files(w["pid"])]:
+            if os.path.exists(path):
+                os.unlink(path)
+
+
 ENGINE_SCRIPT = """
 import sys, time
 from dfuse import Engine, EngineClosed

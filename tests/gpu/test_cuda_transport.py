@@ -2,6 +2,8 @@
 copy stream is read intact by another through the producer's exported slot pool, and the engine
 serves through GPU links. Run on a lent GPU machine: `pytest -q tests/gpu`."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -11,12 +13,23 @@ from dfuse.bench.handoff import measure_dfuse
 pytestmark = pytest.mark.gpu
 
 
+def ipc_leftovers(pids) -> list[str]:
+    """What exporting IPC handles puts in /dev/shm for these processes: the CUDA driver's file and
+    torch's reference counts, both left behind when a worker exits or is killed."""
+    own = {f"{pid:x}" for pid in pids}
+    return [n for n in os.listdir("/dev/shm")
+            if (n.startswith("cuda.shm.") and n.split(".")[3] in own) or
+            (n.startswith("torch_") and n.split("_")[1] in {str(pid) for pid in pids})]
+
+
 @pytest.mark.parametrize("nbytes", [64 * 2**10, 16 * 2**20, 256 * 2**20])
 def test_tensor_written_on_a_copy_stream_is_read_by_another_process(nbytes):
     # The consumer checks every hop's value (the producer writes i % 251 on its copy stream
     # after the slot was handed back); a stale or torn read raises here.
+    before = set(os.listdir("/dev/shm"))
     result = measure_dfuse(nbytes, iterations=20, device="cuda:0")
     assert result["samples"] == 20
+    assert set(os.listdir("/dev/shm")) <= before  # the producer's IPC files went with it
 
 
 def test_engine_on_one_gpu_uses_cuda_ipc_and_matches_diffusers():
@@ -30,6 +43,9 @@ def test_engine_on_one_gpu_uses_cuda_ipc_and_matches_diffusers():
     with Engine(model=str(path), device="cuda:0", dtype="float32") as engine:
         assert engine.stats()["links"] == {"encoder->dit": "cuda_ipc", "dit->decoder": "cuda_ipc", "decoder->engine": "shm"}
         images = [engine.generate("a red fox in the snow", seed=s, **params)[0] for s in range(3)]
+        producers = [w["pid"] for w in engine.stats()["workers"] if w["stage"] in ("encoder", "dit")]
+        assert len(ipc_leftovers(producers)) >= 2  # exporting their pools created them
+    assert ipc_leftovers(producers) == []  # and the engine removed them with their workers
     pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype=torch.float32).to("cuda:0")
     for seed, image in enumerate(images):
         expected = pipe("a red fox in the snow", generator=torch.Generator().manual_seed(seed), **params).images[0]
@@ -65,6 +81,7 @@ def test_requests_survive_a_gpu_producer_killed_while_consumers_hold_its_outputs
         images = [f.result(timeout=300).images[0] for f in futures]
         (dit_after,) = [w for w in engine.stats()["workers"] if w["stage"] == "dit"]
         assert dit_after["restarts"] == 1
+        assert ipc_leftovers([dit["pid"]]) == []
     pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype=torch.float32).to("cuda:0")
     for seed, image in enumerate(images):
         expected = pipe("a red fox in the snow", generator=torch.Generator().manual_seed(seed), **params).images[0]
