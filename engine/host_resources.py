@@ -43,6 +43,11 @@ class HostResources:
             log.warning("no shared-memory janitor (%s): if the engine and its workers are killed together, "
                         "their segments stay until the next engine starts", e)
 
+    @property
+    def janitor(self) -> Janitor | None:
+        """Told which workers run (launcher.spawn_worker), to clean up after them too."""
+        return self._janitor
+
     def endpoint(self, name: str) -> str:
         """A ZeroMQ endpoint in the run dir (only this user can reach it)."""
         return f"ipc://{os.path.join(self.run_dir, name)}"

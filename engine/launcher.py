@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 
 from ..stages.worker import WorkerSpec, run_stage_worker
+from .transport.janitor import Janitor
 from .transport.shm_files import unlink_cuda_ipc_files
 
 STOP = b"stop"
@@ -25,6 +26,7 @@ class WorkerProcess:
     spec: WorkerSpec
     process: mp.process.BaseProcess
     death_pipe: Connection = field(repr=False)  # the engine's write end
+    janitor: Janitor | None = field(default=None, repr=False)  # told when the worker is reaped
 
     @property
     def alive(self) -> bool:
@@ -36,7 +38,14 @@ class WorkerProcess:
             self.process.kill()
         self.process.join()
         self.death_pipe.close()
+        self.reaped()
+
+    def reaped(self) -> None:
+        """The process has been joined: unlink what CUDA IPC left for it in /dev/shm (before
+        anyone can reuse its pid) and tell the janitor it need not."""
         unlink_cuda_ipc_files(self.process.pid)
+        if self.janitor is not None:
+            self.janitor.forget(self.process.pid)
 
 
 def stop_all(processes: list[WorkerProcess], timeout: float = 5.0) -> None:
@@ -55,10 +64,10 @@ def stop_all(processes: list[WorkerProcess], timeout: float = 5.0) -> None:
         if worker.process.exitcode is None:
             worker.process.kill()
             worker.process.join()
-        unlink_cuda_ipc_files(worker.process.pid)
+        worker.reaped()
 
 
-def spawn_worker(spec: WorkerSpec) -> WorkerProcess:
+def spawn_worker(spec: WorkerSpec, janitor: Janitor | None = None) -> WorkerProcess:
     reader, writer = _SPAWN.Pipe(duplex=False)
     process = _SPAWN.Process(
         target=run_stage_worker,
@@ -68,4 +77,6 @@ def spawn_worker(spec: WorkerSpec) -> WorkerProcess:
     )
     process.start()
     reader.close()  # only the child keeps the read end
-    return WorkerProcess(spec, process, writer)
+    if janitor is not None:
+        janitor.watch(process.pid)
+    return WorkerProcess(spec, process, writer, janitor)

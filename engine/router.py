@@ -495,7 +495,7 @@ class Router(WorkerRecovery):
             segment_prefix=self.segment_prefix, run_dir=self.run_dir,
             gpu_pool=None if worker.pool.segment else (worker.pool.name, worker.pool.slot_bytes, worker.pool.n_slots),
         )
-        worker.process = spawn_worker(spec)
+        worker.process = spawn_worker(spec, self._host.janitor)
 
     def _expire_waiting(self) -> None:
         """Requests whose deadline passed while waiting fail now, not when they reach a worker."""

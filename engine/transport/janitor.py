@@ -5,10 +5,12 @@ engine is gone, however it went.
 
 The engine starts it (`Janitor.start`) right after taking its lock, in a session of its own so
 that a signal to the engine's process group (`kill -9 -- -PGID`, Ctrl-C, a group SIGTERM) does
-not reach it, and keeps the write end of its stdin. The janitor only blocks reading stdin; at
-EOF -- the engine closed it after cleaning up itself, or the engine process ended and the kernel
-closed it -- it removes the run dir, unlinks every file with the prefix (the lock file last) and
-exits. It ignores SIGINT, SIGTERM and SIGHUP (systemd signals the whole cgroup on stop): it exits
+not reach it, and keeps the write end of its stdin. The janitor only blocks reading stdin, where
+the engine tells it which workers it started and reaped (`+<pid>` / `-<pid>` lines); at EOF --
+the engine closed it after cleaning up itself, or the engine process ended and the kernel
+closed it -- it removes the run dir, unlinks every file with the prefix (the lock file last),
+waits for the workers the engine never reaped and unlinks what CUDA IPC left for them
+(shm_files.unlink_cuda_ipc_files), then exits. It ignores SIGINT, SIGTERM and SIGHUP (systemd signals the whole cgroup on stop): it exits
 when the engine does, never later than its cleanup.
 
 Why it is needed: the engine cleans up on close, its workers clean up when they see the engine
@@ -25,15 +27,17 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import weakref
 
-from .shm_files import RUN_DIR_PREFIX, is_engine_prefix, unlink_segments
+from .shm_files import RUN_DIR_PREFIX, _pid_alive, is_engine_prefix, unlink_cuda_ipc_files, unlink_segments
 
 log = logging.getLogger("dfuse.transport")
 
 MODULE = "dfuse.engine.transport.janitor"
 STRAGGLER_WAIT_S = 1.0  # after an engine that died uncleanly: one more pass for dying workers' files
+WORKER_EXIT_WAIT_S = 10.0  # workers exit at once when their engine dies; a stuck one is not waited for longer
 
 
 class Janitor:
@@ -41,6 +45,7 @@ class Janitor:
 
     def __init__(self, process: subprocess.Popen):
         self.process = process
+        self._tell_lock = threading.Lock()  # workers are started and reaped from several threads
         _started.add(self)
 
     @classmethod
@@ -56,6 +61,25 @@ class Janitor:
     @property
     def pid(self) -> int:
         return self.process.pid
+
+    def watch(self, pid: int) -> None:
+        """A worker was started: if the engine dies without reaping it, clean up after it."""
+        self._tell(f"+{pid}\n")
+
+    def forget(self, pid: int) -> None:
+        """The engine reaped this worker and cleaned up after it (its pid may be reused now)."""
+        self._tell(f"-{pid}\n")
+
+    def _tell(self, line: str) -> None:
+        with self._tell_lock:
+            stdin = self.process.stdin
+            if stdin is None or stdin.closed:
+                return
+            try:
+                stdin.write(line.encode())
+                stdin.flush()
+            except (OSError, ValueError):  # the janitor is gone: nothing more to tell it
+                pass
 
     def close(self, timeout: float = 5.0) -> None:
         """Let the janitor go (the engine has cleaned up: it finds nothing left) and reap it."""
@@ -108,13 +132,31 @@ def clean(prefix: str, run_dir: str) -> list[str]:
     return removed + unlink_segments(prefix)
 
 
-def _wait_for_eof(fd: int = 0) -> None:
+def _read_workers_until_eof(fd: int = 0) -> set[int]:
+    """Follow the engine's `+<pid>` / `-<pid>` lines until EOF: the workers it has not reaped."""
+    workers, pending = set(), b""
     while True:
         try:
-            if not os.read(fd, 4096):
-                return
+            chunk = os.read(fd, 4096)
         except OSError:
-            return
+            chunk = b""
+        if not chunk:
+            return workers
+        *lines, pending = (pending + chunk).split(b"\n")
+        for line in lines:
+            sign, pid = line[:1], line[1:]
+            if pid.isdigit():
+                (workers.add if sign == b"+" else workers.discard)(int(pid))
+
+
+def clean_after_workers(pids: set[int], timeout: float = WORKER_EXIT_WAIT_S) -> list[str]:
+    """Unlink what CUDA IPC left in /dev/shm for these workers once they have exited (they go on
+    their own when their engine dies); after `timeout`, for the stuck ones too. Not forgotten by
+    the engine, these pids are still its workers' (alive or zombies), never reused ones."""
+    deadline = time.monotonic() + timeout
+    while any(_pid_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return [name for pid in sorted(pids) for name in unlink_cuda_ipc_files(pid)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,12 +171,13 @@ def main(argv: list[str] | None = None) -> int:
     prefix, run_dir = args
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
-    _wait_for_eof()
+    workers = _read_workers_until_eof()
     if clean(prefix, run_dir):
         # The engine did not clean up: it died, maybe with workers that are dying too and might
         # still create a file (a weight segment being published). Look once more, then go.
         time.sleep(STRAGGLER_WAIT_S)
         clean(prefix, run_dir)
+    clean_after_workers(workers)  # none left when the engine reaped every worker itself
     return 0
 
 

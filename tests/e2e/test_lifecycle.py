@@ -68,20 +68,17 @@ def test_killed_worker_is_replaced_and_its_requests_complete(model_path, referen
         assert np.array_equal(np.array(image), reference("a cat", num_inference_steps=2, height=64, width=64, seed=1))
 
 
+def _cuda_ipc_files(pid: int) -> list[str]:
+    """Named as the CUDA driver's and torch's files for `pid` are (engine/transport/shm_files.py)."""
+    return [os.path.join("/dev/shm", f"cuda.shm.0.{pid:x}.1"), os.path.join("/dev/shm", f"torch_{pid}_123_0")]
+
+
 def test_what_cuda_ipc_leaves_for_a_dead_worker_is_removed(model_path):
     """Exporting CUDA IPC handles leaves /dev/shm/cuda.shm.<n>.<pid in hex>.<n> (the driver's)
     and torch_<pid>_<n>_<n> (torch's reference counts) behind a worker that exits or is killed
     (tests/gpu checks real ones). Planted here for CPU workers: each goes once its worker is
     reaped; another process's stay."""
-    def driver_file(pid):
-        return os.path.join("/dev/shm", f"cuda.shm.0.{pid:x}.1")
-
-    def torch_file(pid):
-        return os.path.join("/dev/shm", f"torch_{pid}_123_0")
-
-    def files(pid):
-        return [driver_file(pid), torch_file(pid)]
-
+    files = _cuda_ipc_files
     not_a_worker, workers = files(os.getpid()), []
     try:
         for path in not_a_worker:
@@ -118,15 +115,22 @@ def test_engine_killed_with_sigkill_leaves_nothing(model_path, tmp_path):
     script = tmp_path / "engine_main.py"
     script.write_text(ENGINE_SCRIPT)
     proc = subprocess.Popen([sys.executable, str(script), str(model_path)], stdout=subprocess.PIPE, text=True)
+    pids = []
     try:
         pids = [int(p) for p in proc.stdout.readline().split()]
         assert len(pids) == 3 and engine_segments(proc.pid)
+        for pid in pids:  # as CUDA IPC leaves them for GPU workers (see the test above)
+            open(_cuda_ipc_files(pid)[0], "wb").close()
         proc.kill()
         proc.wait(10)
         assert wait_until(lambda: not any(alive(p) for p in pids), 10), "workers outlived the engine"
         assert wait_until(lambda: engine_segments(proc.pid) == [], 10), "the engine's segments leaked"
+        assert wait_until(lambda: not any(os.path.exists(f) for p in pids for f in _cuda_ipc_files(p)), 10)
     finally:
         proc.kill()
+        for path in [f for p in pids for f in _cuda_ipc_files(p)]:
+            if os.path.exists(path):
+                os.unlink(path)
 
 
 def test_ctrl_c_of_dfuse_run_leaves_nothing(model_path, tmp_path):

@@ -343,3 +343,28 @@ def test_the_janitor_of_a_killed_engine_cleans_up_and_exits(engine_files):
         assert wait_until(lambda: not alive(janitor_pid), 10), "the janitor outlived its cleanup"
     finally:
         engine.kill()
+
+
+def test_the_janitor_cleans_up_after_the_workers_the_engine_did_not_reap(engine_files):
+    """What CUDA IPC leaves in /dev/shm for a worker (unlinked by the engine when it reaps one)
+    is the janitor's to unlink if the engine died first; never for a worker the engine reaped,
+    whose pid may belong to another process by then."""
+    prefix, run_dir = engine_files
+    unreaped, reaped = _dead_pid(), _dead_pid()
+    planted = {pid: [os.path.join(shm.SHM_DIR, f"cuda.shm.0.{pid:x}.1"), os.path.join(shm.SHM_DIR, f"torch_{pid}_7_0")]
+               for pid in (unreaped, reaped)}
+    try:
+        for path in planted[unreaped] + planted[reaped]:
+            open(path, "wb").close()
+        janitor = Janitor.start(prefix, run_dir)
+        janitor.watch(unreaped)
+        janitor.watch(reaped)
+        janitor.forget(reaped)
+        janitor.close()
+        assert janitor.process.returncode == 0
+        assert not any(os.path.exists(p) for p in planted[unreaped])
+        assert all(os.path.exists(p) for p in planted[reaped])
+    finally:
+        for path in planted[unreaped] + planted[reaped]:
+            if os.path.exists(path):
+                os.unlink(path)
