@@ -154,13 +154,16 @@ def _run_pair(consumer, consumer_args: tuple, producer, producer_args: tuple) ->
             unlink_cuda_ipc_files(process.pid)
 
 
-def measure_dfuse(nbytes: int, iterations: int, device: str, full_write: bool = True, carry: bool = True) -> dict:
+def measure_dfuse(nbytes: int, iterations: int, device: str, full_write: bool = True, carry: bool = True,
+                  consumer_device: str | None = None) -> dict:
+    """`device` runs both processes, unless `consumer_device` names the consumer's (a CPU producer
+    and a GPU consumer: the mixed link, read from pinned shared memory on the copy stream)."""
     run_dir = Path(tempfile.mkdtemp(prefix="dfuse-bench-"))
     prefix = new_segment_prefix()
     pool = None if device.startswith("cuda") else SlotPool.create_host(f"{prefix}hop", nbytes, 1)
     try:
         result = json.loads(_run_pair(
-            _consumer, (device, iterations, str(run_dir)),
+            _consumer, (consumer_device or device, iterations, str(run_dir)),
             _producer, (device, pool and pool.name, nbytes, iterations, str(run_dir), full_write, carry),
         ))
     finally:

@@ -32,6 +32,39 @@ def test_tensor_written_on_a_copy_stream_is_read_by_another_process(nbytes):
     assert set(os.listdir("/dev/shm")) <= before  # the producer's IPC files went with it
 
 
+def test_a_gpu_consumer_reads_a_cpu_producers_slot_through_pinned_memory():
+    # The mixed link: the consumer pins the producer's /dev/shm pool and copies each tensor to its
+    # GPU on its copy stream; it checks every hop's value there.
+    result = measure_dfuse(16 * 2**20, iterations=20, device="cpu", consumer_device="cuda:0")
+    assert result["samples"] == 20
+
+
+def test_engine_with_only_the_dit_on_the_gpu_serves_through_host_slots():
+    # Encoder and decoder on the CPU: the DiT reads its inputs from pinned host slots (H2D on its
+    # copy stream) and writes its latents into a host slot (D2H). Stages on different devices
+    # round differently (TF32 convolutions on the GPU, for one), so the images are compared with
+    # diffusers' on the GPU up to that rounding: a stale, torn or misplaced tensor would differ
+    # by far more, and every seed must give its own image.
+    from diffusers import StableDiffusion3Pipeline
+
+    from dfuse import Engine
+    from dfuse.stages.tiny import tiny_model_path
+
+    path = tiny_model_path()
+    params = dict(num_inference_steps=4, guidance_scale=4.5, height=128, width=128)
+    device = {"encoder": "cpu", "dit": "cuda:0", "decoder": "cpu"}
+    with Engine(model=str(path), device=device, dtype="float32") as engine:
+        assert engine.stats()["links"] == {"encoder->dit": "shm", "dit->decoder": "shm", "decoder->engine": "shm"}
+        futures = [engine.submit("a red fox in the snow", seed=s, **params) for s in range(3)]
+        images = [np.array(f.result(timeout=300).images[0], dtype=np.int16) for f in futures]
+    pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype=torch.float32).to("cuda:0")
+    for seed, image in enumerate(images):
+        expected = pipe("a red fox in the snow", generator=torch.Generator().manual_seed(seed), **params).images[0]
+        diff = np.abs(image - np.array(expected, dtype=np.int16))
+        assert diff.mean() < 1.0, f"seed {seed}: mean |diff| {diff.mean():.3f}, max {diff.max()}"
+    assert not np.array_equal(images[0], images[1]) and not np.array_equal(images[1], images[2])
+
+
 def test_engine_on_one_gpu_uses_cuda_ipc_and_matches_diffusers():
     from diffusers import StableDiffusion3Pipeline
 
