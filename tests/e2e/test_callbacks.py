@@ -52,11 +52,11 @@ def test_a_failed_spawn_fails_start_up_and_leaves_nothing(monkeypatch):
     not hang the engine's shutdown on the socket it had bound for that worker."""
     real_spawn, started = router_module.spawn_worker, []
 
-    def spawn_or_fail(spec):
+    def spawn_or_fail(spec, *args):
         started.append(spec)
         if spec.worker_id == 1:
             raise OSError(24, "Too many open files")
-        return real_spawn(spec)
+        return real_spawn(spec, *args)
 
     monkeypatch.setattr(router_module, "spawn_worker", spawn_or_fail)
     # Other tests' engines (a session fixture) may run in this process: compare with before.
