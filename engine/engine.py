@@ -133,11 +133,11 @@ class Engine:
         Defaults follow diffusers for the model (e.g. SD3: 28 steps, guidance 7.0, its native
         size). Prompt i of a list uses seed + i; a missing seed is drawn at random and reported.
         Higher `priority` is served first at every stage; a request still unfinished `timeout`
-        seconds from now fails with RequestTimeout and its remaining work is dropped at the next
-        stage boundary. `true_cfg_scale` > 1 with a negative prompt turns on Flux's true CFG (a second
-        transformer pass); `guidance_scale` is then still Flux's embedded guidance. `num_frames`
-        (video models: 4k+1 frames for Wan, default 81; image models: None or 1) sets a video's
-        length. Raises ValueError naming the field for bad input; the engine keeps serving.
+        seconds from now fails with RequestTimeout and its remaining work is dropped (a DiT
+        computing it stops at its next denoising step, as after cancel()). `true_cfg_scale` > 1
+        with a negative prompt turns on Flux's true CFG (a second transformer pass);
+        `guidance_scale` is then still Flux's embedded guidance. `num_frames` (video models:
+        4k+1 frames for Wan, default 81; image models: None or 1) sets a video's length. Raises ValueError naming the field for bad input; the engine keeps serving.
         """
         if not self._finalizer.alive:
             raise EngineClosed("the engine is closed")

@@ -98,6 +98,14 @@ class Shutdown(msgspec.Struct, **_STRUCT):
     """Engine -> worker: finish the current task, then exit."""
 
 
+class CancelTask(msgspec.Struct, **_STRUCT):
+    """Engine -> worker: the caller cancelled this request or its deadline passed. The worker
+    stops it at the next denoising step (or skips it if it has not started) and answers with
+    StageFailed, which releases its slots."""
+
+    request_id: int
+
+
 class Become(msgspec.Struct, **_STRUCT):
     """Engine -> drained worker: unload your stage, load `stage` in this same process, then say
     READY again (a move between stages: no process start, no imports, the output pool stays)."""
@@ -159,7 +167,7 @@ class Progress(msgspec.Struct, **_STRUCT):
     total: int
 
 
-ToWorker = StageTask | StageBatch | OpenPool | Shutdown | Become
+ToWorker = StageTask | StageBatch | OpenPool | Shutdown | Become | CancelTask
 ToEngine = Ready | LoadFailed | StageDone | StageFailed | Progress
 
 _encoder = msgspec.msgpack.Encoder()

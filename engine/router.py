@@ -356,6 +356,8 @@ class Router(WorkerRecovery):
             worker.pool.release(request.output_offset, request.id)
             if request.inputs_lost:  # the failure may be the lost inputs' doing, not the request's
                 self._start_over(request)
+            elif request.future.cancelled():  # stopped because its caller cancelled it
+                self._drop(request)
             else:
                 self._fail(request, RequestFailed(f"the {worker.stage} stage failed: {message.error}"))
         if message.replace_me and worker.ready:
@@ -498,17 +500,22 @@ class Router(WorkerRecovery):
         worker.process = spawn_worker(spec, self._host.janitor)
 
     def _expire_waiting(self) -> None:
-        """Requests whose deadline passed while waiting fail now, not when they reach a worker."""
+        """Cancelled and expired requests leave now: waiting ones at once, not when they reach a
+        worker; computing ones at their worker's next denoising step."""
         for queue in self._queues.values():
             for request in queue.remove_where(lambda r: r.future.cancelled() or r.expired()):
                 self._enqueue(request)
-        # Computing ones: the caller hears now; their slots are released when the stage ends.
+        # Computing ones: the caller hears now, and the worker stops at its next denoising step
+        # (or skips the task if it has not started it); its StageFailed then releases the slots.
         for worker in self.workers.values():
             for request in worker.inflight.values():
                 if request.expired() and not request.timed_out:
                     request.timed_out = True
                     self.completions.resolve(request.future, error=RequestTimeout(
                         f"request {request.id} passed its deadline in the {worker.stage} stage"))
+                if (request.timed_out or request.future.cancelled()) and not request.cancel_sent:
+                    request.cancel_sent = True
+                    self._send_control(worker, wire.CancelTask(request.id))
 
     def _advance_moves(self) -> None:
         """A drained mover switches stage in its own process (wire.Become): no process start, no

@@ -65,6 +65,7 @@ class Request:
     solo: bool = False  # survived a batch whose worker died: from now on it runs alone
     timed_out: bool = False  # its caller was told RequestTimeout while a stage still computed it
     inputs_lost: bool = False  # its inputs died with a GPU producer while a consumer had it: redo
+    cancel_sent: bool = False  # its worker was told to stop computing it (cancelled or timed out)
 
     @property
     def stage(self) -> str:

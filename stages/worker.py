@@ -6,7 +6,9 @@ Threads in a worker:
               local task queue
     watcher   blocks on the death pipe; when the engine dies: unlink its segments, exit
     main      the compute loop: take a task, run the stage on its (prefetched) inputs, write
-              the outputs into the reserved slot, send StageDone on its own PUSH socket
+              the outputs into the reserved slot, send StageDone on its own PUSH socket; a
+              task the engine cancels (CancelTask, noted by the receiver) stops at its next
+              denoising step
 The receiver accepts and prepares the next task while main computes, so message latency and
 input transfers hide behind the current task's compute. Each zmq socket has one thread.
 """
@@ -92,12 +94,13 @@ def run_stage_worker(spec: WorkerSpec, death_pipe: Connection) -> None:
         return
 
     tasks: queue.Queue = queue.Queue()
+    cancelled = CancelledTasks()
     connected = threading.Event()
-    receiver = threading.Thread(target=_receive, args=(context, spec, endpoint, tasks, connected), daemon=True)
+    receiver = threading.Thread(target=_receive, args=(context, spec, endpoint, tasks, cancelled, connected), daemon=True)
     receiver.start()
     connected.wait(10)  # connect the task socket before READY: the engine sends work right after
     results.send(wire.encode(wire.Ready(spec.worker_id, os.getpid(), time.perf_counter() - started, pool)))
-    _ComputeLoop(spec, stage, endpoint, results, tasks).run()
+    _ComputeLoop(spec, stage, endpoint, results, tasks, cancelled).run()
     results.close()
     context.term()
 
@@ -112,15 +115,48 @@ def load_stage(spec: WorkerSpec, kind: str):
     return stage
 
 
+class TaskCancelled(Exception):
+    """Raised from a denoising step of a task the engine cancelled."""
+
+
+class CancelledTasks:
+    """Request ids the engine cancelled: noted by the receiver thread, taken by the compute loop."""
+
+    LIMIT = 4096  # a cancel can cross the task's end: keep the ids of those from piling up
+
+    def __init__(self) -> None:
+        self._ids: dict[int, None] = {}  # insertion-ordered: the oldest goes first
+        self._lock = threading.Lock()
+
+    def add(self, request_id: int) -> None:
+        with self._lock:
+            self._ids[request_id] = None
+            if len(self._ids) > self.LIMIT:
+                del self._ids[next(iter(self._ids))]
+
+    def __contains__(self, request_id: int) -> bool:
+        return request_id in self._ids
+
+    def take(self, request_id: int) -> bool:
+        """Whether `request_id` was cancelled; forgets it (each cancel is acted on once)."""
+        with self._lock:
+            if request_id not in self._ids:
+                return False
+            del self._ids[request_id]
+            return True
+
+
 class _ComputeLoop:
     """Short loop on the main thread: one task at a time, dispatch by message type."""
 
-    def __init__(self, spec: WorkerSpec, stage, endpoint: Endpoint, results: zmq.Socket, tasks: queue.Queue):
+    def __init__(self, spec: WorkerSpec, stage, endpoint: Endpoint, results: zmq.Socket, tasks: queue.Queue,
+                 cancelled: CancelledTasks):
         self.spec = spec
         self.stage = stage
         self.endpoint = endpoint
         self.results = results
         self.tasks = tasks
+        self.cancelled = cancelled
         self.running = True
         self.handlers = {wire.StageTask: self.on_task, wire.StageBatch: self.on_batch, wire.Shutdown: self.on_shutdown,
                          wire.Become: self.on_become}
@@ -155,12 +191,22 @@ class _ComputeLoop:
 
     def on_task(self, task: wire.StageTask, received_at: float) -> None:
         started = time.perf_counter()
+        if self.cancelled.take(task.request_id):  # cancelled while it waited here
+            self.endpoint.discard_prefetched(task.request_id)
+            self._send(wire.StageFailed(self.spec.worker_id, task.request_id, "cancelled before it started"))
+            return
         try:
             inputs = self.endpoint.fetch(task.request_id, task.inputs)
             writer = self.endpoint.writer(task.output)
-            outputs = self.stage.run(inputs, task.params, self._progress_sender(task), writer)
+            outputs = self.stage.run(inputs, task.params, self._step_hook(task), writer)
             refs = writer.put_all(outputs)
             self.endpoint.finish(task.output)
+        except TaskCancelled as e:
+            # GPU work it queued may still run: on this worker's stream, before anything the
+            # next task writes; it may read inputs the engine recycles, into a result discarded.
+            self.cancelled.take(task.request_id)
+            self._send(wire.StageFailed(self.spec.worker_id, task.request_id, str(e)))
+            return
         except (torch.OutOfMemoryError, MemoryError) as e:
             self._send(wire.StageFailed(self.spec.worker_id, task.request_id, self._out_of_memory(task, e)))
             return
@@ -187,14 +233,15 @@ class _ComputeLoop:
         tasks = batch.tasks
         try:
             inputs = [self.endpoint.fetch(t.request_id, t.inputs) for t in tasks]
-            outputs = self.stage.run_batch(inputs, [t.params for t in tasks], [self._progress_sender(t) for t in tasks])
+            outputs = self.stage.run_batch(inputs, [t.params for t in tasks], [self._step_hook(t) for t in tasks])
             writers = [self.endpoint.writer(t.output) for t in tasks]
             refs = [w.put_all(o) for w, o in zip(writers, outputs)]
             for task in tasks:
                 self.endpoint.finish(task.output)
         except Exception as e:  # incl. out of memory; the single path reports each request's own error
-            log.warning("a batch of %d failed (%s: %s); running its requests one by one",
-                        len(tasks), type(e).__name__, e)
+            if not isinstance(e, TaskCancelled):  # else the cancelled one is skipped, the others rerun
+                log.warning("a batch of %d failed (%s: %s); running its requests one by one",
+                            len(tasks), type(e).__name__, e)
             gc.collect()
             if self.endpoint.cuda:
                 torch.cuda.empty_cache()
@@ -215,10 +262,15 @@ class _ComputeLoop:
         return (f"out of memory on {self.spec.device} in the {self.spec.stage} stage for a {p.width}x{p.height} "
                 f"request ({type(error).__name__}: {error}); the worker recovered and serves on")
 
-    def _progress_sender(self, task: wire.StageTask):
-        if not task.report_progress:
-            return lambda step, total: None
-        return lambda step, total: self._send(wire.Progress(self.spec.worker_id, task.request_id, step, total))
+    def _step_hook(self, task: wire.StageTask):
+        """Called after every denoising step: stops a cancelled task, reports progress if asked."""
+        def on_step(step: int, total: int) -> None:
+            if task.request_id in self.cancelled:
+                raise TaskCancelled(f"cancelled at step {step} of {total}")
+            if task.report_progress:
+                self._send(wire.Progress(self.spec.worker_id, task.request_id, step, total))
+
+        return on_step
 
     def _send(self, message) -> None:
         self.results.send(wire.encode(message))
@@ -240,9 +292,11 @@ def _quiet_libraries() -> None:
     tqdm.set_lock(threading.RLock())
 
 
-def _receive(context, spec: WorkerSpec, endpoint: Endpoint, tasks: queue.Queue, connected: threading.Event) -> None:
+def _receive(context, spec: WorkerSpec, endpoint: Endpoint, tasks: queue.Queue, cancelled: CancelledTasks,
+             connected: threading.Event) -> None:
     """Receiver thread: decode every frame against the schema (malformed frames are dropped),
-    open announced pools, prefetch task inputs, queue tasks for the compute loop."""
+    note cancelled tasks, open announced pools, prefetch task inputs, queue tasks for the
+    compute loop."""
     if endpoint.cuda:
         torch.cuda.set_device(endpoint.device)  # the current device is per thread
     socket = context.socket(zmq.PULL)
@@ -256,6 +310,9 @@ def _receive(context, spec: WorkerSpec, endpoint: Endpoint, tasks: queue.Queue, 
             log.warning("dropped a malformed message (%d bytes): %s", len(frame), e)
             continue
         received_at = time.perf_counter()
+        if isinstance(message, wire.CancelTask):  # seen by the compute loop at the next step
+            cancelled.add(message.request_id)
+            continue
         if isinstance(message, wire.OpenPool):
             try:
                 endpoint.open_pool(message.pool)  # before any task that reads it: same socket, in order

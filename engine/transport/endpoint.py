@@ -86,6 +86,11 @@ class Endpoint:
             torch.cuda.current_stream(self.device).wait_event(copied)
         return tensors
 
+    def discard_prefetched(self, request_id: int) -> None:
+        """A task that will not run (cancelled): forget what was prefetched for it."""
+        with self._lock:
+            self._prefetched.pop(request_id, None)
+
     def _load(self, refs: list[TensorRef]):
         if not self.cuda:  # a CPU worker reads every pool in place: no device checks to make
             return {ref.name: self.view(ref.pool, ref.offset, tuple(ref.shape), dtype_from_name(ref.dtype))

@@ -8,6 +8,8 @@ import pytest
 from dfuse import Engine
 from dfuse.engine.router import RequestTimeout
 
+from process_utils import wait_until
+
 # The DiT takes 150 ms a request (sleeping, like a GPU stage): queues form behind it.
 MODEL = "synthetic:encoder=1ms,dit=150ms,decoder=1ms"
 
@@ -77,6 +79,52 @@ def test_cancelled_request_is_dropped_and_others_complete(engine):
     _expect_image(third.result(timeout=30), 12)
     assert doomed.cancelled()
     assert engine.stats()["completed"] in (before + 2, before + 3)  # + 3 only if it was mid-stage
+
+
+LONG = 1000  # DiT steps (the most a request may ask): 37.5 s at 37.5 ms a step, if nothing stopped it
+
+
+def _last_steps():
+    """An on_progress that keeps the last DiT step each request reported."""
+    last = {}
+
+    def on_progress_of(name):
+        def on_progress(stage, step, total):
+            if stage == "dit":
+                last[name] = step
+        return on_progress
+
+    return last, on_progress_of
+
+
+def _slots_all_free(engine, free_before):
+    return wait_until(lambda: [w["free_slots"] for w in engine.stats()["workers"]] == free_before, 30)
+
+
+def test_cancel_stops_requests_the_dit_holds_and_it_serves_the_next(engine):
+    free_before = [w["free_slots"] for w in engine.stats()["workers"]]
+    completed = engine.stats()["completed"]
+    last, on_progress_of = _last_steps()
+    # One DiT worker: the first computes, the second waits in its local queue (or the engine's).
+    first = engine.submit("first", seed=20, num_inference_steps=LONG, on_progress=on_progress_of("first"))
+    second = engine.submit("second", seed=21, num_inference_steps=LONG, on_progress=on_progress_of("second"))
+    assert wait_until(lambda: last.get("first", 0) >= 2, 30)
+    assert first.cancel() and second.cancel()
+    _expect_image(engine.submit("next", seed=22).result(timeout=150), 22)
+    # "next" ran on the same DiT after them, so they had stopped, long before their last step.
+    assert last["first"] < LONG and last.get("second", 0) < LONG
+    assert engine.stats()["completed"] == completed + 1
+    assert _slots_all_free(engine, free_before)  # the stopped tasks gave their slots back
+
+
+def test_a_timeout_stops_the_dit_and_it_serves_the_next(engine):
+    free_before = [w["free_slots"] for w in engine.stats()["workers"]]
+    last, on_progress_of = _last_steps()
+    with pytest.raises(RequestTimeout):
+        engine.generate("slow", seed=23, num_inference_steps=LONG, timeout=0.5, on_progress=on_progress_of("slow"))
+    _expect_image(engine.submit("next", seed=24).result(timeout=150), 24)
+    assert 0 < last["slow"] < LONG
+    assert _slots_all_free(engine, free_before)
 
 
 @pytest.mark.parametrize("bad,field", [(dict(priority=1.5), "priority"), (dict(priority=10**6), "priority"),

@@ -68,6 +68,21 @@ def test_killed_worker_is_replaced_and_its_requests_complete(model_path, referen
         assert np.array_equal(np.array(image), reference("a cat", num_inference_steps=2, height=64, width=64, seed=1))
 
 
+def test_cancel_stops_diffusers_denoising_loop_and_the_engine_serves_on(model_path, reference):
+    """A cancelled request stops at the DiT's next step (raised from the pipeline's
+    callback_on_step_end), and the same worker then serves the next request exactly."""
+    last_step = {}
+    with Engine(model=str(model_path), cpu_threads=THREADS) as engine:
+        doomed = engine.submit("a fox", seed=3, num_inference_steps=1000, height=128, width=128,
+                               on_progress=lambda stage, step, total: last_step.__setitem__(stage, step))
+        assert wait_until(lambda: last_step.get("dit", 0) >= 1, 60)
+        assert doomed.cancel()
+        params = dict(num_inference_steps=2, height=64, width=64)
+        (image,) = engine.generate("a cat", seed=1, **params)
+        assert np.array_equal(np.array(image), reference("a cat", seed=1, **params))
+        assert last_step["dit"] < 1000 and engine.stats()["completed"] == 1
+
+
 def _cuda_ipc_files(pid: int) -> list[str]:
     """Named as the CUDA driver's and torch's files for `pid` are (engine/transport/shm_files.py)."""
     return [os.path.join("/dev/shm", f"cuda.shm.0.{pid:x}.1"), os.path.join("/dev/shm", f"torch_{pid}_123_0")]

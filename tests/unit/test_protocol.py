@@ -31,6 +31,7 @@ TO_WORKER = [
     wire.OpenPool(_pool),
     wire.Shutdown(),
     wire.Become("decoder"),
+    wire.CancelTask(12),
 ]
 TO_ENGINE = [
     wire.Ready(3, 12345, 1.5),
