@@ -127,6 +127,25 @@ def test_a_timeout_stops_the_dit_and_it_serves_the_next(engine):
     assert _slots_all_free(engine, free_before)
 
 
+def test_a_cancelled_request_does_not_take_its_batch_down():
+    from dfuse.engine.config import BatchConfig, EngineConfig
+
+    # 10 ms a DiT step; both requests share one DiT batch (same shape), computed one after the other.
+    config = EngineConfig(model="synthetic:encoder=1ms,dit=40ms,decoder=1ms", cpu_threads=1,
+                          batching=BatchConfig(enabled=True, max_batch=2, max_wait_ms=500))
+    last, on_progress_of = _last_steps()
+    with Engine(config=config) as engine:
+        keep = engine.submit("keep", seed=30, num_inference_steps=100, on_progress=on_progress_of("keep"))
+        doomed = engine.submit("doomed", seed=31, num_inference_steps=100, on_progress=on_progress_of("doomed"))
+        assert wait_until(lambda: last.get("keep", 0) >= 1, 30)  # the batch is computing
+        assert doomed.cancel()
+        result = keep.result(timeout=60)
+        _expect_image(result, 30)
+        assert result.timings[0]["encoder"].batch_size == 2  # they did travel as one batch
+        assert result.timings[0]["dit"].batch_size == 1  # run again alone once the batch stopped
+        assert last.get("doomed", 0) < 100
+
+
 @pytest.mark.parametrize("bad,field", [(dict(priority=1.5), "priority"), (dict(priority=10**6), "priority"),
                                        (dict(timeout=0), "timeout"), (dict(timeout=float("nan")), "timeout"),
                                        (dict(timeout="5"), "timeout")])
