@@ -137,7 +137,8 @@ class Engine:
         computing it stops at its next denoising step, as after cancel()). `true_cfg_scale` > 1
         with a negative prompt turns on Flux's true CFG (a second transformer pass);
         `guidance_scale` is then still Flux's embedded guidance. `num_frames` (video models:
-        4k+1 frames for Wan, default 81; image models: None or 1) sets a video's length. Raises ValueError naming the field for bad input; the engine keeps serving.
+        4k+1 frames for Wan, default 81; image models: None or 1) sets a video's length.
+        Raises ValueError naming the field for bad input; the engine keeps serving.
         """
         if not self._finalizer.alive:
             raise EngineClosed("the engine is closed")

@@ -7,8 +7,9 @@ until `torch.cuda.ipc_collect()` (FACTS.md, CUDA IPC practice).
 
 Ordering, per slot:
     producer: write slot k on its compute stream -> record event[k] -> StageDone
-    consumer: stream.wait_event(event[k]) unless it has completed -> read (view, or copy on its copy stream) ->
-              synchronize -> StageDone, and only then may the engine hand slot k out again.
+    consumer: stream.wait_event(event[k]) unless it has completed -> read (view, or copy on
+              its copy stream) -> synchronize -> StageDone, and only then may the engine hand
+              slot k out again.
 """
 
 from __future__ import annotations
