@@ -41,7 +41,7 @@ def main():
 @click.option("--height", type=int, default=None, help="Image height in pixels [default: the model's native size].")
 @click.option("--width", type=int, default=None, help="Image width in pixels [default: the model's native size].")
 @click.option("--num-frames", type=int, default=None, help="Video models (Wan): frames, 4k+1 [default: the model's, 81 for Wan].")
-@click.option("--fps", type=click.IntRange(1, 240), default=16, show_default=True, help="Video models: frames per second of the written video (Wan2.1 is made for 16).")
+@click.option("--fps", type=click.IntRange(1, 240), default=None, help="Video models: frames per second of the written video (Wan2.1 is made for 16) [default: 16].")
 @click.option("--seed", type=int, default=None, help="Random seed [default: random, printed].")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Output file: .png/.jpg/.webp/.bmp for images, .mp4/.gif for videos [default: out.png, out.mp4 for video models].")
@@ -74,6 +74,7 @@ def run(prompt, model, negative_prompt, steps, guidance_scale, true_cfg_scale, h
         out = _output_path(out, info)
         (params,) = build_requests(info, prompt, negative_prompt, steps, guidance_scale, height, width, seed,
                                    true_cfg_scale, num_frames)
+        fps = _check_run_flags(info, params, fps)
         itemsizes = {s: config.torch_dtype(d).itemsize for s, d in config.devices.items()}
         check_transport(detect_family(model_path), info, params, transport.slot_bytes, itemsizes)
     except ValueError as e:
@@ -144,6 +145,18 @@ def _output_path(out: Path | None, info) -> Path:
                          f"{', '.join(suffixes)} (got {out.name!r})")
     _check_writable(out)
     return out
+
+
+def _check_run_flags(info, params, fps: int | None) -> int:
+    """Flags the engine would ignore without a word, refused here: the user meant something by
+    them. Returns the video's frames per second."""
+    if fps is not None and not info.video:
+        raise ValueError(f"--fps: the {info.family} model makes images; --fps is for video models")
+    if params.true_cfg_scale > 1 and not params.negative_prompt:
+        # The API keeps diffusers' FluxPipeline behaviour (true CFG off without a negative prompt).
+        raise ValueError(f"--true-cfg-scale: {params.true_cfg_scale:g} needs --negative-prompt "
+                         f"(true CFG guides away from it; without one it would be off)")
+    return 16 if fps is None else fps
 
 
 def _check_writable(out: Path) -> None:

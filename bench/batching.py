@@ -108,7 +108,7 @@ def run_batching(model: str, requests: int, rounds: int, threads: int, max_batch
 @click.option("--rounds", type=click.IntRange(1, 20), default=3, show_default=True, help="Timed rounds per mode (median).")
 @click.option("--threads", type=click.IntRange(1, 1024), default=1, show_default=True, help="Torch threads per worker.")
 @click.option("--max-batch", type=click.IntRange(2, 64), default=8, show_default=True, help="Batch limit of every stage.")
-@click.option("--workloads", default="light,heavy", show_default=True, help=f"Comma list of {', '.join(WORKLOADS)}.")
+@click.option("--workloads", default="light,heavy", show_default=True, help=f"Comma list of {', '.join(WORKLOADS)}; a `serial` case (light requests one after the other) always runs too.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=default_out("batching.json"),
               show_default=True, help="Where the JSON result is written.")
 def batching_command(model, requests, rounds, threads, max_batch, workloads, out):

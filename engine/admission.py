@@ -42,9 +42,10 @@ def admit(
             tiled = msgspec.structs.replace(params, vae_tiling=True)
             if family.peak_bytes(info, stage, tiled, itemsizes[stage]) <= budgets[stage]:
                 return tiled
+        need_gib, budget_gib = _two_gib(need, budgets[stage])
         raise ValueError(
-            f"{_shape(info, params)} request needs about {need / 2**30:.2f} GiB of "
-            f"activations in the {stage} stage, more than the {budgets[stage] / 2**30:.2f} GiB its device has "
+            f"{_shape(info, params)} request needs about {need_gib} GiB of "
+            f"activations in the {stage} stage, more than the {budget_gib} GiB its device has "
             f"for them{' even when decoded in tiles' if stage == 'decoder' else ''}; ask for a smaller "
             f"{'video' if info.video else 'image'}"
         )
@@ -67,6 +68,16 @@ def check_transport(family: Family, info: ModelInfo, params: RequestParams, slot
             f"{'video (fewer frames)' if info.video else 'image'}, or start the engine with slots of "
             f"{slot_mib} MiB (dfuse run --slot-mib {slot_mib}; EngineConfig(transport=TransportConfig(slot_mib={slot_mib})))"
         )
+
+
+def _two_gib(larger: int, smaller: int) -> tuple[str, str]:
+    """Both sizes in GiB, with the fewest decimals (2 at least) that still tell them apart: a
+    small budget would read "0.01 GiB ... more than 0.01 GiB" otherwise."""
+    for decimals in range(2, 10):
+        texts = f"{larger / 2**30:.{decimals}f}", f"{smaller / 2**30:.{decimals}f}"
+        if texts[0] != texts[1]:
+            break
+    return texts
 
 
 def _shape(info: ModelInfo, params: RequestParams) -> str:

@@ -1,6 +1,8 @@
 """Memory admission with made-up budgets: what fits runs, what fits tiled is tiled, the rest is
 refused naming the field; estimates grow the way the stages do."""
 
+import re
+
 import msgspec
 import pytest
 
@@ -52,6 +54,15 @@ def test_a_request_too_big_even_in_tiles_is_refused_naming_height_width(sd3):
     tiled = family.peak_bytes(info, "decoder", params(512, tiling=True), 4)
     with pytest.raises(ValueError, match=r"^height/width: a 512x512 request needs about .* GiB .* decoder .* tiles"):
         admit(family, info, params(512), budgets(tiled / 2 / GIB), ITEMSIZES)
+
+
+def test_the_refusal_tells_the_need_from_the_budget_even_when_both_are_small(sd3):
+    family, info = sd3
+    need = family.peak_bytes(info, "dit", params(64), 4)  # ~0.01 GiB: "0.01 > 0.01" at 2 decimals
+    with pytest.raises(ValueError) as refused:
+        admit(family, info, params(64), budgets(need * 0.95 / GIB), ITEMSIZES)
+    need_gib, budget_gib = re.search(r"needs about ([\d.]+) GiB .* than the ([\d.]+) GiB", str(refused.value)).groups()
+    assert float(need_gib) > float(budget_gib)
 
 
 def test_flux_and_pixart_estimates_follow_how_they_run():

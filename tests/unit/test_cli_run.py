@@ -17,6 +17,8 @@ from dfuse.cli import _write_atomically, main
     (["--steps", "0"], "--steps", "[1, 1000]"),
     (["--out", "/proc/no-such-dir/out.png"], "--out", "cannot write in /proc/no-such-dir"),
     (["--out", "out.mp4"], "--out", "must end in one of .png"),
+    (["--fps", "24"], "--fps", "the sd3 model makes images"),
+    (["--model", "tiny-flux", "--true-cfg-scale", "4"], "--true-cfg-scale", "needs --negative-prompt"),
 ])
 def test_bad_options_are_refused_naming_the_flag(args, flag, detail):
     result = CliRunner().invoke(main, ["run", "a fox", *args])
