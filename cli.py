@@ -152,7 +152,7 @@ def _check_run_flags(info, params, fps: int | None) -> int:
     them. Returns the video's frames per second."""
     if fps is not None and not info.video:
         raise ValueError(f"--fps: the {info.family} model makes images; --fps is for video models")
-    if params.true_cfg_scale > 1 and not params.negative_prompt:
+    if params.true_cfg_scale > 1 and params.negative_prompt is None:  # "" counts, as in diffusers
         # The API keeps diffusers' FluxPipeline behaviour (true CFG off without a negative prompt).
         raise ValueError(f"--true-cfg-scale: {params.true_cfg_scale:g} needs --negative-prompt "
                          f"(true CFG guides away from it; without one it would be off)")

@@ -136,6 +136,7 @@ def _run_pair(consumer, consumer_args: tuple, producer, producer_args: tuple) ->
     Neither process outlives the measurement."""
     spawn = mp.get_context("spawn")
     receiver, sender = spawn.Pipe(duplex=False)
+    started = time.time()
     processes = [spawn.Process(target=consumer, args=(*consumer_args, sender), daemon=True)]
     processes[0].start()
     try:
@@ -151,7 +152,7 @@ def _run_pair(consumer, consumer_args: tuple, producer, producer_args: tuple) ->
             if process.is_alive():
                 process.kill()
                 process.join()
-            unlink_cuda_ipc_files(process.pid)
+            unlink_cuda_ipc_files(process.pid, started)
 
 
 def measure_dfuse(nbytes: int, iterations: int, device: str, full_write: bool = True, carry: bool = True,

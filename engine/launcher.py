@@ -27,6 +27,7 @@ class WorkerProcess:
     process: mp.process.BaseProcess
     death_pipe: Connection = field(repr=False)  # the engine's write end
     janitor: Janitor | None = field(default=None, repr=False)  # told when the worker is reaped
+    started: float = field(default_factory=time.time)  # wall clock: files it made are newer
 
     @property
     def alive(self) -> bool:
@@ -41,9 +42,9 @@ class WorkerProcess:
         self.reaped()
 
     def reaped(self) -> None:
-        """The process has been joined: unlink what CUDA IPC left for it in /dev/shm (before
-        anyone can reuse its pid) and tell the janitor it need not."""
-        unlink_cuda_ipc_files(self.process.pid)
+        """The process has been joined: unlink what CUDA IPC left for it in /dev/shm and tell
+        the janitor it need not."""
+        unlink_cuda_ipc_files(self.process.pid, self.started)
         if self.janitor is not None:
             self.janitor.forget(self.process.pid)
 
@@ -75,8 +76,9 @@ def spawn_worker(spec: WorkerSpec, janitor: Janitor | None = None) -> WorkerProc
         name=f"dfuse-{spec.stage}-{spec.worker_id}",
         daemon=True,  # multiprocessing also terminates daemonic children at interpreter exit
     )
+    started = time.time()
     process.start()
     reader.close()  # only the child keeps the read end
     if janitor is not None:
-        janitor.watch(process.pid)
-    return WorkerProcess(spec, process, writer, janitor)
+        janitor.watch(process.pid, started)
+    return WorkerProcess(spec, process, writer, janitor, started)

@@ -501,12 +501,13 @@ class Router(WorkerRecovery):
 
     def _expire_waiting(self) -> None:
         """Cancelled and expired requests leave now: waiting ones at once, not when they reach a
-        worker; computing ones at their worker's next denoising step."""
+        worker; computing ones once their worker stops (a DiT at its next denoising step, an
+        encoder or decoder when its call returns)."""
         for queue in self._queues.values():
             for request in queue.remove_where(lambda r: r.future.cancelled() or r.expired()):
                 self._enqueue(request)
-        # Computing ones: the caller hears now, and the worker stops at its next denoising step
-        # (or skips the task if it has not started it); its StageFailed then releases the slots.
+        # Computing ones: the caller hears now, and the worker is told to stop (or to skip the
+        # task if it has not started it); its StageFailed then releases the slots.
         for worker in self.workers.values():
             for request in worker.inflight.values():
                 if request.expired() and not request.timed_out:

@@ -189,11 +189,17 @@ class _ComputeLoop:
         self.spec = dataclasses.replace(self.spec, stage=message.stage)
         self._send(wire.Ready(self.spec.worker_id, os.getpid(), time.perf_counter() - started, None))
 
+    def _skip_if_cancelled(self, task: wire.StageTask) -> bool:
+        """A task cancelled while it waited here is answered without running."""
+        if not self.cancelled.take(task.request_id):
+            return False
+        self.endpoint.discard_prefetched(task.request_id)
+        self._send(wire.StageFailed(self.spec.worker_id, task.request_id, "cancelled before it started"))
+        return True
+
     def on_task(self, task: wire.StageTask, received_at: float) -> None:
         started = time.perf_counter()
-        if self.cancelled.take(task.request_id):  # cancelled while it waited here
-            self.endpoint.discard_prefetched(task.request_id)
-            self._send(wire.StageFailed(self.spec.worker_id, task.request_id, "cancelled before it started"))
+        if self._skip_if_cancelled(task):
             return
         try:
             inputs = self.endpoint.fetch(task.request_id, task.inputs)
@@ -228,9 +234,14 @@ class _ComputeLoop:
     def on_batch(self, batch: wire.StageBatch, received_at: float) -> None:
         """Several requests as one call of the stage, then one StageDone per request. If the
         batched call raises (one bad request, or a batch too big for memory), the requests run
-        again one by one, so only the request at fault fails."""
+        again one by one, so only the request at fault fails. A request cancelled meanwhile is
+        dropped and the others start again together."""
         started = time.perf_counter()
-        tasks = batch.tasks
+        tasks = [t for t in batch.tasks if not self._skip_if_cancelled(t)]
+        if len(tasks) <= 1:
+            for task in tasks:
+                self.on_task(task, received_at)
+            return
         try:
             inputs = [self.endpoint.fetch(t.request_id, t.inputs) for t in tasks]
             outputs = self.stage.run_batch(inputs, [t.params for t in tasks], [self._step_hook(t) for t in tasks])
@@ -238,10 +249,14 @@ class _ComputeLoop:
             refs = [w.put_all(o) for w, o in zip(writers, outputs)]
             for task in tasks:
                 self.endpoint.finish(task.output)
+        except TaskCancelled:
+            # The batch stopped for one request: the others start again, still as one batch
+            # (a batched call cannot drop a member midway). Their progress restarts from step 1.
+            self.on_batch(wire.StageBatch(tasks), received_at)
+            return
         except Exception as e:  # incl. out of memory; the single path reports each request's own error
-            if not isinstance(e, TaskCancelled):  # else the cancelled one is skipped, the others rerun
-                log.warning("a batch of %d failed (%s: %s); running its requests one by one",
-                            len(tasks), type(e).__name__, e)
+            log.warning("a batch of %d failed (%s: %s); running its requests one by one",
+                        len(tasks), type(e).__name__, e)
             gc.collect()
             if self.endpoint.cuda:
                 torch.cuda.empty_cache()

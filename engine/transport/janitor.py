@@ -6,12 +6,13 @@ engine is gone, however it went.
 The engine starts it (`Janitor.start`) right after taking its lock, in a session of its own so
 that a signal to the engine's process group (`kill -9 -- -PGID`, Ctrl-C, a group SIGTERM) does
 not reach it, and keeps the write end of its stdin. The janitor only blocks reading stdin, where
-the engine tells it which workers it started and reaped (`+<pid>` / `-<pid>` lines); at EOF --
-the engine closed it after cleaning up itself, or the engine process ended and the kernel
-closed it -- it removes the run dir, unlinks every file with the prefix (the lock file last),
-waits for the workers the engine never reaped and unlinks what CUDA IPC left for them
-(shm_files.unlink_cuda_ipc_files), then exits. It ignores SIGINT, SIGTERM and SIGHUP (systemd signals the whole cgroup on stop): it exits
-when the engine does, never later than its cleanup.
+the engine tells it which workers it started and reaped (`+<pid> <start time>` / `-<pid>`
+lines); at EOF -- the engine closed it after cleaning up itself, or the engine process ended and
+the kernel closed it -- it removes the run dir, unlinks every file with the prefix (the lock
+file last), unlinks what CUDA IPC left for each worker the engine never reaped once it has
+exited (shm_files.unlink_cuda_ipc_files), then exits. It ignores SIGINT, SIGTERM and SIGHUP
+(systemd signals the whole cgroup on stop): it exits when the engine does, never later than its
+cleanup.
 
 Why it is needed: the engine cleans up on close, its workers clean up when they see the engine
 die, but when the engine and its workers die at the same moment (a group SIGKILL or SIGTERM) no
@@ -31,7 +32,7 @@ import threading
 import time
 import weakref
 
-from .shm_files import RUN_DIR_PREFIX, _pid_alive, is_engine_prefix, unlink_cuda_ipc_files, unlink_segments
+from .shm_files import RUN_DIR_PREFIX, is_engine_prefix, pid_running, unlink_cuda_ipc_files, unlink_segments
 
 log = logging.getLogger("dfuse.transport")
 
@@ -56,29 +57,33 @@ class Janitor:
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,  # stderr inherited: it only reports errors
             close_fds=True, start_new_session=True,
         )
+        os.set_blocking(process.stdin.fileno(), False)  # _tell must never stall the router
         return cls(process)
 
     @property
     def pid(self) -> int:
         return self.process.pid
 
-    def watch(self, pid: int) -> None:
-        """A worker was started: if the engine dies without reaping it, clean up after it."""
-        self._tell(f"+{pid}\n")
+    def watch(self, pid: int, started: float) -> None:
+        """A worker was started (at `started`, time.time()): if the engine dies without reaping
+        it, clean up after it."""
+        self._tell(f"+{pid} {started!r}\n")
 
     def forget(self, pid: int) -> None:
         """The engine reaped this worker and cleaned up after it (its pid may be reused now)."""
         self._tell(f"-{pid}\n")
 
     def _tell(self, line: str) -> None:
+        # One short write on the raw fd: a line under PIPE_BUF goes in whole or not at all. If
+        # the pipe is full (a stopped janitor), the line is dropped: the cost is a leftover file
+        # after an engine crash, never a stalled router.
         with self._tell_lock:
             stdin = self.process.stdin
             if stdin is None or stdin.closed:
                 return
             try:
-                stdin.write(line.encode())
-                stdin.flush()
-            except (OSError, ValueError):  # the janitor is gone: nothing more to tell it
+                os.write(stdin.fileno(), line.encode())
+            except (OSError, ValueError):  # full, or the janitor is gone
                 pass
 
     def close(self, timeout: float = 5.0) -> None:
@@ -132,9 +137,10 @@ def clean(prefix: str, run_dir: str) -> list[str]:
     return removed + unlink_segments(prefix)
 
 
-def _read_workers_until_eof(fd: int = 0) -> set[int]:
-    """Follow the engine's `+<pid>` / `-<pid>` lines until EOF: the workers it has not reaped."""
-    workers, pending = set(), b""
+def _read_workers_until_eof(fd: int = 0) -> dict[int, float]:
+    """Follow the engine's `+<pid> <start time>` / `-<pid>` lines until EOF: the workers it has
+    not reaped, with their start times."""
+    workers, pending = {}, b""
     while True:
         try:
             chunk = os.read(fd, 4096)
@@ -144,19 +150,30 @@ def _read_workers_until_eof(fd: int = 0) -> set[int]:
             return workers
         *lines, pending = (pending + chunk).split(b"\n")
         for line in lines:
-            sign, pid = line[:1], line[1:]
-            if pid.isdigit():
-                (workers.add if sign == b"+" else workers.discard)(int(pid))
+            sign, (pid, _, started) = line[:1], line[1:].partition(b" ")
+            if not pid.isdigit():
+                continue
+            if sign == b"-":
+                workers.pop(int(pid), None)
+            elif sign == b"+":
+                try:
+                    workers[int(pid)] = float(started)
+                except ValueError:
+                    pass
 
 
-def clean_after_workers(pids: set[int], timeout: float = WORKER_EXIT_WAIT_S) -> list[str]:
-    """Unlink what CUDA IPC left in /dev/shm for these workers once they have exited (they go on
-    their own when their engine dies); after `timeout`, for the stuck ones too. Not forgotten by
-    the engine, these pids are still its workers' (alive or zombies), never reused ones."""
+def clean_after_workers(workers: dict[int, float], timeout: float = WORKER_EXIT_WAIT_S) -> list[str]:
+    """Unlink what CUDA IPC left in /dev/shm for these workers (pid -> start time), each as soon
+    as it has exited (they go on their own when their engine dies; zombies count as exited);
+    after `timeout`, the stuck ones' too. Files older than a worker's start are never taken."""
+    left, removed = dict(workers), []
     deadline = time.monotonic() + timeout
-    while any(_pid_alive(pid) for pid in pids) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return [name for pid in sorted(pids) for name in unlink_cuda_ipc_files(pid)]
+    while left:
+        for pid in [p for p in left if not pid_running(p) or time.monotonic() >= deadline]:
+            removed += unlink_cuda_ipc_files(pid, left.pop(pid))
+        if left:
+            time.sleep(0.05)
+    return removed
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -73,20 +73,32 @@ def unlink_segment(name: str) -> None:
         pass
 
 
-def unlink_cuda_ipc_files(pid: int) -> list[str]:
-    """Unlink what exporting CUDA IPC handles left in /dev/shm for `pid`, a process that exited.
+def unlink_cuda_ipc_files(pid: int, started: float) -> list[str]:
+    """Unlink what exporting CUDA IPC handles left in /dev/shm for `pid`, a worker that exited
+    and had started at `started` (time.time()).
 
     The CUDA driver gives a process that exports IPC memory or interprocess events an 80 KiB
     `cuda.shm.<n>.<pid in hex>.<n>`, and torch's export a reference-count file
     `torch_<pid>_<n>_<n>`. The driver's stays even after a normal exit, torch's after an exit
     that skips its atexit hooks (a killed or stopped worker); H100, driver 580: see
-    bench/results/README.md. A GPU worker that restarts all day would pile them up. Call only
-    once the process was reaped, before its pid can be reused."""
+    bench/results/README.md. A GPU worker that restarts all day would pile them up. Only files
+    this user made since the worker started are taken: the same names from an earlier process
+    with that pid, another user's or another container's sharing /dev/shm stay."""
     own = re.compile(rf"cuda\.shm\.\d+\.{pid:x}\.\d+|torch_{pid}_\d+_\d+")
-    names = [n for n in _list_files("") if own.fullmatch(n)]
-    for name in names:
-        unlink_segment(name)
-    return names
+    removed = []
+    for name in _list_files(""):
+        if not own.fullmatch(name):
+            continue
+        path = os.path.join(SHM_DIR, name)
+        try:
+            info = os.stat(path)
+            if info.st_uid != os.geteuid() or info.st_mtime < started - 1.0:  # 1 s: timestamp granularity
+                continue
+            os.unlink(path)
+        except OSError:  # gone meanwhile, or not ours to remove: never worth failing the caller
+            continue
+        removed.append(name)
+    return removed
 
 
 def list_segments(prefix: str = PREFIX) -> list[str]:
@@ -292,6 +304,17 @@ def sweep_stale_segments() -> list[str]:
     if swept:
         log.info("unlinked %d segments of dead engines", len(swept))
     return swept
+
+
+def pid_running(pid: int) -> bool:
+    """Alive and not a zombie (an exited child its parent, or init, has not reaped yet)."""
+    if not _pid_alive(pid):
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True  # no /proc: the kill() answer stands
 
 
 def _pid_alive(pid: int) -> bool:

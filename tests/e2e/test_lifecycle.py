@@ -140,7 +140,7 @@ def test_engine_killed_with_sigkill_leaves_nothing(model_path, tmp_path):
         proc.wait(10)
         assert wait_until(lambda: not any(alive(p) for p in pids), 10), "workers outlived the engine"
         assert wait_until(lambda: engine_segments(proc.pid) == [], 10), "the engine's segments leaked"
-        assert wait_until(lambda: not any(os.path.exists(f) for p in pids for f in _cuda_ipc_files(p)), 10)
+        assert wait_until(lambda: not any(os.path.exists(f) for p in pids for f in _cuda_ipc_files(p)), 30)
     finally:
         proc.kill()
         for path in [f for p in pids for f in _cuda_ipc_files(p)]:

@@ -348,23 +348,27 @@ def test_the_janitor_of_a_killed_engine_cleans_up_and_exits(engine_files):
 def test_the_janitor_cleans_up_after_the_workers_the_engine_did_not_reap(engine_files):
     """What CUDA IPC leaves in /dev/shm for a worker (unlinked by the engine when it reaps one)
     is the janitor's to unlink if the engine died first; never for a worker the engine reaped,
-    whose pid may belong to another process by then."""
+    whose pid may belong to another process by then, nor a file older than the worker."""
     prefix, run_dir = engine_files
-    unreaped, reaped = _dead_pid(), _dead_pid()
+    unreaped, reaped, reused = _dead_pid(), _dead_pid(), _dead_pid()
+    started = time.time() - 60
     planted = {pid: [os.path.join(shm.SHM_DIR, f"cuda.shm.0.{pid:x}.1"), os.path.join(shm.SHM_DIR, f"torch_{pid}_7_0")]
-               for pid in (unreaped, reaped)}
+               for pid in (unreaped, reaped, reused)}
+    every = [path for paths in planted.values() for path in paths]
     try:
-        for path in planted[unreaped] + planted[reaped]:
+        for path in every:
             open(path, "wb").close()
+        for path in planted[reused]:  # left by an earlier process that had the worker's pid
+            os.utime(path, (started - 3600, started - 3600))
         janitor = Janitor.start(prefix, run_dir)
-        janitor.watch(unreaped)
-        janitor.watch(reaped)
+        for pid in (unreaped, reaped, reused):
+            janitor.watch(pid, started)
         janitor.forget(reaped)
         janitor.close()
         assert janitor.process.returncode == 0
         assert not any(os.path.exists(p) for p in planted[unreaped])
-        assert all(os.path.exists(p) for p in planted[reaped])
+        assert all(os.path.exists(p) for p in planted[reaped] + planted[reused])
     finally:
-        for path in planted[unreaped] + planted[reaped]:
+        for path in every:
             if os.path.exists(path):
                 os.unlink(path)
