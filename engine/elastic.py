@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..scheduler.controller import Controller, ControllerConfig
-from ..scheduler.core import Device, Move, Placement, Shape, Stats
+from ..scheduler.core import Device, Move, Placement, Shape
 from ..scheduler.feedback import Feedback, FeedbackConfig
 from ..scheduler.planner import Planner, PlannerConfig
 from ..scheduler.predictor import DeviceSpec, Geometry, Predictor, StageSpec, fit_stage
