@@ -35,6 +35,7 @@ from pathlib import Path
 import click
 import numpy as np
 
+from ..engine.transport.shm_files import pid_running as alive  # a zombie counts as gone
 from ..stages import STAGE_KINDS
 from .outputs import default_out
 from .throughput import make_prompts
@@ -184,15 +185,6 @@ def await_replacements(engine, run: ChaosPass, timeout_s: float = REPLACEMENT_WA
         if not pending or time.monotonic() >= deadline:
             return pending
         time.sleep(0.02)
-
-
-def alive(pid: int) -> bool:
-    """True while `pid` runs (a zombie waiting to be reaped counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def close_and_check(engine, worker_pids: set[int], wait_s: float = 10.0) -> dict:

@@ -3,7 +3,7 @@
 import os
 import time
 
-from dfuse.bench.chaos import alive  # noqa: F401  (one definition, shared with the chaos benchmark)
+from dfuse.engine.transport.shm_files import pid_running as alive  # noqa: F401  (the engine's own: a zombie counts as gone)
 
 
 def engine_segments(engine_pid: int) -> list[str]:

@@ -313,6 +313,8 @@ def pid_running(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:  # gone (and reaped) since kill() answered
+        return False
     except (OSError, IndexError):
         return True  # no /proc: the kill() answer stands
 
