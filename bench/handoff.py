@@ -11,13 +11,19 @@ Mechanisms, each measured here in one run:
     socket-floor the same write, then one bare AF_UNIX datagram between two Python processes: no
                 zmq, no tensor. The cheapest wake-up any design that sleeps while it waits can get.
 The hop time is one-way: CLOCK_MONOTONIC (perf_counter_ns) is shared by all processes of a host.
+
+The bench holds what an engine holds (HostResources: a liveness lock and a janitor) and names its
+segments and run dirs under it, and its processes exit with it: a bench killed mid-run, even with
+SIGKILL, leaves no 256 MiB segment in /dev/shm and no process behind.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import multiprocessing as mp
+import multiprocessing.connection
 import os
 import pickle  # the naive baseline being measured; dfuse itself never pickles on a socket
 import platform
@@ -25,6 +31,7 @@ import shutil
 import socket
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -35,8 +42,10 @@ import zmq
 
 from ..engine import protocol as wire
 from ..engine.config import check_device
+from ..engine.host_resources import HostResources
 from ..engine.transport.endpoint import Endpoint
-from ..engine.transport.shm import ShmFull, SlotPool, new_segment_prefix, unlink_cuda_ipc_files, unlink_segments
+from ..engine.transport.shm import ShmFull, SlotPool, new_segment_prefix, unlink_cuda_ipc_files
+from ..engine.transport.shm_files import unlink_segment
 from .outputs import default_out
 
 DEFAULT_SIZES = "64KiB,1MiB,16MiB,64MiB,256MiB"
@@ -72,6 +81,7 @@ _hop_decoder = msgspec.msgpack.Decoder(wire.OpenPool | wire.StageDone)
 def _producer(
     device: str, pool_name: str | None, nbytes: int, iterations: int, run_dir: str, full_write: bool, carry: bool
 ) -> None:
+    _exit_with_parent()
     torch.set_num_threads(1)
     endpoint = Endpoint(torch.device(device))
     context = zmq.Context()
@@ -103,6 +113,7 @@ def _producer(
 
 
 def _consumer(device: str, iterations: int, run_dir: str, results) -> None:
+    _exit_with_parent()
     torch.set_num_threads(1)
     endpoint = Endpoint(torch.device(device))
     context = zmq.Context()
@@ -131,18 +142,50 @@ def _consumer(device: str, iterations: int, run_dir: str, results) -> None:
     context.term()
 
 
-def _run_pair(consumer, consumer_args: tuple, producer, producer_args: tuple) -> bytes:
+def _exit_with_parent() -> None:
+    """A bench process never outlives the bench: killed mid-hop (SIGKILL included), the bench
+    leaves its children blocked on a socket no one will write to. Its sentinel ends them."""
+    parent = mp.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        multiprocessing.connection.wait([parent.sentinel])
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-bench").start()
+
+
+@contextlib.contextmanager
+def _bench_host(host: HostResources | None):
+    """The given host resources, or ones held for the duration of one measurement."""
+    if host is not None:
+        yield host
+        return
+    host = HostResources()
+    try:
+        yield host
+    finally:
+        host.release()
+
+
+_pool_numbers = itertools.count()
+
+
+def _run_pair(consumer, consumer_args: tuple, producer, producer_args: tuple, host: HostResources) -> bytes:
     """Start the consumer, wait until it listens, then the producer; return the consumer's report.
-    Neither process outlives the measurement."""
+    Neither process outlives the measurement, and the janitor knows both (CUDA IPC leftovers)."""
     spawn = mp.get_context("spawn")
     receiver, sender = spawn.Pipe(duplex=False)
     started = time.time()
     processes = [spawn.Process(target=consumer, args=(*consumer_args, sender), daemon=True)]
     processes[0].start()
+    _watch(host, processes[0], started)
     try:
         receiver.recv_bytes()  # listening
         processes.append(spawn.Process(target=producer, args=producer_args, daemon=True))
         processes[1].start()
+        _watch(host, processes[1], started)
         report = receiver.recv_bytes()
         for process in processes:
             process.join(30)
@@ -153,23 +196,31 @@ def _run_pair(consumer, consumer_args: tuple, producer, producer_args: tuple) ->
                 process.kill()
                 process.join()
             unlink_cuda_ipc_files(process.pid, started)
+            if host.janitor is not None:
+                host.janitor.forget(process.pid)
+
+
+def _watch(host: HostResources, process, started: float) -> None:
+    if host.janitor is not None:
+        host.janitor.watch(process.pid, started)
 
 
 def measure_dfuse(nbytes: int, iterations: int, device: str, full_write: bool = True, carry: bool = True,
-                  consumer_device: str | None = None) -> dict:
+                  consumer_device: str | None = None, host: HostResources | None = None) -> dict:
     """`device` runs both processes, unless `consumer_device` names the consumer's (a CPU producer
     and a GPU consumer: the mixed link, read from pinned shared memory on the copy stream)."""
-    run_dir = Path(tempfile.mkdtemp(prefix="dfuse-bench-"))
-    prefix = new_segment_prefix()
-    pool = None if device.startswith("cuda") else SlotPool.create_host(f"{prefix}hop", nbytes, 1)
-    try:
-        result = json.loads(_run_pair(
-            _consumer, (consumer_device or device, iterations, str(run_dir)),
-            _producer, (device, pool and pool.name, nbytes, iterations, str(run_dir), full_write, carry),
-        ))
-    finally:
-        unlink_segments(prefix)
-        shutil.rmtree(run_dir, ignore_errors=True)
+    with _bench_host(host) as host:
+        run_dir = tempfile.mkdtemp(dir=host.run_dir)
+        name = f"{host.segment_prefix}hop{next(_pool_numbers)}"
+        pool = None if device.startswith("cuda") else SlotPool.create_host(name, nbytes, 1)
+        try:
+            result = json.loads(_run_pair(
+                _consumer, (consumer_device or device, iterations, run_dir),
+                _producer, (device, pool and pool.name, nbytes, iterations, run_dir, full_write, carry), host,
+            ))
+        finally:
+            unlink_segment(name)
+            shutil.rmtree(run_dir, ignore_errors=True)
     if result["wrong_values"]:
         raise RuntimeError(f"dfuse handoff read {result['wrong_values']} wrong values at {nbytes} bytes")
     mechanism = "zmq-floor" if not carry else "dfuse" if full_write else "dfuse-touch1"
@@ -178,6 +229,7 @@ def measure_dfuse(nbytes: int, iterations: int, device: str, full_write: bool = 
 
 # --- socket-floor: the wake-up alone, without zmq --------------------------------------------------
 def _socket_consumer(iterations: int, path: str, results) -> None:
+    _exit_with_parent()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     listener.bind(path)
     listener.listen(1)
@@ -195,6 +247,7 @@ def _socket_consumer(iterations: int, path: str, results) -> None:
 
 
 def _socket_producer(nbytes: int, iterations: int, path: str, device: str) -> None:
+    _exit_with_parent()
     torch.set_num_threads(1)
     tensor = torch.empty(nbytes, dtype=torch.uint8, device=device)
     connection = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -207,14 +260,15 @@ def _socket_producer(nbytes: int, iterations: int, path: str, device: str) -> No
     connection.close()
 
 
-def measure_socket_floor(nbytes: int, iterations: int, device: str) -> dict:
-    run_dir = Path(tempfile.mkdtemp(prefix="dfuse-bench-"))
-    path = str(run_dir / "doorbell")
-    try:
-        samples = json.loads(_run_pair(
-            _socket_consumer, (iterations, path), _socket_producer, (nbytes, iterations, path, device)))
-    finally:
-        shutil.rmtree(run_dir, ignore_errors=True)
+def measure_socket_floor(nbytes: int, iterations: int, device: str, host: HostResources | None = None) -> dict:
+    with _bench_host(host) as host:
+        run_dir = tempfile.mkdtemp(dir=host.run_dir)
+        path = os.path.join(run_dir, "doorbell")
+        try:
+            samples = json.loads(_run_pair(
+                _socket_consumer, (iterations, path), _socket_producer, (nbytes, iterations, path, device), host))
+        finally:
+            shutil.rmtree(run_dir, ignore_errors=True)
     return _summary("socket-floor", nbytes, samples)
 
 
@@ -235,6 +289,7 @@ def measure_memcpy(nbytes: int, iterations: int, device: str) -> dict:
 
 
 def _pickle_receiver(iterations: int, run_dir: str, results) -> None:
+    _exit_with_parent()
     context = zmq.Context()
     socket, acks = context.socket(zmq.PULL), context.socket(zmq.PUSH)
     socket.bind(f"ipc://{run_dir}/pickle")
@@ -252,33 +307,41 @@ def _pickle_receiver(iterations: int, run_dir: str, results) -> None:
     context.term()
 
 
-def measure_pickle_zmq(nbytes: int, iterations: int, device: str) -> dict:
+def measure_pickle_zmq(nbytes: int, iterations: int, device: str, host: HostResources | None = None) -> dict:
+    with _bench_host(host) as host:
+        run_dir = tempfile.mkdtemp(dir=host.run_dir)
+        try:
+            return _summary("pickle-zmq", nbytes, _pickle_send(nbytes, iterations, device, run_dir))
+        finally:
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _pickle_send(nbytes: int, iterations: int, device: str, run_dir: str) -> list[float]:
     spawn = mp.get_context("spawn")
-    run_dir = Path(tempfile.mkdtemp(prefix="dfuse-bench-"))
     receiver, sender = spawn.Pipe(duplex=False)
-    process = spawn.Process(target=_pickle_receiver, args=(iterations, str(run_dir), sender), daemon=True)
+    process = spawn.Process(target=_pickle_receiver, args=(iterations, run_dir, sender), daemon=True)
     process.start()
-    receiver.recv_bytes()
     context = zmq.Context()
     socket, acks = context.socket(zmq.PUSH), context.socket(zmq.PULL)
-    socket.connect(f"ipc://{run_dir}/pickle")
-    acks.connect(f"ipc://{run_dir}/pickle-ack")
-    tensor = torch.full((nbytes,), 7, dtype=torch.uint8, device=device)
     try:
+        receiver.recv_bytes()
+        socket.connect(f"ipc://{run_dir}/pickle")
+        acks.connect(f"ipc://{run_dir}/pickle-ack")
+        tensor = torch.full((nbytes,), 7, dtype=torch.uint8, device=device)
         for _ in range(iterations):
             sent_ns = time.perf_counter_ns()
             socket.send(pickle.dumps((sent_ns, tensor.cpu().numpy()), protocol=pickle.HIGHEST_PROTOCOL))
             acks.recv()  # one hop at a time, like the dfuse hop: no queueing in the numbers
         samples = json.loads(receiver.recv_bytes())
         process.join(30)
+        return samples
     finally:
         socket.close(linger=0)
         acks.close(linger=0)
         context.term()
         if process.is_alive():
             process.kill()
-        shutil.rmtree(run_dir, ignore_errors=True)
-    return _summary("pickle-zmq", nbytes, samples)
+            process.join()
 
 
 def _sync(device: str) -> None:
@@ -293,12 +356,14 @@ def _summary(mechanism: str, nbytes: int, samples_us: list[float]) -> dict:
             "p99_us": round(p99, 1), "samples": len(ordered)}
 
 
+# Each takes (nbytes, iterations, device, host).
 MECHANISMS = {
-    "dfuse": measure_dfuse,
-    "dfuse-touch1": lambda nbytes, iterations, device: measure_dfuse(nbytes, iterations, device, full_write=False),
-    "zmq-floor": lambda nbytes, iterations, device: measure_dfuse(nbytes, iterations, device, carry=False),
+    "dfuse": lambda nbytes, iterations, device, host: measure_dfuse(nbytes, iterations, device, host=host),
+    "dfuse-touch1": lambda nbytes, iterations, device, host: measure_dfuse(
+        nbytes, iterations, device, full_write=False, host=host),
+    "zmq-floor": lambda nbytes, iterations, device, host: measure_dfuse(nbytes, iterations, device, carry=False, host=host),
     "socket-floor": measure_socket_floor,
-    "memcpy": measure_memcpy,
+    "memcpy": lambda nbytes, iterations, device, host: measure_memcpy(nbytes, iterations, device),
     "pickle-zmq": measure_pickle_zmq,
 }
 
@@ -308,8 +373,9 @@ def run_handoff(sizes: list[int], device: str, mechanisms=tuple(MECHANISMS)) -> 
 
     results = []
     steps = [(m, n) for n in sizes for m in mechanisms]
-    for mechanism, nbytes in tqdm(steps, desc="handoff", unit="case", leave=False):
-        results.append(MECHANISMS[mechanism](nbytes, iterations_for(nbytes), device))
+    with _bench_host(None) as host:
+        for mechanism, nbytes in tqdm(steps, desc="handoff", unit="case", leave=False):
+            results.append(MECHANISMS[mechanism](nbytes, iterations_for(nbytes), device, host))
     return {
         "benchmark": "handoff",
         "device": device if device == "cpu" else torch.cuda.get_device_name(device),

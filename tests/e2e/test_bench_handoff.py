@@ -1,15 +1,18 @@
 """`dfuse bench handoff` runs every mechanism between real processes and leaves nothing behind: the
 dfuse hop reads the value the producer wrote on every hop (the run fails otherwise), and each
-mechanism reports its samples. No timing is asserted: speeds live in bench/results/."""
+mechanism reports its samples. No timing is asserted: speeds live in bench/results/.
+A bench killed with SIGKILL in the middle of a hop leaves nothing behind either."""
 
 import json
 import os
+import subprocess
+import sys
 
 from click.testing import CliRunner
 
 from dfuse.bench.handoff import MECHANISMS
 from dfuse.cli import main
-from process_utils import engine_segments
+from process_utils import alive, children_of, cmdline, engine_segments, wait_until
 
 
 def test_handoff_runs_every_mechanism_and_leaves_no_segment(tmp_path):
@@ -23,3 +26,29 @@ def test_handoff_runs_every_mechanism_and_leaves_no_segment(tmp_path):
         assert row["bytes"] == 64 * 1024
         assert row["samples"] > 0 and 0 < row["p50_us"] <= row["p99_us"], row
     assert set(engine_segments(os.getpid())) <= before
+
+
+def test_a_bench_killed_mid_hop_leaves_no_segment_run_dir_or_process(tmp_path):
+    bench = subprocess.Popen([sys.executable, "-m", "dfuse.cli", "bench", "handoff", "--sizes", "16MiB",
+                              "--out", str(tmp_path / "handoff.json")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        mid_hop = lambda: any("_hop" in n for n in engine_segments(bench.pid)) and _spawned(bench.pid)  # noqa: E731
+        assert wait_until(mid_hop, 120), "the bench never started a hop"
+        children = children_of(bench.pid)
+        (lock,) = [n for n in engine_segments(bench.pid) if n.endswith("_lock")]
+        with open(os.path.join("/dev/shm", lock)) as f:
+            run_dir = json.load(f)["run_dir"]
+
+        bench.kill()
+        bench.wait(30)
+        assert wait_until(lambda: engine_segments(bench.pid) == [], 15), f"left in /dev/shm: {engine_segments(bench.pid)}"
+        assert wait_until(lambda: not os.path.exists(run_dir), 15), f"run dir left: {run_dir}"
+        assert wait_until(lambda: not any(alive(p) for p in children), 15), "a bench process outlived the bench"
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+            bench.wait(30)
+
+
+def _spawned(pid: int) -> bool:
+    return any("multiprocessing.spawn" in cmdline(child) for child in children_of(pid))

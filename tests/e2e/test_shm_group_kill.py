@@ -16,30 +16,9 @@ import sys
 import numpy as np
 import pytest
 
-from process_utils import alive, wait_until
+from process_utils import alive, children_of, cmdline, wait_until
 
 pytestmark = pytest.mark.slow
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        found.append(int(entry))
-            except (FileNotFoundError, ValueError, IndexError):
-                pass
-    return found
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode()
-    except FileNotFoundError:
-        return ""
 
 
 def _files(prefix: str) -> list[str]:
@@ -62,9 +41,9 @@ def test_a_group_kill_of_dfuse_run_leaves_no_segment_and_no_run_dir(model_path, 
         prefix = lock[: -len("lock")]
         with open(os.path.join("/dev/shm", lock)) as f:
             run_dir = json.load(f)["run_dir"]
-        children = _children(proc.pid)
-        (janitor,) = [p for p in children if "dfuse.engine.transport.janitor" in _cmdline(p)]
-        workers = [p for p in children if "multiprocessing.spawn" in _cmdline(p)]
+        children = children_of(proc.pid)
+        (janitor,) = [p for p in children if "dfuse.engine.transport.janitor" in cmdline(p)]
+        workers = [p for p in children if "multiprocessing.spawn" in cmdline(p)]
         assert len(workers) == 3 and os.getsid(janitor) != proc.pid
         assert any("_wt_" in n for n in _files(prefix)) and any(n.endswith("_w0") for n in _files(prefix))
         assert os.path.isdir(run_dir)
