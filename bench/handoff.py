@@ -4,12 +4,19 @@ Mechanisms, each measured here in one run:
     dfuse       two spawned processes with the real transport: the producer writes the tensor in
                 place into its slot, sends a StageDone carrying TensorRefs over zmq; the consumer
                 decodes it and `Endpoint.fetch`es the inputs (a view on CPU / same GPU), checks a
-                value, and acks so the slot can be reused.
+                value, and acks so the slot can be reused. `arrive_p50_us`: the part of the hop until
+                the message is in the consumer's hands (the rest: decode, fetch, read).
+    dfuse-touch1 the same, but the producer rewrites one element: the consumer sleeps only briefly.
+    dfuse-busy-poll the same, but the consumer spins on its socket instead of sleeping, as no
+                worker does (it burns a core): what never sleeping would buy.
     memcpy      the floor: one copy of the same bytes inside one process (1 thread on CPU).
     pickle-zmq  the naive way: pickle.dumps of the array, zmq send, pickle.loads on the other side.
     zmq-floor   the dfuse processes, write and wait, but the message carries no tensor.
     socket-floor the same write, then one bare AF_UNIX datagram between two Python processes: no
                 zmq, no tensor. The cheapest wake-up any design that sleeps while it waits can get.
+    spin-floor  the same write, then a sequence word in shared memory that the consumer spins on
+                (no sleep, no socket), and the same read of the last element (CPU): the floor for
+                a design that burns a core per waiting process.
 The hop time is one-way: CLOCK_MONOTONIC (perf_counter_ns) is shared by all processes of a host.
 
 The bench holds what an engine holds (HostResources: a liveness lock and a janitor) and names its
@@ -44,7 +51,7 @@ from ..engine import protocol as wire
 from ..engine.config import check_device
 from ..engine.host_resources import HostResources
 from ..engine.transport.endpoint import Endpoint
-from ..engine.transport.shm import ShmFull, SlotPool, new_segment_prefix, unlink_cuda_ipc_files
+from ..engine.transport.shm import Segment, ShmFull, SlotPool, new_segment_prefix, unlink_cuda_ipc_files
 from ..engine.transport.shm_files import unlink_segment
 from .outputs import default_out
 
@@ -112,7 +119,7 @@ def _producer(
     context.term()
 
 
-def _consumer(device: str, iterations: int, run_dir: str, results) -> None:
+def _consumer(device: str, iterations: int, run_dir: str, busy_poll: bool, results) -> None:
     _exit_with_parent()
     torch.set_num_threads(1)
     endpoint = Endpoint(torch.device(device))
@@ -121,9 +128,14 @@ def _consumer(device: str, iterations: int, run_dir: str, results) -> None:
     hops.bind(f"ipc://{run_dir}/hop")
     acks.bind(f"ipc://{run_dir}/ack")
     results.send_bytes(b"bound")
-    samples, wrong, hops_seen = [], 0, 0
+    samples, arrivals, wrong, hops_seen = [], [], 0, 0
     while len(samples) < iterations:
-        message = _hop_decoder.decode(hops.recv())
+        if busy_poll:  # never sleep: the wake-up leaves the hop, a whole core is spent on waiting
+            while not hops.poll(0):
+                pass
+        frame = hops.recv()
+        arrived_ns = time.perf_counter_ns()
+        message = _hop_decoder.decode(frame)
         if isinstance(message, wire.OpenPool):
             endpoint.open_pool(message.pool)
             continue
@@ -135,8 +147,9 @@ def _consumer(device: str, iterations: int, run_dir: str, results) -> None:
         hops_seen += 1
         if hops_seen > 1:  # the first hop maps the pool (once per process, as in a worker)
             samples.append(elapsed_us)
+            arrivals.append((arrived_ns - message.request_id) / 1000)
         acks.send(b"")
-    results.send_bytes(json.dumps({"samples_us": samples, "wrong_values": wrong}).encode())
+    results.send_bytes(json.dumps({"samples_us": samples, "arrivals_us": arrivals, "wrong_values": wrong}).encode())
     hops.close()
     acks.close()
     context.term()
@@ -206,16 +219,17 @@ def _watch(host: HostResources, process, started: float) -> None:
 
 
 def measure_dfuse(nbytes: int, iterations: int, device: str, full_write: bool = True, carry: bool = True,
-                  consumer_device: str | None = None, host: HostResources | None = None) -> dict:
+                  consumer_device: str | None = None, host: HostResources | None = None, busy_poll: bool = False) -> dict:
     """`device` runs both processes, unless `consumer_device` names the consumer's (a CPU producer
-    and a GPU consumer: the mixed link, read from pinned shared memory on the copy stream)."""
+    and a GPU consumer: the mixed link, read from pinned shared memory on the copy stream).
+    `busy_poll`: the consumer spins on its socket instead of sleeping (not what a worker does)."""
     with _bench_host(host) as host:
         run_dir = tempfile.mkdtemp(dir=host.run_dir)
         name = f"{host.segment_prefix}hop{next(_pool_numbers)}"
         pool = None if device.startswith("cuda") else SlotPool.create_host(name, nbytes, 1)
         try:
             result = json.loads(_run_pair(
-                _consumer, (consumer_device or device, iterations, run_dir),
+                _consumer, (consumer_device or device, iterations, run_dir, busy_poll),
                 _producer, (device, pool and pool.name, nbytes, iterations, run_dir, full_write, carry), host,
             ))
         finally:
@@ -223,8 +237,11 @@ def measure_dfuse(nbytes: int, iterations: int, device: str, full_write: bool = 
             shutil.rmtree(run_dir, ignore_errors=True)
     if result["wrong_values"]:
         raise RuntimeError(f"dfuse handoff read {result['wrong_values']} wrong values at {nbytes} bytes")
-    mechanism = "zmq-floor" if not carry else "dfuse" if full_write else "dfuse-touch1"
-    return _summary(mechanism, nbytes, result["samples_us"])
+    mechanism = ("zmq-floor" if not carry else "dfuse-touch1" if not full_write
+                 else "dfuse-busy-poll" if busy_poll else "dfuse")
+    summary = _summary(mechanism, nbytes, result["samples_us"])
+    summary["arrive_p50_us"] = round(statistics.median(result["arrivals_us"]), 1)  # of p50: the message's arrival
+    return summary
 
 
 # --- socket-floor: the wake-up alone, without zmq --------------------------------------------------
@@ -270,6 +287,61 @@ def measure_socket_floor(nbytes: int, iterations: int, device: str, host: HostRe
         finally:
             shutil.rmtree(run_dir, ignore_errors=True)
     return _summary("socket-floor", nbytes, samples)
+
+
+# --- spin-floor: no sleep and no socket -----------------------------------------------------------
+# What a consumer that never sleeps gets: it spins on a sequence word in shared memory that the
+# producer bumps after its write, then reads the last element as the dfuse consumer does. Not a
+# transport (it burns a core per waiting process and relies on x86's store order): the floor for
+# the hop once neither sleeping nor a socket is in it. Words: [sequence, sent_ns, ack].
+def _spin_consumer(pool: str | None, bell: str, iterations: int, results) -> None:
+    _exit_with_parent()
+    torch.set_num_threads(1)
+    words = Segment(bell).data.view(torch.int64).numpy()
+    data = Segment(pool).data if pool else None  # a GPU producer's tensor is not read here
+    results.send_bytes(b"bound")
+    samples, wrong = [], 0
+    for hop in range(1, iterations + 2):  # the first hop is untimed, as for dfuse
+        while words[0] != hop:
+            pass
+        if data is not None:
+            wrong += int(data[-1].item()) != hop % 251
+        if hop > 1:
+            samples.append((time.perf_counter_ns() - int(words[1])) / 1000)
+        words[2] = hop
+    results.send_bytes(json.dumps({"samples_us": samples, "wrong_values": wrong}).encode())
+
+
+def _spin_producer(pool: str | None, bell: str, nbytes: int, iterations: int, device: str) -> None:
+    _exit_with_parent()
+    torch.set_num_threads(1)
+    words = Segment(bell).data.view(torch.int64).numpy()
+    tensor = Segment(pool).data if pool else torch.empty(nbytes, dtype=torch.uint8, device=device)
+    for hop in range(1, iterations + 2):
+        tensor.fill_(hop % 251)  # the same write as the dfuse producer's: not timed
+        _sync(device)
+        words[1] = time.perf_counter_ns()
+        words[0] = hop  # after sent_ns: x86 makes stores visible in program order
+        while words[2] != hop:
+            pass
+
+
+def measure_spin_floor(nbytes: int, iterations: int, device: str, host: HostResources | None = None) -> dict:
+    with _bench_host(host) as host:
+        number = next(_pool_numbers)
+        names = [f"{host.segment_prefix}spin{number}", f"{host.segment_prefix}bell{number}"]
+        pool = None if device.startswith("cuda") else SlotPool.create_host(names[0], nbytes, 1)
+        bell = SlotPool.create_host(names[1], 4096, 1)
+        try:
+            result = json.loads(_run_pair(
+                _spin_consumer, (pool and pool.name, bell.name, iterations),
+                _spin_producer, (pool and pool.name, bell.name, nbytes, iterations, device), host))
+        finally:
+            for name in names:
+                unlink_segment(name)
+    if result["wrong_values"]:
+        raise RuntimeError(f"spin-floor read {result['wrong_values']} wrong values at {nbytes} bytes")
+    return _summary("spin-floor", nbytes, result["samples_us"])
 
 
 # --- the floor and the naive way -------------------------------------------------------------------
@@ -361,8 +433,11 @@ MECHANISMS = {
     "dfuse": lambda nbytes, iterations, device, host: measure_dfuse(nbytes, iterations, device, host=host),
     "dfuse-touch1": lambda nbytes, iterations, device, host: measure_dfuse(
         nbytes, iterations, device, full_write=False, host=host),
+    "dfuse-busy-poll": lambda nbytes, iterations, device, host: measure_dfuse(
+        nbytes, iterations, device, host=host, busy_poll=True),
     "zmq-floor": lambda nbytes, iterations, device, host: measure_dfuse(nbytes, iterations, device, carry=False, host=host),
     "socket-floor": measure_socket_floor,
+    "spin-floor": measure_spin_floor,
     "memcpy": lambda nbytes, iterations, device, host: measure_memcpy(nbytes, iterations, device),
     "pickle-zmq": measure_pickle_zmq,
 }
@@ -381,14 +456,16 @@ def run_handoff(sizes: list[int], device: str, mechanisms=tuple(MECHANISMS)) -> 
         "device": device if device == "cpu" else torch.cuda.get_device_name(device),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
         "note": "one-way hop p50/p99 in microseconds, from the producer's send to the consumer's read of the "
-                "last element. dfuse: the producer rewrites the whole tensor in place before every hop (as a "
-                "stage would), the consumer maps a view (same GPU: a CUDA IPC view ordered by an interprocess "
-                "event). dfuse-touch1: the producer rewrites one element. zmq-floor: the same write and wait, "
-                "but the message carries no tensor and the consumer reads nothing. socket-floor: the same write, "
-                "then one bare AF_UNIX datagram between two Python processes (no zmq, no tensor), the "
-                "cheapest wake-up for any design whose consumer sleeps while it waits. The consumer sleeps while "
-                "the producer writes, and waking a process (and zmq's I/O threads) costs more the longer it "
-                "slept, so large sizes pay a longer wake-up, whatever the transport does.",
+                "last element (each mechanism is described in bench/handoff.py). dfuse: the producer rewrites "
+                "the whole tensor in place before every hop (as a stage would), the consumer maps a view (same "
+                "GPU: a CUDA IPC view ordered by an interprocess event); arrive_p50_us: the part until the "
+                "message is in the consumer's hands. dfuse-touch1: one element rewritten. dfuse-busy-poll: the "
+                "consumer spins on its socket instead of sleeping. zmq-floor: no tensor in the message, nothing "
+                "read. socket-floor: the same write, then one bare AF_UNIX datagram (no zmq, no tensor): the "
+                "cheapest wake-up for a consumer that sleeps while it waits. spin-floor: the same write, then a "
+                "sequence word in shared memory the consumer spins on and (CPU) the same read: the floor for a "
+                "consumer that never sleeps. A sleeping consumer wakes more slowly the longer it slept, so "
+                "large sizes pay a longer wake-up whatever the transport does.",
         "results": results,
     }
 
@@ -413,9 +490,10 @@ def handoff_command(sizes, device, out):
     except ShmFull as e:  # a size this machine's /dev/shm cannot hold
         raise click.UsageError(f"--sizes: {', '.join(map(format_size, parsed))}: the largest does not fit in "
                                f"/dev/shm on this machine; choose smaller sizes ({e.errno and os.strerror(e.errno)})") from None
-    click.echo(f"{'size':>10} {'mechanism':>13} {'p50 us':>10} {'p99 us':>10}")
+    click.echo(f"{'size':>10} {'mechanism':>15} {'p50 us':>10} {'p99 us':>10} {'arrive p50':>10}")
     for r in report["results"]:
-        click.echo(f"{format_size(r['bytes']):>10} {r['mechanism']:>13} {r['p50_us']:>10.1f} {r['p99_us']:>10.1f}")
+        arrive = f"{r['arrive_p50_us']:>10.1f}" if "arrive_p50_us" in r else f"{'-':>10}"
+        click.echo(f"{format_size(r['bytes']):>10} {r['mechanism']:>15} {r['p50_us']:>10.1f} {r['p99_us']:>10.1f} {arrive}")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     click.echo(f"Wrote {out}")
