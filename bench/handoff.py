@@ -4,8 +4,8 @@ Mechanisms, each measured here in one run:
     dfuse       two spawned processes with the real transport: the producer writes the tensor in
                 place into its slot, sends a StageDone carrying TensorRefs over zmq; the consumer
                 decodes it and `Endpoint.fetch`es the inputs (a view on CPU / same GPU), checks a
-                value, and acks so the slot can be reused. `arrive_p50_us`: the part of the hop until
-                the message is in the consumer's hands (the rest: decode, fetch, read).
+                value, and acks so the slot can be reused. `arrive_p50_us`: the median time until the
+                message is in the consumer's hands (then come decode, fetch, read).
     dfuse-touch1 the same, but the producer rewrites one element: the consumer sleeps only briefly.
     dfuse-busy-poll the same, but the consumer spins on its socket instead of sleeping, as no
                 worker does (it burns a core): what never sleeping would buy.
@@ -192,25 +192,48 @@ def _run_pair(consumer, consumer_args: tuple, producer, producer_args: tuple, ho
     receiver, sender = spawn.Pipe(duplex=False)
     started = time.time()
     processes = [spawn.Process(target=consumer, args=(*consumer_args, sender), daemon=True)]
-    processes[0].start()
-    _watch(host, processes[0], started)
     try:
-        receiver.recv_bytes()  # listening
+        processes[0].start()
+        _watch(host, processes[0], started)
+        sender.close()  # the consumer's copy is the only one: its death reads as EOF here
+        _report(receiver, processes)  # listening
         processes.append(spawn.Process(target=producer, args=producer_args, daemon=True))
         processes[1].start()
         _watch(host, processes[1], started)
-        report = receiver.recv_bytes()
+        report = _report(receiver, processes)
         for process in processes:
             process.join(30)
         return report
     finally:
         for process in processes:
+            if process.pid is None:  # never started
+                continue
             if process.is_alive():
                 process.kill()
                 process.join()
             unlink_cuda_ipc_files(process.pid, started)
             if host.janitor is not None:
                 host.janitor.forget(process.pid)
+
+
+def _report(receiver, processes) -> bytes:
+    """The consumer's next message. A bench process that dies before it is sent fails the bench
+    (the other one would wait for it forever)."""
+    waiting = list(processes)
+    while True:
+        ready = multiprocessing.connection.wait([receiver, *(p.sentinel for p in waiting)])
+        if receiver in ready:
+            try:
+                return receiver.recv_bytes()
+            except EOFError:  # the consumer, the only writer, is gone
+                processes[0].join(10)
+                raise RuntimeError(f"a handoff consumer exited (exit code {processes[0].exitcode}) "
+                                   "before it reported") from None
+        for process in [p for p in waiting if p.sentinel in ready]:
+            process.join()  # its sentinel fired: it is exiting, and exitcode needs it reaped
+            if process.exitcode:
+                raise RuntimeError(f"a handoff process ({process.name}) died with exit code {process.exitcode}")
+            waiting.remove(process)  # the producer is done: the consumer reports next
 
 
 def _watch(host: HostResources, process, started: float) -> None:
@@ -240,7 +263,7 @@ def measure_dfuse(nbytes: int, iterations: int, device: str, full_write: bool = 
     mechanism = ("zmq-floor" if not carry else "dfuse-touch1" if not full_write
                  else "dfuse-busy-poll" if busy_poll else "dfuse")
     summary = _summary(mechanism, nbytes, result["samples_us"])
-    summary["arrive_p50_us"] = round(statistics.median(result["arrivals_us"]), 1)  # of p50: the message's arrival
+    summary["arrive_p50_us"] = round(statistics.median(result["arrivals_us"]), 1)  # the median arrival
     return summary
 
 
@@ -301,6 +324,8 @@ def _spin_consumer(pool: str | None, bell: str, iterations: int, results) -> Non
     data = Segment(pool).data if pool else None  # a GPU producer's tensor is not read here
     results.send_bytes(b"bound")
     samples, wrong = [], 0
+    while words[0] != 1:  # the producer is still starting: leave it the core
+        time.sleep(0.001)
     for hop in range(1, iterations + 2):  # the first hop is untimed, as for dfuse
         while words[0] != hop:
             pass
@@ -393,18 +418,22 @@ def _pickle_send(nbytes: int, iterations: int, device: str, run_dir: str) -> lis
     receiver, sender = spawn.Pipe(duplex=False)
     process = spawn.Process(target=_pickle_receiver, args=(iterations, run_dir, sender), daemon=True)
     process.start()
+    sender.close()
     context = zmq.Context()
     socket, acks = context.socket(zmq.PUSH), context.socket(zmq.PULL)
     try:
-        receiver.recv_bytes()
+        _report(receiver, [process])
         socket.connect(f"ipc://{run_dir}/pickle")
         acks.connect(f"ipc://{run_dir}/pickle-ack")
         tensor = torch.full((nbytes,), 7, dtype=torch.uint8, device=device)
         for _ in range(iterations):
             sent_ns = time.perf_counter_ns()
             socket.send(pickle.dumps((sent_ns, tensor.cpu().numpy()), protocol=pickle.HIGHEST_PROTOCOL))
-            acks.recv()  # one hop at a time, like the dfuse hop: no queueing in the numbers
-        samples = json.loads(receiver.recv_bytes())
+            while not acks.poll(1000):  # one hop at a time, like the dfuse hop: no queueing in the numbers
+                if not process.is_alive():
+                    raise RuntimeError(f"the pickle receiver died with exit code {process.exitcode}")
+            acks.recv()
+        samples = json.loads(_report(receiver, [process]))
         process.join(30)
         return samples
     finally:
@@ -437,10 +466,11 @@ MECHANISMS = {
         nbytes, iterations, device, host=host, busy_poll=True),
     "zmq-floor": lambda nbytes, iterations, device, host: measure_dfuse(nbytes, iterations, device, carry=False, host=host),
     "socket-floor": measure_socket_floor,
-    "spin-floor": measure_spin_floor,
     "memcpy": lambda nbytes, iterations, device, host: measure_memcpy(nbytes, iterations, device),
     "pickle-zmq": measure_pickle_zmq,
 }
+if platform.machine() in ("x86_64", "AMD64"):  # spin-floor relies on x86's store order
+    MECHANISMS["spin-floor"] = measure_spin_floor
 
 
 def run_handoff(sizes: list[int], device: str, mechanisms=tuple(MECHANISMS)) -> dict:
@@ -458,8 +488,8 @@ def run_handoff(sizes: list[int], device: str, mechanisms=tuple(MECHANISMS)) -> 
         "note": "one-way hop p50/p99 in microseconds, from the producer's send to the consumer's read of the "
                 "last element (each mechanism is described in bench/handoff.py). dfuse: the producer rewrites "
                 "the whole tensor in place before every hop (as a stage would), the consumer maps a view (same "
-                "GPU: a CUDA IPC view ordered by an interprocess event); arrive_p50_us: the part until the "
-                "message is in the consumer's hands. dfuse-touch1: one element rewritten. dfuse-busy-poll: the "
+                "GPU: a CUDA IPC view ordered by an interprocess event); arrive_p50_us: the median time until "
+                "the message is in the consumer's hands. dfuse-touch1: one element rewritten. dfuse-busy-poll: the "
                 "consumer spins on its socket instead of sleeping. zmq-floor: no tensor in the message, nothing "
                 "read. socket-floor: the same write, then one bare AF_UNIX datagram (no zmq, no tensor): the "
                 "cheapest wake-up for a consumer that sleeps while it waits. spin-floor: the same write, then a "
@@ -476,7 +506,7 @@ def run_handoff(sizes: list[int], device: str, mechanisms=tuple(MECHANISMS)) -> 
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=default_out("handoff.json"),
               show_default=True, help="Where the JSON result is written.")
 def handoff_command(sizes, device, out):
-    """One hop between two real processes: dfuse vs memcpy (floor) vs pickle over zmq."""
+    """One hop between two real processes: dfuse vs memcpy vs pickle over zmq, beside wake-up floors."""
     try:
         parsed = [parse_size(s) for s in sizes.split(",") if s.strip()]
     except ValueError as e:

@@ -27,7 +27,7 @@ def children_of(pid: int) -> list[int]:
                 with open(f"/proc/{entry}/stat") as f:
                     if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
                         found.append(int(entry))
-            except (FileNotFoundError, ValueError, IndexError):
+            except (OSError, ValueError, IndexError):  # gone (or reaped mid-read), or not ours to read
                 pass
     return found
 
@@ -36,5 +36,5 @@ def cmdline(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             return f.read().replace(b"\0", b" ").decode()
-    except FileNotFoundError:
+    except OSError:
         return ""

@@ -8,9 +8,11 @@ import os
 import subprocess
 import sys
 
+import pytest
 from click.testing import CliRunner
 
-from dfuse.bench.handoff import MECHANISMS
+from dfuse.bench.handoff import MECHANISMS, _run_pair
+from dfuse.engine.host_resources import HostResources
 from dfuse.cli import main
 from process_utils import alive, children_of, cmdline, engine_segments, wait_until
 
@@ -31,26 +33,51 @@ def test_handoff_runs_every_mechanism_and_leaves_no_segment(tmp_path):
 
 
 def test_a_bench_killed_mid_hop_leaves_no_segment_run_dir_or_process(tmp_path):
-    bench = subprocess.Popen([sys.executable, "-m", "dfuse.cli", "bench", "handoff", "--sizes", "16MiB",
-                              "--out", str(tmp_path / "handoff.json")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = tmp_path / "bench.log"
+    with open(log, "wb") as out:
+        bench = subprocess.Popen([sys.executable, "-m", "dfuse.cli", "bench", "handoff", "--sizes", "16MiB",
+                                  "--out", str(tmp_path / "handoff.json")], stdout=out, stderr=subprocess.STDOUT)
     try:
-        mid_hop = lambda: any("_hop" in n for n in engine_segments(bench.pid)) and _spawned(bench.pid)  # noqa: E731
-        assert wait_until(mid_hop, 120), "the bench never started a hop"
-        children = children_of(bench.pid)
+        # Mid-hop: a child has mapped the hop's pool, which only a producer past its start-up (its
+        # consumer bound before it was spawned) or a consumer that got a hop does.
+        assert wait_until(lambda: _hop_mapped(bench.pid), 120), f"no hop started: {log.read_text()[-2000:]}"
         (lock,) = [n for n in engine_segments(bench.pid) if n.endswith("_lock")]
         with open(os.path.join("/dev/shm", lock)) as f:
             run_dir = json.load(f)["run_dir"]
+        children = children_of(bench.pid)
 
         bench.kill()
         bench.wait(30)
         assert wait_until(lambda: engine_segments(bench.pid) == [], 15), f"left in /dev/shm: {engine_segments(bench.pid)}"
         assert wait_until(lambda: not os.path.exists(run_dir), 15), f"run dir left: {run_dir}"
-        assert wait_until(lambda: not any(alive(p) for p in children), 15), "a bench process outlived the bench"
+        assert wait_until(lambda: not any(alive(p) for p in children), 30), "a bench process outlived the bench"
     finally:
         if bench.poll() is None:
             bench.kill()
             bench.wait(30)
 
 
-def _spawned(pid: int) -> bool:
-    return any("multiprocessing.spawn" in cmdline(child) for child in children_of(pid))
+def _dies_before_reporting(*args) -> None:
+    os._exit(3)
+
+
+@pytest.mark.timeout(120)
+def test_a_handoff_process_that_dies_fails_the_bench_instead_of_hanging_it():
+    host = HostResources()
+    try:
+        with pytest.raises(RuntimeError, match="exit code 3"):
+            _run_pair(_dies_before_reporting, (), _dies_before_reporting, (), host)
+    finally:
+        host.release()
+
+
+def _hop_mapped(pid: int) -> bool:
+    for child in children_of(pid):
+        if "multiprocessing.spawn" in cmdline(child):
+            try:
+                with open(f"/proc/{child}/maps") as f:
+                    if "_hop" in f.read():
+                        return True
+            except OSError:  # exited meanwhile
+                pass
+    return False
