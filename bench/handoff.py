@@ -51,7 +51,8 @@ from ..engine import protocol as wire
 from ..engine.config import check_device
 from ..engine.host_resources import HostResources
 from ..engine.transport.endpoint import Endpoint
-from ..engine.transport.shm import Segment, ShmFull, SlotPool, new_segment_prefix, unlink_cuda_ipc_files
+from ..engine.transport.janitor import clean_after_reaped
+from ..engine.transport.shm import Segment, ShmFull, SlotPool, new_segment_prefix
 from ..engine.transport.shm_files import unlink_segment
 from .outputs import default_out
 
@@ -170,16 +171,16 @@ def _exit_with_parent() -> None:
 
 
 @contextlib.contextmanager
-def _bench_host(host: HostResources | None):
-    """The given host resources, or ones held for the duration of one measurement."""
-    if host is not None:
-        yield host
-        return
-    host = HostResources()
-    try:
-        yield host
-    finally:
-        host.release()
+def _measurement(host: HostResources | None):
+    """(host resources, a fresh run dir under them) for one measurement: the given host's, or
+    ones held for this measurement alone. The run dir goes when the measurement ends."""
+    with contextlib.ExitStack() as stack:
+        if host is None:
+            host = HostResources()
+            stack.callback(host.release)
+        run_dir = tempfile.mkdtemp(dir=host.run_dir)
+        stack.callback(shutil.rmtree, run_dir, ignore_errors=True)
+        yield host, run_dir
 
 
 _pool_numbers = itertools.count()
@@ -211,9 +212,7 @@ def _run_pair(consumer, consumer_args: tuple, producer, producer_args: tuple, ho
             if process.is_alive():
                 process.kill()
                 process.join()
-            unlink_cuda_ipc_files(process.pid, started)
-            if host.janitor is not None:
-                host.janitor.forget(process.pid)
+            clean_after_reaped(process.pid, started, host.janitor)
 
 
 def _report(receiver, processes) -> bytes:
@@ -246,8 +245,7 @@ def measure_dfuse(nbytes: int, iterations: int, device: str, full_write: bool = 
     """`device` runs both processes, unless `consumer_device` names the consumer's (a CPU producer
     and a GPU consumer: the mixed link, read from pinned shared memory on the copy stream).
     `busy_poll`: the consumer spins on its socket instead of sleeping (not what a worker does)."""
-    with _bench_host(host) as host:
-        run_dir = tempfile.mkdtemp(dir=host.run_dir)
+    with _measurement(host) as (host, run_dir):
         name = f"{host.segment_prefix}hop{next(_pool_numbers)}"
         pool = None if device.startswith("cuda") else SlotPool.create_host(name, nbytes, 1)
         try:
@@ -257,7 +255,6 @@ def measure_dfuse(nbytes: int, iterations: int, device: str, full_write: bool = 
             ))
         finally:
             unlink_segment(name)
-            shutil.rmtree(run_dir, ignore_errors=True)
     if result["wrong_values"]:
         raise RuntimeError(f"dfuse handoff read {result['wrong_values']} wrong values at {nbytes} bytes")
     mechanism = ("zmq-floor" if not carry else "dfuse-touch1" if not full_write
@@ -301,14 +298,10 @@ def _socket_producer(nbytes: int, iterations: int, path: str, device: str) -> No
 
 
 def measure_socket_floor(nbytes: int, iterations: int, device: str, host: HostResources | None = None) -> dict:
-    with _bench_host(host) as host:
-        run_dir = tempfile.mkdtemp(dir=host.run_dir)
+    with _measurement(host) as (host, run_dir):
         path = os.path.join(run_dir, "doorbell")
-        try:
-            samples = json.loads(_run_pair(
-                _socket_consumer, (iterations, path), _socket_producer, (nbytes, iterations, path, device), host))
-        finally:
-            shutil.rmtree(run_dir, ignore_errors=True)
+        samples = json.loads(_run_pair(
+            _socket_consumer, (iterations, path), _socket_producer, (nbytes, iterations, path, device), host))
     return _summary("socket-floor", nbytes, samples)
 
 
@@ -352,7 +345,7 @@ def _spin_producer(pool: str | None, bell: str, nbytes: int, iterations: int, de
 
 
 def measure_spin_floor(nbytes: int, iterations: int, device: str, host: HostResources | None = None) -> dict:
-    with _bench_host(host) as host:
+    with _measurement(host) as (host, _):
         number = next(_pool_numbers)
         names = [f"{host.segment_prefix}spin{number}", f"{host.segment_prefix}bell{number}"]
         pool = None if device.startswith("cuda") else SlotPool.create_host(names[0], nbytes, 1)
@@ -405,12 +398,8 @@ def _pickle_receiver(iterations: int, run_dir: str, results) -> None:
 
 
 def measure_pickle_zmq(nbytes: int, iterations: int, device: str, host: HostResources | None = None) -> dict:
-    with _bench_host(host) as host:
-        run_dir = tempfile.mkdtemp(dir=host.run_dir)
-        try:
-            return _summary("pickle-zmq", nbytes, _pickle_send(nbytes, iterations, device, run_dir))
-        finally:
-            shutil.rmtree(run_dir, ignore_errors=True)
+    with _measurement(host) as (_, run_dir):
+        return _summary("pickle-zmq", nbytes, _pickle_send(nbytes, iterations, device, run_dir))
 
 
 def _pickle_send(nbytes: int, iterations: int, device: str, run_dir: str) -> list[float]:
@@ -478,9 +467,12 @@ def run_handoff(sizes: list[int], device: str, mechanisms=tuple(MECHANISMS)) -> 
 
     results = []
     steps = [(m, n) for n in sizes for m in mechanisms]
-    with _bench_host(None) as host:
+    host = HostResources()
+    try:
         for mechanism, nbytes in tqdm(steps, desc="handoff", unit="case", leave=False):
             results.append(MECHANISMS[mechanism](nbytes, iterations_for(nbytes), device, host))
+    finally:
+        host.release()
     return {
         "benchmark": "handoff",
         "device": device if device == "cpu" else torch.cuda.get_device_name(device),

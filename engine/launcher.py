@@ -14,8 +14,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 
 from ..stages.worker import WorkerSpec, run_stage_worker
-from .transport.janitor import Janitor
-from .transport.shm_files import unlink_cuda_ipc_files
+from .transport.janitor import Janitor, clean_after_reaped
 
 STOP = b"stop"
 _SPAWN = mp.get_context("spawn")  # fork would copy the engine's threads, sockets and CUDA state
@@ -44,9 +43,7 @@ class WorkerProcess:
     def reaped(self) -> None:
         """The process has been joined: unlink what CUDA IPC left for it in /dev/shm and tell
         the janitor it need not."""
-        unlink_cuda_ipc_files(self.process.pid, self.started)
-        if self.janitor is not None:
-            self.janitor.forget(self.process.pid)
+        clean_after_reaped(self.process.pid, self.started, self.janitor)
 
 
 def stop_all(processes: list[WorkerProcess], timeout: float = 5.0) -> None:

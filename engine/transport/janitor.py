@@ -127,6 +127,14 @@ def _check_args(prefix: str, run_dir: str) -> None:
         raise ValueError(f"janitor: not a dfuse run dir: {run_dir!r}")
 
 
+def clean_after_reaped(pid: int, started: float, janitor: Janitor | None) -> None:
+    """A worker (started at `started`, time.time()) has been joined: unlink what CUDA IPC left
+    for it in /dev/shm now, and tell the janitor it need not (the pid may be reused)."""
+    unlink_cuda_ipc_files(pid, started)
+    if janitor is not None:
+        janitor.forget(pid)
+
+
 def clean(prefix: str, run_dir: str) -> list[str]:
     """Remove the engine's run dir, then unlink its segments, its lock file last (the lock file
     names the run dir: while it exists, a sweep can still find both). What was removed."""

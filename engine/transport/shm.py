@@ -45,7 +45,6 @@ from .shm_files import (  # noqa: F401  (re-exported: the name-only half of this
     list_segments,
     new_segment_prefix,
     sweep_stale_segments,
-    unlink_cuda_ipc_files,
     unlink_segment,
     unlink_segments,
 )
