@@ -6,6 +6,9 @@ Mechanisms, each measured here in one run:
                 decodes it and `Endpoint.fetch`es the inputs (a view on CPU / same GPU), checks a
                 value, and acks so the slot can be reused. `arrive_p50_us`: the median time until the
                 message is in the consumer's hands (then come decode, fetch, read).
+    dfuse-os-idle the same, with the engine's CPU latency request given back (engine/cpu_wake.py):
+                idle CPUs halt as the OS lets them, and the consumer, asleep through the write,
+                wakes on a halted CPU. Listed only where the request could be made.
     dfuse-touch1 the same, but the producer rewrites one element: the consumer sleeps only briefly.
     dfuse-busy-poll the same, but the consumer spins on its socket instead of sleeping, as no
                 worker does (it burns a core): what never sleeping would buy.
@@ -19,9 +22,10 @@ Mechanisms, each measured here in one run:
                 a design that burns a core per waiting process.
 The hop time is one-way: CLOCK_MONOTONIC (perf_counter_ns) is shared by all processes of a host.
 
-The bench holds what an engine holds (HostResources: a liveness lock and a janitor) and names its
-segments and run dirs under it, and its processes exit with it: a bench killed mid-run, even with
-SIGKILL, leaves no 256 MiB segment in /dev/shm and no process behind.
+The bench holds what an engine holds (HostResources: a liveness lock, a janitor and, with the
+engine's default transport config, the CPU latency request) and names its segments and run dirs
+under it, and its processes exit with it: a bench killed mid-run, even with SIGKILL, leaves no
+256 MiB segment in /dev/shm and no process behind.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ import torch
 import zmq
 
 from ..engine import protocol as wire
-from ..engine.config import check_device
+from ..engine.config import TransportConfig, check_device
 from ..engine.host_resources import HostResources
 from ..engine.transport.endpoint import Endpoint
 from ..engine.transport.janitor import clean_after_reaped
@@ -264,6 +268,14 @@ def measure_dfuse(nbytes: int, iterations: int, device: str, full_write: bool = 
     return summary
 
 
+def measure_dfuse_os_idle(nbytes: int, iterations: int, device: str, host: HostResources | None = None) -> dict:
+    """`dfuse` without the CPU latency request: it is system-wide, so it is given back meanwhile."""
+    hold = host.cpu_wake if host is not None else None
+    with hold.paused() if hold is not None else contextlib.nullcontext():
+        summary = measure_dfuse(nbytes, iterations, device, host=host)
+    return {**summary, "mechanism": "dfuse-os-idle"}
+
+
 # --- socket-floor: the wake-up alone, without zmq --------------------------------------------------
 def _socket_consumer(iterations: int, path: str, results) -> None:
     _exit_with_parent()
@@ -449,6 +461,7 @@ def _summary(mechanism: str, nbytes: int, samples_us: list[float]) -> dict:
 # Each takes (nbytes, iterations, device, host).
 MECHANISMS = {
     "dfuse": lambda nbytes, iterations, device, host: measure_dfuse(nbytes, iterations, device, host=host),
+    "dfuse-os-idle": measure_dfuse_os_idle,
     "dfuse-touch1": lambda nbytes, iterations, device, host: measure_dfuse(
         nbytes, iterations, device, full_write=False, host=host),
     "dfuse-busy-poll": lambda nbytes, iterations, device, host: measure_dfuse(
@@ -466,8 +479,12 @@ def run_handoff(sizes: list[int], device: str, mechanisms=tuple(MECHANISMS)) -> 
     from tqdm import tqdm
 
     results = []
+    # As an engine with the default transport config runs: with its CPU latency request, if allowed.
+    host = HostResources(TransportConfig().cpu_wake_latency_us)
+    wake_us = host.cpu_wake.max_us if host.cpu_wake is not None else None
+    if wake_us is None:  # nothing to give back: the row would measure `dfuse` twice
+        mechanisms = [m for m in mechanisms if m != "dfuse-os-idle"]
     steps = [(m, n) for n in sizes for m in mechanisms]
-    host = HostResources()
     try:
         for mechanism, nbytes in tqdm(steps, desc="handoff", unit="case", leave=False):
             results.append(MECHANISMS[mechanism](nbytes, iterations_for(nbytes), device, host))
@@ -477,17 +494,21 @@ def run_handoff(sizes: list[int], device: str, mechanisms=tuple(MECHANISMS)) -> 
         "benchmark": "handoff",
         "device": device if device == "cpu" else torch.cuda.get_device_name(device),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
+        "cpu_wake_latency_us": wake_us,  # the engine's CPU latency request during the run; None: not allowed here
         "note": "one-way hop p50/p99 in microseconds, from the producer's send to the consumer's read of the "
                 "last element (each mechanism is described in bench/handoff.py). dfuse: the producer rewrites "
                 "the whole tensor in place before every hop (as a stage would), the consumer maps a view (same "
                 "GPU: a CUDA IPC view ordered by an interprocess event); arrive_p50_us: the median time until "
-                "the message is in the consumer's hands. dfuse-touch1: one element rewritten. dfuse-busy-poll: the "
+                "the message is in the consumer's hands; idle CPUs are kept polling by the engine's CPU latency "
+                "request (cpu_wake_latency_us) unless it is null. dfuse-os-idle: the same without that request. "
+                "dfuse-touch1: one element rewritten. dfuse-busy-poll: the "
                 "consumer spins on its socket instead of sleeping. zmq-floor: no tensor in the message, nothing "
                 "read. socket-floor: the same write, then one bare AF_UNIX datagram (no zmq, no tensor): the "
                 "cheapest wake-up for a consumer that sleeps while it waits. spin-floor: the same write, then a "
                 "sequence word in shared memory the consumer spins on and (CPU) the same read: the floor for a "
-                "consumer that never sleeps. A sleeping consumer wakes more slowly the longer it slept, so "
-                "large sizes pay a longer wake-up whatever the transport does.",
+                "consumer that never sleeps. A sleeping consumer wakes more slowly the longer it slept, most of "
+                "all on a halted CPU (dfuse-os-idle), and after a large write its first steps run on cold caches: "
+                "large sizes pay both whatever the transport does.",
         "results": results,
     }
 

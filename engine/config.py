@@ -9,6 +9,7 @@ from types import MappingProxyType
 from typing import Mapping
 
 from ..stages import STAGE_KINDS
+from .cpu_wake import MAX_US as MAX_WAKE_LATENCY_US
 from .elastic import ElasticConfig
 
 DEFAULT_MODEL = "tiny-sd3"
@@ -24,10 +25,19 @@ class TransportConfig:
     """Size of one slot in MiB; a stage's outputs for one request must fit (SD3 1024 px with CFG: ~11 MiB)."""
     slots_per_worker: int = 3
     """Slots in each producing worker's pool: how far a producer may run ahead of its consumer."""
+    cpu_wake_latency_us: int | None = 0
+    """The longest wake-up the engine lets idle CPUs take while it runs (Linux CPU latency QoS,
+    engine/cpu_wake.py). 0 keeps them polling instead of halting, so a stage that slept while its
+    producer computed wakes at once (a hop after a long write: ~100 us faster on a VM). Costs power;
+    needs write access to /dev/cpu_dma_latency (else ignored, logged). None: leave it to the OS."""
 
     def __post_init__(self):
         _check_int("transport.slot_mib", self.slot_mib, 1, 4096)
         _check_int("transport.slots_per_worker", self.slots_per_worker, 1, 64)
+        wake = self.cpu_wake_latency_us
+        if wake is not None and (isinstance(wake, bool) or not isinstance(wake, int) or not 0 <= wake <= MAX_WAKE_LATENCY_US):
+            raise ValueError(f"transport.cpu_wake_latency_us: must be None or an integer in [0, {MAX_WAKE_LATENCY_US}] "
+                             f"(got {wake!r})")
 
     @property
     def slot_bytes(self) -> int:

@@ -4,7 +4,8 @@
 - a /dev/shm name prefix for its segments (slot pools, weight cache), with the liveness lock
   that tells other engines' sweeps this engine is alive (transport/shm_files.py);
 - the janitor, a process of its own that removes both if the engine and its workers die
-  together (transport/janitor.py).
+  together (transport/janitor.py);
+- optionally, a CPU latency request that keeps idle CPUs quick to wake (cpu_wake.py).
 
 Creating one first sweeps what dead engines left behind.
 """
@@ -16,6 +17,7 @@ import os
 import shutil
 import tempfile
 
+from .cpu_wake import CpuWakeHold
 from .transport.janitor import Janitor
 from .transport.shm_files import EngineLock, new_segment_prefix, sweep_stale_segments, unlink_segments
 
@@ -23,7 +25,8 @@ log = logging.getLogger("dfuse.engine")
 
 
 class HostResources:
-    def __init__(self) -> None:
+    def __init__(self, cpu_wake_latency_us: int | None = None) -> None:
+        """`cpu_wake_latency_us`: hold a CPU latency request of that many us (None: none)."""
         sweep_stale_segments()
         self.run_dir = tempfile.mkdtemp(prefix="dfuse-")
         self.segment_prefix = new_segment_prefix()
@@ -42,6 +45,8 @@ class HostResources:
         except OSError as e:
             log.warning("no shared-memory janitor (%s): if the engine and its workers are killed together, "
                         "their segments stay until the next engine starts", e)
+        # Last: nothing can fail after it, and it ends with this process whatever happens.
+        self.cpu_wake = None if cpu_wake_latency_us is None else CpuWakeHold.acquire(cpu_wake_latency_us)
 
     @property
     def janitor(self) -> Janitor | None:
@@ -63,3 +68,5 @@ class HostResources:
         janitor, self._janitor = self._janitor, None
         if janitor is not None:
             janitor.close()
+        if self.cpu_wake is not None:
+            self.cpu_wake.release()

@@ -72,7 +72,8 @@ class Router(WorkerRecovery):
         self._stats = RouterStats()
         self._batch_wake: float | None = None  # a partial batch waits for companions until then
         self.batch_caps: dict[str, int] = {}  # activation bytes per batch and stage: set by the engine
-        self._host = HostResources()  # run dir, segment prefix and its lock, janitor
+        # run dir, segment prefix and its lock, janitor, and the CPU latency request
+        self._host = HostResources(config.transport.cpu_wake_latency_us)
         self.run_dir, self.segment_prefix = self._host.run_dir, self._host.segment_prefix
         self._init_sockets()
         self.completions = Completions()  # futures and user callbacks run there, never here
@@ -135,7 +136,10 @@ class Router(WorkerRecovery):
     def stats(self) -> dict:
         """A snapshot for users and the CLI (read without locks: values may be a moment old)."""
         decisions = list(self._elastic.decisions[-20:]) if self._elastic else []
-        return self._stats.snapshot(self.workers.values(), self._queues, self.links, self.config.policy, decisions)
+        snapshot = self._stats.snapshot(self.workers.values(), self._queues, self.links, self.config.policy, decisions)
+        hold = self._host.cpu_wake
+        snapshot["cpu_wake_latency_us"] = hold.max_us if hold is not None and hold.held else None  # None: the OS's
+        return snapshot
 
     def _post(self, item) -> None:
         with self._wake_lock:  # zmq sockets are not thread-safe; the lock serialises the wake

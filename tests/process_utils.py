@@ -1,4 +1,4 @@
-"""Helpers for e2e tests that check processes and shared memory (imported by basename)."""
+"""Helpers for tests that check processes, shared memory and files they hold (imported by basename)."""
 
 import os
 import time
@@ -38,3 +38,15 @@ def cmdline(pid: int) -> str:
             return f.read().replace(b"\0", b" ").decode()
     except OSError:
         return ""
+
+
+def qos_files_open() -> int:
+    """How many CPU latency requests this process holds: each is an open /dev/cpu_dma_latency
+    (engine/cpu_wake.py)."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}") == "/dev/cpu_dma_latency"
+        except OSError:  # e.g. the fd listdir itself used, closed meanwhile
+            pass
+    return count

@@ -12,18 +12,26 @@ import pytest
 from click.testing import CliRunner
 
 from dfuse.bench.handoff import MECHANISMS, _run_pair
+from dfuse.engine.cpu_wake import QOS_PATH
 from dfuse.engine.host_resources import HostResources
 from dfuse.cli import main
-from process_utils import alive, children_of, cmdline, engine_segments, wait_until
+from process_utils import alive, children_of, cmdline, engine_segments, qos_files_open, wait_until
 
 
 def test_handoff_runs_every_mechanism_and_leaves_no_segment(tmp_path):
     before = set(engine_segments(os.getpid()))  # ours only: other engines may run beside the test
+    requests_before = qos_files_open()
     out = tmp_path / "handoff.json"
     result = CliRunner().invoke(main, ["bench", "handoff", "--sizes", "64KiB", "--out", str(out)])
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
-    assert {r["mechanism"] for r in report["results"]} == set(MECHANISMS)
+    # As an engine runs: with the CPU latency request where the host allows it, and then beside
+    # it the same hop without (dfuse-os-idle); the request ends with the bench.
+    allowed = os.access(QOS_PATH, os.W_OK)
+    assert report["cpu_wake_latency_us"] == (0 if allowed else None)
+    expected = set(MECHANISMS) - (set() if allowed else {"dfuse-os-idle"})
+    assert {r["mechanism"] for r in report["results"]} == expected
+    assert qos_files_open() == requests_before
     for row in report["results"]:
         assert row["bytes"] == 64 * 1024
         assert row["samples"] > 0 and 0 < row["p50_us"] <= row["p99_us"], row

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 from dfuse import Engine, EngineClosed
+from dfuse.engine.cpu_wake import QOS_PATH
 from dfuse.engine.transport.shm import list_segments
 
-from process_utils import alive, engine_segments, wait_until
+from process_utils import alive, engine_segments, qos_files_open, wait_until
 
 THREADS = 1
 
@@ -36,6 +37,18 @@ def test_close_leaves_nothing(model_path):
         engine.generate("a cat")
     with pytest.raises(EngineClosed, match="closed"):
         engine.move(1, "decoder")
+
+
+@pytest.mark.skipif(not os.access(QOS_PATH, os.W_OK), reason=f"{QOS_PATH} is not writable here")
+def test_the_engine_keeps_idle_cpus_quick_to_wake_only_while_it_runs(model_path):
+    """Its CPU latency request (engine/cpu_wake.py) is an open file of the engine's own process:
+    held while it serves, closed with it (by the kernel, if it is killed)."""
+    before = qos_files_open()
+    with Engine(model=str(model_path), cpu_threads=THREADS) as engine:
+        assert engine.stats()["cpu_wake_latency_us"] == 0  # the default
+        assert qos_files_open() == before + 1
+        engine.generate("a cat", num_inference_steps=1, height=64, width=64, seed=0)
+    assert qos_files_open() == before
 
 
 def test_exception_inside_with_leaves_nothing(model_path):

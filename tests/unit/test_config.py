@@ -32,7 +32,8 @@ def test_defaults():
     assert dict(config.instances) == {s: 1 for s in STAGE_KINDS}
     assert list(config.instances) == list(STAGE_KINDS) == ["encoder", "dit", "decoder"]
     assert config.cpu_threads is None and config.dtype == "auto"
-    assert config.transport == TransportConfig(slot_mib=16, slots_per_worker=3)
+    assert config.transport == TransportConfig(slot_mib=16, slots_per_worker=3, cpu_wake_latency_us=0)
+    assert TransportConfig(cpu_wake_latency_us=None).cpu_wake_latency_us is None  # leave it to the OS
     assert config.transport.slot_bytes == 16 * 2**20
     assert config.max_inflight_per_worker == 2 and config.max_attempts == 3
     assert config.startup_timeout_s > 0
@@ -148,6 +149,10 @@ def test_bad_limits(field, value):
         (dict(slot_mib=1.5), "transport.slot_mib"), (dict(slot_mib=True), "transport.slot_mib"),
         (dict(slots_per_worker=0), "transport.slots_per_worker"),
         (dict(slots_per_worker=65), "transport.slots_per_worker"),
+        (dict(cpu_wake_latency_us=-1), "transport.cpu_wake_latency_us"),
+        (dict(cpu_wake_latency_us=1_000_001), "transport.cpu_wake_latency_us"),
+        (dict(cpu_wake_latency_us=2.5), "transport.cpu_wake_latency_us"),
+        (dict(cpu_wake_latency_us=False), "transport.cpu_wake_latency_us"),
     ],
 )
 def test_bad_transport(kwargs, field):
