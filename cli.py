@@ -266,6 +266,9 @@ def _print_stats(stats: dict) -> None:
     click.echo(f"Placement ({stats['policy']}): {placement}; moves {len(stats['moves'])}"
                + (f", switch times {stats['switch_s']} s" if stats["switch_s"] else ""))
     click.echo("Queues: " + ", ".join(f"{s} {n}" for s, n in stats["queues"].items()))
+    wake = stats["cpu_wake_latency_us"]
+    click.echo("Idle CPUs: " + ("as the OS sets them (no CPU latency request)" if wake is None
+                                else f"kept quick to wake (CPU latency request: {wake} us)"))
     click.echo("Stage compute (p50 / p90 of recent tasks): " + ", ".join(
         f"{s} {t['p50']} / {t['p90']} ms" for s, t in stats["stage_ms"].items() if t["tasks"]))
     for w in stats["workers"]:

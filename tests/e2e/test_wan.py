@@ -163,11 +163,13 @@ def test_dfuse_run_writes_a_video(wan_path, tmp_path):
     run = subprocess.run(
         [sys.executable, "-m", "dfuse.cli", "run", "a red fox in the snow", "--model", str(wan_path),
          "--num-frames", "9", "--height", "32", "--width", "48", "--steps", "2", "--seed", "0",
-         "--threads", "1", "--out", str(out)],
+         "--threads", "1", "--out", str(out), "-v"],
         capture_output=True, text=True, timeout=180,
     )
     assert run.returncode == 0, run.stderr
     assert "9 frames of 48x32" in run.stdout
+    assert "Placement (static): encoder x1, dit x1, decoder x1" in run.stdout  # -v: the engine's stats
+    assert "Idle CPUs: " in run.stdout
     frames = iio.imread(out)  # imageio's ffmpeg plugin reads the H.264 file back
     assert frames.shape == (9, 32, 48, 3)
 
