@@ -53,6 +53,7 @@ import zmq
 
 from ..engine import protocol as wire
 from ..engine.config import TransportConfig, check_device
+from ..engine.cpu_wake import current_limit_us
 from ..engine.host_resources import HostResources
 from ..engine.transport.endpoint import Endpoint
 from ..engine.transport.janitor import clean_after_reaped
@@ -269,11 +270,14 @@ def measure_dfuse(nbytes: int, iterations: int, device: str, full_write: bool = 
 
 
 def measure_dfuse_os_idle(nbytes: int, iterations: int, device: str, host: HostResources | None = None) -> dict:
-    """`dfuse` without the CPU latency request: it is system-wide, so it is given back meanwhile."""
+    """`dfuse` without the CPU latency request: it is system-wide, so it is given back meanwhile.
+    `cpu_latency_limit_us` is the limit the kernel kept (another holder, e.g. a tuned profile, may
+    keep it low: then this row is not the OS's default)."""
     hold = host.cpu_wake if host is not None else None
     with hold.paused() if hold is not None else contextlib.nullcontext():
+        limit = current_limit_us()
         summary = measure_dfuse(nbytes, iterations, device, host=host)
-    return {**summary, "mechanism": "dfuse-os-idle"}
+    return {**summary, "mechanism": "dfuse-os-idle", "cpu_latency_limit_us": limit}
 
 
 # --- socket-floor: the wake-up alone, without zmq --------------------------------------------------
@@ -488,13 +492,15 @@ def run_handoff(sizes: list[int], device: str, mechanisms=tuple(MECHANISMS)) -> 
     try:
         for mechanism, nbytes in tqdm(steps, desc="handoff", unit="case", leave=False):
             results.append(MECHANISMS[mechanism](nbytes, iterations_for(nbytes), device, host))
+        if host.cpu_wake is not None and not host.cpu_wake.held:  # lost when dfuse-os-idle gave it back
+            wake_us = None
     finally:
         host.release()
     return {
         "benchmark": "handoff",
         "device": device if device == "cpu" else torch.cuda.get_device_name(device),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
-        "cpu_wake_latency_us": wake_us,  # the engine's CPU latency request during the run; None: not allowed here
+        "cpu_wake_latency_us": wake_us,  # the engine's CPU latency request during the run; None: not (all of) it
         "note": "one-way hop p50/p99 in microseconds, from the producer's send to the consumer's read of the "
                 "last element (each mechanism is described in bench/handoff.py). dfuse: the producer rewrites "
                 "the whole tensor in place before every hop (as a stage would), the consumer maps a view (same "

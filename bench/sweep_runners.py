@@ -8,6 +8,8 @@ import time
 from concurrent.futures import Future
 from typing import Mapping
 
+from ..engine.config import TransportConfig
+from ..engine.cpu_wake import CpuWakeHold
 from ..engine.protocol import RequestParams
 from ..stages import STAGE_KINDS
 from .chaos import close_and_check
@@ -85,6 +87,9 @@ class MonoRunner:
         self.startup_s = round(time.perf_counter() - started, 3)
         self.pids = set(self.pool.pids)
         self._synthetic = config.synthetic
+        # The engines it is compared with keep idle CPUs quick to wake (system-wide): so does it.
+        wake_us = TransportConfig().cpu_wake_latency_us
+        self._cpu_wake = None if wake_us is None else CpuWakeHold.acquire(wake_us)
 
     def submit(self, p: RequestParams) -> Future:
         return self.pool.submit(p)
@@ -99,6 +104,8 @@ class MonoRunner:
                 "inflight": {"mono": stats["busy"]}, "moving": 0}
 
     def close(self) -> dict:
+        if self._cpu_wake is not None:
+            self._cpu_wake.release()
         return {"leaked_processes": self.pool.close(), "leaked_segments": [], "run_dir_left": False}
 
 

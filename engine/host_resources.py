@@ -58,8 +58,11 @@ class HostResources:
         return f"ipc://{os.path.join(self.run_dir, name)}"
 
     def release(self) -> None:
-        """Unlink every segment, remove the run dir, then drop the lock and let the janitor go
-        (it finds nothing left and exits; it is reaped here). Idempotent."""
+        """Give the CPU latency request back, unlink every segment, remove the run dir, then drop
+        the lock and let the janitor go (it finds nothing left and exits; it is reaped here).
+        Idempotent."""
+        if self.cpu_wake is not None:  # first: nothing below can keep it held if it raises
+            self.cpu_wake.release()
         unlink_segments(self.segment_prefix)
         shutil.rmtree(self.run_dir, ignore_errors=True)
         lock, self._lock = self._lock, None
@@ -68,5 +71,3 @@ class HostResources:
         janitor, self._janitor = self._janitor, None
         if janitor is not None:
             janitor.close()
-        if self.cpu_wake is not None:
-            self.cpu_wake.release()

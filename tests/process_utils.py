@@ -50,3 +50,15 @@ def qos_files_open() -> int:
         except OSError:  # e.g. the fd listdir itself used, closed meanwhile
             pass
     return count
+
+
+def cpu_latency_request_allowed() -> bool:
+    """Whether this process may hold a CPU latency request here (a device node root can see may
+    still be refused by a container's device rules: ask, as the engine does)."""
+    from dfuse.engine.cpu_wake import CpuWakeHold
+
+    hold = CpuWakeHold.acquire(0)
+    if hold is None:
+        return False
+    hold.release()
+    return True

@@ -12,25 +12,30 @@ import pytest
 from click.testing import CliRunner
 
 from dfuse.bench.handoff import MECHANISMS, _run_pair
-from dfuse.engine.cpu_wake import QOS_PATH
+from dfuse.engine.cpu_wake import current_limit_us
 from dfuse.engine.host_resources import HostResources
 from dfuse.cli import main
-from process_utils import alive, children_of, cmdline, engine_segments, qos_files_open, wait_until
+from process_utils import (alive, children_of, cmdline, cpu_latency_request_allowed, engine_segments, qos_files_open,
+                           wait_until)
 
 
 def test_handoff_runs_every_mechanism_and_leaves_no_segment(tmp_path):
     before = set(engine_segments(os.getpid()))  # ours only: other engines may run beside the test
     requests_before = qos_files_open()
+    os_limit = current_limit_us() if requests_before == 0 else None  # None: a request of ours is in it
     out = tmp_path / "handoff.json"
     result = CliRunner().invoke(main, ["bench", "handoff", "--sizes", "64KiB", "--out", str(out)])
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     # As an engine runs: with the CPU latency request where the host allows it, and then beside
     # it the same hop without (dfuse-os-idle); the request ends with the bench.
-    allowed = os.access(QOS_PATH, os.W_OK)
+    allowed = cpu_latency_request_allowed()
     assert report["cpu_wake_latency_us"] == (0 if allowed else None)
     expected = set(MECHANISMS) - (set() if allowed else {"dfuse-os-idle"})
     assert {r["mechanism"] for r in report["results"]} == expected
+    for row in report["results"]:  # given back, the kernel's limit is what it was without the bench
+        if row["mechanism"] == "dfuse-os-idle" and os_limit is not None:
+            assert row["cpu_latency_limit_us"] == os_limit, row
     assert qos_files_open() == requests_before
     for row in report["results"]:
         assert row["bytes"] == 64 * 1024

@@ -11,10 +11,9 @@ import numpy as np
 import pytest
 
 from dfuse import Engine, EngineClosed
-from dfuse.engine.cpu_wake import QOS_PATH
 from dfuse.engine.transport.shm import list_segments
 
-from process_utils import alive, engine_segments, qos_files_open, wait_until
+from process_utils import alive, cpu_latency_request_allowed, engine_segments, qos_files_open, wait_until
 
 THREADS = 1
 
@@ -39,7 +38,7 @@ def test_close_leaves_nothing(model_path):
         engine.move(1, "decoder")
 
 
-@pytest.mark.skipif(not os.access(QOS_PATH, os.W_OK), reason=f"{QOS_PATH} is not writable here")
+@pytest.mark.skipif(not cpu_latency_request_allowed(), reason="no CPU latency request allowed here")
 def test_the_engine_keeps_idle_cpus_quick_to_wake_only_while_it_runs(model_path):
     """Its CPU latency request (engine/cpu_wake.py) is an open file of the engine's own process:
     held while it serves, closed with it (by the kernel, if it is killed)."""

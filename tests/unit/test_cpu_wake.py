@@ -3,21 +3,62 @@ its owner runs, given back when released, paused and taken again for benchmarks,
 that does not allow it only costs the speed-up."""
 
 import os
+import struct
 
 import pytest
 
-from dfuse.engine.cpu_wake import QOS_PATH, CpuWakeHold, current_limit_us
+from dfuse.engine.cpu_wake import CpuWakeHold, current_limit_us
 from dfuse.engine.host_resources import HostResources
 
-from process_utils import qos_files_open
+from process_utils import cpu_latency_request_allowed, qos_files_open
 
-can_request = pytest.mark.skipif(not os.access(QOS_PATH, os.W_OK), reason=f"{QOS_PATH} is not writable here")
+can_request = pytest.mark.skipif(not cpu_latency_request_allowed(), reason="no CPU latency request allowed here")
 
 
 def test_a_host_that_does_not_allow_the_request_gives_none(tmp_path, caplog):
     caplog.set_level("INFO", logger="dfuse.engine")
     assert CpuWakeHold.acquire(0, path=str(tmp_path / "no-such-file")) is None
     assert "idle CPUs keep the OS's wake-up latency" in caplog.text
+
+
+def test_the_request_written_is_the_asked_latency_as_a_native_int32(tmp_path):
+    """What the kernel reads: 4 bytes, a raw s32 (the value alone tells it nothing else)."""
+    file = tmp_path / "qos"
+    file.write_bytes(b"")
+    hold = CpuWakeHold.acquire(7, path=str(file))
+    assert hold is not None and hold.held
+    assert file.read_bytes() == struct.pack("=i", 7)
+    hold.release()
+
+
+def test_a_failed_write_gives_none_and_keeps_no_file_open(caplog):
+    caplog.set_level("INFO", logger="dfuse.engine")
+    before = len(os.listdir("/proc/self/fd"))
+    assert CpuWakeHold.acquire(0, path="/dev/full") is None  # every write to it fails (ENOSPC)
+    assert "writing /dev/full failed" in caplog.text
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_forked_child_does_not_keep_the_request(tmp_path):
+    """The kernel drops the request with the last copy of the file: a child forked while it is
+    held (a DataLoader worker beside the engine) closes its copy at once."""
+    file = tmp_path / "qos"
+    file.write_bytes(b"")
+    hold = CpuWakeHold.acquire(0, path=str(file))
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report whether it still holds the file, then leave
+        held = any(os.readlink(f"/proc/self/fd/{fd}") == str(file) for fd in os.listdir("/proc/self/fd")
+                   if os.path.exists(f"/proc/self/fd/{fd}"))
+        os.write(write, b"1" if held else b"0")
+        os._exit(0)
+    os.close(write)
+    answer = os.read(read, 1)
+    os.waitpid(pid, 0)
+    os.close(read)
+    assert answer == b"0", "a forked child kept the CPU latency request"
+    assert hold.held  # the parent still does
+    hold.release()
 
 
 @can_request
@@ -40,7 +81,9 @@ def test_paused_gives_the_request_back_and_takes_it_again():
         assert qos_files_open() == before and not hold.held
     assert hold.held and qos_files_open() == before + 1 and current_limit_us() == 0
     hold.release()
-    assert qos_files_open() == before
+    with hold.paused():  # a released hold stays released
+        pass
+    assert not hold.held and qos_files_open() == before
 
 
 @can_request
