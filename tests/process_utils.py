@@ -40,13 +40,15 @@ def cmdline(pid: int) -> str:
         return ""
 
 
-def qos_files_open() -> int:
-    """How many CPU latency requests this process holds: each is an open /dev/cpu_dma_latency
-    (engine/cpu_wake.py)."""
+def qos_files_open(path: str | None = None) -> int:
+    """How many copies of `path` this process holds open; by default its CPU latency requests
+    (each is an open /dev/cpu_dma_latency: engine/cpu_wake.py)."""
+    from dfuse.engine.cpu_wake import QOS_PATH
+
     count = 0
     for fd in os.listdir("/proc/self/fd"):
         try:
-            count += os.readlink(f"/proc/self/fd/{fd}") == "/dev/cpu_dma_latency"
+            count += os.readlink(f"/proc/self/fd/{fd}") == (path or QOS_PATH)
         except OSError:  # e.g. the fd listdir itself used, closed meanwhile
             pass
     return count
