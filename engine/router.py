@@ -38,7 +38,7 @@ from .batching import select_batch, should_wait
 from .completions import Completions, resolve
 from .elastic import Elastic
 from .host_resources import HostResources
-from .placement import build_workers, check_move, choose_links
+from .placement import build_workers, check_move, choose_links, pinning_summary
 from .queues import StageQueue
 from .recovery import WorkerRecovery
 from .router_stats import RouterStats
@@ -75,14 +75,16 @@ class Router(WorkerRecovery):
         # run dir, segment prefix and its lock, janitor, and the CPU latency request
         self._host = HostResources(config.transport.cpu_wake_latency_us)
         self.run_dir, self.segment_prefix = self._host.run_dir, self._host.segment_prefix
-        self._init_sockets()
+        self._context = zmq.Context()
         self.completions = Completions()  # futures and user callbacks run there, never here
         try:
+            self._init_sockets()
             self._init_workers()
         except BaseException:  # e.g. /dev/shm full: leave nothing of a half-built engine behind
             self._host.release()
-            for sock in (self._results, self._wake_pull, self._wake_push):
-                sock.close(linger=0)
+            for name in ("_results", "_wake_pull", "_wake_push"):  # those made before the failure
+                if hasattr(self, name):
+                    getattr(self, name).close(linger=0)
             self._context.term()
             self.completions.close()
             raise
@@ -90,7 +92,6 @@ class Router(WorkerRecovery):
 
     # --- setup -----------------------------------------------------------------------------
     def _init_sockets(self) -> None:
-        self._context = zmq.Context()
         self._results = self._context.socket(zmq.PULL)
         self._results.bind(self._host.endpoint("results"))
         self._wake_pull = self._context.socket(zmq.PULL)
@@ -139,6 +140,7 @@ class Router(WorkerRecovery):
         snapshot = self._stats.snapshot(self.workers.values(), self._queues, self.links, self.config.policy, decisions)
         hold = self._host.cpu_wake
         snapshot["cpu_wake_latency_us"] = hold.max_us if hold is not None and hold.held else None  # None: the OS's
+        snapshot["cpu_pinning"] = pinning_summary(self.config, self.workers)
         return snapshot
 
     def _post(self, item) -> None:
@@ -500,6 +502,7 @@ class Router(WorkerRecovery):
             result_endpoint=self._host.endpoint("results"), engine_pid=os.getpid(),
             segment_prefix=self.segment_prefix, run_dir=self.run_dir,
             gpu_pool=None if worker.pool.segment else (worker.pool.name, worker.pool.slot_bytes, worker.pool.n_slots),
+            cpus=worker.cpus,
         )
         worker.process = spawn_worker(spec, self._host.janitor)
 

@@ -13,7 +13,8 @@ import pytest
 from dfuse import Engine, EngineClosed
 from dfuse.engine.transport.shm import list_segments
 
-from process_utils import alive, cpu_latency_request_allowed, engine_segments, qos_files_open, wait_until
+from process_utils import (alive, children_of, cpu_latency_request_allowed, engine_segments, qos_files_open,
+                           wait_until)
 
 THREADS = 1
 
@@ -58,6 +59,42 @@ def test_exception_inside_with_leaves_nothing(model_path):
             raise KeyError("user code failed")
     assert not any(alive(p) for p in pids)
     assert list_segments(prefix) == []
+
+
+def _engine_files_of_this_process() -> tuple[list, list]:
+    """Run dirs under the temp dir and this process's segments: what a half-built engine would leave."""
+    import tempfile
+
+    return sorted(p for p in os.listdir(tempfile.gettempdir()) if p.startswith("dfuse-")), engine_segments(os.getpid())
+
+
+def test_an_engine_that_cannot_bind_its_sockets_leaves_nothing(model_path, monkeypatch):
+    """A bind that fails (here: a path past the 107 characters of a Unix socket) fails the engine
+    with the socket's error, and its run dir, segments, lock, janitor and CPU latency request go."""
+    from dfuse.engine.host_resources import HostResources
+
+    endpoint = HostResources.endpoint
+    monkeypatch.setattr(HostResources, "endpoint",
+                        lambda self, name: endpoint(self, "r" * 120 if name == "results" else name))
+    before, requests_before = _engine_files_of_this_process(), qos_files_open()
+    janitors_before = set(children_of(os.getpid()))
+    with pytest.raises(Exception, match="longer than 107 characters"):
+        Engine(model=str(model_path), cpu_threads=THREADS)
+    assert _engine_files_of_this_process() == before
+    assert qos_files_open() == requests_before
+    assert wait_until(lambda: set(children_of(os.getpid())) <= janitors_before, 10)
+
+
+def test_a_temp_dir_too_long_for_socket_paths_is_a_clear_error(model_path, monkeypatch, tmp_path):
+    import tempfile
+
+    deep = tmp_path / ("d" * 100)
+    deep.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(deep))
+    with pytest.raises(ValueError, match=r"TMPDIR: the engine's socket directory .* is too long for the 107 "
+                                         r"characters a Unix socket path may have .* set TMPDIR to a shorter"):
+        Engine(model=str(model_path), cpu_threads=THREADS)
+    assert list(deep.iterdir()) == []
 
 
 def test_killed_worker_is_replaced_and_its_requests_complete(model_path, reference):
