@@ -269,6 +269,7 @@ def _print_stats(stats: dict) -> None:
     wake = stats["cpu_wake_latency_us"]
     click.echo("Idle CPUs: " + ("as the OS sets them (no CPU latency request)" if wake is None
                                 else f"kept quick to wake (CPU latency request: {wake} us)"))
+    click.echo(f"CPU workers: {stats['cpu_pinning']}")
     click.echo("Stage compute (p50 / p90 of recent tasks): " + ", ".join(
         f"{s} {t['p50']} / {t['p90']} ms" for s, t in stats["stage_ms"].items() if t["tasks"]))
     for w in stats["workers"]:

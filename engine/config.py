@@ -9,6 +9,7 @@ from types import MappingProxyType
 from typing import Mapping
 
 from ..stages import STAGE_KINDS
+from .cpu_affinity import usable_cpus
 from .cpu_wake import MAX_US as MAX_WAKE_LATENCY_US
 from .elastic import ElasticConfig
 
@@ -100,6 +101,9 @@ class EngineConfig:
     """Number of worker processes per stage."""
     cpu_threads: int | None = None
     """Torch threads per CPU worker; None divides the machine's cores among the CPU workers."""
+    pin_cpu_workers: bool = True
+    """Give each CPU worker cores of its own when all their threads fit in this process's cores
+    (engine/cpu_affinity.py); when they do not, or with False, the OS places them."""
     dtype: str = "auto"
     """Weights and activations dtype: auto (float32 on CPU, bfloat16 on CUDA), float32, float16, bfloat16."""
     transport: TransportConfig = field(default_factory=TransportConfig)
@@ -135,6 +139,8 @@ class EngineConfig:
         object.__setattr__(self, "instances", MappingProxyType(instances))
         if self.cpu_threads is not None:
             _check_int("cpu_threads", self.cpu_threads, 1, 1024)
+        if not isinstance(self.pin_cpu_workers, bool):
+            raise ValueError(f"pin_cpu_workers: must be True or False (got {self.pin_cpu_workers!r})")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ValueError(f"dtype: must be one of auto, float32, float16, bfloat16 (got {self.dtype!r})")
         if not isinstance(self.memory_limit_gib, Mapping):
@@ -195,7 +201,7 @@ class EngineConfig:
         if self.cpu_threads is not None:
             return self.cpu_threads
         cpu_workers = sum(n for s, n in self.instances.items() if self.devices[s] == "cpu")
-        return max(1, (os.cpu_count() or 1) // max(1, cpu_workers))
+        return max(1, len(usable_cpus()) // max(1, cpu_workers))
 
     def torch_dtype(self, device: str):
         import torch

@@ -10,6 +10,7 @@ import collections
 import time
 
 from ..stages import STAGE_KINDS
+from .cpu_affinity import describe
 
 RECENT_TASKS = 200  # stage compute times kept per stage for the p50/p90
 
@@ -50,7 +51,7 @@ class RouterStats:
                     "id": w.id, "stage": w.stage, "device": w.device, "ready": w.ready,
                     "pid": w.process.process.pid if w.process else None, "inflight": len(w.inflight),
                     "free_slots": w.pool.free, "restarts": w.restarts, "load_s": round(w.load_s, 3),
-                    "moving_to": w.moving_to,
+                    "moving_to": w.moving_to, "cpus": describe(w.cpus) if w.cpus else None,
                 }
                 for w in workers
             ],

@@ -84,6 +84,7 @@ class Worker:
     device: str
     pool: SlotPool  # where this worker writes its outputs
     pool_info: wire.PoolInfo | None = None  # its GPU pool's export, for consumers to map
+    cpus: tuple[int, ...] | None = None  # cores of its own (engine/cpu_affinity.py); None: the OS places it
     socket: zmq.Socket | None = None
     process: WorkerProcess | None = None
     ready: bool = False

@@ -33,6 +33,7 @@ import torch
 import zmq
 
 from ..engine import protocol as wire
+from ..engine.cpu_affinity import pin_this_process
 from ..engine.transport.endpoint import Endpoint
 from ..engine.transport.shm import unlink_segments
 from .decoder import DecoderStage
@@ -62,10 +63,13 @@ class WorkerSpec:
     segment_prefix: str  # the engine's segments: unlinked by any worker that outlives it
     run_dir: str  # the engine's private socket directory: removed likewise
     gpu_pool: tuple[str, int, int] | None = None  # (name, slot bytes, slots): outputs stay on this GPU
+    cpus: tuple[int, ...] | None = None  # cores of its own (engine/cpu_affinity.py); None: the OS places it
 
 
 def run_stage_worker(spec: WorkerSpec, death_pipe: Connection) -> None:
     """Process entry point (spawn target)."""
+    if spec.cpus:  # before any thread of ours starts: they all inherit it
+        pin_this_process(spec.cpus)
     # Ctrl-C reaches the whole process group; the engine decides how its workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=os.environ.get("DFUSE_LOG", "WARNING"), format=f"[{spec.stage}#{spec.worker_id}] %(message)s")

@@ -2,13 +2,9 @@
 serves a valid task; the engine's result socket shrugs off garbage and forged worker ids; control
 sockets and shared memory are owner-only."""
 
-import multiprocessing
 import os
 import random
-import shutil
 import stat
-import tempfile
-import time
 
 import msgspec
 import pytest
@@ -18,71 +14,15 @@ import zmq
 from dfuse import Engine
 from dfuse.engine import protocol as wire
 from dfuse.engine.transport.base import byte_view
-from dfuse.engine.transport.shm import SlotPool, list_segments, new_segment_prefix, unlink_segments
-from dfuse.stages.worker import WorkerSpec, run_stage_worker
+from dfuse.engine.transport.shm import SlotPool, list_segments
 
+from fake_engine import MODEL, WORKER_ID, FakeEngine
 from process_utils import alive
 
-MODEL = "synthetic:encoder=1ms,dit=1ms,decoder=1ms"
 FUZZ_SEED = 20240607
-WORKER_ID = 7
 VALID_REQUEST_ID = 10**6
 LATENTS = (1, 16, 8, 8)  # a 64x64 image's latents
 SLOT_BYTES = 2**20
-
-
-class FakeEngine:
-    """The engine's side of one worker, built by hand: a PUSH bound at the task endpoint, a PULL
-    bound at the result endpoint, a death pipe, and the worker spawned like the launcher does."""
-
-    def __init__(self, stage: str):
-        self.run_dir = tempfile.mkdtemp(prefix="dfuse-fuzz-")
-        self.prefix = new_segment_prefix()
-        self.context = zmq.Context()
-        self.tasks = self.context.socket(zmq.PUSH)
-        self.tasks.setsockopt(zmq.LINGER, 0)
-        self.tasks.setsockopt(zmq.SNDTIMEO, 10_000)  # a flood of frames may meet the high-water mark
-        self.tasks.bind(f"ipc://{self.run_dir}/tasks")
-        self.results = self.context.socket(zmq.PULL)
-        self.results.bind(f"ipc://{self.run_dir}/results")
-        spec = WorkerSpec(
-            worker_id=WORKER_ID, stage=stage, model_path=MODEL, device="cpu", dtype="float32", cpu_threads=1,
-            task_endpoint=f"ipc://{self.run_dir}/tasks", result_endpoint=f"ipc://{self.run_dir}/results",
-            engine_pid=os.getpid(), segment_prefix=self.prefix, run_dir=self.run_dir,
-        )
-        spawn = multiprocessing.get_context("spawn")
-        reader, self.death_pipe = spawn.Pipe(duplex=False)
-        self.process = spawn.Process(target=run_stage_worker, args=(spec, reader), daemon=True)
-        self.process.start()
-        reader.close()
-
-    def receive(self, timeout_s: float):
-        """The next message from the worker; None after `timeout_s`, or at once if it died."""
-        deadline = time.monotonic() + timeout_s
-        while not self.results.poll(100):
-            if self.process.exitcode is not None or time.monotonic() > deadline:
-                return None
-        return wire.engine_decoder.decode(self.results.recv())
-
-    def send(self, frame: bytes) -> None:
-        self.tasks.send(frame)
-
-    def close(self) -> None:
-        if self.process.exitcode is None:
-            try:
-                self.send(wire.encode(wire.Shutdown()))
-            except zmq.ZMQError:
-                pass
-            self.process.join(10)
-        self.death_pipe.close()
-        if self.process.exitcode is None:
-            self.process.kill()
-            self.process.join(10)
-        self.tasks.close(linger=0)
-        self.results.close(linger=0)
-        self.context.term()
-        unlink_segments(self.prefix)
-        shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
 @pytest.fixture

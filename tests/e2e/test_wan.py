@@ -5,6 +5,7 @@ one thread per process (the condition for bit-identical outputs, FACTS.md).
 """
 
 import json
+import os
 import subprocess
 import sys
 
@@ -173,6 +174,10 @@ def test_dfuse_run_writes_a_video(wan_path, tmp_path):
     assert "Placement (static): encoder x1, dit x1, decoder x1" in run.stdout  # -v: the engine's stats
     wake = "kept quick to wake (CPU latency request: 0 us)" if cpu_latency_request_allowed() else "as the OS sets them"
     assert f"Idle CPUs: {wake}" in run.stdout
+    cores = len(os.sched_getaffinity(0))  # 3 workers x 1 thread (--threads 1): pinned where 3 cores are
+    pinning = ("pinned, cores of their own: worker 0 on " if cores >= 3
+               else f"left to the OS: 3 CPU workers x 1 thread(s) need more than the {cores} cores here")
+    assert f"CPU workers: {pinning}" in run.stdout
     frames = iio.imread(out)  # imageio's ffmpeg plugin reads the H.264 file back
     assert frames.shape == (9, 32, 48, 3)
 

@@ -1,0 +1,107 @@
+"""CPU workers get cores of their own when they all fit, and only then; a pinned worker's threads,
+the ones it starts later included, all stay on its cores."""
+
+import os
+
+import pytest
+
+from dfuse.engine import cpu_affinity, placement
+from dfuse.engine.config import EngineConfig
+from dfuse.engine.placement import build_workers, pinning_summary
+from dfuse.engine.transport.shm import list_segments, new_segment_prefix, unlink_segments
+
+from fake_engine import FakeEngine
+from process_utils import alive
+
+
+def test_plan_gives_disjoint_blocks_of_the_cores_given_when_they_fit():
+    assert cpu_affinity.plan([2, 1, 3], [0, 1, 2, 3, 4, 5, 6]) == [(0, 1), (2,), (3, 4, 5)]
+    # A cpuset with holes (a container's): blocks come from the cores it allows, never others.
+    assert cpu_affinity.plan([1, 2], [3, 8, 9]) == [(3,), (8, 9)]
+
+
+def test_plan_refuses_when_the_threads_need_more_cores_than_there_are():
+    assert cpu_affinity.plan([1, 1, 1], [0, 1]) is None
+    assert cpu_affinity.plan([4], [0, 1, 2]) is None
+
+
+@pytest.mark.parametrize("cpus, text", [((0, 1, 2, 3, 6), "0-3,6"), ((5,), "5"), ((7, 1, 2), "1-2,7")])
+def test_describe_writes_cores_as_taskset_does(cpus, text):
+    assert cpu_affinity.describe(cpus) == text
+
+
+@pytest.fixture
+def workers_on(monkeypatch):
+    """build_workers as on a machine whose engine may use `cores` cores (the planning only: no
+    process is pinned), with its host pools removed afterwards."""
+    made = []
+
+    def build(cores: int, **config):
+        monkeypatch.setattr(placement, "usable_cpus", lambda: list(range(cores)))
+        monkeypatch.setattr("dfuse.engine.config.usable_cpus", lambda: list(range(cores)))
+        prefix = new_segment_prefix()
+        made.append(prefix)
+        config = EngineConfig(model="synthetic:encoder=1ms,dit=1ms,decoder=1ms", **config)
+        workers = build_workers(config, {"encoder->dit": "shm", "dit->decoder": "shm", "decoder->engine": "shm"}, prefix)
+        return config, workers
+
+    yield build
+    for prefix in made:
+        unlink_segments(prefix)
+        assert list_segments(prefix) == []
+
+
+def test_an_engine_pins_its_cpu_workers_when_their_threads_fit(workers_on):
+    config, workers = workers_on(8, instances={"encoder": 1, "dit": 2, "decoder": 1}, cpu_threads=2)
+    assert [w.cpus for w in workers.values()] == [(0, 1), (2, 3), (4, 5), (6, 7)]
+    assert pinning_summary(config, workers) == (
+        "pinned, cores of their own: worker 0 on 0-1, worker 1 on 2-3, worker 2 on 4-5, worker 3 on 6-7")
+
+
+def test_the_default_thread_count_divides_the_cores_and_pins(workers_on):
+    config, workers = workers_on(7)  # 3 workers x 2 threads: the seventh core stays the engine's
+    assert [w.cpus for w in workers.values()] == [(0, 1), (2, 3), (4, 5)]
+
+
+def test_workers_that_do_not_fit_are_left_to_the_os(workers_on):
+    config, workers = workers_on(2, cpu_threads=1)  # this CI machine: 3 workers, 2 cores
+    assert all(w.cpus is None for w in workers.values())
+    assert pinning_summary(config, workers) == "left to the OS: 3 CPU workers x 1 thread(s) need more than the 2 cores here"
+
+
+def test_pinning_can_be_turned_off(workers_on):
+    config, workers = workers_on(8, cpu_threads=1, pin_cpu_workers=False)
+    assert all(w.cpus is None for w in workers.values())
+    assert pinning_summary(config, workers) == "left to the OS (pin_cpu_workers=False)"
+
+
+def test_pin_cpu_workers_must_be_a_bool():
+    with pytest.raises(ValueError, match=r"pin_cpu_workers: must be True or False \(got 'yes'\)"):
+        EngineConfig(pin_cpu_workers="yes")
+
+
+def _allowed(pid: int) -> dict[int, str]:
+    """Each thread of `pid` -> its Cpus_allowed_list."""
+    allowed = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/status") as status:
+            line = next(line for line in status if line.startswith("Cpus_allowed_list:"))
+        allowed[int(tid)] = line.split(":", 1)[1].strip()
+    return allowed
+
+
+def test_a_pinned_worker_runs_every_thread_on_its_cores(monkeypatch):
+    """A real stage worker, spawned with one core: every thread it has once READY (its socket
+    threads, receiver, watcher, torch's) runs there, and it still serves."""
+    monkeypatch.setenv("DFUSE_LOG", "ERROR")
+    core = cpu_affinity.usable_cpus()[-1]
+    fake = FakeEngine("decoder", cpus=(core,))
+    try:
+        ready = fake.receive(120)
+        assert ready is not None, "the pinned worker never said READY"
+        threads = _allowed(fake.process.pid)
+        assert len(threads) >= 4  # main, receiver, death watch, zmq's own: all of them checked
+        assert set(threads.values()) == {str(core)}, threads
+    finally:
+        fake.close()
+    assert not alive(fake.process.pid)
