@@ -9,6 +9,8 @@ Mechanisms, each measured here in one run:
     dfuse-os-idle the same, with the engine's CPU latency request given back (engine/cpu_wake.py):
                 idle CPUs halt as the OS lets them, and the consumer, asleep through the write,
                 wakes on a halted CPU. Listed only where the request could be made.
+    dfuse-unpinned the same, with the OS placing both processes (on CPU, dfuse and the floors run each
+                process on a core of its own, as an engine pins CPU workers that fit).
     dfuse-touch1 the same, but the producer rewrites one element: the consumer sleeps only briefly.
     dfuse-busy-poll the same, but the consumer spins on its socket instead of sleeping, as no
                 worker does (it burns a core): what never sleeping would buy.
@@ -53,6 +55,7 @@ import zmq
 
 from ..engine import protocol as wire
 from ..engine.config import TransportConfig, check_device
+from ..engine.cpu_affinity import pin_this_process, plan, usable_cpus
 from ..engine.cpu_wake import current_limit_us
 from ..engine.host_resources import HostResources
 from ..engine.transport.endpoint import Endpoint
@@ -191,19 +194,36 @@ def _measurement(host: HostResources | None):
 _pool_numbers = itertools.count()
 
 
-def _run_pair(consumer, consumer_args: tuple, producer, producer_args: tuple, host: HostResources) -> bytes:
+def cpu_blocks(device: str, pinned: bool = True) -> list[tuple[int, ...]] | None:
+    """Cores for (consumer, producer), as an engine pins two 1-thread CPU workers: each its own
+    core when both fit (engine/cpu_affinity.py), else None (the OS places them). GPU processes
+    are not pinned, as an engine's GPU workers are not."""
+    return plan([1, 1], usable_cpus()) if pinned and device == "cpu" else None
+
+
+def _pinned(cpus: tuple[int, ...] | None, target, *args) -> None:
+    """Spawn target: pin, then run `target` (whose threads inherit the pinning)."""
+    if cpus:
+        pin_this_process(cpus)
+    target(*args)
+
+
+def _run_pair(consumer, consumer_args: tuple, producer, producer_args: tuple, host: HostResources,
+              cpus: list[tuple[int, ...]] | None = None) -> bytes:
     """Start the consumer, wait until it listens, then the producer; return the consumer's report.
+    `cpus`: the cores of (consumer, producer), or None to leave them to the OS.
     Neither process outlives the measurement, and the janitor knows both (CUDA IPC leftovers)."""
     spawn = mp.get_context("spawn")
     receiver, sender = spawn.Pipe(duplex=False)
     started = time.time()
-    processes = [spawn.Process(target=consumer, args=(*consumer_args, sender), daemon=True)]
+    consumer_cpus, producer_cpus = cpus or (None, None)
+    processes = [spawn.Process(target=_pinned, args=(consumer_cpus, consumer, *consumer_args, sender), daemon=True)]
     try:
         processes[0].start()
         _watch(host, processes[0], started)
         sender.close()  # the consumer's copy is the only one: its death reads as EOF here
         _report(receiver, processes)  # listening
-        processes.append(spawn.Process(target=producer, args=producer_args, daemon=True))
+        processes.append(spawn.Process(target=_pinned, args=(producer_cpus, producer, *producer_args), daemon=True))
         processes[1].start()
         _watch(host, processes[1], started)
         report = _report(receiver, processes)
@@ -246,10 +266,12 @@ def _watch(host: HostResources, process, started: float) -> None:
 
 
 def measure_dfuse(nbytes: int, iterations: int, device: str, full_write: bool = True, carry: bool = True,
-                  consumer_device: str | None = None, host: HostResources | None = None, busy_poll: bool = False) -> dict:
+                  consumer_device: str | None = None, host: HostResources | None = None, busy_poll: bool = False,
+                  pinned: bool = True) -> dict:
     """`device` runs both processes, unless `consumer_device` names the consumer's (a CPU producer
     and a GPU consumer: the mixed link, read from pinned shared memory on the copy stream).
-    `busy_poll`: the consumer spins on its socket instead of sleeping (not what a worker does)."""
+    `busy_poll`: the consumer spins on its socket instead of sleeping (not what a worker does).
+    `pinned`: on CPU, each process on a core of its own as an engine pins its workers."""
     with _measurement(host) as (host, run_dir):
         name = f"{host.segment_prefix}hop{next(_pool_numbers)}"
         pool = None if device.startswith("cuda") else SlotPool.create_host(name, nbytes, 1)
@@ -257,13 +279,14 @@ def measure_dfuse(nbytes: int, iterations: int, device: str, full_write: bool = 
             result = json.loads(_run_pair(
                 _consumer, (consumer_device or device, iterations, run_dir, busy_poll),
                 _producer, (device, pool and pool.name, nbytes, iterations, run_dir, full_write, carry), host,
+                cpu_blocks(consumer_device or device, pinned),
             ))
         finally:
             unlink_segment(name)
     if result["wrong_values"]:
         raise RuntimeError(f"dfuse handoff read {result['wrong_values']} wrong values at {nbytes} bytes")
     mechanism = ("zmq-floor" if not carry else "dfuse-touch1" if not full_write
-                 else "dfuse-busy-poll" if busy_poll else "dfuse")
+                 else "dfuse-busy-poll" if busy_poll else "dfuse" if pinned or device != "cpu" else "dfuse-unpinned")
     summary = _summary(mechanism, nbytes, result["samples_us"])
     summary["arrive_p50_us"] = round(statistics.median(result["arrivals_us"]), 1)  # the median arrival
     return summary
@@ -317,7 +340,8 @@ def measure_socket_floor(nbytes: int, iterations: int, device: str, host: HostRe
     with _measurement(host) as (host, run_dir):
         path = os.path.join(run_dir, "doorbell")
         samples = json.loads(_run_pair(
-            _socket_consumer, (iterations, path), _socket_producer, (nbytes, iterations, path, device), host))
+            _socket_consumer, (iterations, path), _socket_producer, (nbytes, iterations, path, device), host,
+            cpu_blocks(device)))
     return _summary("socket-floor", nbytes, samples)
 
 
@@ -369,7 +393,7 @@ def measure_spin_floor(nbytes: int, iterations: int, device: str, host: HostReso
         try:
             result = json.loads(_run_pair(
                 _spin_consumer, (pool and pool.name, bell.name, iterations),
-                _spin_producer, (pool and pool.name, bell.name, nbytes, iterations, device), host))
+                _spin_producer, (pool and pool.name, bell.name, nbytes, iterations, device), host, cpu_blocks(device)))
         finally:
             for name in names:
                 unlink_segment(name)
@@ -466,6 +490,8 @@ def _summary(mechanism: str, nbytes: int, samples_us: list[float]) -> dict:
 MECHANISMS = {
     "dfuse": lambda nbytes, iterations, device, host: measure_dfuse(nbytes, iterations, device, host=host),
     "dfuse-os-idle": measure_dfuse_os_idle,
+    "dfuse-unpinned": lambda nbytes, iterations, device, host: measure_dfuse(
+        nbytes, iterations, device, host=host, pinned=False),
     "dfuse-touch1": lambda nbytes, iterations, device, host: measure_dfuse(
         nbytes, iterations, device, full_write=False, host=host),
     "dfuse-busy-poll": lambda nbytes, iterations, device, host: measure_dfuse(
@@ -488,6 +514,9 @@ def run_handoff(sizes: list[int], device: str, mechanisms=tuple(MECHANISMS)) -> 
     wake_us = host.cpu_wake.max_us if host.cpu_wake is not None else None
     if wake_us is None:  # nothing to give back: the row would measure `dfuse` twice
         mechanisms = [m for m in mechanisms if m != "dfuse-os-idle"]
+    pinned = cpu_blocks(device)
+    if pinned is None:  # GPU, or one core: `dfuse` is not pinned either
+        mechanisms = [m for m in mechanisms if m != "dfuse-unpinned"]
     steps = [(m, n) for n in sizes for m in mechanisms]
     try:
         for mechanism, nbytes in tqdm(steps, desc="handoff", unit="case", leave=False):
@@ -501,12 +530,15 @@ def run_handoff(sizes: list[int], device: str, mechanisms=tuple(MECHANISMS)) -> 
         "device": device if device == "cpu" else torch.cuda.get_device_name(device),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
         "cpu_wake_latency_us": wake_us,  # the engine's CPU latency request during the run; None: not (all of) it
+        "pinned_cpus": pinned,  # (consumer's, producer's) cores, as an engine pins CPU workers; None: the OS's
         "note": "one-way hop p50/p99 in microseconds, from the producer's send to the consumer's read of the "
                 "last element (each mechanism is described in bench/handoff.py). dfuse: the producer rewrites "
                 "the whole tensor in place before every hop (as a stage would), the consumer maps a view (same "
                 "GPU: a CUDA IPC view ordered by an interprocess event); arrive_p50_us: the median time until "
                 "the message is in the consumer's hands; idle CPUs are kept polling by the engine's CPU latency "
-                "request (cpu_wake_latency_us) unless it is null. dfuse-os-idle: the same without that request. "
+                "request (cpu_wake_latency_us) unless it is null, and on CPU both processes run on cores of their "
+                "own (pinned_cpus) as an engine pins CPU workers that fit. dfuse-os-idle: the same without "
+                "that request. dfuse-unpinned: the same with the OS placing both processes. "
                 "dfuse-touch1: one element rewritten. dfuse-busy-poll: the "
                 "consumer spins on its socket instead of sleeping. zmq-floor: no tensor in the message, nothing "
                 "read. socket-floor: the same write, then one bare AF_UNIX datagram (no zmq, no tensor): the "

@@ -32,6 +32,11 @@ def test_handoff_runs_every_mechanism_and_leaves_no_segment(tmp_path):
     allowed = cpu_latency_request_allowed()
     assert report["cpu_wake_latency_us"] == (0 if allowed else None)
     expected = set(MECHANISMS) - (set() if allowed else {"dfuse-os-idle"})
+    # As an engine pins two 1-thread CPU workers: each on a core of its own, where two cores are;
+    # beside it the same hop placed by the OS (dfuse-unpinned).
+    cores = sorted(os.sched_getaffinity(0))
+    assert report["pinned_cpus"] == ([cores[:1], cores[1:2]] if len(cores) >= 2 else None)
+    expected -= set() if len(cores) >= 2 else {"dfuse-unpinned"}
     assert {r["mechanism"] for r in report["results"]} == expected
     for row in report["results"]:  # given back, the kernel's limit is what it was without the bench
         if row["mechanism"] == "dfuse-os-idle" and os_limit is not None:
