@@ -17,12 +17,13 @@ import os
 import shutil
 import tempfile
 
+import zmq
+
 from .cpu_wake import CpuWakeHold
 from .transport.janitor import Janitor
 from .transport.shm_files import EngineLock, new_segment_prefix, sweep_stale_segments, unlink_segments
 
 log = logging.getLogger("dfuse.engine")
-IPC_PATH_MAX_LEN = 107  # sockaddr_un.sun_path less its terminating NUL, on Linux
 _LONGEST_SOCKET_NAME = 16  # "/w63.1000", "/pickle-ack": what endpoint() is asked for, with room to spare
 
 
@@ -31,12 +32,13 @@ class HostResources:
         """`cpu_wake_latency_us`: hold a CPU latency request of that many us (None: none)."""
         sweep_stale_segments()
         self.run_dir = tempfile.mkdtemp(prefix="dfuse-")
-        if len(self.run_dir) + _LONGEST_SOCKET_NAME > IPC_PATH_MAX_LEN:  # else a bind fails later, less clearly
+        longest = zmq.IPC_PATH_MAX_LEN - _LONGEST_SOCKET_NAME
+        if len(self.run_dir) > longest:  # else a bind fails later, less clearly
             shutil.rmtree(self.run_dir, ignore_errors=True)
             raise ValueError(
-                f"TMPDIR: the engine's socket directory {self.run_dir} is too long for the {IPC_PATH_MAX_LEN} "
-                f"characters a Unix socket path may have (with {_LONGEST_SOCKET_NAME} for the socket names); "
-                "set TMPDIR to a shorter directory, e.g. /tmp")
+                f"TMPDIR: the engine's socket directory {self.run_dir} has {len(self.run_dir)} characters, and "
+                f"at most {longest} leave room for its Unix sockets' names; set TMPDIR (or TMP, TEMP) to a "
+                "shorter directory, e.g. /tmp")
         self.segment_prefix = new_segment_prefix()
         self._janitor: Janitor | None = None
         # The liveness lock comes before any segment of the prefix: while this process holds it,

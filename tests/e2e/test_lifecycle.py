@@ -61,26 +61,23 @@ def test_exception_inside_with_leaves_nothing(model_path):
     assert list_segments(prefix) == []
 
 
-def _engine_files_of_this_process() -> tuple[list, list]:
-    """Run dirs under the temp dir and this process's segments: what a half-built engine would leave."""
-    import tempfile
-
-    return sorted(p for p in os.listdir(tempfile.gettempdir()) if p.startswith("dfuse-")), engine_segments(os.getpid())
-
-
 def test_an_engine_that_cannot_bind_its_sockets_leaves_nothing(model_path, monkeypatch):
     """A bind that fails (here: a path past the 107 characters of a Unix socket) fails the engine
     with the socket's error, and its run dir, segments, lock, janitor and CPU latency request go."""
+    import tempfile
+
     from dfuse.engine.host_resources import HostResources
 
-    endpoint = HostResources.endpoint
+    endpoint, mkdtemp, run_dirs = HostResources.endpoint, tempfile.mkdtemp, []
     monkeypatch.setattr(HostResources, "endpoint",
                         lambda self, name: endpoint(self, "r" * 120 if name == "results" else name))
-    before, requests_before = _engine_files_of_this_process(), qos_files_open()
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda *a, **k: run_dirs.append(mkdtemp(*a, **k)) or run_dirs[-1])
+    segments_before, requests_before = engine_segments(os.getpid()), qos_files_open()
     janitors_before = set(children_of(os.getpid()))
     with pytest.raises(Exception, match="longer than 107 characters"):
         Engine(model=str(model_path), cpu_threads=THREADS)
-    assert _engine_files_of_this_process() == before
+    assert run_dirs and not any(os.path.exists(d) for d in run_dirs)
+    assert engine_segments(os.getpid()) == segments_before
     assert qos_files_open() == requests_before
     assert wait_until(lambda: set(children_of(os.getpid())) <= janitors_before, 10)
 
@@ -91,8 +88,8 @@ def test_a_temp_dir_too_long_for_socket_paths_is_a_clear_error(model_path, monke
     deep = tmp_path / ("d" * 100)
     deep.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(deep))
-    with pytest.raises(ValueError, match=r"TMPDIR: the engine's socket directory .* is too long for the 107 "
-                                         r"characters a Unix socket path may have .* set TMPDIR to a shorter"):
+    with pytest.raises(ValueError, match=r"TMPDIR: the engine's socket directory .* has \d+ characters, and at "
+                                         r"most 91 leave room for its Unix sockets' names; set TMPDIR"):
         Engine(model=str(model_path), cpu_threads=THREADS)
     assert list(deep.iterdir()) == []
 

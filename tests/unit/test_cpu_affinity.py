@@ -59,7 +59,7 @@ def test_an_engine_pins_its_cpu_workers_when_their_threads_fit(workers_on):
 
 
 def test_the_default_thread_count_divides_the_cores_and_pins(workers_on):
-    config, workers = workers_on(7)  # 3 workers x 2 threads: the seventh core stays the engine's
+    config, workers = workers_on(7)  # 3 workers x 2 threads: the seventh core is no worker's
     assert [w.cpus for w in workers.values()] == [(0, 1), (2, 3), (4, 5)]
 
 
@@ -105,3 +105,12 @@ def test_a_pinned_worker_runs_every_thread_on_its_cores(monkeypatch):
     finally:
         fake.close()
     assert not alive(fake.process.pid)
+
+
+def test_cores_that_are_not_ours_leave_the_worker_unpinned_with_a_warning(caplog):
+    """A cpuset that shrank since the plan must not turn every restart of the worker into a crash."""
+    before = os.sched_getaffinity(0)
+    with caplog.at_level("WARNING", logger="dfuse.worker"):
+        cpu_affinity.pin_this_process((4095,))  # no such CPU: the kernel refuses it
+    assert os.sched_getaffinity(0) == before
+    assert "could not pin to cores 4095" in caplog.text and "running where the OS places this worker" in caplog.text
