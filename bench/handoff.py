@@ -158,7 +158,8 @@ def _consumer(device: str, iterations: int, run_dir: str, busy_poll: bool, resul
             samples.append(elapsed_us)
             arrivals.append((arrived_ns - message.request_id) / 1000)
         acks.send(b"")
-    results.send_bytes(json.dumps({"samples_us": samples, "arrivals_us": arrivals, "wrong_values": wrong}).encode())
+    results.send_bytes(json.dumps({"samples_us": samples, "arrivals_us": arrivals, "wrong_values": wrong,
+                                   "consumer_cpus": sorted(os.sched_getaffinity(0))}).encode())
     hops.close()
     acks.close()
     context.term()
@@ -194,11 +195,16 @@ def _measurement(host: HostResources | None):
 _pool_numbers = itertools.count()
 
 
-def cpu_blocks(device: str, pinned: bool = True) -> list[tuple[int, ...]] | None:
-    """Cores for (consumer, producer), as an engine pins two 1-thread CPU workers: each its own
-    core when both fit (engine/cpu_affinity.py), else None (the OS places them). GPU processes
-    are not pinned, as an engine's GPU workers are not."""
-    return plan([1, 1], usable_cpus()) if pinned and device == "cpu" else None
+def cpu_blocks(consumer_device: str, producer_device: str, pinned: bool = True) -> list | None:
+    """Cores for (consumer, producer) as an engine pins 1-thread CPU workers: each CPU process
+    its own core when they fit (engine/cpu_affinity.py); a GPU process None, as an engine's GPU
+    workers are not pinned. None when nothing is pinned (the OS places both)."""
+    on_cpu = [device == "cpu" for device in (consumer_device, producer_device)]
+    blocks = plan([1] * sum(on_cpu), usable_cpus()) if pinned and any(on_cpu) else None
+    if blocks is None:
+        return None
+    blocks = iter(blocks)
+    return [next(blocks) if cpu else None for cpu in on_cpu]
 
 
 def _pinned(cpus: tuple[int, ...] | None, target, *args) -> None:
@@ -279,7 +285,7 @@ def measure_dfuse(nbytes: int, iterations: int, device: str, full_write: bool = 
             result = json.loads(_run_pair(
                 _consumer, (consumer_device or device, iterations, run_dir, busy_poll),
                 _producer, (device, pool and pool.name, nbytes, iterations, run_dir, full_write, carry), host,
-                cpu_blocks(consumer_device or device, pinned),
+                cpu_blocks(consumer_device or device, device, pinned),
             ))
         finally:
             unlink_segment(name)
@@ -289,6 +295,7 @@ def measure_dfuse(nbytes: int, iterations: int, device: str, full_write: bool = 
                  else "dfuse-busy-poll" if busy_poll else "dfuse" if pinned or device != "cpu" else "dfuse-unpinned")
     summary = _summary(mechanism, nbytes, result["samples_us"])
     summary["arrive_p50_us"] = round(statistics.median(result["arrivals_us"]), 1)  # the median arrival
+    summary["consumer_cpus"] = result["consumer_cpus"]  # where it ran, as the kernel says
     return summary
 
 
@@ -341,7 +348,7 @@ def measure_socket_floor(nbytes: int, iterations: int, device: str, host: HostRe
         path = os.path.join(run_dir, "doorbell")
         samples = json.loads(_run_pair(
             _socket_consumer, (iterations, path), _socket_producer, (nbytes, iterations, path, device), host,
-            cpu_blocks(device)))
+            cpu_blocks(device, device)))
     return _summary("socket-floor", nbytes, samples)
 
 
@@ -393,7 +400,7 @@ def measure_spin_floor(nbytes: int, iterations: int, device: str, host: HostReso
         try:
             result = json.loads(_run_pair(
                 _spin_consumer, (pool and pool.name, bell.name, iterations),
-                _spin_producer, (pool and pool.name, bell.name, nbytes, iterations, device), host, cpu_blocks(device)))
+                _spin_producer, (pool and pool.name, bell.name, nbytes, iterations, device), host, cpu_blocks(device, device)))
         finally:
             for name in names:
                 unlink_segment(name)
@@ -514,7 +521,7 @@ def run_handoff(sizes: list[int], device: str, mechanisms=tuple(MECHANISMS)) -> 
     wake_us = host.cpu_wake.max_us if host.cpu_wake is not None else None
     if wake_us is None:  # nothing to give back: the row would measure `dfuse` twice
         mechanisms = [m for m in mechanisms if m != "dfuse-os-idle"]
-    pinned = cpu_blocks(device)
+    pinned = cpu_blocks(device, device)
     if pinned is None:  # GPU, or one core: `dfuse` is not pinned either
         mechanisms = [m for m in mechanisms if m != "dfuse-unpinned"]
     steps = [(m, n) for n in sizes for m in mechanisms]

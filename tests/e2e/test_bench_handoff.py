@@ -37,6 +37,11 @@ def test_handoff_runs_every_mechanism_and_leaves_no_segment(tmp_path):
     cores = sorted(os.sched_getaffinity(0))
     assert report["pinned_cpus"] == ([cores[:1], cores[1:2]] if len(cores) >= 2 else None)
     expected -= set() if len(cores) >= 2 else {"dfuse-unpinned"}
+    for row in report["results"]:  # where the consumer really ran, as the kernel says
+        if row["mechanism"] == "dfuse-unpinned":
+            assert row["consumer_cpus"] == cores, row
+        elif row["mechanism"].startswith("dfuse") or row["mechanism"] == "zmq-floor":
+            assert row["consumer_cpus"] == (cores[:1] if len(cores) >= 2 else cores), row
     assert {r["mechanism"] for r in report["results"]} == expected
     for row in report["results"]:  # given back, the kernel's limit is what it was without the bench
         if row["mechanism"] == "dfuse-os-idle" and os_limit is not None:
