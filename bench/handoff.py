@@ -33,18 +33,10 @@ under it, and its processes exit with it: a bench killed mid-run, even with SIGK
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
-import multiprocessing as mp
-import multiprocessing.connection
 import os
-import pickle  # the naive baseline being measured; dfuse itself never pickles on a socket
 import platform
-import shutil
-import socket
 import statistics
-import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -55,14 +47,14 @@ import zmq
 
 from ..engine import protocol as wire
 from ..engine.config import TransportConfig, check_device
-from ..engine.cpu_affinity import pin_this_process, plan, usable_cpus
 from ..engine.cpu_wake import current_limit_us
 from ..engine.host_resources import HostResources
 from ..engine.transport.endpoint import Endpoint
-from ..engine.transport.janitor import clean_after_reaped
-from ..engine.transport.shm import Segment, ShmFull, SlotPool, new_segment_prefix
+from ..engine.transport.shm import ShmFull, SlotPool, new_segment_prefix
 from ..engine.transport.shm_files import unlink_segment
+from .handoff_baselines import measure_memcpy, measure_pickle_zmq, measure_socket_floor, measure_spin_floor
 from .outputs import default_out
+from .process_pair import cpu_blocks, exit_with_parent, measurement, pool_numbers, run_pair, summarize
 
 DEFAULT_SIZES = "64KiB,1MiB,16MiB,64MiB,256MiB"
 _UNITS = {"KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "B": 1}
@@ -97,7 +89,7 @@ _hop_decoder = msgspec.msgpack.Decoder(wire.OpenPool | wire.StageDone)
 def _producer(
     device: str, pool_name: str | None, nbytes: int, iterations: int, run_dir: str, full_write: bool, carry: bool
 ) -> None:
-    _exit_with_parent()
+    exit_with_parent()
     torch.set_num_threads(1)
     endpoint = Endpoint(torch.device(device))
     context = zmq.Context()
@@ -129,7 +121,7 @@ def _producer(
 
 
 def _consumer(device: str, iterations: int, run_dir: str, busy_poll: bool, results) -> None:
-    _exit_with_parent()
+    exit_with_parent()
     torch.set_num_threads(1)
     endpoint = Endpoint(torch.device(device))
     context = zmq.Context()
@@ -165,112 +157,6 @@ def _consumer(device: str, iterations: int, run_dir: str, busy_poll: bool, resul
     context.term()
 
 
-def _exit_with_parent() -> None:
-    """A bench process never outlives the bench: killed mid-hop (SIGKILL included), the bench
-    leaves its children blocked on a socket no one will write to. Its sentinel ends them."""
-    parent = mp.parent_process()
-    if parent is None:
-        return
-
-    def watch() -> None:
-        multiprocessing.connection.wait([parent.sentinel])
-        os._exit(1)
-
-    threading.Thread(target=watch, daemon=True, name="exit-with-bench").start()
-
-
-@contextlib.contextmanager
-def _measurement(host: HostResources | None):
-    """(host resources, a fresh run dir under them) for one measurement: the given host's, or
-    ones held for this measurement alone. The run dir goes when the measurement ends."""
-    with contextlib.ExitStack() as stack:
-        if host is None:
-            host = HostResources()
-            stack.callback(host.release)
-        run_dir = tempfile.mkdtemp(dir=host.run_dir)
-        stack.callback(shutil.rmtree, run_dir, ignore_errors=True)
-        yield host, run_dir
-
-
-_pool_numbers = itertools.count()
-
-
-def cpu_blocks(consumer_device: str, producer_device: str, pinned: bool = True) -> list | None:
-    """Cores for (consumer, producer) as an engine pins 1-thread CPU workers: each CPU process
-    its own core when they fit (engine/cpu_affinity.py); a GPU process None, as an engine's GPU
-    workers are not pinned. None when nothing is pinned (the OS places both)."""
-    on_cpu = [device == "cpu" for device in (consumer_device, producer_device)]
-    blocks = plan([1] * sum(on_cpu), usable_cpus()) if pinned and any(on_cpu) else None
-    if blocks is None:
-        return None
-    blocks = iter(blocks)
-    return [next(blocks) if cpu else None for cpu in on_cpu]
-
-
-def _pinned(cpus: tuple[int, ...] | None, target, *args) -> None:
-    """Spawn target: pin, then run `target` (whose threads inherit the pinning)."""
-    if cpus:
-        pin_this_process(cpus)
-    target(*args)
-
-
-def _run_pair(consumer, consumer_args: tuple, producer, producer_args: tuple, host: HostResources,
-              cpus: list[tuple[int, ...]] | None = None) -> bytes:
-    """Start the consumer, wait until it listens, then the producer; return the consumer's report.
-    `cpus`: the cores of (consumer, producer), or None to leave them to the OS.
-    Neither process outlives the measurement, and the janitor knows both (CUDA IPC leftovers)."""
-    spawn = mp.get_context("spawn")
-    receiver, sender = spawn.Pipe(duplex=False)
-    started = time.time()
-    consumer_cpus, producer_cpus = cpus or (None, None)
-    processes = [spawn.Process(target=_pinned, args=(consumer_cpus, consumer, *consumer_args, sender), daemon=True)]
-    try:
-        processes[0].start()
-        _watch(host, processes[0], started)
-        sender.close()  # the consumer's copy is the only one: its death reads as EOF here
-        _report(receiver, processes)  # listening
-        processes.append(spawn.Process(target=_pinned, args=(producer_cpus, producer, *producer_args), daemon=True))
-        processes[1].start()
-        _watch(host, processes[1], started)
-        report = _report(receiver, processes)
-        for process in processes:
-            process.join(30)
-        return report
-    finally:
-        for process in processes:
-            if process.pid is None:  # never started
-                continue
-            if process.is_alive():
-                process.kill()
-                process.join()
-            clean_after_reaped(process.pid, started, host.janitor)
-
-
-def _report(receiver, processes) -> bytes:
-    """The consumer's next message. A bench process that dies before it is sent fails the bench
-    (the other one would wait for it forever)."""
-    waiting = list(processes)
-    while True:
-        ready = multiprocessing.connection.wait([receiver, *(p.sentinel for p in waiting)])
-        if receiver in ready:
-            try:
-                return receiver.recv_bytes()
-            except EOFError:  # the consumer, the only writer, is gone
-                processes[0].join(10)
-                raise RuntimeError(f"a handoff consumer exited (exit code {processes[0].exitcode}) "
-                                   "before it reported") from None
-        for process in [p for p in waiting if p.sentinel in ready]:
-            process.join()  # its sentinel fired: it is exiting, and exitcode needs it reaped
-            if process.exitcode:
-                raise RuntimeError(f"a handoff process ({process.name}) died with exit code {process.exitcode}")
-            waiting.remove(process)  # the producer is done: the consumer reports next
-
-
-def _watch(host: HostResources, process, started: float) -> None:
-    if host.janitor is not None:
-        host.janitor.watch(process.pid, started)
-
-
 def measure_dfuse(nbytes: int, iterations: int, device: str, full_write: bool = True, carry: bool = True,
                   consumer_device: str | None = None, host: HostResources | None = None, busy_poll: bool = False,
                   pinned: bool = True) -> dict:
@@ -278,11 +164,11 @@ def measure_dfuse(nbytes: int, iterations: int, device: str, full_write: bool = 
     and a GPU consumer: the mixed link, read from pinned shared memory on the copy stream).
     `busy_poll`: the consumer spins on its socket instead of sleeping (not what a worker does).
     `pinned`: on CPU, each process on a core of its own as an engine pins its workers."""
-    with _measurement(host) as (host, run_dir):
-        name = f"{host.segment_prefix}hop{next(_pool_numbers)}"
+    with measurement(host) as (host, run_dir):
+        name = f"{host.segment_prefix}hop{next(pool_numbers)}"
         pool = None if device.startswith("cuda") else SlotPool.create_host(name, nbytes, 1)
         try:
-            result = json.loads(_run_pair(
+            result = json.loads(run_pair(
                 _consumer, (consumer_device or device, iterations, run_dir, busy_poll),
                 _producer, (device, pool and pool.name, nbytes, iterations, run_dir, full_write, carry), host,
                 cpu_blocks(consumer_device or device, device, pinned),
@@ -293,7 +179,7 @@ def measure_dfuse(nbytes: int, iterations: int, device: str, full_write: bool = 
         raise RuntimeError(f"dfuse handoff read {result['wrong_values']} wrong values at {nbytes} bytes")
     mechanism = ("zmq-floor" if not carry else "dfuse-touch1" if not full_write
                  else "dfuse-busy-poll" if busy_poll else "dfuse" if pinned or device != "cpu" else "dfuse-unpinned")
-    summary = _summary(mechanism, nbytes, result["samples_us"])
+    summary = summarize(mechanism, nbytes, result["samples_us"])
     summary["arrive_p50_us"] = round(statistics.median(result["arrivals_us"]), 1)  # the median arrival
     summary["consumer_cpus"] = result["consumer_cpus"]  # where it ran, as the kernel says
     return summary
@@ -308,189 +194,6 @@ def measure_dfuse_os_idle(nbytes: int, iterations: int, device: str, host: HostR
         limit = current_limit_us()
         summary = measure_dfuse(nbytes, iterations, device, host=host)
     return {**summary, "mechanism": "dfuse-os-idle", "cpu_latency_limit_us": limit}
-
-
-# --- socket-floor: the wake-up alone, without zmq --------------------------------------------------
-def _socket_consumer(iterations: int, path: str, results) -> None:
-    _exit_with_parent()
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    listener.bind(path)
-    listener.listen(1)
-    results.send_bytes(b"bound")
-    connection, _ = listener.accept()
-    samples = []
-    for i in range(iterations + 1):  # the first hop is untimed, as for dfuse
-        sent_ns = int.from_bytes(connection.recv(8), "little")
-        if i:
-            samples.append((time.perf_counter_ns() - sent_ns) / 1000)
-        connection.send(b"a")
-    results.send_bytes(json.dumps(samples).encode())
-    connection.close()
-    listener.close()
-
-
-def _socket_producer(nbytes: int, iterations: int, path: str, device: str) -> None:
-    _exit_with_parent()
-    torch.set_num_threads(1)
-    tensor = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    connection = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    connection.connect(path)
-    for i in range(iterations + 1):
-        tensor.fill_(i % 251)  # the same write as the dfuse producer's: not timed
-        _sync(device)
-        connection.send(time.perf_counter_ns().to_bytes(8, "little"))
-        connection.recv(1)
-    connection.close()
-
-
-def measure_socket_floor(nbytes: int, iterations: int, device: str, host: HostResources | None = None) -> dict:
-    with _measurement(host) as (host, run_dir):
-        path = os.path.join(run_dir, "doorbell")
-        samples = json.loads(_run_pair(
-            _socket_consumer, (iterations, path), _socket_producer, (nbytes, iterations, path, device), host,
-            cpu_blocks(device, device)))
-    return _summary("socket-floor", nbytes, samples)
-
-
-# --- spin-floor: no sleep and no socket -----------------------------------------------------------
-# What a consumer that never sleeps gets: it spins on a sequence word in shared memory that the
-# producer bumps after its write, then reads the last element as the dfuse consumer does. Not a
-# transport (it burns a core per waiting process and relies on x86's store order): the floor for
-# the hop once neither sleeping nor a socket is in it. Words: [sequence, sent_ns, ack].
-def _spin_consumer(pool: str | None, bell: str, iterations: int, results) -> None:
-    _exit_with_parent()
-    torch.set_num_threads(1)
-    words = Segment(bell).data.view(torch.int64).numpy()
-    data = Segment(pool).data if pool else None  # a GPU producer's tensor is not read here
-    results.send_bytes(b"bound")
-    samples, wrong = [], 0
-    while words[0] != 1:  # the producer is still starting: leave it the core
-        time.sleep(0.001)
-    for hop in range(1, iterations + 2):  # the first hop is untimed, as for dfuse
-        while words[0] != hop:
-            pass
-        if data is not None:
-            wrong += int(data[-1].item()) != hop % 251
-        if hop > 1:
-            samples.append((time.perf_counter_ns() - int(words[1])) / 1000)
-        words[2] = hop
-    results.send_bytes(json.dumps({"samples_us": samples, "wrong_values": wrong}).encode())
-
-
-def _spin_producer(pool: str | None, bell: str, nbytes: int, iterations: int, device: str) -> None:
-    _exit_with_parent()
-    torch.set_num_threads(1)
-    words = Segment(bell).data.view(torch.int64).numpy()
-    tensor = Segment(pool).data if pool else torch.empty(nbytes, dtype=torch.uint8, device=device)
-    for hop in range(1, iterations + 2):
-        tensor.fill_(hop % 251)  # the same write as the dfuse producer's: not timed
-        _sync(device)
-        words[1] = time.perf_counter_ns()
-        words[0] = hop  # after sent_ns: x86 makes stores visible in program order
-        while words[2] != hop:
-            pass
-
-
-def measure_spin_floor(nbytes: int, iterations: int, device: str, host: HostResources | None = None) -> dict:
-    with _measurement(host) as (host, _):
-        number = next(_pool_numbers)
-        names = [f"{host.segment_prefix}spin{number}", f"{host.segment_prefix}bell{number}"]
-        pool = None if device.startswith("cuda") else SlotPool.create_host(names[0], nbytes, 1)
-        bell = SlotPool.create_host(names[1], 4096, 1)
-        try:
-            result = json.loads(_run_pair(
-                _spin_consumer, (pool and pool.name, bell.name, iterations),
-                _spin_producer, (pool and pool.name, bell.name, nbytes, iterations, device), host, cpu_blocks(device, device)))
-        finally:
-            for name in names:
-                unlink_segment(name)
-    if result["wrong_values"]:
-        raise RuntimeError(f"spin-floor read {result['wrong_values']} wrong values at {nbytes} bytes")
-    return _summary("spin-floor", nbytes, result["samples_us"])
-
-
-# --- the floor and the naive way -------------------------------------------------------------------
-def measure_memcpy(nbytes: int, iterations: int, device: str) -> dict:
-    torch.set_num_threads(1)
-    src = torch.full((nbytes,), 7, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    dst.copy_(src)  # faults the pages in: a pool's slots are pre-faulted too
-    samples = []
-    for _ in range(iterations):
-        _sync(device)
-        start = time.perf_counter_ns()
-        dst.copy_(src)
-        _sync(device)
-        samples.append((time.perf_counter_ns() - start) / 1000)
-    return _summary("memcpy", nbytes, samples)
-
-
-def _pickle_receiver(iterations: int, run_dir: str, results) -> None:
-    _exit_with_parent()
-    context = zmq.Context()
-    socket, acks = context.socket(zmq.PULL), context.socket(zmq.PUSH)
-    socket.bind(f"ipc://{run_dir}/pickle")
-    acks.bind(f"ipc://{run_dir}/pickle-ack")
-    results.send_bytes(b"bound")
-    samples = []
-    for _ in range(iterations):
-        sent_ns, array = pickle.loads(socket.recv())
-        samples.append((time.perf_counter_ns() - sent_ns) / 1000)
-        del array
-        acks.send(b"")
-    results.send_bytes(json.dumps(samples).encode())
-    socket.close()
-    acks.close()
-    context.term()
-
-
-def measure_pickle_zmq(nbytes: int, iterations: int, device: str, host: HostResources | None = None) -> dict:
-    with _measurement(host) as (_, run_dir):
-        return _summary("pickle-zmq", nbytes, _pickle_send(nbytes, iterations, device, run_dir))
-
-
-def _pickle_send(nbytes: int, iterations: int, device: str, run_dir: str) -> list[float]:
-    spawn = mp.get_context("spawn")
-    receiver, sender = spawn.Pipe(duplex=False)
-    process = spawn.Process(target=_pickle_receiver, args=(iterations, run_dir, sender), daemon=True)
-    process.start()
-    sender.close()
-    context = zmq.Context()
-    socket, acks = context.socket(zmq.PUSH), context.socket(zmq.PULL)
-    try:
-        _report(receiver, [process])
-        socket.connect(f"ipc://{run_dir}/pickle")
-        acks.connect(f"ipc://{run_dir}/pickle-ack")
-        tensor = torch.full((nbytes,), 7, dtype=torch.uint8, device=device)
-        for _ in range(iterations):
-            sent_ns = time.perf_counter_ns()
-            socket.send(pickle.dumps((sent_ns, tensor.cpu().numpy()), protocol=pickle.HIGHEST_PROTOCOL))
-            while not acks.poll(1000):  # one hop at a time, like the dfuse hop: no queueing in the numbers
-                if not process.is_alive():
-                    raise RuntimeError(f"the pickle receiver died with exit code {process.exitcode}")
-            acks.recv()
-        samples = json.loads(_report(receiver, [process]))
-        process.join(30)
-        return samples
-    finally:
-        socket.close(linger=0)
-        acks.close(linger=0)
-        context.term()
-        if process.is_alive():
-            process.kill()
-            process.join()
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
-
-
-def _summary(mechanism: str, nbytes: int, samples_us: list[float]) -> dict:
-    ordered = sorted(samples_us)
-    p99 = ordered[min(len(ordered) - 1, int(round(0.99 * (len(ordered) - 1))))]
-    return {"mechanism": mechanism, "bytes": nbytes, "p50_us": round(statistics.median(ordered), 1),
-            "p99_us": round(p99, 1), "samples": len(ordered)}
 
 
 # Each takes (nbytes, iterations, device, host).

@@ -11,7 +11,8 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from dfuse.bench.handoff import MECHANISMS, _run_pair
+from dfuse.bench.handoff import MECHANISMS
+from dfuse.bench.process_pair import run_pair
 from dfuse.engine.cpu_wake import current_limit_us
 from dfuse.engine.host_resources import HostResources
 from dfuse.cli import main
@@ -89,7 +90,7 @@ def test_a_handoff_process_that_dies_fails_the_bench_instead_of_hanging_it():
     host = HostResources()
     try:
         with pytest.raises(RuntimeError, match="exit code 3"):
-            _run_pair(_dies_before_reporting, (), _dies_before_reporting, (), host)
+            run_pair(_dies_before_reporting, (), _dies_before_reporting, (), host)
     finally:
         host.release()
 
