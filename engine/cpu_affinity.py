@@ -13,8 +13,9 @@ are never pinned (their host threads mostly wait on the device). The engine proc
 unpinned and no core is held back for it: its router thread is light and runs wherever the OS
 puts it, beside the workers' threads.
 
-"Cores" are logical CPUs, handed out in the order the OS numbers them: with SMT, two workers may
-share a physical core's caches. An OpenMP affinity setting (OMP_PROC_BIND, GOMP_CPU_AFFINITY,
+With SMT, a worker gets whole physical cores (all their hardware threads) when every worker
+thread can have one; otherwise it gets logical CPUs, siblings side by side, so that a physical
+core is shared within a worker before it is shared between two. An OpenMP affinity setting (OMP_PROC_BIND, GOMP_CPU_AFFINITY,
 KMP_AFFINITY) is read when torch loads, before a worker pins itself, and may bind its threads
 otherwise: turn pinning off (pin_cpu_workers=False) when using one.
 """
@@ -33,14 +34,33 @@ def usable_cpus() -> list[int]:
     return sorted(os.sched_getaffinity(0))
 
 
-def plan(threads: Sequence[int], cpus: Sequence[int]) -> list[tuple[int, ...]] | None:
-    """A block of `threads[i]` cores for worker i, no core in two blocks; None when the blocks
-    would need more cores than `cpus` has."""
-    if sum(threads) > len(cpus):
+def physical_cores(cpus: Sequence[int]) -> list[list[int]]:
+    """`cpus` grouped by the physical core they belong to (SMT siblings together), in order of
+    their first CPU. Where sysfs does not say, each CPU is a core of its own."""
+    cores: dict[tuple, list[int]] = {}
+    for cpu in sorted(cpus):
+        try:
+            topology = f"/sys/devices/system/cpu/cpu{cpu}/topology"
+            with open(f"{topology}/physical_package_id") as package, open(f"{topology}/core_id") as core:
+                key = (int(package.read()), int(core.read()))
+        except (OSError, ValueError):
+            key = ("cpu", cpu)
+        cores.setdefault(key, []).append(cpu)
+    return list(cores.values())
+
+
+def plan(threads: Sequence[int], cores: Sequence[Sequence[int]]) -> list[tuple[int, ...]] | None:
+    """The CPUs of worker i, for `threads[i]` threads each, no CPU in two workers' sets, from
+    `cores` (physical cores, each a list of its logical CPUs): `threads[i]` whole cores each when
+    there are enough, else `threads[i]` logical CPUs each, siblings side by side. None when the
+    threads outnumber the logical CPUs."""
+    logical = [cpu for core in cores for cpu in core]
+    if sum(threads) > len(logical):
         return None
+    units = cores if sum(threads) <= len(cores) else [[cpu] for cpu in logical]
     blocks, start = [], 0
     for count in threads:
-        blocks.append(tuple(cpus[start:start + count]))
+        blocks.append(tuple(sorted(cpu for unit in units[start:start + count] for cpu in unit)))
         start += count
     return blocks
 

@@ -7,7 +7,7 @@ from typing import Mapping
 
 from ..stages import STAGE_KINDS
 from .config import EngineConfig
-from .cpu_affinity import describe, plan, usable_cpus
+from .cpu_affinity import describe, physical_cores, plan, usable_cpus
 from .state import Worker
 from .transport.base import choose_link, cuda_peer_access, pool_kind, probe_places
 from .transport.shm import SlotPool
@@ -51,7 +51,7 @@ def _pin_cpu_workers(config: EngineConfig, cpu_workers: list[Worker]) -> None:
     A worker keeps its cores through restarts and moves: they are its, not its stage's."""
     if not config.pin_cpu_workers or not cpu_workers:
         return
-    blocks = plan([config.threads_per_worker()] * len(cpu_workers), usable_cpus())
+    blocks = plan([config.threads_per_worker()] * len(cpu_workers), physical_cores(usable_cpus()))
     for worker, cpus in zip(cpu_workers, blocks or []):
         worker.cpus = cpus
 

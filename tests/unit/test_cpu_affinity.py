@@ -14,15 +14,55 @@ from fake_engine import FakeEngine
 from process_utils import alive
 
 
+def _no_smt(*cpus):
+    return [[cpu] for cpu in cpus]
+
+
+SMT_4X2 = [[0, 4], [1, 5], [2, 6], [3, 7]]  # 4 physical cores, 2 hardware threads each (Linux's usual numbering)
+
+
 def test_plan_gives_disjoint_blocks_of_the_cores_given_when_they_fit():
-    assert cpu_affinity.plan([2, 1, 3], [0, 1, 2, 3, 4, 5, 6]) == [(0, 1), (2,), (3, 4, 5)]
+    assert cpu_affinity.plan([2, 1, 3], _no_smt(0, 1, 2, 3, 4, 5, 6)) == [(0, 1), (2,), (3, 4, 5)]
     # A cpuset with holes (a container's): blocks come from the cores it allows, never others.
-    assert cpu_affinity.plan([1, 2], [3, 8, 9]) == [(3,), (8, 9)]
+    assert cpu_affinity.plan([1, 2], _no_smt(3, 8, 9)) == [(3,), (8, 9)]
+
+
+def test_with_smt_workers_get_whole_physical_cores_when_there_are_enough():
+    assert cpu_affinity.plan([1, 1], SMT_4X2) == [(0, 4), (1, 5)]
+    assert cpu_affinity.plan([2, 2], SMT_4X2) == [(0, 1, 4, 5), (2, 3, 6, 7)]
+
+
+def test_with_smt_and_more_threads_than_physical_cores_siblings_stay_side_by_side():
+    # 6 threads, 4 physical cores: logical CPUs, so that worker 0 has 0 and its sibling 4.
+    assert cpu_affinity.plan([3, 3], SMT_4X2) == [(0, 1, 4), (2, 5, 6)]
+    assert cpu_affinity.plan([4, 4], SMT_4X2) == [(0, 1, 4, 5), (2, 3, 6, 7)]
 
 
 def test_plan_refuses_when_the_threads_need_more_cores_than_there_are():
-    assert cpu_affinity.plan([1, 1, 1], [0, 1]) is None
-    assert cpu_affinity.plan([4], [0, 1, 2]) is None
+    assert cpu_affinity.plan([1, 1, 1], _no_smt(0, 1)) is None
+    assert cpu_affinity.plan([4], _no_smt(0, 1, 2)) is None
+    assert cpu_affinity.plan([5, 4], SMT_4X2) is None
+
+
+def test_physical_cores_groups_this_machines_cpus_by_core():
+    cpus = cpu_affinity.usable_cpus()
+    cores = cpu_affinity.physical_cores(cpus)
+    assert sorted(cpu for core in cores for cpu in core) == cpus  # every CPU once
+    for core in cores:  # siblings as the kernel lists them
+        for cpu in core:
+            path = f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list"
+            if os.path.exists(path):
+                with open(path) as siblings:
+                    listed = siblings.read().strip()
+                assert set(core) <= _parse_list(listed), (core, listed)
+
+
+def _parse_list(text: str) -> set[int]:
+    cpus = set()
+    for part in text.split(","):
+        low, _, high = part.partition("-")
+        cpus |= set(range(int(low), int(high or low) + 1))
+    return cpus
 
 
 @pytest.mark.parametrize("cpus, text", [((0, 1, 2, 3, 6), "0-3,6"), ((5,), "5"), ((7, 1, 2), "1-2,7")])
@@ -38,6 +78,7 @@ def workers_on(monkeypatch):
 
     def build(cores: int, **config):
         monkeypatch.setattr(placement, "usable_cpus", lambda: list(range(cores)))
+        monkeypatch.setattr(placement, "physical_cores", lambda cpus: [[cpu] for cpu in cpus])
         monkeypatch.setattr("dfuse.engine.config.usable_cpus", lambda: list(range(cores)))
         prefix = new_segment_prefix()
         made.append(prefix)
