@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from ..engine.cpu_affinity import physical_cores, pin_this_process, plan, usable_cpus
+from ..engine.cpu_affinity import openmp_affinity, physical_cores, pin_this_process, plan, usable_cpus
 from ..engine.host_resources import HostResources
 from ..engine.transport.janitor import clean_after_reaped
 
@@ -61,7 +61,8 @@ def cpu_blocks(consumer_device: str, producer_device: str, pinned: bool = True) 
     its own core when they fit (engine/cpu_affinity.py); a GPU process None, as an engine's GPU
     workers are not pinned. None when nothing is pinned (the OS places both)."""
     on_cpu = [device == "cpu" for device in (consumer_device, producer_device)]
-    blocks = plan([1] * sum(on_cpu), physical_cores(usable_cpus())) if pinned and any(on_cpu) else None
+    pinned = pinned and any(on_cpu) and not openmp_affinity()
+    blocks = plan([1] * sum(on_cpu), physical_cores(usable_cpus())) if pinned else None
     if blocks is None:
         return None
     blocks = iter(blocks)

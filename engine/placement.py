@@ -7,7 +7,7 @@ from typing import Mapping
 
 from ..stages import STAGE_KINDS
 from .config import EngineConfig
-from .cpu_affinity import describe, physical_cores, plan, usable_cpus
+from .cpu_affinity import describe, openmp_affinity, physical_cores, plan, usable_cpus
 from .state import Worker
 from .transport.base import choose_link, cuda_peer_access, pool_kind, probe_places
 from .transport.shm import SlotPool
@@ -49,7 +49,7 @@ def build_workers(config: EngineConfig, links: Mapping[str, str], segment_prefix
 def _pin_cpu_workers(config: EngineConfig, cpu_workers: list[Worker]) -> None:
     """Cores of their own for the CPU workers, when they all fit (engine/cpu_affinity.py).
     A worker keeps its cores through restarts and moves: they are its, not its stage's."""
-    if not config.pin_cpu_workers or not cpu_workers:
+    if not config.pin_cpu_workers or not cpu_workers or openmp_affinity():
         return
     blocks = plan([config.threads_per_worker()] * len(cpu_workers), physical_cores(usable_cpus()))
     for worker, cpus in zip(cpu_workers, blocks or []):
@@ -63,6 +63,8 @@ def pinning_summary(config: EngineConfig, workers: Mapping[int, Worker]) -> str:
         return "no CPU workers"
     if not config.pin_cpu_workers:
         return "left to the OS (pin_cpu_workers=False)"
+    if openmp_affinity():
+        return f"left to OpenMP's own placement ({openmp_affinity()} is set)"
     if all(w.cpus for w in cpu_workers):
         return "pinned, cores of their own: " + ", ".join(f"worker {w.id} on {describe(w.cpus)}" for w in cpu_workers)
     threads = config.threads_per_worker()

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 from dfuse.bench.handoff import MECHANISMS
 from dfuse.bench.process_pair import run_pair
+from dfuse.engine.cpu_affinity import physical_cores, plan
 from dfuse.engine.cpu_wake import current_limit_us
 from dfuse.engine.host_resources import HostResources
 from dfuse.cli import main
@@ -36,13 +37,14 @@ def test_handoff_runs_every_mechanism_and_leaves_no_segment(tmp_path):
     # As an engine pins two 1-thread CPU workers: each on a core of its own, where two cores are;
     # beside it the same hop placed by the OS (dfuse-unpinned).
     cores = sorted(os.sched_getaffinity(0))
-    assert report["pinned_cpus"] == ([cores[:1], cores[1:2]] if len(cores) >= 2 else None)
-    expected -= set() if len(cores) >= 2 else {"dfuse-unpinned"}
+    planned = plan([1, 1], physical_cores(cores))  # the engine's plan (tests/unit/test_cpu_affinity.py)
+    assert report["pinned_cpus"] == ([list(block) for block in planned] if planned else None)
+    expected -= set() if planned else {"dfuse-unpinned"}
     for row in report["results"]:  # where the consumer really ran, as the kernel says
         if row["mechanism"] == "dfuse-unpinned":
             assert row["consumer_cpus"] == cores, row
         elif row["mechanism"].startswith("dfuse") or row["mechanism"] == "zmq-floor":
-            assert row["consumer_cpus"] == (cores[:1] if len(cores) >= 2 else cores), row
+            assert row["consumer_cpus"] == (list(planned[0]) if planned else cores), row
     assert {r["mechanism"] for r in report["results"]} == expected
     for row in report["results"]:  # given back, the kernel's limit is what it was without the bench
         if row["mechanism"] == "dfuse-os-idle" and os_limit is not None:

@@ -116,6 +116,15 @@ def test_pinning_can_be_turned_off(workers_on):
     assert pinning_summary(config, workers) == "left to the OS (pin_cpu_workers=False)"
 
 
+def test_an_openmp_affinity_setting_is_left_to_openmp(workers_on, monkeypatch):
+    """libgomp reads OMP_PROC_BIND when torch loads, before a worker could pin itself, and would
+    bind its threads by it: the user chose that placement."""
+    monkeypatch.setenv("OMP_PROC_BIND", "close")
+    config, workers = workers_on(8, cpu_threads=1)
+    assert all(w.cpus is None for w in workers.values())
+    assert pinning_summary(config, workers) == "left to OpenMP's own placement (OMP_PROC_BIND is set)"
+
+
 def test_pin_cpu_workers_must_be_a_bool():
     with pytest.raises(ValueError, match=r"pin_cpu_workers: must be True or False \(got 'yes'\)"):
         EngineConfig(pin_cpu_workers="yes")
