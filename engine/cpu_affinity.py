@@ -48,14 +48,13 @@ def usable_cpus() -> list[int]:
 def physical_cores(cpus: Sequence[int]) -> list[list[int]]:
     """`cpus` grouped by the physical core they belong to (SMT siblings together), in order of
     their first CPU. Where sysfs does not say, each CPU is a core of its own."""
-    cores: dict[tuple, list[int]] = {}
+    cores: dict[str, list[int]] = {}
     for cpu in sorted(cpus):
-        try:
-            topology = f"/sys/devices/system/cpu/cpu{cpu}/topology"
-            with open(f"{topology}/physical_package_id") as package, open(f"{topology}/core_id") as core:
-                key = (int(package.read()), int(core.read()))
-        except (OSError, ValueError):
-            key = ("cpu", cpu)
+        try:  # the kernel's own list of the core's hardware threads, e.g. "0,64" or "0-1"
+            with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list") as siblings:
+                key = siblings.read().strip()
+        except OSError:
+            key = f"cpu{cpu}"
         cores.setdefault(key, []).append(cpu)
     return list(cores.values())
 
