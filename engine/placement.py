@@ -42,34 +42,29 @@ def build_workers(config: EngineConfig, links: Mapping[str, str], segment_prefix
             else:
                 pool = SlotPool.create_host(name, size, count)
             workers[worker_id] = Worker(worker_id, stage, config.devices[stage], pool)
-    _pin_cpu_workers(config, [w for w in workers.values() if w.device == "cpu"])
     return workers
 
 
-def _pin_cpu_workers(config: EngineConfig, cpu_workers: list[Worker]) -> None:
-    """Cores of their own for the CPU workers, when they all fit (engine/cpu_affinity.py).
-    A worker keeps its cores through restarts and moves: they are its, not its stage's."""
-    if not config.pin_cpu_workers or not cpu_workers or openmp_affinity():
-        return
-    blocks = plan([config.threads_per_worker()] * len(cpu_workers), physical_cores(usable_cpus()))
-    for worker, cpus in zip(cpu_workers, blocks or []):
-        worker.cpus = cpus
-
-
-def pinning_summary(config: EngineConfig, workers: Mapping[int, Worker]) -> str:
-    """One line for users: where the CPU workers run, and why there."""
+def pin_cpu_workers(config: EngineConfig, workers: Mapping[int, Worker]) -> str:
+    """Cores of their own for the CPU workers, when they all fit (engine/cpu_affinity.py), set
+    as `Worker.cpus`; returns one line for users: where they run, and why there. A worker keeps
+    its cores through restarts and moves: they are its, not its stage's."""
     cpu_workers = [w for w in workers.values() if w.device == "cpu"]
     if not cpu_workers:
         return "no CPU workers"
     if not config.pin_cpu_workers:
         return "left to the OS (pin_cpu_workers=False)"
-    if openmp_affinity():
-        return f"left to OpenMP's own placement ({openmp_affinity()} is set)"
-    if all(w.cpus for w in cpu_workers):
-        return "pinned, cores of their own: " + ", ".join(f"worker {w.id} on {describe(w.cpus)}" for w in cpu_workers)
-    threads = config.threads_per_worker()
-    return (f"left to the OS: {len(cpu_workers)} CPU workers x {threads} thread(s) need more than the "
-            f"{len(usable_cpus())} cores here")
+    openmp = openmp_affinity()
+    if openmp:
+        return f"left to OpenMP's own placement ({openmp} is set)"
+    threads, cpus = config.threads_per_worker(), usable_cpus()
+    blocks = plan([threads] * len(cpu_workers), physical_cores(cpus))
+    if blocks is None:
+        return (f"left to the OS: {len(cpu_workers)} CPU workers x {threads} thread(s) need more than the "
+                f"{len(cpus)} cores here")
+    for worker, block in zip(cpu_workers, blocks):
+        worker.cpus = block
+    return "pinned, cores of their own: " + ", ".join(f"worker {w.id} on {describe(w.cpus)}" for w in cpu_workers)
 
 
 def check_move(workers: Mapping[int, Worker], devices: Mapping[str, str], worker_id: int, stage: str) -> None:

@@ -38,7 +38,7 @@ from .batching import select_batch, should_wait
 from .completions import Completions, resolve
 from .elastic import Elastic
 from .host_resources import HostResources
-from .placement import build_workers, check_move, choose_links, pinning_summary
+from .placement import build_workers, check_move, choose_links, pin_cpu_workers
 from .queues import StageQueue
 from .recovery import WorkerRecovery
 from .router_stats import RouterStats
@@ -106,6 +106,7 @@ class Router(WorkerRecovery):
     def _init_workers(self) -> None:
         self.links = choose_links(self.config.devices)
         self.workers: dict[int, Worker] = build_workers(self.config, self.links, self.segment_prefix)
+        self.cpu_pinning = pin_cpu_workers(self.config, self.workers)  # before any worker spawns
         self._elastic = self._init_elastic() if self.config.policy == "elastic" else None
 
     def _init_elastic(self) -> Elastic:
@@ -140,7 +141,7 @@ class Router(WorkerRecovery):
         snapshot = self._stats.snapshot(self.workers.values(), self._queues, self.links, self.config.policy, decisions)
         hold = self._host.cpu_wake
         snapshot["cpu_wake_latency_us"] = hold.max_us if hold is not None and hold.held else None  # None: the OS's
-        snapshot["cpu_pinning"] = pinning_summary(self.config, self.workers)
+        snapshot["cpu_pinning"] = self.cpu_pinning
         return snapshot
 
     def _post(self, item) -> None:

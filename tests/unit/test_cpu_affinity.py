@@ -1,5 +1,5 @@
-"""CPU workers get cores of their own when they all fit, and only then; a pinned worker's threads,
-the ones it starts later included, all stay on its cores."""
+"""CPU workers get cores of their own when they all fit, and only then (the plan; the pinning of
+real processes is tested in tests/e2e/test_cpu_pinning.py)."""
 
 import os
 
@@ -7,11 +7,9 @@ import pytest
 
 from dfuse.engine import cpu_affinity, placement
 from dfuse.engine.config import EngineConfig
-from dfuse.engine.placement import build_workers, pinning_summary
+from dfuse.engine.placement import build_workers, pin_cpu_workers
 from dfuse.engine.transport.shm import list_segments, new_segment_prefix, unlink_segments
 
-from fake_engine import FakeEngine
-from process_utils import alive
 
 
 def _no_smt(*cpus):
@@ -72,8 +70,8 @@ def test_describe_writes_cores_as_taskset_does(cpus, text):
 
 @pytest.fixture
 def workers_on(monkeypatch):
-    """build_workers as on a machine whose engine may use `cores` cores (the planning only: no
-    process is pinned), with its host pools removed afterwards."""
+    """build_workers and pin_cpu_workers as on a machine whose engine may use `cores` cores (the
+    planning only: no process is pinned), with its host pools removed afterwards."""
     made = []
 
     def build(cores: int, **config):
@@ -84,7 +82,7 @@ def workers_on(monkeypatch):
         made.append(prefix)
         config = EngineConfig(model="synthetic:encoder=1ms,dit=1ms,decoder=1ms", **config)
         workers = build_workers(config, {"encoder->dit": "shm", "dit->decoder": "shm", "decoder->engine": "shm"}, prefix)
-        return config, workers
+        return pin_cpu_workers(config, workers), workers
 
     yield build
     for prefix in made:
@@ -93,68 +91,41 @@ def workers_on(monkeypatch):
 
 
 def test_an_engine_pins_its_cpu_workers_when_their_threads_fit(workers_on):
-    config, workers = workers_on(8, instances={"encoder": 1, "dit": 2, "decoder": 1}, cpu_threads=2)
+    summary, workers = workers_on(8, instances={"encoder": 1, "dit": 2, "decoder": 1}, cpu_threads=2)
     assert [w.cpus for w in workers.values()] == [(0, 1), (2, 3), (4, 5), (6, 7)]
-    assert pinning_summary(config, workers) == (
+    assert summary == (
         "pinned, cores of their own: worker 0 on 0-1, worker 1 on 2-3, worker 2 on 4-5, worker 3 on 6-7")
 
 
 def test_the_default_thread_count_divides_the_cores_and_pins(workers_on):
-    config, workers = workers_on(7)  # 3 workers x 2 threads: the seventh core is no worker's
+    summary, workers = workers_on(7)  # 3 workers x 2 threads: the seventh core is no worker's
     assert [w.cpus for w in workers.values()] == [(0, 1), (2, 3), (4, 5)]
 
 
 def test_workers_that_do_not_fit_are_left_to_the_os(workers_on):
-    config, workers = workers_on(2, cpu_threads=1)  # this CI machine: 3 workers, 2 cores
+    summary, workers = workers_on(2, cpu_threads=1)  # this CI machine: 3 workers, 2 cores
     assert all(w.cpus is None for w in workers.values())
-    assert pinning_summary(config, workers) == "left to the OS: 3 CPU workers x 1 thread(s) need more than the 2 cores here"
+    assert summary == "left to the OS: 3 CPU workers x 1 thread(s) need more than the 2 cores here"
 
 
 def test_pinning_can_be_turned_off(workers_on):
-    config, workers = workers_on(8, cpu_threads=1, pin_cpu_workers=False)
+    summary, workers = workers_on(8, cpu_threads=1, pin_cpu_workers=False)
     assert all(w.cpus is None for w in workers.values())
-    assert pinning_summary(config, workers) == "left to the OS (pin_cpu_workers=False)"
+    assert summary == "left to the OS (pin_cpu_workers=False)"
 
 
 def test_an_openmp_affinity_setting_is_left_to_openmp(workers_on, monkeypatch):
     """libgomp reads OMP_PROC_BIND when torch loads, before a worker could pin itself, and would
     bind its threads by it: the user chose that placement."""
     monkeypatch.setenv("OMP_PROC_BIND", "close")
-    config, workers = workers_on(8, cpu_threads=1)
+    summary, workers = workers_on(8, cpu_threads=1)
     assert all(w.cpus is None for w in workers.values())
-    assert pinning_summary(config, workers) == "left to OpenMP's own placement (OMP_PROC_BIND is set)"
+    assert summary == "left to OpenMP's own placement (OMP_PROC_BIND is set)"
 
 
 def test_pin_cpu_workers_must_be_a_bool():
     with pytest.raises(ValueError, match=r"pin_cpu_workers: must be True or False \(got 'yes'\)"):
         EngineConfig(pin_cpu_workers="yes")
-
-
-def _allowed(pid: int) -> dict[int, str]:
-    """Each thread of `pid` -> its Cpus_allowed_list."""
-    allowed = {}
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{tid}/status") as status:
-            line = next(line for line in status if line.startswith("Cpus_allowed_list:"))
-        allowed[int(tid)] = line.split(":", 1)[1].strip()
-    return allowed
-
-
-def test_a_pinned_worker_runs_every_thread_on_its_cores(monkeypatch):
-    """A real stage worker, spawned with one core: every thread it has once READY (its socket
-    threads, receiver, watcher, torch's) runs there, and it still serves."""
-    monkeypatch.setenv("DFUSE_LOG", "ERROR")
-    core = cpu_affinity.usable_cpus()[-1]
-    fake = FakeEngine("decoder", cpus=(core,))
-    try:
-        ready = fake.receive(120)
-        assert ready is not None, "the pinned worker never said READY"
-        threads = _allowed(fake.process.pid)
-        assert len(threads) >= 4  # main, receiver, death watch, zmq's own: all of them checked
-        assert set(threads.values()) == {str(core)}, threads
-    finally:
-        fake.close()
-    assert not alive(fake.process.pid)
 
 
 def test_cores_that_are_not_ours_leave_the_worker_unpinned_with_a_warning(caplog):
