@@ -40,6 +40,16 @@ def cmdline(pid: int) -> str:
         return ""
 
 
+def thread_cpus(pid: int) -> dict[int, str]:
+    """Each thread of `pid` -> the CPUs it may run on (its Cpus_allowed_list, e.g. "0-3,6")."""
+    allowed = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/status") as status:
+            line = next(line for line in status if line.startswith("Cpus_allowed_list:"))
+        allowed[int(tid)] = line.split(":", 1)[1].strip()
+    return allowed
+
+
 def qos_files_open(path: str | None = None) -> int:
     """How many copies of `path` this process holds open; by default its CPU latency requests
     (each is an open /dev/cpu_dma_latency: engine/cpu_wake.py)."""
