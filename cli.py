@@ -13,8 +13,9 @@ from pathlib import Path
 
 import click
 
-from .engine.config import DEFAULT_MODEL, EngineConfig, parse_instances, resolve_model_path
-from .stages import STAGE_KINDS
+from .engine.config import DEFAULT_MODEL, EngineConfig, parse_devices, parse_instances
+from .engine.models import resolve_model_path
+from .scheduler.core import STAGES
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 VIDEO_SUFFIXES = (".mp4", ".gif")  # mp4: H.264 through imageio-ffmpeg; gif: PIL (256 colours)
@@ -59,14 +60,14 @@ def run(prompt, model, negative_prompt, steps, guidance_scale, true_cfg_scale, h
     from .engine.config import TransportConfig
     from .engine.engine import Engine
     from .engine.requests import build_requests
-    from .stages.families import describe_model, detect_family
+    from .engine.models import describe_model, detect_family
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # Validate everything before a single process starts: bad input costs nothing.
     try:
         transport = TransportConfig() if slot_mib is None else TransportConfig(slot_mib=slot_mib)
         config = EngineConfig(
-            model=model, devices=_parse_devices(device), instances=parse_instances(instances), cpu_threads=threads,
+            model=model, devices=parse_devices(device), instances=parse_instances(instances), cpu_threads=threads,
             transport=transport, policy=policy,
         )
         model_path = resolve_model_path(config.model)
@@ -80,7 +81,7 @@ def run(prompt, model, negative_prompt, steps, guidance_scale, true_cfg_scale, h
     except ValueError as e:
         raise click.UsageError(_with_flag(str(e))) from None
 
-    layout = ", ".join(f"{s} x{config.instances[s]} on {config.devices[s]}" for s in STAGE_KINDS)
+    layout = ", ".join(f"{s} x{config.instances[s]} on {config.devices[s]}" for s in STAGES)
     click.echo(f"Starting stage workers: {layout} ...", err=True)
     started = time.perf_counter()
     try:
@@ -112,7 +113,7 @@ def run(prompt, model, negative_prompt, steps, guidance_scale, true_cfg_scale, h
         frames = "1 frame" if params.num_frames == 1 else f"{params.num_frames} frames"
         shape = f"{frames} of {params.width}x{params.height} at {fps} fps"
     timings = result.timings[0]
-    stage_times = "  ".join(f"{s} {timings[s].compute_s * 1000:.0f} ms" for s in STAGE_KINDS)
+    stage_times = "  ".join(f"{s} {timings[s].compute_s * 1000:.0f} ms" for s in STAGES)
     click.echo(f"Wrote {out} ({shape}, seed {result.seeds[0]})")
     click.echo(f"Stage compute: {stage_times}  (total {time.perf_counter() - started:.1f} s with start-up)")
 
@@ -127,7 +128,7 @@ def models():
 @click.option("--rebuild", is_flag=True, help="Build again even if the cached folder exists.")
 def build_tiny(name, rebuild):
     """Build a tiny random model in diffusers format and print its folder."""
-    from .stages.tiny import TINY_MODELS, tiny_model_path
+    from .engine.models.tiny import TINY_MODELS, tiny_model_path
 
     if name not in TINY_MODELS:
         raise click.UsageError(f"--name: unknown tiny model {name!r}; known: {', '.join(sorted(TINY_MODELS))}")
@@ -215,16 +216,6 @@ def _with_flag(message: str) -> str:
     if not (sep and flag):
         return message
     return f"{flag} {qualifier}: {rest}" if qualifier else f"{flag} ({field}): {rest}"
-
-
-def _parse_devices(text: str) -> str | dict[str, str]:
-    if "=" not in text:
-        return text.strip()
-    devices = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        stage, _, device = part.partition("=")
-        devices[stage.strip()] = device.strip()
-    return devices
 
 
 class _StepBar:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import click
 
-from ..stages import STAGE_KINDS
+from ..scheduler.core import STAGES
 from .outputs import default_out
 
 WORKLOADS = {
@@ -57,8 +57,8 @@ def _run(engine, params: dict, requests: int, serial: bool) -> dict:
         "throughput_rps": round(requests / wall, 3),
         # Per request: a batch's compute time shared among its requests.
         "compute_ms_per_request": {s: round(1000 * statistics.mean(t[s].compute_s / t[s].batch_size for t in timings), 2)
-                                   for s in STAGE_KINDS},
-        "mean_batch_size": {s: round(statistics.mean(t[s].batch_size for t in timings), 2) for s in STAGE_KINDS},
+                                   for s in STAGES},
+        "mean_batch_size": {s: round(statistics.mean(t[s].batch_size for t in timings), 2) for s in STAGES},
     }
 
 
@@ -121,7 +121,7 @@ def batching_command(model, requests, rounds, threads, max_batch, workloads, out
                        progress=lambda label: click.echo(f"  done: {label}", err=True))
     click.echo(f"{'workload':>9} {'off rps':>8} {'on rps':>8} {'ratio':>6}  mean batch (enc/dit/dec)")
     for r in doc["runs"]:
-        sizes = "/".join(str(r["on"]["mean_batch_size"][s]) for s in STAGE_KINDS)
+        sizes = "/".join(str(r["on"]["mean_batch_size"][s]) for s in STAGES)
         click.echo(f"{r['workload']:>9} {r['off']['throughput_rps']:>8.2f} {r['on']['throughput_rps']:>8.2f} "
                    f"{r['throughput_ratio_on_over_off']:>6.2f}  {sizes}")
     out.parent.mkdir(parents=True, exist_ok=True)

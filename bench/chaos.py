@@ -36,7 +36,7 @@ import click
 import numpy as np
 
 from ..engine.transport.shm_files import pid_running as alive  # a zombie counts as gone
-from ..stages import STAGE_KINDS
+from ..scheduler.core import STAGES
 from .outputs import default_out
 from .throughput import make_prompts
 
@@ -152,7 +152,7 @@ def drive(engine, requests: list[dict], kill_every: int | None, rng: random.Rand
 def _kill_random_worker(engine, rng: random.Random, completed: int, started: float, ready_s: float) -> Kill | None:
     """A random stage, then a random instance of it (both from `rng`); wait until that instance
     is ready (a replacement still loading is not killed again), then SIGKILL it."""
-    stage = rng.choice(STAGE_KINDS)
+    stage = rng.choice(STAGES)
     candidates = sorted(w["id"] for w in engine.stats()["workers"] if w["stage"] == stage)
     worker_id = rng.choice(candidates)
     deadline = time.monotonic() + ready_s
@@ -265,7 +265,7 @@ def run_chaos(requests: int, kill_every: int, seed: int, model: str, *, wave: in
         "images_equal_to_no_kill_run": len(equal),
         "unequal_indices": [i for i in range(requests) if chaos.images[i] is not None and i not in set(equal)][:20],
         "kills": len(chaos.kills),
-        "kills_by_stage": {s: sum(k.stage == s for k in chaos.kills) for s in STAGE_KINDS},
+        "kills_by_stage": {s: sum(k.stage == s for k in chaos.kills) for s in STAGES},
         "kills_with_work_in_flight": sum(k.inflight > 0 for k in chaos.kills),
         "restarts": restarts,
         "recovery_s": _quantiles(stats["recovery_s"]),

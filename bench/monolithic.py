@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import msgspec
 
 from ..engine.protocol import RequestParams
-from ..stages.families.synthetic import PREFIX as SYNTHETIC_PREFIX
+from ..engine.models.synthetic import PREFIX as SYNTHETIC_PREFIX
 
 _TASK = msgspec.msgpack.Decoder(tuple[int, RequestParams])
 _REPLY = msgspec.msgpack.Decoder(list)

@@ -18,8 +18,8 @@ from pathlib import Path
 import click
 
 from ..engine.config import parse_instances
-from ..stages import STAGE_KINDS
-from ..stages.families.synthetic import parse_spec
+from ..scheduler.core import STAGES
+from ..engine.models.synthetic import parse_spec
 from .outputs import default_out
 
 DEFAULT_MODEL = "synthetic:encoder=20ms,dit=100ms,decoder=60ms"
@@ -28,13 +28,13 @@ DEFAULT_LAYOUTS = "1:1:1,1:2:1"
 
 def parse_layout(text: str) -> dict[str, int]:
     parts = text.split(":")
-    if len(parts) != len(STAGE_KINDS) or not all(p.isdecimal() and int(p) > 0 for p in parts):
+    if len(parts) != len(STAGES) or not all(p.isdecimal() and int(p) > 0 for p in parts):
         raise ValueError(f"--layouts: {text!r} is not encoder:dit:decoder instance counts like 1:2:1")
-    return parse_instances(",".join(f"{s}={p}" for s, p in zip(STAGE_KINDS, parts)))
+    return parse_instances(",".join(f"{s}={p}" for s, p in zip(STAGES, parts)))
 
 
 def bottleneck(costs: dict[str, float], instances: dict[str, int]) -> tuple[str, float]:
-    capacity = {s: instances[s] / costs[s] for s in STAGE_KINDS if costs[s] > 0}
+    capacity = {s: instances[s] / costs[s] for s in STAGES if costs[s] > 0}
     stage = min(capacity, key=capacity.get)
     return stage, capacity[stage]
 
@@ -58,7 +58,7 @@ def run_layout(model: str, instances: dict[str, int], requests: int, warmup: int
                 progress(i + 1)
     steady = (requests - warmup) / (done_at[-1] - done_at[warmup - 1])
     return {
-        "layout": ":".join(str(instances[s]) for s in STAGE_KINDS),
+        "layout": ":".join(str(instances[s]) for s in STAGES),
         "instances": dict(instances),
         "mode": mode,
         "costs_ms": {s: round(c * 1000, 3) for s, c in costs.items()},
@@ -97,7 +97,7 @@ def pipeline_command(model, layouts, requests, warmup, out):
         raise click.UsageError(str(e)) from None
     runs = []
     for instances in parsed:
-        label = ":".join(str(instances[s]) for s in STAGE_KINDS)
+        label = ":".join(str(instances[s]) for s in STAGES)
         with tqdm(total=requests, desc=f"layout {label}", unit="req", leave=False) as bar:
             runs.append(run_layout(model, instances, requests, warmup, lambda n: bar.update(n - bar.n)))
     report = {

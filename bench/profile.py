@@ -40,14 +40,14 @@ def run_profile(model: str = DEFAULT_MODEL, device: str = "cpu", kind: str | Non
     """Measure, fit, and return the profile document (plain data)."""
     import torch
 
-    from ..engine.config import resolve_model_path
+    from ..engine.models import resolve_model_path
     from ..scheduler.core import Shape
     from ..scheduler.predictor import FEATURES, Geometry, fit_stage, mape, size_unit
     from ..stages.decoder import DecoderStage
     from ..stages.dit import DiTStage
     from ..stages.encoder import EncoderStage
-    from ..stages.families import detect_family
-    from ..stages.families.base import read_json
+    from ..engine.models.base import read_json
+    from ..stages.families import load_family
 
     # 1. Load the three stages, as a worker would.
     # As the engine's CPU workers: the cores shared by three stage processes.
@@ -55,7 +55,7 @@ def run_profile(model: str = DEFAULT_MODEL, device: str = "cpu", kind: str | Non
     torch_device = torch.device(device)
     dtype = torch.float32 if torch_device.type == "cpu" else torch.bfloat16
     path = resolve_model_path(model)
-    family = detect_family(path)
+    family = load_family(path)
     stages = {cls.kind: cls(family, path, torch_device, dtype) for cls in (EncoderStage, DiTStage, DecoderStage)}
     for stage in stages.values():
         stage.load()

@@ -40,8 +40,8 @@ from typing import Callable, Mapping
 import click
 
 from ..engine.protocol import RequestParams
-from ..stages import STAGE_KINDS
-from ..stages.families.synthetic import PREFIX as SYNTHETIC_PREFIX
+from ..scheduler.core import STAGES
+from ..engine.models.synthetic import PREFIX as SYNTHETIC_PREFIX
 from . import outputs
 from .outputs import INSTALL_MATPLOTLIB, default_out, require_matplotlib
 from .sweep_report import UNFINISHED, Record, compact_requests, document, summarize
@@ -69,7 +69,7 @@ class SweepConfig:
     """Which of mono, static, elastic run, in this order."""
     duration_s: float = 30.0
     """Length of each point's arrival trace."""
-    instances: Mapping[str, int] = field(default_factory=lambda: {s: 1 for s in STAGE_KINDS})
+    instances: Mapping[str, int] = field(default_factory=lambda: {s: 1 for s in STAGES})
     """Engine workers per stage (static and elastic)."""
     devices: str | Mapping[str, str] = "cpu"
     """Engine device, or one per stage."""
@@ -314,8 +314,7 @@ def measure_reference(config: SweepConfig, kind_params: dict, progress: Progress
 
 def run_sweep(config: SweepConfig, progress: Progress | None = None, command: str | None = None) -> dict:
     """Every mode at every rate; returns the JSON-ready document (see module docstring)."""
-    from ..engine.config import resolve_model_path
-    from ..stages.families import describe_model
+    from ..engine.models import describe_model, resolve_model_path
 
     info = describe_model(resolve_model_path(config.model))
     kind_params, workloads = build_workloads(config, info)
@@ -341,8 +340,7 @@ def run_sweep(config: SweepConfig, progress: Progress | None = None, command: st
 
 def planned_requests(config: SweepConfig) -> int:
     """How many requests the sweep will send in all (for the progress bar)."""
-    from ..engine.config import resolve_model_path
-    from ..stages.families import describe_model
+    from ..engine.models import describe_model, resolve_model_path
 
     _, workloads = build_workloads(config, describe_model(resolve_model_path(config.model)))
     return len(config.modes) * sum(len(w.params) for w in workloads)
@@ -360,13 +358,12 @@ def _option(flag: str, parse, *args):
 def config_from_options(model, rates, trace, modes, duration, instances, device, threads, mono_threads, steps, size,
                         seed, drain_timeout, quiet_wait) -> SweepConfig:
     """Every option checked before a process starts; a bad one is a usage error naming it."""
-    from ..cli import _parse_devices
-    from ..engine.config import EngineConfig, parse_instances, resolve_model_path
-    from ..stages.families import describe_model
+    from ..engine.config import EngineConfig, parse_devices, parse_instances
+    from ..engine.models import describe_model, resolve_model_path
 
     counts = _option("--instances", parse_instances, instances)
     _option("--instances", lambda: EngineConfig(instances=counts))
-    devices = _parse_devices(device)
+    devices = parse_devices(device)
     _option("--device", lambda: EngineConfig(devices=devices, instances=counts))
     info = _option("--model", lambda: describe_model(resolve_model_path(model)))
     config = SweepConfig(

@@ -11,7 +11,7 @@ from typing import Mapping
 from ..engine.config import TransportConfig
 from ..engine.cpu_wake import CpuWakeHold
 from ..engine.protocol import RequestParams
-from ..stages import STAGE_KINDS
+from ..scheduler.core import STAGES
 from .chaos import close_and_check
 
 ISOLATED_REPEATS = 3
@@ -58,7 +58,7 @@ class EngineRunner:
         return {
             "placement": dict(stats["placement"]),
             "queues": dict(stats["queues"]),
-            "inflight": {s: sum(w["inflight"] for w in workers if w["stage"] == s) for s in STAGE_KINDS},
+            "inflight": {s: sum(w["inflight"] for w in workers if w["stage"] == s) for s in STAGES},
             "moving": sum(w.get("moving_to") is not None for w in workers),
         }
 
@@ -75,10 +75,10 @@ class MonoRunner:
     """The monolithic baseline's processes (bench/monolithic.py), warmed up with every kind."""
 
     def __init__(self, config, warmup: tuple[RequestParams, ...]):
-        from ..engine.config import resolve_model_path
+        from ..engine.models import resolve_model_path
         from .monolithic import MonolithicPool, describe, monolithic_configs
 
-        devices = config.devices if isinstance(config.devices, Mapping) else {s: config.devices for s in STAGE_KINDS}
+        devices = config.devices if isinstance(config.devices, Mapping) else {s: config.devices for s in STAGES}
         model = config.model if config.synthetic else str(resolve_model_path(config.model))
         configs = monolithic_configs(model, dict(devices), dict(config.instances), config.mono_threads, warmup)
         self.description = describe(configs)

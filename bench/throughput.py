@@ -29,7 +29,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..stages import STAGE_KINDS
+from ..scheduler.core import STAGES
 
 # Words the tiny tokenizers spell as one token (stages/tiny.py WORDS): prompts stay realistic.
 _SUBJECTS = ["a red fox", "a white cat", "a black dog", "an astronaut riding a horse", "a small bird",
@@ -75,10 +75,10 @@ def run_throughput(
     """
     import torch
 
-    from ..engine.config import DEFAULT_MODEL, resolve_model_path
+    from ..engine.config import DEFAULT_MODEL
     from ..engine.engine import Engine
+    from ..engine.models import describe_model, resolve_model_path
     from ..engine.requests import build_requests
-    from ..stages.families import describe_model
 
     if min(requests, steps, threads, rounds, attempts) < 1 or warmup < 0:
         raise ValueError("requests, steps, threads, rounds and attempts must be >= 1 and warmup >= 0")
@@ -99,7 +99,7 @@ def run_throughput(
     # Start both sides first (the engine's workers idle on a blocking receive while the
     # monolithic pipeline runs in this process, and this process's router thread idles likewise).
     started = time.perf_counter()
-    engine = Engine(model=model, device="cpu", instances={s: 1 for s in STAGE_KINDS}, cpu_threads=threads)
+    engine = Engine(model=model, device="cpu", instances={s: 1 for s in STAGES}, cpu_threads=threads)
     engine_start_s = time.perf_counter() - started
     try:
         from diffusers import StableDiffusion3Pipeline
@@ -181,8 +181,8 @@ def run_throughput(
                          "requests one after another", 1, threads, mono_load_s),
         "mono_all": (f"diffusers StableDiffusion3Pipeline in one process, torch threads {mono_threads}, "
                      "requests one after another", 1, mono_threads, mono_load_s),
-        "dfuse": (f"dfuse Engine, {len(STAGE_KINDS)} stage processes (encoder, dit, decoder) x {threads} torch "
-                  "thread(s), all requests submitted at once", len(STAGE_KINDS), threads, engine_start_s),
+        "dfuse": (f"dfuse Engine, {len(STAGES)} stage processes (encoder, dit, decoder) x {threads} torch "
+                  "thread(s), all requests submitted at once", len(STAGES), threads, engine_start_s),
     }
     results = []
     for name, (description, processes, n_threads, startup) in descriptions.items():
@@ -262,7 +262,7 @@ def run_throughput(
         "pipeline_bound_rps": {
             # What a perfect pipeline of these stages could reach: one stage per core at most.
             "slowest_stage": round(1 / max(alone_s), 4) if alone_s else None,
-            "cores": round(min(cores, len(STAGE_KINDS)) / sum(alone_s), 4) if alone_s else None,
+            "cores": round(min(cores, len(STAGES)) / sum(alone_s), 4) if alone_s else None,
             "note": "from stage_compute_ms_alone: 1/slowest stage, and cores/sum of stages (3 busy processes "
                     "cannot use more than the machine's cores)",
         },
@@ -374,7 +374,7 @@ def _quiet_libraries() -> None:
 def _stage_ms(timings: list[dict], attr: str) -> dict[str, float]:
     if not timings:
         return {}
-    return {s: round(1000 * float(np.mean([getattr(t[s], attr) for t in timings])), 2) for s in STAGE_KINDS}
+    return {s: round(1000 * float(np.mean([getattr(t[s], attr) for t in timings])), 2) for s in STAGES}
 
 
 def _version(package: str) -> str | None:

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import msgspec
 
-from ..stages import STAGE_KINDS
-from ..stages.families.base import Family, ModelInfo
+from ..scheduler.core import STAGES
+from .models.base import FamilySpec, ModelInfo
 from .protocol import RequestParams
 
 GPU_RESERVE_BYTES = 2**30  # CUDA context, allocator slack
@@ -30,11 +30,11 @@ STAGE_COMPONENTS = {
 
 
 def admit(
-    family: Family, info: ModelInfo, params: RequestParams, budgets: Mapping[str, int], itemsizes: Mapping[str, int]
+    family: FamilySpec, info: ModelInfo, params: RequestParams, budgets: Mapping[str, int], itemsizes: Mapping[str, int]
 ) -> RequestParams:
     """`params` as they may run (maybe with vae_tiling), or ValueError naming height/width
     (num_frames/height/width for a video)."""
-    for stage in STAGE_KINDS:
+    for stage in STAGES:
         need = family.peak_bytes(info, stage, params, itemsizes[stage])
         if need <= budgets[stage]:
             continue
@@ -52,13 +52,13 @@ def admit(
     return params
 
 
-def check_transport(family: Family, info: ModelInfo, params: RequestParams, slot_bytes: int,
+def check_transport(family: FamilySpec, info: ModelInfo, params: RequestParams, slot_bytes: int,
                     itemsizes: Mapping[str, int]) -> None:
     """ValueError naming the size fields when a stage's outputs for `params` cannot fit one
     transport slot: refused up front rather than failing in the worker after the DiT ran (a
     video's frames grow with num_frames x height x width; an 81-frame 832x480 clip is ~93 MiB)."""
-    needs = {stage: family.output_bytes(info, stage, params, itemsizes[stage]) for stage in STAGE_KINDS}
-    stage = next((s for s in STAGE_KINDS if needs[s] > slot_bytes), None)
+    needs = {stage: family.output_bytes(info, stage, params, itemsizes[stage]) for stage in STAGES}
+    stage = next((s for s in STAGES if needs[s] > slot_bytes), None)
     if stage is not None:
         # The size to suggest is the largest stage's: the first one over is not always it.
         slot_mib = -(-max(needs.values()) // 2**20)
@@ -97,7 +97,7 @@ def detect_budgets(devices: Mapping[str, str], limits_gib: Mapping[str, float], 
             by_device[device] = int(_mem_available() * CPU_SHARE)
         else:
             by_device[device] = _gpu_budget(device, [s for s, d in devices.items() if d == device], model_path)
-    return {stage: by_device[devices[stage]] for stage in STAGE_KINDS}
+    return {stage: by_device[devices[stage]] for stage in STAGES}
 
 
 def _mem_available() -> int:

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from typing import Hashable, Iterable, Mapping
 
 from .protocol import RequestParams
-from ..stages import STAGE_KINDS
-from ..stages.families.base import Family, ModelInfo
+from ..scheduler.core import STAGES
+from .models.base import FamilySpec, ModelInfo
 
 
 @dataclass(frozen=True)
@@ -29,11 +29,11 @@ class StageProfile:
     peak_bytes: int  # estimated activation memory of this request alone (0: unknown)
 
 
-def stage_profiles(family: Family, info: ModelInfo, params: RequestParams,
+def stage_profiles(family: FamilySpec, info: ModelInfo, params: RequestParams,
                    itemsizes: Mapping[str, int]) -> dict[str, StageProfile]:
     return {
         stage: StageProfile(family.batch_key(stage, params), family.peak_bytes(info, stage, params, itemsizes[stage]))
-        for stage in STAGE_KINDS
+        for stage in STAGES
     }
 
 

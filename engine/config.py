@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import MappingProxyType
 from typing import Mapping
 
-from ..stages import STAGE_KINDS
+from ..scheduler.core import STAGES
 from .cpu_affinity import usable_cpus
 from .cpu_wake import MAX_US as MAX_WAKE_LATENCY_US
 from .elastic import ElasticConfig
@@ -95,9 +94,9 @@ class EngineConfig:
 
     model: str = DEFAULT_MODEL
     """A built-in tiny model name (tiny-sd3) or the path of a local diffusers model folder."""
-    devices: Mapping[str, str] = field(default_factory=lambda: {s: "cpu" for s in STAGE_KINDS})
+    devices: Mapping[str, str] = field(default_factory=lambda: {s: "cpu" for s in STAGES})
     """Device of each stage's instances: "cpu", "cuda" or "cuda:N"."""
-    instances: Mapping[str, int] = field(default_factory=lambda: {s: 1 for s in STAGE_KINDS})
+    instances: Mapping[str, int] = field(default_factory=lambda: {s: 1 for s in STAGES})
     """Number of worker processes per stage."""
     cpu_threads: int | None = None
     """Torch threads per CPU worker; None divides the machine's cores among the CPU workers."""
@@ -175,7 +174,7 @@ class EngineConfig:
         # (which stays through moves) is sized for the most demanding of them.
         stages = [stage]
         if self.policy == "elastic":
-            stages = [s for s in STAGE_KINDS if self.devices[s] == self.devices[stage]]
+            stages = [s for s in STAGES if self.devices[s] == self.devices[stage]]
         needed = self.transport.slots_per_worker
         for s in stages:
             limit = self.batching.batch_limit(s)
@@ -187,14 +186,14 @@ class EngineConfig:
         """How many workers may read a `stage` worker's outputs: the next stage's instances, or
         under the elastic policy every worker of its device that a move could turn into one
         (each other stage there keeps at least one)."""
-        index = STAGE_KINDS.index(stage)
-        if index == len(STAGE_KINDS) - 1:
+        index = STAGES.index(stage)
+        if index == len(STAGES) - 1:
             return 1  # the engine reads the final pixels
-        consumer = STAGE_KINDS[index + 1]
+        consumer = STAGES[index + 1]
         if self.policy != "elastic":
             return self.instances[consumer]
         device = self.devices[consumer]
-        sharing = [s for s in STAGE_KINDS if self.devices[s] == device]
+        sharing = [s for s in STAGES if self.devices[s] == device]
         return max(self.instances[consumer], sum(self.instances[s] for s in sharing) - (len(sharing) - 1))
 
     def threads_per_worker(self) -> int:
@@ -211,35 +210,27 @@ class EngineConfig:
         return getattr(torch, self.dtype)
 
 
-def resolve_model_path(model: str) -> Path | str:
-    """The folder of `model`: a built-in tiny model (built on first use) or a local path; a
-    `synthetic:` spec (benchmarks of the engine itself) is returned as it is, once parsed."""
-    from ..stages.families.synthetic import PREFIX, parse_spec
-    from ..stages.tiny import TINY_MODELS, tiny_model_path
-
-    if model.startswith(PREFIX):
-        parse_spec(model)
-        return model
-    if model in TINY_MODELS:
-        return tiny_model_path(model)
-    path = Path(model).expanduser()
-    if not path.exists():
-        raise ValueError(
-            f"model: {model!r} is neither a built-in model ({', '.join(sorted(TINY_MODELS))}) "
-            "nor an existing folder"
-        )
-    return path.resolve()
+def parse_devices(text: str) -> str | dict[str, str]:
+    """Parse the CLI form "cuda:0" (every stage) or "encoder=cpu,dit=cuda:0,decoder=cuda:0";
+    EngineConfig checks the names and devices."""
+    if "=" not in text:
+        return text.strip()
+    devices = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        stage, _, device = part.partition("=")
+        devices[stage.strip()] = device.strip()
+    return devices
 
 
 def parse_instances(text: str) -> dict[str, int]:
     """Parse the CLI form "encoder=1,dit=2,decoder=1" (stages left out keep 1 instance)."""
-    counts = {s: 1 for s in STAGE_KINDS}
+    counts = {s: 1 for s in STAGES}
     for part in filter(None, (p.strip() for p in text.split(","))):
         stage, sep, value = part.partition("=")
-        if not sep or stage.strip() not in STAGE_KINDS or not value.strip().isdecimal():
+        if not sep or stage.strip() not in STAGES or not value.strip().isdecimal():
             raise ValueError(
                 f"instances: expected stage=count pairs like encoder=1,dit=2,decoder=1 with stages "
-                f"{', '.join(STAGE_KINDS)} (got {part!r})"
+                f"{', '.join(STAGES)} (got {part!r})"
             )
         counts[stage.strip()] = int(value)
     return counts
@@ -248,14 +239,14 @@ def parse_instances(text: str) -> dict[str, int]:
 def _per_stage(name: str, value, kind: type, defaults: Mapping | None = None) -> dict:
     """Accept one value for all stages or a mapping stage -> value (missing stages: default)."""
     if isinstance(value, kind) and not isinstance(value, bool):
-        return {s: value for s in STAGE_KINDS}
+        return {s: value for s in STAGES}
     if not isinstance(value, Mapping):
         raise ValueError(f"{name}: expected a {kind.__name__} or a mapping of stage -> {kind.__name__}, got {value!r}")
-    unknown = set(value) - set(STAGE_KINDS)
+    unknown = set(value) - set(STAGES)
     if unknown:
-        raise ValueError(f"{name}: unknown stage(s) {sorted(unknown)}; stages are {', '.join(STAGE_KINDS)}")
+        raise ValueError(f"{name}: unknown stage(s) {sorted(unknown)}; stages are {', '.join(STAGES)}")
     default = "cpu" if kind is str else 1
-    return {s: value.get(s, defaults[s] if defaults else default) for s in STAGE_KINDS}
+    return {s: value.get(s, defaults[s] if defaults else default) for s in STAGES}
 
 
 def _check_int(name: str, value, low: int, high: int) -> None:

@@ -22,11 +22,10 @@ import time
 from dataclasses import dataclass, field
 
 from ..scheduler.controller import Controller, ControllerConfig
-from ..scheduler.core import Device, Move, Placement, Shape
+from ..scheduler.core import STAGES, Device, Move, Placement, Shape
 from ..scheduler.feedback import Feedback, FeedbackConfig
 from ..scheduler.planner import Planner, PlannerConfig
 from ..scheduler.predictor import DeviceSpec, Geometry, Predictor, StageSpec, fit_stage
-from ..stages import STAGE_KINDS
 from . import protocol as wire
 
 
@@ -158,7 +157,7 @@ class Elastic:
         A worker may only host a stage configured on its device: only those have coefficients."""
         kinds = set(self.devices.values())
         return Predictor(
-            self._geometry, {s: StageSpec(weights_gb=0.0) for s in STAGE_KINDS},
+            self._geometry, {s: StageSpec(weights_gb=0.0) for s in STAGES},
             {k: DeviceSpec(k, memory_gb=math.inf) for k in kinds}, coefficients, process_start_s=self._switch_s,
         )
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import multiprocessing
 import threading
 import time
 import weakref
@@ -14,12 +13,13 @@ from typing import Mapping
 
 from PIL import Image
 
-from ..stages import STAGE_KINDS
-from ..stages.families import describe_model, detect_family
+from ..scheduler.core import STAGES
+from .models import describe_model, detect_family
 from .admission import admit, check_transport, detect_budgets
 from .batching import stage_profiles
 from .completions import resolve
-from .config import DEFAULT_MODEL, EngineConfig, resolve_model_path
+from .config import DEFAULT_MODEL, EngineConfig
+from .models import resolve_model_path
 from .requests import build_requests, check_priority, check_timeout
 from .router import Router
 from .state import EngineClosed, ProgressCallback, Request, RequestFailed, RequestTimeout, StageTiming
@@ -61,11 +61,6 @@ class Engine:
         policy: str = "static",
         config: EngineConfig | None = None,
     ):
-        if getattr(multiprocessing.current_process(), "_inheriting", False):
-            # A spawned worker re-imports the user's script while it bootstraps (the flag is the
-            # one multiprocessing checks itself): unguarded, that import starts an engine there.
-            raise RuntimeError('Engine() ran while a dfuse worker was importing your script: create the engine '
-                               'under `if __name__ == "__main__":` (workers are spawned and re-import the main module)')
         if config is not None and not isinstance(config, EngineConfig):
             raise ValueError(f"config: must be an EngineConfig (got {type(config).__name__})")
         given = (model, device, instances, cpu_threads, dtype, policy)
@@ -75,7 +70,7 @@ class Engine:
             config = EngineConfig(
                 model=DEFAULT_MODEL if model is None else model,
                 devices=device,
-                instances=instances if instances is not None else {s: 1 for s in STAGE_KINDS},
+                instances=instances if instances is not None else {s: 1 for s in STAGES},
                 cpu_threads=cpu_threads,
                 dtype=dtype,
                 policy=policy,

@@ -1,48 +1,68 @@
 """Stage worker processes: spawn, stop, and the death pipe that ties their life to the engine's.
 
-Every worker gets the read end of a pipe whose write end only the engine holds. When the engine
-process ends (normally, by exception, by SIGKILL), the kernel closes the write end, the worker's
-watcher thread sees EOF and the worker exits: no worker outlives its engine. An engine that stops
-its workers on purpose writes STOP first, so they exit at once without cleaning up after it.
+A worker is a fresh interpreter running `python -m dfuse.engine.worker_main ENTRY FD`: ENTRY names
+the worker's entry point (`module:function`, as vLLM names its worker class), so the engine never
+imports worker code, and nothing re-imports the user's main module (a script needs no
+`if __name__ == "__main__":` guard, as with diffusers). Its WorkerSpec goes in on stdin, never on
+the command line, which every user of the host can read.
+
+Every worker gets the read end of a pipe (FD) whose write end only the engine holds. When the
+engine process ends (normally, by exception, by SIGKILL), the kernel closes the write end, the
+worker's watcher thread sees EOF and the worker exits: no worker outlives its engine. An engine
+that stops its workers on purpose writes STOP first, so they exit at once without cleaning up
+after it.
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
+import os
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 
-from ..stages.worker import WorkerSpec, run_stage_worker
+from .protocol import WorkerSpec, encode_spec
 from .transport.janitor import Janitor, clean_after_reaped
 
 STOP = b"stop"
-_SPAWN = mp.get_context("spawn")  # fork would copy the engine's threads, sockets and CUDA state
+WORKER_ENTRY = "dfuse.stages.worker:run_stage_worker"
+# -P: the working directory does not shadow installed modules in the worker (Python 3.11+).
+_PYTHON = [sys.executable, *(["-P"] if sys.version_info >= (3, 11) else [])]
 
 
 @dataclass
 class WorkerProcess:
     spec: WorkerSpec
-    process: mp.process.BaseProcess
+    process: subprocess.Popen = field(repr=False)
     death_pipe: Connection = field(repr=False)  # the engine's write end
     janitor: Janitor | None = field(default=None, repr=False)  # told when the worker is reaped
     started: float = field(default_factory=time.time)  # wall clock: files it made are newer
 
     @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def exitcode(self) -> int | None:
+        """None while it runs; its exit status, or -N if signal N ended it."""
+        return self.process.poll()
+
+    @property
     def alive(self) -> bool:
-        return self.process.exitcode is None
+        return self.exitcode is None
 
     def kill(self) -> None:
         """The worker is dead or must die now (e.g. it stopped answering)."""
-        if self.process.exitcode is None:
+        if self.process.poll() is None:
             self.process.kill()
-        self.process.join()
+        self.process.wait()
         self.death_pipe.close()
         self.reaped()
 
     def reaped(self) -> None:
-        """The process has been joined: unlink what CUDA IPC left for it in /dev/shm and tell
-        the janitor it need not."""
+        """The process has been waited for: unlink what CUDA IPC left for it in /dev/shm and
+        tell the janitor it need not."""
         clean_after_reaped(self.process.pid, self.started, self.janitor)
 
 
@@ -57,25 +77,32 @@ def stop_all(processes: list[WorkerProcess], timeout: float = 5.0) -> None:
         worker.death_pipe.close()
     deadline = time.monotonic() + timeout
     for worker in processes:
-        worker.process.join(max(0.0, deadline - time.monotonic()))
-    for worker in processes:
-        if worker.process.exitcode is None:
+        try:
+            worker.process.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
             worker.process.kill()
-            worker.process.join()
+            worker.process.wait()
         worker.reaped()
 
 
-def spawn_worker(spec: WorkerSpec, janitor: Janitor | None = None) -> WorkerProcess:
-    reader, writer = _SPAWN.Pipe(duplex=False)
-    process = _SPAWN.Process(
-        target=run_stage_worker,
-        args=(spec, reader),
-        name=f"dfuse-{spec.stage}-{spec.worker_id}",
-        daemon=True,  # multiprocessing also terminates daemonic children at interpreter exit
-    )
-    started = time.time()
-    process.start()
-    reader.close()  # only the child keeps the read end
+def spawn_worker(spec: WorkerSpec, janitor: Janitor | None = None, entry: str = WORKER_ENTRY) -> WorkerProcess:
+    """Start a worker running `entry` (module:function, called with the spec and the death pipe)."""
+    read_fd, write_fd = os.pipe()  # both ends close on exec; only the read end is passed on
+    try:
+        started = time.time()
+        process = subprocess.Popen([*_PYTHON, "-m", "dfuse.engine.worker_main", entry, str(read_fd)],
+                                   stdin=subprocess.PIPE, pass_fds=(read_fd,))
+    except BaseException:
+        os.close(write_fd)
+        raise
+    finally:
+        os.close(read_fd)  # only the child keeps the read end
+    death_pipe = Connection(write_fd, readable=False)
+    try:
+        process.stdin.write(encode_spec(spec))
+        process.stdin.close()
+    except OSError:  # it died at once; the engine's monitor sees the exit code
+        pass
     if janitor is not None:
         janitor.watch(process.pid, started)
-    return WorkerProcess(spec, process, writer, janitor, started)
+    return WorkerProcess(spec, process, death_pipe, janitor, started)

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 from typing import Mapping
 
-from ..stages import STAGE_KINDS
+from ..scheduler.core import STAGES
 from .config import EngineConfig
 from .cpu_affinity import describe, openmp_affinity, physical_cores, plan, usable_cpus
 from .state import Worker
 from .transport.base import choose_link, cuda_peer_access, pool_kind, probe_places
 from .transport.shm import SlotPool
 
-_CONSUMERS = {stage: STAGE_KINDS[i + 1] for i, stage in enumerate(STAGE_KINDS[:-1])}
+_CONSUMERS = {stage: STAGES[i + 1] for i, stage in enumerate(STAGES[:-1])}
 
 
 def choose_links(devices: Mapping[str, str]) -> dict[str, str]:
@@ -23,7 +23,7 @@ def choose_links(devices: Mapping[str, str]) -> dict[str, str]:
         f"{stage}->{consumer}": choose_link(places[devices[stage]], places[devices[consumer]], cuda_peer_access)
         for stage, consumer in _CONSUMERS.items()
     }
-    links[f"{STAGE_KINDS[-1]}->engine"] = "shm"
+    links[f"{STAGES[-1]}->engine"] = "shm"
     return links
 
 
@@ -31,7 +31,7 @@ def build_workers(config: EngineConfig, links: Mapping[str, str], segment_prefix
     """Every configured instance, with the output pool its link needs: host pools are created
     here (the engine owns them); a GPU pool is allocated by its worker on its device."""
     workers: dict[int, Worker] = {}
-    for stage in STAGE_KINDS:
+    for stage in STAGES:
         link = links[f"{stage}->{_CONSUMERS.get(stage, 'engine')}"]
         for _ in range(config.instances[stage]):
             worker_id = len(workers)
@@ -72,8 +72,8 @@ def check_move(workers: Mapping[int, Worker], devices: Mapping[str, str], worker
     worker = workers.get(worker_id)
     if worker is None:
         raise ValueError(f"worker_id: no worker {worker_id!r}; workers are {sorted(workers)}")
-    if stage not in STAGE_KINDS:
-        raise ValueError(f"stage: must be one of {', '.join(STAGE_KINDS)} (got {stage!r})")
+    if stage not in STAGES:
+        raise ValueError(f"stage: must be one of {', '.join(STAGES)} (got {stage!r})")
     if worker.moving_to is not None:
         raise ValueError(f"worker_id: worker {worker_id} is already moving to {worker.moving_to}")
     if worker.stage == stage:

@@ -55,6 +55,25 @@ class PoolInfo(msgspec.Struct, **_STRUCT):
     slot_events: list[bytes]  # one interprocess event per slot: recorded after the producer writes
 
 
+class WorkerSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """What a worker process needs to start: written once to its stdin when the engine spawns it
+    (engine/launcher.py), never sent over a socket, never on its command line."""
+
+    worker_id: int
+    stage: str
+    model_path: str
+    device: str
+    dtype: str  # torch dtype name
+    cpu_threads: int
+    task_endpoint: str  # the engine binds a PUSH socket here for this worker
+    result_endpoint: str  # the engine's PULL socket shared by all workers
+    engine_pid: int
+    segment_prefix: str  # the engine's segments: unlinked by any worker that outlives it
+    run_dir: str  # the engine's private socket directory: removed likewise
+    gpu_pool: tuple[str, int, int] | None = None  # (name, slot bytes, slots): outputs stay on this GPU
+    cpus: tuple[int, ...] | None = None  # cores of its own (engine/cpu_affinity.py); None: the OS places it
+
+
 class RequestParams(msgspec.Struct, **_STRUCT):
     """What a stage needs to know about one request; validated by the engine before it runs."""
 
@@ -196,3 +215,15 @@ class _Decoder:
 
 worker_decoder = _Decoder(ToWorker)
 engine_decoder = _Decoder(ToEngine)
+
+
+_spec_encoder = msgspec.json.Encoder()
+_spec_decoder = msgspec.json.Decoder(WorkerSpec)
+
+
+def encode_spec(spec: WorkerSpec) -> bytes:
+    return _spec_encoder.encode(spec)
+
+
+def decode_spec(data: bytes) -> WorkerSpec:
+    return _spec_decoder.decode(data)

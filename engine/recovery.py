@@ -27,7 +27,7 @@ class WorkerRecovery:
         for worker in self.workers.values():
             if worker.process is None or worker.process.alive:
                 continue
-            code = worker.process.process.exitcode
+            code = worker.process.exitcode
             if not worker.ready:
                 worker.load_deaths += 1
                 # At first start-up a death while loading means the model or device is unusable;

@@ -7,7 +7,7 @@ import numbers
 import secrets
 from collections.abc import Sequence
 
-from ..stages.families.base import ModelInfo
+from .models.base import ModelInfo
 from .protocol import RequestParams
 
 MAX_PROMPTS = 256

@@ -30,9 +30,9 @@ from pathlib import Path
 import msgspec
 import zmq
 
-from ..stages import STAGE_KINDS
-from ..stages.worker import WorkerSpec
+from ..scheduler.core import STAGES
 from . import protocol as wire
+from .protocol import WorkerSpec
 from .config import EngineConfig
 from .batching import select_batch, should_wait
 from .completions import Completions, resolve
@@ -68,7 +68,7 @@ class Router(WorkerRecovery):
         self._closing = False
         self._shut_down = False  # set under _wake_lock once the sockets are gone
         self._inbox: collections.deque = collections.deque()
-        self._queues = {stage: StageQueue() for stage in STAGE_KINDS}
+        self._queues = {stage: StageQueue() for stage in STAGES}
         self._stats = RouterStats()
         self._batch_wake: float | None = None  # a partial batch waits for companions until then
         self.batch_caps: dict[str, int] = {}  # activation bytes per batch and stage: set by the engine
@@ -203,7 +203,7 @@ class Router(WorkerRecovery):
                     item.queued_at = time.monotonic()
                     if self._elastic:
                         self._elastic.arrival(item.queued_at, item.params)
-                    self._queues[STAGE_KINDS[0]].push(item)
+                    self._queues[STAGES[0]].push(item)
             elif kind == "move":
                 self._start_move(*item, reason="asked")
             elif kind == "close":
@@ -278,12 +278,12 @@ class Router(WorkerRecovery):
             self.ready.set()
 
     def _consumers_of(self, worker: Worker) -> list[Worker]:
-        index = STAGE_KINDS.index(worker.stage) + 1
-        return [w for w in self.workers.values() if index < len(STAGE_KINDS) and w.stage == STAGE_KINDS[index]]
+        index = STAGES.index(worker.stage) + 1
+        return [w for w in self.workers.values() if index < len(STAGES) and w.stage == STAGES[index]]
 
     def _producers_of(self, worker: Worker) -> list[Worker]:
-        index = STAGE_KINDS.index(worker.stage) - 1
-        return [w for w in self.workers.values() if index >= 0 and w.stage == STAGE_KINDS[index]]
+        index = STAGES.index(worker.stage) - 1
+        return [w for w in self.workers.values() if index >= 0 and w.stage == STAGES[index]]
 
     def _send_control(self, worker: Worker, message) -> None:
         """Pool announcements and Shutdown must arrive, and before any later task: they wait in
@@ -329,7 +329,7 @@ class Router(WorkerRecovery):
             # The cost model is per request: a batch's time is shared by its requests.
             per_request = message.timings.compute_s / max(1, message.timings.batch_size)
             self._elastic.computed(worker.stage, worker.device, request.params, per_request)
-        if request.stage_index == len(STAGE_KINDS) - 1:
+        if request.stage_index == len(STAGES) - 1:
             self._finish(request, worker, message.outputs)
             return
         request.inputs, request.input_pool, request.input_offset = message.outputs, worker.pool, request.output_offset
@@ -380,7 +380,7 @@ class Router(WorkerRecovery):
     def _dispatch(self) -> None:
         self._batch_wake = None
         # Downstream first: finishing requests frees the upstream slots that new work needs.
-        for stage in reversed(STAGE_KINDS):
+        for stage in reversed(STAGES):
             queue = self._queues[stage]
             while queue:
                 head = queue.peek()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import collections
 import time
 
-from ..stages import STAGE_KINDS
+from ..scheduler.core import STAGES
 from .cpu_affinity import describe
 
 RECENT_TASKS = 200  # stage compute times kept per stage for the p50/p90
@@ -23,8 +23,8 @@ class RouterStats:
         self.recovery_s: list[float] = []  # death noticed -> replacement READY, per restart
         self.switch_s: list[float] = []  # move asked -> worker READY in its new stage, per move
         self.moves: list[dict] = []  # every accepted move, oldest first
-        self.batched: dict[str, int] = {stage: 0 for stage in STAGE_KINDS}  # tasks of > 1 request sent
-        self.stage_times = {stage: collections.deque(maxlen=RECENT_TASKS) for stage in STAGE_KINDS}  # compute_s
+        self.batched: dict[str, int] = {stage: 0 for stage in STAGES}  # tasks of > 1 request sent
+        self.stage_times = {stage: collections.deque(maxlen=RECENT_TASKS) for stage in STAGES}  # compute_s
 
     def moved(self, at: float, worker_id: int, source: str, target: str, reason: str) -> None:
         self.moves.append({"t_s": round(at - self.started, 3), "worker": worker_id, "from": source, "to": target,
@@ -34,7 +34,7 @@ class RouterStats:
         workers = list(workers)
         return {
             "policy": policy,
-            "placement": {stage: sum(w.stage == stage for w in workers) for stage in STAGE_KINDS},
+            "placement": {stage: sum(w.stage == stage for w in workers) for stage in STAGES},
             "uptime_s": round(time.monotonic() - self.started, 3),
             "moves": list(self.moves),
             "decisions": decisions,
@@ -49,7 +49,7 @@ class RouterStats:
             "workers": [
                 {
                     "id": w.id, "stage": w.stage, "device": w.device, "ready": w.ready,
-                    "pid": w.process.process.pid if w.process else None, "inflight": len(w.inflight),
+                    "pid": w.process.pid if w.process else None, "inflight": len(w.inflight),
                     "free_slots": w.pool.free, "restarts": w.restarts, "load_s": round(w.load_s, 3),
                     "moving_to": w.moving_to, "cpus": describe(w.cpus) if w.cpus else None,
                 }

@@ -13,7 +13,7 @@ from typing import Callable
 
 import zmq
 
-from ..stages import STAGE_KINDS
+from ..scheduler.core import STAGES
 from . import protocol as wire
 from .launcher import WorkerProcess
 from .transport.shm import SlotPool
@@ -69,7 +69,7 @@ class Request:
 
     @property
     def stage(self) -> str:
-        return STAGE_KINDS[self.stage_index]
+        return STAGES[self.stage_index]
 
     def expired(self) -> bool:
         return self.deadline is not None and time.monotonic() > self.deadline

@@ -11,9 +11,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Iterable, Mapping
 
-from ..stages import STAGE_KINDS
-
-STAGES = STAGE_KINDS  # ("encoder", "dit", "decoder"): pipeline order
+# The pipeline's stages, in order: the one vocabulary the scheduler, the engine and the workers share.
+STAGES = ("encoder", "dit", "decoder")
 Combo = frozenset  # the set of stages one device hosts; empty = idle
 
 

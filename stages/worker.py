@@ -15,7 +15,6 @@ input transfers hide behind the current task's compute. Each zmq socket has one 
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import logging
 import os
@@ -25,7 +24,6 @@ import signal
 import threading
 import time
 import traceback
-from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
 import msgspec
@@ -33,6 +31,7 @@ import torch
 import zmq
 
 from ..engine import protocol as wire
+from ..engine.protocol import WorkerSpec
 from ..engine.cpu_affinity import pin_this_process
 from ..engine.transport.endpoint import Endpoint
 from ..engine.transport.shm import unlink_segments
@@ -40,34 +39,15 @@ from .decoder import DecoderStage
 from .dit import DiTStage
 from .encoder import EncoderStage
 from . import weights
-from .families import detect_family
+from .families import load_family
 
 log = logging.getLogger("dfuse.worker")
 
 STAGE_CLASSES = {cls.kind: cls for cls in (EncoderStage, DiTStage, DecoderStage)}
 
 
-@dataclass(frozen=True)
-class WorkerSpec:
-    """What a worker process needs to start (passed once at spawn, never over a socket)."""
-
-    worker_id: int
-    stage: str
-    model_path: str
-    device: str
-    dtype: str  # torch dtype name
-    cpu_threads: int
-    task_endpoint: str  # the engine binds a PUSH socket here for this worker
-    result_endpoint: str  # the engine's PULL socket shared by all workers
-    engine_pid: int
-    segment_prefix: str  # the engine's segments: unlinked by any worker that outlives it
-    run_dir: str  # the engine's private socket directory: removed likewise
-    gpu_pool: tuple[str, int, int] | None = None  # (name, slot bytes, slots): outputs stay on this GPU
-    cpus: tuple[int, ...] | None = None  # cores of its own (engine/cpu_affinity.py); None: the OS places it
-
-
 def run_stage_worker(spec: WorkerSpec, death_pipe: Connection) -> None:
-    """Process entry point (spawn target)."""
+    """Process entry point, named by the engine (engine/launcher.py WORKER_ENTRY), which never imports it."""
     if spec.cpus:  # before any thread of ours starts: they all inherit it
         pin_this_process(spec.cpus)
     # Ctrl-C reaches the whole process group; the engine decides how its workers stop.
@@ -113,7 +93,7 @@ def load_stage(spec: WorkerSpec, kind: str):
     """Load a stage, its components from the engine's host weight cache where another worker
     already published them (stages/weights.py); publish what had to come from disk."""
     dtype = getattr(torch, spec.dtype)
-    stage = STAGE_CLASSES[kind](detect_family(spec.model_path), spec.model_path, torch.device(spec.device), dtype)
+    stage = STAGE_CLASSES[kind](load_family(spec.model_path), spec.model_path, torch.device(spec.device), dtype)
     stage.load()
     weights.publish(stage.model, dtype)
     return stage
@@ -190,7 +170,7 @@ class _ComputeLoop:
             self._send(wire.LoadFailed(self.spec.worker_id, f"{type(e).__name__}: {e}"))
             self.running = False
             return
-        self.spec = dataclasses.replace(self.spec, stage=message.stage)
+        self.spec = msgspec.structs.replace(self.spec, stage=message.stage)
         self._send(wire.Ready(self.spec.worker_id, os.getpid(), time.perf_counter() - started, None))
 
     def _skip_if_cancelled(self, task: wire.StageTask) -> bool:

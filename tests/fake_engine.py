@@ -1,17 +1,18 @@
 """The engine's side of one stage worker, built by hand, for tests that talk to a real worker
 process directly (frames the engine would never send, a spec the engine would not choose here)."""
 
-import multiprocessing
 import os
 import shutil
+import subprocess
 import tempfile
 import time
 
 import zmq
 
 from dfuse.engine import protocol as wire
+from dfuse.engine.launcher import spawn_worker
+from dfuse.engine.protocol import WorkerSpec
 from dfuse.engine.transport.shm import new_segment_prefix, unlink_segments
-from dfuse.stages.worker import WorkerSpec, run_stage_worker
 
 MODEL = "synthetic:encoder=1ms,dit=1ms,decoder=1ms"
 WORKER_ID = 7
@@ -36,11 +37,7 @@ class FakeEngine:
             task_endpoint=f"ipc://{self.run_dir}/tasks", result_endpoint=f"ipc://{self.run_dir}/results",
             engine_pid=os.getpid(), segment_prefix=self.prefix, run_dir=self.run_dir, cpus=cpus,
         )
-        spawn = multiprocessing.get_context("spawn")
-        reader, self.death_pipe = spawn.Pipe(duplex=False)
-        self.process = spawn.Process(target=run_stage_worker, args=(spec, reader), daemon=True)
-        self.process.start()
-        reader.close()
+        self.process = spawn_worker(spec)  # .pid, .exitcode, .kill() as the engine's own handle
 
     def receive(self, timeout_s: float):
         """The next message from the worker; None after `timeout_s`, or at once if it died."""
@@ -59,11 +56,11 @@ class FakeEngine:
                 self.send(wire.encode(wire.Shutdown()))
             except zmq.ZMQError:
                 pass
-            self.process.join(10)
-        self.death_pipe.close()
-        if self.process.exitcode is None:
-            self.process.kill()
-            self.process.join(10)
+            try:
+                self.process.process.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
+        self.process.kill()
         self.tasks.close(linger=0)
         self.results.close(linger=0)
         self.context.term()

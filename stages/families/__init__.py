@@ -1,93 +1,28 @@
-"""Model families, detected from a diffusers folder's model_index.json."""
+"""The runnable model families: the engine's spec of a folder (engine/models/) -> the class that
+loads and runs its components in a stage worker."""
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from pathlib import Path
 
-from .base import Family, ModelInfo
+from ...engine.models import detect_family
+from ...engine.models.synthetic import SyntheticSpec
+from .base import Family
 from .flux import FluxFamily
 from .pixart import PixArtSigmaFamily
 from .sd3 import SD3Family
-from .synthetic import PREFIX as SYNTHETIC_PREFIX
 from .synthetic import SyntheticFamily
 from .wan import WanFamily
 
-FAMILIES: dict[str, Family] = {
-    family.pipeline_class: family for family in (SD3Family(), FluxFamily(), PixArtSigmaFamily(), WanFamily())
+FAMILIES: dict[str, type[Family]] = {
+    family.pipeline_class: family for family in (SD3Family, FluxFamily, PixArtSigmaFamily, WanFamily)
 }
 
 
-def detect_family(path: str | Path) -> Family:
-    """The family serving the diffusers folder at `path` (or a `synthetic:` spec); ValueError
-    naming `model` otherwise."""
-    if str(path).startswith(SYNTHETIC_PREFIX):
-        return SyntheticFamily(str(path))
-    path = Path(path)
-    supported = ", ".join(sorted(FAMILIES))
-    index = path / "model_index.json"
-    if not path.is_dir():
-        raise ValueError(f"model: {str(path)!r} is not a directory (expected a diffusers model folder)")
-    try:
-        class_name = json.loads(index.read_text())["_class_name"]
-    except (OSError, ValueError, KeyError, TypeError):
-        raise ValueError(
-            f"model: {str(path)!r} is not a diffusers pipeline folder (no readable model_index.json "
-            f"with a _class_name); supported pipelines: {supported}"
-        ) from None
-    if not isinstance(class_name, str) or class_name not in FAMILIES:
-        raise ValueError(f"model: pipeline {class_name!r} is not supported; supported pipelines: {supported}")
-    return FAMILIES[class_name]
-
-
-def describe_model(path: str | Path) -> ModelInfo:
-    """Detect the family and read the model's static facts; ValueError naming `model` if unusable."""
-    family = detect_family(path)
-    if isinstance(family, SyntheticFamily):
-        return family.describe(path)
-    path = Path(path).resolve()
-    try:
-        info = family.describe(path)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"model: {str(path)!r} is not a complete {family.pipeline_class} folder ({e})") from None
-    return _with_serving_defaults(info, path / SERVING_DEFAULTS)
-
-
-# Optional, beside model_index.json: what a request that leaves a field unset gets, where the
-# pipeline class's own default does not suit this model (like vLLM's generation_config.json).
-# The built-in tiny models use it: diffusers' Flux and Wan defaults (1024 px; 81 frames of
-# 832x480) cost minutes on a CPU for a tiny random model. Explicit parameters never change.
-SERVING_DEFAULTS = "dfuse.json"
-_DEFAULT_FIELDS = ("height", "width", "num_frames", "num_inference_steps")
-
-
-def _with_serving_defaults(info: ModelInfo, file: Path) -> ModelInfo:
-    if not file.exists():
-        return info
-    where = f"model: {str(file)!r}"
-    try:
-        defaults = json.loads(file.read_text())["defaults"]
-        if not isinstance(defaults, dict):
-            raise TypeError
-    except (OSError, ValueError, KeyError, TypeError):
-        raise ValueError(f'{where} must hold {{"defaults": {{...}}}} with any of {", ".join(_DEFAULT_FIELDS)}') from None
-    unknown = sorted(set(defaults) - set(_DEFAULT_FIELDS))
-    if unknown:
-        raise ValueError(f"{where}: unknown default(s) {unknown}; allowed: {', '.join(_DEFAULT_FIELDS)}")
-    for name, value in defaults.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{where}: defaults.{name} must be a positive integer (got {value!r})")
-    height, width = (defaults.get(k, d) for k, d in zip(("height", "width"), info.default_height_width))
-    for name, value in (("height", height), ("width", width)):
-        if value % info.pixel_multiple or value > info.max_size:
-            raise ValueError(f"{where}: defaults.{name} must be a multiple of {info.pixel_multiple} in "
-                             f"[{info.pixel_multiple}, {info.max_size}] (got {value})")
-    frames = defaults.get("num_frames", info.default_frames)
-    if (frames - 1) % info.frame_step or frames > info.max_frames:
-        raise ValueError(f"{where}: defaults.num_frames must be {info.frame_step}k+1 in [1, {info.max_frames}] (got {frames})")
-    return dataclasses.replace(
-        info, default_size=height if height == width else info.default_size,
-        default_shape=None if height == width else (height, width), default_frames=frames,
-        num_inference_steps=defaults.get("num_inference_steps", info.num_inference_steps),
-    )
+def load_family(path: str | Path) -> Family:
+    """The family that runs the model at `path` (or a `synthetic:` spec); ValueError naming `model`
+    as the engine's detection gives it."""
+    spec = detect_family(path)
+    if isinstance(spec, SyntheticSpec):
+        return SyntheticFamily(spec.spec)
+    return FAMILIES[spec.pipeline_class]()

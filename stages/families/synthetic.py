@@ -22,51 +22,17 @@ attempts; `oom:<stage>` makes that stage raise MemoryError, as an allocation tha
 from __future__ import annotations
 
 import os
-import re
 import signal
 import time
 
 import torch
 
+from ...engine.models.synthetic import NOMINAL_PIXELS, NOMINAL_STEPS, SyntheticSpec
 from ...engine.protocol import RequestParams
-from .base import Family, ModelInfo, OnStep, Tensors
-
-PREFIX = "synthetic:"
-NOMINAL_STEPS = 4
-NOMINAL_PIXELS = 64 * 64
-_COST = re.compile(r"^(\d+(?:\.\d+)?)(ms|s)$")
+from .base import Family, OnStep, Tensors
 
 
-def parse_spec(spec: str) -> tuple[dict[str, float], str]:
-    """`synthetic:encoder=20ms,...` -> ({stage: seconds}, mode); ValueError naming `model`."""
-    costs, mode = {"encoder": 0.0, "dit": 0.0, "decoder": 0.0}, "sleep"
-    for part in filter(None, (p.strip() for p in spec.removeprefix(PREFIX).split(","))):
-        key, _, value = part.partition("=")
-        if key == "mode" and value in ("sleep", "burn"):
-            mode = value
-            continue
-        match = _COST.match(value.strip())
-        if key not in costs or not match:
-            raise ValueError(
-                f"model: bad synthetic spec part {part!r}; expected encoder=20ms,dit=100ms,decoder=60ms"
-                ",mode=sleep|burn"
-            )
-        costs[key] = float(match.group(1)) / (1000 if match.group(2) == "ms" else 1)
-    return costs, mode
-
-
-class SyntheticFamily(Family):
-    name = "synthetic"
-    pipeline_class = "synthetic"
-
-    def __init__(self, spec: str):
-        self.spec = spec
-        self.costs, self.mode = parse_spec(spec)
-
-    def describe(self, path) -> ModelInfo:
-        return ModelInfo(path=self.spec, family=self.name, pixel_multiple=16, default_size=64, max_size=1024,
-                         num_inference_steps=NOMINAL_STEPS, guidance_scale=1.0)
-
+class SyntheticFamily(SyntheticSpec, Family):
     def cost(self, stage: str, params: RequestParams) -> float:
         pixels = params.height * params.width / NOMINAL_PIXELS
         scale = {"encoder": 1.0, "dit": pixels * params.num_inference_steps / NOMINAL_STEPS, "decoder": pixels}

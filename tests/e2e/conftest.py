@@ -13,7 +13,7 @@ THREADS = 1
 
 @pytest.fixture(scope="session")
 def model_path() -> Path:
-    from dfuse.stages.tiny import tiny_model_path
+    from dfuse.engine.models.tiny import tiny_model_path
 
     return tiny_model_path("tiny-sd3")
 

@@ -77,7 +77,7 @@ def _engine(model, **batching):
 def served(request):
     import diffusers
 
-    from dfuse.stages.tiny import tiny_model_path
+    from dfuse.engine.models.tiny import tiny_model_path
 
     spec = FAMILIES[request.param]
     path = tiny_model_path(spec["model"])

@@ -57,7 +57,7 @@ class Served:
     def __init__(self, name):
         import diffusers
 
-        from dfuse.stages.tiny import tiny_model_path
+        from dfuse.engine.models.tiny import tiny_model_path
 
         self.name, self.spec = name, FAMILIES[name]
         self.path = tiny_model_path(self.spec["model"])
@@ -127,8 +127,8 @@ def test_flux_without_guidance_embedding_in_process(tmp_path):
     from diffusers import FluxPipeline
 
     from dfuse.engine.requests import build_requests
-    from dfuse.stages.families import describe_model, detect_family
-    from dfuse.stages.tiny import tiny_model_path
+    from dfuse.engine.models import describe_model, detect_family
+    from dfuse.engine.models.tiny import tiny_model_path
 
     path = tmp_path / "flux-schnell-like"
     shutil.copytree(tiny_model_path("tiny-flux"), path)

@@ -54,7 +54,7 @@ class Reference:
 
 @pytest.fixture(scope="module")
 def wan_path():
-    from dfuse.stages.tiny import tiny_model_path
+    from dfuse.engine.models.tiny import tiny_model_path
 
     return tiny_model_path("tiny-wan")
 
@@ -138,7 +138,7 @@ def test_tiled_decode_equals_diffusers_with_vae_tiling_in_process(wan_path):
     from diffusers import WanPipeline
 
     from dfuse.engine.requests import build_requests
-    from dfuse.stages.families import describe_model, detect_family
+    from dfuse.engine.models import describe_model, detect_family
 
     torch.set_num_threads(THREADS)
     family, info = detect_family(wan_path), describe_model(wan_path)

@@ -48,7 +48,7 @@ def test_engine_with_only_the_dit_on_the_gpu_serves_through_host_slots():
     from diffusers import StableDiffusion3Pipeline
 
     from dfuse import Engine
-    from dfuse.stages.tiny import tiny_model_path
+    from dfuse.engine.models.tiny import tiny_model_path
 
     path = tiny_model_path()
     params = dict(num_inference_steps=4, guidance_scale=4.5, height=128, width=128)
@@ -69,7 +69,7 @@ def test_engine_on_one_gpu_uses_cuda_ipc_and_matches_diffusers():
     from diffusers import StableDiffusion3Pipeline
 
     from dfuse import Engine
-    from dfuse.stages.tiny import tiny_model_path
+    from dfuse.engine.models.tiny import tiny_model_path
 
     path = tiny_model_path()
     params = dict(num_inference_steps=4, guidance_scale=4.5, height=128, width=128)
@@ -96,7 +96,7 @@ def test_requests_survive_a_gpu_producer_killed_while_consumers_hold_its_outputs
     from diffusers import StableDiffusion3Pipeline
 
     from dfuse import Engine
-    from dfuse.stages.tiny import tiny_model_path
+    from dfuse.engine.models.tiny import tiny_model_path
 
     path = tiny_model_path()
     params = dict(num_inference_steps=4, guidance_scale=4.5, height=256, width=256)

@@ -8,8 +8,8 @@ import pytest
 
 from dfuse.engine.admission import admit, check_transport
 from dfuse.engine.protocol import RequestParams
-from dfuse.stages.families.sd3 import SD3Family
-from dfuse.stages.tiny import tiny_model_path
+from dfuse.engine.models.sd3 import SD3Spec
+from dfuse.engine.models.tiny import tiny_model_path
 
 GIB = 2**30
 ITEMSIZES = {"encoder": 4, "dit": 4, "decoder": 4}
@@ -17,7 +17,7 @@ ITEMSIZES = {"encoder": 4, "dit": 4, "decoder": 4}
 
 @pytest.fixture(scope="module")
 def sd3():
-    family = SD3Family()
+    family = SD3Spec()
     return family, family.describe(tiny_model_path())
 
 
@@ -69,7 +69,7 @@ def test_flux_and_pixart_estimates_follow_how_they_run():
     """Flux's true CFG encodes two prompts but runs its two transformer passes one after the
     other; PixArt's CFG is one batch of two in the transformer."""
     from dfuse.engine.protocol import RequestParams as P
-    from dfuse.stages.families import describe_model, detect_family
+    from dfuse.engine.models import describe_model, detect_family
 
     flux_path, pixart_path = tiny_model_path("tiny-flux"), tiny_model_path("tiny-pixart")
     flux, flux_info = detect_family(flux_path), describe_model(flux_path)
@@ -87,9 +87,9 @@ def test_flux_and_pixart_estimates_follow_how_they_run():
 
 @pytest.fixture(scope="module")
 def wan():
-    from dfuse.stages.families.wan import WanFamily
+    from dfuse.engine.models.wan import WanSpec
 
-    family = WanFamily()
+    family = WanSpec()
     return family, family.describe(tiny_model_path("tiny-wan"))
 
 
@@ -132,6 +132,6 @@ def test_outputs_that_cannot_fit_a_transport_slot_are_refused_up_front(wan):
     assert family.output_bytes(info, "dit", dit_over, ITEMSIZES["dit"]) > 16 * 2**20
     with pytest.raises(ValueError, match=rf"of dit outputs.*--slot-mib {-(-need // 2**20)}\b"):
         check_transport(family, info, dit_over, 16 * 2**20, ITEMSIZES)
-    family, info = SD3Family(), SD3Family().describe(tiny_model_path())
+    family, info = SD3Spec(), SD3Spec().describe(tiny_model_path())
     with pytest.raises(ValueError, match=r"^height/width: a 1024x1024 request makes 3\.0 MiB of decoder outputs"):
         check_transport(family, info, params(1024), 2**20, ITEMSIZES)

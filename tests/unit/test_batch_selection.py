@@ -9,7 +9,7 @@ from dfuse.engine.config import BatchConfig, EngineConfig
 from dfuse.engine.protocol import RequestParams
 from dfuse.engine.queues import StageQueue
 from dfuse.engine.state import Request
-from dfuse.stages.families import SD3Family
+from dfuse.engine.models.sd3 import SD3Spec
 
 
 def _params(**overrides) -> RequestParams:
@@ -66,7 +66,7 @@ def test_engine_config_checks_the_type_and_sizes_pools_for_a_batch():
 
 # --- keys -----------------------------------------------------------------------------------
 def test_keys_group_what_one_diffusers_call_can_take():
-    family = SD3Family()
+    family = SD3Spec()
     key = family.batch_key
     a = _params()
     # Encoder: any prompts, as long as negatives are encoded for all or for none.

@@ -11,9 +11,9 @@ from dfuse.engine.config import (
     EngineConfig,
     TransportConfig,
     parse_instances,
-    resolve_model_path,
 )
-from dfuse.stages import STAGE_KINDS
+from dfuse.engine.models import resolve_model_path
+from dfuse.scheduler.core import STAGES
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without CUDA")
 
@@ -28,9 +28,9 @@ def _raises_for(field: str, **kwargs) -> ValueError:
 def test_defaults():
     config = EngineConfig()
     assert config.model == DEFAULT_MODEL == "tiny-sd3"
-    assert dict(config.devices) == {s: "cpu" for s in STAGE_KINDS}
-    assert dict(config.instances) == {s: 1 for s in STAGE_KINDS}
-    assert list(config.instances) == list(STAGE_KINDS) == ["encoder", "dit", "decoder"]
+    assert dict(config.devices) == {s: "cpu" for s in STAGES}
+    assert dict(config.instances) == {s: 1 for s in STAGES}
+    assert list(config.instances) == list(STAGES) == ["encoder", "dit", "decoder"]
     assert config.cpu_threads is None and config.dtype == "auto"
     assert config.transport == TransportConfig(slot_mib=16, slots_per_worker=3, cpu_wake_latency_us=0)
     assert TransportConfig(cpu_wake_latency_us=None).cpu_wake_latency_us is None  # leave it to the OS
@@ -56,7 +56,7 @@ def test_one_value_or_a_partial_mapping_per_stage():
     config = EngineConfig(instances={"dit": 3}, cpu_threads=2, dtype="bfloat16")
     assert dict(config.instances) == {"encoder": 1, "dit": 3, "decoder": 1}
     assert config.threads_per_worker() == 2 and config.torch_dtype("cpu") == torch.bfloat16
-    assert dict(EngineConfig(instances=MAX_INSTANCES).instances) == {s: MAX_INSTANCES for s in STAGE_KINDS}
+    assert dict(EngineConfig(instances=MAX_INSTANCES).instances) == {s: MAX_INSTANCES for s in STAGES}
     assert EngineConfig(model=os.curdir).model == os.curdir  # path-like accepted, stored as str
 
 
@@ -173,8 +173,8 @@ def test_startup_timeout_rejects_bool():
 def test_parse_instances():
     assert parse_instances("dit=2") == {"encoder": 1, "dit": 2, "decoder": 1}
     assert parse_instances(" encoder = 2 , decoder=3,") == {"encoder": 2, "dit": 1, "decoder": 3}
-    assert parse_instances("") == {s: 1 for s in STAGE_KINDS}
-    assert list(parse_instances("decoder=2,encoder=1")) == list(STAGE_KINDS)
+    assert parse_instances("") == {s: 1 for s in STAGES}
+    assert list(parse_instances("decoder=2,encoder=1")) == list(STAGES)
 
 
 @pytest.mark.parametrize("text", ["dit=two", "gpu=1", "dit", "dit=", "=2", "dit=-1", "dit=1.5", "dit:2"])

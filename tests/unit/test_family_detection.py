@@ -4,11 +4,11 @@ import shutil
 
 import pytest
 
-from dfuse.stages.families import FAMILIES, describe_model, detect_family
-from dfuse.stages.families.flux import FluxFamily
-from dfuse.stages.families.pixart import PixArtSigmaFamily
-from dfuse.stages.families.sd3 import SD3Family
-from dfuse.stages.tiny import tiny_model_path
+from dfuse.engine.models import SPECS, describe_model, detect_family
+from dfuse.engine.models.flux import FluxSpec
+from dfuse.engine.models.pixart import PixArtSigmaSpec
+from dfuse.engine.models.sd3 import SD3Spec
+from dfuse.engine.models.tiny import tiny_model_path
 
 
 def _model_error(call, path) -> str:
@@ -55,7 +55,7 @@ def test_unsupported_pipeline_lists_the_supported_ones(tmp_path, class_name):
     assert "FluxPipeline, PixArtSigmaPipeline, StableDiffusion3Pipeline" in message
 
 
-@pytest.mark.parametrize("class_name, family", [("FluxPipeline", FluxFamily), ("PixArtSigmaPipeline", PixArtSigmaFamily)])
+@pytest.mark.parametrize("class_name, family", [("FluxPipeline", FluxSpec), ("PixArtSigmaPipeline", PixArtSigmaSpec)])
 def test_detected_from_model_index_class_name(tmp_path, class_name, family):
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": class_name}))
     assert isinstance(detect_family(tmp_path), family)
@@ -69,7 +69,7 @@ def test_unhashable_class_name(tmp_path):
 
 def test_sd3_index_without_component_configs(tmp_path):
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
-    assert isinstance(detect_family(tmp_path), SD3Family)
+    assert isinstance(detect_family(tmp_path), SD3Spec)
     message = _model_error(describe_model, tmp_path)
     assert "not a complete StableDiffusion3Pipeline folder" in message
 
@@ -82,7 +82,7 @@ def test_sd3_with_a_broken_transformer_config(tmp_path):
 
 def test_tiny_model_is_detected_and_described():
     path = tiny_model_path()
-    assert FAMILIES["StableDiffusion3Pipeline"] is detect_family(path)
+    assert SPECS["StableDiffusion3Pipeline"] is detect_family(path)
     info = describe_model(str(path))
     assert info.family == "sd3" and info.path == path.resolve()
     assert (info.pixel_multiple, info.default_size, info.max_size) == (16, 128, 1024)
@@ -91,8 +91,8 @@ def test_tiny_model_is_detected_and_described():
 
 def test_tiny_flux_is_detected_and_described():
     path = tiny_model_path("tiny-flux")
-    assert FAMILIES["FluxPipeline"] is detect_family(path)
-    info = FAMILIES["FluxPipeline"].describe(path)  # the pipeline class's own defaults
+    assert SPECS["FluxPipeline"] is detect_family(path)
+    info = SPECS["FluxPipeline"].describe(path)  # the pipeline class's own defaults
     assert info.family == "flux" and info.true_cfg
     # FluxPipeline's defaults: 1024 px (128 latent pixels x 8), 28 steps, embedded guidance 3.5.
     assert (info.pixel_multiple, info.default_size) == (16, 1024)
@@ -105,7 +105,7 @@ def test_tiny_flux_is_detected_and_described():
 
 def test_tiny_pixart_is_detected_and_described():
     path = tiny_model_path("tiny-pixart")
-    assert FAMILIES["PixArtSigmaPipeline"] is detect_family(path)
+    assert SPECS["PixArtSigmaPipeline"] is detect_family(path)
     info = describe_model(path)
     assert info.family == "pixart" and not info.true_cfg
     assert (info.pixel_multiple, info.default_size) == (16, 128)  # transformer sample_size 16 x 8
@@ -115,8 +115,8 @@ def test_tiny_pixart_is_detected_and_described():
 
 def test_tiny_wan_is_detected_and_described():
     path = tiny_model_path("tiny-wan")
-    assert FAMILIES["WanPipeline"] is detect_family(path)
-    info = FAMILIES["WanPipeline"].describe(path)  # the pipeline class's own defaults
+    assert SPECS["WanPipeline"] is detect_family(path)
+    info = SPECS["WanPipeline"].describe(path)  # the pipeline class's own defaults
     assert info.family == "wan" and info.video and not info.true_cfg
     # WanPipeline's defaults: 480 x 832, 81 frames (4k + 1: the VAE's x4 time compression), 50 steps, CFG 5.
     assert info.default_height_width == (480, 832) and info.pixel_multiple == 16

@@ -9,8 +9,9 @@ import torch
 from dfuse.engine.protocol import RequestParams
 from dfuse.engine.transport.shm import list_segments, new_segment_prefix, unlink_segments
 from dfuse.stages import weights
-from dfuse.stages.tiny import tiny_model_path
-from dfuse.stages.worker import WorkerSpec, load_stage
+from dfuse.engine.models.tiny import tiny_model_path
+from dfuse.engine.protocol import WorkerSpec
+from dfuse.stages.worker import load_stage
 
 
 @pytest.fixture

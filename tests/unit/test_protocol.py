@@ -52,8 +52,16 @@ def test_every_message_type_is_covered_here():
     }
     top_level = {type(m) for m in TO_WORKER + TO_ENGINE}
     nested = {wire.RequestParams, wire.TensorRef, wire.OutputSlot, wire.StageTimings, wire.PoolInfo, wire.CudaIpcHandle}
-    assert structs == top_level | nested
+    assert structs == top_level | nested | {wire.WorkerSpec}  # the spec goes in on a worker's stdin, once
     assert top_level == set(wire.ToWorker.__args__) | set(wire.ToEngine.__args__)
+
+
+def test_a_worker_spec_round_trips_and_a_bad_one_is_refused():
+    spec = wire.WorkerSpec(3, "dit", "/models/x", "cuda:1", "bfloat16", 2, "ipc:///r/w3", "ipc:///r/results", 42,
+                           "dfuse_42_ab", "/r", gpu_pool=("pool", 1 << 20, 4), cpus=(2, 3))
+    assert wire.decode_spec(wire.encode_spec(spec)) == spec
+    with pytest.raises(msgspec.ValidationError):
+        wire.decode_spec(wire.encode_spec(spec).replace(b'"dit"', b'7'))
 
 
 @pytest.mark.parametrize("message", TO_WORKER, ids=lambda m: type(m).__name__)

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dfuse.engine.requests import MAX_PROMPT_CHARS, MAX_PROMPTS, MAX_SEED, build_requests
-from dfuse.stages.families.base import ModelInfo
+from dfuse.engine.models.base import ModelInfo
 
 INFO = ModelInfo(
     path=Path("/nonexistent/model"),

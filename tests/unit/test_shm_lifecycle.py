@@ -267,8 +267,9 @@ def test_the_weight_cache_loads_from_disk_when_dev_shm_is_full(full_dev_shm, tmp
     import torch
 
     from dfuse.stages import weights
-    from dfuse.stages.tiny import tiny_model_path
-    from dfuse.stages.worker import WorkerSpec, load_stage
+    from dfuse.engine.models.tiny import tiny_model_path
+    from dfuse.engine.protocol import WorkerSpec
+    from dfuse.stages.worker import load_stage
 
     torch.set_num_threads(1)
     prefix = new_segment_prefix()

@@ -4,8 +4,9 @@ import pytest
 
 from dfuse.bench.pipeline import bottleneck, parse_layout
 from dfuse.engine.protocol import RequestParams
-from dfuse.stages.families import describe_model, detect_family
-from dfuse.stages.families.synthetic import SyntheticFamily, parse_spec
+from dfuse.engine.models import describe_model, detect_family
+from dfuse.engine.models.synthetic import SyntheticSpec, parse_spec
+from dfuse.stages.families.synthetic import SyntheticFamily
 
 
 def test_spec_parses_costs_and_mode():
@@ -21,7 +22,7 @@ def test_bad_spec_names_the_model_field(spec):
 
 def test_synthetic_model_is_detected_without_a_folder():
     family = detect_family("synthetic:dit=10ms")
-    assert isinstance(family, SyntheticFamily)
+    assert isinstance(family, SyntheticSpec)
     assert describe_model("synthetic:dit=10ms").pixel_multiple == 16
 
 

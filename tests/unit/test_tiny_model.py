@@ -8,7 +8,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from dfuse.stages import tiny  # noqa: E402
+from dfuse.engine.models import tiny  # noqa: E402
 
 
 def _files(root: pathlib.Path) -> dict[str, bytes]:

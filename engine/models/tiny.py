@@ -336,7 +336,7 @@ def _build_tiny_wan(out_dir: pathlib.Path) -> None:
 
 
 def _write_serving_defaults(out_dir: pathlib.Path, **defaults) -> None:
-    """dfuse.json (stages/families: SERVING_DEFAULTS): what requests that leave these unset get."""
+    """dfuse.json (engine/models: SERVING_DEFAULTS): what requests that leave these unset get."""
     import json
 
     (out_dir / "dfuse.json").write_text(json.dumps({"defaults": defaults}, indent=2) + "\n")
