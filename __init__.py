@@ -6,7 +6,7 @@ copy of the whole tree (see FACTS.md, packaging).
 """
 
 __all__ = ["Engine", "EngineConfig", "BatchConfig", "ElasticConfig", "TransportConfig", "GenerationResult",
-           "EngineClosed", "RequestFailed", "RequestTimeout"]
+           "EngineStats", "EngineClosed", "RequestFailed", "RequestTimeout"]
 _ERRORS = ("EngineClosed", "RequestFailed", "RequestTimeout")  # what generate()/submit() raise
 _CONFIGS = ("EngineConfig", "BatchConfig", "ElasticConfig", "TransportConfig")  # what EngineConfig takes
 
@@ -24,6 +24,10 @@ def __getattr__(name):
         from .engine.engine import GenerationResult
 
         return GenerationResult
+    if name == "EngineStats":
+        from .engine.stats import EngineStats
+
+        return EngineStats
     if name in _ERRORS:
         from .engine import state
 

@@ -251,22 +251,22 @@ def _wait_interruptibly(future):
             continue
 
 
-def _print_stats(stats: dict) -> None:
-    click.echo(f"Model {stats['model']} ({stats['family']}); completed {stats['completed']}, failed {stats['failed']}")
-    placement = ", ".join(f"{s} x{n}" for s, n in stats["placement"].items())
-    click.echo(f"Placement ({stats['policy']}): {placement}; moves {len(stats['moves'])}"
-               + (f", switch times {stats['switch_s']} s" if stats["switch_s"] else ""))
-    click.echo("Queues: " + ", ".join(f"{s} {n}" for s, n in stats["queues"].items()))
-    wake = stats["cpu_wake_latency_us"]
+def _print_stats(stats) -> None:
+    click.echo(f"Model {stats.model} ({stats.family}); completed {stats.completed}, failed {stats.failed}")
+    placement = ", ".join(f"{s} x{n}" for s, n in stats.placement.items())
+    click.echo(f"Placement ({stats.policy}): {placement}; moves {len(stats.moves)}"
+               + (f", switch times {stats.switch_s} s" if stats.switch_s else ""))
+    click.echo("Queues: " + ", ".join(f"{s} {n}" for s, n in stats.queues.items()))
+    wake = stats.cpu_wake_latency_us
     click.echo("Idle CPUs: " + ("as the OS sets them (no CPU latency request)" if wake is None
                                 else f"kept quick to wake (CPU latency request: {wake} us)"))
-    click.echo(f"CPU workers: {stats['cpu_pinning']}")
+    click.echo(f"CPU workers: {stats.cpu_pinning}")
     click.echo("Stage compute (p50 / p90 of recent tasks): " + ", ".join(
-        f"{s} {t['p50']} / {t['p90']} ms" for s, t in stats["stage_ms"].items() if t["tasks"]))
-    for w in stats["workers"]:
+        f"{s} {t.p50} / {t.p90} ms" for s, t in stats.stage_ms.items() if t.tasks))
+    for w in stats.workers:
         click.echo(
-            f"  worker {w['id']}: {w['stage']:<8} {w['device']:<7} pid {w['pid']}  loaded in {w['load_s']:.2f} s  "
-            f"in flight {w['inflight']}  free slots {w['free_slots']}  restarts {w['restarts']}"
+            f"  worker {w.id}: {w.stage:<8} {w.device:<7} pid {w.pid}  loaded in {w.load_s:.2f} s  "
+            f"in flight {w.inflight}  free slots {w.free_slots}  restarts {w.restarts}"
         )
 
 

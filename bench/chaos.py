@@ -126,8 +126,8 @@ def drive(engine, requests: list[dict], kill_every: int | None, rng: random.Rand
             for index in range(submitted, min(n, submitted + wave)):
                 engine.submit(**requests[index]).add_done_callback(on_done(index))
             submitted = min(n, submitted + wave)
-        workers = engine.stats()["workers"]
-        run.worker_pids.update(w["pid"] for w in workers if w["pid"])
+        workers = engine.stats().workers
+        run.worker_pids.update(w.pid for w in workers if w.pid)
         _note_replacements(run, workers, started)
         if completed >= next_kill and completed < n:
             kill = _kill_random_worker(engine, rng, completed, started, victim_ready_s)
@@ -143,8 +143,8 @@ def drive(engine, requests: list[dict], kill_every: int | None, rng: random.Rand
     run.wall_s = time.monotonic() - started
     if progress:
         progress(done[0])
-    workers = engine.stats()["workers"]
-    run.worker_pids.update(w["pid"] for w in workers if w["pid"])
+    workers = engine.stats().workers
+    run.worker_pids.update(w.pid for w in workers if w.pid)
     _note_replacements(run, workers, started)
     return run
 
@@ -153,14 +153,14 @@ def _kill_random_worker(engine, rng: random.Random, completed: int, started: flo
     """A random stage, then a random instance of it (both from `rng`); wait until that instance
     is ready (a replacement still loading is not killed again), then SIGKILL it."""
     stage = rng.choice(STAGES)
-    candidates = sorted(w["id"] for w in engine.stats()["workers"] if w["stage"] == stage)
+    candidates = sorted(w.id for w in engine.stats().workers if w.stage == stage)
     worker_id = rng.choice(candidates)
     deadline = time.monotonic() + ready_s
     while time.monotonic() < deadline:
-        worker = engine.stats()["workers"][worker_id]
-        if worker["ready"] and worker["pid"]:
-            os.kill(worker["pid"], signal.SIGKILL)
-            return Kill(completed, worker_id, stage, worker["pid"], worker["inflight"],
+        worker = engine.stats().workers[worker_id]
+        if worker.ready and worker.pid:
+            os.kill(worker.pid, signal.SIGKILL)
+            return Kill(completed, worker_id, stage, worker.pid, worker.inflight,
                         round(time.monotonic() - started, 3))
         time.sleep(0.01)
     return None
@@ -169,7 +169,7 @@ def _kill_random_worker(engine, rng: random.Random, completed: int, started: flo
 def _note_replacements(run: ChaosPass, workers: list[dict], started: float) -> None:
     for kill in run.kills:
         worker = workers[kill.worker_id]
-        if kill.kill_to_ready_s is None and worker["ready"] and worker["pid"] != kill.pid:
+        if kill.kill_to_ready_s is None and worker.ready and worker.pid != kill.pid:
             kill.kill_to_ready_s = round(time.monotonic() - started - kill.at_s, 3)
 
 
@@ -178,8 +178,8 @@ def await_replacements(engine, run: ChaosPass, timeout_s: float = REPLACEMENT_WA
     its kill -> ready time); returns the kills whose replacement still was not."""
     deadline = time.monotonic() + timeout_s
     while True:
-        workers = engine.stats()["workers"]
-        run.worker_pids.update(w["pid"] for w in workers if w["pid"])
+        workers = engine.stats().workers
+        run.worker_pids.update(w.pid for w in workers if w.pid)
         _note_replacements(run, workers, run.started)
         pending = [k for k in run.kills if k.kill_to_ready_s is None]
         if not pending or time.monotonic() >= deadline:
@@ -223,7 +223,7 @@ def run_chaos(requests: int, kill_every: int, seed: int, model: str, *, wave: in
     start = time.monotonic()
     engine = Engine(config=config)
     startup_s = time.monotonic() - start
-    pids = {w["pid"] for w in engine.stats()["workers"]}
+    pids = {w.pid for w in engine.stats().workers}
     try:
         reference = drive(engine, work, None, wave=wave, progress=progress and (lambda d: progress("no-kill", d)))
         pids |= reference.worker_pids
@@ -245,7 +245,7 @@ def run_chaos(requests: int, kill_every: int, seed: int, model: str, *, wave: in
         if chaos.images[i] is not None and reference.images[i] is not None
         and np.array_equal(chaos.images[i], reference.images[i])
     ]
-    restarts = sum(w["restarts"] for w in stats["workers"])
+    restarts = sum(w.restarts for w in stats.workers)
     kill_to_ready = [k.kill_to_ready_s for k in chaos.kills if k.kill_to_ready_s is not None]
     return {
         "benchmark": "chaos",
@@ -268,7 +268,7 @@ def run_chaos(requests: int, kill_every: int, seed: int, model: str, *, wave: in
         "kills_by_stage": {s: sum(k.stage == s for k in chaos.kills) for s in STAGES},
         "kills_with_work_in_flight": sum(k.inflight > 0 for k in chaos.kills),
         "restarts": restarts,
-        "recovery_s": _quantiles(stats["recovery_s"]),
+        "recovery_s": _quantiles(stats.recovery_s),
         "kill_to_ready_s": _quantiles(kill_to_ready),
         "replacement_wait_s": REPLACEMENT_WAIT_S,
         "replacements_not_ready": len(not_ready),  # after the pass and that wait: not measured

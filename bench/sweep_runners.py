@@ -37,7 +37,7 @@ class EngineRunner:
         self.engine = Engine(model=config.model, device=config.devices, instances=config.instances,
                              cpu_threads=config.threads, policy=policy)
         self.startup_s = round(time.perf_counter() - started, 3)
-        self.pids = {w["pid"] for w in self.engine.stats()["workers"] if w["pid"]}
+        self.pids = {w.pid for w in self.engine.stats().workers if w.pid}
         self._synthetic = config.synthetic
 
     def submit(self, p: RequestParams) -> Future:
@@ -53,22 +53,22 @@ class EngineRunner:
 
     def sample(self) -> dict:
         stats = self.engine.stats()
-        workers = stats["workers"]
-        self.pids.update(w["pid"] for w in workers if w["pid"])  # replacements after a crash too
+        workers = stats.workers
+        self.pids.update(w.pid for w in workers if w.pid)  # replacements after a crash too
         return {
-            "placement": dict(stats["placement"]),
-            "queues": dict(stats["queues"]),
-            "inflight": {s: sum(w["inflight"] for w in workers if w["stage"] == s) for s in STAGES},
+            "placement": dict(stats.placement),
+            "queues": dict(stats.queues),
+            "inflight": {s: sum(w.inflight for w in workers if w.stage == s) for s in STAGES},
             "moving": sum(w.get("moving_to") is not None for w in workers),
         }
 
     def close(self) -> dict:
         stats = self.engine.stats()
         leaks = close_and_check(self.engine, self.pids)
-        return {"moves": list(stats.get("moves", [])), "decisions": list(stats.get("decisions", [])),
-                "placement_end": dict(stats["placement"]),
-                "switch_s": list(stats.get("switch_s", [])), "startup_s": self.startup_s,
-                "restarts": sum(w["restarts"] for w in stats["workers"]), **leaks}
+        return {"moves": [m.to_dict() for m in stats.moves], "decisions": list(stats.decisions),
+                "placement_end": dict(stats.placement),
+                "switch_s": list(stats.switch_s), "startup_s": self.startup_s,
+                "restarts": sum(w.restarts for w in stats.workers), **leaks}
 
 
 class MonoRunner:

@@ -138,7 +138,7 @@ def run_throughput(
                 on_done(i + 1)
             return done_at, ([np.asarray(r.images[0]) for r in outcomes], [r.timings[0] for r in outcomes])
 
-        engine_pids = [os.getpid()] + [w["pid"] for w in engine.stats()["workers"]]
+        engine_pids = [os.getpid()] + [w.pid for w in engine.stats().workers]
         mechanisms = {  # name -> (run, processes whose CPU time is ours)
             "mono_matched": (run_mono(threads), [os.getpid()]),
             "mono_all": (run_mono(mono_threads), [os.getpid()]),
@@ -171,7 +171,7 @@ def run_throughput(
                     numbers["stage_queued_ms_under_load"] = _stage_ms(timings, "queued_s")
                 runs[name].append({"round": r + 1, **numbers})
                 outputs[name].append(payload)
-        worker_load_s = {w["stage"]: w["load_s"] for w in engine.stats()["workers"]}
+        worker_load_s = {w.stage: w.load_s for w in engine.stats().workers}
     finally:
         torch.set_num_threads(threads_before)
         engine.close()

@@ -14,14 +14,14 @@ from typing import Mapping
 from PIL import Image
 
 from ..scheduler.core import STAGES
-from .models import describe_model, detect_family
 from .admission import admit, check_transport, detect_budgets
 from .batching import stage_profiles
 from .completions import resolve
 from .config import DEFAULT_MODEL, EngineConfig
-from .models import resolve_model_path
+from .models import describe_model, detect_family, resolve_model_path
 from .requests import build_requests, check_priority, check_timeout
 from .router import Router
+from .stats import EngineStats
 from .state import EngineClosed, ProgressCallback, Request, RequestFailed, RequestTimeout, StageTiming
 
 __all__ = ["Engine", "GenerationResult", "RequestFailed", "RequestTimeout", "EngineClosed", "StageTiming"]
@@ -187,9 +187,9 @@ class Engine:
             raise EngineClosed("the engine is closed")
         self._router.move(worker_id, stage)
 
-    def stats(self) -> dict:
-        """Placement, queue depths, per-worker state: a snapshot."""
-        return {"model": str(self.model_path), "family": self.model_info.family, **self._router.stats()}
+    def stats(self) -> EngineStats:
+        """Placement, queue depths, per-worker state: a typed snapshot (`.to_dict()` for JSON)."""
+        return self._router.stats(model=str(self.model_path), family=self.model_info.family)
 
     # --- lifetime ----------------------------------------------------------------------------
     def close(self) -> None:

@@ -42,6 +42,7 @@ from .placement import build_workers, check_move, choose_links, pin_cpu_workers
 from .queues import StageQueue
 from .recovery import WorkerRecovery
 from .router_stats import RouterStats
+from .stats import EngineStats
 from .state import (  # noqa: F401  (re-exported: the errors are part of the API)
     EngineClosed,
     Request,
@@ -135,14 +136,15 @@ class Router(WorkerRecovery):
         self._post(("close", None))
         self._thread.join(timeout)
 
-    def stats(self) -> dict:
+    def stats(self, model: str, family: str) -> EngineStats:
         """A snapshot for users and the CLI (read without locks: values may be a moment old)."""
         decisions = list(self._elastic.decisions[-20:]) if self._elastic else []
-        snapshot = self._stats.snapshot(self.workers.values(), self._queues, self.links, self.config.policy, decisions)
         hold = self._host.cpu_wake
-        snapshot["cpu_wake_latency_us"] = hold.max_us if hold is not None and hold.held else None  # None: the OS's
-        snapshot["cpu_pinning"] = self.cpu_pinning
-        return snapshot
+        return self._stats.snapshot(
+            self.workers.values(), self._queues, self.links, self.config.policy, decisions, model=model,
+            family=family, cpu_wake_latency_us=hold.max_us if hold is not None and hold.held else None,
+            cpu_pinning=self.cpu_pinning,
+        )
 
     def _post(self, item) -> None:
         with self._wake_lock:  # zmq sockets are not thread-safe; the lock serialises the wake

@@ -108,14 +108,14 @@ def test_incompatible_requests_are_not_batched_and_equal_their_unbatched_referen
     with _engine(str(model_path)) as engine:
         futures = [engine.submit(num_inference_steps=STEPS, **case) for case in cases]
         results = [f.result(timeout=120) for f in futures]
-        assert engine.stats()["batched_tasks"] == {"encoder": 0, "dit": 0, "decoder": 0}
+        assert engine.stats().batched_tasks == {"encoder": 0, "dit": 0, "decoder": 0}
     for case, result in zip(cases, results):
         assert all(t.batch_size == 1 for t in result.timings[0].values())
         assert np.array_equal(np.array(result.images[0]), reference(num_inference_steps=STEPS, **case))
 
 
 def _dit(engine) -> dict:
-    (dit,) = [w for w in engine.stats()["workers"] if w["stage"] == "dit"]
+    (dit,) = [w for w in engine.stats().workers if w.stage == "dit"]
     return dit
 
 
@@ -124,12 +124,12 @@ def test_batch_whose_worker_is_killed_completes():
     attempt) and served alone by the replacement; each image is still its own."""
     with _engine("synthetic:encoder=1ms,dit=3s,decoder=1ms") as engine:
         future = engine.submit(["first", "second"], seed=40)
-        assert wait_until(lambda: _dit(engine)["inflight"] == 2, 30)
-        os.kill(_dit(engine)["pid"], signal.SIGKILL)
+        assert wait_until(lambda: _dit(engine).inflight == 2, 30)
+        os.kill(_dit(engine).pid, signal.SIGKILL)
         result = future.result(timeout=120)
         assert [image.getpixel((0, 0))[0] for image in result.images] == [40, 41]
         assert [t["dit"].batch_size for t in result.timings] == [1, 1]  # run alone after the death
-        assert _dit(engine)["restarts"] == 1
+        assert _dit(engine).restarts == 1
 
 
 def test_poison_request_in_a_batch_fails_alone():
@@ -145,5 +145,5 @@ def test_poison_request_in_a_batch_fails_alone():
         result = innocent.result(timeout=120)
         assert result.images[0].getpixel((0, 0))[0] == 51
         assert result.timings[0]["encoder"].batch_size == 2
-        assert engine.stats()["batched_tasks"]["dit"] == 1  # the batch that died; then each ran alone
+        assert engine.stats().batched_tasks["dit"] == 1  # the batch that died; then each ran alone
         assert engine.submit("after", seed=60).result(timeout=120).images[0].getpixel((0, 0))[0] == 60

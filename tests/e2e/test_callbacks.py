@@ -19,10 +19,10 @@ def test_a_blocked_callback_does_not_stop_the_engine_serving():
         release, progress = threading.Event(), []
         first = engine.submit("x", seed=1)
         first.add_done_callback(lambda _: release.wait(60))  # e.g. a slow upload of the image
-        assert wait_until(lambda: engine.stats()["completed"] == 1, 60)
+        assert wait_until(lambda: engine.stats().completed == 1, 60)
         second = engine.submit("x", seed=2, on_progress=lambda *step: progress.append(step))
         # The engine computes and finishes the second request while the first's callback blocks.
-        assert wait_until(lambda: engine.stats()["completed"] == 2, 60)
+        assert wait_until(lambda: engine.stats().completed == 2, 60)
         release.set()
         assert second.result(timeout=60).images[0].getpixel((0, 0))[0] == 2
         assert progress and progress[-1][0] == "dit" and progress[-1][1] == progress[-1][2]

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 
+import msgspec
 import numpy as np
 import pytest
 
@@ -19,6 +20,7 @@ from dfuse import Engine
 from dfuse.bench.chaos import chaos_requests
 from dfuse.engine.config import EngineConfig
 from dfuse.engine.router import EngineClosed, RequestFailed
+from dfuse.engine.stats import EngineStats
 from dfuse.engine.transport.shm import list_segments
 
 from process_utils import alive, wait_until
@@ -55,10 +57,10 @@ if __name__ == "__main__":
     # The last victim's replacement may still be loading, and the last slot releases may trail
     # the last result by a moment.
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not all(w["ready"] and w["free_slots"] == config.slots_per_worker(w["stage"])
-                                                  for w in engine.stats()["workers"]):
+    while time.monotonic() < deadline and not all(w.ready and w.free_slots == config.slots_per_worker(w.stage)
+                                                  for w in engine.stats().workers):
         time.sleep(0.05)
-    report["stats"] = engine.stats()
+    report["stats"] = engine.stats().to_dict()
     report.update(close_and_check(engine, run.worker_pids))
     missing = np.zeros((64, 64, 3), np.uint8)  # stands for a failed request (reported in errors)
     np.save(os.path.join(out, "images.npy"), np.stack([i if i is not None else missing for i in run.images]))
@@ -92,9 +94,9 @@ def test_chaos_all_requests_complete_with_their_no_kill_images(model_path, refer
     report = json.loads(out.strip().splitlines()[-1]) if out.strip() else {}
     assert not report.get("stalled"), f"the engine stopped serving: {report['stalled']}; kills: {report['kills']}"
     assert code == 0, f"chaos child exited with {code}; stderr tail:\n{err[-3000:]}"
-    kills, stats = report["kills"], report["stats"]
+    kills, stats = report["kills"], msgspec.convert(report["stats"], EngineStats)
     print("kills:", [(k["at_completed"], k["stage"], k["worker_id"], k["inflight"]) for k in kills])
-    print("recovery_s:", stats["recovery_s"])
+    print("recovery_s:", stats.recovery_s)
 
     # All 200 complete, each with the image diffusers makes for it (a run without any kill).
     assert [e for e in report["errors"] if e] == []
@@ -106,11 +108,11 @@ def test_chaos_all_requests_complete_with_their_no_kill_images(model_path, refer
     # About one kill per 20 completions (a burst past two multiples counts once), each one seen
     # as a restart of exactly its victim, each with a recovery time.
     assert REQUESTS // KILL_EVERY // 2 <= len(kills) <= REQUESTS // KILL_EVERY
-    for worker in stats["workers"]:
-        assert worker["restarts"] == sum(k["worker_id"] == worker["id"] for k in kills), worker
-        assert worker["ready"] and worker["free_slots"] == SLOTS[worker["stage"]], worker
-    assert len(stats["recovery_s"]) == len(kills)
-    assert stats["completed"] == REQUESTS and stats["failed"] == 0
+    for worker in stats.workers:
+        assert worker.restarts == sum(k["worker_id"] == worker.id for k in kills), worker
+        assert worker.ready and worker.free_slots == SLOTS[worker.stage], worker
+    assert len(stats.recovery_s) == len(kills)
+    assert stats.completed == REQUESTS and stats.failed == 0
 
     # Closed: no worker (original or replacement) alive, no segment, no socket folder.
     assert report["leaked_processes"] == [] and report["leaked_segments"] == [] and not report["run_dir_left"]
@@ -132,7 +134,7 @@ def poison_engine():
 
 
 def _dit(engine) -> dict:
-    (dit,) = [w for w in engine.stats()["workers"] if w["stage"] == "dit"]
+    (dit,) = [w for w in engine.stats().workers if w.stage == "dit"]
     return dit
 
 
@@ -142,7 +144,7 @@ def _pixel(future, timeout=60) -> int:
 
 def test_poison_request_fails_after_bounded_attempts_and_the_engine_serves_on(poison_engine):
     engine = poison_engine
-    restarts = _dit(engine)["restarts"]
+    restarts = _dit(engine).restarts
     # Innocent requests in flight in the decoder (256 px: 800 ms each) while the poison kills DiTs.
     # The poison goes in once they are all past the DiT: a request computed just before it on the
     # same DiT is another case (test_innocent_request_dispatched_beside_a_poison_request_completes).
@@ -156,7 +158,7 @@ def test_poison_request_fails_after_bounded_attempts_and_the_engine_serves_on(po
 
     innocents = [engine.submit("innocent", seed=s, height=256, width=256, on_progress=on_progress(s))
                  for s in (11, 12, 13)]
-    assert wait_until(lambda: len(denoised) == 3 and _dit(engine)["inflight"] == 0, 30)
+    assert wait_until(lambda: len(denoised) == 3 and _dit(engine).inflight == 0, 30)
     poison = engine.submit("crash:dit", seed=1)
     with pytest.raises(RequestFailed) as info:
         poison.result(timeout=120)
@@ -165,19 +167,19 @@ def test_poison_request_fails_after_bounded_attempts_and_the_engine_serves_on(po
     assert "dit" in message and f"{POISON_ATTEMPTS} times" in message
     assert [_pixel(f) for f in innocents] == [11, 12, 13]
     # Exactly max_attempts DiT deaths, each replaced; then the engine serves normal requests.
-    assert wait_until(lambda: _dit(engine)["ready"], 60)
-    assert _dit(engine)["restarts"] == restarts + POISON_ATTEMPTS
+    assert wait_until(lambda: _dit(engine).ready, 60)
+    assert _dit(engine).restarts == restarts + POISON_ATTEMPTS
     assert [_pixel(engine.submit("after", seed=s)) for s in (21, 22)] == [21, 22]
 
 
 def test_innocent_request_dispatched_beside_a_poison_request_completes(poison_engine):
     engine = poison_engine
-    assert wait_until(lambda: _dit(engine)["ready"] and _dit(engine)["inflight"] == 0, 60)
+    assert wait_until(lambda: _dit(engine).ready and _dit(engine).inflight == 0, 60)
     # Kill the idle DiT and wait until the router has noticed: while its replacement loads, the
     # poison and an innocent request queue for the DiT and then reach each new DiT together.
     dit = _dit(engine)
-    os.kill(dit["pid"], signal.SIGKILL)
-    assert wait_until(lambda: not _dit(engine)["ready"], 10)
+    os.kill(dit.pid, signal.SIGKILL)
+    assert wait_until(lambda: not _dit(engine).ready, 10)
     poison = engine.submit("crash:dit", seed=2)
     innocent = engine.submit("innocent", seed=31)
     with pytest.raises(RequestFailed):
@@ -189,30 +191,30 @@ def test_a_device_fault_fails_its_request_and_replaces_the_worker(poison_engine)
     # After an illegal address or a device-side assert a CUDA context is unusable: a worker that
     # served on would fail every later request. It reports the request and exits to be replaced.
     engine = poison_engine
-    assert wait_until(lambda: _dit(engine)["ready"] and _dit(engine)["inflight"] == 0, 60)
+    assert wait_until(lambda: _dit(engine).ready and _dit(engine).inflight == 0, 60)
     before = _dit(engine)
     faulty = engine.submit("device-fault:dit", seed=4)
     with pytest.raises(RequestFailed) as info:
         faulty.result(timeout=120)
     assert "AcceleratorError" in str(info.value) and "dit worker restarts" in str(info.value)
-    assert wait_until(lambda: _dit(engine)["ready"] and _dit(engine)["pid"] != before["pid"], 60)
-    assert _dit(engine)["restarts"] == before["restarts"] + 1
+    assert wait_until(lambda: _dit(engine).ready and _dit(engine).pid != before.pid, 60)
+    assert _dit(engine).restarts == before.restarts + 1
     assert _pixel(engine.submit("after a device fault", seed=41)) == 41
 
 
 def test_replacement_killed_while_loading_is_replaced_again():
     with Engine(model="synthetic:encoder=1ms,dit=2ms,decoder=1ms", cpu_threads=1) as engine:
         dit = _dit(engine)
-        os.kill(dit["pid"], signal.SIGKILL)
-        assert wait_until(lambda: _dit(engine)["pid"] != dit["pid"], 10)
+        os.kill(dit.pid, signal.SIGKILL)
+        assert wait_until(lambda: _dit(engine).pid != dit.pid, 10)
         replacement = _dit(engine)
-        assert not replacement["ready"]  # it loads for seconds: still loading now
-        os.kill(replacement["pid"], signal.SIGKILL)
+        assert not replacement.ready  # it loads for seconds: still loading now
+        os.kill(replacement.pid, signal.SIGKILL)
         try:
             assert _pixel(engine.submit("after two deaths", seed=3)) == 3
         except EngineClosed as e:
             pytest.fail(f"the engine stopped: {e}")
-        assert _dit(engine)["restarts"] == 2
+        assert _dit(engine).restarts == 2
 
 
 # --- a worker that died a moment ago --------------------------------------------------------------
@@ -232,21 +234,21 @@ if __name__ == "__main__":
     engine = Engine(model="synthetic:encoder=1ms,dit=1ms,decoder=1ms", cpu_threads=1,
                     instances={"encoder": 2, "dit": 1, "decoder": 1})
     for trial in range(3):
-        while not all(w["ready"] for w in engine.stats()["workers"]):
+        while not all(w.ready for w in engine.stats().workers):
             time.sleep(0.01)
-        first, second = [w for w in engine.stats()["workers"] if w["stage"] == "encoder"]
-        os.kill(first["pid"], signal.SIGKILL)
+        first, second = [w for w in engine.stats().workers if w.stage == "encoder"]
+        os.kill(first.pid, signal.SIGKILL)
         # The router notices deaths on a health tick every 100 ms: once it has seen this one, the
         # next tick is ~100 ms away. The second encoder dies now; a request for it comes 50 ms later,
         # when it is dead (a zombie: its sockets are closed) but before the router can have noticed.
-        while engine.stats()["workers"][first["id"]]["ready"]:
+        while engine.stats().workers[first.id].ready:
             time.sleep(0.0005)
         tick = time.monotonic()
-        os.kill(second["pid"], signal.SIGKILL)
-        while state(second["pid"]) not in ("Z", "gone"):
+        os.kill(second.pid, signal.SIGKILL)
+        while state(second.pid) not in ("Z", "gone"):
             time.sleep(0.0005)
         time.sleep(max(0.0, tick + 0.05 - time.monotonic()))  # let the engine's zmq see it go
-        after_ms, unnoticed = (time.monotonic() - tick) * 1000, state(second["pid"]) == "Z"
+        after_ms, unnoticed = (time.monotonic() - tick) * 1000, state(second.pid) == "Z"
         future = engine.submit("for a dead encoder", seed=40 + trial)
         print(f"trial {trial}: request sent {after_ms:.0f} ms after the tick", flush=True)
         try:

@@ -19,17 +19,17 @@ def test_an_engine_runs_its_workers_on_the_cores_it_planned_restarts_included(mo
     core = sorted(os.sched_getaffinity(0))[-1]
     monkeypatch.setattr(placement, "plan", lambda threads, cpus: [(core,)] * len(threads))
     with Engine(model=MODEL, cpu_threads=1) as engine:
-        workers = engine.stats()["workers"]
-        assert [w["cpus"] for w in workers] == [str(core)] * 3
+        workers = engine.stats().workers
+        assert [w.cpus for w in workers] == [str(core)] * 3
         for worker in workers:
-            assert set(thread_cpus(worker["pid"]).values()) == {str(core)}, worker
-        victim = workers[1]["pid"]
+            assert set(thread_cpus(worker.pid).values()) == {str(core)}, worker
+        victim = workers[1].pid
         os.kill(victim, signal.SIGKILL)
         assert wait_until(lambda: not alive(victim), 10)
 
         def replaced() -> int | None:
-            w = engine.stats()["workers"][1]
-            return w["pid"] if w["ready"] and w["pid"] != victim else None
+            w = engine.stats().workers[1]
+            return w.pid if w.ready and w.pid != victim else None
 
         assert wait_until(lambda: replaced() is not None, 120)
         assert set(thread_cpus(replaced()).values()) == {str(core)}

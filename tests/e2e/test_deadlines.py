@@ -17,7 +17,7 @@ MODEL = "synthetic:encoder=1ms,dit=150ms,decoder=1ms"
 @pytest.fixture(scope="module")
 def engine():
     with Engine(model=MODEL, cpu_threads=1) as engine:
-        engine.all_slots_free = [w["free_slots"] for w in engine.stats()["workers"]]  # nothing in flight yet
+        engine.all_slots_free = [w.free_slots for w in engine.stats().workers]  # nothing in flight yet
         yield engine
 
 
@@ -51,12 +51,12 @@ def test_high_priority_overtakes_queued_low_priority_work(engine):
 
 
 def test_timeout_raises_and_the_engine_keeps_serving(engine):
-    before = engine.stats()["completed"]
+    before = engine.stats().completed
     with pytest.raises(TimeoutError):
         engine.generate("slow", seed=1, num_inference_steps=40, timeout=0.3)  # DiT: 1.5 s
     _expect_image(engine.submit("next", seed=2).result(timeout=30), 2)
     # The timed-out request's DiT work was not followed by a decode: only "next" completed.
-    assert engine.stats()["completed"] == before + 1
+    assert engine.stats().completed == before + 1
 
 
 def test_waiting_requests_past_their_deadline_fail_with_request_timeout(engine):
@@ -71,7 +71,7 @@ def test_waiting_requests_past_their_deadline_fail_with_request_timeout(engine):
 
 
 def test_cancelled_request_is_dropped_and_others_complete(engine):
-    before = engine.stats()["completed"]
+    before = engine.stats().completed
     first = engine.submit("first", seed=10)
     doomed = engine.submit("doomed", seed=11, num_inference_steps=8)
     third = engine.submit("third", seed=12)
@@ -79,7 +79,7 @@ def test_cancelled_request_is_dropped_and_others_complete(engine):
     _expect_image(first.result(timeout=30), 10)
     _expect_image(third.result(timeout=30), 12)
     assert doomed.cancelled()
-    assert engine.stats()["completed"] in (before + 2, before + 3)  # + 3 only if it was mid-stage
+    assert engine.stats().completed in (before + 2, before + 3)  # + 3 only if it was mid-stage
 
 
 LONG = 1000  # DiT steps (the most a request may ask): 37.5 s at 37.5 ms a step, if nothing stopped it
@@ -99,11 +99,11 @@ def _last_steps():
 
 
 def _slots_all_free(engine):
-    return wait_until(lambda: [w["free_slots"] for w in engine.stats()["workers"]] == engine.all_slots_free, 30)
+    return wait_until(lambda: [w.free_slots for w in engine.stats().workers] == engine.all_slots_free, 30)
 
 
 def test_cancel_stops_requests_the_dit_holds_and_it_serves_the_next(engine):
-    completed = engine.stats()["completed"]
+    completed = engine.stats().completed
     last, on_progress_of = _last_steps()
     # One DiT worker: the first computes, the second waits in its local queue (or the engine's).
     first = engine.submit("first", seed=20, num_inference_steps=LONG, on_progress=on_progress_of("first"))
@@ -113,7 +113,7 @@ def test_cancel_stops_requests_the_dit_holds_and_it_serves_the_next(engine):
     _expect_image(engine.submit("next", seed=22).result(timeout=150), 22)
     # "next" ran on the same DiT after them, so they had stopped, long before their last step.
     assert last["first"] < LONG and last.get("second", 0) < LONG
-    assert engine.stats()["completed"] == completed + 1
+    assert engine.stats().completed == completed + 1
     assert _slots_all_free(engine)  # the stopped tasks gave their slots back
 
 
@@ -141,7 +141,7 @@ def test_a_cancelled_request_does_not_take_its_batch_down():
         assert doomed.cancel()
         result = keep.result(timeout=60)
         _expect_image(result, 30)
-        assert engine.stats()["batched_tasks"]["dit"] == 1  # the DiT did get them as one batch
+        assert engine.stats().batched_tasks["dit"] == 1  # the DiT did get them as one batch
         assert result.timings[0]["dit"].batch_size == 1  # run again alone once the batch stopped
         assert last.get("doomed", 0) < 100
 

@@ -61,25 +61,25 @@ def test_elastic_moves_toward_the_new_bottleneck_and_not_while_steady():
         load = OpenLoop(engine)
         # Steady, ~70% of the bottleneck: 16 controller intervals, no move (no thrash).
         load.feed(rate=18, seconds=8, **DIT_BOUND)
-        assert engine.stats()["moves"] == []
+        assert engine.stats().moves == []
 
         # The bottleneck moves to the decoder: a DiT worker must become a decoder.
         shift_at = time.monotonic()
-        load.feed(rate=12, seconds=20, until=lambda: engine.stats()["moves"], **DECODER_BOUND)
-        moves = engine.stats()["moves"]
+        load.feed(rate=12, seconds=20, until=lambda: engine.stats().moves, **DECODER_BOUND)
+        moves = engine.stats().moves
         assert moves, "no move within 40 controller intervals of the shift"
-        assert (moves[0]["from"], moves[0]["to"]) == ("dit", "decoder")
-        assert moves[0]["reason"] == "elastic"
-        assert wait_until(lambda: engine.stats()["placement"] == {"encoder": 1, "dit": 1, "decoder": 2}, 30)
+        assert (moves[0].from_stage, moves[0].to_stage) == ("dit", "decoder")
+        assert moves[0].reason == "elastic"
+        assert wait_until(lambda: engine.stats().placement == {"encoder": 1, "dit": 1, "decoder": 2}, 30)
         # It keeps serving the new mix on the new placement: no move back.
         load.feed(rate=12, seconds=3, **DECODER_BOUND)
         served = load.check_all()
         stats = engine.stats()
-        assert stats["completed"] == served and stats["failed"] == 0
-        assert [(m["from"], m["to"]) for m in stats["moves"]] == [("dit", "decoder")]
+        assert stats.completed == served and stats.failed == 0
+        assert [(m.from_stage, m.to_stage) for m in stats.moves] == [("dit", "decoder")]
         # Move times count from the engine's start, like uptime_s: the move came after the shift.
-        assert stats["uptime_s"] - (time.monotonic() - shift_at) < moves[0]["t_s"] < stats["uptime_s"]
-        assert len(stats["switch_s"]) == 1 and time.monotonic() - shift_at < 120
+        assert stats.uptime_s - (time.monotonic() - shift_at) < moves[0].t_s < stats.uptime_s
+        assert len(stats.switch_s) == 1 and time.monotonic() - shift_at < 120
 
 
 def test_static_policy_never_moves():
@@ -90,26 +90,26 @@ def test_static_policy_never_moves():
         load.feed(rate=12, seconds=4, **DECODER_BOUND)
         served = load.check_all()
         stats = engine.stats()
-        assert stats["moves"] == [] and stats["policy"] == "static"
-        assert stats["placement"] == {"encoder": 1, "dit": 2, "decoder": 1}
+        assert stats.moves == [] and stats.policy == "static"
+        assert stats.placement == {"encoder": 1, "dit": 2, "decoder": 1}
         # Per-stage timings of the recent tasks: the 128 px decode (~120 ms) dwarfs the encode (5 ms).
-        assert all(stats["stage_ms"][s]["tasks"] == served for s in ("encoder", "dit", "decoder"))
-        assert stats["stage_ms"]["decoder"]["p50"] > stats["stage_ms"]["encoder"]["p50"]
+        assert all(stats.stage_ms[s].tasks == served for s in ("encoder", "dit", "decoder"))
+        assert stats.stage_ms["decoder"].p50 > stats.stage_ms["encoder"].p50
 
 
 def test_a_worker_killed_while_switching_comes_back_in_its_new_stage():
     with Engine(model=MODEL, cpu_threads=1, instances={"encoder": 1, "dit": 2, "decoder": 1}) as engine:
         load = OpenLoop(engine)
-        pid = engine.stats()["workers"][2]["pid"]
+        pid = engine.stats().workers[2].pid
         feeder = threading.Thread(target=load.feed, args=(20, 2), kwargs=DIT_BOUND)
         feeder.start()
         engine.move(2, "decoder")
         os.kill(pid, signal.SIGKILL)  # while it drains or switches
         feeder.join()
         load.check_all()
-        assert wait_until(lambda: engine.stats()["workers"][2]["ready"], 60)
-        assert engine.stats()["placement"] == {"encoder": 1, "dit": 1, "decoder": 2}
-        assert engine.stats()["failed"] == 0
+        assert wait_until(lambda: engine.stats().workers[2].ready, 60)
+        assert engine.stats().placement == {"encoder": 1, "dit": 1, "decoder": 2}
+        assert engine.stats().failed == 0
 
 
 @pytest.mark.parametrize("field, value, message", [

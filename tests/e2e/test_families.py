@@ -118,7 +118,7 @@ def test_many_requests_in_flight_each_equal_its_reference(served):
         result = future.result(timeout=120)
         assert result.seeds == [case["seed"]]
         assert np.array_equal(np.array(result.images[0]), served.reference(**case)), case
-    assert served.engine.stats()["family"] == served.name
+    assert served.engine.stats().family == served.name
 
 
 def test_flux_without_guidance_embedding_in_process(tmp_path):

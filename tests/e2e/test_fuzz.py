@@ -162,7 +162,7 @@ def _serve(engine, seeds):
 def test_engine_drops_garbage_and_forged_worker_messages(engine):
     rng = random.Random(FUZZ_SEED + 1)
     print(f"fuzz seed {FUZZ_SEED + 1}")
-    before = {w["id"]: (w["pid"], w["restarts"]) for w in engine.stats()["workers"]}
+    before = {w.id: (w.pid, w.restarts) for w in engine.stats().workers}
     known = sorted(before)
     timings = wire.StageTimings(0.0, 0.0)
     forged = [
@@ -195,8 +195,8 @@ def test_engine_drops_garbage_and_forged_worker_messages(engine):
         context.term()
     assert _serve(engine, range(300, 310)) == [s % 251 for s in range(300, 310)]
     stats = engine.stats()
-    assert {w["id"]: (w["pid"], w["restarts"]) for w in stats["workers"]} == before
-    assert stats["failed"] == 0
+    assert {w.id: (w.pid, w.restarts) for w in stats.workers} == before
+    assert stats.failed == 0
 
 
 def test_control_sockets_and_segments_are_owner_only(engine):
@@ -207,7 +207,7 @@ def test_control_sockets_and_segments_are_owner_only(engine):
     sockets = os.listdir(run_dir)
     assert "results" in sockets
     segments = list_segments(engine._router.segment_prefix)
-    assert len(segments) == len(engine.stats()["workers"])  # one slot pool per worker
+    assert len(segments) == len(engine.stats().workers)  # one slot pool per worker
     for name in segments:
         info = os.stat(os.path.join("/dev/shm", name))
         assert stat.S_IMODE(info.st_mode) == 0o600 and info.st_uid == os.getuid(), name

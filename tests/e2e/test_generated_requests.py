@@ -167,7 +167,7 @@ def test_generated_requests_are_served_or_refused_by_field(engine):
     assert outcomes["served"] >= 100 and outcomes["refused"] >= 100  # both sides were exercised
     (image,) = engine.generate("a normal request", seed=4242)
     assert (np.asarray(image) == 4242 % 251).all()
-    assert engine.stats()["failed"] == 0
+    assert engine.stats().failed == 0
 
 
 def test_prompt_with_a_lone_surrogate_is_refused():

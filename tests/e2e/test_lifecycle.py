@@ -20,7 +20,7 @@ THREADS = 1
 
 
 def _worker_pids(engine) -> list[int]:
-    return [w["pid"] for w in engine.stats()["workers"]]
+    return [w.pid for w in engine.stats().workers]
 
 
 def test_close_leaves_nothing(model_path):
@@ -45,7 +45,7 @@ def test_the_engine_keeps_idle_cpus_quick_to_wake_only_while_it_runs(model_path)
     held while it serves, closed with it (by the kernel, if it is killed)."""
     before = qos_files_open()
     with Engine(model=str(model_path), cpu_threads=THREADS) as engine:
-        assert engine.stats()["cpu_wake_latency_us"] == 0  # the default
+        assert engine.stats().cpu_wake_latency_us == 0  # the default
         assert qos_files_open() == before + 1
         engine.generate("a cat", num_inference_steps=1, height=64, width=64, seed=0)
     assert qos_files_open() == before
@@ -97,18 +97,18 @@ def test_a_temp_dir_too_long_for_socket_paths_is_a_clear_error(model_path, monke
 def test_killed_worker_is_replaced_and_its_requests_complete(model_path, reference):
     """SIGKILL the DiT worker with requests in flight: all finish with their exact images."""
     with Engine(model=str(model_path), cpu_threads=THREADS) as engine:
-        (dit,) = [w for w in engine.stats()["workers"] if w["stage"] == "dit"]
+        (dit,) = [w for w in engine.stats().workers if w.stage == "dit"]
         params = dict(num_inference_steps=30, height=64, width=64)
         futures = [engine.submit("a red fox", seed=20 + i, **params) for i in range(4)]
-        assert wait_until(lambda: engine.stats()["workers"][dit["id"]]["inflight"] > 0, 60)
-        os.kill(dit["pid"], signal.SIGKILL)
+        assert wait_until(lambda: engine.stats().workers[dit.id].inflight > 0, 60)
+        os.kill(dit.pid, signal.SIGKILL)
         for i, future in enumerate(futures):
             image = future.result(timeout=120).images[0]
             assert np.array_equal(np.array(image), reference("a red fox", seed=20 + i, **params))
-        restarted = engine.stats()["workers"][dit["id"]]
-        assert restarted["restarts"] == 1 and restarted["pid"] != dit["pid"]
+        restarted = engine.stats().workers[dit.id]
+        assert restarted.restarts == 1 and restarted.pid != dit.pid
         # Every slot the dead worker's tasks held (its outputs, its inputs upstream) came back.
-        assert wait_until(lambda: all(w["free_slots"] == 3 for w in engine.stats()["workers"]), 10)
+        assert wait_until(lambda: all(w.free_slots == 3 for w in engine.stats().workers), 10)
         # And the replacement keeps serving new work.
         (image,) = engine.generate("a cat", num_inference_steps=2, height=64, width=64, seed=1)
         assert np.array_equal(np.array(image), reference("a cat", num_inference_steps=2, height=64, width=64, seed=1))
@@ -126,7 +126,7 @@ def test_cancel_stops_diffusers_denoising_loop_and_the_engine_serves_on(model_pa
         params = dict(num_inference_steps=2, height=64, width=64)
         (image,) = engine.generate("a cat", seed=1, **params)
         assert np.array_equal(np.array(image), reference("a cat", seed=1, **params))
-        assert last_step["dit"] < 1000 and engine.stats()["completed"] == 1
+        assert last_step["dit"] < 1000 and engine.stats().completed == 1
 
 
 def _cuda_ipc_files(pid: int) -> list[str]:
@@ -145,18 +145,18 @@ def test_what_cuda_ipc_leaves_for_a_dead_worker_is_removed(model_path):
         for path in not_a_worker:
             open(path, "wb").close()
         with Engine(model=str(model_path), cpu_threads=THREADS) as engine:
-            workers = engine.stats()["workers"]
-            for path in [p for w in workers for p in files(w["pid"])]:
+            workers = engine.stats().workers
+            for path in [p for w in workers for p in files(w.pid)]:
                 open(path, "wb").close()
-            (dit,) = [w for w in workers if w["stage"] == "dit"]
-            os.kill(dit["pid"], signal.SIGKILL)
-            assert wait_until(lambda: engine.stats()["workers"][dit["id"]]["restarts"] == 1, 60)
-            assert not any(os.path.exists(p) for p in files(dit["pid"]))
-            assert all(os.path.exists(p) for w in workers if w is not dit for p in files(w["pid"]))
-        assert not any(os.path.exists(p) for w in workers for p in files(w["pid"]))
+            (dit,) = [w for w in workers if w.stage == "dit"]
+            os.kill(dit.pid, signal.SIGKILL)
+            assert wait_until(lambda: engine.stats().workers[dit.id].restarts == 1, 60)
+            assert not any(os.path.exists(p) for p in files(dit.pid))
+            assert all(os.path.exists(p) for w in workers if w is not dit for p in files(w.pid))
+        assert not any(os.path.exists(p) for w in workers for p in files(w.pid))
         assert all(os.path.exists(p) for p in not_a_worker)
     finally:
-        for path in not_a_worker + [p for w in workers for p in files(w["pid"])]:
+        for path in not_a_worker + [p for w in workers for p in files(w.pid)]:
             if os.path.exists(path):
                 os.unlink(path)
 
@@ -167,7 +167,7 @@ from dfuse import Engine, EngineClosed
 from dfuse.engine.transport.shm import list_segments
 if __name__ == "__main__":
     engine = Engine(model=sys.argv[1], cpu_threads=1)
-    print(" ".join(str(w["pid"]) for w in engine.stats()["workers"]), flush=True)
+    print(" ".join(str(w.pid) for w in engine.stats().workers), flush=True)
     time.sleep(600)
 """
 

@@ -32,9 +32,9 @@ def test_big_image_is_tiled_and_equals_diffusers_tiled_decode(model_path):
 
 def test_out_of_memory_in_a_worker_is_reported_and_the_worker_serves_on():
     with Engine(model="synthetic:encoder=1ms,dit=5ms,decoder=1ms", cpu_threads=1) as engine:
-        pids = {w["stage"]: w["pid"] for w in engine.stats()["workers"]}
+        pids = {w.stage: w.pid for w in engine.stats().workers}
         with pytest.raises(RequestFailed, match="out of memory on cpu in the decoder stage for a 64x64 request"):
             engine.generate("oom:decoder", seed=1)
         (image,) = engine.generate("fine", seed=2)
         assert image.getpixel((0, 0))[0] == 2
-        assert {w["stage"]: w["pid"] for w in engine.stats()["workers"]} == pids  # nobody restarted
+        assert {w.stage: w.pid for w in engine.stats().workers} == pids  # nobody restarted

@@ -12,19 +12,19 @@ PARAMS = dict(num_inference_steps=3, guidance_scale=4.5, height=64, width=64)
 
 def test_move_under_load_loses_nothing(model_path, reference):
     with Engine(model=str(model_path), cpu_threads=1, instances={"encoder": 1, "dit": 2, "decoder": 1}) as engine:
-        before = {w["id"]: w for w in engine.stats()["workers"]}
+        before = {w.id: w for w in engine.stats().workers}
         futures = [engine.submit("a red fox", seed=300 + i, **PARAMS) for i in range(12)]
         engine.move(2, "decoder")  # the second DiT worker becomes a second decoder, mid-stream
         futures += [engine.submit("a red fox", seed=300 + i, **PARAMS) for i in range(12, 16)]
         for i, future in enumerate(futures):
             image = future.result(timeout=180).images[0]
             assert np.array_equal(np.array(image), reference("a red fox", seed=300 + i, **PARAMS))
-        assert wait_until(lambda: engine.stats()["workers"][2]["ready"], 60)
+        assert wait_until(lambda: engine.stats().workers[2].ready, 60)
         stats = engine.stats()
-        assert [w["stage"] for w in stats["workers"]] == ["encoder", "dit", "decoder", "decoder"]
+        assert [w.stage for w in stats.workers] == ["encoder", "dit", "decoder", "decoder"]
         # Switched in place: the same process now holds the decoder (no spawn, no imports).
-        assert alive(before[2]["pid"]) and stats["workers"][2]["pid"] == before[2]["pid"]
-        assert len(stats["switch_s"]) == 1 and stats["failed"] == 0
+        assert alive(before[2].pid) and stats.workers[2].pid == before[2].pid
+        assert len(stats.switch_s) == 1 and stats.failed == 0
         # The moved worker now decodes.
         results = [engine.submit("a cat", seed=400 + i, **PARAMS).result(timeout=180) for i in range(4)]
         # One at a time, both decoders idle: least-loaded dispatch breaks the tie to worker 2.
@@ -55,20 +55,20 @@ def test_a_mover_takes_its_new_stage_only_once_downstream_has_read_its_outputs()
                 instances={"encoder": 1, "dit": 2, "decoder": 1}) as engine:
 
         def serves(worker_id, stage):
-            worker = engine.stats()["workers"][worker_id]
-            return worker["stage"] == stage and worker["ready"] and worker["moving_to"] is None
+            worker = engine.stats().workers[worker_id]
+            return worker.stage == stage and worker.ready and worker.moving_to is None
 
         engine.move(1, "encoder")  # for a moment worker 2 is the only DiT: it takes the large ones
         assert wait_until(lambda: serves(1, "encoder"), 60)
         large = [engine.submit("x", height=1024, width=1024, seed=i) for i in range(2)]  # ~2.6 s to decode each
-        assert wait_until(lambda: engine.stats()["workers"][3]["inflight"] == 2, 60)
+        assert wait_until(lambda: engine.stats().workers[3].inflight == 2, 60)
         engine.move(1, "dit")
         assert wait_until(lambda: serves(1, "dit"), 60)
         small = []
         for i in range(3):  # one at a time, so each goes to worker 1: both DiTs idle, lowest id
             small.append(engine.submit("x", seed=10 + i))
-            assert wait_until(lambda: engine.stats()["queues"]["decoder"] == i + 1, 60)
-        assert engine.stats()["workers"][1]["free_slots"] == 0
+            assert wait_until(lambda: engine.stats().queues["decoder"] == i + 1, 60)
+        assert engine.stats().workers[1].free_slots == 0
         engine.move(1, "decoder")
         assert wait_until(lambda: serves(1, "decoder"), 60)
         engine.move(3, "dit")  # legal: worker 1 serves the decoder stage now

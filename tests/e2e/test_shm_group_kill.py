@@ -82,7 +82,7 @@ def test_an_engine_serves_when_dev_shm_has_no_room_for_the_weight_cache(model_pa
         prefix = engine._router.segment_prefix
         (image,) = engine.generate("a cat", num_inference_steps=2, height=64, width=64, seed=1)
         assert not [n for n in _files(prefix) if "_wt_" in n]  # no cache, and no half-made segment
-        assert engine.stats()["completed"] == 1
+        assert engine.stats().completed == 1
     assert np.array_equal(np.array(image), reference("a cat", num_inference_steps=2, height=64, width=64, seed=1))
     err = capfd.readouterr().err
     assert "host weight cache: no room in shared memory" in err, err

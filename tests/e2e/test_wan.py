@@ -112,7 +112,7 @@ def test_many_requests_in_flight_each_equal_its_reference(engine, reference):
         result = future.result(timeout=120)
         assert result.seeds == [case["seed"]]
         assert np.array_equal(_array(result.frames[0]), reference(**case)), case
-    assert engine.stats()["family"] == "wan"
+    assert engine.stats().family == "wan"
 
 
 @pytest.mark.parametrize("bad, message", [

@@ -54,7 +54,7 @@ def test_engine_with_only_the_dit_on_the_gpu_serves_through_host_slots():
     params = dict(num_inference_steps=4, guidance_scale=4.5, height=128, width=128)
     device = {"encoder": "cpu", "dit": "cuda:0", "decoder": "cpu"}
     with Engine(model=str(path), device=device, dtype="float32") as engine:
-        assert engine.stats()["links"] == {"encoder->dit": "shm", "dit->decoder": "shm", "decoder->engine": "shm"}
+        assert engine.stats().links == {"encoder->dit": "shm", "dit->decoder": "shm", "decoder->engine": "shm"}
         futures = [engine.submit("a red fox in the snow", seed=s, **params) for s in range(3)]
         images = [np.array(f.result(timeout=300).images[0], dtype=np.int16) for f in futures]
     pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype=torch.float32).to("cuda:0")
@@ -74,9 +74,9 @@ def test_engine_on_one_gpu_uses_cuda_ipc_and_matches_diffusers():
     path = tiny_model_path()
     params = dict(num_inference_steps=4, guidance_scale=4.5, height=128, width=128)
     with Engine(model=str(path), device="cuda:0", dtype="float32") as engine:
-        assert engine.stats()["links"] == {"encoder->dit": "cuda_ipc", "dit->decoder": "cuda_ipc", "decoder->engine": "shm"}
+        assert engine.stats().links == {"encoder->dit": "cuda_ipc", "dit->decoder": "cuda_ipc", "decoder->engine": "shm"}
         images = [engine.generate("a red fox in the snow", seed=s, **params)[0] for s in range(3)]
-        producers = [w["pid"] for w in engine.stats()["workers"] if w["stage"] in ("encoder", "dit")]
+        producers = [w.pid for w in engine.stats().workers if w.stage in ("encoder", "dit")]
         assert len(ipc_leftovers(producers)) >= 2  # exporting their pools created them
     assert ipc_leftovers(producers) == []  # and the engine removed them with their workers
     pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype=torch.float32).to("cuda:0")
@@ -107,14 +107,14 @@ def test_requests_survive_a_gpu_producer_killed_while_consumers_hold_its_outputs
             first_denoised.set()
 
     with Engine(model=str(path), device="cuda:0", dtype="float32") as engine:
-        (dit,) = [w for w in engine.stats()["workers"] if w["stage"] == "dit"]
+        (dit,) = [w for w in engine.stats().workers if w.stage == "dit"]
         futures = [engine.submit("a red fox in the snow", seed=s, on_progress=on_progress, **params) for s in range(12)]
         assert first_denoised.wait(120)
-        os.kill(dit["pid"], signal.SIGKILL)
+        os.kill(dit.pid, signal.SIGKILL)
         images = [f.result(timeout=300).images[0] for f in futures]
-        (dit_after,) = [w for w in engine.stats()["workers"] if w["stage"] == "dit"]
-        assert dit_after["restarts"] == 1
-        assert ipc_leftovers([dit["pid"]]) == []
+        (dit_after,) = [w for w in engine.stats().workers if w.stage == "dit"]
+        assert dit_after.restarts == 1
+        assert ipc_leftovers([dit.pid]) == []
     pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype=torch.float32).to("cuda:0")
     for seed, image in enumerate(images):
         expected = pipe("a red fox in the snow", generator=torch.Generator().manual_seed(seed), **params).images[0]

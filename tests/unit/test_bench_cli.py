@@ -3,6 +3,7 @@ the committed bench/results/), every option has help, a missing matplotlib is re
 work, handoff sizes are printed in binary units, and the chaos report never prints a None recovery."""
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import click
 import pytest
@@ -149,8 +150,8 @@ class _LoadingEngine:
     def stats(self):
         self.looks += 1
         ready = self.looks >= 3
-        return {"workers": [{"id": 0, "pid": 5, "ready": True},
-                            {"id": 1, "pid": 11, "ready": ready}]}
+        return SimpleNamespace(workers=[SimpleNamespace(id=0, pid=5, ready=True),
+                                        SimpleNamespace(id=1, pid=11, ready=ready)])
 
 
 def test_chaos_waits_for_a_replacement_still_loading_after_the_pass():

@@ -62,7 +62,7 @@ def test_importing_dfuse_does_not_import_torch(tmp_path):
 def test_lazy_attributes_resolve_and_unknown_names_raise():
     assert dfuse.EngineConfig.__name__ == "EngineConfig"
     assert set(dfuse.__all__) == {"Engine", "EngineConfig", "BatchConfig", "ElasticConfig", "TransportConfig",
-                                  "GenerationResult", "EngineClosed", "RequestFailed", "RequestTimeout"}
+                                  "GenerationResult", "EngineStats", "EngineClosed", "RequestFailed", "RequestTimeout"}
     assert all(getattr(dfuse, name).__name__ == name for name in dfuse.__all__)
     # The README and error messages name these: each must be what EngineConfig itself takes.
     config = dfuse.EngineConfig(transport=dfuse.TransportConfig(slot_mib=32), batching=dfuse.BatchConfig(enabled=True),
