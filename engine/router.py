@@ -25,6 +25,7 @@ import logging
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import msgspec
@@ -78,6 +79,9 @@ class Router(WorkerRecovery):
         self.run_dir, self.segment_prefix = self._host.run_dir, self._host.segment_prefix
         self._context = zmq.Context()
         self.completions = Completions()  # futures and user callbacks run there, never here
+        # The final pixels leave the decoder's slot here: a video's copy (tens of MiB) on the
+        # router thread would stall every dispatch meanwhile.
+        self._copy_out = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dfuse-copy-out")
         try:
             self._init_sockets()
             self._init_workers()
@@ -87,6 +91,7 @@ class Router(WorkerRecovery):
                 if hasattr(self, name):
                     getattr(self, name).close(linger=0)
             self._context.term()
+            self._copy_out.shutdown()
             self.completions.close()
             raise
         self._thread = threading.Thread(target=self._loop, name="dfuse-router", daemon=True)
@@ -210,6 +215,9 @@ class Router(WorkerRecovery):
                 self._start_move(*item, reason="asked")
             elif kind == "close":
                 self._closing = True
+            elif kind == "copied":  # the final pixels are out of the slot: it may take new work
+                pool, offset, request_id = item
+                pool.release(offset, request_id)
 
     def _start_move(self, worker_id: int, stage: str, reason: str) -> None:
         try:
@@ -458,10 +466,16 @@ class Router(WorkerRecovery):
     def _finish(self, request: Request, worker: Worker, outputs: list[wire.TensorRef]) -> None:
         (ref,) = [r for r in outputs if r.name == "image"]
         view = byte_view(worker.pool.segment.data, ref.offset, ref.shape, dtype_from_name(ref.dtype))
-        image = view[0].numpy().copy()  # copy out before the slot is reused
-        worker.pool.release(request.output_offset, request.id)
         self._stats.completed += 1
         self._left(request)
+        self._copy_out.submit(self._copy_out_and_resolve, request, view, worker.pool)
+
+    def _copy_out_and_resolve(self, request: Request, view, pool) -> None:
+        """On the copy-out thread: copy the pixels before the slot is reused, hand the slot back
+        to the router, resolve the caller's future."""
+        image = view[0].numpy().copy()
+        del view
+        self._post(("copied", (pool, request.output_offset, request.id)))
         self.completions.resolve(request.future, result=(image, request.timings))
 
     def _fail(self, request: Request, error: Exception) -> None:
@@ -552,6 +566,7 @@ class Router(WorkerRecovery):
             self._wake_push.close(linger=0)
         alive = [w for w in self.workers.values() if w.process is not None]
         stop_all([w.process for w in alive])  # all at once: closing death pipes stops them now
+        self._copy_out.shutdown(wait=True)  # the copies in progress read segments released below
         error = EngineClosed(self.startup_error or "the engine closed before this request completed")
         pending = [r for q in self._queues.values() for r in q] + [r for w in alive for r in w.inflight.values()]
         pending += [item for kind, item in self._inbox if kind == "submit"]
