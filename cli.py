@@ -56,10 +56,9 @@ def main():
 def run(prompt, model, negative_prompt, steps, guidance_scale, true_cfg_scale, height, width, num_frames, fps, seed,
         out, device, instances, threads, slot_mib, policy, verbose):
     """Generate one image (or video, with a video model) for PROMPT and write it to --out."""
-    from .engine.admission import check_transport
     from .engine.config import TransportConfig
     from .engine.engine import Engine
-    from .engine.requests import build_requests
+    from .engine.input_processor import InputProcessor
     from .engine.models import describe_model, detect_family
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -73,11 +72,11 @@ def run(prompt, model, negative_prompt, steps, guidance_scale, true_cfg_scale, h
         model_path = resolve_model_path(config.model)
         info = describe_model(model_path)
         out = _output_path(out, info)
-        (params,) = build_requests(info, prompt, negative_prompt, steps, guidance_scale, height, width, seed,
-                                   true_cfg_scale, num_frames)
+        # The engine's own input processor, minus memory admission (budgets are measured once
+        # the workers hold their weights): the same errors as Engine.submit.
+        (params,) = InputProcessor.for_config(config, info, detect_family(model_path)).params(
+            prompt, negative_prompt, steps, guidance_scale, height, width, seed, true_cfg_scale, num_frames)
         fps = _check_run_flags(info, params, fps)
-        itemsizes = {s: config.torch_dtype(d).itemsize for s, d in config.devices.items()}
-        check_transport(detect_family(model_path), info, params, transport.slot_bytes, itemsizes)
     except ValueError as e:
         raise click.UsageError(_with_flag(str(e))) from None
 

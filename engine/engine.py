@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import threading
-import time
 import weakref
 from concurrent.futures import CancelledError, Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -14,12 +13,11 @@ from typing import Mapping
 from PIL import Image
 
 from ..scheduler.core import STAGES
-from .admission import admit, check_transport, detect_budgets
-from .batching import stage_profiles
+from .admission import detect_budgets
 from .completions import resolve
 from .config import DEFAULT_MODEL, EngineConfig
+from .input_processor import InputProcessor
 from .models import describe_model, detect_family, resolve_model_path
-from .requests import build_requests, check_priority, check_timeout
 from .router import Router
 from .stats import EngineStats
 from .state import EngineClosed, ProgressCallback, Request, RequestFailed, RequestTimeout, StageTiming
@@ -82,7 +80,7 @@ class Engine:
     def _init_model(self) -> None:
         self.model_path = resolve_model_path(self.config.model)
         self.model_info = describe_model(self.model_path)  # ValueError before any process starts
-        self._family = detect_family(self.model_path)
+        self._inputs = InputProcessor.for_config(self.config, self.model_info, detect_family(self.model_path))
         self._ids = itertools.count()
         self._ids_lock = threading.Lock()
 
@@ -99,12 +97,12 @@ class Engine:
             self.close()
             raise RuntimeError(error)
         # Measured now that the workers hold their weights (see engine/admission.py).
-        self._memory_budgets = detect_budgets(self.config.devices, self.config.memory_limit_gib, self.model_path)
-        self._itemsizes = {s: self.config.torch_dtype(d).itemsize for s, d in self.config.devices.items()}
+        budgets = detect_budgets(self.config.devices, self.config.memory_limit_gib, self.model_path)
+        self._inputs.budgets = budgets
         # A batch's summed activation estimate must fit its device's budget (or the set cap).
         cap_gib = self.config.batching.max_batch_gib
         self._router.batch_caps = {
-            s: budget if cap_gib is None else min(budget, int(cap_gib * 2**30)) for s, budget in self._memory_budgets.items()
+            s: budget if cap_gib is None else min(budget, int(cap_gib * 2**30)) for s, budget in budgets.items()
         }
 
     # --- requests ----------------------------------------------------------------------------
@@ -137,23 +135,13 @@ class Engine:
         """
         if not self._finalizer.alive:
             raise EngineClosed("the engine is closed")
-        params = build_requests(
-            self.model_info, prompt, negative_prompt, num_inference_steps, guidance_scale, height, width, seed,
-            true_cfg_scale, num_frames,
-        )
-        family = self._family
-        params = [admit(family, self.model_info, p, self._memory_budgets, self._itemsizes) for p in params]
-        for p in params:
-            check_transport(family, self.model_info, p, self.config.transport.slot_bytes, self._itemsizes)
-        priority, timeout = check_priority(priority), check_timeout(timeout)
-        if on_progress is not None and not callable(on_progress):
-            raise ValueError(f"on_progress: must be callable (stage, step, total) or None (got {on_progress!r})")
-        deadline = None if timeout is None else time.monotonic() + timeout
         with self._ids_lock:
-            requests = [Request(next(self._ids), p, Future(), on_progress, priority, deadline) for p in params]
-        if self.config.batching.enabled:
-            for request in requests:
-                request.profiles = stage_profiles(family, self.model_info, request.params, self._itemsizes)
+            requests = self._inputs.requests(
+                self._ids, prompt, on_progress=on_progress, priority=priority, timeout=timeout,
+                negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale, height=height, width=width, seed=seed,
+                true_cfg_scale=true_cfg_scale, num_frames=num_frames,
+            )
         outer = _gather(requests)
         for request in requests:
             self._router.submit(request)
