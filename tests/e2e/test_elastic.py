@@ -77,7 +77,7 @@ def test_elastic_moves_toward_the_new_bottleneck_and_not_while_steady():
         assert [(m["from"], m["to"]) for m in stats["moves"]] == [("dit", "decoder")]
         # Move times count from the engine's start, like uptime_s: the move came after the shift.
         assert stats["uptime_s"] - (time.monotonic() - shift_at) < moves[0]["t_s"] < stats["uptime_s"]
-        assert len(stats["switch_s"]) == 1 and time.monotonic() - shift_at < 120
+        assert len(stats["switch_s"]) == 1
 
 
 def test_static_policy_never_moves():
