@@ -34,7 +34,7 @@ from ..engine import protocol as wire
 from ..engine.protocol import WorkerSpec
 from ..engine.cpu_affinity import pin_this_process
 from ..engine.transport.endpoint import Endpoint
-from ..engine.transport.shm import unlink_segments
+from ..engine.transport.shm_files import unlink_segments
 from .decoder import DecoderStage
 from .dit import DiTStage
 from .encoder import EncoderStage

@@ -12,7 +12,7 @@ import zmq
 from dfuse.engine import protocol as wire
 from dfuse.engine.launcher import spawn_worker
 from dfuse.engine.protocol import WorkerSpec
-from dfuse.engine.transport.shm import new_segment_prefix, unlink_segments
+from dfuse.engine.transport.shm_files import new_segment_prefix, unlink_segments
 
 MODEL = "synthetic:encoder=1ms,dit=1ms,decoder=1ms"
 WORKER_ID = 7

@@ -14,7 +14,8 @@ import zmq
 from dfuse import Engine
 from dfuse.engine import protocol as wire
 from dfuse.engine.transport.base import byte_view
-from dfuse.engine.transport.shm import SlotPool, list_segments
+from dfuse.engine.transport.shm import SlotPool
+from dfuse.engine.transport.shm_files import list_segments
 
 from fake_engine import MODEL, WORKER_ID, FakeEngine
 from process_utils import alive

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dfuse.engine.protocol import RequestParams
-from dfuse.engine.transport.shm import list_segments, new_segment_prefix, unlink_segments
+from dfuse.engine.transport.shm_files import list_segments, new_segment_prefix, unlink_segments
 from dfuse.stages import weights
 from dfuse.engine.models.tiny import tiny_model_path
 from dfuse.engine.protocol import WorkerSpec

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from dfuse import Engine, EngineClosed
-from dfuse.engine.transport.shm import list_segments
+from dfuse.engine.transport.shm_files import list_segments
 
 from process_utils import (alive, children_of, cpu_latency_request_allowed, engine_segments, qos_files_open,
                            wait_until)
@@ -152,7 +152,7 @@ def test_what_cuda_ipc_leaves_for_a_dead_worker_is_removed(model_path):
 ENGINE_SCRIPT = """
 import sys, time
 from dfuse import Engine, EngineClosed
-from dfuse.engine.transport.shm import list_segments
+from dfuse.engine.transport.shm_files import list_segments
 if __name__ == "__main__":
     engine = Engine(model=sys.argv[1], cpu_threads=1)
     print(" ".join(str(w["pid"]) for w in engine.stats()["workers"]), flush=True)
