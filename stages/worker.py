@@ -33,6 +33,7 @@ import zmq
 from ..engine import protocol as wire
 from ..engine.protocol import WorkerSpec
 from ..engine.cpu_affinity import pin_this_process
+from ..engine.models.libraries import quiet_libraries
 from ..engine.transport.endpoint import Endpoint
 from ..engine.transport.shm_files import unlink_segments
 from .decoder import DecoderStage
@@ -54,7 +55,7 @@ def run_stage_worker(spec: WorkerSpec, death_pipe: Connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=os.environ.get("DFUSE_LOG", "WARNING"), format=f"[{spec.stage}#{spec.worker_id}] %(message)s")
     threading.Thread(target=_watch_engine, args=(spec, death_pipe), daemon=True, name="death-watch").start()
-    _quiet_libraries()
+    quiet_libraries()
     if spec.device == "cpu":
         torch.set_num_threads(spec.cpu_threads)
     else:
@@ -273,22 +274,6 @@ class _ComputeLoop:
 
     def _send(self, message) -> None:
         self.results.send(wire.encode(message))
-
-
-def _quiet_libraries() -> None:
-    """Loading bars and advice from N workers would bury the engine's own output."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # dfuse loads local folders only; never a hub
-    import diffusers
-    import transformers
-
-    for library in (diffusers, transformers):
-        library.utils.logging.set_verbosity_error()
-        library.utils.logging.disable_progress_bar()
-    # Pipelines build a (disabled) tqdm bar per call, and tqdm's default lock is a
-    # multiprocessing semaphore the resource tracker reports as leaked when the engine exits.
-    from tqdm import tqdm
-
-    tqdm.set_lock(threading.RLock())
 
 
 def _receive(context, spec: WorkerSpec, endpoint: Endpoint, tasks: queue.Queue, cancelled: CancelledTasks,
