@@ -143,16 +143,12 @@ class _ComputeLoop:
         self.tasks = tasks
         self.cancelled = cancelled
         self.running = True
-        self.handlers = {wire.StageTask: self.on_task, wire.StageBatch: self.on_batch, wire.Shutdown: self.on_shutdown,
-                         wire.Become: self.on_become}
+        self.handlers = {wire.StageTask: self.on_task, wire.StageBatch: self.on_batch, wire.Become: self.on_become}
 
     def run(self) -> None:
         while self.running:
             received_at, message = self.tasks.get()
             self.handlers[type(message)](message, received_at)
-
-    def on_shutdown(self, message: wire.Shutdown, received_at: float) -> None:
-        self.running = False
 
     def on_become(self, message: wire.Become, received_at: float) -> None:
         """Switch stage in place. The engine sends this only once every task here is done, so
@@ -311,8 +307,6 @@ def _receive(context, spec: WorkerSpec, endpoint: Endpoint, tasks: queue.Queue, 
             except Exception:  # the compute loop fetches again and reports the error with the task
                 log.warning("could not prefetch request %d:\n%s", task.request_id, traceback.format_exc())
         tasks.put((received_at, message))
-        if isinstance(message, wire.Shutdown):
-            return
 
 
 def _watch_engine(spec: WorkerSpec, death_pipe: Connection) -> None:
