@@ -8,6 +8,7 @@ from types import MappingProxyType
 from typing import Mapping
 
 from ..scheduler.core import STAGES
+from .checks import check_fields, checked, flag, integer, number, optional, positive
 from .cpu_affinity import usable_cpus
 from .cpu_wake import MAX_US as MAX_WAKE_LATENCY_US
 from .elastic import ElasticConfig
@@ -21,23 +22,18 @@ POLICIES = ("static", "elastic")
 class TransportConfig:
     """Shared-memory slots that carry tensors from one stage to the next."""
 
-    slot_mib: int = 16
+    slot_mib: int = field(default=16, metadata=checked(integer(1, 4096)))
     """Size of one slot in MiB; a stage's outputs for one request must fit (SD3 1024 px with CFG: ~11 MiB)."""
-    slots_per_worker: int = 3
+    slots_per_worker: int = field(default=3, metadata=checked(integer(1, 64)))
     """Slots in each producing worker's pool: how far a producer may run ahead of its consumer."""
-    cpu_wake_latency_us: int | None = 0
+    cpu_wake_latency_us: int | None = field(default=0, metadata=checked(optional(integer(0, MAX_WAKE_LATENCY_US))))
     """The longest wake-up the engine lets idle CPUs take while it runs (Linux CPU latency QoS,
     engine/cpu_wake.py). 0 keeps them polling instead of halting, so a stage that slept while its
     producer computed wakes at once (a hop after a long write: ~100 us faster on a VM). Costs power;
     needs write access to /dev/cpu_dma_latency (else ignored, logged). None: leave it to the OS."""
 
     def __post_init__(self):
-        _check_int("transport.slot_mib", self.slot_mib, 1, 4096)
-        _check_int("transport.slots_per_worker", self.slots_per_worker, 1, 64)
-        wake = self.cpu_wake_latency_us
-        if wake is not None and (isinstance(wake, bool) or not isinstance(wake, int) or not 0 <= wake <= MAX_WAKE_LATENCY_US):
-            raise ValueError(f"transport.cpu_wake_latency_us: must be None or an integer in [0, {MAX_WAKE_LATENCY_US}] "
-                             f"(got {wake!r})")
+        check_fields(self, "transport.")
 
     @property
     def slot_bytes(self) -> int:
@@ -46,6 +42,9 @@ class TransportConfig:
 
 DEFAULT_MAX_BATCH = {"encoder": 8, "dit": 4, "decoder": 4}
 MAX_BATCH = 64
+_BATCH_SIZE = integer(1, MAX_BATCH)
+_INSTANCES = integer(1, MAX_INSTANCES)
+_GIB = positive(2**20, "a number of GiB")
 
 
 @dataclass(frozen=True)
@@ -57,31 +56,24 @@ class BatchConfig:
     encoder batches any prompts, the DiT requests of one shape, step count and guidance, the
     decoder latents of one shape under an activation-memory cap (engine/batching.py)."""
 
-    enabled: bool = False
+    enabled: bool = field(default=False, metadata=checked(flag()))
     """Turn batching on (False: every task carries one request, exactly as without this config)."""
     max_batch: Mapping[str, int] = field(default_factory=lambda: dict(DEFAULT_MAX_BATCH))
     """Most requests in one call, per stage (an int sets every stage). Each request keeps its own
     output slot, so a worker's pool gets at least max_batch + 1 slots when batching is on."""
-    max_wait_ms: float = 0.0
+    max_wait_ms: float = field(default=0.0, metadata=checked(number(0, 60_000)))
     """How long the head of a queue may wait for companions before a partial batch is sent to a
     free worker; 0 takes whatever is queued at once (no added latency at low load)."""
-    max_batch_gib: float | None = None
+    max_batch_gib: float | None = field(default=None, metadata=checked(optional(_GIB)))
     """Estimated activation memory (the families' peak_bytes) one batch may use; None: the
     device's memory budget from memory admission. Binds mostly the decoder (grows with pixels)."""
 
     def __post_init__(self):
-        if not isinstance(self.enabled, bool):
-            raise ValueError(f"batching.enabled: must be True or False (got {self.enabled!r})")
+        check_fields(self, "batching.")
         sizes = _per_stage("batching.max_batch", self.max_batch, int, DEFAULT_MAX_BATCH)
         for stage, size in sizes.items():
-            _check_int(f"batching.max_batch.{stage}", size, 1, MAX_BATCH)
+            _BATCH_SIZE(f"batching.max_batch.{stage}", size)
         object.__setattr__(self, "max_batch", MappingProxyType(sizes))
-        wait = self.max_wait_ms
-        if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not 0 <= wait <= 60_000:
-            raise ValueError(f"batching.max_wait_ms: must be a number in [0, 60000] (got {wait!r})")
-        cap = self.max_batch_gib
-        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or not 0 < cap < 2**20):
-            raise ValueError(f"batching.max_batch_gib: must be None or a number of GiB > 0 (got {cap!r})")
 
     def batch_limit(self, stage: str) -> int:
         """Most requests per call in `stage` (1 when batching is off)."""
@@ -98,9 +90,9 @@ class EngineConfig:
     """Device of each stage's instances: "cpu", "cuda" or "cuda:N"."""
     instances: Mapping[str, int] = field(default_factory=lambda: {s: 1 for s in STAGES})
     """Number of worker processes per stage."""
-    cpu_threads: int | None = None
+    cpu_threads: int | None = field(default=None, metadata=checked(optional(integer(1, 1024), mention=False)))
     """Torch threads per CPU worker; None divides the machine's cores among the CPU workers."""
-    pin_cpu_workers: bool = True
+    pin_cpu_workers: bool = field(default=True, metadata=checked(flag()))
     """Give each CPU worker cores of its own when all their threads fit in this process's cores
     (engine/cpu_affinity.py); when they do not, or with False, the OS places them."""
     dtype: str = "auto"
@@ -109,11 +101,11 @@ class EngineConfig:
     """Shared-memory handoff between stages."""
     memory_limit_gib: Mapping[str, float] = field(default_factory=dict)
     """Activation memory a request may use per device, e.g. {"cpu": 8}; unset devices: detected."""
-    max_inflight_per_worker: int = 2
+    max_inflight_per_worker: int = field(default=2, metadata=checked(integer(1, 64)))
     """Tasks sent to one worker at once: one computing, the next already queued beside it."""
-    max_attempts: int = 3
+    max_attempts: int = field(default=3, metadata=checked(integer(1, 100)))
     """A request whose worker dies this many times fails instead of being retried again."""
-    startup_timeout_s: float = 600.0
+    startup_timeout_s: float = field(default=600.0, metadata=checked(positive(1e6)))
     """How long to wait for all workers to load their weights and say READY."""
     policy: str = "static"
     """static: workers keep their stage. elastic: the engine moves workers between stages on one
@@ -134,12 +126,9 @@ class EngineConfig:
         object.__setattr__(self, "devices", MappingProxyType(devices))
         instances = _per_stage("instances", self.instances, int)
         for stage, count in instances.items():
-            _check_int(f"instances.{stage}", count, 1, MAX_INSTANCES)
+            _INSTANCES(f"instances.{stage}", count)
         object.__setattr__(self, "instances", MappingProxyType(instances))
-        if self.cpu_threads is not None:
-            _check_int("cpu_threads", self.cpu_threads, 1, 1024)
-        if not isinstance(self.pin_cpu_workers, bool):
-            raise ValueError(f"pin_cpu_workers: must be True or False (got {self.pin_cpu_workers!r})")
+        check_fields(self)
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ValueError(f"dtype: must be one of auto, float32, float16, bfloat16 (got {self.dtype!r})")
         if not isinstance(self.memory_limit_gib, Mapping):
@@ -148,14 +137,8 @@ class EngineConfig:
         for device, gib in limits.items():
             if device not in self.devices.values():
                 raise ValueError(f"memory_limit_gib: {device!r} is not a device of this engine ({sorted(set(self.devices.values()))})")
-            if isinstance(gib, bool) or not isinstance(gib, (int, float)) or not 0 < gib < 2**20:
-                raise ValueError(f"memory_limit_gib.{device}: must be a number of GiB > 0 (got {gib!r})")
+            _GIB(f"memory_limit_gib.{device}", gib)
         object.__setattr__(self, "memory_limit_gib", MappingProxyType(limits))
-        _check_int("max_inflight_per_worker", self.max_inflight_per_worker, 1, 64)
-        _check_int("max_attempts", self.max_attempts, 1, 100)
-        timeout = self.startup_timeout_s
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < 1e6:
-            raise ValueError(f"startup_timeout_s: must be a number > 0 (got {self.startup_timeout_s!r})")
         if not isinstance(self.elastic, ElasticConfig):
             raise ValueError(f"elastic: must be an ElasticConfig (got {type(self.elastic).__name__})")
         if not isinstance(self.batching, BatchConfig):
@@ -247,11 +230,6 @@ def _per_stage(name: str, value, kind: type, defaults: Mapping | None = None) ->
         raise ValueError(f"{name}: unknown stage(s) {sorted(unknown)}; stages are {', '.join(STAGES)}")
     default = "cpu" if kind is str else 1
     return {s: value.get(s, defaults[s] if defaults else default) for s in STAGES}
-
-
-def _check_int(name: str, value, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ValueError(f"{name}: must be an integer in [{low}, {high}] (got {value!r})")
 
 
 def _canonical_device(device):

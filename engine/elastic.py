@@ -27,41 +27,35 @@ from ..scheduler.feedback import Feedback, FeedbackConfig
 from ..scheduler.planner import Planner, PlannerConfig
 from ..scheduler.predictor import DeviceSpec, Geometry, Predictor, StageSpec, fit_stage
 from . import protocol as wire
+from .checks import check_fields, checked, integer, number, positive
+
+_SECONDS = checked(positive(1e6, "a number of seconds"))
 
 
 @dataclass(frozen=True)
 class ElasticConfig:
     """How the elastic policy watches and decides (EngineConfig.elastic)."""
 
-    interval_s: float = 2.0
+    interval_s: float = field(default=2.0, metadata=_SECONDS)
     """How often the controller looks at the statistics."""
-    window_s: float = 20.0
+    window_s: float = field(default=20.0, metadata=_SECONDS)
     """Arrival rate and request mix are measured over this sliding window."""
-    min_arrivals: int = 20
+    min_arrivals: int = field(default=20, metadata=checked(integer(1, 100_000)))
     """No decision from fewer arrivals in the window (a mix from a handful of requests is noise)."""
-    min_gain: float = 0.1
+    min_gain: float = field(default=0.1, metadata=checked(number(0, 10, high_open=True)))
     """A new placement must raise the bottleneck capacity by this fraction at least."""
-    dwell_s: float = 20.0
+    dwell_s: float = field(default=20.0, metadata=_SECONDS)
     """A moved worker stays in its new stage at least this long; no stage gets back, within
     this time, capacity a move took from it (no ping-pong)."""
-    payback_s: float = 60.0
+    payback_s: float = field(default=60.0, metadata=_SECONDS)
     """The extra requests a move serves over this horizon must exceed those lost while it switches."""
-    confirm_s: float = 8.0
+    confirm_s: float = field(default=8.0, metadata=_SECONDS)
     """A gain must hold for the demand averaged over up to this long before it is acted on."""
-    samples: int = 200
+    samples: int = field(default=200, metadata=checked(integer(2, 100_000)))
     """Recent compute times kept per (stage, device) for the cost model."""
 
     def __post_init__(self):
-        for name in ("interval_s", "window_s", "dwell_s", "payback_s", "confirm_s"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1e6:
-                raise ValueError(f"elastic.{name}: must be a number of seconds > 0 (got {value!r})")
-        if isinstance(self.min_gain, bool) or not isinstance(self.min_gain, (int, float)) or not 0 <= self.min_gain < 10:
-            raise ValueError(f"elastic.min_gain: must be a number in [0, 10) (got {self.min_gain!r})")
-        for name, low in (("min_arrivals", 1), ("samples", 2)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= 100_000:
-                raise ValueError(f"elastic.{name}: must be an integer in [{low}, 100000] (got {value!r})")
+        check_fields(self, "elastic.")
 
 
 def request_shape(params: wire.RequestParams, true_cfg: bool) -> Shape:

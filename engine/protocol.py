@@ -113,10 +113,6 @@ class OpenPool(msgspec.Struct, **_STRUCT):
     pool: PoolInfo
 
 
-class Shutdown(msgspec.Struct, **_STRUCT):
-    """Engine -> worker: finish the current task, then exit."""
-
-
 class CancelTask(msgspec.Struct, **_STRUCT):
     """Engine -> worker: the caller cancelled this request or its deadline passed. The worker
     stops it at the next denoising step (or skips it if it has not started) and answers with
@@ -186,7 +182,7 @@ class Progress(msgspec.Struct, **_STRUCT):
     total: int
 
 
-ToWorker = StageTask | StageBatch | OpenPool | Shutdown | Become | CancelTask
+ToWorker = StageTask | StageBatch | OpenPool | Become | CancelTask
 ToEngine = Ready | LoadFailed | StageDone | StageFailed | Progress
 
 _encoder = msgspec.msgpack.Encoder()

@@ -93,12 +93,6 @@ class Placement:
     def counts(self) -> dict[str, int]:
         return {s: len(self.instances(s)) for s in STAGES}
 
-    def with_moves(self, moves: Iterable["Move"]) -> "Placement":
-        assignment = dict(self.assignment)
-        for move in moves:
-            assignment[move.device] = move.dst
-        return Placement(assignment)
-
     def diff(self, target: "Placement") -> list["Move"]:
         """Moves that turn this placement into `target`, in device id order."""
         return [

@@ -338,14 +338,7 @@ def predictor_from_fit(doc: Mapping) -> Predictor:
     return Predictor(geometry, stages, devices, coefficients, process_start_s=doc.get("process_start_s", 2.5))
 
 
-def with_device(predictor: Predictor, spec: DeviceSpec) -> Predictor:
-    devices = dict(predictor.devices)
-    devices[spec.kind] = spec
-    return Predictor(predictor.geometry, predictor.stages, devices, predictor.coefficients, predictor.scale,
-                     predictor.process_start_s)
-
-
 __all__ = [
     "FEATURES", "Geometry", "DeviceSpec", "StageSpec", "Predictor", "features", "fit_stage", "mape",
-    "predictor_from_profiles", "predictor_from_fit", "device_spec", "passes", "size_unit", "with_device",
+    "predictor_from_profiles", "predictor_from_fit", "device_spec", "passes", "size_unit",
 ]

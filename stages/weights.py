@@ -30,7 +30,8 @@ from typing import Any
 import torch
 
 from ..engine.transport.base import byte_view, dtype_from_name
-from ..engine.transport.shm import Segment, ShmFull, unlink_segment
+from ..engine.transport.shm import Segment, ShmFull
+from ..engine.transport.shm_files import unlink_segment
 
 log = logging.getLogger("dfuse.weights")
 

@@ -33,8 +33,9 @@ import zmq
 from ..engine import protocol as wire
 from ..engine.protocol import WorkerSpec
 from ..engine.cpu_affinity import pin_this_process
+from ..engine.models.libraries import quiet_libraries
 from ..engine.transport.endpoint import Endpoint
-from ..engine.transport.shm import unlink_segments
+from ..engine.transport.shm_files import unlink_segments
 from .decoder import DecoderStage
 from .dit import DiTStage
 from .encoder import EncoderStage
@@ -54,7 +55,7 @@ def run_stage_worker(spec: WorkerSpec, death_pipe: Connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=os.environ.get("DFUSE_LOG", "WARNING"), format=f"[{spec.stage}#{spec.worker_id}] %(message)s")
     threading.Thread(target=_watch_engine, args=(spec, death_pipe), daemon=True, name="death-watch").start()
-    _quiet_libraries()
+    quiet_libraries()
     if spec.device == "cpu":
         torch.set_num_threads(spec.cpu_threads)
     else:
@@ -142,16 +143,12 @@ class _ComputeLoop:
         self.tasks = tasks
         self.cancelled = cancelled
         self.running = True
-        self.handlers = {wire.StageTask: self.on_task, wire.StageBatch: self.on_batch, wire.Shutdown: self.on_shutdown,
-                         wire.Become: self.on_become}
+        self.handlers = {wire.StageTask: self.on_task, wire.StageBatch: self.on_batch, wire.Become: self.on_become}
 
     def run(self) -> None:
         while self.running:
             received_at, message = self.tasks.get()
             self.handlers[type(message)](message, received_at)
-
-    def on_shutdown(self, message: wire.Shutdown, received_at: float) -> None:
-        self.running = False
 
     def on_become(self, message: wire.Become, received_at: float) -> None:
         """Switch stage in place. The engine sends this only once every task here is done, so
@@ -275,22 +272,6 @@ class _ComputeLoop:
         self.results.send(wire.encode(message))
 
 
-def _quiet_libraries() -> None:
-    """Loading bars and advice from N workers would bury the engine's own output."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # dfuse loads local folders only; never a hub
-    import diffusers
-    import transformers
-
-    for library in (diffusers, transformers):
-        library.utils.logging.set_verbosity_error()
-        library.utils.logging.disable_progress_bar()
-    # Pipelines build a (disabled) tqdm bar per call, and tqdm's default lock is a
-    # multiprocessing semaphore the resource tracker reports as leaked when the engine exits.
-    from tqdm import tqdm
-
-    tqdm.set_lock(threading.RLock())
-
-
 def _receive(context, spec: WorkerSpec, endpoint: Endpoint, tasks: queue.Queue, cancelled: CancelledTasks,
              connected: threading.Event) -> None:
     """Receiver thread: decode every frame against the schema (malformed frames are dropped),
@@ -326,8 +307,6 @@ def _receive(context, spec: WorkerSpec, endpoint: Endpoint, tasks: queue.Queue, 
             except Exception:  # the compute loop fetches again and reports the error with the task
                 log.warning("could not prefetch request %d:\n%s", task.request_id, traceback.format_exc())
         tasks.put((received_at, message))
-        if isinstance(message, wire.Shutdown):
-            return
 
 
 def _watch_engine(spec: WorkerSpec, death_pipe: Connection) -> None:

@@ -3,16 +3,15 @@ process directly (frames the engine would never send, a spec the engine would no
 
 import os
 import shutil
-import subprocess
 import tempfile
 import time
 
 import zmq
 
 from dfuse.engine import protocol as wire
-from dfuse.engine.launcher import spawn_worker
+from dfuse.engine.launcher import spawn_worker, stop_all
 from dfuse.engine.protocol import WorkerSpec
-from dfuse.engine.transport.shm import new_segment_prefix, unlink_segments
+from dfuse.engine.transport.shm_files import new_segment_prefix, unlink_segments
 
 MODEL = "synthetic:encoder=1ms,dit=1ms,decoder=1ms"
 WORKER_ID = 7
@@ -51,16 +50,7 @@ class FakeEngine:
         self.tasks.send(frame)
 
     def close(self) -> None:
-        if self.process.exitcode is None:
-            try:
-                self.send(wire.encode(wire.Shutdown()))
-            except zmq.ZMQError:
-                pass
-            try:
-                self.process.process.wait(10)
-            except subprocess.TimeoutExpired:
-                pass
-        self.process.kill()
+        stop_all([self.process])  # as the engine stops its workers: STOP on the death pipe
         self.tasks.close(linger=0)
         self.results.close(linger=0)
         self.context.term()

@@ -35,19 +35,8 @@ import numpy as np
 import torch
 
 from ..protocol import OutputSlot
-from .shm_files import (  # noqa: F401  (re-exported: the name-only half of this module, torch-free)
-    PREFIX,
-    SHM_DIR,
-    EngineLock,
-    _pid_alive,
-    is_engine_prefix,
-    is_segment_name,
-    list_segments,
-    new_segment_prefix,
-    sweep_stale_segments,
-    unlink_segment,
-    unlink_segments,
-)
+from .shm_files import SHM_DIR, is_segment_name, unlink_segment
+from .shm_files import list_segments, new_segment_prefix  # noqa: F401  (for bench/ until its imports move to shm_files)
 
 log = logging.getLogger("dfuse.transport")
 _PAGE = mmap.PAGESIZE

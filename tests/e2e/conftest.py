@@ -10,6 +10,16 @@ import torch
 
 THREADS = 1
 
+_HERE = Path(__file__).parent
+
+
+def pytest_collection_modifyitems(config, items):
+    # Every e2e test spawns stage processes or loads a model: `pytest -m "not slow"` is the
+    # fast (unit) suite. The hook sees the whole session's items, so mark only ours.
+    for item in items:
+        if _HERE in item.path.parents:
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def model_path() -> Path:

@@ -7,7 +7,7 @@ import pytest
 
 import dfuse.engine.router as router_module
 from dfuse import Engine
-from dfuse.engine.transport.shm import list_segments
+from dfuse.engine.transport.shm_files import list_segments
 
 from process_utils import children_of, wait_until
 

@@ -21,7 +21,7 @@ from dfuse.bench.chaos import chaos_requests
 from dfuse.engine.config import EngineConfig
 from dfuse.engine.router import EngineClosed, RequestFailed
 from dfuse.engine.stats import EngineStats
-from dfuse.engine.transport.shm import list_segments
+from dfuse.engine.transport.shm_files import list_segments
 
 from process_utils import alive, wait_until
 

@@ -11,8 +11,6 @@ import signal
 import threading
 import time
 
-import pytest
-
 from dfuse import Engine
 from dfuse.engine.config import EngineConfig
 from dfuse.engine.elastic import ElasticConfig
@@ -79,7 +77,7 @@ def test_elastic_moves_toward_the_new_bottleneck_and_not_while_steady():
         assert [(m.from_stage, m.to_stage) for m in stats.moves] == [("dit", "decoder")]
         # Move times count from the engine's start, like uptime_s: the move came after the shift.
         assert stats.uptime_s - (time.monotonic() - shift_at) < moves[0].t_s < stats.uptime_s
-        assert len(stats.switch_s) == 1 and time.monotonic() - shift_at < 120
+        assert len(stats.switch_s) == 1
 
 
 def test_static_policy_never_moves():
@@ -110,18 +108,3 @@ def test_a_worker_killed_while_switching_comes_back_in_its_new_stage():
         assert wait_until(lambda: engine.stats().workers[2].ready, 60)
         assert engine.stats().placement == {"encoder": 1, "dit": 1, "decoder": 2}
         assert engine.stats().failed == 0
-
-
-@pytest.mark.parametrize("field, value, message", [
-    ("interval_s", 0, "elastic.interval_s: must be a number of seconds > 0"),
-    ("min_gain", -1, r"elastic.min_gain: must be a number in \[0, 10\)"),
-    ("min_arrivals", 0, r"elastic.min_arrivals: must be an integer in \[1, 100000\]"),
-])
-def test_bad_elastic_settings_name_the_field(field, value, message):
-    with pytest.raises(ValueError, match=message):
-        ElasticConfig(**{field: value})
-
-
-def test_unknown_policy_is_refused_naming_the_choices():
-    with pytest.raises(ValueError, match="^policy: must be one of static, elastic"):
-        Engine(model=MODEL, policy="greedy")

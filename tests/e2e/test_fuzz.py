@@ -14,7 +14,8 @@ import zmq
 from dfuse import Engine
 from dfuse.engine import protocol as wire
 from dfuse.engine.transport.base import byte_view
-from dfuse.engine.transport.shm import SlotPool, list_segments
+from dfuse.engine.transport.shm import SlotPool
+from dfuse.engine.transport.shm_files import list_segments
 
 from fake_engine import MODEL, WORKER_ID, FakeEngine
 from process_utils import alive
@@ -82,7 +83,7 @@ def _mangled_frames(rng: random.Random, prefix: str) -> list[bytes]:
     pool = wire.encode(wire.OpenPool(wire.PoolInfo(
         "p", "GPU-0", SLOT_BYTES, 1, wire.CudaIpcHandle(0, b"h" * 64, SLOT_BYTES, 0, b"r", 0, b"e", True), [b"x"],
     )))
-    for valid in (task, pool, wire.encode(wire.Shutdown())):
+    for valid in (task, pool):
         frames += [valid[:n] for n in range(len(valid))]
         for _ in range(100):
             mutated = bytearray(valid)
@@ -112,10 +113,10 @@ def test_worker_drops_random_and_mangled_frames_and_still_serves(decoder_worker)
     sent, tasks = 0, 0
     for frame in _mangled_frames(rng, fake.prefix):
         message = _still_a_message(frame)
-        # A mutation that still decodes is a valid message: Shutdown would stop the worker by
-        # design and OpenPool is covered below; tasks run (the engine validated params before,
-        # so keep only small, harmless ones) and each must be answered.
-        if isinstance(message, (wire.Shutdown, wire.OpenPool)):
+        # A mutation that still decodes is a valid message: OpenPool is covered below; tasks run
+        # (the engine validated params before, so keep only small, harmless ones) and each must
+        # be answered.
+        if isinstance(message, wire.OpenPool):
             continue
         if isinstance(message, wire.StageTask):
             p = message.params

@@ -18,7 +18,6 @@ import pytest
 
 from process_utils import alive, children_of, cmdline, wait_until
 
-pytestmark = pytest.mark.slow
 
 
 def _files(prefix: str) -> list[str]:

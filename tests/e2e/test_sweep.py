@@ -8,10 +8,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
-pytestmark = pytest.mark.slow
-
 MODEL = "synthetic:encoder=5ms,dit=20ms,decoder=10ms,mode=sleep"
 SEED = 3  # the arrival trace
 

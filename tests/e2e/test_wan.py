@@ -16,8 +16,6 @@ import torch
 
 from process_utils import cpu_latency_request_allowed
 
-pytestmark = pytest.mark.slow
-
 THREADS = 1
 STEPS = 2
 

@@ -26,10 +26,8 @@ def _request(i, key=("k",), peak=0, priority=0, solo=False, stage="dit") -> Requ
 
 
 # --- config ---------------------------------------------------------------------------------
-def test_defaults_are_off_with_sensible_limits():
+def test_by_default_no_stage_batches():
     config = BatchConfig()
-    assert config.enabled is False and config.max_wait_ms == 0
-    assert dict(config.max_batch) == {"encoder": 8, "dit": 4, "decoder": 4}
     assert [config.batch_limit(s) for s in ("encoder", "dit", "decoder")] == [1, 1, 1]
     assert EngineConfig().batching == config
 

@@ -17,11 +17,6 @@ from dfuse.cli import main
 SYNTHETIC = "synthetic:encoder=5ms,dit=20ms,decoder=10ms,mode=sleep"
 
 
-def _option(command: str, name: str) -> click.Option:
-    (option,) = [p for p in bench.commands[command].params if p.name == name]
-    return option
-
-
 def test_every_bench_command_has_an_out_option_and_help_on_every_option():
     assert set(bench.commands) >= {"throughput", "handoff", "pipeline", "simulate", "chaos", "sweep", "batching"}
     for name, command in bench.commands.items():
@@ -29,18 +24,6 @@ def test_every_bench_command_has_an_out_option_and_help_on_every_option():
         for param in command.params:
             if isinstance(param, click.Option):
                 assert param.help, f"dfuse bench {name} {param.opts[0]} has no help"
-
-
-@pytest.mark.parametrize("command,default", [
-    ("throughput", "./dfuse-bench/throughput.json"),
-    ("handoff", "./dfuse-bench/handoff.json"),
-    ("pipeline", "./dfuse-bench/pipeline.json"),
-    ("chaos", "./dfuse-bench/chaos.json"),
-    ("batching", "./dfuse-bench/batching.json"),
-])
-def test_default_out_is_under_dfuse_bench_in_the_working_directory(command, default):
-    assert _option(command, "out").default == default
-    assert "bench/results" not in str(_option(command, "out").default)
 
 
 def test_simulate_writes_under_dfuse_bench_by_default(monkeypatch, tmp_path):
@@ -62,13 +45,6 @@ def _stub_sweep(monkeypatch) -> list[Path]:
     monkeypatch.setattr(sweep_report, "write_outputs", lambda d, out, plots: written.append(out) or [])
     monkeypatch.setattr(sweep_report, "format_markdown", lambda d: "summary")
     return written
-
-
-def test_sweep_writes_under_dfuse_bench_by_default(monkeypatch):
-    written = _stub_sweep(monkeypatch)
-    result = CliRunner().invoke(main, ["bench", "sweep", "--model", SYNTHETIC, "--rates", "2", "--no-plots"])
-    assert result.exit_code == 0, result.output
-    assert written == [Path("dfuse-bench/sweep-synthetic-poisson")]
 
 
 def test_simulate_plot_without_matplotlib_is_refused_before_simulating(monkeypatch):

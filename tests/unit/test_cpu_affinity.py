@@ -8,7 +8,7 @@ import pytest
 from dfuse.engine import cpu_affinity, placement
 from dfuse.engine.config import EngineConfig
 from dfuse.engine.placement import build_workers, pin_cpu_workers
-from dfuse.engine.transport.shm import list_segments, new_segment_prefix, unlink_segments
+from dfuse.engine.transport.shm_files import list_segments, new_segment_prefix, unlink_segments
 
 
 

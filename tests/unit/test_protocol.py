@@ -29,7 +29,6 @@ TO_WORKER = [
     wire.StageTask(8, wire.RequestParams("a fox", "blurry", 2, 3.5, 64, 64, 1, true_cfg_scale=4.0), [], _slot),
     wire.StageBatch([wire.StageTask(0, _params, [_ref], _slot), wire.StageTask(1, _params, [], _slot, report_progress=True)]),
     wire.OpenPool(_pool),
-    wire.Shutdown(),
     wire.Become("decoder"),
     wire.CancelTask(12),
 ]

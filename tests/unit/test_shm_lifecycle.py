@@ -21,13 +21,11 @@ import time
 
 import pytest
 
-from dfuse.engine.transport import shm, shm_files
+from dfuse.engine.transport import shm_files
 from dfuse.engine.transport.janitor import Janitor
-from dfuse.engine.transport.shm import (
+from dfuse.engine.transport.shm import Segment, ShmFull, SlotPool
+from dfuse.engine.transport.shm_files import (
     EngineLock,
-    Segment,
-    ShmFull,
-    SlotPool,
     list_segments,
     new_segment_prefix,
     sweep_stale_segments,
@@ -35,7 +33,7 @@ from dfuse.engine.transport.shm import (
 )
 from process_utils import alive, wait_until
 
-pytestmark = pytest.mark.skipif(not os.path.isdir(shm.SHM_DIR), reason="needs /dev/shm")
+pytestmark = pytest.mark.skipif(not os.path.isdir(shm_files.SHM_DIR), reason="needs /dev/shm")
 
 HOLD_LOCK = """
 import sys
@@ -48,19 +46,19 @@ sys.stdin.read()  # hold it until the test closes our stdin (or kills us)
 
 def _files(prefix):
     """Everything in /dev/shm named with `prefix`, the lock file included."""
-    return sorted(n for n in os.listdir(shm.SHM_DIR) if n.startswith(prefix))
+    return sorted(n for n in os.listdir(shm_files.SHM_DIR) if n.startswith(prefix))
 
 
 def _dead_pid() -> int:
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait(timeout=30)
-    if shm._pid_alive(child.pid):  # pragma: no cover - reused at once
+    if shm_files._pid_alive(child.pid):  # pragma: no cover - reused at once
         pytest.skip(f"pid {child.pid} was reused")
     return child.pid
 
 
 def _prefix(pid: int) -> str:
-    return f"{shm.PREFIX}{pid}_{secrets.token_hex(4)}_"
+    return f"{shm_files.PREFIX}{pid}_{secrets.token_hex(4)}_"
 
 
 class _LockHolder:
@@ -126,7 +124,7 @@ def test_an_unheld_lock_means_dead_even_when_the_pid_number_lives_here(prefixes)
     # A dead engine from another PID namespace whose pid number is a live process here (us).
     prefix = _prefix(os.getpid())
     prefixes.append(prefix)
-    fd = os.open(os.path.join(shm.SHM_DIR, prefix + "lock"), os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    fd = os.open(os.path.join(shm_files.SHM_DIR, prefix + "lock"), os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
     os.close(fd)  # nobody holds it
     Segment(prefix + "w0", 4096, create=True)
     assert set(sweep_stale_segments()) >= {prefix + "w0", prefix + "lock"}
@@ -138,14 +136,14 @@ def test_the_lock_file_is_private_never_inherited_and_not_a_segment(prefixes):
     prefixes.append(prefix)
     lock = EngineLock.acquire(prefix)
     try:
-        info = os.stat(os.path.join(shm.SHM_DIR, prefix + "lock"))
+        info = os.stat(os.path.join(shm_files.SHM_DIR, prefix + "lock"))
         assert oct(info.st_mode & 0o777) == oct(0o600) and info.st_uid == os.getuid()
         assert not os.get_inheritable(lock._fd)
         # A child (spawned with pass_fds=() or not) cannot hold it: a second open file fails to lock.
         held = subprocess.run([sys.executable, "-c", (
             "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDONLY)\n"
             "try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
-            "except BlockingIOError: sys.exit(3)"), os.path.join(shm.SHM_DIR, prefix + "lock")], close_fds=False)
+            "except BlockingIOError: sys.exit(3)"), os.path.join(shm_files.SHM_DIR, prefix + "lock")], close_fds=False)
         assert held.returncode == 3
         Segment(prefix + "w0", 4096, create=True)
         assert list_segments(prefix) == [prefix + "w0"]  # segments only
@@ -204,7 +202,7 @@ def test_the_sweep_removes_a_dead_engines_run_dir_and_nothing_else(prefixes):
             Segment(dead + "w0", 4096, create=True)
             with open(os.path.join(dead_dir, "results"), "w"):
                 pass
-            described = json.loads(open(os.path.join(shm.SHM_DIR, dead + "lock")).read())
+            described = json.loads(open(os.path.join(shm_files.SHM_DIR, dead + "lock")).read())
             assert described["run_dir"] == dead_dir
             engine.die()
             sweep_stale_segments()
@@ -227,7 +225,7 @@ def test_the_sweep_only_removes_the_very_run_dir_a_dead_engine_made(where, prefi
     try:
         info = os.stat(directory)
         ino = info.st_ino + (1 if where == "other inode" else 0)  # e.g. a namesake in another mount namespace
-        with open(os.path.join(shm.SHM_DIR, prefix + "lock"), "x") as f:
+        with open(os.path.join(shm_files.SHM_DIR, prefix + "lock"), "x") as f:
             json.dump({"run_dir": directory, "dev": info.st_dev, "ino": ino}, f)
         sweep_stale_segments()
         assert _files(prefix) == [] and os.path.isdir(directory)
@@ -353,7 +351,7 @@ def test_the_janitor_cleans_up_after_the_workers_the_engine_did_not_reap(engine_
     prefix, run_dir = engine_files
     unreaped, reaped, reused = _dead_pid(), _dead_pid(), _dead_pid()
     started = time.time() - 60
-    planted = {pid: [os.path.join(shm.SHM_DIR, f"cuda.shm.0.{pid:x}.1"), os.path.join(shm.SHM_DIR, f"torch_{pid}_7_0")]
+    planted = {pid: [os.path.join(shm_files.SHM_DIR, f"cuda.shm.0.{pid:x}.1"), os.path.join(shm_files.SHM_DIR, f"torch_{pid}_7_0")]
                for pid in (unreaped, reaped, reused)}
     every = [path for paths in planted.values() for path in paths]
     try:

@@ -12,21 +12,15 @@ import pytest
 import torch
 
 from dfuse.engine.protocol import OutputSlot, TensorRef
-from dfuse.engine.transport import shm
+from dfuse.engine.transport import shm_files
 from dfuse.engine.transport.base import ALIGN, SlotOverflowError, SlotWriter, byte_view
 from dfuse.engine.transport.endpoint import Endpoint
-from dfuse.engine.transport.shm import (
-    Segment,
-    SlotPool,
-    list_segments,
-    new_segment_prefix,
-    sweep_stale_segments,
-    unlink_segments,
-)
+from dfuse.engine.transport.shm import Segment, SlotPool
+from dfuse.engine.transport.shm_files import list_segments, new_segment_prefix, sweep_stale_segments, unlink_segments
 
-pytestmark = pytest.mark.skipif(not os.path.isdir(shm.SHM_DIR), reason="needs /dev/shm")
+pytestmark = pytest.mark.skipif(not os.path.isdir(shm_files.SHM_DIR), reason="needs /dev/shm")
 
-OURS = f"{shm.PREFIX}{os.getpid()}_"  # every segment named after this process
+OURS = f"{shm_files.PREFIX}{os.getpid()}_"  # every segment named after this process
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -198,7 +192,7 @@ def test_a_release_by_another_request_is_refused(prefix):
 
 def test_segment_files_are_private_to_the_user(prefix):
     pool = _pool(prefix)
-    mode = stat.S_IMODE(os.stat(os.path.join(shm.SHM_DIR, pool.segment.name)).st_mode)
+    mode = stat.S_IMODE(os.stat(os.path.join(shm_files.SHM_DIR, pool.segment.name)).st_mode)
     assert mode == 0o600
 
 
@@ -216,19 +210,19 @@ def _dead_pid() -> int:
 
 def test_sweep_removes_segments_of_dead_engines_only(prefix):
     pid = _dead_pid()
-    if shm._pid_alive(pid):  # pragma: no cover - the pid was reused at once
+    if shm_files._pid_alive(pid):  # pragma: no cover - the pid was reused at once
         pytest.skip(f"pid {pid} was reused")
-    dead = f"{shm.PREFIX}{pid}_{os.urandom(4).hex()}_w0"
+    dead = f"{shm_files.PREFIX}{pid}_{os.urandom(4).hex()}_w0"
     live = prefix + "w0"  # named after this (live) process
     try:
         Segment(dead, 4096, create=True)
         Segment(live, 4096, create=True)
         swept = sweep_stale_segments()
-        assert not os.path.exists(os.path.join(shm.SHM_DIR, dead))
-        assert os.path.exists(os.path.join(shm.SHM_DIR, live))
+        assert not os.path.exists(os.path.join(shm_files.SHM_DIR, dead))
+        assert os.path.exists(os.path.join(shm_files.SHM_DIR, live))
         assert live not in swept
     finally:
-        shm.unlink_segment(dead)
+        shm_files.unlink_segment(dead)
 
 
 def test_unlink_segments_removes_only_matching_names(prefix):

@@ -17,6 +17,11 @@ RENDER = Shape(1024, 1024, steps=50, cfg=True)  # DiT heavy
 DEVICES = cluster(big=8)
 
 
+def _apply(placement: Placement, moves) -> Placement:
+    """The placement once `moves` are done (what the simulator and the engine do with them)."""
+    return Placement({**placement.assignment, **{m.device: m.dst for m in moves}})
+
+
 def stats(now, mix, rate=50.0, arrivals=500, queues=None, util=None):
     return Stats(now, rate, tuple(sorted(mix.items())), arrivals, queues or {}, util or {}, {})
 
@@ -41,7 +46,7 @@ def test_moves_to_the_better_placement_when_the_mix_shifts_under_load():
     t, moves = first_move(controller, draft_placement, {RENDER: 1.0})
     assert moves, "a DiT-heavy mix on a draft placement must move devices to the DiT"
     assert t <= 60.0  # a large gain is confirmed within a few steps
-    after = draft_placement.with_moves(moves)
+    after = _apply(draft_placement, moves)
     assert after.counts()["dit"] > draft_placement.counts()["dit"]
     assert controller.decisions[-1].reason == "move"
 
@@ -85,7 +90,7 @@ def test_a_move_is_not_reversed_within_the_dwell_time():
     controller = Controller(DEVICES, make_predictor(), config=config)
     placement = best({DRAFT: 1.0})
     moved_at, moves = first_move(controller, placement, {RENDER: 1.0})
-    placement = placement.with_moves(moves)
+    placement = _apply(placement, moves)
     # From t = 150 s on, the mix is back to drafts for good: the move back waits out the dwell.
     back_at = None
     for step in range(10, 80):
@@ -121,7 +126,7 @@ def test_a_mix_at_the_decision_boundary_seen_through_the_feedback_window_does_no
             assert now - last_move.get(m.device, -1e9) >= config.dwell_s
             last_move[m.device] = now
         moves_total += len(moves)
-        placement = placement.with_moves(moves)
+        placement = _apply(placement, moves)
     print(f"draft share seen: {min(shares[8:]):.3f}..{max(shares[8:]):.3f}; moves in 2 h: {moves_total}")
     assert max(shares[8:]) - min(shares[8:]) > 0.05  # the estimate does cross the boundary...
     assert moves_total <= 2  # ...and the controller does not follow it back and forth
