@@ -218,7 +218,7 @@ def _with_flag(message: str) -> str:
 
 
 class _StepBar:
-    """A progress bar over the DiT's denoising steps, fed from the engine's router thread."""
+    """A progress bar over the DiT's denoising steps, fed from the engine's core thread."""
 
     def __init__(self, total: int):
         from tqdm import tqdm
@@ -239,7 +239,7 @@ class _StepBar:
 
 def _wait_interruptibly(future):
     """future.result(), but Ctrl-C always gets through: a SIGINT the kernel hands to another
-    thread (the router, a progress callback) would leave an untimed wait blocked forever, since
+    thread (the engine core, a progress callback) would leave an untimed wait blocked forever, since
     Python only acts on signals in the main thread when it runs bytecode."""
     from concurrent.futures import TimeoutError as FutureTimeout
 

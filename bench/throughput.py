@@ -97,7 +97,7 @@ def run_throughput(
     threads_before = torch.get_num_threads()
 
     # Start both sides first (the engine's workers idle on a blocking receive while the
-    # monolithic pipeline runs in this process, and this process's router thread idles likewise).
+    # monolithic pipeline runs in this process, and this process's core thread idles likewise).
     started = time.perf_counter()
     engine = Engine(model=model, device="cpu", instances={s: 1 for s in STAGES}, cpu_threads=threads)
     engine_start_s = time.perf_counter() - started

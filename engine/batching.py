@@ -2,7 +2,7 @@
 
 A request gets, at submit, one profile per stage: a compatibility key (requests with equal keys
 can share one diffusers call) and its estimated activation bytes. When a worker frees up, the
-router takes the head of the stage's queue (priority, deadline, arrival: the head is never
+engine core takes the head of the stage's queue (priority, deadline, arrival: the head is never
 skipped, so batching cannot starve it) and adds the next requests in queue order whose key
 equals the head's, up to the stage's batch limit and the memory cap:
 
@@ -23,7 +23,7 @@ from .models.base import FamilySpec, ModelInfo
 
 @dataclass(frozen=True)
 class StageProfile:
-    """What the router needs to batch one request in one stage."""
+    """What the engine core needs to batch one request in one stage."""
 
     key: Hashable | None  # None: never batched with another request
     peak_bytes: int  # estimated activation memory of this request alone (0: unknown)

@@ -1,8 +1,8 @@
-"""Where request futures are resolved and user callbacks run: one thread beside the router.
+"""Where request futures are resolved and user callbacks run: one thread beside the engine core.
 
 A Future's done-callbacks run in the thread that resolves it, and `on_progress` runs wherever it
-is called. On the router thread a slow callback (saving an image, building PIL frames of a video)
-would stall every dispatch, and one that waits on the engine would freeze it. So the router hands
+is called. On the core thread a slow callback (saving an image, building PIL frames of a video)
+would stall every dispatch, and one that waits on the engine would freeze it. So the engine core hands
 outcomes to this thread, in order, and never waits for them.
 """
 

@@ -11,7 +11,7 @@ use, each worker gets a block of cores no other worker shares, as vLLM's and SGL
 backends bind each rank's threads. When they do not fit, pinning would stack workers on shared
 cores and forbid the OS from evening out their load: placement is left to the OS. GPU workers
 are never pinned (their host threads mostly wait on the device). The engine process stays
-unpinned and no core is held back for it: its router thread is light and runs wherever the OS
+unpinned and no core is held back for it: its core thread is light and runs wherever the OS
 puts it, beside the workers' threads.
 
 With SMT, a worker gets whole physical cores (all their hardware threads) when every worker

@@ -1,12 +1,12 @@
 """The elastic policy inside the engine: live statistics in, worker moves out.
 
-The router thread owns one `Elastic` and tells it what happens (arrivals, finished requests,
+The core thread owns one `Elastic` and tells it what happens (arrivals, finished requests,
 every stage task's compute time, queue gauges); every `interval_s` it asks for moves. The
 decision itself is scheduler/controller.py, unchanged from the simulator:
 
-    router events -> Feedback (rate, mix, queues, busy workers)          -> Stats
+    core events -> Feedback (rate, mix, queues, busy workers)          -> Stats
     StageDone     -> per (stage, device) samples -> fit_stage            -> Predictor
-    Controller.step(now, placement, stats) -> moves -> Router._start_move
+    Controller.step(now, placement, stats) -> moves -> EngineCore._start_move
 
 Each worker is one scheduler "device" that hosts exactly one stage; a worker may only take a
 stage configured on its own device (moves never cross devices). The cost model is refitted on
@@ -70,7 +70,7 @@ def request_shape(params: wire.RequestParams, true_cfg: bool) -> Shape:
 
 @dataclass
 class Elastic:
-    """Owned by the router thread; no locks."""
+    """Owned by the core thread; no locks."""
 
     config: ElasticConfig
     devices: dict[int, str]  # worker id -> its device
@@ -99,7 +99,7 @@ class Elastic:
             ),
         )
 
-    # --- what the router reports ---------------------------------------------------------------
+    # --- what the engine core reports ---------------------------------------------------------------
     def arrival(self, now: float, params: wire.RequestParams) -> None:
         self.feedback.arrival(now, request_shape(params, self.true_cfg))
 

@@ -1,4 +1,4 @@
-"""Engine: the user-facing front. Validates requests, hands them to the router, returns images."""
+"""Engine: the user-facing front. Validates requests, hands them to the engine core, returns images."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from .completions import resolve
 from .config import DEFAULT_MODEL, EngineConfig
 from .input_processor import InputProcessor
 from .models import describe_model, detect_family, resolve_model_path
-from .router import Router
+from .core import EngineCore
 from .stats import EngineStats
 from .state import EngineClosed, ProgressCallback, Request, RequestFailed, RequestTimeout, StageTiming
 
@@ -75,7 +75,7 @@ class Engine:
             )
         self.config = config
         self._init_model()
-        self._init_router()
+        self._init_core()
 
     def _init_model(self) -> None:
         self.model_path = resolve_model_path(self.config.model)
@@ -84,16 +84,16 @@ class Engine:
         self._ids = itertools.count()
         self._ids_lock = threading.Lock()
 
-    def _init_router(self) -> None:
-        self._router = Router(self.config, self.model_path, true_cfg=self.model_info.true_cfg)
+    def _init_core(self) -> None:
+        self._core = EngineCore(self.config, self.model_path, true_cfg=self.model_info.true_cfg)
         # Closes the workers even if the user never calls close() (runs at interpreter exit too).
-        self._finalizer = weakref.finalize(self, self._router.close)
-        self._router.start()
-        if not self._router.ready.wait(self.config.startup_timeout_s):
+        self._finalizer = weakref.finalize(self, self._core.close)
+        self._core.start()
+        if not self._core.ready.wait(self.config.startup_timeout_s):
             self.close()
             raise RuntimeError(f"stage workers were not ready within {self.config.startup_timeout_s:g} s")
-        if self._router.startup_error:
-            error = self._router.startup_error
+        if self._core.startup_error:
+            error = self._core.startup_error
             self.close()
             raise RuntimeError(error)
         # Measured now that the workers hold their weights (see engine/admission.py).
@@ -101,7 +101,7 @@ class Engine:
         self._inputs.budgets = budgets
         # A batch's summed activation estimate must fit its device's budget (or the set cap).
         cap_gib = self.config.batching.max_batch_gib
-        self._router.batch_caps = {
+        self._core.batch_caps = {
             s: budget if cap_gib is None else min(budget, int(cap_gib * 2**30)) for s, budget in budgets.items()
         }
 
@@ -144,7 +144,7 @@ class Engine:
             )
         outer = _gather(requests)
         for request in requests:
-            self._router.submit(request)
+            self._core.submit(request)
         return outer
 
     def generate(self, prompt: str | list[str], *, timeout: float | None = None,
@@ -154,7 +154,7 @@ class Engine:
 
         `timeout` (seconds) raises RequestTimeout (a TimeoutError) and drops the remaining work.
         """
-        if threading.current_thread() is self._router.completions.thread:
+        if threading.current_thread() is self._core.completions.thread:
             # Results are delivered on that thread: waiting there for one would wait forever.
             raise RuntimeError("generate() cannot be called from a done-callback or on_progress (they run on "
                                "the engine's completion thread, which delivers results); use submit() there")
@@ -173,11 +173,11 @@ class Engine:
         ValueError if the move would leave a stage without workers."""
         if not self._finalizer.alive:
             raise EngineClosed("the engine is closed")
-        self._router.move(worker_id, stage)
+        self._core.move(worker_id, stage)
 
     def stats(self) -> EngineStats:
         """Placement, queue depths, per-worker state: a typed snapshot (`.to_dict()` for JSON)."""
-        return self._router.stats(model=str(self.model_path), family=self.model_info.family)
+        return self._core.stats(model=str(self.model_path), family=self.model_info.family)
 
     # --- lifetime ----------------------------------------------------------------------------
     def close(self) -> None:

@@ -50,7 +50,7 @@ class InputProcessor:
         return params
 
     def requests(self, ids, prompt, *, on_progress=None, priority=0, timeout=None, **fields) -> list[Request]:
-        """Requests ready for the router, each with a new id from `ids` and its own future."""
+        """Requests ready for the engine core, each with a new id from `ids` and its own future."""
         params = self.params(prompt, **fields)
         priority, timeout = check_priority(priority), check_timeout(timeout)
         if on_progress is not None and not callable(on_progress):

@@ -1,9 +1,9 @@
-"""What the router does when a worker process dies: replace it, and put its requests back.
+"""What the engine core does when a worker process dies: replace it, and put its requests back.
 
-A mixin of `Router` (engine/router.py), kept apart because it is the one part of the loop that
+A mixin of `EngineCore` (engine/core.py), kept apart because it is the one part of the loop that
 reasons about failure: who gets charged an attempt, what a dead GPU producer takes with it.
-It uses the router's state (`workers`, `_queues`, `config`, `ready`) and its request exits
-(`_enqueue`, `_fail`, `_release_inputs`, `_spawn`, `_fatal`), all on the router thread.
+It uses the core's state (`workers`, `_queues`, `config`, `ready`) and its request exits
+(`_enqueue`, `_fail`, `_release_inputs`, `_spawn`, `_fatal`), all on the core thread.
 
 A dead worker's in-flight requests go back to the front of their stage's queue: their inputs
 are still in the upstream slot. Host pools belong to the engine and outlive any worker; a GPU

@@ -1,6 +1,6 @@
 """Engine-side state of requests and workers, and the errors a request can end with.
 
-Owned and mutated by the router thread only (engine/router.py): no locks, no logic beyond
+Owned and mutated by the core thread only (engine/core.py): no locks, no logic beyond
 small properties.
 """
 

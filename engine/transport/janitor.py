@@ -57,7 +57,7 @@ class Janitor:
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,  # stderr inherited: it only reports errors
             close_fds=True, start_new_session=True,
         )
-        os.set_blocking(process.stdin.fileno(), False)  # _tell must never stall the router
+        os.set_blocking(process.stdin.fileno(), False)  # _tell must never stall the engine core
         return cls(process)
 
     @property
@@ -76,7 +76,7 @@ class Janitor:
     def _tell(self, line: str) -> None:
         # One short write on the raw fd: a line under PIPE_BUF goes in whole or not at all. If
         # the pipe is full (a stopped janitor), the line is dropped: the cost is a leftover file
-        # after an engine crash, never a stalled router.
+        # after an engine crash, never a stalled core.
         with self._tell_lock:
             stdin = self.process.stdin
             if stdin is None or stdin.closed:

@@ -40,7 +40,7 @@ log = logging.getLogger("dfuse.transport")
 SHM_DIR = "/dev/shm"
 PREFIX = "dfuse_"
 LOCK_NAME = "lock"  # the lock file is `<prefix>lock`
-RUN_DIR_PREFIX = "dfuse-"  # engine/router.py: tempfile.mkdtemp(prefix="dfuse-")
+RUN_DIR_PREFIX = "dfuse-"  # engine/core.py: tempfile.mkdtemp(prefix="dfuse-")
 
 _ENGINE_PREFIX_RE = re.compile(rf"({PREFIX}(\d+)_[0-9A-Za-z]+_)")  # what new_segment_prefix() makes
 _PID_RE = re.compile(rf"^{PREFIX}(\d+)_")

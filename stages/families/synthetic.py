@@ -2,7 +2,7 @@
 
 Selected like a model: `synthetic:encoder=20ms,dit=100ms,decoder=60ms[,mode=sleep|burn]`.
 Each stage takes its configured time per request and produces tensors of realistic shapes, so
-the real workers, transport, router and scheduler run; only the model math is replaced.
+the real workers, transport, engine core and scheduler run; only the model math is replaced.
 
     mode=sleep  the stage waits, like a stage process whose GPU computes (measures the engine's
                 own overhead without two CPU cores' contention deciding the result)

@@ -5,7 +5,7 @@ import threading
 
 import pytest
 
-import dfuse.engine.router as router_module
+import dfuse.engine.core as core_module
 from dfuse import Engine
 from dfuse.engine.transport.shm_files import list_segments
 
@@ -49,7 +49,7 @@ def test_generate_inside_a_callback_is_refused_and_submit_works():
 def test_a_failed_spawn_fails_start_up_and_leaves_nothing(monkeypatch):
     """A spawn that raises (e.g. out of file descriptors) must
     not hang the engine's shutdown on the socket it had bound for that worker."""
-    real_spawn, started = router_module.spawn_worker, []
+    real_spawn, started = core_module.spawn_worker, []
 
     def spawn_or_fail(spec, *args):
         started.append(spec)
@@ -57,7 +57,7 @@ def test_a_failed_spawn_fails_start_up_and_leaves_nothing(monkeypatch):
             raise OSError(24, "Too many open files")
         return real_spawn(spec, *args)
 
-    monkeypatch.setattr(router_module, "spawn_worker", spawn_or_fail)
+    monkeypatch.setattr(core_module, "spawn_worker", spawn_or_fail)
     # Other tests' engines (a session fixture) may run in this process: compare with before.
     threads_before, children_before = set(threading.enumerate()), set(children_of(os.getpid()))
     with pytest.raises(RuntimeError, match="Too many open files"):

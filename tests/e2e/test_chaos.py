@@ -19,7 +19,7 @@ import pytest
 from dfuse import Engine
 from dfuse.bench.chaos import chaos_requests
 from dfuse.engine.config import EngineConfig
-from dfuse.engine.router import EngineClosed, RequestFailed
+from dfuse.engine.state import EngineClosed, RequestFailed
 from dfuse.engine.stats import EngineStats
 from dfuse.engine.transport.shm_files import list_segments
 
@@ -49,8 +49,8 @@ if __name__ == "__main__":
     engine = Engine(config=config)
     run = drive(engine, chaos_requests(requests), kill_every, random.Random(seed), stall_s=20)
     report = {"stalled": run.stalled, "errors": run.errors, "kills": [dataclasses.asdict(k) for k in run.kills],
-              "pids": sorted(run.worker_pids), "prefix": engine._router.segment_prefix,
-              "run_dir": engine._router.run_dir}
+              "pids": sorted(run.worker_pids), "prefix": engine._core.segment_prefix,
+              "run_dir": engine._core.run_dir}
     if run.stalled:  # a hung router cannot be closed; exiting makes the workers clean up
         print(json.dumps(report), flush=True)
         os._exit(3)

@@ -7,7 +7,7 @@ import os
 import signal
 
 from dfuse import Engine
-from dfuse.engine import placement
+from dfuse.engine import worker_layout as placement
 
 from fake_engine import FakeEngine
 from process_utils import alive, thread_cpus, wait_until

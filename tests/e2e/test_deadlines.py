@@ -6,7 +6,7 @@ import threading
 import pytest
 
 from dfuse import Engine
-from dfuse.engine.router import RequestTimeout
+from dfuse.engine.state import RequestTimeout
 
 from process_utils import wait_until
 

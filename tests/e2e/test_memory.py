@@ -8,7 +8,7 @@ import torch
 
 from dfuse import Engine
 from dfuse.engine.config import EngineConfig
-from dfuse.engine.router import RequestFailed
+from dfuse.engine.state import RequestFailed
 
 PARAMS = dict(num_inference_steps=2, guidance_scale=4.5, height=512, width=512)
 

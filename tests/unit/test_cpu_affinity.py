@@ -5,9 +5,10 @@ import os
 
 import pytest
 
-from dfuse.engine import cpu_affinity, placement
+from dfuse.engine import cpu_affinity
+from dfuse.engine import worker_layout as placement
 from dfuse.engine.config import EngineConfig
-from dfuse.engine.placement import build_workers, pin_cpu_workers
+from dfuse.engine.worker_layout import build_workers, pin_cpu_workers
 from dfuse.engine.transport.shm_files import list_segments, new_segment_prefix, unlink_segments
 
 

@@ -1,5 +1,5 @@
 """Where workers live: the link of each stage pair, each worker's output pool, and the rules a
-move between stages must keep. Decided in the engine process, before and while the router runs."""
+move between stages must keep. Decided in the engine process, before and while the engine core runs."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The engine's event loop: per-stage queues, dispatch, slot credits, crash recovery.
 
-One thread (the router) owns every zmq socket and all routing state, so nothing here needs a
+One thread (the engine core) owns every zmq socket and all routing state, so nothing here needs a
 lock; other threads only append to the inbox and ring the wake socket. Each request walks the
 stages in order; between two hops its tensors stay in the producer's slot, and the slot is
 released when the consumer reports done (or the request is dropped):
@@ -39,12 +39,11 @@ from .batching import select_batch, should_wait
 from .completions import Completions, resolve
 from .elastic import Elastic
 from .host_resources import HostResources
-from .placement import build_workers, check_move, choose_links, pin_cpu_workers
+from .worker_layout import build_workers, check_move, choose_links, pin_cpu_workers
 from .queues import StageQueue
 from .recovery import WorkerRecovery
-from .router_stats import RouterStats
-from .stats import EngineStats
-from .state import (  # noqa: F401  (re-exported: the errors are part of the API)
+from .stats import EngineStats, StatsRecorder
+from .state import (
     EngineClosed,
     Request,
     RequestFailed,
@@ -60,7 +59,7 @@ log = logging.getLogger("dfuse.engine")
 HEALTH_INTERVAL_S = 0.1  # how often worker liveness is checked: a crash is seen within ~0.1 s
 
 
-class Router(WorkerRecovery):
+class EngineCore(WorkerRecovery):
     def __init__(self, config: EngineConfig, model_path: Path, true_cfg: bool = False):
         self.config = config
         self.model_path = model_path
@@ -71,7 +70,7 @@ class Router(WorkerRecovery):
         self._shut_down = False  # set under _wake_lock once the sockets are gone
         self._inbox: collections.deque = collections.deque()
         self._queues = {stage: StageQueue() for stage in STAGES}
-        self._stats = RouterStats()
+        self._stats = StatsRecorder()
         self._batch_wake: float | None = None  # a partial batch waits for companions until then
         self.batch_caps: dict[str, int] = {}  # activation bytes per batch and stage: set by the engine
         # run dir, segment prefix and its lock, janitor, and the CPU latency request
@@ -80,7 +79,7 @@ class Router(WorkerRecovery):
         self._context = zmq.Context()
         self.completions = Completions()  # futures and user callbacks run there, never here
         # The final pixels leave the decoder's slot here: a video's copy (tens of MiB) on the
-        # router thread would stall every dispatch meanwhile.
+        # core thread would stall every dispatch meanwhile.
         self._copy_out = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dfuse-copy-out")
         try:
             self._init_sockets()
@@ -94,7 +93,7 @@ class Router(WorkerRecovery):
             self._copy_out.shutdown()
             self.completions.close()
             raise
-        self._thread = threading.Thread(target=self._loop, name="dfuse-router", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name="dfuse-core", daemon=True)
 
     # --- setup -----------------------------------------------------------------------------
     def _init_sockets(self) -> None:
@@ -195,8 +194,8 @@ class Router(WorkerRecovery):
                     next_health = time.monotonic() + HEALTH_INTERVAL_S
                 self._dispatch()
         except Exception as e:
-            log.exception("router crashed")
-            self._fatal(f"engine router crashed: {type(e).__name__}: {e}")
+            log.exception("engine core crashed")
+            self._fatal(f"engine core crashed: {type(e).__name__}: {e}")
         finally:
             self._shutdown()
 
@@ -472,7 +471,7 @@ class Router(WorkerRecovery):
 
     def _copy_out_and_resolve(self, request: Request, view, pool) -> None:
         """On the copy-out thread: copy the pixels before the slot is reused, hand the slot back
-        to the router, resolve the caller's future."""
+        to the engine core, resolve the caller's future."""
         image = view[0].numpy().copy()
         del view
         self._post(("copied", (pool, request.output_offset, request.id)))
