@@ -295,7 +295,7 @@ class EngineCore(WorkerRecovery):
         return [w for w in self.workers.values() if index >= 0 and w.stage == STAGES[index]]
 
     def _send_control(self, worker: Worker, message) -> None:
-        """Pool announcements and Shutdown must arrive, and before any later task: they wait in
+        """Pool announcements and Become must arrive, and before any later task: they wait in
         the worker's outbox until its socket takes them (a worker that just said READY may not
         have finished connecting yet)."""
         worker.outbox.append(message)

@@ -85,43 +85,20 @@ def load_dit_pipeline(pipeline_cls, path, device: torch.device, dtype: torch.dty
     return pipe.to(device), copy.deepcopy(pipe.scheduler)
 
 
-def run_denoise(model, inputs: Tensors, params: RequestParams, on_step: OnStep, *, legacy_callback: bool = False,
-                **family_kwargs) -> Tensors:
-    """Drive the pipeline's own __call__ (its denoising loop, exactly) to latents.
-    family_kwargs: the family's own __call__ arguments (e.g. Wan's num_frames)."""
-    pipe, pristine_scheduler = model
-    pipe.scheduler = copy.deepcopy(pristine_scheduler)
-    total = params.num_inference_steps
-    if legacy_callback:  # e.g. PixArt's pipeline: only the older callback(step, timestep, latents)
-        progress = dict(callback=lambda step, _timestep, _latents: on_step(step + 1, total), callback_steps=1)
-    else:
-        def step_end(_pipe, index, _timestep, kwargs):
-            on_step(index + 1, total)
-            return kwargs
-
-        progress = dict(callback_on_step_end=step_end)
-    with torch.inference_mode():
-        latents = pipe(
-            **to_stage(inputs, pipe._execution_device, pipe.transformer.dtype),
-            num_inference_steps=total,
-            guidance_scale=params.guidance_scale,
-            height=params.height,
-            width=params.width,
-            # A CPU generator, as in the diffusers reference: the same noise on every device.
-            generator=torch.Generator("cpu").manual_seed(params.seed),
-            output_type="latent",
-            **progress,
-            return_dict=False,  # a tuple: image pipelines name the output .images, video ones .frames
-            **family_kwargs,
-        )[0]
-    return {"latents": latents}
+def run_denoise(model, inputs: Tensors, params: RequestParams, on_step: OnStep, **family_kwargs) -> Tensors:
+    """One request: the batched call with a batch of one. The same bits as a single call:
+    diffusers' randn_tensor takes a list of one generator as that generator."""
+    return run_denoise_batch(model, [inputs], [params], [on_step], **family_kwargs)[0]
 
 
 def run_denoise_batch(model, inputs: list[Tensors], params: list[RequestParams], on_step: list[OnStep],
                       **family_kwargs) -> list[Tensors]:
-    """`run_denoise` for requests of one batch key (same size, steps, guidance): one pipeline
-    call on their concatenated embeddings, one CPU generator per request (diffusers draws each
-    row's noise from its own generator, so row i starts from request i's noise)."""
+    """Drive the pipeline's own __call__ (its denoising loop, exactly) to latents, for requests of
+    one batch key (same size, steps, guidance): one call on their concatenated embeddings, one
+    CPU generator per request, as in the diffusers reference (diffusers draws each row's noise
+    from its own generator, so row i starts from request i's noise, on every device).
+    family_kwargs: the family's own __call__ arguments (e.g. Wan's num_frames); legacy_callback:
+    the pipeline only has the older callback(step, timestep, latents) (e.g. PixArt's)."""
     pipe, pristine_scheduler = model
     pipe.scheduler = copy.deepcopy(pristine_scheduler)
     first, total = params[0], params[0].num_inference_steps
@@ -145,7 +122,7 @@ def run_denoise_batch(model, inputs: list[Tensors], params: list[RequestParams],
             generator=[torch.Generator("cpu").manual_seed(p.seed) for p in params],
             output_type="latent",
             **progress,
-            return_dict=False,
+            return_dict=False,  # a tuple: image pipelines name the output .images, video ones .frames
             **family_kwargs,
         )[0]
     return split({"latents": latents}, len(params))

@@ -38,20 +38,7 @@ class SD3Family(SD3Spec, Family):
         return pipe.to(device)
 
     def encode(self, pipe, params: RequestParams) -> Tensors:
-        guided = params.guidance_scale > 1
-        with torch.inference_mode():
-            embeds, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(
-                prompt=params.prompt,
-                prompt_2=None,
-                prompt_3=None,
-                negative_prompt=params.negative_prompt,
-                do_classifier_free_guidance=guided,
-                device=pipe._execution_device,
-            )
-        outputs = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
-        if guided:
-            outputs |= {"negative_prompt_embeds": negative_embeds, "negative_pooled_prompt_embeds": negative_pooled}
-        return outputs
+        return self.encode_batch(pipe, [params])[0]
 
     def encode_batch(self, pipe, params: list[RequestParams]) -> list[Tensors]:
         # One batch key: all guided or none. A missing negative prompt is "", as in encode_prompt.

@@ -127,7 +127,8 @@ def test_flux_without_guidance_embedding_in_process(tmp_path):
     from diffusers import FluxPipeline
 
     from dfuse.engine.requests import build_requests
-    from dfuse.engine.models import describe_model, detect_family
+    from dfuse.engine.models import describe_model
+    from dfuse.stages.families import load_family
     from dfuse.engine.models.tiny import tiny_model_path
 
     path = tmp_path / "flux-schnell-like"
@@ -138,7 +139,7 @@ def test_flux_without_guidance_embedding_in_process(tmp_path):
     config_file.write_text(json.dumps(config))
 
     torch.set_num_threads(THREADS)
-    family, info = detect_family(path), describe_model(path)
+    family, info = load_family(path), describe_model(path)
     cpu = torch.device("cpu")
     loaders = (family.load_encoder, family.load_dit, family.load_decoder)
     encoder, dit, decoder = (load(path, cpu, torch.float32) for load in loaders)

@@ -136,10 +136,11 @@ def test_tiled_decode_equals_diffusers_with_vae_tiling_in_process(wan_path):
     from diffusers import WanPipeline
 
     from dfuse.engine.requests import build_requests
-    from dfuse.engine.models import describe_model, detect_family
+    from dfuse.engine.models import describe_model
+    from dfuse.stages.families import load_family
 
     torch.set_num_threads(THREADS)
-    family, info = detect_family(wan_path), describe_model(wan_path)
+    family, info = load_family(wan_path), describe_model(wan_path)
     cpu = torch.device("cpu")
     dit, decoder = family.load_dit(wan_path, cpu, torch.float32), family.load_decoder(wan_path, cpu, torch.float32)
     encoder = family.load_encoder(wan_path, cpu, torch.float32)
