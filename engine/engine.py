@@ -169,7 +169,7 @@ class Engine:
     def move(self, worker_id: int, stage: str) -> None:
         """Move a worker to another stage on the same device, without losing a request: it
         stops taking work, finishes what it holds, then unloads its stage and loads `stage` in
-        the same process (`stats()["switch_s"]` records each switch, asked -> READY).
+        the same process (`stats().switch_s` records each switch, asked -> READY).
         ValueError if the move would leave a stage without workers."""
         if not self._finalizer.alive:
             raise EngineClosed("the engine is closed")
