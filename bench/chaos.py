@@ -191,7 +191,7 @@ def close_and_check(engine, worker_pids: set[int], wait_s: float = 10.0) -> dict
     """Close the engine, then report what outlived it: worker processes, segments, socket folder."""
     from ..engine.transport.shm import list_segments
 
-    prefix, run_dir = engine._router.segment_prefix, engine._router.run_dir
+    prefix, run_dir = engine.host_names
     engine.close()
     deadline = time.monotonic() + wait_s  # close() joins the workers: this only absorbs a slow reap
     while time.monotonic() < deadline and any(alive(p) for p in worker_pids):
