@@ -249,7 +249,7 @@ def _versions() -> dict:
                                     text=True, timeout=10).stdout.strip())
     except (OSError, subprocess.SubprocessError):
         commit, dirty = None, None
-    return {"python": platform.pythonpackage_version(), "torch": torch.__version__, "diffusers": package_version("diffusers"),
+    return {"python": platform.python_version(), "torch": torch.__version__, "diffusers": package_version("diffusers"),
             "transformers": package_version("transformers"), "dfuse": package_version("dfuse"), "git_commit": commit,
             "git_dirty": dirty}
 
