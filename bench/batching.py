@@ -12,22 +12,22 @@ time) shows what batching costs when there is nothing to batch (max_wait_ms 0: n
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
-import time
 from pathlib import Path
 
 import click
 
 from ..scheduler.core import STAGES
-from .outputs import default_out
+from .lib.load import ClosedLoop, drive
+from .lib.outputs import default_out, write_json
 
 WORKLOADS = {
     "light": dict(num_inference_steps=2, height=64, width=64, guidance_scale=4.5),
     "heavy": dict(num_inference_steps=8, height=256, width=256, guidance_scale=4.5),
 }
+REQUEST_TIMEOUT_S = 600.0  # no request completing for this long: the engine is stuck
 PROMPTS = ["a red fox in the snow", "a photo of a cat", "an astronaut riding a horse", "a dog in the forest"]
 
 
@@ -42,15 +42,13 @@ def _engine(model: str, threads: int, batching: bool, max_batch: int):
 
 def _run(engine, params: dict, requests: int, serial: bool) -> dict:
     """Submit `requests` at once (or one after the other when serial); time to the last done."""
-    started = time.perf_counter()
-    results = []
-    if serial:
-        for i in range(requests):
-            results.append(engine.submit(PROMPTS[i % len(PROMPTS)], seed=i, **params).result(timeout=600))
-    else:
-        futures = [engine.submit(PROMPTS[i % len(PROMPTS)], seed=i, **params) for i in range(requests)]
-        results = [f.result(timeout=600) for f in futures]
-    wall = time.perf_counter() - started
+    run = drive(lambda i: engine.submit(PROMPTS[i % len(PROMPTS)], seed=i, **params), requests,
+                ClosedLoop(1 if serial else requests), stall_s=REQUEST_TIMEOUT_S)
+    failed = [(i, o.error) for i, o in enumerate(run.outcomes) if o.error is not None]
+    if run.stalled or failed:
+        raise RuntimeError(run.stalled or f"request {failed[0][0]} failed: {failed[0][1]}")
+    wall = max(o.done_s for o in run.outcomes)
+    results = [o.value for o in run.outcomes]
     timings = [r.timings[0] for r in results]
     return {
         "wall_s": round(wall, 3),
@@ -124,6 +122,5 @@ def batching_command(model, requests, rounds, threads, max_batch, workloads, out
         sizes = "/".join(str(r["on"]["mean_batch_size"][s]) for s in STAGES)
         click.echo(f"{r['workload']:>9} {r['off']['throughput_rps']:>8.2f} {r['on']['throughput_rps']:>8.2f} "
                    f"{r['throughput_ratio_on_over_off']:>6.2f}  {sizes}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=2) + "\n")
+    write_json(out, doc)
     click.echo(f"Wrote {out}")

@@ -19,15 +19,12 @@ that was not. There are no timing assertions: only numbers.
 
 from __future__ import annotations
 
-import json
-import multiprocessing
 import os
 import platform
 import random
 import signal
 import statistics
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,10 +32,12 @@ from pathlib import Path
 import click
 import numpy as np
 
-from ..engine.transport.shm_files import pid_running as alive  # a zombie counts as gone
 from ..scheduler.core import STAGES
-from .outputs import default_out
-from .throughput import make_prompts
+from .lib.leaks import close_and_check
+from .lib.load import ClosedLoop, LoadRun
+from .lib.load import drive as drive_load
+from .lib.outputs import default_out, write_json
+from .lib.prompts import make_prompts
 
 # Small requests with CFG on: the chaos is in the processes, not in the math.
 PARAMS = dict(num_inference_steps=2, guidance_scale=4.5, height=64, width=64)
@@ -93,59 +92,31 @@ def drive(engine, requests: list[dict], kill_every: int | None, rng: random.Rand
     completions. Returns when every request has an outcome, or after `stall_s` without any."""
     n = len(requests)
     run = ChaosPass(images=[None] * n, errors=[None] * n)
-    done = [0]
-    changed = threading.Condition()
+    next_kill = [kill_every or n + 1]
 
-    def on_done(index: int):
-        def callback(future):
-            try:
-                run.images[index] = np.array(future.result().images[0])
-            except Exception as e:  # recorded: the caller decides what a failure means
-                run.errors[index] = f"{type(e).__name__}: {e}"
-            with changed:
-                done[0] += 1
-                changed.notify_all()
-        return callback
-
-    started = last_change = run.started = time.monotonic()
-    submitted, next_kill, seen_done = 0, kill_every or n + 1, 0
-    while True:
-        with changed:
-            completed = done[0]
-        if completed == n:
-            break
-        now = time.monotonic()
-        if completed != seen_done:
-            seen_done, last_change = completed, now
-            if progress:
-                progress(completed)
-        elif now - last_change > stall_s:
-            run.stalled = f"no request completed for {stall_s:g} s ({completed}/{n} done, {submitted} submitted)"
-            break
-        if submitted < n and submitted - completed < wave:
-            for index in range(submitted, min(n, submitted + wave)):
-                engine.submit(**requests[index]).add_done_callback(on_done(index))
-            submitted = min(n, submitted + wave)
+    def watch(load: LoadRun, completed: int) -> None:
         workers = engine.stats().workers
         run.worker_pids.update(w.pid for w in workers if w.pid)
-        _note_replacements(run, workers, started)
-        if completed >= next_kill and completed < n:
-            kill = _kill_random_worker(engine, rng, completed, started, victim_ready_s)
-            if kill is None:
-                run.stalled = f"the chosen victim was not ready within {victim_ready_s:g} s"
-                break
-            run.kills.append(kill)
-            run.worker_pids.add(kill.pid)
-            next_kill = (completed // kill_every + 1) * kill_every  # a burst past a multiple: one kill
-            last_change = time.monotonic()  # a restart may pause completions: not a stall
-        with changed:
-            changed.wait(0.02)
-    run.wall_s = time.monotonic() - started
-    if progress:
-        progress(done[0])
-    workers = engine.stats().workers
-    run.worker_pids.update(w.pid for w in workers if w.pid)
-    _note_replacements(run, workers, started)
+        _note_replacements(run, workers, load.start)
+        if load.stalled or not next_kill[0] <= completed < n:
+            return
+        kill = _kill_random_worker(engine, rng, completed, load.start, victim_ready_s)
+        if kill is None:
+            return load.stop(f"the chosen victim was not ready within {victim_ready_s:g} s")
+        run.kills.append(kill)
+        run.worker_pids.add(kill.pid)
+        next_kill[0] = (completed // kill_every + 1) * kill_every  # a burst past a multiple: one kill
+        load.restart_stall_clock()  # a restart may pause completions: not a stall
+
+    def image(_index: int, future) -> np.ndarray:
+        return np.array(future.result().images[0])
+
+    # The engine's state is read at every wake-up (a completion, or 20 ms), as a kill is due then.
+    load = drive_load(lambda i: engine.submit(**requests[i]), n, ClosedLoop(wave), read=image, tick=watch,
+                      wait_s=0.02, stall_s=stall_s, progress=progress)
+    run.started, run.wall_s, run.stalled = load.start, load.wall_s, load.stalled
+    run.images = [o.value for o in load.outcomes]
+    run.errors = load.errors
     return run
 
 
@@ -185,23 +156,6 @@ def await_replacements(engine, run: ChaosPass, timeout_s: float = REPLACEMENT_WA
         if not pending or time.monotonic() >= deadline:
             return pending
         time.sleep(0.02)
-
-
-def close_and_check(engine, worker_pids: set[int], wait_s: float = 10.0) -> dict:
-    """Close the engine, then report what outlived it: worker processes, segments, socket folder."""
-    from ..engine.transport.shm import list_segments
-
-    prefix, run_dir = engine._core.segment_prefix, engine._core.run_dir
-    engine.close()
-    deadline = time.monotonic() + wait_s  # close() joins the workers: this only absorbs a slow reap
-    while time.monotonic() < deadline and any(alive(p) for p in worker_pids):
-        time.sleep(0.05)
-    children = {c.pid for c in multiprocessing.active_children()}
-    return {
-        "leaked_processes": sorted({p for p in worker_pids if alive(p)} | children),
-        "leaked_segments": list_segments(prefix),
-        "run_dir_left": os.path.exists(run_dir),
-    }
 
 
 def _quantiles(values: list[float]) -> dict:
@@ -355,8 +309,7 @@ def chaos_command(requests, kill_every, seed, model, wave, out):
     finally:
         for bar in bars:
             bar.close()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=2) + "\n")
+    write_json(out, doc)
     click.echo(format_report(doc))
     click.echo(f"Wrote {out}")
     if not passed(doc):

@@ -3,14 +3,12 @@
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 from pathlib import Path
 
 import click
 
-from .outputs import default_out
+from .lib.outputs import default_out, write_json
 
 
 @click.group()
@@ -71,10 +69,7 @@ def throughput(requests, steps, height, width, guidance_scale, threads, mono_thr
         except RuntimeError as e:
             raise click.ClickException(str(e)) from None
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    tmp.replace(out)
+    write_json(out, doc)
     click.echo(format_table(doc))
     click.echo(f"Wrote {out}")
     if doc["machine_busy_during_timing"]:
@@ -89,7 +84,7 @@ def throughput(requests, steps, height, width, guidance_scale, threads, mono_thr
         sys.exit(1)
 
 
-from .handoff import handoff_command  # noqa: E402
+from .handoff.command import handoff_command  # noqa: E402
 
 bench.add_command(handoff_command)
 
@@ -97,7 +92,7 @@ from .pipeline import pipeline_command  # noqa: E402
 
 bench.add_command(pipeline_command)
 
-from .simulate import simulate  # noqa: E402
+from .simulate.command import simulate  # noqa: E402
 
 bench.add_command(simulate)
 
@@ -105,7 +100,7 @@ from .chaos import chaos_command  # noqa: E402
 
 bench.add_command(chaos_command)
 
-from .sweep import sweep_command  # noqa: E402
+from .sweep.command import sweep_command  # noqa: E402
 
 bench.add_command(sweep_command)
 

@@ -9,10 +9,8 @@ throughput / capacity: 1.0 means the engine adds nothing to the slowest stage.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
-import time
 from pathlib import Path
 
 import click
@@ -20,7 +18,10 @@ import click
 from ..engine.config import parse_instances
 from ..scheduler.core import STAGES
 from ..engine.models.synthetic import parse_spec
-from .outputs import default_out
+from .lib.load import ClosedLoop, drive
+from .lib.outputs import default_out, write_json
+
+REQUEST_TIMEOUT_S = 600.0  # no request completing for this long: the engine is stuck
 
 DEFAULT_MODEL = "synthetic:encoder=20ms,dit=100ms,decoder=60ms"
 DEFAULT_LAYOUTS = "1:1:1,1:2:1"
@@ -46,17 +47,21 @@ def run_layout(model: str, instances: dict[str, int], requests: int, warmup: int
     stage, capacity = bottleneck(costs, instances)
     with Engine(model=model, instances=instances, cpu_threads=1) as engine:
         engine.generate("warm up", seed=0)  # first-task costs (imports, lazy init) stay out
-        done_at: list[float] = []
-        started = time.perf_counter()
-        futures = [engine.submit("a synthetic request", seed=i) for i in range(requests)]
-        for i, future in enumerate(futures):
-            result = future.result(timeout=600)
-            done_at.append(time.perf_counter())
-            if result.images[0].getpixel((0, 0))[0] != i % 251:  # each request got its own output
-                raise RuntimeError(f"request {i} came back with another request's image")
-            if progress:
-                progress(i + 1)
-    steady = (requests - warmup) / (done_at[-1] - done_at[warmup - 1])
+        run = drive(lambda i: engine.submit("a synthetic request", seed=i), requests, ClosedLoop(requests),
+                    read=lambda i, future: future.result().images[0].getpixel((0, 0))[0],
+                    stall_s=REQUEST_TIMEOUT_S, progress=progress)
+    if run.stalled:
+        raise RuntimeError(run.stalled)
+    for i, outcome in enumerate(run.outcomes):
+        if outcome.error is not None:
+            raise RuntimeError(f"request {i} failed: {outcome.error}")
+        if outcome.value != i % 251:  # each request got its own output
+            raise RuntimeError(f"request {i} came back with another request's image")
+    # The clock starts once the first `warmup` requests are all done (the pipeline is full) and
+    # stops when the last one is: requests may finish out of order with several instances.
+    filled = max(o.done_s for o in run.outcomes[:warmup])
+    last = max(o.done_s for o in run.outcomes)
+    steady = (requests - warmup) / (last - filled)
     return {
         "layout": ":".join(str(instances[s]) for s in STAGES),
         "instances": dict(instances),
@@ -68,7 +73,7 @@ def run_layout(model: str, instances: dict[str, int], requests: int, warmup: int
         "efficiency": round(steady / capacity, 4),
         "requests": requests,
         "warmup_requests": warmup,
-        "wall_s": round(done_at[-1] - started, 3),
+        "wall_s": round(last, 3),
     }
 
 
@@ -115,6 +120,5 @@ def pipeline_command(model, layouts, requests, warmup, out):
     for r in runs:
         click.echo(f"{r['layout']:>7} {r['mode']:>6} {r['bottleneck_stage']:>11} {r['bottleneck_capacity_rps']:>9.2f} "
                    f"{r['throughput_rps']:>9.2f} {r['efficiency']:>10.3f}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(out, report)
     click.echo(f"Wrote {out}")

@@ -12,7 +12,6 @@ The output JSON loads with `dfuse.scheduler.predictor.predictor_from_fit`.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
@@ -23,6 +22,8 @@ from pathlib import Path
 import click
 
 from ..engine.config import DEFAULT_MODEL
+from .lib.meter import CpuMeter
+from .lib.outputs import write_json
 
 _EVERY_64 = [(h, w) for h in range(128, 513, 64) for w in range(h, 513, 64)]
 GRIDS = {
@@ -152,7 +153,7 @@ class _Meter:
 
     def __init__(self, device):
         self.device = device
-        self._ours = self._all = self._wall = 0.0
+        self._others = self._wall = 0.0
 
     def time(self, fn, repeats: int):
         import torch
@@ -161,16 +162,15 @@ class _Meter:
         best, peak = float("inf"), None
         for _ in range(repeats):
             before_rss = self._reset_peak()
-            busy0, ours0 = _machine_busy_s(), time.process_time()
+            cpu = CpuMeter([os.getpid()])  # the stages run in this process: its CPU time is ours
             started = time.perf_counter()
             fn()
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             elapsed = time.perf_counter() - started
-            busy1, ours1 = _machine_busy_s(), time.process_time()
-            if busy0 is not None and busy1 is not None:
-                self._all += busy1 - busy0
-                self._ours += ours1 - ours0
+            seconds = cpu.read()
+            if seconds is not None:
+                self._others += seconds[1]
                 self._wall += elapsed
             best = min(best, elapsed)
             peak = self._peak_gb(before_rss)
@@ -178,7 +178,7 @@ class _Meter:
 
     def other_cores(self) -> float | None:
         """Cores other processes kept busy, on average, while we timed (0 = a quiet machine)."""
-        return max(0.0, self._all - self._ours) / self._wall if self._wall > 0 else None
+        return self._others / self._wall if self._wall > 0 else None
 
     def _reset_peak(self):
         import torch
@@ -220,17 +220,6 @@ def _status_kb(field: str) -> int | None:
     except OSError:
         pass
     return None
-
-
-def _machine_busy_s() -> float | None:
-    """CPU seconds spent busy by the whole machine since boot (/proc/stat), None elsewhere."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [float(x) for x in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)
-    return (sum(fields) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 def _weights_gb(model) -> float:
@@ -313,7 +302,6 @@ def profile(model, device, kind, out, threads, repeats, grid):
             doc = run_profile(model, device, kind, threads, repeats, grid, progress)
         except ValueError as e:
             raise click.UsageError(str(e)) from None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=1) + "\n")
+    write_json(out, doc, indent=1)
     click.echo(format_report(doc))
     click.echo(f"Wrote {out}")

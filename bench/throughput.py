@@ -30,21 +30,13 @@ from typing import Callable
 import numpy as np
 
 from ..scheduler.core import STAGES
+from .lib.libraries import package_version, quiet_libraries
+from .lib.load import ClosedLoop, drive
+from .lib.meter import BUSY_SHARE, CpuMeter, wait_quiet
+from .lib.prompts import BASE_SEED, make_prompts
 
-# Words the tiny tokenizers spell as one token (stages/tiny.py WORDS): prompts stay realistic.
-_SUBJECTS = ["a red fox", "a white cat", "a black dog", "an astronaut riding a horse", "a small bird",
-             "a blue car", "a green tree", "a yellow flower"]
-_SCENES = ["in the snow", "in the forest", "in the city at night", "by the sea", "on the mountain",
-           "with the moon in the sky"]
-BASE_SEED = 1234
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
-BUSY_SHARE = 0.05  # other processes using more than this share of the cores during a timed phase: flagged
-
-
-def make_prompts(n: int) -> list[str]:
-    return [f"{_SUBJECTS[i % len(_SUBJECTS)]} {_SCENES[(i // len(_SUBJECTS)) % len(_SCENES)]}, high quality photo"
-            for i in range(n)]
 
 
 def run_throughput(
@@ -104,7 +96,7 @@ def run_throughput(
     try:
         from diffusers import StableDiffusion3Pipeline
 
-        _quiet_libraries()
+        quiet_libraries()
         started = time.perf_counter()
         pipe = StableDiffusion3Pipeline.from_pretrained(model_path)
         pipe.set_progress_bar_config(disable=True)
@@ -127,15 +119,14 @@ def run_throughput(
             return run
 
         def run_dfuse(on_done):
-            done_at = [0.0] * requests
-            t0 = time.perf_counter()
-            futures = [engine.submit(p, seed=s, **params) for p, s in zip(prompts, seeds)]
-            for i, future in enumerate(futures):
-                future.add_done_callback(lambda _f, i=i: done_at.__setitem__(i, time.perf_counter() - t0))
-            outcomes = []
-            for i, future in enumerate(futures):
-                outcomes.append(future.result())
-                on_done(i + 1)
+            # All at once; the results are only kept during the timed phase (converted after it).
+            run = drive(lambda i: engine.submit(prompts[i], seed=seeds[i], **params), requests,
+                        ClosedLoop(requests), progress=on_done)
+            failed = [(i, o.error) for i, o in enumerate(run.outcomes) if o.error is not None]
+            if failed:
+                raise RuntimeError(f"dfuse request {failed[0][0]} failed: {failed[0][1]}")
+            outcomes = [o.value for o in run.outcomes]
+            done_at = [o.done_s for o in run.outcomes]
             return done_at, ([np.asarray(r.images[0]) for r in outcomes], [r.timings[0] for r in outcomes])
 
         engine_pids = [os.getpid()] + [w.pid for w in engine.stats().workers]
@@ -147,7 +138,7 @@ def run_throughput(
 
         # Warm-up (untimed). dfuse's runs one request at a time: nothing overlaps, so these are
         # each stage's costs alone (the first pays one-off costs and is left out of them).
-        _wait_quiet(min(quiet_wait_s, 10.0))
+        wait_quiet(min(quiet_wait_s, 10.0))
         for n_threads, name in ((threads, "mono_matched"), (mono_threads, "mono_all")):
             torch.set_num_threads(n_threads)
             for i, p in enumerate(warm_prompts):
@@ -225,7 +216,7 @@ def run_throughput(
             "processor": platform.processor() or platform.machine(),
             "python": platform.python_version(),
             "torch": torch.__version__,
-            "diffusers": _version("diffusers"),
+            "diffusers": package_version("diffusers"),
             "device": "cpu",
             "loadavg_1_5_15_before": [round(x, 2) for x in load_before],
             "loadavg_1_5_15_after": [round(x, 2) for x in os.getloadavg()],
@@ -286,8 +277,8 @@ def _timed(label: str, run, pids: list[int], requests: int, attempts: int, quiet
     best = None
     for attempt in range(1, attempts + 1):
         shown = label if attempt == 1 else f"{label} (again: machine busy)"
-        waited = _wait_quiet(quiet_wait_s)
-        meter = _CpuMeter(pids)
+        waited = wait_quiet(quiet_wait_s)
+        meter = CpuMeter(pids)
         done_at, payload = run(lambda i: report(shown, i, requests))
         wall = max(done_at)
         cpu = meter.stop(wall)
@@ -302,88 +293,10 @@ def _timed(label: str, run, pids: list[int], requests: int, attempts: int, quiet
     return best
 
 
-class _CpuMeter:
-    """CPU seconds used during a timed phase by our processes and by everything else (Linux /proc).
-
-    Other processes on a 2-core machine (tests, builds) distort a throughput number badly, worst of
-    all for multi-threaded torch, whose threads wait for each other: the share is reported per run.
-    """
-
-    def __init__(self, pids: list[int]):
-        self._pids = pids
-        self._start = (_machine_busy_s(), _processes_cpu_s(pids))
-
-    def stop(self, wall: float) -> dict:
-        busy, ours = _machine_busy_s(), _processes_cpu_s(self._pids)
-        if None in (busy, ours, *self._start):
-            return {}
-        ours_s, busy_s = ours - self._start[1], busy - self._start[0]
-        other = max(0.0, busy_s - ours_s)
-        return {
-            "cpu_s": round(ours_s, 3),
-            "cpu_utilisation": round(ours_s / wall / (os.cpu_count() or 1), 3),  # of all cores
-            "other_processes_cpu_s": round(other, 3),
-            "other_processes_cpu_share": round(other / wall / (os.cpu_count() or 1), 3),
-        }
-
-
-def _wait_quiet(max_s: float, window_s: float = 1.0) -> float:
-    """Wait until the whole machine was nearly idle for `window_s` (at most `max_s`); seconds waited."""
-    started = time.perf_counter()
-    cores = os.cpu_count() or 1
-    while time.perf_counter() - started < max_s:
-        before = _machine_busy_s()
-        time.sleep(window_s)
-        after = _machine_busy_s()
-        if before is None or after is None or (after - before) / window_s / cores <= BUSY_SHARE:
-            break
-    return time.perf_counter() - started
-
-
-def _machine_busy_s() -> float | None:
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def _processes_cpu_s(pids: list[int]) -> float | None:
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            return None
-        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of proc(5))
-    return total / os.sysconf("SC_CLK_TCK")
-
-
-def _quiet_libraries() -> None:
-    import diffusers
-    import transformers
-
-    for library in (diffusers, transformers):
-        library.utils.logging.set_verbosity_error()
-        library.utils.logging.disable_progress_bar()
-
-
 def _stage_ms(timings: list[dict], attr: str) -> dict[str, float]:
     if not timings:
         return {}
     return {s: round(1000 * float(np.mean([getattr(t[s], attr) for t in timings])), 2) for s in STAGES}
-
-
-def _version(package: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return None
 
 
 def format_table(doc: dict) -> str:

@@ -73,7 +73,7 @@ class CpuWakeHold:
     @contextlib.contextmanager
     def paused(self):
         """Give the request back for a while, then ask again: what the OS's own latency gives,
-        measured beside what the request gives (bench/handoff.py). A released hold stays so."""
+        measured beside what the request gives (bench/handoff/command.py). A released hold stays so."""
         if not self.held:
             yield
             return

@@ -179,6 +179,12 @@ class Engine:
         """Placement, queue depths, per-worker state: a typed snapshot (`.to_dict()` for JSON)."""
         return self._core.stats(model=str(self.model_path), family=self.model_info.family)
 
+    @property
+    def host_names(self) -> tuple[str, str]:
+        """(shared-memory segment prefix, socket run dir) of this engine: what a leak check looks
+        for in /dev/shm and on disk once the engine is closed (they stay valid after close)."""
+        return self._core.segment_prefix, self._core.run_dir
+
     # --- lifetime ----------------------------------------------------------------------------
     def close(self) -> None:
         """Stop every worker and free every shared-memory segment; pending requests fail."""

@@ -17,7 +17,7 @@ import logging
 import time
 
 from .state import Request, RequestFailed, Worker
-from .transport.shm import SlotPool
+from .transport.slots import SlotPool
 
 log = logging.getLogger("dfuse.engine")
 

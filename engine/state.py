@@ -16,7 +16,7 @@ import zmq
 from ..scheduler.core import STAGES
 from . import protocol as wire
 from .launcher import WorkerProcess
-from .transport.shm import SlotPool
+from .transport.slots import SlotPool
 
 ProgressCallback = Callable[[str, int, int], None]  # (stage, step, total)
 

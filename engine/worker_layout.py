@@ -10,7 +10,7 @@ from .config import EngineConfig
 from .cpu_affinity import describe, openmp_affinity, physical_cores, plan, usable_cpus
 from .state import Worker
 from .transport.base import choose_link, cuda_peer_access, pool_kind, probe_places
-from .transport.shm import SlotPool
+from .transport.slots import SlotPool
 
 _CONSUMERS = {stage: STAGES[i + 1] for i, stage in enumerate(STAGES[:-1])}
 

@@ -11,8 +11,8 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from dfuse.bench.handoff import MECHANISMS
-from dfuse.bench.process_pair import run_pair
+from dfuse.bench.handoff.command import MECHANISMS
+from dfuse.bench.handoff.process_pair import run_pair
 from dfuse.engine.cpu_affinity import physical_cores, plan
 from dfuse.engine.cpu_wake import current_limit_us
 from dfuse.engine.host_resources import HostResources

@@ -49,8 +49,7 @@ if __name__ == "__main__":
     engine = Engine(config=config)
     run = drive(engine, chaos_requests(requests), kill_every, random.Random(seed), stall_s=20)
     report = {"stalled": run.stalled, "errors": run.errors, "kills": [dataclasses.asdict(k) for k in run.kills],
-              "pids": sorted(run.worker_pids), "prefix": engine._core.segment_prefix,
-              "run_dir": engine._core.run_dir}
+              "pids": sorted(run.worker_pids), "prefix": engine.host_names[0], "run_dir": engine.host_names[1]}
     if run.stalled:  # a hung router cannot be closed; exiting makes the workers clean up
         print(json.dumps(report), flush=True)
         os._exit(3)

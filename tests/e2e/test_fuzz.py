@@ -14,7 +14,7 @@ import zmq
 from dfuse import Engine
 from dfuse.engine import protocol as wire
 from dfuse.engine.transport.base import byte_view
-from dfuse.engine.transport.shm import SlotPool
+from dfuse.engine.transport.slots import SlotPool
 from dfuse.engine.transport.shm_files import list_segments
 
 from fake_engine import MODEL, WORKER_ID, FakeEngine
@@ -185,7 +185,7 @@ def test_engine_drops_garbage_and_forged_worker_messages(engine):
     context = zmq.Context()
     peer = context.socket(zmq.PUSH)
     peer.setsockopt(zmq.LINGER, 1000)
-    peer.connect(f"ipc://{engine._core.run_dir}/results")
+    peer.connect(f"ipc://{engine.host_names[1]}/results")
     try:
         for i in range(0, len(frames), 50):  # garbage interleaved with real traffic
             for frame in frames[i:i + 50]:
@@ -201,13 +201,13 @@ def test_engine_drops_garbage_and_forged_worker_messages(engine):
 
 
 def test_control_sockets_and_segments_are_owner_only(engine):
-    run_dir = engine._core.run_dir
+    run_dir = engine.host_names[1]
     info = os.stat(run_dir)
     assert stat.S_IMODE(info.st_mode) == 0o700 and info.st_uid == os.getuid()
     assert os.path.basename(run_dir).startswith("dfuse-") and len(os.path.basename(run_dir)) > len("dfuse-") + 4
     sockets = os.listdir(run_dir)
     assert "results" in sockets
-    segments = list_segments(engine._core.segment_prefix)
+    segments = list_segments(engine.host_names[0])
     assert len(segments) == len(engine.stats().workers)  # one slot pool per worker
     for name in segments:
         info = os.stat(os.path.join("/dev/shm", name))

@@ -25,7 +25,7 @@ def _worker_pids(engine) -> list[int]:
 
 def test_close_leaves_nothing(model_path):
     engine = Engine(model=str(model_path), cpu_threads=THREADS, instances={"encoder": 1, "dit": 2, "decoder": 1})
-    pids, run_dir, prefix = _worker_pids(engine), engine._core.run_dir, engine._core.segment_prefix
+    pids, run_dir, prefix = _worker_pids(engine), engine.host_names[1], engine.host_names[0]
     assert len(pids) == 4 and all(alive(p) for p in pids)
     assert list_segments(prefix)  # the slot pools exist while the engine runs
     engine.generate("a cat", num_inference_steps=1, height=64, width=64, seed=0)
@@ -54,7 +54,7 @@ def test_the_engine_keeps_idle_cpus_quick_to_wake_only_while_it_runs(model_path)
 def test_exception_inside_with_leaves_nothing(model_path):
     with pytest.raises(KeyError):
         with Engine(model=str(model_path), cpu_threads=THREADS) as engine:
-            pids, prefix = _worker_pids(engine), engine._core.segment_prefix
+            pids, prefix = _worker_pids(engine), engine.host_names[0]
             engine.submit("a cat", num_inference_steps=50, height=256, width=256, seed=0)  # still running
             raise KeyError("user code failed")
     assert not any(alive(p) for p in pids)

@@ -78,7 +78,7 @@ def test_an_engine_serves_when_dev_shm_has_no_room_for_the_weight_cache(model_pa
     (tmp_path / "sitecustomize.py").write_text(FULL_FOR_WEIGHTS)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
     with Engine(model=str(model_path), cpu_threads=1) as engine:
-        prefix = engine._core.segment_prefix
+        prefix = engine.host_names[0]
         (image,) = engine.generate("a cat", num_inference_steps=2, height=64, width=64, seed=1)
         assert not [n for n in _files(prefix) if "_wt_" in n]  # no cache, and no half-made segment
         assert engine.stats().completed == 1

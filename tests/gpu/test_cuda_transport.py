@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from dfuse.bench.handoff import measure_dfuse
+from dfuse.bench.handoff.command import measure_dfuse
 
 pytestmark = pytest.mark.gpu
 

@@ -9,9 +9,13 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from dfuse.bench import chaos, outputs, simulation, sweep, sweep_report
+from dfuse.bench import chaos
+from dfuse.bench.lib import outputs
+from dfuse.bench.simulate import policy_comparison as simulation
+from dfuse.bench.sweep import command as sweep
+from dfuse.bench.sweep import report as sweep_report
 from dfuse.bench.commands import bench
-from dfuse.bench.handoff import format_size
+from dfuse.bench.handoff.command import format_size
 from dfuse.cli import main
 
 SYNTHETIC = "synthetic:encoder=5ms,dit=20ms,decoder=10ms,mode=sleep"

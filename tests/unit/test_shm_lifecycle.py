@@ -23,7 +23,8 @@ import pytest
 
 from dfuse.engine.transport import shm_files
 from dfuse.engine.transport.janitor import Janitor
-from dfuse.engine.transport.shm import Segment, ShmFull, SlotPool
+from dfuse.engine.transport.shm import Segment, ShmFull
+from dfuse.engine.transport.slots import SlotPool
 from dfuse.engine.transport.shm_files import (
     EngineLock,
     list_segments,

@@ -15,7 +15,8 @@ from dfuse.engine.protocol import OutputSlot, TensorRef
 from dfuse.engine.transport import shm_files
 from dfuse.engine.transport.base import ALIGN, SlotOverflowError, SlotWriter, byte_view
 from dfuse.engine.transport.endpoint import Endpoint
-from dfuse.engine.transport.shm import Segment, SlotPool
+from dfuse.engine.transport.shm import Segment
+from dfuse.engine.transport.slots import SlotPool
 from dfuse.engine.transport.shm_files import list_segments, new_segment_prefix, sweep_stale_segments, unlink_segments
 
 pytestmark = pytest.mark.skipif(not os.path.isdir(shm_files.SHM_DIR), reason="needs /dev/shm")

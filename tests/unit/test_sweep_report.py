@@ -4,7 +4,7 @@ starts (each error names the option and what it allows)."""
 import pytest
 from click.testing import CliRunner
 
-from dfuse.bench.sweep_report import Record, summarize
+from dfuse.bench.sweep.report import Record, summarize
 from dfuse.cli import main
 
 SYNTHETIC = "synthetic:encoder=5ms,dit=20ms,decoder=10ms,mode=sleep"

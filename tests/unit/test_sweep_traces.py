@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from dfuse.bench.sweep_traces import (MODES, TRACES, interarrival_cv, kind_of, make_trace, parse_modes, parse_rates,
+from dfuse.bench.sweep.traces import (MODES, TRACES, interarrival_cv, kind_of, make_trace, parse_modes, parse_rates,
                                       trace_kinds, trace_phases)
 from dfuse.engine.protocol import RequestParams
 from dfuse.stages.families.synthetic import SyntheticFamily

@@ -5,9 +5,9 @@ import json
 
 from click.testing import CliRunner
 
-from dfuse.bench.scenarios import SCENARIOS
-from dfuse.bench.simulate import SCENARIO_NAMES, simulate
-from dfuse.bench.simulation import run_scenario, targets
+from dfuse.bench.simulate.scenarios import SCENARIOS
+from dfuse.bench.simulate.command import SCENARIO_NAMES, simulate
+from dfuse.bench.simulate.policy_comparison import run_scenario, targets
 from dfuse.scheduler.workloads import Phase
 
 

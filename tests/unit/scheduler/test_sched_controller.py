@@ -134,7 +134,7 @@ def test_a_mix_at_the_decision_boundary_seen_through_the_feedback_window_does_no
 
 def _wan_low_load(policy_factory):
     """The DisagFusion authors' setting: Wan2.1-14B on 8 x A10G, split 1:6:1, at low load."""
-    from dfuse.bench.scenarios import SCENARIOS
+    from dfuse.bench.simulate.scenarios import SCENARIOS
 
     scenario = SCENARIOS["wan-480p-8xa10g"]
     devices, world, belief = scenario.devices(), scenario.world(), scenario.predictor()

@@ -13,11 +13,11 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..scheduler.core import Device, Shape
-from ..scheduler.predictor import Predictor, predictor_from_profiles
-from ..scheduler.workloads import Burst, Phase
+from ...scheduler.core import Device, Shape
+from ...scheduler.predictor import Predictor, predictor_from_profiles
+from ...scheduler.workloads import Burst, Phase
 
-PROFILES = Path(__file__).resolve().parent / "profiles"
+PROFILES = Path(__file__).resolve().parents[1] / "profiles"  # bench/profiles, installed as package data
 
 
 @dataclass(frozen=True)

@@ -1,15 +1,13 @@
-"""`dfuse bench simulate`: the scheduler's policies compared on a simulated cluster (see simulation.py)."""
+"""`dfuse bench simulate`: the scheduler's policies compared on a simulated cluster (see policy_comparison.py)."""
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 from pathlib import Path
 
 import click
 
-from .outputs import default_out, require_matplotlib
+from ..lib.outputs import default_out, require_matplotlib, write_json
 
 SCENARIO_NAMES = ("wan-480p-8xa10g", "flux-1024-4xh100-4xl4", "sd35-shift-8xl40s", "sd35-shift-reverse-8xl40s")
 
@@ -34,7 +32,7 @@ def simulate(scenario, out, plot, policies, seed):
     from tqdm import tqdm
 
     from .scenarios import SCENARIOS
-    from .simulation import EXTRA_POLICIES, LOADS, POLICIES, format_table, run_scenario
+    from .policy_comparison import EXTRA_POLICIES, LOADS, POLICIES, format_table, run_scenario
 
     chosen = POLICIES if policies is None else tuple(p.strip() for p in policies.split(",") if p.strip())
     unknown = [p for p in chosen if p not in POLICIES + EXTRA_POLICIES]
@@ -49,14 +47,11 @@ def simulate(scenario, out, plot, policies, seed):
             bar.update(1)
 
         doc = run_scenario(SCENARIOS[scenario], chosen, seed=seed, progress=progress)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    tmp.replace(out)
+    write_json(out, doc, indent=1)
     click.echo(format_table(doc))
     click.echo(f"Wrote {out} (simulated {doc['horizon_s'] / 3600:.1f} h x {doc['runs']} runs in {doc['wall_s']:.1f} s)")
     if plot is not None:
-        from .simulate_plot import plot as draw
+        from .plots import plot as draw
 
         try:
             draw(doc, plot)

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 
 import msgspec
 
-from ..engine.protocol import RequestParams
-from ..engine.models.synthetic import PREFIX as SYNTHETIC_PREFIX
+from ...engine.protocol import RequestParams
+from ...engine.models.synthetic import PREFIX as SYNTHETIC_PREFIX
 
 _TASK = msgspec.msgpack.Decoder(tuple[int, RequestParams])
 _REPLY = msgspec.msgpack.Decoder(list)
@@ -109,10 +109,10 @@ def _load(config: MonolithicConfig):
         return _load_synthetic(config)
     from diffusers import DiffusionPipeline
 
-    from ..engine.config import EngineConfig
-    from .throughput import _quiet_libraries
+    from ...engine.config import EngineConfig
+    from ..lib.libraries import quiet_libraries
 
-    _quiet_libraries()
+    quiet_libraries()
     dtype = EngineConfig().torch_dtype(config.device)  # the engine's dtype="auto" for this device
     pipe = DiffusionPipeline.from_pretrained(config.model, torch_dtype=dtype).to(config.device)
     pipe.set_progress_bar_config(disable=True)
@@ -131,7 +131,7 @@ def _load(config: MonolithicConfig):
 def _load_synthetic(config: MonolithicConfig):
     import torch
 
-    from ..stages.families.synthetic import SyntheticFamily
+    from ...stages.families.synthetic import SyntheticFamily
 
     family = SyntheticFamily(config.model)
     device = torch.device(config.device)

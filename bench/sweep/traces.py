@@ -25,8 +25,8 @@ from typing import Sequence
 
 import numpy as np
 
-from ..scheduler.core import Shape
-from ..scheduler.workloads import Arrival, Burst, Phase, generate
+from ...scheduler.core import Shape
+from ...scheduler.workloads import Arrival, Burst, Phase, generate
 
 TRACES = ("poisson", "bursty", "shift")
 MODES = ("mono", "static", "elastic")

@@ -1,5 +1,5 @@
 """The baselines and floors `dfuse bench handoff` sets beside the dfuse hop (described in
-bench/handoff.py): socket-floor, spin-floor, memcpy and pickle over zmq."""
+bench/handoff/command.py): socket-floor, spin-floor, memcpy and pickle over zmq."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ import time
 import torch
 import zmq
 
-from ..engine.host_resources import HostResources
-from ..engine.transport.shm import Segment, SlotPool
-from ..engine.transport.shm_files import unlink_segment
+from ...engine.host_resources import HostResources
+from ...engine.transport.shm import Segment
+from ...engine.transport.slots import SlotPool
+from ...engine.transport.shm_files import unlink_segment
 from .process_pair import cpu_blocks, exit_with_parent, measurement, next_report, pool_numbers, run_pair, summarize, sync
 
 

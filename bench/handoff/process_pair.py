@@ -21,9 +21,9 @@ import time
 
 import torch
 
-from ..engine.cpu_affinity import openmp_affinity, physical_cores, pin_this_process, plan, usable_cpus
-from ..engine.host_resources import HostResources
-from ..engine.transport.janitor import clean_after_reaped
+from ...engine.cpu_affinity import openmp_affinity, physical_cores, pin_this_process, plan, usable_cpus
+from ...engine.host_resources import HostResources
+from ...engine.transport.janitor import clean_after_reaped
 
 
 def exit_with_parent() -> None:

@@ -4,7 +4,6 @@ document, the CSV and the markdown summary (plain functions over plain data, no 
 from __future__ import annotations
 
 import csv
-import json
 import os
 import platform
 import subprocess
@@ -13,15 +12,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .sweep_traces import trace_phases
-from .throughput import _version
+from .traces import trace_phases
+from ..lib.load import UNFINISHED
+from ..lib.outputs import write_json
+from ..lib.libraries import package_version
 
 CSV_COLUMNS = (
     "mode", "rate_rps", "trace", "submitted", "completed", "failed", "unfinished", "offered_rps", "throughput_rps",
     "goodput_rps", "latency_p50_s", "latency_p95_s", "latency_p99_s", "latency_mean_s", "slo_attainment", "moves",
     "submit_lag_max_s", "other_processes_cpu_share", "leaked_processes", "leaked_segments",
 )
-UNFINISHED = "unfinished"  # how a request without an outcome at the drain limit is recorded
 
 
 @dataclass
@@ -184,7 +184,7 @@ def _round(x, digits: int = 4):
 def document(config, info, kind_params, workloads, slo, points, modes, *, created, load_before, wall_s,
              command) -> dict:
     """The JSON-ready result of a sweep: config, machine, versions, trace, SLO reference, every point."""
-    from ..engine.transport.shm import list_segments
+    from ...engine.transport.shm_files import list_segments
 
     steps, size = config.steps or info.num_inference_steps, config.size or info.default_size
     phases, start = [], 0.0
@@ -249,22 +249,20 @@ def _versions() -> dict:
                                     text=True, timeout=10).stdout.strip())
     except (OSError, subprocess.SubprocessError):
         commit, dirty = None, None
-    return {"python": platform.python_version(), "torch": torch.__version__, "diffusers": _version("diffusers"),
-            "transformers": _version("transformers"), "dfuse": _version("dfuse"), "git_commit": commit,
+    return {"python": platform.python_version(), "torch": torch.__version__, "diffusers": package_version("diffusers"),
+            "transformers": package_version("transformers"), "dfuse": package_version("dfuse"), "git_commit": commit,
             "git_dirty": dirty}
 
 
 def write_outputs(doc: dict, out: Path, plots: bool) -> list[Path]:
     """sweep.json, sweep.csv, summary.md and (if `plots`) latency.png and allocation.png in `out`."""
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f"sweep.json.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    tmp.replace(out / "sweep.json")
+    write_json(out / "sweep.json", doc, indent=1)
     write_csv(doc, out / "sweep.csv")
     (out / "summary.md").write_text(format_markdown(doc))
     written = [out / "sweep.json", out / "sweep.csv", out / "summary.md"]
     if plots:
-        from .sweep_plot import plot_allocation, plot_latency
+        from .plots import plot_allocation, plot_latency
 
         written.append(plot_latency(doc, out / "latency.png"))
         if any(p["mode"] != "mono" for p in doc["points"]):

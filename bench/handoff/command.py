@@ -45,15 +45,17 @@ import msgspec
 import torch
 import zmq
 
-from ..engine import protocol as wire
-from ..engine.config import TransportConfig, check_device
-from ..engine.cpu_wake import current_limit_us
-from ..engine.host_resources import HostResources
-from ..engine.transport.endpoint import Endpoint
-from ..engine.transport.shm import ShmFull, SlotPool, new_segment_prefix
-from ..engine.transport.shm_files import unlink_segment
-from .handoff_baselines import measure_memcpy, measure_pickle_zmq, measure_socket_floor, measure_spin_floor
-from .outputs import default_out
+from ...engine import protocol as wire
+from ...engine.config import TransportConfig, check_device
+from ...engine.cpu_wake import current_limit_us
+from ...engine.host_resources import HostResources
+from ...engine.transport.endpoint import Endpoint
+from ...engine.transport.shm import ShmFull
+from ...engine.transport.shm_files import new_segment_prefix
+from ...engine.transport.slots import SlotPool
+from ...engine.transport.shm_files import unlink_segment
+from .baselines import measure_memcpy, measure_pickle_zmq, measure_socket_floor, measure_spin_floor
+from ..lib.outputs import default_out, write_json
 from .process_pair import cpu_blocks, exit_with_parent, measurement, pool_numbers, run_pair, summarize
 
 DEFAULT_SIZES = "64KiB,1MiB,16MiB,64MiB,256MiB"
@@ -242,7 +244,7 @@ def run_handoff(sizes: list[int], device: str, mechanisms=tuple(MECHANISMS)) -> 
         "cpu_wake_latency_us": wake_us,  # the engine's CPU latency request during the run; None: not (all of) it
         "pinned_cpus": pinned,  # (consumer's, producer's) cores, as an engine pins CPU workers; None: the OS's
         "note": "one-way hop p50/p99 in microseconds, from the producer's send to the consumer's read of the "
-                "last element (each mechanism is described in bench/handoff.py). dfuse: the producer rewrites "
+                "last element (each mechanism is described in bench/handoff/command.py). dfuse: the producer rewrites "
                 "the whole tensor in place before every hop (as a stage would), the consumer maps a view (same "
                 "GPU: a CUDA IPC view ordered by an interprocess event); arrive_p50_us: the median time until "
                 "the message is in the consumer's hands; idle CPUs are kept polling by the engine's CPU latency "
@@ -285,6 +287,5 @@ def handoff_command(sizes, device, out):
     for r in report["results"]:
         arrive = f"{r['arrive_p50_us']:>10.1f}" if "arrive_p50_us" in r else f"{'-':>10}"
         click.echo(f"{format_size(r['bytes']):>10} {r['mechanism']:>15} {r['p50_us']:>10.1f} {r['p99_us']:>10.1f} {arrive}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(out, report)
     click.echo(f"Wrote {out}")

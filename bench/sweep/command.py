@@ -4,7 +4,7 @@ For every mode and arrival rate, one driver thread submits a seeded trace's requ
 arrival times whatever has completed (open loop); a done-callback on each future records when
 its result came back, and the main thread samples the allocation every SAMPLE_S seconds:
 
-    mono     the monolithic baseline (bench/monolithic.py): whole requests, one process per device
+    mono     the monolithic baseline (bench/sweep/monolithic.py): whole requests, one process per device
     static   dfuse Engine(policy="static"): every worker keeps its stage
     elastic  dfuse Engine(policy="elastic"): the engine may move workers between stages
 
@@ -12,7 +12,7 @@ Every (engine mode, rate) point gets a fresh engine, warmed up with one request 
 elastic engine's moves at one rate do not carry over to the next; the monolithic processes hold
 no state between requests and serve every rate of the sweep (each warmed up before READY).
 Before each point the sweep waits (at most --quiet-wait s) for an idle machine and measures the
-CPU time other processes used during it (bench/throughput.py's helpers).
+CPU time other processes used during it (bench/lib/meter.py).
 
 SLO: SLO_FACTOR x the isolated latency of the request's kind, one reference for every mode: a
 static engine with the sweep's instances, one request at a time (the median of ISOLATED_REPEATS
@@ -30,25 +30,26 @@ from __future__ import annotations
 import os
 import shlex
 import sys
-import threading
 import time
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
 
 import click
 
-from ..engine.protocol import RequestParams
-from ..scheduler.core import STAGES
-from ..engine.models.synthetic import PREFIX as SYNTHETIC_PREFIX
-from . import outputs
-from .outputs import INSTALL_MATPLOTLIB, default_out, require_matplotlib
-from .sweep_report import UNFINISHED, Record, compact_requests, document, summarize
-from .sweep_runners import (ISOLATED_REPEATS, REQUEST_TIMEOUT_S, EngineRunner, MonoRunner, measure_isolated,
+from ...engine.protocol import RequestParams
+from ...scheduler.core import STAGES
+from ...engine.models.synthetic import PREFIX as SYNTHETIC_PREFIX
+from ..lib import outputs
+from ..lib.load import OpenLoop
+from ..lib.load import drive as drive_load
+from ..lib.meter import CpuMeter, wait_quiet
+from ..lib.outputs import INSTALL_MATPLOTLIB, default_out, require_matplotlib
+from ..lib.prompts import BASE_SEED, make_prompts
+from .report import Record, compact_requests, document, summarize
+from .runners import (ISOLATED_REPEATS, REQUEST_TIMEOUT_S, EngineRunner, MonoRunner, measure_isolated,
                             served_or_raise)
-from .sweep_traces import TRACES, interarrival_cv, kind_of, make_trace, parse_modes, parse_rates, trace_kinds
-from .throughput import BASE_SEED, _CpuMeter, _wait_quiet, make_prompts
+from .traces import TRACES, interarrival_cv, kind_of, make_trace, parse_modes, parse_rates, trace_kinds
 
 SLO_FACTOR = 3.0
 SAMPLE_S = 0.25
@@ -64,7 +65,7 @@ class SweepConfig:
     rates: tuple[float, ...]
     """Mean arrival rates in requests/s."""
     trace: str = "poisson"
-    """poisson, bursty or shift (bench/sweep_traces.py)."""
+    """poisson, bursty or shift (bench/sweep/traces.py)."""
     modes: tuple[str, ...] = ("mono", "static", "elastic")
     """Which of mono, static, elastic run, in this order."""
     duration_s: float = 30.0
@@ -93,90 +94,27 @@ class SweepConfig:
         return self.model.startswith(SYNTHETIC_PREFIX)
 
 
-# --- the open-loop driver ----------------------------------------------------------------------
-def drive(runner, kinds: list[str], arrivals_s: list[float], params: list[RequestParams], *, drain_s: float,
+# --- the open-loop run of one point ------------------------------------------------------------
+def drive_trace(runner, kinds: list[str], arrivals_s: list[float], params: list[RequestParams], *, drain_s: float,
           progress: Callable[[int], None] | None = None) -> tuple[list[Record], list[dict], float]:
-    """Submit request i at arrivals_s[i] (seconds from start) from one driver thread, whatever has
-    completed; sample the runner every SAMPLE_S s until every request has an outcome or drain_s
-    after the last arrival; then cancel what is left (recorded as unfinished). Returns the
-    records, the samples and the start (time.monotonic())."""
-    records = [Record(kind, t) for kind, t in zip(kinds, arrivals_s)]
-    futures: list[Future | None] = [None] * len(records)
-    counted = threading.Semaphore(0)  # one release per request with an outcome
-    start = time.monotonic() + 0.05
+    """Submit request i at arrivals_s[i] (seconds from start), whatever has completed (bench/lib/load.py);
+    sample the runner every SAMPLE_S s until every request has an outcome or drain_s after the last
+    arrival; then cancel what is left (recorded as unfinished). Returns the records, the samples
+    and the start (time.monotonic())."""
+    samples: list[dict] = []
 
-    def finish(i: int, error: str | None = None, stages: dict | None = None) -> None:
-        records[i].done_s, records[i].error, records[i].stages = time.monotonic() - start, error, stages
-        counted.release()
+    def sample(load, _completed: int) -> None:
+        samples.append({"t_s": round(time.monotonic() - load.start, 3), **runner.sample()})
 
-    def on_done(i: int):
-        def callback(future: Future) -> None:
-            if future.cancelled():
-                return finish(i, f"{UNFINISHED}: cancelled {drain_s:g} s after the last arrival")
-            try:
-                finish(i, *runner.outcome(future, params[i]))
-            except Exception as e:  # the request failed: recorded, never raised into the engine
-                finish(i, f"{type(e).__name__}: {e}")
-        return callback
-
-    def submit_all() -> None:
-        for i, t in enumerate(arrivals_s):
-            delay = start + t - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-            records[i].submitted_s = time.monotonic() - start
-            try:
-                futures[i] = runner.submit(params[i])
-            except Exception as e:  # refused at submit (bad input, engine closed): a failure
-                finish(i, f"{type(e).__name__}: {e}")
-                continue
-            futures[i].add_done_callback(on_done(i))
-
-    driver = threading.Thread(target=submit_all, name="sweep-driver", daemon=True)
-    driver.start()
-    samples, done = _watch(runner, driver, counted, len(records), start, drain_s, progress)
-    driver.join()
-    if done < len(records):
-        _cancel_left(futures, records, counted, len(records) - done)
-    return records, samples, start
-
-
-def _watch(runner, driver: threading.Thread, counted: threading.Semaphore, n: int, start: float, drain_s: float,
-           progress) -> tuple[list[dict], int]:
-    """Sample every SAMPLE_S s until all n requests have an outcome, or drain_s after the driver
-    has submitted the last one. Returns the samples and how many outcomes were counted."""
-    samples, done, drain_until = [], 0, None
-    while True:
-        now = time.monotonic()
-        samples.append({"t_s": round(now - start, 3), **runner.sample()})
-        while done < n and counted.acquire(blocking=False):
-            done += 1
-        if progress:
-            progress(done)
-        if done == n:
-            return samples, done
-        if not driver.is_alive():
-            drain_until = drain_until or now + drain_s
-            if now >= drain_until:
-                return samples, done
-        time.sleep(max(0.0, SAMPLE_S - (time.monotonic() - now)))
-
-
-def _cancel_left(futures: list[Future | None], records: list[Record], counted: threading.Semaphore,
-                 missing: int) -> None:
-    """Cancel the requests still outstanding and wait for the `missing` outcomes (a cancelled
-    request's callback records it as unfinished; a monolithic request already running cannot be
-    cancelled: it finishes, a request's time at most)."""
-    for future, record in zip(futures, records):
-        if future is not None and record.done_s is None:
-            future.cancel()
-    deadline = time.monotonic() + REQUEST_TIMEOUT_S
-    for _ in range(missing):
-        if not counted.acquire(timeout=max(0.0, deadline - time.monotonic())):
-            break
-    for record in records:
-        if record.done_s is None:
-            record.error = f"{UNFINISHED}: no outcome within {REQUEST_TIMEOUT_S:g} s of the cancel"
+    run = drive_load(lambda i: runner.submit(params[i]), len(params), OpenLoop(arrivals_s),
+                     read=lambda i, future: runner.outcome(future, params[i]), tick=sample, tick_s=SAMPLE_S,
+                     drain_s=drain_s, cancel_wait_s=REQUEST_TIMEOUT_S, progress=progress)
+    records = []
+    for kind, t, outcome in zip(kinds, arrivals_s, run.outcomes):
+        # runner.outcome gives (None or what is wrong with the output, per-stage times)
+        error, stages = (outcome.error, None) if outcome.error is not None else outcome.value
+        records.append(Record(kind, t, outcome.submitted_s, outcome.done_s, error, stages))
+    return records, samples, run.start
 
 
 # --- one point and the whole sweep -------------------------------------------------------------
@@ -193,7 +131,7 @@ class Workload:
 
 def build_workloads(config: SweepConfig, info) -> tuple[dict[str, RequestParams], list[Workload]]:
     """The request kinds (one RequestParams each) and every rate's seeded trace."""
-    from ..engine.requests import build_requests
+    from ...engine.requests import build_requests
 
     steps = config.steps or info.num_inference_steps
     size = config.size or info.default_size
@@ -222,9 +160,9 @@ def run_point(runner, mode: str, work: Workload, config: SweepConfig, progress: 
     label = f"{mode} @ {work.rate:g} req/s"
     if progress:
         progress(f"{label}: waiting for a quiet machine", 0)
-    waited = _wait_quiet(config.quiet_wait_s)
-    meter, started = _CpuMeter([os.getpid(), *sorted(runner.pids)]), time.perf_counter()
-    records, samples, start = drive(runner, work.kinds, work.arrivals_s, work.params, drain_s=config.drain_s,
+    waited = wait_quiet(config.quiet_wait_s)
+    meter, started = CpuMeter([os.getpid(), *sorted(runner.pids)]), time.perf_counter()
+    records, samples, start = drive_trace(runner, work.kinds, work.arrivals_s, work.params, drain_s=config.drain_s,
                                     progress=progress and (lambda done: progress(label, done)))
     cpu = meter.stop(time.perf_counter() - started)
     return {"mode": mode, "rate_rps": work.rate, "records": records, **cpu, "started_monotonic": start,
@@ -314,7 +252,7 @@ def measure_reference(config: SweepConfig, kind_params: dict, progress: Progress
 
 def run_sweep(config: SweepConfig, progress: Progress | None = None, command: str | None = None) -> dict:
     """Every mode at every rate; returns the JSON-ready document (see module docstring)."""
-    from ..engine.models import describe_model, resolve_model_path
+    from ...engine.models import describe_model, resolve_model_path
 
     info = describe_model(resolve_model_path(config.model))
     kind_params, workloads = build_workloads(config, info)
@@ -340,7 +278,7 @@ def run_sweep(config: SweepConfig, progress: Progress | None = None, command: st
 
 def planned_requests(config: SweepConfig) -> int:
     """How many requests the sweep will send in all (for the progress bar)."""
-    from ..engine.models import describe_model, resolve_model_path
+    from ...engine.models import describe_model, resolve_model_path
 
     _, workloads = build_workloads(config, describe_model(resolve_model_path(config.model)))
     return len(config.modes) * sum(len(w.params) for w in workloads)
@@ -358,8 +296,8 @@ def _option(flag: str, parse, *args):
 def config_from_options(model, rates, trace, modes, duration, instances, device, threads, mono_threads, steps, size,
                         seed, drain_timeout, quiet_wait) -> SweepConfig:
     """Every option checked before a process starts; a bad one is a usage error naming it."""
-    from ..engine.config import EngineConfig, parse_devices, parse_instances
-    from ..engine.models import describe_model, resolve_model_path
+    from ...engine.config import EngineConfig, parse_devices, parse_instances
+    from ...engine.models import describe_model, resolve_model_path
 
     counts = _option("--instances", parse_instances, instances)
     _option("--instances", lambda: EngineConfig(instances=counts))
@@ -377,7 +315,7 @@ def config_from_options(model, rates, trace, modes, duration, instances, device,
 
 
 def _check_kinds(config: SweepConfig, info) -> None:
-    from ..engine.requests import build_requests
+    from ...engine.requests import build_requests
 
     kinds = trace_kinds(config.trace, config.steps or info.num_inference_steps, config.size or info.default_size)
     for name, shape in kinds.items():
@@ -442,7 +380,7 @@ def sweep_command(model, rates, trace, modes, duration, out, instances, device, 
     """Open-loop serving sweep: every mode at every arrival rate, throughput, latency, SLO, allocation."""
     from tqdm import tqdm
 
-    from .sweep_report import format_markdown, write_outputs
+    from .report import format_markdown, write_outputs
 
     config = config_from_options(model, rates, trace, modes, duration, instances, device, threads, mono_threads,
                                  steps, size, seed, drain_timeout, quiet_wait)

@@ -29,15 +29,15 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from ..scheduler.controller import Controller
-from ..scheduler.core import STAGES, Demand, Device, Placement
-from ..scheduler.feedback import Feedback
-from ..scheduler.metrics import crossing, isolated_latency, summarize
-from ..scheduler.planner import Planner, PlannerConfig
-from ..scheduler.policies import OraclePolicy, StaticPolicy, ThresholdPolicy
-from ..scheduler.predictor import Predictor
-from ..scheduler.simulator import SimConfig, SimResult, Simulator
-from ..scheduler.workloads import ClosedLoop, duration, generate, phase_starts
+from ...scheduler.controller import Controller
+from ...scheduler.core import STAGES, Demand, Device, Placement
+from ...scheduler.feedback import Feedback
+from ...scheduler.metrics import crossing, isolated_latency, summarize
+from ...scheduler.planner import Planner, PlannerConfig
+from ...scheduler.policies import OraclePolicy, StaticPolicy, ThresholdPolicy
+from ...scheduler.predictor import Predictor
+from ...scheduler.simulator import SimConfig, SimResult, Simulator
+from ...scheduler.workloads import ClosedLoop, duration, generate, phase_starts
 from .scenarios import Scenario
 
 POLICIES = ("monolithic", "monolithic-offload", "static", "threshold", "elastic", "elastic-nofb", "oracle")
@@ -108,7 +108,7 @@ def run_once(prep: Prepared, policy_name: str, load: float | None, seed: int = 0
         # The split an operator configures from the published estimates (elastic starts there too).
         placement = Planner().plan(prep.devices, prep.phase_demands[0], prep.belief).placement
     elif policy_name in ("elastic", "elastic-nofb"):
-        from ..scheduler.controller import ControllerConfig
+        from ...scheduler.controller import ControllerConfig
 
         config = ControllerConfig(use_corrections=policy_name == "elastic")
         policy = Controller(prep.devices, prep.belief, Planner(), config, name=policy_name)

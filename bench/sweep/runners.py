@@ -1,5 +1,5 @@
 """The two kinds of system `dfuse bench sweep` drives, behind one interface (submit -> Future,
-outcome, sample, close): a dfuse Engine, and the monolithic baseline's pool (bench/monolithic.py)."""
+outcome, sample, close): a dfuse Engine, and the monolithic baseline's pool (bench/sweep/monolithic.py)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import time
 from concurrent.futures import Future
 from typing import Mapping
 
-from ..engine.config import TransportConfig
-from ..engine.cpu_wake import CpuWakeHold
-from ..engine.protocol import RequestParams
-from ..scheduler.core import STAGES
-from .chaos import close_and_check
+from ...engine.config import TransportConfig
+from ...engine.cpu_wake import CpuWakeHold
+from ...engine.protocol import RequestParams
+from ...scheduler.core import STAGES
+from ..lib.leaks import close_and_check
 
 ISOLATED_REPEATS = 3
 REQUEST_TIMEOUT_S = 600.0  # one warm-up or isolated request, alone
@@ -31,7 +31,7 @@ class EngineRunner:
     """A dfuse Engine with the sweep's layout and `policy`."""
 
     def __init__(self, config, policy: str):
-        from ..engine.engine import Engine
+        from ...engine.engine import Engine
 
         started, self.created = time.perf_counter(), time.monotonic()  # ~ the engine's clock zero
         self.engine = Engine(model=config.model, device=config.devices, instances=config.instances,
@@ -72,10 +72,10 @@ class EngineRunner:
 
 
 class MonoRunner:
-    """The monolithic baseline's processes (bench/monolithic.py), warmed up with every kind."""
+    """The monolithic baseline's processes (bench/sweep/monolithic.py), warmed up with every kind."""
 
     def __init__(self, config, warmup: tuple[RequestParams, ...]):
-        from ..engine.models import resolve_model_path
+        from ...engine.models import resolve_model_path
         from .monolithic import MonolithicPool, describe, monolithic_configs
 
         devices = config.devices if isinstance(config.devices, Mapping) else {s: config.devices for s in STAGES}

@@ -1,4 +1,5 @@
-"""Where `dfuse bench ...` writes when no --out is given, and the up-front check for matplotlib.
+"""Where and how `dfuse bench ...` writes: the default --out, the atomic JSON writer, and the
+up-front check for matplotlib.
 
 A run without --out goes to ./dfuse-bench/ under the current working directory, never into
 bench/results/: the committed results there are only rewritten by naming them with --out
@@ -6,6 +7,10 @@ bench/results/: the committed results there are only rewritten by naming them wi
 """
 
 from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
 
 import click
 
@@ -16,6 +21,19 @@ INSTALL_MATPLOTLIB = "pip install matplotlib (or pip install -e '.[bench]')"
 def default_out(name: str) -> str:
     """The default --out of a benchmark: ./dfuse-bench/NAME, relative to the working directory."""
     return f"{OUT_DIR}/{name}"
+
+
+def write_json(out: Path, doc, indent: int = 2) -> None:
+    """Write `doc` as JSON to `out` (its folder made if missing) through a hidden file beside it
+    and a rename: an interrupted run never leaves a truncated result where the last good one was."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(doc, indent=indent) + "\n")
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def matplotlib_available() -> bool:
