@@ -30,7 +30,8 @@ from typing import Callable
 import numpy as np
 
 from ..scheduler.core import STAGES
-from .lib.libraries import package_version, quiet_libraries
+from ..engine.models.libraries import quiet_libraries
+from .lib.libraries import package_version
 from .lib.load import ClosedLoop, drive
 from .lib.meter import BUSY_SHARE, CpuMeter, wait_quiet
 from .lib.prompts import BASE_SEED, make_prompts

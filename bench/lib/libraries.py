@@ -1,16 +1,6 @@
-"""diffusers and transformers as a benchmark needs them: silent, and their versions on record."""
+"""Versions of the libraries a benchmark ran with, for its record (quieting them: engine/models/libraries.py)."""
 
 from __future__ import annotations
-
-
-def quiet_libraries() -> None:
-    """No log lines or progress bars from diffusers and transformers (they would mix with ours)."""
-    import diffusers
-    import transformers
-
-    for library in (diffusers, transformers):
-        library.utils.logging.set_verbosity_error()
-        library.utils.logging.disable_progress_bar()
 
 
 def package_version(package: str) -> str | None:

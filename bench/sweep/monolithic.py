@@ -110,7 +110,7 @@ def _load(config: MonolithicConfig):
     from diffusers import DiffusionPipeline
 
     from ...engine.config import EngineConfig
-    from ..lib.libraries import quiet_libraries
+    from ...engine.models.libraries import quiet_libraries
 
     quiet_libraries()
     dtype = EngineConfig().torch_dtype(config.device)  # the engine's dtype="auto" for this device
