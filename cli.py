@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from .engine.config import DEFAULT_MODEL, EngineConfig, parse_devices, parse_instances
+from .engine.devices import parse_device_list, parse_placement
 from .engine.models import resolve_model_path
 from .scheduler.core import STAGES
 
@@ -48,13 +49,15 @@ def main():
               help="Output file: .png/.jpg/.webp/.bmp for images, .mp4/.gif for videos [default: out.png, out.mp4 for video models].")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N, or per stage: encoder=cpu,dit=cuda:0,decoder=cuda:0.")
 @click.option("--instances", default="encoder=1,dit=1,decoder=1", show_default=True, help="Worker processes per stage.")
+@click.option("--devices", default=None, help="A pool of devices for --placement: cuda:N, cpu, or CPU core sets cpu:A-B (e.g. cpu:0,cpu:1) [default: the placement's devices].")
+@click.option("--placement", default=None, help="The stages of each device, one worker per device and stage: cpu:0=encoder+decoder,cpu:1=dit (instead of --device/--instances).")
 @click.option("--threads", type=int, default=None, help="Torch threads per CPU worker [default: cores / CPU workers].")
 @click.option("--slot-mib", type=int, default=None, help="Transport slot size in MiB: one request's stage outputs must fit (long videos need more) [default: 16].")
 @click.option("--policy", type=click.Choice(["static", "elastic"]), default="static", show_default=True,
               help="elastic: move workers between stages on a device as the bottleneck moves (pays off for long-running engines; see `dfuse bench sweep`).")
 @click.option("-v", "--verbose", is_flag=True, help="Show worker placement, queues and engine logs.")
 def run(prompt, model, negative_prompt, steps, guidance_scale, true_cfg_scale, height, width, num_frames, fps, seed,
-        out, device, instances, threads, slot_mib, policy, verbose):
+        out, device, instances, devices, placement, threads, slot_mib, policy, verbose):
     """Generate one image (or video, with a video model) for PROMPT and write it to --out."""
     from .engine.config import TransportConfig
     from .engine.engine import Engine
@@ -66,8 +69,8 @@ def run(prompt, model, negative_prompt, steps, guidance_scale, true_cfg_scale, h
     try:
         transport = TransportConfig() if slot_mib is None else TransportConfig(slot_mib=slot_mib)
         config = EngineConfig(
-            model=model, devices=parse_devices(device), instances=parse_instances(instances), cpu_threads=threads,
-            transport=transport, policy=policy,
+            model=model, cpu_threads=threads, transport=transport, policy=policy,
+            **_device_fields(device, instances, devices, placement),
         )
         model_path = resolve_model_path(config.model)
         info = describe_model(model_path)
@@ -80,7 +83,7 @@ def run(prompt, model, negative_prompt, steps, guidance_scale, true_cfg_scale, h
     except ValueError as e:
         raise click.UsageError(_with_flag(str(e))) from None
 
-    layout = ", ".join(f"{s} x{config.instances[s]} on {config.devices[s]}" for s in STAGES)
+    layout = "; ".join(f"{d}: {'+'.join(stages)}" for d, stages in config.layout().items() if stages)
     click.echo(f"Starting stage workers: {layout} ...", err=True)
     started = time.perf_counter()
     try:
@@ -203,7 +206,23 @@ _FLAGS = {"num_inference_steps": "--steps", "guidance_scale": "--guidance-scale"
           "transport.slot_mib": "--slot-mib",
           "num_frames/height/width": "--num-frames/--height/--width",
           "height": "--height", "width": "--width", "height/width": "--height/--width", "seed": "--seed", "model": "--model", "prompt": "PROMPT",
-          "cpu_threads": "--threads", "instances": "--instances", "device": "--device", "policy": "--policy"}
+          "cpu_threads": "--threads", "instances": "--instances", "device": "--device", "policy": "--policy",
+          "devices": "--devices", "placement": "--placement"}
+
+
+def _device_fields(device: str, instances: str, devices: str | None, placement: str | None) -> dict:
+    """EngineConfig's device fields from --device/--instances, or from --devices/--placement."""
+    if placement is None and devices is None:
+        return {"devices": parse_devices(device), "instances": parse_instances(instances)}
+    if placement is None:
+        raise ValueError("placement: --devices needs --placement (the stages of each device, e.g. "
+                         "cpu:0=encoder+decoder,cpu:1=dit); placement='auto' is not available yet")
+    if device != "cpu" or instances != "encoder=1,dit=1,decoder=1":
+        raise ValueError("placement: give either --placement (with --devices) or --device/--instances, not both")
+    fields = {"placement": parse_placement(placement)}
+    if devices is not None:
+        fields["devices"] = parse_device_list(devices)
+    return fields
 
 
 def _with_flag(message: str) -> str:
@@ -211,7 +230,7 @@ def _with_flag(message: str) -> str:
     "device (encoder): ..."); say which flag that is."""
     field, sep, rest = message.partition(": ")
     name, _, qualifier = field.partition(" ")
-    flag = _FLAGS.get(field) or _FLAGS.get(name.split(".")[0])
+    flag = _FLAGS.get(field) or _FLAGS.get(name.split(".")[0].split("[")[0])
     if not (sep and flag):
         return message
     return f"{flag} {qualifier}: {rest}" if qualifier else f"{flag} ({field}): {rest}"
@@ -252,9 +271,11 @@ def _wait_interruptibly(future):
 
 def _print_stats(stats) -> None:
     click.echo(f"Model {stats.model} ({stats.family}); completed {stats.completed}, failed {stats.failed}")
-    placement = ", ".join(f"{s} x{n}" for s, n in stats.placement.items())
+    placement = "; ".join(f"{d}: {'+'.join(stages) or 'idle'}" for d, stages in stats.placement.items())
     click.echo(f"Placement ({stats.policy}): {placement}; moves {len(stats.moves)}"
                + (f", switch times {stats.switch_s} s" if stats.switch_s else ""))
+    for d in stats.devices:
+        click.echo(f"  device {d.name}: {d.kind}, {d.memory_gib:g} GiB, workers {d.workers}, moves {d.moves}")
     click.echo("Queues: " + ", ".join(f"{s} {n}" for s, n in stats.queues.items()))
     wake = stats.cpu_wake_latency_us
     click.echo("Idle CPUs: " + ("as the OS sets them (no CPU latency request)" if wake is None

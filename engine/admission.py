@@ -16,6 +16,7 @@ from pathlib import Path
 import msgspec
 
 from ..scheduler.core import STAGES
+from .config import EngineConfig, memory_of
 from .models.base import FamilySpec, ModelInfo
 from .protocol import RequestParams
 
@@ -87,17 +88,19 @@ def _shape(info: ModelInfo, params: RequestParams) -> str:
     return f"height/width: a {params.width}x{params.height}"
 
 
-def detect_budgets(devices: Mapping[str, str], limits_gib: Mapping[str, float], model_path) -> dict[str, int]:
-    """Bytes of activations each stage may use, by the device it runs on."""
-    by_device: dict[str, int] = {}
-    for device in set(devices.values()):
-        if device in limits_gib:
-            by_device[device] = int(limits_gib[device] * 2**30)
-        elif device == "cpu":
-            by_device[device] = int(_mem_available() * CPU_SHARE)
+def detect_budgets(config: EngineConfig, model_path) -> dict[str, int]:
+    """Bytes of activations each stage may use: its device's budget (every CPU device shares the
+    host's memory), the smallest where the stage runs on several devices."""
+    by_memory: dict[str, int] = {}
+    for memory in {memory_of(d) for d in config.pool}:
+        if memory in config.memory_limit_gib:
+            by_memory[memory] = int(config.memory_limit_gib[memory] * 2**30)
+        elif memory == "cpu":
+            by_memory[memory] = int(_mem_available() * CPU_SHARE)
         else:
-            by_device[device] = _gpu_budget(device, [s for s, d in devices.items() if d == device], model_path)
-    return {stage: by_device[devices[stage]] for stage in STAGES}
+            stages = [s for d, s in config.workers if d == memory]
+            by_memory[memory] = _gpu_budget(memory, list(dict.fromkeys(stages)), model_path)
+    return {stage: min(by_memory[memory_of(d)] for d in config.devices_of(stage)) for stage in STAGES}
 
 
 def _mem_available() -> int:

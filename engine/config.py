@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Mapping
+from typing import Mapping, Sequence
 
 from ..scheduler.core import STAGES
 from .checks import check_fields, checked, flag, integer, number, optional, positive
 from .cpu_affinity import usable_cpus
 from .cpu_wake import MAX_US as MAX_WAKE_LATENCY_US
+from .devices import canonical_device, device_cpus, is_cpu, place_workers
 from .elastic import ElasticConfig
 
 DEFAULT_MODEL = "tiny-sd3"
@@ -86,10 +87,18 @@ class EngineConfig:
 
     model: str = DEFAULT_MODEL
     """A built-in tiny model name (tiny-sd3) or the path of a local diffusers model folder."""
-    devices: Mapping[str, str] = field(default_factory=lambda: {s: "cpu" for s in STAGES})
-    """Device of each stage's instances: "cpu", "cuda" or "cuda:N"."""
+    devices: Mapping[str, str] | Sequence[str] | str = field(default_factory=lambda: {s: "cpu" for s in STAGES})
+    """Either the device of each stage's instances ("cpu", "cuda:N", or a mapping stage -> device),
+    or, with `placement`, the pool of devices (a list: "cuda:N", "cpu", core sets "cpu:A-B"; see
+    engine/devices.py)."""
     instances: Mapping[str, int] = field(default_factory=lambda: {s: 1 for s in STAGES})
-    """Number of worker processes per stage."""
+    """Number of worker processes per stage (without a placement)."""
+    placement: Mapping[str, Sequence[str]] | None = None
+    """Which stages each device hosts, one worker per (device, stage): {"cpu:0": ["encoder",
+    "decoder"], "cpu:1": ["dit"]}. Its devices must be in `devices` when that is a list (default:
+    the placement's own devices)."""
+    workers: tuple[tuple[str, str], ...] = field(init=False, repr=False)
+    """(device, stage) of every worker, by stage in pipeline order: derived from the above."""
     cpu_threads: int | None = field(default=None, metadata=checked(optional(integer(1, 1024), mention=False)))
     """Torch threads per CPU worker; None divides the machine's cores among the CPU workers."""
     pin_cpu_workers: bool = field(default=True, metadata=checked(flag()))
@@ -121,22 +130,20 @@ class EngineConfig:
         if not isinstance(self.model, (str, os.PathLike)) or not str(self.model):
             raise ValueError(f"model: expected a built-in name or a folder path, got {self.model!r}")
         object.__setattr__(self, "model", str(self.model))
-        devices = _per_stage("device", self.devices, str)
-        devices = {stage: check_device(f"device ({stage})", device) for stage, device in devices.items()}
-        object.__setattr__(self, "devices", MappingProxyType(devices))
-        instances = _per_stage("instances", self.instances, int)
-        for stage, count in instances.items():
-            _INSTANCES(f"instances.{stage}", count)
-        object.__setattr__(self, "instances", MappingProxyType(instances))
+        if self.placement is None and not _is_pool(self.devices):
+            self._init_stage_devices()
+        else:
+            self._init_placement()
         check_fields(self)
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ValueError(f"dtype: must be one of auto, float32, float16, bfloat16 (got {self.dtype!r})")
         if not isinstance(self.memory_limit_gib, Mapping):
             raise ValueError(f"memory_limit_gib: expected a mapping of device -> GiB, got {self.memory_limit_gib!r}")
-        limits = {_canonical_device(device): gib for device, gib in self.memory_limit_gib.items()}
+        limits = {_memory_name(device): gib for device, gib in self.memory_limit_gib.items()}
+        memories = sorted({memory_of(d) for d in self.pool})
         for device, gib in limits.items():
-            if device not in self.devices.values():
-                raise ValueError(f"memory_limit_gib: {device!r} is not a device of this engine ({sorted(set(self.devices.values()))})")
+            if device not in memories:
+                raise ValueError(f"memory_limit_gib: {device!r} is not a device of this engine ({memories})")
             _GIB(f"memory_limit_gib.{device}", gib)
         object.__setattr__(self, "memory_limit_gib", MappingProxyType(limits))
         if not isinstance(self.elastic, ElasticConfig):
@@ -145,6 +152,58 @@ class EngineConfig:
             raise ValueError(f"batching: must be a BatchConfig (got {type(self.batching).__name__})")
         if self.policy not in POLICIES:
             raise ValueError(f"policy: must be one of {', '.join(POLICIES)} (got {self.policy!r})")
+        if self.policy == "elastic" and any(len(self.devices_of(s)) > 1 for s in STAGES):
+            raise ValueError("policy: 'elastic' moves workers between the stages of one device; with a stage on "
+                             "several devices it is not supported yet (use policy='static')")
+
+    def _init_stage_devices(self) -> None:
+        """The per-stage form: `instances[stage]` workers of each stage on its one device."""
+        devices = _per_stage("device", self.devices, str)
+        devices = {stage: canonical_device(f"device ({stage})", device) for stage, device in devices.items()}
+        object.__setattr__(self, "devices", MappingProxyType(devices))
+        instances = _per_stage("instances", self.instances, int)
+        for stage, count in instances.items():
+            _INSTANCES(f"instances.{stage}", count)
+        object.__setattr__(self, "instances", MappingProxyType(instances))
+        object.__setattr__(self, "workers", tuple((devices[s], s) for s in STAGES for _ in range(instances[s])))
+
+    def _init_placement(self) -> None:
+        """The pool form: one worker per (device, stage) of the placement."""
+        if self.placement is None or self.placement == "auto":
+            raise ValueError("placement: give the stages of each device, e.g. {'cpu:0': ['encoder', 'decoder'], "
+                             "'cpu:1': ['dit']}; placement='auto' (the planner's choice) is not available yet")
+        if dict(self.instances) != {s: 1 for s in STAGES}:
+            raise ValueError("instances: not with a placement, where each (device, stage) is one worker; list a "
+                             "stage on several devices instead")
+        pool = list(self.devices) if _is_pool(self.devices) else [
+            canonical_device(f"placement ({device})", device) for device in self.placement]
+        workers = place_workers(pool, self.placement)
+        object.__setattr__(self, "devices", tuple(canonical_device(f"devices[{i}]", d) for i, d in enumerate(pool)))
+        object.__setattr__(self, "workers", workers)
+        object.__setattr__(self, "instances", MappingProxyType({s: sum(w == s for _, w in workers) for s in STAGES}))
+
+    @property
+    def pool(self) -> tuple[str, ...]:
+        """Every device of this engine (those of the per-stage form, or the pool's)."""
+        if isinstance(self.devices, tuple):
+            return self.devices
+        return tuple(dict.fromkeys(self.devices.values()))
+
+    def devices_of(self, stage: str) -> list[str]:
+        """The devices that host `stage`, in pool order."""
+        return list(dict.fromkeys(d for d, s in self.workers if s == stage))
+
+    def stage_device(self, stage: str) -> str:
+        """The one device of `stage` (the per-stage form, or a pool where it has one device)."""
+        (device,) = self.devices_of(stage)
+        return device
+
+    def layout(self) -> dict[str, list[str]]:
+        """Device -> the stages of its workers, in pipeline order (a stage repeats per instance)."""
+        hosts: dict[str, list[str]] = {d: [] for d in self.pool}
+        for device, stage in self.workers:
+            hosts[device].append(stage)
+        return hosts
 
     def slots_per_worker(self, stage: str) -> int:
         """Output slots of a `stage` worker, at least transport.slots_per_worker:
@@ -157,7 +216,7 @@ class EngineConfig:
         # (which stays through moves) is sized for the most demanding of them.
         stages = [stage]
         if self.policy == "elastic":
-            stages = [s for s in STAGES if self.devices[s] == self.devices[stage]]
+            stages = [s for s in STAGES if self.stage_device(s) == self.stage_device(stage)]
         needed = self.transport.slots_per_worker
         for s in stages:
             limit = self.batching.batch_limit(s)
@@ -175,22 +234,31 @@ class EngineConfig:
         consumer = STAGES[index + 1]
         if self.policy != "elastic":
             return self.instances[consumer]
-        device = self.devices[consumer]
-        sharing = [s for s in STAGES if self.devices[s] == device]
+        device = self.stage_device(consumer)
+        sharing = [s for s in STAGES if self.stage_device(s) == device]
         return max(self.instances[consumer], sum(self.instances[s] for s in sharing) - (len(sharing) - 1))
 
-    def threads_per_worker(self) -> int:
+    def threads_per_worker(self, device: str = "cpu") -> int:
+        """Torch threads of a CPU worker on `device`: cpu_threads if set; on a core set, one per
+        core; on `cpu`, the cores this process may use divided among the `cpu` workers."""
         if self.cpu_threads is not None:
             return self.cpu_threads
-        cpu_workers = sum(n for s, n in self.instances.items() if self.devices[s] == "cpu")
+        cores = device_cpus(device)
+        if cores:
+            return len(cores)
+        cpu_workers = sum(d == "cpu" for d, _ in self.workers)
         return max(1, len(usable_cpus()) // max(1, cpu_workers))
 
     def torch_dtype(self, device: str):
         import torch
 
         if self.dtype == "auto":
-            return torch.float32 if device == "cpu" else torch.bfloat16
+            return torch.float32 if is_cpu(device) else torch.bfloat16
         return getattr(torch, self.dtype)
+
+    def itemsizes(self) -> dict[str, int]:
+        """Bytes per element of each stage's activations (the largest where devices differ)."""
+        return {s: max(self.torch_dtype(d).itemsize for d in self.devices_of(s)) for s in STAGES}
 
 
 def parse_devices(text: str) -> str | dict[str, str]:
@@ -232,25 +300,17 @@ def _per_stage(name: str, value, kind: type, defaults: Mapping | None = None) ->
     return {s: value.get(s, defaults[s] if defaults else default) for s in STAGES}
 
 
-def _canonical_device(device):
-    """'cuda' means the first GPU, as in torch; spelled out, so that every process, every
-    comparison of two stages' devices and `torch.cuda.set_device` see one name for it."""
-    return "cuda:0" if device == "cuda" else device
+def memory_of(device: str) -> str:
+    """The memory a device's activations come from: every CPU device shares the host's ("cpu")."""
+    return "cpu" if is_cpu(device) else device
 
 
-def check_device(name: str, device: str) -> str:
-    """The device, checked and in its canonical form."""
+def _memory_name(device) -> str:
+    """A memory_limit_gib key as memory_of names it ("cuda" is "cuda:0", a core set "cpu")."""
     if not isinstance(device, str):
-        raise ValueError(f"{name}: must be 'cpu', 'cuda' or 'cuda:N' (got {device!r})")
-    if device == "cpu":
         return device
-    kind, _, index = device.partition(":")
-    if kind != "cuda" or (index and not index.isdecimal()):
-        raise ValueError(f"{name}: must be 'cpu', 'cuda' or 'cuda:N' (got {device!r})")
-    import torch
+    return "cuda:0" if device == "cuda" else memory_of(device)
 
-    count = torch.cuda.device_count()
-    if count == 0 or int(index or 0) >= count:
-        available = ", ".join(["cpu"] + [f"cuda:{i}" for i in range(count)])
-        raise ValueError(f"{name}: {device!r} is not available here; available devices: {available}")
-    return _canonical_device(device)
+
+def _is_pool(devices) -> bool:
+    return isinstance(devices, Sequence) and not isinstance(devices, (str, bytes))

@@ -35,6 +35,8 @@ from ..scheduler.core import STAGES
 from . import protocol as wire
 from .protocol import WorkerSpec
 from .config import EngineConfig
+from .devices import describe_device, torch_device
+from .dispatch import earliest_finish, observe
 from .batching import select_batch, should_wait
 from .completions import Completions, resolve
 from .elastic import Elastic
@@ -109,9 +111,10 @@ class EngineCore(WorkerRecovery):
         self._poller.register(self._wake_pull, zmq.POLLIN)
 
     def _init_workers(self) -> None:
-        self.links = choose_links(self.config.devices)
-        self.workers: dict[int, Worker] = build_workers(self.config, self.links, self.segment_prefix)
+        self.links = choose_links(self.config.workers)
+        self.workers: dict[int, Worker] = build_workers(self.config, self.segment_prefix)
         self.cpu_pinning = pin_cpu_workers(self.config, self.workers)  # before any worker spawns
+        self._devices = {device: describe_device(device) for device in self.config.pool}
         self._elastic = self._init_elastic() if self.config.policy == "elastic" else None
 
     def _init_elastic(self) -> Elastic:
@@ -121,7 +124,7 @@ class EngineCore(WorkerRecovery):
                 f"policy: 'elastic' cannot move workers {fixed}: they hand their outputs over in GPU memory "
                 f"(links {self.links}), and moving such a worker is not supported yet; use policy='static'")
         return Elastic(self.config.elastic, {w.id: w.device for w in self.workers.values()},
-                       dict(self.config.devices), self._true_cfg)
+                       {s: self.config.stage_device(s) for s in STAGES}, self._true_cfg)
 
     # --- called from other threads -----------------------------------------------------------
     def start(self) -> None:
@@ -133,7 +136,7 @@ class EngineCore(WorkerRecovery):
     def move(self, worker_id: int, stage: str) -> None:
         """Restart worker `worker_id` as a `stage` worker on the same device, losing nothing:
         it takes no new work, finishes what it holds, stops, and comes back in its new role."""
-        check_move(self.workers, self.config.devices, worker_id, stage)
+        check_move(self.workers, self.config, worker_id, stage)
         self._post(("move", (worker_id, stage)))
 
     def close(self, timeout: float = 30.0) -> None:
@@ -145,7 +148,7 @@ class EngineCore(WorkerRecovery):
         decisions = list(self._elastic.decisions[-20:]) if self._elastic else []
         hold = self._host.cpu_wake
         return self._stats.snapshot(
-            self.workers.values(), self._queues, self.links, self.config.policy, decisions, model=model,
+            self.workers.values(), self._queues, self.links, self.config.policy, decisions, self._devices, model=model,
             family=family, cpu_wake_latency_us=hold.max_us if hold is not None and hold.held else None,
             cpu_pinning=self.cpu_pinning,
         )
@@ -220,7 +223,7 @@ class EngineCore(WorkerRecovery):
 
     def _start_move(self, worker_id: int, stage: str, reason: str) -> None:
         try:
-            check_move(self.workers, self.config.devices, worker_id, stage)  # again: things may have changed since it was asked
+            check_move(self.workers, self.config, worker_id, stage)  # again: things may have changed since it was asked
         except ValueError as e:
             log.warning("move of worker %d to %s dropped: %s", worker_id, stage, e)
             return
@@ -334,6 +337,7 @@ class EngineCore(WorkerRecovery):
             message.timings.batch_size,
         )
         self._stats.stage_times[worker.stage].append(message.timings.compute_s)
+        worker.task_s = observe(worker.task_s, message.timings.compute_s)
         if self._elastic:
             # The cost model is per request: a batch's time is shared by its requests.
             per_request = message.timings.compute_s / max(1, message.timings.batch_size)
@@ -418,13 +422,13 @@ class EngineCore(WorkerRecovery):
         return batch
 
     def _pick_worker(self, stage: str) -> Worker | None:
-        """The ready instance with the fewest tasks in flight that has a free output slot."""
-        candidates = [
+        """Of the ready instances with a free output slot, the one predicted to finish first
+        (engine/dispatch.py)."""
+        return earliest_finish([
             w for w in self.workers.values()
             if w.stage == stage and w.ready and w.moving_to is None and w.pool.free and not w.outbox
             and len(w.batches) < self.config.max_inflight_per_worker
-        ]
-        return min(candidates, key=lambda w: (len(w.batches), len(w.inflight), w.id), default=None)
+        ])
 
     def _send_batch(self, worker: Worker, batch: list[Request]) -> bool:
         """Hand `batch` to `worker` as one task (a plain StageTask when it holds one request),
@@ -512,9 +516,9 @@ class EngineCore(WorkerRecovery):
         worker.socket.setsockopt(zmq.LINGER, 0)
         worker.socket.bind(endpoint)
         spec = WorkerSpec(
-            worker_id=worker.id, stage=worker.stage, model_path=str(self.model_path), device=worker.device,
+            worker_id=worker.id, stage=worker.stage, model_path=str(self.model_path), device=torch_device(worker.device),
             dtype=str(self.config.torch_dtype(worker.device)).removeprefix("torch."),
-            cpu_threads=self.config.threads_per_worker(), task_endpoint=endpoint,
+            cpu_threads=self.config.threads_per_worker(worker.device), task_endpoint=endpoint,
             result_endpoint=self._host.endpoint("results"), engine_pid=os.getpid(),
             segment_prefix=self.segment_prefix, run_dir=self.run_dir,
             gpu_pool=None if worker.pool.segment else (worker.pool.name, worker.pool.slot_bytes, worker.pool.n_slots),
@@ -553,6 +557,7 @@ class EngineCore(WorkerRecovery):
             drained = not worker.inflight and worker.pool.free == worker.pool.n_slots
             if worker.moving_to is not None and worker.ready and drained:
                 worker.stage, worker.moving_to, worker.ready = worker.moving_to, None, False
+                worker.task_s = None  # its speed at the old stage says nothing of the new one
                 worker.pool_info = None
                 self._send_control(worker, wire.Become(worker.stage))
 

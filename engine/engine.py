@@ -8,7 +8,7 @@ import weakref
 from concurrent.futures import CancelledError, Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, Sequence
 
 from PIL import Image
 
@@ -54,24 +54,33 @@ class Engine:
         device: str | Mapping[str, str] = "cpu",
         instances: Mapping[str, int] | None = None,
         *,
+        devices: Sequence[str] | None = None,
+        placement: Mapping[str, Sequence[str]] | None = None,
         cpu_threads: int | None = None,
         dtype: str = "auto",
         policy: str = "static",
         config: EngineConfig | None = None,
     ):
+        """`device` + `instances`: that many workers of each stage on its one device; or a pool
+        of `devices` (["cpu:0", "cpu:1"], ["cuda:0", ..., "cuda:7"]) with a `placement` that
+        names each device's stages ({"cpu:0": ["encoder", "decoder"], "cpu:1": ["dit"]}: one
+        worker per device and stage; engine/devices.py)."""
         if config is not None and not isinstance(config, EngineConfig):
             raise ValueError(f"config: must be an EngineConfig (got {type(config).__name__})")
-        given = (model, device, instances, cpu_threads, dtype, policy)
-        if config is not None and given != (None, "cpu", None, None, "auto", "static"):
-            raise ValueError("config: pass either config= or model/device/instances/cpu_threads/dtype/policy, not both")
+        given = (model, device, instances, devices, placement, cpu_threads, dtype, policy)
+        if config is not None and given != (None, "cpu", None, None, None, None, "auto", "static"):
+            raise ValueError("config: pass either config= or model/device/instances/devices/placement/cpu_threads/"
+                             "dtype/policy, not both")
         if config is None:
+            pool = {} if devices is None and placement is None else {"placement": placement}
             config = EngineConfig(
                 model=DEFAULT_MODEL if model is None else model,
-                devices=device,
+                devices=devices if devices is not None else device,
                 instances=instances if instances is not None else {s: 1 for s in STAGES},
                 cpu_threads=cpu_threads,
                 dtype=dtype,
                 policy=policy,
+                **pool,
             )
         self.config = config
         self._init_model()
@@ -97,7 +106,7 @@ class Engine:
             self.close()
             raise RuntimeError(error)
         # Measured now that the workers hold their weights (see engine/admission.py).
-        budgets = detect_budgets(self.config.devices, self.config.memory_limit_gib, self.model_path)
+        budgets = detect_budgets(self.config, self.model_path)
         self._inputs.budgets = budgets
         # A batch's summed activation estimate must fit its device's budget (or the set cap).
         cap_gib = self.config.batching.max_batch_gib

@@ -35,8 +35,7 @@ class InputProcessor:
 
     @classmethod
     def for_config(cls, config: EngineConfig, info: ModelInfo, family: FamilySpec) -> "InputProcessor":
-        itemsizes = {s: config.torch_dtype(d).itemsize for s, d in config.devices.items()}
-        return cls(info, family, config.transport.slot_bytes, itemsizes, config.batching.enabled)
+        return cls(info, family, config.transport.slot_bytes, config.itemsizes(), config.batching.enabled)
 
     def params(self, prompt, negative_prompt=None, num_inference_steps=None, guidance_scale=None, height=None,
                width=None, seed=None, true_cfg_scale=None, num_frames=None) -> list[RequestParams]:

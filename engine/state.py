@@ -92,6 +92,7 @@ class Worker:
     restarts: int = 0
     load_deaths: int = 0  # deaths in a row before READY (a replacement killed while loading)
     load_s: float = 0.0
+    task_s: float | None = None  # its moving average of seconds per task (engine/dispatch.py)
     died_at: float | None = None  # monotonic time its death was noticed, until its replacement is READY
     moving_to: str | None = None  # draining before it switches to this stage
     switch_started: float | None = None  # a move's start, until the new stage is READY

@@ -50,11 +50,21 @@ class StageTimes(_Snapshot):
     p90: float | None
 
 
+class DeviceStats(_Snapshot):
+    name: str  # as in the placement: "cuda:0", "cpu", "cpu:0-1"
+    kind: str  # what it is: the GPU's name, or the host's cores
+    memory_gib: float  # its memory (a CPU device: the host's, shared with the others)
+    workers: list[int]  # ids of the workers on it now
+    moves: int  # moves of its workers between stages so far
+
+
 class EngineStats(_Snapshot):
     model: str  # the model's folder, or its synthetic spec
     family: str
     policy: str
-    placement: dict[str, int]  # workers per stage
+    placement: dict[str, list[str]]  # device -> the stages of its workers, in pipeline order
+    instances: dict[str, int]  # workers per stage
+    devices: list[DeviceStats]
     uptime_s: float
     moves: list[Move]  # every accepted move, oldest first
     decisions: list[dict]  # the elastic controller's latest decisions (engine/elastic.py)
@@ -92,13 +102,24 @@ class StatsRecorder:
         self.moves.append(Move(t_s=round(at - self.started, 3), worker=worker_id, from_stage=source,
                                to_stage=target, reason=reason))
 
-    def snapshot(self, workers, queues, links, policy: str, decisions: list, **engine) -> EngineStats:
-        """engine: the fields the engine core does not count itself (model, family, CPU settings)."""
+    def snapshot(self, workers, queues, links, policy: str, decisions: list, devices: dict[str, tuple[str, float]],
+                 **engine) -> EngineStats:
+        """devices: each device's (kind, memory in GiB), in pool order; engine: the fields the
+        engine core does not count itself (model, family, CPU settings)."""
         workers = list(workers)
+        by_device = {d: [w for w in workers if w.device == d] for d in devices}
+        by_id = {w.id: w.device for w in workers}
         return EngineStats(
             **engine,
             policy=policy,
-            placement={stage: sum(w.stage == stage for w in workers) for stage in STAGES},
+            placement={d: [w.stage for w in sorted(ws, key=lambda w: (STAGES.index(w.stage), w.id))]
+                       for d, ws in by_device.items()},
+            instances={stage: sum(w.stage == stage for w in workers) for stage in STAGES},
+            devices=[
+                DeviceStats(name=d, kind=kind, memory_gib=memory, workers=[w.id for w in by_device[d]],
+                            moves=sum(by_id.get(m.worker) == d for m in self.moves))
+                for d, (kind, memory) in devices.items()
+            ],
             uptime_s=round(time.monotonic() - self.started, 3),
             moves=list(self.moves),
             decisions=decisions,

@@ -3,11 +3,12 @@ move between stages must keep. Decided in the engine process, before and while t
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Sequence
 
 from ..scheduler.core import STAGES
 from .config import EngineConfig
 from .cpu_affinity import describe, openmp_affinity, physical_cores, plan, usable_cpus
+from .devices import device_cpus
 from .state import Worker
 from .transport.base import choose_link, cuda_peer_access, pool_kind, probe_places
 from .transport.slots import SlotPool
@@ -15,49 +16,70 @@ from .transport.slots import SlotPool
 _CONSUMERS = {stage: STAGES[i + 1] for i, stage in enumerate(STAGES[:-1])}
 
 
-def choose_links(devices: Mapping[str, str]) -> dict[str, str]:
+def choose_links(workers: Sequence[tuple[str, str]]) -> dict[str, str]:
     """The transport of every stage pair ("encoder->dit": "shm" | "cuda_ipc" | ...), probed from
-    where each side lives; the last stage hands its pixels to the engine on the host."""
-    places = probe_places(devices.values())
-    links = {
-        f"{stage}->{consumer}": choose_link(places[devices[stage]], places[devices[consumer]], cuda_peer_access)
-        for stage, consumer in _CONSUMERS.items()
-    }
+    where each side lives; where a pair's workers sit on several devices, the links it uses
+    ("cuda_ipc+host_staged"). The last stage hands its pixels to the engine on the host."""
+    places = probe_places(device for device, _ in workers)
+    links = {}
+    for stage, consumer in _CONSUMERS.items():
+        kinds = {_link(places, producer, reader) for producer in _devices(workers, stage)
+                 for reader in _devices(workers, consumer)}
+        links[f"{stage}->{consumer}"] = "+".join(sorted(kinds))
     links[f"{STAGES[-1]}->engine"] = "shm"
     return links
 
 
-def build_workers(config: EngineConfig, links: Mapping[str, str], segment_prefix: str) -> dict[int, Worker]:
-    """Every configured instance, with the output pool its link needs: host pools are created
-    here (the engine owns them); a GPU pool is allocated by its worker on its device."""
+def build_workers(config: EngineConfig, segment_prefix: str) -> dict[int, Worker]:
+    """Every configured worker, with the output pool its links need: its pool is on its GPU only
+    when every consumer can map GPU memory (same GPU, or peer access); host pools are created
+    here (the engine owns them), a GPU pool is allocated by its worker on its device."""
+    places = probe_places(device for device, _ in config.workers)
     workers: dict[int, Worker] = {}
-    for stage in STAGES:
-        link = links[f"{stage}->{_CONSUMERS.get(stage, 'engine')}"]
-        for _ in range(config.instances[stage]):
-            worker_id = len(workers)
-            name, size = f"{segment_prefix}w{worker_id}", config.transport.slot_bytes
-            count = config.slots_per_worker(stage)
-            if pool_kind([link]) == "cuda":
-                pool = SlotPool(name, size, count)
-            else:
-                pool = SlotPool.create_host(name, size, count)
-            workers[worker_id] = Worker(worker_id, stage, config.devices[stage], pool)
+    for device, stage in config.workers:
+        worker_id = len(workers)
+        consumers = _devices(config.workers, _CONSUMERS[stage]) if stage in _CONSUMERS else []
+        links = [_link(places, device, reader) for reader in consumers] or ["shm"]
+        name, size = f"{segment_prefix}w{worker_id}", config.transport.slot_bytes
+        count = config.slots_per_worker(stage)
+        if pool_kind(links) == "cuda":
+            pool = SlotPool(name, size, count)
+        else:
+            pool = SlotPool.create_host(name, size, count)
+        workers[worker_id] = Worker(worker_id, stage, device, pool)
     return workers
+
+
+def _devices(workers: Sequence[tuple[str, str]], stage: str) -> list[str]:
+    return list(dict.fromkeys(d for d, s in workers if s == stage))
+
+
+def _link(places, producer: str, consumer: str) -> str:
+    return choose_link(places[producer], places[consumer], cuda_peer_access)
 
 
 def pin_cpu_workers(config: EngineConfig, workers: Mapping[int, Worker]) -> str:
     """Cores of their own for the CPU workers, when they all fit (engine/cpu_affinity.py), set
     as `Worker.cpus`; returns one line for users: where they run, and why there. A worker keeps
     its cores through restarts and moves: they are its, not its stage's."""
-    cpu_workers = [w for w in workers.values() if w.device == "cpu"]
-    if not cpu_workers:
-        return "no CPU workers"
+    on_core_sets = [w for w in workers.values() if device_cpus(w.device)]
+    for worker in on_core_sets:  # a core-set device is its cores: always pinned there
+        worker.cpus = device_cpus(worker.device)
+    parts = []
+    if any(w.device == "cpu" for w in workers.values()):
+        parts.append(_pin_whole_host_workers(config, [w for w in workers.values() if w.device == "cpu"]))
+    if on_core_sets:
+        parts.append("on their devices' cores: " + ", ".join(f"worker {w.id} on {describe(w.cpus)}" for w in on_core_sets))
+    return "; ".join(parts) or "no CPU workers"
+
+
+def _pin_whole_host_workers(config: EngineConfig, cpu_workers: list[Worker]) -> str:
     if not config.pin_cpu_workers:
         return "left to the OS (pin_cpu_workers=False)"
     openmp = openmp_affinity()
     if openmp:
         return f"left to OpenMP's own placement ({openmp} is set)"
-    threads, cpus = config.threads_per_worker(), usable_cpus()
+    threads, cpus = config.threads_per_worker("cpu"), usable_cpus()
     blocks = plan([threads] * len(cpu_workers), physical_cores(cpus))
     if blocks is None:
         return (f"left to the OS: {len(cpu_workers)} CPU workers x {threads} thread(s) need more than the "
@@ -67,7 +89,7 @@ def pin_cpu_workers(config: EngineConfig, workers: Mapping[int, Worker]) -> str:
     return "pinned, cores of their own: " + ", ".join(f"worker {w.id} on {describe(w.cpus)}" for w in cpu_workers)
 
 
-def check_move(workers: Mapping[int, Worker], devices: Mapping[str, str], worker_id: int, stage: str) -> None:
+def check_move(workers: Mapping[int, Worker], config: EngineConfig, worker_id: int, stage: str) -> None:
     """ValueError, naming the field, unless worker `worker_id` may move to `stage` now."""
     worker = workers.get(worker_id)
     if worker is None:
@@ -80,9 +102,9 @@ def check_move(workers: Mapping[int, Worker], devices: Mapping[str, str], worker
         raise ValueError(f"stage: worker {worker_id} already serves {stage}")
     if worker.pool.segment is None:
         raise ValueError(f"worker_id: worker {worker_id} keeps its outputs on its GPU; moving it is not supported yet")
-    if worker.device != devices[stage]:
+    if worker.device not in config.devices_of(stage):
         raise ValueError(f"stage: worker {worker_id} runs on {worker.device} but {stage} runs on "
-                         f"{devices[stage]}; moves across devices are not supported yet")
+                         f"{', '.join(config.devices_of(stage))}; moves across devices are not supported yet")
     staying = [w for w in workers.values() if w.stage == worker.stage and w.moving_to is None]
     if len(staying) == 1:
         raise ValueError(f"worker_id: worker {worker_id} is the last {worker.stage} worker; moving it would stall every request")

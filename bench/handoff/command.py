@@ -46,7 +46,8 @@ import torch
 import zmq
 
 from ...engine import protocol as wire
-from ...engine.config import TransportConfig, check_device
+from ...engine.config import TransportConfig
+from ...engine.devices import canonical_device
 from ...engine.cpu_wake import current_limit_us
 from ...engine.host_resources import HostResources
 from ...engine.transport.endpoint import Endpoint
@@ -275,7 +276,7 @@ def handoff_command(sizes, device, out):
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     try:
-        device = check_device("--device", device)
+        device = canonical_device("--device", device)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     try:

@@ -56,7 +56,7 @@ class EngineRunner:
         workers = stats.workers
         self.pids.update(w.pid for w in workers if w.pid)  # replacements after a crash too
         return {
-            "placement": dict(stats.placement),
+            "placement": dict(stats.instances),
             "queues": dict(stats.queues),
             "inflight": {s: sum(w.inflight for w in workers if w.stage == s) for s in STAGES},
             "moving": sum(w.get("moving_to") is not None for w in workers),
@@ -66,7 +66,7 @@ class EngineRunner:
         stats = self.engine.stats()
         leaks = close_and_check(self.engine, self.pids)
         return {"moves": [m.to_dict() for m in stats.moves], "decisions": list(stats.decisions),
-                "placement_end": dict(stats.placement),
+                "placement_end": dict(stats.instances),
                 "switch_s": list(stats.switch_s), "startup_s": self.startup_s,
                 "restarts": sum(w.restarts for w in stats.workers), **leaks}
 

@@ -61,10 +61,11 @@ def pool_kind(links: Iterable[str]) -> str:
 
 
 def probe_places(devices: Iterable[str]) -> dict[str, Place]:
-    """Identify the devices the stages use; CUDA is only touched if a stage asked for it."""
+    """Identify the devices the stages use; CUDA is only touched if a stage asked for it. Every
+    CPU device ("cpu", a core set "cpu:0-3") is the host."""
     places = {}
     for device in set(devices):
-        if device == "cpu":
+        if device.startswith("cpu"):
             places[device] = Place("cpu")
         else:
             index = torch.device(device).index or 0

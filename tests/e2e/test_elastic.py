@@ -68,7 +68,7 @@ def test_elastic_moves_toward_the_new_bottleneck_and_not_while_steady():
         assert moves, "no move within 40 controller intervals of the shift"
         assert (moves[0].from_stage, moves[0].to_stage) == ("dit", "decoder")
         assert moves[0].reason == "elastic"
-        assert wait_until(lambda: engine.stats().placement == {"encoder": 1, "dit": 1, "decoder": 2}, 30)
+        assert wait_until(lambda: engine.stats().instances == {"encoder": 1, "dit": 1, "decoder": 2}, 30)
         # It keeps serving the new mix on the new placement: no move back.
         load.feed(rate=12, seconds=3, **DECODER_BOUND)
         served = load.check_all()
@@ -89,7 +89,8 @@ def test_static_policy_never_moves():
         served = load.check_all()
         stats = engine.stats()
         assert stats.moves == [] and stats.policy == "static"
-        assert stats.placement == {"encoder": 1, "dit": 2, "decoder": 1}
+        assert stats.instances == {"encoder": 1, "dit": 2, "decoder": 1}
+        assert stats.placement == {"cpu": ["encoder", "dit", "dit", "decoder"]}
         # Per-stage timings of the recent tasks: the 128 px decode (~120 ms) dwarfs the encode (5 ms).
         assert all(stats.stage_ms[s].tasks == served for s in ("encoder", "dit", "decoder"))
         assert stats.stage_ms["decoder"].p50 > stats.stage_ms["encoder"].p50
@@ -106,5 +107,5 @@ def test_a_worker_killed_while_switching_comes_back_in_its_new_stage():
         feeder.join()
         load.check_all()
         assert wait_until(lambda: engine.stats().workers[2].ready, 60)
-        assert engine.stats().placement == {"encoder": 1, "dit": 1, "decoder": 2}
+        assert engine.stats().instances == {"encoder": 1, "dit": 1, "decoder": 2}
         assert engine.stats().failed == 0

@@ -82,7 +82,7 @@ def workers_on(monkeypatch):
         prefix = new_segment_prefix()
         made.append(prefix)
         config = EngineConfig(model="synthetic:encoder=1ms,dit=1ms,decoder=1ms", **config)
-        workers = build_workers(config, {"encoder->dit": "shm", "dit->decoder": "shm", "decoder->engine": "shm"}, prefix)
+        workers = build_workers(config, prefix)
         return pin_cpu_workers(config, workers), workers
 
     yield build

@@ -1,0 +1,158 @@
+"""Devices and placements: the pool of devices an engine may use, and the stages each one hosts.
+
+A device is `cuda:N` (one GPU), `cpu` (the whole host: workers' threads placed by the OS, or
+pinned when they fit, engine/cpu_affinity.py), or a CPU core set `cpu:A`, `cpu:A-B`, `cpu:A,B`
+(logical CPUs: its workers run on exactly those cores, with one torch thread per core). Two
+one-core devices behave like two small GPUs, which makes placements testable on a CPU machine.
+
+A placement maps each device to the stages it hosts: one worker per (device, stage).
+
+    {"cpu:0": ["encoder", "decoder"], "cpu:1": ["dit"]}     encoder and decoder share core 0
+    {"cuda:0": ["encoder", "dit", "decoder"], "cuda:1": ["dit"]}   a DiT on each GPU
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+
+from ..scheduler.core import STAGES
+from .cpu_affinity import describe, usable_cpus
+
+FUSED = "+"  # "encoder+dit+decoder": one process for the whole pipeline (not served yet)
+
+
+def canonical_device(field: str, device) -> str:
+    """The device in its one spelling ("cuda" -> "cuda:0", "cpu:1,0" -> "cpu:0-1"), checked to
+    exist here; ValueError naming `field` otherwise."""
+    if not isinstance(device, str):
+        raise ValueError(f"{field}: must be 'cpu', 'cuda' or 'cuda:N', or a core set 'cpu:A-B' (got {device!r})")
+    kind, sep, rest = device.strip().partition(":")
+    if kind == "cpu":
+        return "cpu" if not sep else f"cpu:{describe(_core_set(field, device, rest))}"
+    if kind != "cuda" or (rest and not rest.isdecimal()):
+        raise ValueError(f"{field}: must be 'cpu', 'cuda' or 'cuda:N', or a core set 'cpu:A-B' (got {device!r})")
+    import torch
+
+    count = torch.cuda.device_count()
+    if count == 0 or int(rest or 0) >= count:
+        available = ", ".join(["cpu"] + [f"cuda:{i}" for i in range(count)])
+        raise ValueError(f"{field}: {device!r} is not available here; available devices: {available}")
+    return f"cuda:{int(rest or 0)}"
+
+
+def _core_set(field: str, device: str, text: str) -> tuple[int, ...]:
+    cores: set[int] = set()
+    for part in text.split(","):
+        low, dash, high = part.strip().partition("-")
+        if not low.isdecimal() or (dash and not high.isdecimal()):
+            raise ValueError(f"{field}: {device!r} is not a core set; write cpu:A, cpu:A-B or cpu:A,B")
+        cores.update(range(int(low), int(high if dash else low) + 1))
+    allowed = usable_cpus()
+    outside = sorted(cores - set(allowed))
+    if not cores or outside:
+        raise ValueError(f"{field}: {device!r} names CPUs {describe(outside) or 'none'} that this process may not "
+                         f"use; usable CPUs: {describe(allowed)}")
+    return tuple(sorted(cores))
+
+
+def device_cpus(device: str) -> tuple[int, ...] | None:
+    """The cores of a core-set device (canonical form); None for `cpu` and GPUs."""
+    if not device.startswith("cpu:"):
+        return None
+    cores: list[int] = []
+    for part in device.removeprefix("cpu:").split(","):
+        low, _, high = part.partition("-")
+        cores += range(int(low), int(high or low) + 1)
+    return tuple(cores)
+
+
+def torch_device(device: str) -> str:
+    """What torch calls it: every CPU device is "cpu"."""
+    return "cpu" if device.startswith("cpu") else device
+
+
+def is_cpu(device: str) -> bool:
+    return device.startswith("cpu")
+
+
+def describe_device(device: str) -> tuple[str, float]:
+    """(what it is, its memory in GiB) for users: the GPU's name, or the host's cores."""
+    if is_cpu(device):
+        cores = device_cpus(device) or usable_cpus()
+        return f"{len(cores)} CPU core{'s' if len(cores) > 1 else ''} ({describe(cores)})", round(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30, 1)
+    import torch
+
+    properties = torch.cuda.get_device_properties(torch.device(device))
+    return properties.name, round(properties.total_memory / 2**30, 1)
+
+
+def place_workers(devices: Sequence, placement: Mapping) -> tuple[tuple[str, str], ...]:
+    """(device, stage) of every worker of `placement` over the pool `devices`, by stage in
+    pipeline order, then by device in pool order; ValueError naming `devices` or `placement`."""
+    if isinstance(devices, (str, bytes)) or not isinstance(devices, Sequence):
+        raise ValueError(f"devices: expected a list of devices such as ['cpu:0', 'cpu:1'] (got {devices!r})")
+    pool = [canonical_device(f"devices[{i}]", d) for i, d in enumerate(devices)]
+    if not pool:
+        raise ValueError("devices: the pool is empty; give at least one device")
+    if len(set(pool)) < len(pool):
+        raise ValueError(f"devices: {pool} names a device twice")
+    _check_disjoint(pool)
+    if not isinstance(placement, Mapping):
+        raise ValueError(f"placement: expected a mapping of device -> stages such as "
+                         f"{{'cpu:0': ['encoder', 'decoder'], 'cpu:1': ['dit']}} (got {placement!r})")
+    hosts: dict[str, list[str]] = {}
+    for device, stages in placement.items():
+        name = canonical_device(f"placement ({device})", device)
+        if name not in pool:
+            raise ValueError(f"placement: {device!r} is not in devices {pool}")
+        stages = [stages] if isinstance(stages, str) else stages
+        if not isinstance(stages, Sequence) or not stages:
+            raise ValueError(f"placement ({device}): expected a list of stages from {', '.join(STAGES)} (got {stages!r})")
+        for stage in stages:
+            if isinstance(stage, str) and FUSED in stage:
+                raise ValueError(f"placement ({device}): {stage!r}, the whole pipeline in one process (a fused "
+                                 "role), is not served yet; list the stages as separate workers")
+            if stage not in STAGES:
+                raise ValueError(f"placement ({device}): unknown stage {stage!r}; stages are {', '.join(STAGES)}")
+        if len(set(stages)) < len(stages):
+            raise ValueError(f"placement ({device}): {list(stages)} names a stage twice (one worker per device and stage)")
+        hosts[name] = list(stages)
+    missing = [s for s in STAGES if not any(s in stages for stages in hosts.values())]
+    if missing:
+        raise ValueError(f"placement: no device hosts the {', '.join(missing)} stage; every stage needs one")
+    return tuple((device, stage) for stage in STAGES for device in pool if stage in hosts.get(device, ()))
+
+
+def _check_disjoint(pool: list[str]) -> None:
+    """Core sets are devices of their own only if they share no core with another CPU device."""
+    owner: dict[int, str] = {}
+    for device in pool:
+        cores = device_cpus(device) or (usable_cpus() if device == "cpu" else ())
+        for core in cores:
+            if core in owner:
+                raise ValueError(f"devices: {owner[core]} and {device} share CPU {core}; CPU devices must not overlap")
+            owner[core] = device
+
+
+def parse_device_list(text: str) -> list[str]:
+    """The CLI form "cpu:0,cpu:1,cuda:0" (a core set's own commas stay with it: "cpu:0,1,cuda:0")."""
+    devices: list[str] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        if devices and devices[-1].startswith("cpu:") and part[0].isdecimal():
+            devices[-1] += f",{part}"
+        else:
+            devices.append(part)
+    return devices
+
+
+def parse_placement(text: str) -> dict[str, list[str]]:
+    """The CLI form "cpu:0=encoder+decoder,cpu:1=dit" -> {"cpu:0": ["encoder", "decoder"], ...}."""
+    placement: dict[str, list[str]] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        device, sep, stages = part.rpartition("=")
+        if not sep or not device:
+            raise ValueError(f"placement: expected device=stage+stage pairs like cpu:0=encoder+decoder,cpu:1=dit "
+                             f"(got {part!r})")
+        placement.setdefault(device.strip(), []).extend(s.strip() for s in stages.split("+"))
+    return placement
