@@ -107,3 +107,7 @@ bench.add_command(sweep_command)
 from .batching import batching_command  # noqa: E402
 
 bench.add_command(batching_command)
+
+from .dispatch import dispatch_command  # noqa: E402
+
+bench.add_command(dispatch_command)

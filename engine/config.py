@@ -17,6 +17,7 @@ from .elastic import ElasticConfig
 DEFAULT_MODEL = "tiny-sd3"
 MAX_INSTANCES = 64
 POLICIES = ("static", "elastic")
+DISPATCH_RULES = ("earliest-finish", "fewest-in-flight")
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,10 @@ class EngineConfig:
     policy: str = "static"
     """static: workers keep their stage. elastic: the engine moves workers between stages on one
     device as the workload's bottleneck moves (scheduler/controller.py on live statistics)."""
+    dispatch: str = "earliest-finish"
+    """Which worker of a stage takes its next task: earliest-finish (predicted from each worker's
+    measured speed, engine/dispatch.py) or fewest-in-flight (blind to speed: the baseline
+    `dfuse bench dispatch` compares it with)."""
     elastic: ElasticConfig = field(default_factory=ElasticConfig)
     """How the elastic policy watches and decides (used with policy="elastic")."""
     batching: BatchConfig = field(default_factory=BatchConfig)
@@ -152,6 +157,8 @@ class EngineConfig:
             raise ValueError(f"batching: must be a BatchConfig (got {type(self.batching).__name__})")
         if self.policy not in POLICIES:
             raise ValueError(f"policy: must be one of {', '.join(POLICIES)} (got {self.policy!r})")
+        if self.dispatch not in DISPATCH_RULES:
+            raise ValueError(f"dispatch: must be one of {', '.join(DISPATCH_RULES)} (got {self.dispatch!r})")
         if self.policy == "elastic" and any(len(self.devices_of(s)) > 1 for s in STAGES):
             raise ValueError("policy: 'elastic' moves workers between the stages of one device; with a stage on "
                              "several devices it is not supported yet (use policy='static')")

@@ -35,8 +35,9 @@ from ..scheduler.core import STAGES
 from . import protocol as wire
 from .protocol import WorkerSpec
 from .config import EngineConfig
-from .devices import describe_device, torch_device
-from .dispatch import earliest_finish, observe
+from .devices import describe_device
+from .dispatch import RULES as DISPATCH_RULES
+from .dispatch import observe
 from .batching import select_batch, should_wait
 from .completions import Completions, resolve
 from .elastic import Elastic
@@ -422,13 +423,14 @@ class EngineCore(WorkerRecovery):
         return batch
 
     def _pick_worker(self, stage: str) -> Worker | None:
-        """Of the ready instances with a free output slot, the one predicted to finish first
-        (engine/dispatch.py)."""
-        return earliest_finish([
-            w for w in self.workers.values()
-            if w.stage == stage and w.ready and w.moving_to is None and w.pool.free and not w.outbox
-            and len(w.batches) < self.config.max_inflight_per_worker
-        ])
+        """The worker the dispatch rule picks among the stage's ready ones (by default the one
+        predicted to finish first, engine/dispatch.py); None: the task waits in the queue."""
+        ready = [w for w in self.workers.values() if w.stage == stage and w.ready and w.moving_to is None]
+        return DISPATCH_RULES[self.config.dispatch](ready, self._can_take)
+
+    def _can_take(self, worker: Worker) -> bool:
+        """A free output slot, nothing waiting to reach it first, and room under its in-flight limit."""
+        return bool(worker.pool.free) and not worker.outbox and len(worker.batches) < self.config.max_inflight_per_worker
 
     def _send_batch(self, worker: Worker, batch: list[Request]) -> bool:
         """Hand `batch` to `worker` as one task (a plain StageTask when it holds one request),
@@ -516,7 +518,7 @@ class EngineCore(WorkerRecovery):
         worker.socket.setsockopt(zmq.LINGER, 0)
         worker.socket.bind(endpoint)
         spec = WorkerSpec(
-            worker_id=worker.id, stage=worker.stage, model_path=str(self.model_path), device=torch_device(worker.device),
+            worker_id=worker.id, stage=worker.stage, model_path=str(self.model_path), device=worker.device,
             dtype=str(self.config.torch_dtype(worker.device)).removeprefix("torch."),
             cpu_threads=self.config.threads_per_worker(worker.device), task_endpoint=endpoint,
             result_endpoint=self._host.endpoint("results"), engine_pid=os.getpid(),

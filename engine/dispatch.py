@@ -3,14 +3,19 @@
     predicted finish = (tasks ahead of it + 1) x its measured seconds per task
 
 Each worker's time per task is a moving average of its own StageDone timings, so a device twice
-as slow gets half the work, and a busy fast device can still beat an idle slow one. A worker not
-measured yet is assumed as fast as the measured ones (or all alike when none is): on a pool of
-equal devices this is "fewest tasks in flight", ties going to the lower id.
+as slow gets half the work, and a busy fast device can still beat an idle slow one. Only workers
+that can take a task now are considered: holding a task back for a busy fast worker would block
+the queue behind it (a lookahead that assigns the queue's tasks in order is the next step). A
+worker not measured yet is assumed as fast as the measured ones (or all alike when none is): on
+a pool of equal devices this is "fewest tasks in flight", ties going to the lower id.
+
+A rule is `rule(ready, can_take) -> worker | None`: ready, the workers of the stage that serve;
+can_take(worker), whether it may be sent a task now.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 SMOOTHING = 0.3  # weight of the newest task in a worker's moving average
 
@@ -20,14 +25,23 @@ def observe(previous: float | None, seconds: float) -> float:
     return seconds if previous is None else SMOOTHING * seconds + (1 - SMOOTHING) * previous
 
 
-def earliest_finish(candidates: Sequence):
-    """The candidate (with .task_s, .batches, .inflight, .id) predicted to finish a new task
-    first; None when there is none."""
-    known = [w.task_s for w in candidates if w.task_s is not None]
+def earliest_finish(ready: Sequence, can_take: Callable[[object], bool]):
+    """Of the ready workers (with .task_s, .batches, .inflight, .id) that can take a task now,
+    the one predicted to finish it first; None when none can."""
+    known = [w.task_s for w in ready if w.task_s is not None]
     assumed = sum(known) / len(known) if known else 1.0
 
     def finish(w) -> tuple:
         per_task = w.task_s if w.task_s is not None else assumed
         return ((len(w.batches) + 1) * per_task, len(w.batches), len(w.inflight), w.id)
 
-    return min(candidates, key=finish, default=None)
+    return min((w for w in ready if can_take(w)), key=finish, default=None)
+
+
+def fewest_in_flight(ready: Sequence, can_take: Callable[[object], bool]):
+    """Of the workers that can take a task now, the one with the fewest in flight, blind to
+    speed (the baseline rule)."""
+    return min((w for w in ready if can_take(w)), key=lambda w: (len(w.batches), len(w.inflight), w.id), default=None)
+
+
+RULES = {"earliest-finish": earliest_finish, "fewest-in-flight": fewest_in_flight}

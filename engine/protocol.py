@@ -62,7 +62,7 @@ class WorkerSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     worker_id: int
     stage: str
     model_path: str
-    device: str
+    device: str  # the engine's name of its device: "cuda:N", "cpu", a core set "cpu:0-3" (engine/devices.py)
     dtype: str  # torch dtype name
     cpu_threads: int
     task_endpoint: str  # the engine binds a PUSH socket here for this worker

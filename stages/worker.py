@@ -33,6 +33,7 @@ import zmq
 from ..engine import protocol as wire
 from ..engine.protocol import WorkerSpec
 from ..engine.cpu_affinity import pin_this_process
+from ..engine.devices import is_cpu, torch_device
 from ..engine.models.libraries import quiet_libraries
 from ..engine.transport.endpoint import Endpoint
 from ..engine.transport.shm_files import unlink_segments
@@ -56,7 +57,7 @@ def run_stage_worker(spec: WorkerSpec, death_pipe: Connection) -> None:
     logging.basicConfig(level=os.environ.get("DFUSE_LOG", "WARNING"), format=f"[{spec.stage}#{spec.worker_id}] %(message)s")
     threading.Thread(target=_watch_engine, args=(spec, death_pipe), daemon=True, name="death-watch").start()
     quiet_libraries()
-    if spec.device == "cpu":
+    if is_cpu(spec.device):
         torch.set_num_threads(spec.cpu_threads)
     else:
         torch.cuda.set_device(torch.device(spec.device))
@@ -65,7 +66,7 @@ def run_stage_worker(spec: WorkerSpec, death_pipe: Connection) -> None:
     results = context.socket(zmq.PUSH)
     results.setsockopt(zmq.LINGER, 5000)
     results.connect(spec.result_endpoint)
-    device = torch.device(spec.device)
+    device = torch.device(torch_device(spec.device))
     endpoint = Endpoint(device)
     weights.attach(spec.segment_prefix, spec.run_dir)
     try:
@@ -94,7 +95,8 @@ def load_stage(spec: WorkerSpec, kind: str):
     """Load a stage, its components from the engine's host weight cache where another worker
     already published them (stages/weights.py); publish what had to come from disk."""
     dtype = getattr(torch, spec.dtype)
-    stage = STAGE_CLASSES[kind](load_family(spec.model_path), spec.model_path, torch.device(spec.device), dtype)
+    family = load_family(spec.model_path, spec.device)
+    stage = STAGE_CLASSES[kind](family, spec.model_path, torch.device(torch_device(spec.device)), dtype)
     stage.load()
     weights.publish(stage.model, dtype)
     return stage

@@ -1,5 +1,7 @@
 """The synthetic family's spec: `synthetic:encoder=20ms,dit=100ms,decoder=60ms[,mode=sleep|burn]`
-(stages/families/synthetic.py runs it: stages that only spend time)."""
+`[,device.cpu:1=3x ...]` (stages/families/synthetic.py runs it: stages that only spend time; a
+`device.NAME=Fx` part makes every stage on that device take F times as long, as a slower GPU
+would, so heterogeneous pools can be benchmarked on alike cores)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ PREFIX = "synthetic:"
 NOMINAL_STEPS = 4
 NOMINAL_PIXELS = 64 * 64
 _COST = re.compile(r"^(\d+(?:\.\d+)?)(ms|s)$")
+_FACTOR = re.compile(r"^(\d+(?:\.\d+)?)x$")
+DEVICE_PART = "device."
 
 
 def parse_spec(spec: str) -> tuple[dict[str, float], str]:
@@ -21,6 +25,8 @@ def parse_spec(spec: str) -> tuple[dict[str, float], str]:
         if key == "mode" and value in ("sleep", "burn"):
             mode = value
             continue
+        if key.startswith(DEVICE_PART):
+            continue  # device_factors reads those
         match = _COST.match(value.strip())
         if key not in costs or not match:
             raise ValueError(
@@ -31,6 +37,21 @@ def parse_spec(spec: str) -> tuple[dict[str, float], str]:
     return costs, mode
 
 
+def device_factors(spec: str) -> dict[str, float]:
+    """`synthetic:...,device.cpu:1=3x` -> {"cpu:1": 3.0}; ValueError naming `model`."""
+    factors = {}
+    for part in filter(None, (p.strip() for p in spec.removeprefix(PREFIX).split(","))):
+        key, _, value = part.partition("=")
+        if not key.startswith(DEVICE_PART):
+            continue
+        match = _FACTOR.match(value.strip())
+        if not key.removeprefix(DEVICE_PART) or not match or float(match.group(1)) <= 0:
+            raise ValueError(f"model: bad synthetic spec part {part!r}; expected device.NAME=Fx with F > 0, "
+                             "e.g. device.cpu:1=3x")
+        factors[key.removeprefix(DEVICE_PART)] = float(match.group(1))
+    return factors
+
+
 class SyntheticSpec(FamilySpec):
     name = "synthetic"
     pipeline_class = "synthetic"
@@ -38,6 +59,7 @@ class SyntheticSpec(FamilySpec):
     def __init__(self, spec: str):
         self.spec = spec
         self.costs, self.mode = parse_spec(spec)
+        self.device_factors = device_factors(spec)
 
     def describe(self, path) -> ModelInfo:
         return ModelInfo(path=self.spec, family=self.name, pixel_multiple=16, default_size=64, max_size=1024,

@@ -19,10 +19,11 @@ FAMILIES: dict[str, type[Family]] = {
 }
 
 
-def load_family(path: str | Path) -> Family:
-    """The family that runs the model at `path` (or a `synthetic:` spec); ValueError naming `model`
-    as the engine's detection gives it."""
+def load_family(path: str | Path, device: str = "cpu") -> Family:
+    """The family that runs the model at `path` (or a `synthetic:` spec) for a worker on `device`
+    (the engine's name of it: a synthetic spec may make some devices slower); ValueError naming
+    `model` as the engine's detection gives it."""
     spec = detect_family(path)
     if isinstance(spec, SyntheticSpec):
-        return SyntheticFamily(spec.spec)
+        return SyntheticFamily(spec.spec, device)
     return FAMILIES[spec.pipeline_class]()

@@ -33,10 +33,14 @@ from .base import Family, OnStep, Tensors
 
 
 class SyntheticFamily(SyntheticSpec, Family):
+    def __init__(self, spec: str, device: str = "cpu"):
+        super().__init__(spec)
+        self.speed_factor = self.device_factors.get(device, 1.0)  # this worker's device: slower by this
+
     def cost(self, stage: str, params: RequestParams) -> float:
         pixels = params.height * params.width / NOMINAL_PIXELS
         scale = {"encoder": 1.0, "dit": pixels * params.num_inference_steps / NOMINAL_STEPS, "decoder": pixels}
-        return self.costs[stage] * scale[stage]
+        return self.costs[stage] * scale[stage] * self.speed_factor
 
     def _maybe_crash(self, stage: str, params: RequestParams) -> None:
         if params.prompt == f"crash:{stage}":

@@ -8,7 +8,7 @@ import pytest
 
 from dfuse.engine.config import EngineConfig
 from dfuse.engine.devices import canonical_device, parse_device_list, parse_placement
-from dfuse.engine.dispatch import earliest_finish, observe
+from dfuse.engine.dispatch import earliest_finish, fewest_in_flight, observe
 
 two_cores = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two usable CPUs")
 SPLIT = {"cpu:0": ["encoder", "decoder"], "cpu:1": ["dit"]}
@@ -65,6 +65,7 @@ def test_a_placement_makes_one_worker_per_device_and_stage():
      "not supported yet"),
     (dict(devices=["cpu:0", "cpu:1"]), "placement", "'auto'"),
     (dict(placement=SPLIT, memory_limit_gib={"cuda:0": 1}), "memory_limit_gib", "not a device"),
+    (dict(placement=SPLIT, dispatch="random"), "dispatch", "earliest-finish, fewest-in-flight"),
 ])
 def test_bad_placements_are_refused_naming_the_field(config, field, says):
     message = _error(**config)
@@ -89,16 +90,28 @@ def _worker(id, task_s, tasks):
     return SimpleNamespace(id=id, task_s=task_s, batches=[{i} for i in range(tasks)], inflight={i: 0 for i in range(tasks)})
 
 
+def anyone(_worker) -> bool:
+    return True
+
+
 def test_dispatch_picks_the_earliest_predicted_finish():
     fast, slow = _worker(0, 0.1, 1), _worker(1, 0.4, 0)
-    assert earliest_finish([fast, slow]) is fast  # 2 x 0.1 s beats 1 x 0.4 s: busy but fast wins
-    assert earliest_finish([_worker(0, 0.1, 4), slow]) is slow  # 5 x 0.1 s loses to 0.4 s
-    assert earliest_finish([]) is None
+    assert earliest_finish([fast, slow], anyone) is fast  # 2 x 0.1 s beats 1 x 0.4 s: busy but fast wins
+    assert fewest_in_flight([fast, slow], anyone) is slow  # the baseline is blind to speed
+    assert earliest_finish([_worker(0, 0.1, 4), slow], anyone) is slow  # 5 x 0.1 s loses to 0.4 s
+    assert earliest_finish([], anyone) is None
+
+
+def test_only_workers_that_can_take_a_task_are_chosen():
+    fast, slow = _worker(0, 0.1, 2), _worker(1, 0.5, 0)
+    below_the_limit = lambda w: len(w.batches) < 2  # noqa: E731
+    assert earliest_finish([fast, slow], below_the_limit) is slow
+    assert earliest_finish([fast], below_the_limit) is None
 
 
 def test_on_equal_or_unmeasured_devices_dispatch_is_fewest_in_flight():
-    assert earliest_finish([_worker(0, None, 2), _worker(1, None, 1), _worker(2, None, 1)]).id == 1
-    assert earliest_finish([_worker(0, 0.2, 1), _worker(1, None, 0)]).id == 1  # assumed as fast as the others
+    assert earliest_finish([_worker(0, None, 2), _worker(1, None, 1), _worker(2, None, 1)], anyone).id == 1
+    assert earliest_finish([_worker(0, 0.2, 1), _worker(1, None, 0)], anyone).id == 1  # assumed as fast as the others
 
 
 def test_a_workers_time_per_task_follows_its_measurements():

@@ -2,8 +2,8 @@
 
     cli.py  ->  bench/  ->  engine/  ->  scheduler/
                   |           ^
-                  +-> stages/ +   (workers use only what they share with the engine:
-                                   engine.protocol, engine.transport, engine.models, engine.cpu_affinity)
+                  +-> stages/ +   (workers use only what they share with the engine: engine.protocol,
+                                   engine.transport, engine.models, engine.devices, engine.cpu_affinity)
 
 The engine starts workers by name (engine/launcher.py WORKER_ENTRY) and never imports stages/;
 scheduler/ is pure logic and imports nothing of dfuse. Imports inside functions count too.
@@ -23,8 +23,9 @@ ALLOWED = {
     "bench": {"engine", "scheduler", "stages"},
     "cli": {"bench", "engine", "scheduler"},
 }
-# What a worker may take from the engine: the wire protocol, the transport, model metadata, pinning.
-STAGES_MAY_USE = ("engine.protocol", "engine.transport", "engine.models", "engine.cpu_affinity")
+# What a worker may take from the engine: the wire protocol, the transport, model metadata, device
+# names, pinning.
+STAGES_MAY_USE = ("engine.protocol", "engine.transport", "engine.models", "engine.devices", "engine.cpu_affinity")
 
 
 def _modules(root: Path):
