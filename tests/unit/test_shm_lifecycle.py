@@ -31,7 +31,7 @@ from dfuse.engine.transport.shm_files import (
     sweep_stale_segments,
     unlink_segments,
 )
-from process_utils import alive, wait_until
+from process_utils import alive, cmdline, wait_until
 
 pytestmark = pytest.mark.skipif(not os.path.isdir(shm_files.SHM_DIR), reason="needs /dev/shm")
 
@@ -371,3 +371,16 @@ def test_the_janitor_cleans_up_after_the_workers_the_engine_did_not_reap(engine_
         for path in every:
             if os.path.exists(path):
                 os.unlink(path)
+
+
+def test_the_janitors_command_line_names_no_prefix_or_run_dir():
+    prefix, run_dir = new_segment_prefix(), tempfile.mkdtemp(prefix="dfuse-")
+    janitor = Janitor.start(prefix, run_dir)
+    try:
+        assert wait_until(lambda: "dfuse.engine.transport.janitor" in cmdline(janitor.pid), 10)
+        seen = cmdline(janitor.pid)
+        assert prefix not in seen and run_dir not in seen
+    finally:
+        janitor.close()
+    assert janitor.process.returncode == 0
+    assert not os.path.exists(run_dir)  # it still learnt what to clean up
