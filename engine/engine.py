@@ -11,6 +11,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Mapping
 
+import msgspec
 from PIL import Image
 
 from ..scheduler.core import STAGES
@@ -80,6 +81,7 @@ class Engine:
             )
         self.config = config
         self._pid = os.getpid()
+        self._close_lock = threading.Lock()  # a second close() waits for the first to finish
         self._init_model()
         self._init_core()
 
@@ -186,14 +188,24 @@ class Engine:
         self._core.move(worker_id, stage)
 
     def stats(self) -> EngineStats:
-        """Placement, queue depths, per-worker state: a typed snapshot (`.to_dict()` for JSON)."""
+        """Placement, queue depths, per-worker state: a typed snapshot (`.to_dict()` for JSON).
+
+        After close() it still answers (the counters are the engine's last word), and every
+        worker shows ready=False, pid=None: no worker process runs any more."""
         self._check_process()
-        return self._core.stats(model=str(self.model_path), family=self.model_info.family)
+        closed = not self._finalizer.alive
+        snapshot = self._core.stats(model=str(self.model_path), family=self.model_info.family)
+        if closed:
+            workers = [msgspec.structs.replace(w, ready=False, pid=None, inflight=0) for w in snapshot.workers]
+            snapshot = msgspec.structs.replace(snapshot, workers=workers)
+        return snapshot
 
     # --- lifetime ----------------------------------------------------------------------------
     def close(self) -> None:
-        """Stop every worker and free every shared-memory segment; pending requests fail."""
-        self._finalizer()
+        """Stop every worker and free every shared-memory segment; pending requests fail.
+        Idempotent, from any thread: every call returns once the workers have exited."""
+        with self._close_lock:  # finalize() runs once; a concurrent second call would return at once
+            self._finalizer()
 
     def _check_process(self) -> None:
         if os.getpid() != self._pid:
