@@ -35,21 +35,11 @@ import numpy as np
 import torch
 
 from ..protocol import OutputSlot
-from .shm_files import SHM_DIR, is_segment_name, unlink_segment
+from .shm_files import SHM_DIR, ShmFull, is_segment_name, unlink_segment
 from .shm_files import list_segments, new_segment_prefix  # noqa: F401  (for bench/ until its imports move to shm_files)
 
 log = logging.getLogger("dfuse.transport")
 _PAGE = mmap.PAGESIZE
-
-
-class ShmFull(ValueError, OSError):
-    """/dev/shm cannot hold a new segment. An OSError (errno ENOSPC as a rule): a cache that can
-    do without its segment catches it and carries on; and a ValueError: a pool the configuration
-    asks for but the machine cannot hold is a bad setting, reported as one."""
-
-    def __init__(self, message: str, error: int | None = errno.ENOSPC):
-        super().__init__(message)
-        self.errno = error  # str(self) stays the message (no strerror set)
 
 
 class Segment:

@@ -24,6 +24,7 @@ fall back to the pid check. The lock file is not a segment: `list_segments` leav
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -44,6 +45,16 @@ RUN_DIR_PREFIX = "dfuse-"  # engine/core.py: tempfile.mkdtemp(prefix="dfuse-")
 
 _ENGINE_PREFIX_RE = re.compile(rf"({PREFIX}(\d+)_[0-9A-Za-z]+_)")  # what new_segment_prefix() makes
 _PID_RE = re.compile(rf"^{PREFIX}(\d+)_")
+
+
+class ShmFull(ValueError, OSError):
+    """/dev/shm cannot hold a new segment. An OSError (errno ENOSPC as a rule): a cache that can
+    do without its segment catches it and carries on; and a ValueError: a pool the configuration
+    asks for but the machine cannot hold is a bad setting, reported as one."""
+
+    def __init__(self, message: str, error: int | None = errno.ENOSPC):
+        super().__init__(message)
+        self.errno = error  # str(self) stays the message (no strerror set)
 
 
 def new_segment_prefix() -> str:
@@ -203,7 +214,7 @@ os.register_at_fork(after_in_child=_drop_locks_in_child)
 
 def _create_locked(path: str, content: bytes = b"") -> int:
     """A new file at `path`, 0600, holding `content`, returned as an fd that already holds
-    flock(LOCK_EX).
+    flock(LOCK_EX). ShmFull when /dev/shm has no room for it (nothing is left behind then).
 
     The file is made unnamed (O_TMPFILE), written, locked, then linked in: nobody can see the
     name while it is unlocked, so a sweep can never take a starting engine for a dead one."""
@@ -218,21 +229,37 @@ def _create_locked(path: str, content: bytes = b"") -> int:
     except FileExistsError:
         os.close(fd)
         raise
-    except (AttributeError, OSError):  # no O_TMPFILE on this file system, or no /proc
+    except (AttributeError, OSError) as e:  # no O_TMPFILE on this file system, or no /proc
         if fd is not None:
-            os.close(fd)
+            os.close(fd)  # an unnamed file goes with its last fd
+        if getattr(e, "errno", None) == errno.ENOSPC:
+            raise _full(path) from None
     # Fallback: create, then lock at once. A sweep that opened the name in between and locked it
     # first takes us for dead and unlinks it: then we hold a lock on a nameless file. Refuse.
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise _full(path) from None
+        raise
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         if os.fstat(fd).st_nlink == 0:
             raise RuntimeError(f"{path} was swept while it was being created; start again")
         os.write(fd, content)
-    except BaseException:
+    except BaseException as e:
+        if os.fstat(fd).st_nlink:  # ours (O_EXCL): an empty lock file would say nothing
+            os.unlink(path)
         os.close(fd)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise _full(path) from None
         raise
     return fd
+
+
+def _full(path: str) -> ShmFull:
+    return ShmFull(f"cannot create the engine's lock file {path}: {SHM_DIR} is full ({os.strerror(errno.ENOSPC)}); "
+                   f"free space in {SHM_DIR} or give the machine more shared memory")
 
 
 def _describe_run_dir(run_dir: str) -> bytes:

@@ -261,6 +261,30 @@ def test_a_pool_that_does_not_fit_says_which_setting_to_lower(full_dev_shm, pref
     assert _files(prefix) == []  # no half-made segment
 
 
+@pytest.mark.parametrize("tmpfile", [True, False], ids=["O_TMPFILE", "no O_TMPFILE"])
+def test_an_engine_lock_on_a_full_dev_shm_says_so_and_leaves_no_file(tmpfile, monkeypatch, prefixes):
+    # A full tmpfs still makes the (empty) file, then refuses its first write.
+    prefix = new_segment_prefix()
+    prefixes.append(prefix)
+    real = os.write
+
+    def write(fd, data):
+        if os.readlink(f"/proc/self/fd/{fd}").startswith(shm_files.SHM_DIR + "/"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+    if not tmpfile:
+        monkeypatch.delattr(os, "O_TMPFILE", raising=False)
+    run_dir = tempfile.mkdtemp(prefix="dfuse-")
+    try:
+        with pytest.raises(ShmFull, match=r"lock file .*/dev/shm is full .*give the machine more shared memory"):
+            EngineLock.acquire(prefix, run_dir)
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    assert _files(prefix) == []
+
+
 def test_the_weight_cache_loads_from_disk_when_dev_shm_is_full(full_dev_shm, tmp_path, caplog):
     import torch
 
