@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 import weakref
 from concurrent.futures import CancelledError, Future
@@ -10,6 +11,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
+import msgspec
 from PIL import Image
 
 from ..scheduler.core import STAGES
@@ -46,6 +48,10 @@ class Engine:
 
     `generate` and `submit` may be called from many threads at once; `submit` returns at once
     with a future, so many requests can be in flight together.
+
+    An engine belongs to the process that made it: in a child made with os.fork(), its calls
+    raise RuntimeError at once (the engine core's thread did not survive the fork), `close()`
+    does nothing there, and the child's exit leaves the parent's workers alone.
     """
 
     def __init__(
@@ -83,6 +89,8 @@ class Engine:
                 **pool,
             )
         self.config = config
+        self._pid = os.getpid()
+        self._close_lock = threading.Lock()  # a second close() waits for the first to finish
         self._init_model()
         self._init_core()
 
@@ -95,8 +103,9 @@ class Engine:
 
     def _init_core(self) -> None:
         self._core = EngineCore(self.config, self.model_path, true_cfg=self.model_info.true_cfg)
-        # Closes the workers even if the user never calls close() (runs at interpreter exit too).
-        self._finalizer = weakref.finalize(self, self._core.close)
+        # Closes the workers even if the user never calls close() (runs at interpreter exit too,
+        # in a forked child's as well: there it must leave the parent's workers alone).
+        self._finalizer = weakref.finalize(self, _close_in, self._pid, self._core)
         self._core.start()
         if not self._core.ready.wait(self.config.startup_timeout_s):
             self.close()
@@ -142,6 +151,7 @@ class Engine:
         4k+1 frames for Wan, default 81; image models: None or 1) sets a video's length.
         Raises ValueError naming the field for bad input; the engine keeps serving.
         """
+        self._check_process()
         if not self._finalizer.alive:
             raise EngineClosed("the engine is closed")
         with self._ids_lock:
@@ -163,6 +173,7 @@ class Engine:
 
         `timeout` (seconds) raises RequestTimeout (a TimeoutError) and drops the remaining work.
         """
+        self._check_process()
         if threading.current_thread() is self._core.completions.thread:
             # Results are delivered on that thread: waiting there for one would wait forever.
             raise RuntimeError("generate() cannot be called from a done-callback or on_progress (they run on "
@@ -180,13 +191,23 @@ class Engine:
         stops taking work, finishes what it holds, then unloads its stage and loads `stage` in
         the same process (`stats().switch_s` records each switch, asked -> READY).
         ValueError if the move would leave a stage without workers."""
+        self._check_process()
         if not self._finalizer.alive:
             raise EngineClosed("the engine is closed")
         self._core.move(worker_id, stage)
 
     def stats(self) -> EngineStats:
-        """Placement, queue depths, per-worker state: a typed snapshot (`.to_dict()` for JSON)."""
-        return self._core.stats(model=str(self.model_path), family=self.model_info.family)
+        """Placement, queue depths, per-worker state: a typed snapshot (`.to_dict()` for JSON).
+
+        After close() it still answers (the counters are the engine's last word), and every
+        worker shows ready=False, pid=None: no worker process runs any more."""
+        self._check_process()
+        closed = not self._finalizer.alive
+        snapshot = self._core.stats(model=str(self.model_path), family=self.model_info.family)
+        if closed:
+            workers = [msgspec.structs.replace(w, ready=False, pid=None, inflight=0) for w in snapshot.workers]
+            snapshot = msgspec.structs.replace(snapshot, workers=workers)
+        return snapshot
 
     @property
     def host_names(self) -> tuple[str, str]:
@@ -196,14 +217,28 @@ class Engine:
 
     # --- lifetime ----------------------------------------------------------------------------
     def close(self) -> None:
-        """Stop every worker and free every shared-memory segment; pending requests fail."""
-        self._finalizer()
+        """Stop every worker and free every shared-memory segment; pending requests fail.
+        Idempotent, from any thread: every call returns once the workers have exited."""
+        with self._close_lock:  # finalize() runs once; a concurrent second call would return at once
+            self._finalizer()
+
+    def _check_process(self) -> None:
+        if os.getpid() != self._pid:
+            raise RuntimeError(f"this engine belongs to the parent process (pid {self._pid}) and cannot be used "
+                               "after fork; create an Engine in the child process instead")
 
     def __enter__(self) -> "Engine":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _close_in(pid: int, core: EngineCore) -> None:
+    """Close the engine core, but only in the process that made it: a forked child has a copy
+    of the core whose thread and sockets are not its own."""
+    if os.getpid() == pid:
+        core.close()
 
 
 def _gather(requests: list[Request]) -> Future:

@@ -14,7 +14,10 @@ start over from the first stage.
 from __future__ import annotations
 
 import logging
+import os
 import time
+
+import zmq
 
 from .state import Request, RequestFailed, Worker
 from .transport.slots import SlotPool
@@ -44,7 +47,11 @@ class WorkerRecovery:
         so the requests still queued there did not run and none is charged an attempt."""
         worker.died_at = time.monotonic()
         worker.process.kill()
+        # Its socket's file in the run dir (one per generation, see _spawn) would stay behind
+        # with every restart: closing a bound ipc socket does not unlink it.
+        endpoint = worker.socket.getsockopt(zmq.LAST_ENDPOINT).decode()
         worker.socket.close()
+        _unlink_ipc_file(endpoint)
         worker.ready = False
         # A worker computes its tasks in the order it got them: only the first was running when
         # it died and may be the cause (a poison request); the ones queued beside it are not
@@ -91,3 +98,11 @@ class WorkerRecovery:
         self._release_inputs(request)
         request.inputs, request.stage_index, request.inputs_lost = [], 0, False
         self._enqueue(request)
+
+
+def _unlink_ipc_file(endpoint: str) -> None:
+    if endpoint.startswith("ipc://"):
+        try:
+            os.unlink(endpoint.removeprefix("ipc://"))
+        except OSError:  # gone already: nothing was left
+            pass

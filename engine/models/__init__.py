@@ -5,10 +5,9 @@ synthetic specs). Stage workers import this too; it imports nothing of theirs.""
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
-from .base import FamilySpec, ModelInfo
+from .base import FamilySpec, ModelInfo, read_json
 from .flux import FluxSpec
 from .pixart import PixArtSigmaSpec
 from .sd3 import SD3Spec
@@ -33,7 +32,7 @@ def detect_family(path: str | Path) -> FamilySpec:
     if not path.is_dir():
         raise ValueError(f"model: {str(path)!r} is not a directory (expected a diffusers model folder)")
     try:
-        class_name = json.loads(index.read_text())["_class_name"]
+        class_name = read_json(index)["_class_name"]
     except (OSError, ValueError, KeyError, TypeError):
         raise ValueError(
             f"model: {str(path)!r} is not a diffusers pipeline folder (no readable model_index.json "
@@ -70,7 +69,7 @@ def _with_serving_defaults(info: ModelInfo, file: Path) -> ModelInfo:
         return info
     where = f"model: {str(file)!r}"
     try:
-        defaults = json.loads(file.read_text())["defaults"]
+        defaults = read_json(file)["defaults"]
         if not isinstance(defaults, dict):
             raise TypeError
     except (OSError, ValueError, KeyError, TypeError):
@@ -78,9 +77,14 @@ def _with_serving_defaults(info: ModelInfo, file: Path) -> ModelInfo:
     unknown = sorted(set(defaults) - set(_DEFAULT_FIELDS))
     if unknown:
         raise ValueError(f"{where}: unknown default(s) {unknown}; allowed: {', '.join(_DEFAULT_FIELDS)}")
+    from ..requests import MAX_STEPS  # the range a request's own value must be in, too
+
     for name, value in defaults.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{where}: defaults.{name} must be a positive integer (got {value!r})")
+    if defaults.get("num_inference_steps", 1) > MAX_STEPS:
+        raise ValueError(f"{where}: defaults.num_inference_steps must be in [1, {MAX_STEPS}] "
+                         f"(got {defaults['num_inference_steps']})")
     height, width = (defaults.get(k, d) for k, d in zip(("height", "width"), info.default_height_width))
     for name, value in (("height", height), ("width", width)):
         if value % info.pixel_multiple or value > info.max_size:

@@ -6,6 +6,8 @@ running; the engine never imports them."""
 from __future__ import annotations
 
 import json
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -126,6 +128,25 @@ def vae_dims(vae: dict) -> dict[str, int]:
     }
 
 
+MAX_JSON_BYTES = 1 << 20  # a model folder's JSON files are a few KiB
+
+
 def read_json(path: Path) -> dict:
-    with open(path) as f:
-        return json.load(f)
+    """A model folder's JSON file; ValueError if it is not a regular file of at most
+    MAX_JSON_BYTES holding JSON (a FIFO there would block start-up forever, a deeply nested
+    document would raise RecursionError)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO opens at once, then fails the check
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError(f"{path} is not a regular file")
+        if info.st_size > MAX_JSON_BYTES:
+            raise ValueError(f"{path} has {info.st_size} bytes, more than the {MAX_JSON_BYTES} a JSON config may have")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(MAX_JSON_BYTES + 1)
+    finally:
+        os.close(fd)
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise ValueError(f"{path} is nested too deeply") from None

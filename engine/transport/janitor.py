@@ -1,13 +1,14 @@
 """The engine's janitor: a tiny process that removes the engine's segments and run dir once the
 engine is gone, however it went.
 
-    python -m dfuse.engine.transport.janitor <segment prefix> <run dir>
+    python -m dfuse.engine.transport.janitor      (stdin: {"prefix": ..., "run_dir": ...}\n, then lines)
 
 The engine starts it (`Janitor.start`) right after taking its lock, in a session of its own so
 that a signal to the engine's process group (`kill -9 -- -PGID`, Ctrl-C, a group SIGTERM) does
-not reach it, and keeps the write end of its stdin. The janitor only blocks reading stdin, where
-the engine tells it which workers it started and reaped (`+<pid> <start time>` / `-<pid>`
-lines); at EOF -- the engine closed it after cleaning up itself, or the engine process ended and
+not reach it, and keeps the write end of its stdin. The first line on stdin names the segment
+prefix and run dir to clean up (never the command line: `ps` shows that to every user). Then the
+janitor only blocks reading stdin, where the engine tells it which workers it started and reaped
+(`+<pid> <start time>` / `-<pid>` lines); at EOF -- the engine closed it after cleaning up itself, or the engine process ended and
 the kernel closed it -- it removes the run dir, unlinks every file with the prefix (the lock
 file last), unlinks what CUDA IPC left for each worker the engine never reaped once it has
 exited (shm_files.unlink_cuda_ipc_files), then exits. It ignores SIGINT, SIGTERM and SIGHUP
@@ -22,6 +23,7 @@ engine start. Import nothing heavy here (no torch): only the standard library an
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -53,10 +55,14 @@ class Janitor:
     def start(cls, prefix: str, run_dir: str) -> "Janitor":
         _check_args(prefix, run_dir)
         process = subprocess.Popen(
-            [sys.executable, "-m", MODULE, prefix, run_dir],
+            [sys.executable, "-m", MODULE],
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,  # stderr inherited: it only reports errors
             close_fds=True, start_new_session=True,
         )
+        try:  # one short line into an empty pipe: it never blocks
+            os.write(process.stdin.fileno(), _header(prefix, run_dir))
+        except OSError:  # it died at once: it has nothing to clean up, the next sweep does
+            pass
         os.set_blocking(process.stdin.fileno(), False)  # _tell must never stall the engine core
         return cls(process)
 
@@ -127,6 +133,33 @@ def _check_args(prefix: str, run_dir: str) -> None:
         raise ValueError(f"janitor: not a dfuse run dir: {run_dir!r}")
 
 
+def _header(prefix: str, run_dir: str) -> bytes:
+    return json.dumps({"prefix": prefix, "run_dir": run_dir}).encode() + b"\n"
+
+
+def _read_header(fd: int = 0) -> tuple[str, str, bytes]:
+    """The engine's first line: (prefix, run dir, what was read past it). ValueError if none."""
+    data = b""
+    while b"\n" not in data and len(data) < 65536:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:
+            chunk = b""
+        if not chunk:
+            break
+        data += chunk
+    line, newline, rest = data.partition(b"\n")
+    try:
+        described = json.loads(line) if newline else None
+        prefix, run_dir = described["prefix"], described["run_dir"]
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError("janitor: the engine named no prefix and run dir on stdin") from e
+    if not isinstance(prefix, str) or not isinstance(run_dir, str):
+        raise ValueError("janitor: the engine named no prefix and run dir on stdin")
+    _check_args(prefix, run_dir)
+    return prefix, run_dir, rest
+
+
 def clean_after_reaped(pid: int, started: float, janitor: Janitor | None) -> None:
     """A worker (started at `started`, time.time()) has been joined: unlink what CUDA IPC left
     for it in /dev/shm now, and tell the janitor it need not (the pid may be reused)."""
@@ -145,18 +178,12 @@ def clean(prefix: str, run_dir: str) -> list[str]:
     return removed + unlink_segments(prefix)
 
 
-def _read_workers_until_eof(fd: int = 0) -> dict[int, float]:
+def _read_workers_until_eof(fd: int = 0, pending: bytes = b"") -> dict[int, float]:
     """Follow the engine's `+<pid> <start time>` / `-<pid>` lines until EOF: the workers it has
-    not reaped, with their start times."""
-    workers, pending = {}, b""
+    not reaped, with their start times. `pending`: what was read already."""
+    workers = {}
     while True:
-        try:
-            chunk = os.read(fd, 4096)
-        except OSError:
-            chunk = b""
-        if not chunk:
-            return workers
-        *lines, pending = (pending + chunk).split(b"\n")
+        *lines, pending = pending.split(b"\n")
         for line in lines:
             sign, (pid, _, started) = line[:1], line[1:].partition(b" ")
             if not pid.isdigit():
@@ -168,6 +195,13 @@ def _read_workers_until_eof(fd: int = 0) -> dict[int, float]:
                     workers[int(pid)] = float(started)
                 except ValueError:
                     pass
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:
+            chunk = b""
+        if not chunk:
+            return workers
+        pending += chunk
 
 
 def clean_after_workers(workers: dict[int, float], timeout: float = WORKER_EXIT_WAIT_S) -> list[str]:
@@ -184,19 +218,15 @@ def clean_after_workers(workers: dict[int, float], timeout: float = WORKER_EXIT_
     return removed
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
+def main() -> int:
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
     try:
-        if len(args) != 2:
-            raise ValueError("usage: python -m dfuse.engine.transport.janitor <segment prefix> <run dir>")
-        _check_args(*args)
+        prefix, run_dir, pending = _read_header()
     except ValueError as e:
         print(e, file=sys.stderr)
         return 2
-    prefix, run_dir = args
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_IGN)
-    workers = _read_workers_until_eof()
+    workers = _read_workers_until_eof(pending=pending)
     if clean(prefix, run_dir):
         # The engine did not clean up: it died, maybe with workers that are dying too and might
         # still create a file (a weight segment being published). Look once more, then go.

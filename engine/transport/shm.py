@@ -25,7 +25,6 @@ created 0600: other local users cannot map them.
 
 from __future__ import annotations
 
-import errno
 import logging
 import mmap
 import os
@@ -33,20 +32,10 @@ import os
 import numpy as np
 import torch
 
-from .shm_files import SHM_DIR, is_segment_name, unlink_segment
+from .shm_files import SHM_DIR, ShmFull, is_segment_name, unlink_segment
 
 log = logging.getLogger("dfuse.transport")
 _PAGE = mmap.PAGESIZE
-
-
-class ShmFull(ValueError, OSError):
-    """/dev/shm cannot hold a new segment. An OSError (errno ENOSPC as a rule): a cache that can
-    do without its segment catches it and carries on; and a ValueError: a pool the configuration
-    asks for but the machine cannot hold is a bad setting, reported as one."""
-
-    def __init__(self, message: str, error: int | None = errno.ENOSPC):
-        super().__init__(message)
-        self.errno = error  # str(self) stays the message (no strerror set)
 
 
 class Segment:

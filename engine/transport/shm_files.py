@@ -24,6 +24,7 @@ fall back to the pid check. The lock file is not a segment: `list_segments` leav
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -46,6 +47,16 @@ _ENGINE_PREFIX_RE = re.compile(rf"({PREFIX}(\d+)_[0-9A-Za-z]+_)")  # what new_se
 _PID_RE = re.compile(rf"^{PREFIX}(\d+)_")
 
 
+class ShmFull(ValueError, OSError):
+    """/dev/shm cannot hold a new segment. An OSError (errno ENOSPC as a rule): a cache that can
+    do without its segment catches it and carries on; and a ValueError: a pool the configuration
+    asks for but the machine cannot hold is a bad setting, reported as one."""
+
+    def __init__(self, message: str, error: int | None = errno.ENOSPC):
+        super().__init__(message)
+        self.errno = error  # str(self) stays the message (no strerror set)
+
+
 def new_segment_prefix() -> str:
     """A per-engine name prefix: the pid tells humans (and old engines) whose it is, the token
     avoids collisions."""
@@ -66,11 +77,24 @@ def lock_name(prefix: str) -> str:
     return prefix + LOCK_NAME
 
 
-def unlink_segment(name: str) -> None:
+def unlink_segment(name: str) -> bool:
+    """Unlink /dev/shm/`name` if it is a regular file of this user; anything else there (a
+    directory, another user's file: a neighbour's, or planted to make us fail) is left alone.
+    Never raises: a name we cannot or should not remove must not stop an engine from starting.
+    True when it was unlinked."""
+    path = os.path.join(SHM_DIR, name)
     try:
-        os.unlink(os.path.join(SHM_DIR, name))
+        info = os.lstat(path)
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+            log.debug("left %s alone: not a regular file of this user", path)
+            return False
+        os.unlink(path)
     except FileNotFoundError:
-        pass
+        return False
+    except OSError as e:
+        log.debug("could not unlink %s: %s", path, e)
+        return False
+    return True
 
 
 def unlink_cuda_ipc_files(pid: int, started: float) -> list[str]:
@@ -123,9 +147,7 @@ def unlink_segments(prefix: str) -> list[str]:
     has segments, its lock is what says whether they are in use). Returns the names unlinked."""
     names = _list_files(prefix)
     names.sort(key=_is_lock)  # stable: segments in name order, then the lock
-    for name in names:
-        unlink_segment(name)
-    return names
+    return [name for name in names if unlink_segment(name)]
 
 
 class EngineLock:
@@ -192,7 +214,7 @@ os.register_at_fork(after_in_child=_drop_locks_in_child)
 
 def _create_locked(path: str, content: bytes = b"") -> int:
     """A new file at `path`, 0600, holding `content`, returned as an fd that already holds
-    flock(LOCK_EX).
+    flock(LOCK_EX). ShmFull when /dev/shm has no room for it (nothing is left behind then).
 
     The file is made unnamed (O_TMPFILE), written, locked, then linked in: nobody can see the
     name while it is unlocked, so a sweep can never take a starting engine for a dead one."""
@@ -207,21 +229,37 @@ def _create_locked(path: str, content: bytes = b"") -> int:
     except FileExistsError:
         os.close(fd)
         raise
-    except (AttributeError, OSError):  # no O_TMPFILE on this file system, or no /proc
+    except (AttributeError, OSError) as e:  # no O_TMPFILE on this file system, or no /proc
         if fd is not None:
-            os.close(fd)
+            os.close(fd)  # an unnamed file goes with its last fd
+        if getattr(e, "errno", None) == errno.ENOSPC:
+            raise _full(path) from None
     # Fallback: create, then lock at once. A sweep that opened the name in between and locked it
     # first takes us for dead and unlinks it: then we hold a lock on a nameless file. Refuse.
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise _full(path) from None
+        raise
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         if os.fstat(fd).st_nlink == 0:
             raise RuntimeError(f"{path} was swept while it was being created; start again")
         os.write(fd, content)
-    except BaseException:
+    except BaseException as e:
+        if os.fstat(fd).st_nlink:  # ours (O_EXCL): an empty lock file would say nothing
+            os.unlink(path)
         os.close(fd)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise _full(path) from None
         raise
     return fd
+
+
+def _full(path: str) -> ShmFull:
+    return ShmFull(f"cannot create the engine's lock file {path}: {SHM_DIR} is full ({os.strerror(errno.ENOSPC)}); "
+                   f"free space in {SHM_DIR} or give the machine more shared memory")
 
 
 def _describe_run_dir(run_dir: str) -> bytes:
@@ -230,32 +268,48 @@ def _describe_run_dir(run_dir: str) -> bytes:
     return json.dumps({"run_dir": os.path.abspath(run_dir), "dev": info.st_dev, "ino": info.st_ino}).encode()
 
 
-def _dead_run_dir(lock_fd: int) -> str | None:
+def _described_run_dir(lock_fd: int) -> tuple[str, int, int] | None:
+    """(path, device, inode) of the run dir a lock file names, as its engine saw it."""
+    try:
+        described = json.loads(os.pread(lock_fd, 4096, 0) or b"null")
+        path, dev, ino = described["run_dir"], int(described["dev"]), int(described["ino"])
+    except (OSError, ValueError, TypeError, KeyError, RecursionError):
+        return None
+    return (path, dev, ino) if isinstance(path, str) else None
+
+
+def _removable_run_dir(described: tuple[str, int, int] | None) -> str | None:
     """The run dir a dead engine's lock file names, if it is safe to remove: a real directory
     named `dfuse-*` right in this process's tempfile.gettempdir(), owned by this user, on the
     device and inode the engine saw (not a namesake on another file system, e.g. another
     container's /tmp). The name itself is mkdtemp's random one."""
-    try:
-        described = json.loads(os.pread(lock_fd, 4096, 0) or b"null")
-        path, dev, ino = described["run_dir"], int(described["dev"]), int(described["ino"])
-    except (OSError, ValueError, TypeError, KeyError):
+    if described is None:
         return None
-    if (not isinstance(path, str) or os.path.dirname(path) != os.path.abspath(tempfile.gettempdir())
+    path, dev, ino = described
+    if (os.path.dirname(path) != os.path.abspath(tempfile.gettempdir())
             or not os.path.basename(path).startswith(RUN_DIR_PREFIX)):
         return None
     try:
         info = os.stat(path, follow_symlinks=False)
     except OSError:
         return None
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or (info.st_dev, info.st_ino) != (dev, ino):
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or (info.st_dev, info.st_ino) != (dev, ino):
         return None
     return path
 
 
+def _trusted(info: os.stat_result) -> bool:
+    """A lock file whose word the sweep may take: a regular file of this user that nobody else
+    could have written. Anyone can create `/dev/shm/dfuse_*_lock`; one planted by another user
+    could name our live engine's run dir and have us delete it."""
+    return stat.S_ISREG(info.st_mode) and info.st_uid == os.geteuid() and not info.st_mode & 0o022
+
+
 @contextlib.contextmanager
 def _dead_engine(prefix: str):
-    """Yields (dead, run dir to remove or None) for the engine that owns `prefix`. While `dead`
-    is true, this process holds the dead engine's lock, so no second sweep judges it meanwhile."""
+    """Yields (dead, the run dir its lock file names or None) for the engine that owns `prefix`.
+    While `dead` is true, this process holds the dead engine's lock, so no second sweep judges
+    it meanwhile. A lock file that is not ours (`_trusted`) counts as alive: not ours to judge."""
     try:
         fd = os.open(os.path.join(SHM_DIR, lock_name(prefix)), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
@@ -267,15 +321,16 @@ def _dead_engine(prefix: str):
         yield False, None
         return
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        if not _trusted(os.fstat(fd)):
+            log.debug("left %s alone: not a lock file of this user", lock_name(prefix))
             yield False, None
             return
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:  # BlockingIOError: a live engine holds it (or another sweep does)
-            yield False, None
+            yield False, _described_run_dir(fd)
             return
-        yield True, _dead_run_dir(fd)
+        yield True, _described_run_dir(fd)
     finally:
         os.close(fd)
 
@@ -291,13 +346,17 @@ def sweep_stale_segments() -> list[str]:
         if match:
             prefixes.add(match.group(1))
         elif (old := _PID_RE.match(name)) and not _pid_alive(int(old.group(1))):
-            unlink_segment(name)  # a name without a token: only its pid can tell
-            swept.append(name)
-    for prefix in sorted(prefixes):
-        with _dead_engine(prefix) as (dead, run_dir):
+            if unlink_segment(name):  # a name without a token: only its pid can tell
+                swept.append(name)
+    with contextlib.ExitStack() as held:  # the dead engines' locks, until their files are gone
+        judged = [(prefix, *held.enter_context(_dead_engine(prefix))) for prefix in sorted(prefixes)]
+        # A run dir some live engine's lock names is never removed, whatever a dead one's says.
+        live_dirs = {described[1:] for _, dead, described in judged if not dead and described is not None}
+        for prefix, dead, described in judged:
             if not dead:
                 continue
-            if run_dir is not None:
+            run_dir = _removable_run_dir(described)
+            if run_dir is not None and described[1:] not in live_dirs:
                 shutil.rmtree(run_dir, ignore_errors=True)
                 log.info("removed the run dir %s of a dead engine", run_dir)
             swept += unlink_segments(prefix)  # its lock file last
@@ -322,7 +381,7 @@ def pid_running(pid: int) -> bool:
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # OverflowError: a name like dfuse_99999999999999999999_
         return False
     except PermissionError:
         return True

@@ -13,8 +13,8 @@ import os
 from dataclasses import dataclass, field
 
 from ..protocol import OutputSlot
-from .shm import Segment, ShmFull
-from .shm_files import SHM_DIR
+from .shm import Segment
+from .shm_files import SHM_DIR, ShmFull
 
 log = logging.getLogger("dfuse.transport")
 

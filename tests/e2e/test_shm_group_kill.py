@@ -42,7 +42,7 @@ def test_a_group_kill_of_dfuse_run_leaves_no_segment_and_no_run_dir(model_path, 
             run_dir = json.load(f)["run_dir"]
         children = children_of(proc.pid)
         (janitor,) = [p for p in children if "dfuse.engine.transport.janitor" in cmdline(p)]
-        workers = [p for p in children if "multiprocessing.spawn" in cmdline(p)]
+        workers = [p for p in children if "dfuse.engine.worker_main" in cmdline(p)]
         assert len(workers) == 3 and os.getsid(janitor) != proc.pid
         assert any("_wt_" in n for n in _files(prefix)) and any(n.endswith("_w0") for n in _files(prefix))
         assert os.path.isdir(run_dir)

@@ -1,6 +1,8 @@
 """Model family detection: a clear ValueError naming `model` for every unusable folder."""
 import json
+import os
 import shutil
+import threading
 
 import pytest
 
@@ -157,3 +159,55 @@ def test_image_families_describe_one_frame():
     for name in ("tiny-sd3", "tiny-flux", "tiny-pixart"):
         info = describe_model(tiny_model_path(name))
         assert not info.video and info.max_frames == 1 and info.default_height_width == (info.default_size,) * 2
+
+
+def _error_within(call, path, timeout: float = 30) -> str:
+    """_model_error, failing instead of hanging if `call` blocks (e.g. on a FIFO)."""
+    outcome = []
+    thread = threading.Thread(target=lambda: outcome.append(_model_error(call, path)), daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return outcome[0] if outcome else "still blocked"
+
+
+def _unblock(fifo):
+    """Give a reader stuck on `fifo` its EOF, so no thread stays blocked after the test."""
+    try:
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:  # no reader left
+        pass
+
+
+@pytest.mark.parametrize("where", ["model_index.json", "transformer/config.json"])
+def test_a_fifo_in_place_of_a_json_file_is_refused_not_waited_on(tmp_path, where):
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_model_path(), folder, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    (folder / where).unlink()
+    os.mkfifo(folder / where)
+    try:
+        message = _error_within(describe_model, folder)
+        assert message != "still blocked"
+        assert "no readable model_index.json" in message or "config.json is not a regular file" in message, message
+    finally:
+        _unblock(folder / where)
+
+
+def test_a_deeply_nested_model_index_is_refused_clearly(tmp_path):
+    (tmp_path / "model_index.json").write_text("[" * 100_000 + "]" * 100_000)
+    assert "not a diffusers pipeline folder" in _model_error(detect_family, tmp_path)
+
+
+def test_a_huge_model_index_is_not_read(tmp_path):
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline",
+                                                           "padding": "x" * (2 << 20)}))
+    assert "not a diffusers pipeline folder" in _model_error(detect_family, tmp_path)
+
+
+def test_a_serving_default_out_of_a_requests_range_is_refused_at_load(tmp_path):
+    from dfuse.engine.requests import MAX_STEPS
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_model_path(), folder, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    (folder / "dfuse.json").write_text(json.dumps({"defaults": {"num_inference_steps": MAX_STEPS + 1}}))
+    message = _model_error(describe_model, folder)
+    assert "dfuse.json" in message and "defaults.num_inference_steps" in message and str(MAX_STEPS) in message

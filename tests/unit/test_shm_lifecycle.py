@@ -32,7 +32,7 @@ from dfuse.engine.transport.shm_files import (
     sweep_stale_segments,
     unlink_segments,
 )
-from process_utils import alive, wait_until
+from process_utils import alive, cmdline, wait_until
 
 pytestmark = pytest.mark.skipif(not os.path.isdir(shm_files.SHM_DIR), reason="needs /dev/shm")
 
@@ -262,6 +262,30 @@ def test_a_pool_that_does_not_fit_says_which_setting_to_lower(full_dev_shm, pref
     assert _files(prefix) == []  # no half-made segment
 
 
+@pytest.mark.parametrize("tmpfile", [True, False], ids=["O_TMPFILE", "no O_TMPFILE"])
+def test_an_engine_lock_on_a_full_dev_shm_says_so_and_leaves_no_file(tmpfile, monkeypatch, prefixes):
+    # A full tmpfs still makes the (empty) file, then refuses its first write.
+    prefix = new_segment_prefix()
+    prefixes.append(prefix)
+    real = os.write
+
+    def write(fd, data):
+        if os.readlink(f"/proc/self/fd/{fd}").startswith(shm_files.SHM_DIR + "/"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+    if not tmpfile:
+        monkeypatch.delattr(os, "O_TMPFILE", raising=False)
+    run_dir = tempfile.mkdtemp(prefix="dfuse-")
+    try:
+        with pytest.raises(ShmFull, match=r"lock file .*/dev/shm is full .*give the machine more shared memory"):
+            EngineLock.acquire(prefix, run_dir)
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    assert _files(prefix) == []
+
+
 def test_the_weight_cache_loads_from_disk_when_dev_shm_is_full(full_dev_shm, tmp_path, caplog):
     import torch
 
@@ -372,3 +396,16 @@ def test_the_janitor_cleans_up_after_the_workers_the_engine_did_not_reap(engine_
         for path in every:
             if os.path.exists(path):
                 os.unlink(path)
+
+
+def test_the_janitors_command_line_names_no_prefix_or_run_dir():
+    prefix, run_dir = new_segment_prefix(), tempfile.mkdtemp(prefix="dfuse-")
+    janitor = Janitor.start(prefix, run_dir)
+    try:
+        assert wait_until(lambda: "dfuse.engine.transport.janitor" in cmdline(janitor.pid), 10)
+        seen = cmdline(janitor.pid)
+        assert prefix not in seen and run_dir not in seen
+    finally:
+        janitor.close()
+    assert janitor.process.returncode == 0
+    assert not os.path.exists(run_dir)  # it still learnt what to clean up
