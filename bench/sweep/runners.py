@@ -59,7 +59,7 @@ class EngineRunner:
             "placement": dict(stats.instances),
             "queues": dict(stats.queues),
             "inflight": {s: sum(w.inflight for w in workers if w.stage == s) for s in STAGES},
-            "moving": sum(w.get("moving_to") is not None for w in workers),
+            "moving": sum(w.moving_to is not None for w in workers),
         }
 
     def close(self) -> dict:

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from dfuse import Engine
+from dfuse.engine.config import EngineConfig
 
 from process_utils import alive, wait_until
 
@@ -11,7 +12,11 @@ PARAMS = dict(num_inference_steps=3, guidance_scale=4.5, height=64, width=64)
 
 
 def test_move_under_load_loses_nothing(model_path, reference):
-    with Engine(model=str(model_path), cpu_threads=1, instances={"encoder": 1, "dit": 2, "decoder": 1}) as engine:
+    # The speed-blind dispatch rule, so that the tie below is decided by worker id alone (the
+    # default rule would weigh the two decoders' measured speeds, which this test is not about).
+    config = EngineConfig(model=str(model_path), cpu_threads=1, instances={"encoder": 1, "dit": 2, "decoder": 1},
+                          dispatch="fewest-in-flight")
+    with Engine(config=config) as engine:
         before = {w.id: w for w in engine.stats().workers}
         futures = [engine.submit("a red fox", seed=300 + i, **PARAMS) for i in range(12)]
         engine.move(2, "decoder")  # the second DiT worker becomes a second decoder, mid-stream
@@ -27,7 +32,7 @@ def test_move_under_load_loses_nothing(model_path, reference):
         assert len(stats.switch_s) == 1 and stats.failed == 0
         # The moved worker now decodes.
         results = [engine.submit("a cat", seed=400 + i, **PARAMS).result(timeout=180) for i in range(4)]
-        # One at a time, both decoders idle: least-loaded dispatch breaks the tie to worker 2.
+        # One at a time, both decoders idle: fewest-in-flight dispatch breaks the tie to worker 2.
         assert {r.timings[0]["decoder"].worker_id for r in results} == {2}
         for i, result in enumerate(results):
             assert np.array_equal(np.array(result.images[0]), reference("a cat", seed=400 + i, **PARAMS))

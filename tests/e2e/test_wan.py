@@ -170,7 +170,7 @@ def test_dfuse_run_writes_a_video(wan_path, tmp_path):
     )
     assert run.returncode == 0, run.stderr
     assert "9 frames of 48x32" in run.stdout
-    assert "Placement (static): encoder x1, dit x1, decoder x1" in run.stdout  # -v: the engine's stats
+    assert "Placement (static): cpu: encoder+dit+decoder" in run.stdout  # -v: the engine's stats, by device
     wake = "kept quick to wake (CPU latency request: 0 us)" if cpu_latency_request_allowed() else "as the OS sets them"
     assert f"Idle CPUs: {wake}" in run.stdout
     cores = len(os.sched_getaffinity(0))  # 3 workers x 1 thread (--threads 1): pinned where 3 cores are
