@@ -9,7 +9,7 @@ The scenario of issue 7, as a benchmark (tests/e2e/test_chaos.py runs the same d
                       with SIGKILL; every request must complete with its no-kill image
     3. close          the engine closes; no worker process and no segment of it may remain
 
-Recovery is measured two ways: the engine's own `stats()["recovery_s"]` (death noticed ->
+Recovery is measured two ways: the engine's own `stats().recovery_s` (death noticed ->
 replacement READY) and, from outside, kill -> the victim's replacement reported ready (includes
 the detection delay). A kill near the end of the pass can outlive it (the survivors serve the
 last requests while the replacement still loads): after the pass the benchmark waits, at most

@@ -11,7 +11,7 @@ from ..scheduler.core import STAGES
 from .checks import check_fields, checked, flag, integer, number, optional, positive
 from .cpu_affinity import usable_cpus
 from .cpu_wake import MAX_US as MAX_WAKE_LATENCY_US
-from .devices import canonical_device, device_cpus, is_cpu, place_workers
+from .devices import canonical_device, check_disjoint, device_cpus, is_cpu, place_workers
 from .elastic import ElasticConfig
 
 DEFAULT_MODEL = "tiny-sd3"
@@ -145,6 +145,9 @@ class EngineConfig:
         if not isinstance(self.memory_limit_gib, Mapping):
             raise ValueError(f"memory_limit_gib: expected a mapping of device -> GiB, got {self.memory_limit_gib!r}")
         limits = {_memory_name(device): gib for device, gib in self.memory_limit_gib.items()}
+        if len(limits) < len(self.memory_limit_gib):
+            raise ValueError(f"memory_limit_gib: {sorted(self.memory_limit_gib)} name one memory twice (every CPU "
+                             "device shares the host's: give it once, as 'cpu')")
         memories = sorted({memory_of(d) for d in self.pool})
         for device, gib in limits.items():
             if device not in memories:
@@ -167,6 +170,7 @@ class EngineConfig:
         """The per-stage form: `instances[stage]` workers of each stage on its one device."""
         devices = _per_stage("device", self.devices, str)
         devices = {stage: canonical_device(f"device ({stage})", device) for stage, device in devices.items()}
+        check_disjoint(list(dict.fromkeys(devices.values())), "device")
         object.__setattr__(self, "devices", MappingProxyType(devices))
         instances = _per_stage("instances", self.instances, int)
         for stage, count in instances.items():
@@ -179,15 +183,17 @@ class EngineConfig:
         if self.placement is None or self.placement == "auto":
             raise ValueError("placement: give the stages of each device, e.g. {'cpu:0': ['encoder', 'decoder'], "
                              "'cpu:1': ['dit']}; placement='auto' (the planner's choice) is not available yet")
-        if dict(self.instances) != {s: 1 for s in STAGES}:
-            raise ValueError("instances: not with a placement, where each (device, stage) is one worker; list a "
-                             "stage on several devices instead")
         pool = list(self.devices) if _is_pool(self.devices) else [
             canonical_device(f"placement ({device})", device) for device in self.placement]
         workers = place_workers(pool, self.placement)
+        counts = {s: sum(w == s for _, w in workers) for s in STAGES}
+        # The default, or the counts this placement makes (a config rebuilt by dataclasses.replace).
+        if dict(self.instances) not in ({s: 1 for s in STAGES}, counts):
+            raise ValueError("instances: not with a placement, where each (device, stage) is one worker; list a "
+                             "stage on several devices instead")
         object.__setattr__(self, "devices", tuple(canonical_device(f"devices[{i}]", d) for i, d in enumerate(pool)))
         object.__setattr__(self, "workers", workers)
-        object.__setattr__(self, "instances", MappingProxyType({s: sum(w == s for _, w in workers) for s in STAGES}))
+        object.__setattr__(self, "instances", MappingProxyType(counts))
 
     @property
     def pool(self) -> tuple[str, ...]:

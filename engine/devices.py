@@ -97,13 +97,15 @@ def place_workers(devices: Sequence, placement: Mapping) -> tuple[tuple[str, str
         raise ValueError("devices: the pool is empty; give at least one device")
     if len(set(pool)) < len(pool):
         raise ValueError(f"devices: {pool} names a device twice")
-    _check_disjoint(pool)
+    check_disjoint(pool, "devices")
     if not isinstance(placement, Mapping):
         raise ValueError(f"placement: expected a mapping of device -> stages such as "
                          f"{{'cpu:0': ['encoder', 'decoder'], 'cpu:1': ['dit']}} (got {placement!r})")
     hosts: dict[str, list[str]] = {}
     for device, stages in placement.items():
         name = canonical_device(f"placement ({device})", device)
+        if name in hosts:
+            raise ValueError(f"placement: {device!r} names {name} again; give each device once")
         if name not in pool:
             raise ValueError(f"placement: {device!r} is not in devices {pool}")
         stages = [stages] if isinstance(stages, str) else stages
@@ -124,14 +126,15 @@ def place_workers(devices: Sequence, placement: Mapping) -> tuple[tuple[str, str
     return tuple((device, stage) for stage in STAGES for device in pool if stage in hosts.get(device, ()))
 
 
-def _check_disjoint(pool: list[str]) -> None:
-    """Core sets are devices of their own only if they share no core with another CPU device."""
+def check_disjoint(devices: Sequence[str], field: str) -> None:
+    """Core sets are devices of their own only if they share no core with another CPU device
+    (`cpu`, the whole host, shares every core)."""
     owner: dict[int, str] = {}
-    for device in pool:
+    for device in devices:
         cores = device_cpus(device) or (usable_cpus() if device == "cpu" else ())
         for core in cores:
             if core in owner:
-                raise ValueError(f"devices: {owner[core]} and {device} share CPU {core}; CPU devices must not overlap")
+                raise ValueError(f"{field}: {owner[core]} and {device} share CPU {core}; CPU devices must not overlap")
             owner[core] = device
 
 

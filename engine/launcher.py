@@ -19,6 +19,7 @@ import os
 import subprocess
 import sys
 import time
+import weakref
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 
@@ -29,9 +30,10 @@ STOP = b"stop"
 WORKER_ENTRY = "dfuse.stages.worker:run_stage_worker"
 # -P: the working directory does not shadow installed modules in the worker (Python 3.11+).
 _PYTHON = [sys.executable, *(["-P"] if sys.version_info >= (3, 11) else [])]
+_LIVE: weakref.WeakSet = weakref.WeakSet()  # every WorkerProcess of this process, for fork below
 
 
-@dataclass
+@dataclass(eq=False)  # a process handle: equal only to itself (and hashable, for _LIVE)
 class WorkerProcess:
     spec: WorkerSpec
     process: subprocess.Popen = field(repr=False)
@@ -91,7 +93,7 @@ def spawn_worker(spec: WorkerSpec, janitor: Janitor | None = None, entry: str = 
     try:
         started = time.time()
         process = subprocess.Popen([*_PYTHON, "-m", "dfuse.engine.worker_main", entry, str(read_fd)],
-                                   stdin=subprocess.PIPE, pass_fds=(read_fd,))
+                                   stdin=subprocess.PIPE, pass_fds=(read_fd,), env=_worker_env())
     except BaseException:
         os.close(write_fd)
         raise
@@ -105,4 +107,31 @@ def spawn_worker(spec: WorkerSpec, janitor: Janitor | None = None, entry: str = 
         pass
     if janitor is not None:
         janitor.watch(process.pid, started)
-    return WorkerProcess(spec, process, death_pipe, janitor, started)
+    worker = WorkerProcess(spec, process, death_pipe, janitor, started)
+    _LIVE.add(worker)
+    return worker
+
+
+def _worker_env() -> dict[str, str]:
+    """The engine's environment, with its sys.path as PYTHONPATH: a worker imports what the
+    engine could (dfuse found through a script's folder or a sys.path entry added at run time),
+    as multiprocessing's spawn used to arrange."""
+    env = dict(os.environ)
+    paths = [p for p in sys.path if p and os.path.isdir(p)]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths + env.get("PYTHONPATH", "").split(os.pathsep)))
+    return env
+
+
+def _forget_workers_in_child() -> None:
+    """A child made with os.fork() gets a copy of every death pipe's write end; one that outlived
+    a killed engine would keep its workers running. The child closes its copies and never waits
+    for the workers: they are the parent's."""
+    for worker in list(_LIVE):
+        try:
+            worker.death_pipe.close()
+        except OSError:
+            pass
+        worker.process.returncode = worker.process.returncode if worker.process.returncode is not None else 0
+
+
+os.register_at_fork(after_in_child=_forget_workers_in_child)

@@ -39,7 +39,7 @@ class Move(_Snapshot, rename={"from_stage": "from", "to_stage": "to"}):
     worker: int
     from_stage: str
     to_stage: str
-    reason: str  # "elastic" (the controller) or "manual" (Engine.move)
+    reason: str  # "elastic" (the controller) or "asked" (Engine.move)
 
 
 class StageTimes(_Snapshot):

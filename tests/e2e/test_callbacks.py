@@ -65,6 +65,6 @@ def test_a_failed_spawn_fails_start_up_and_leaves_nothing(monkeypatch):
     spec = started[0]
     assert list_segments(spec.segment_prefix) == []
     assert not os.path.exists(spec.run_dir)
-    assert [t.name for t in set(threading.enumerate()) - threads_before] == []  # no router, no completions thread
+    assert [t.name for t in set(threading.enumerate()) - threads_before] == []  # no core, no completions thread
     # Worker 0, which did start, was stopped (and the janitor, which outlives nothing, exits too).
     assert wait_until(lambda: set(children_of(os.getpid())) - children_before == set(), 10)

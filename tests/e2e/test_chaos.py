@@ -1,7 +1,7 @@
 """Crashes lose nothing: requests keep flowing while stage workers are SIGKILLed, a poison request
 fails alone after bounded attempts, and nothing outlives the engine.
 
-The engines that may hang run in a child process: a hung router thread cannot be stopped from
+The engines that may hang run in a child process: a hung core thread cannot be stopped from
 inside its own process, and it would spin on a core for the rest of the test session. Killing
 the child is always safe (its workers see the death pipe close and clean up after it).
 """
@@ -50,7 +50,7 @@ if __name__ == "__main__":
     run = drive(engine, chaos_requests(requests), kill_every, random.Random(seed), stall_s=20)
     report = {"stalled": run.stalled, "errors": run.errors, "kills": [dataclasses.asdict(k) for k in run.kills],
               "pids": sorted(run.worker_pids), "prefix": engine.host_names[0], "run_dir": engine.host_names[1]}
-    if run.stalled:  # a hung router cannot be closed; exiting makes the workers clean up
+    if run.stalled:  # a hung engine core cannot be closed; exiting makes the workers clean up
         print(json.dumps(report), flush=True)
         os._exit(3)
     # The last victim's replacement may still be loading, and the last slot releases may trail
@@ -174,7 +174,7 @@ def test_poison_request_fails_after_bounded_attempts_and_the_engine_serves_on(po
 def test_innocent_request_dispatched_beside_a_poison_request_completes(poison_engine):
     engine = poison_engine
     assert wait_until(lambda: _dit(engine).ready and _dit(engine).inflight == 0, 60)
-    # Kill the idle DiT and wait until the router has noticed: while its replacement loads, the
+    # Kill the idle DiT and wait until the engine core has noticed: while its replacement loads, the
     # poison and an innocent request queue for the DiT and then reach each new DiT together.
     dit = _dit(engine)
     os.kill(dit.pid, signal.SIGKILL)
@@ -237,9 +237,9 @@ if __name__ == "__main__":
             time.sleep(0.01)
         first, second = [w for w in engine.stats().workers if w.stage == "encoder"]
         os.kill(first.pid, signal.SIGKILL)
-        # The router notices deaths on a health tick every 100 ms: once it has seen this one, the
+        # The engine core notices deaths on a health tick every 100 ms: once it has seen this one, the
         # next tick is ~100 ms away. The second encoder dies now; a request for it comes 50 ms later,
-        # when it is dead (a zombie: its sockets are closed) but before the router can have noticed.
+        # when it is dead (a zombie: its sockets are closed) but before the engine core can have noticed.
         while engine.stats().workers[first.id].ready:
             time.sleep(0.0005)
         tick = time.monotonic()
@@ -254,7 +254,7 @@ if __name__ == "__main__":
             pixel = future.result(timeout=20).images[0].getpixel((0, 0))[0]
         except TimeoutError:
             print(f"trial {trial}: not served within 20 s", flush=True)
-            os._exit(4)  # a hung router cannot be closed; exiting makes the workers clean up
+            os._exit(4)  # a hung engine core cannot be closed; exiting makes the workers clean up
         print(f"trial {trial}: served {pixel}", flush=True)
         if unnoticed and after_ms < 80:  # inside the window: conclusive
             break

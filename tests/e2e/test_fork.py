@@ -118,3 +118,43 @@ def test_engine_calls_in_a_forked_child_fail_at_once(call):
         # The parent's engine is untouched.
         (image,) = engine.generate("a cat", num_inference_steps=1, height=64, width=64, seed=0, timeout=60)
         assert image.size == (64, 64) and [w.pid for w in engine.stats().workers] == pids
+
+
+ENGINE_WITH_A_SLEEPING_CHILD = """
+import os, sys, time
+from dfuse import Engine
+
+engine = Engine(model=sys.argv[1], cpu_threads=1)
+child = os.fork()
+if child == 0:
+    time.sleep(120)  # a pre-forked server's worker, idle
+    os._exit(0)
+print(" ".join(str(w.pid) for w in engine.stats().workers), child, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_forked_child_does_not_keep_the_workers_of_a_killed_engine_alive():
+    """The child holds copies of the engine's files; were the death pipes among them, workers
+    would outlive their SIGKILLed engine for as long as the child lives."""
+    from process_utils import alive, wait_until
+
+    process = subprocess.Popen([sys.executable, "-c", ENGINE_WITH_A_SLEEPING_CHILD, MODEL], stdout=subprocess.PIPE,
+                               text=True)
+    pids = []
+    try:
+        ready, _, _ = select.select([process.stdout], [], [], 120)
+        assert ready, "the engine did not start within 120 s"
+        *workers, child = [int(p) for p in process.stdout.readline().split()]
+        pids = workers + [child]
+        assert len(workers) == 3 and alive(child)
+        process.kill()
+        process.wait(30)
+        assert wait_until(lambda: not any(alive(p) for p in workers), 20), "workers outlived their engine"
+    finally:
+        process.kill()
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
