@@ -72,9 +72,9 @@ def run_dispatch(rate: float, requests: int, slow: float, rounds: int, seed: int
     summary = {}
     for rule in RULES:
         mine = [x for x in runs if x["rule"] == rule]
-        summary[rule] = {q: statistics.median(x["latency_ms"][q] for x in mine) for q in ("p50", "p95", "p99")}
-        summary[rule]["throughput_rps"] = statistics.median(x["throughput_rps"] for x in mine)
-        summary[rule]["slow_dit_share"] = statistics.median(x["slow_dit_share"] for x in mine)
+        summary[rule] = {q: round(statistics.median(x["latency_ms"][q] for x in mine), 1) for q in ("p50", "p95", "p99")}
+        summary[rule]["throughput_rps"] = round(statistics.median(x["throughput_rps"] for x in mine), 3)
+        summary[rule]["slow_dit_share"] = round(statistics.median(x["slow_dit_share"] for x in mine), 3)
     base, ours = summary["fewest-in-flight"], summary["earliest-finish"]
     fast, slower = pool_devices()
     return {
@@ -84,6 +84,7 @@ def run_dispatch(rate: float, requests: int, slow: float, rounds: int, seed: int
         "capacity_rps": round(1 / 0.060 + 1 / (0.060 * slow), 2),  # the two DiTs, the bottleneck stage
         "runs": runs, "median_of_rounds": summary,
         "p99_ratio_fewest_over_earliest": round(base["p99"] / ours["p99"], 3) if ours["p99"] else None,
+        "command": f"dfuse bench dispatch --rate {rate:g} --requests {requests} --slow {slow:g} --rounds {rounds} --seed {seed}",
         "note": "two one-core CPU devices, synthetic stages that sleep; median over rounds, each rule on the same arrivals",
     }
 

@@ -31,7 +31,7 @@ class TransportConfig:
     cpu_wake_latency_us: int | None = field(default=0, metadata=checked(optional(integer(0, MAX_WAKE_LATENCY_US))))
     """The longest wake-up the engine lets idle CPUs take while it runs (Linux CPU latency QoS,
     engine/cpu_wake.py). 0 keeps them polling instead of halting, so a stage that slept while its
-    producer computed wakes at once (a hop after a long write: ~100 us faster on a VM). Costs power;
+    producer computed wakes at once (what a hop saves: bench/results/README.md, handoff). Costs power;
     needs write access to /dev/cpu_dma_latency (else ignored, logged). None: leave it to the OS."""
 
     def __post_init__(self):

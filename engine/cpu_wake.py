@@ -2,11 +2,11 @@
 
 A stage worker sleeps while its producer computes, then is woken by a message. If its CPU went
 idle meanwhile, the kernel halted it, and waking a halted CPU is the slowest part of a hop: a VM
-exit and a host reschedule on a virtual machine, a deep C-state exit on bare metal. Measured on
-this project's 2-vCPU VM: a thread that slept 27 ms wakes in ~100 us, one that slept 1 ms in
-~20 us (bench/results/README.md, handoff). A CPU latency request of 0 us keeps idle CPUs in
-the kernel's polling idle state instead: they spin only while nothing else wants them (a
-runnable thread preempts the polling at once), and a wake-up costs what it costs on a busy CPU.
+exit and a host reschedule on a virtual machine, a deep C-state exit on bare metal; the longer a
+thread slept, the more it costs (measured: bench/results/README.md, handoff). A CPU latency
+request of 0 us keeps idle CPUs in the kernel's polling idle state instead: they spin only while
+nothing else wants them (a runnable thread preempts the polling at once), and a wake-up costs
+what it costs on a busy CPU.
 The price is power (and turbo headroom, and an SMT sibling's share), and on a VM the host time
 of idle vCPUs.
 

@@ -62,7 +62,7 @@ class OpenedCudaPool:
     def wait_written(self, offset: int, stream: torch.cuda.Stream) -> None:
         event = self.events[offset // self.info.slot_bytes]
         # Producers synchronize before reporting, so the event has nearly always completed. Asking
-        # costs ~4 us; waiting on an interprocess event made the consumer's next synchronize cost
-        # ~150 us more on an H100 (bench/results/README.md), half the whole hop.
+        # is cheap; waiting on an interprocess event made the consumer's next synchronize cost
+        # about half a whole hop more on an H100 (bench/results/README.md, handoff on a GPU).
         if not event.query():
             stream.wait_event(event)
