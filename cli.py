@@ -20,9 +20,11 @@ from .scheduler.core import STAGES
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 VIDEO_SUFFIXES = (".mp4", ".gif")  # mp4: H.264 through imageio-ffmpeg; gif: PIL (256 colours)
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="dfuse", prog_name="dfuse", message="%(prog)s %(version)s")
 def main():
     """dfuse: serve diffusion models as disaggregated stages (encoder, DiT, decoder)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # dfuse loads local folders only; never a hub
@@ -55,21 +57,28 @@ def main():
 @click.option("--slot-mib", type=int, default=None, help="Transport slot size in MiB: one request's stage outputs must fit (long videos need more) [default: 16].")
 @click.option("--policy", type=click.Choice(["static", "elastic"]), default="static", show_default=True,
               help="elastic: move workers between stages on a device as the bottleneck moves (pays off for long-running engines; see `dfuse bench sweep`).")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto", show_default=True,
+              help="Weights and activations dtype; auto: float32 on CPU, bfloat16 on CUDA.")
+@click.option("--log-level", type=click.Choice(LOG_LEVELS), default=None,
+              help="Log level of the engine and its workers [default: warning; info with -v; error with -q].")
+@click.option("-q", "--quiet", is_flag=True, help="Print only errors and the final \"Wrote ...\" line.")
 @click.option("-v", "--verbose", is_flag=True, help="Show worker placement, queues and engine logs.")
 def run(prompt, model, negative_prompt, steps, guidance_scale, true_cfg_scale, height, width, num_frames, fps, seed,
-        out, device, instances, devices, placement, threads, slot_mib, policy, verbose):
+        out, device, instances, devices, placement, threads, slot_mib, policy, dtype, log_level, quiet, verbose):
     """Generate one image (or video, with a video model) for PROMPT and write it to --out."""
     from .engine.config import TransportConfig
     from .engine.engine import Engine
     from .engine.input_processor import InputProcessor
     from .engine.models import describe_model, detect_family
 
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    level = _log_level(log_level, quiet, verbose)
+    logging.basicConfig(level=level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    say = (lambda message: None) if quiet else (lambda message: click.echo(message, err=True))
     # Validate everything before a single process starts: bad input costs nothing.
     try:
         transport = TransportConfig() if slot_mib is None else TransportConfig(slot_mib=slot_mib)
         config = EngineConfig(
-            model=model, cpu_threads=threads, transport=transport, policy=policy,
+            model=model, cpu_threads=threads, transport=transport, policy=policy, dtype=dtype,
             **_device_fields(device, instances, devices, placement),
         )
         model_path = resolve_model_path(config.model)
@@ -82,14 +91,17 @@ def run(prompt, model, negative_prompt, steps, guidance_scale, true_cfg_scale, h
         fps = _check_run_flags(info, params, fps)
     except ValueError as e:
         raise click.UsageError(_with_flag(str(e))) from None
+    for warning in _ignored_flags(info, params):
+        say(f"Warning: {warning}")
 
+    os.environ["DFUSE_LOG"] = level.upper()  # the workers inherit it (stages/worker.py): one level for all
     layout = "; ".join(f"{d}: {'+'.join(stages)}" for d, stages in config.layout().items() if stages)
-    click.echo(f"Starting stage workers: {layout} ...", err=True)
+    say(f"Starting stage workers: {layout} ...")
     started = time.perf_counter()
     try:
         with Engine(config=config) as engine:
-            click.echo(f"Workers ready in {time.perf_counter() - started:.1f} s", err=True)
-            with _StepBar(params.num_inference_steps) as bar:
+            say(f"Workers ready in {time.perf_counter() - started:.1f} s")
+            with _StepBar(params.num_inference_steps, quiet) as bar:
                 future = engine.submit(
                     params.prompt, negative_prompt=params.negative_prompt,
                     num_inference_steps=params.num_inference_steps, guidance_scale=params.guidance_scale,
@@ -117,7 +129,8 @@ def run(prompt, model, negative_prompt, steps, guidance_scale, true_cfg_scale, h
     timings = result.timings[0]
     stage_times = "  ".join(f"{s} {timings[s].compute_s * 1000:.0f} ms" for s in STAGES)
     click.echo(f"Wrote {out} ({shape}, seed {result.seeds[0]})")
-    click.echo(f"Stage compute: {stage_times}  (total {time.perf_counter() - started:.1f} s with start-up)")
+    if not quiet:
+        click.echo(f"Stage compute: {stage_times}  (total {time.perf_counter() - started:.1f} s with start-up)")
 
 
 @main.group()
@@ -160,6 +173,31 @@ def _check_run_flags(info, params, fps: int | None) -> int:
         raise ValueError(f"--true-cfg-scale: {params.true_cfg_scale:g} needs --negative-prompt "
                          f"(true CFG guides away from it; without one it would be off)")
     return 16 if fps is None else fps
+
+
+def _ignored_flags(info, params) -> list[str]:
+    """Flags the engine takes but that change nothing, said in a warning: the API keeps diffusers'
+    behaviour (a negative prompt without guidance is dropped), the user should still know."""
+    if params.negative_prompt is None:
+        return []
+    if info.true_cfg:  # Flux: --guidance-scale is the embedded guidance; only true CFG reads a negative prompt
+        if params.true_cfg_scale > 1:
+            return []
+        return ["--negative-prompt has no effect without guidance: the flux model guides away from it only "
+                "with --true-cfg-scale > 1"]
+    if params.guidance_scale > 1:
+        return []
+    return [f"--negative-prompt has no effect without guidance: --guidance-scale is {params.guidance_scale:g} "
+            "(guidance is on when > 1)"]
+
+
+def _log_level(log_level: str | None, quiet: bool, verbose: bool) -> str:
+    """The level of the engine and of its workers, from --log-level, -q and -v."""
+    if quiet and verbose:
+        raise click.UsageError("-q/--quiet and -v/--verbose: give one or the other, not both")
+    if quiet and log_level not in (None, "error"):
+        raise click.UsageError(f"-q/--quiet and --log-level {log_level}: -q shows errors only; give one or the other")
+    return log_level or ("error" if quiet else "info" if verbose else "warning")
 
 
 def _check_writable(out: Path) -> None:
@@ -233,17 +271,20 @@ def _with_flag(message: str) -> str:
     flag = _FLAGS.get(field) or _FLAGS.get(name.split(".")[0].split("[")[0])
     if not (sep and flag):
         return message
+    if field.endswith("[0]"):  # "prompt[0]": the API's first prompt is the command's only one
+        return f"{flag}: {rest}"
     return f"{flag} {qualifier}: {rest}" if qualifier else f"{flag} ({field}): {rest}"
 
 
 class _StepBar:
     """A progress bar over the DiT's denoising steps, fed from the engine's core thread."""
 
-    def __init__(self, total: int):
+    def __init__(self, total: int, quiet: bool = False):
         from tqdm import tqdm
 
         # disable=None: no bar when stderr is not a terminal (a log would get one line per step).
-        self._bar = tqdm(total=total, desc="denoising", unit="step", file=sys.stderr, leave=False, disable=None)
+        self._bar = tqdm(total=total, desc="denoising", unit="step", file=sys.stderr, leave=False,
+                         disable=True if quiet else None)
 
     def update(self, stage: str, step: int, total: int) -> None:
         self._bar.n = step

@@ -85,7 +85,9 @@ def run_stage_worker(spec: WorkerSpec, death_pipe: Connection) -> None:
     receiver = threading.Thread(target=_receive, args=(context, spec, endpoint, tasks, cancelled, connected), daemon=True)
     receiver.start()
     connected.wait(10)  # connect the task socket before READY: the engine sends work right after
-    results.send(wire.encode(wire.Ready(spec.worker_id, os.getpid(), time.perf_counter() - started, pool)))
+    load_s = time.perf_counter() - started
+    log.info("loaded %s weights on %s in %.2f s", spec.dtype, spec.device, load_s)
+    results.send(wire.encode(wire.Ready(spec.worker_id, os.getpid(), load_s, pool)))
     _ComputeLoop(spec, stage, endpoint, results, tasks, cancelled).run()
     results.close()
     context.term()

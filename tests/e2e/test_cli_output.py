@@ -1,0 +1,39 @@
+"""What `dfuse run` prints: -q leaves only the result line; --log-level reaches the workers too
+(they read DFUSE_LOG), and a negative prompt that guidance would ignore gets one warning."""
+
+import subprocess
+import sys
+
+from PIL import Image
+
+
+def _run(model_path, out, *flags):
+    return subprocess.run(
+        [sys.executable, "-m", "dfuse.cli", "run", "a fox", "--model", str(model_path), "--steps", "2",
+         "--seed", "0", "--threads", "1", "--out", str(out), *flags],
+        capture_output=True, text=True, timeout=180,
+    )
+
+
+def test_quiet_prints_only_the_wrote_line(model_path, tmp_path):
+    out = tmp_path / "fox.png"
+    run = _run(model_path, out, "-q")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == f"Wrote {out} (128x128, seed 0)\n"
+    assert run.stderr == "", run.stderr  # no "Starting stage workers", no "Workers ready", no bar
+    assert Image.open(out).size == (128, 128)
+
+
+def test_log_level_and_dtype_reach_the_workers_and_an_unused_negative_prompt_is_said(model_path, tmp_path):
+    out = tmp_path / "fox.png"
+    run = _run(model_path, out, "--log-level", "info", "--dtype", "bfloat16",
+               "--negative-prompt", "blurry", "--guidance-scale", "1")
+    assert run.returncode == 0, run.stderr
+    warnings = [line for line in run.stderr.splitlines() if line.startswith("Warning:")]
+    assert warnings == ["Warning: --negative-prompt has no effect without guidance: --guidance-scale is 1 "
+                        "(guidance is on when > 1)"]
+    for worker in ("encoder#0", "dit#1", "decoder#2"):  # the workers log at the engine's level
+        assert f"[{worker}] loaded bfloat16 weights on cpu" in run.stderr, run.stderr
+    assert "INFO dfuse.engine: dit worker 1 ready" in run.stderr
+    assert run.stdout.startswith(f"Wrote {out} (128x128, seed 0)")
+    assert Image.open(out).size == (128, 128)
