@@ -2,8 +2,8 @@
 of one of its stages, or switch its decode to tiles when that makes it fit.
 
 Budgets are per device: `memory_limit_gib` from the config, else detected once at start-up
-(CPU: MemAvailable after the workers loaded their weights; GPU: total memory minus the weight
-files placed on it, minus a reserve). The estimates come from each family (`peak_bytes`) and
+(CPU: MemAvailable after the workers loaded their weights, or less when this process's cgroup
+has a memory limit; GPU: total memory minus the weight files placed on it, minus a reserve). The estimates come from each family (`peak_bytes`) and
 are stated estimates, not measurements: admission catches requests that are far too big, and an
 out-of-memory that still happens inside a worker is reported to the caller (the worker lives on).
 """
@@ -88,30 +88,98 @@ def _shape(info: ModelInfo, params: RequestParams) -> str:
     return f"height/width: a {params.width}x{params.height}"
 
 
-def detect_budgets(config: EngineConfig, model_path) -> dict[str, int]:
+def detect_budgets(config: EngineConfig, model_path, root: Path = Path("/")) -> dict[str, int]:
     """Bytes of activations each stage may use: its device's budget (every CPU device shares the
-    host's memory), the smallest where the stage runs on several devices."""
+    host's memory), the smallest where the stage runs on several devices. `root` is where /proc
+    and /sys are read from (a fake tree in tests)."""
     by_memory: dict[str, int] = {}
     for memory in {memory_of(d) for d in config.pool}:
         if memory in config.memory_limit_gib:
             by_memory[memory] = int(config.memory_limit_gib[memory] * 2**30)
         elif memory == "cpu":
-            by_memory[memory] = int(_mem_available() * CPU_SHARE)
+            by_memory[memory] = int(_mem_available(root) * CPU_SHARE)
         else:
             stages = [s for d, s in config.workers if d == memory]
             by_memory[memory] = _gpu_budget(memory, list(dict.fromkeys(stages)), model_path)
     return {stage: min(by_memory[memory_of(d)] for d in config.devices_of(stage)) for stage in STAGES}
 
 
-def _mem_available() -> int:
+def _mem_available(root: Path = Path("/")) -> int:
+    """Bytes this process may still allocate: the host's MemAvailable, or the room left under
+    its cgroup's memory limit when that is smaller (a container sees the host's /proc/meminfo:
+    in a 1.5 GiB container it read 60 GiB and admitted a decode that was OOM-killed)."""
+    known = [b for b in (_meminfo_available(root / "proc/meminfo"), _cgroup_room(root)) if b is not None]
+    return min(known, default=2**62)  # unknown: do not refuse anything
+
+
+def _meminfo_available(path: Path) -> int | None:
     try:
-        with open("/proc/meminfo") as f:
+        with open(path) as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
                     return int(line.split()[1]) * 1024
-    except OSError:
+    except (OSError, ValueError, IndexError):
         pass
-    return 2**62  # unknown: do not refuse anything
+    return None
+
+
+CGROUP_UNLIMITED = 2**60  # v1 writes "no limit" as 2**63 rounded down to a page
+# (mount under root, limit file, usage file, memory.stat key of reclaimable page cache)
+CGROUP_V2 = ("sys/fs/cgroup", "memory.max", "memory.current", "inactive_file")
+CGROUP_V1 = ("sys/fs/cgroup/memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+
+
+def _cgroup_room(root: Path) -> int | None:
+    """Limit minus usage of the tightest memory-limited cgroup holding this process (v2 `0::/path`
+    or v1 `N:...memory...:/path` in /proc/self/cgroup), checked from its own cgroup up to the
+    hierarchy's root: a limit is often set on a parent. None: no limit anywhere."""
+    try:
+        lines = (root / "proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    rooms = []
+    for line in lines:
+        hierarchy, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if hierarchy == "0" and not controllers:
+            rooms += _rooms(root, path, *CGROUP_V2)
+        elif "memory" in controllers.split(","):
+            rooms += _rooms(root, path, *CGROUP_V1)
+    return min(rooms, default=None)
+
+
+def _rooms(root: Path, path: str, mount: str, limit_file: str, usage_file: str, cache_key: str) -> list[int]:
+    parts = [p for p in path.strip().split("/") if p]
+    rooms = []
+    # Up to the mount itself: without a cgroup namespace /proc/self/cgroup names the host's path
+    # while the container's own cgroup is mounted at the root.
+    for depth in range(len(parts), -1, -1):
+        directory = root.joinpath(mount, *parts[:depth])
+        limit = _read_int(directory / limit_file)  # "max" (v2) reads as None
+        if limit is None or limit >= CGROUP_UNLIMITED:
+            continue
+        # Usage counts page cache (the weight files just read); what the kernel reclaims first
+        # before an OOM kill is not taken.
+        usage = (_read_int(directory / usage_file) or 0) - _stat(directory / "memory.stat", cache_key)
+        rooms.append(max(0, limit - max(0, usage)))
+    return rooms
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _stat(path: Path, key: str) -> int:
+    try:
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def _gpu_budget(device: str, stages: list[str], model_path) -> int:

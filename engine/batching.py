@@ -2,9 +2,10 @@
 
 A request gets, at submit, one profile per stage: a compatibility key (requests with equal keys
 can share one diffusers call) and its estimated activation bytes. When a worker frees up, the
-engine core takes the head of the stage's queue (priority, deadline, arrival: the head is never
-skipped, so batching cannot starve it) and adds the next requests in queue order whose key
-equals the head's, up to the stage's batch limit and the memory cap:
+engine core takes the head of the stage's queue (engine/queues.py: priority, then arrival, a
+near deadline moving a request ahead by a bounded lead; the head is never skipped, so batching
+cannot starve it) and adds the next requests in queue order whose key equals the head's, up to
+the stage's batch limit and the memory cap:
 
     queue (in order):  A(64x64)  B(96x64)  C(64x64)  D(64x64)     dit limit 2
     batch:             A                   C                      B waits for the next worker

@@ -135,3 +135,72 @@ def test_outputs_that_cannot_fit_a_transport_slot_are_refused_up_front(wan):
     family, info = SD3Spec(), SD3Spec().describe(tiny_model_path())
     with pytest.raises(ValueError, match=r"^height/width: a 1024x1024 request makes 3\.0 MiB of decoder outputs"):
         check_transport(family, info, params(1024), 2**20, ITEMSIZES)
+
+
+# --- the CPU budget inside a container: fake /proc and /sys trees, no real cgroup needed -----
+def _tree(root, meminfo_gib=64, cgroup=None, files=None):
+    """`root` holding proc/meminfo, proc/self/cgroup (`cgroup`) and `files` {path: text}."""
+    (root / "proc/self").mkdir(parents=True)
+    (root / "proc/meminfo").write_text(f"MemTotal: {128 * 2**20} kB\nMemAvailable: {int(meminfo_gib * 2**20)} kB\n")
+    if cgroup is not None:
+        (root / "proc/self/cgroup").write_text(cgroup)
+    for path, text in (files or {}).items():
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_text(text)
+    return root
+
+
+def _cpu_budget(root) -> int:
+    from dfuse.engine.admission import detect_budgets
+    from dfuse.engine.config import EngineConfig
+
+    return detect_budgets(EngineConfig(), None, root=root)["decoder"]
+
+
+def test_a_cgroup_v2_limit_bounds_the_cpu_budget_and_a_big_decode_is_tiled(tmp_path, sd3):
+    # The issue: a 1.5 GiB container (1 GiB used by weights) saw the host's 64 GiB free and
+    # admitted a 1024 px decode whole, which was OOM-killed.
+    root = _tree(tmp_path, cgroup="0::/job\n", files={
+        "sys/fs/cgroup/job/memory.max": str(int(1.5 * GIB)),
+        "sys/fs/cgroup/job/memory.current": str(GIB),
+        "sys/fs/cgroup/job/memory.stat": "anon 900\ninactive_file 0\n",
+    })
+    budget = _cpu_budget(root)
+    assert budget == int(0.5 * GIB * 0.8)
+    admitted = admit(*sd3, params(1024), {s: budget for s in ITEMSIZES}, ITEMSIZES)
+    assert admitted.vae_tiling
+
+
+def test_cgroup_v2_without_a_limit_leaves_memavailable(tmp_path):
+    root = _tree(tmp_path, meminfo_gib=4, cgroup="0::/job\n", files={
+        "sys/fs/cgroup/job/memory.max": "max\n", "sys/fs/cgroup/job/memory.current": str(GIB)})
+    assert _cpu_budget(root) == int(4 * GIB * 0.8)
+
+
+def test_a_limit_on_a_parent_cgroup_or_the_namespace_root_counts(tmp_path):
+    # Reclaimable page cache (the weights just read) is not counted as used.
+    root = _tree(tmp_path, cgroup="0::/kubepods/pod1/c1\n", files={
+        "sys/fs/cgroup/kubepods/pod1/memory.max": str(2 * GIB),
+        "sys/fs/cgroup/kubepods/pod1/memory.current": str(GIB + GIB // 2),
+        "sys/fs/cgroup/kubepods/pod1/memory.stat": f"anon {GIB}\ninactive_file {GIB // 2}\n",
+        "sys/fs/cgroup/kubepods/pod1/c1/memory.max": "max",
+    })
+    assert _cpu_budget(root) == int(GIB * 0.8)
+
+
+def test_a_cgroup_v1_limit_bounds_the_cpu_budget_and_its_huge_no_limit_does_not(tmp_path):
+    cgroup = "12:pids:/docker/abc\n4:cpuacct,memory:/docker/abc\n0::/\n"
+    limited = _tree(tmp_path / "a", cgroup=cgroup, files={
+        "sys/fs/cgroup/memory/docker/abc/memory.limit_in_bytes": str(3 * GIB),
+        "sys/fs/cgroup/memory/docker/abc/memory.usage_in_bytes": str(GIB)})
+    assert _cpu_budget(limited) == int(2 * GIB * 0.8)
+    unlimited = _tree(tmp_path / "b", meminfo_gib=8, cgroup=cgroup, files={
+        "sys/fs/cgroup/memory/docker/abc/memory.limit_in_bytes": "9223372036854771712",
+        "sys/fs/cgroup/memory/docker/abc/memory.usage_in_bytes": str(GIB)})
+    assert _cpu_budget(unlimited) == int(8 * GIB * 0.8)
+
+
+def test_no_cgroup_files_leaves_memavailable_and_nothing_readable_refuses_nothing(tmp_path):
+    assert _cpu_budget(_tree(tmp_path / "a", meminfo_gib=6)) == int(6 * GIB * 0.8)
+    assert _cpu_budget(_tree(tmp_path / "b", meminfo_gib=6, cgroup="0::/gone\n")) == int(6 * GIB * 0.8)
+    assert _cpu_budget(tmp_path / "empty") >= 2**61
