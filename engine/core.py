@@ -11,7 +11,7 @@ released when the consumer reports done (or the request is dropped):
 
 A worker that dies is replaced on the same device; its in-flight requests go back to the front
 of their queue (their inputs are still in the upstream slot; the queue keeps their place by
-priority, deadline and arrival) until `max_attempts` is reached (engine/recovery.py).
+priority and arrival, engine/queues.py) until `max_attempts` is reached (engine/recovery.py).
 
 With batching on (EngineConfig.batching), a free worker takes the queue's head plus compatible
 requests behind it as one task (engine/batching.py); each request still holds its own output
