@@ -13,6 +13,8 @@ import queue
 import threading
 from concurrent.futures import Future, InvalidStateError
 
+from .state import RequestFailed
+
 log = logging.getLogger("dfuse.engine")
 
 
@@ -52,3 +54,36 @@ class Completions:
                 callback(*args)
             except Exception:  # a user's callback: log it, keep serving everyone else
                 log.exception("a request callback raised")
+
+
+class CopyOut:
+    """The final pixels leave the decoder's slot on a thread of their own: a video's copy (tens
+    of MiB) on the core thread would stall every dispatch meanwhile. Each copy hands its slot
+    back (`hand_back(pool, offset, request_id)`, whatever happened) before the caller hears."""
+
+    def __init__(self, completions: Completions, hand_back) -> None:
+        self._completions, self._hand_back = completions, hand_back
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="dfuse-copy-out", daemon=True)
+        self._thread.start()
+
+    def put(self, request, view, pool) -> None:
+        """Copy `view` (the request's pixels in `pool`'s slot), then resolve its future."""
+        self._queue.put((request, view, pool))
+
+    def close(self) -> None:
+        """Copy what is queued, then stop (the segments those copies read go right after)."""
+        self._queue.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            request, view, pool = item
+            try:
+                outcome = {"result": (view[0].numpy().copy(), request.timings)}
+            except Exception as e:  # e.g. MemoryError on a long video: that request fails, not the engine
+                outcome = {"error": RequestFailed(f"request {request.id}: copying its output failed: {e!r}")}
+            finally:
+                del view
+                self._hand_back(pool, request.output_offset, request.id)
+            self._completions.resolve(request.future, **outcome)

@@ -26,7 +26,6 @@ import os
 import threading
 import time
 from pathlib import Path
-from queue import SimpleQueue
 
 import msgspec
 import zmq
@@ -39,7 +38,7 @@ from .devices import describe_device
 from .dispatch import RULES as DISPATCH_RULES
 from .dispatch import observe
 from .batching import select_batch, should_wait
-from .completions import Completions, resolve
+from .completions import Completions, CopyOut, resolve
 from .elastic import Elastic
 from .host_resources import HostResources
 from .worker_layout import build_workers, check_move, choose_links, pin_cpu_workers
@@ -81,11 +80,8 @@ class EngineCore(WorkerRecovery):
         self.run_dir, self.segment_prefix = self._host.run_dir, self._host.segment_prefix
         self._context = zmq.Context()
         self.completions = Completions()  # futures and user callbacks run there, never here
-        # The final pixels leave the decoder's slot on a thread of their own: a video's copy
-        # (tens of MiB) on the core thread would stall every dispatch meanwhile.
-        self._copies: SimpleQueue = SimpleQueue()
-        self._copier = threading.Thread(target=self._copy_out, name="dfuse-copy-out", daemon=True)
-        self._copier.start()
+        # The final pixels leave the decoder's slot on a thread of their own (engine/completions.py)
+        self._copy_out = CopyOut(self.completions, lambda *slot: self._post(("copied", slot)))
         try:
             self._init_sockets()
             self._init_workers()
@@ -95,7 +91,7 @@ class EngineCore(WorkerRecovery):
                 if hasattr(self, name):
                     getattr(self, name).close(linger=0)
             self._context.term()
-            self._stop_copier()
+            self._copy_out.close()
             self.completions.close()
             raise
         self._thread = threading.Thread(target=self._loop, name="dfuse-core", daemon=True)
@@ -478,26 +474,7 @@ class EngineCore(WorkerRecovery):
         view = byte_view(worker.pool.segment.data, ref.offset, ref.shape, dtype_from_name(ref.dtype))
         self._stats.completed += 1
         self._left(request)
-        self._copies.put((request, view, worker.pool))
-
-    def _copy_out(self) -> None:
-        """The copy-out thread: copy each request's pixels before its slot is reused, hand the
-        slot back to the core thread (whatever happened), resolve the caller's future."""
-        while (item := self._copies.get()) is not None:
-            request, view, pool = item
-            try:
-                outcome = {"result": (view[0].numpy().copy(), request.timings)}
-            except Exception as e:  # e.g. MemoryError on a long video: that request fails, not the engine
-                outcome = {"error": RequestFailed(f"request {request.id}: copying its output failed: {e!r}")}
-            finally:
-                del view
-                self._post(("copied", (pool, request.output_offset, request.id)))
-            self.completions.resolve(request.future, **outcome)
-
-    def _stop_copier(self) -> None:
-        """Copy what is queued, then stop (the segments those copies read go right after)."""
-        self._copies.put(None)
-        self._copier.join()
+        self._copy_out.put(request, view, worker.pool)
 
     def _fail(self, request: Request, error: Exception) -> None:
         self._release_inputs(request)
@@ -588,7 +565,7 @@ class EngineCore(WorkerRecovery):
             self._wake_push.close(linger=0)
         alive = [w for w in self.workers.values() if w.process is not None]
         stop_all([w.process for w in alive])  # all at once: closing death pipes stops them now
-        self._stop_copier()  # the copies in progress read segments released below
+        self._copy_out.close()  # the copies in progress read segments released below
         error = EngineClosed(self.startup_error or "the engine closed before this request completed")
         pending = [r for q in self._queues.values() for r in q] + [r for w in alive for r in w.inflight.values()]
         pending += [item for kind, item in self._inbox if kind == "submit"]
