@@ -74,3 +74,51 @@ def cpu_latency_request_allowed() -> bool:
         return False
     hold.release()
     return True
+
+
+HOLD_LOCK = """
+import sys
+from dfuse.engine.transport.shm_files import EngineLock
+lock = EngineLock.acquire(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None)
+print("locked", flush=True)
+sys.stdin.read()  # hold it until the test closes our stdin (or kills us)
+"""
+
+
+class LockHolder:
+    """A live process holding `prefix`'s engine lock, naming `run_dir` (an engine, as far as a
+    start-up sweep can tell)."""
+
+    def __init__(self, prefix, run_dir=None):
+        import subprocess
+        import sys
+
+        args = [sys.executable, "-c", HOLD_LOCK, prefix] + ([run_dir] if run_dir else [])
+        self.process = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.process.stdout.readline().strip() == "locked"
+
+    def die(self):
+        self.process.kill()
+        self.process.wait(30)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.die()
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited (skips the test in the rare case it was reused at once)."""
+    import subprocess
+    import sys
+
+    import pytest
+
+    from dfuse.engine.transport import shm_files
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait(timeout=30)
+    if shm_files._pid_alive(child.pid):  # pragma: no cover - reused at once
+        pytest.skip(f"pid {child.pid} was reused")
+    return child.pid

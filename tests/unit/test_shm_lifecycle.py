@@ -32,17 +32,10 @@ from dfuse.engine.transport.shm_files import (
     sweep_stale_segments,
     unlink_segments,
 )
-from process_utils import alive, cmdline, wait_until
+from process_utils import LockHolder, alive, cmdline, dead_pid, wait_until
 
 pytestmark = pytest.mark.skipif(not os.path.isdir(shm_files.SHM_DIR), reason="needs /dev/shm")
 
-HOLD_LOCK = """
-import sys
-from dfuse.engine.transport.shm_files import EngineLock
-lock = EngineLock.acquire(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None)
-print("locked", flush=True)
-sys.stdin.read()  # hold it until the test closes our stdin (or kills us)
-"""
 
 
 def _files(prefix):
@@ -50,35 +43,10 @@ def _files(prefix):
     return sorted(n for n in os.listdir(shm_files.SHM_DIR) if n.startswith(prefix))
 
 
-def _dead_pid() -> int:
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait(timeout=30)
-    if shm_files._pid_alive(child.pid):  # pragma: no cover - reused at once
-        pytest.skip(f"pid {child.pid} was reused")
-    return child.pid
-
-
 def _prefix(pid: int) -> str:
     return f"{shm_files.PREFIX}{pid}_{secrets.token_hex(4)}_"
 
 
-class _LockHolder:
-    """A live process holding `prefix`'s engine lock (an engine, as far as the sweep can tell)."""
-
-    def __init__(self, prefix, run_dir=None):
-        args = [sys.executable, "-c", HOLD_LOCK, prefix] + ([run_dir] if run_dir else [])
-        self.process = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        assert self.process.stdout.readline().strip() == "locked"
-
-    def die(self):
-        self.process.kill()
-        self.process.wait(30)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.die()
 
 
 @pytest.fixture
@@ -91,10 +59,10 @@ def prefixes():
 
 # --- the liveness lock --------------------------------------------------------------------------
 def test_a_held_lock_keeps_a_prefix_whose_pid_looks_dead_and_stale_ones_go(prefixes):
-    pid = _dead_pid()
+    pid = dead_pid()
     other_namespace, stale = _prefix(pid), _prefix(pid)
     prefixes += [other_namespace, stale]
-    with _LockHolder(other_namespace) as engine:
+    with LockHolder(other_namespace) as engine:
         Segment(other_namespace + "w0", 4096, create=True)
         Segment(other_namespace + "wt_vae.float32", 4096, create=True)
         Segment(stale + "w0", 4096, create=True)  # no lock file: only the (dead) pid can tell
@@ -195,11 +163,11 @@ def test_locks_and_janitors_only_take_whole_engine_prefixes(prefix):
 
 # --- run dirs ----------------------------------------------------------------------------------
 def test_the_sweep_removes_a_dead_engines_run_dir_and_nothing_else(prefixes):
-    dead, live = _prefix(_dead_pid()), new_segment_prefix()
+    dead, live = _prefix(dead_pid()), new_segment_prefix()
     prefixes += [dead, live]
     dead_dir, live_dir, plain_dir = (tempfile.mkdtemp(prefix="dfuse-") for _ in range(3))
     try:
-        with _LockHolder(live, live_dir), _LockHolder(dead, dead_dir) as engine:
+        with LockHolder(live, live_dir), LockHolder(dead, dead_dir) as engine:
             Segment(dead + "w0", 4096, create=True)
             with open(os.path.join(dead_dir, "results"), "w"):
                 pass
@@ -218,7 +186,7 @@ def test_the_sweep_removes_a_dead_engines_run_dir_and_nothing_else(prefixes):
 @pytest.mark.parametrize("where", ["other inode", "not in the temp dir", "not named dfuse-"])
 def test_the_sweep_only_removes_the_very_run_dir_a_dead_engine_made(where, prefixes, tmp_path):
     # A dead engine's (unheld) lock file that names a directory the sweep must not touch.
-    prefix = _prefix(_dead_pid())
+    prefix = _prefix(dead_pid())
     prefixes.append(prefix)
     directory = {"other inode": None, "not in the temp dir": str(tmp_path / "dfuse-x"),
                  "not named dfuse-": tempfile.mkdtemp(prefix="other-")}[where] or tempfile.mkdtemp(prefix="dfuse-")
@@ -374,7 +342,7 @@ def test_the_janitor_cleans_up_after_the_workers_the_engine_did_not_reap(engine_
     is the janitor's to unlink if the engine died first; never for a worker the engine reaped,
     whose pid may belong to another process by then, nor a file older than the worker."""
     prefix, run_dir = engine_files
-    unreaped, reaped, reused = _dead_pid(), _dead_pid(), _dead_pid()
+    unreaped, reaped, reused = dead_pid(), dead_pid(), dead_pid()
     started = time.time() - 60
     planted = {pid: [os.path.join(shm_files.SHM_DIR, f"cuda.shm.0.{pid:x}.1"), os.path.join(shm_files.SHM_DIR, f"torch_{pid}_7_0")]
                for pid in (unreaped, reaped, reused)}

@@ -11,8 +11,6 @@ import json
 import os
 import secrets
 import shutil
-import subprocess
-import sys
 import tempfile
 
 import pytest
@@ -20,25 +18,12 @@ import pytest
 from dfuse.engine.transport import shm_files
 from dfuse.engine.transport.shm_files import new_segment_prefix, sweep_stale_segments, unlink_segments
 
+from process_utils import LockHolder, dead_pid
+
 NOBODY = 65534
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not os.path.isdir(shm_files.SHM_DIR),
                                 reason="chowns files to another user: needs root and /dev/shm")
 
-HOLD_LOCK = """
-import sys
-from dfuse.engine.transport.shm_files import EngineLock
-lock = EngineLock.acquire(sys.argv[1], sys.argv[2])
-print("locked", flush=True)
-sys.stdin.read()
-"""
-
-
-def _dead_pid() -> int:
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait(timeout=30)
-    if shm_files._pid_alive(child.pid):  # pragma: no cover - reused at once
-        pytest.skip(f"pid {child.pid} was reused")
-    return child.pid
 
 
 def _shm(name: str) -> str:
@@ -61,16 +46,13 @@ class _LiveEngine:
 
     def __init__(self):
         self.prefix, self.run_dir = new_segment_prefix(), tempfile.mkdtemp(prefix="dfuse-")
-        self.process = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, self.prefix, self.run_dir],
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        assert self.process.stdout.readline().strip() == "locked"
+        self.holder = LockHolder(self.prefix, self.run_dir)
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        self.process.kill()
-        self.process.wait(30)
+        self.holder.die()
         unlink_segments(self.prefix)
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
@@ -87,7 +69,7 @@ def test_a_lock_file_planted_by_another_user_cannot_get_a_live_engines_run_dir_r
     # The neighbour names the victim's live run dir (its name, device and inode are visible to
     # all in /tmp) in a lock file nobody holds: a "dead engine" whose run dir is the victim's.
     with _LiveEngine() as victim:
-        planted = _plant_lock(f"dfuse_{_dead_pid()}_{secrets.token_hex(4)}_", victim.run_dir, NOBODY)
+        planted = _plant_lock(f"dfuse_{dead_pid()}_{secrets.token_hex(4)}_", victim.run_dir, NOBODY)
         try:
             sweep_stale_segments()  # the victim's next engine starts
             assert os.path.isdir(victim.run_dir), "a live engine's run dir was removed"
@@ -99,7 +81,7 @@ def test_a_lock_file_planted_by_another_user_cannot_get_a_live_engines_run_dir_r
 def test_a_dead_lock_naming_a_live_engines_run_dir_does_not_get_it_removed():
     # Even a lock file of this user: a run dir a live engine's lock names is never removed.
     with _LiveEngine() as live:
-        prefix = f"dfuse_{_dead_pid()}_{secrets.token_hex(4)}_"
+        prefix = f"dfuse_{dead_pid()}_{secrets.token_hex(4)}_"
         planted = _plant_lock(prefix, live.run_dir, os.geteuid(), 0o600)
         try:
             sweep_stale_segments()
@@ -110,7 +92,7 @@ def test_a_dead_lock_naming_a_live_engines_run_dir_does_not_get_it_removed():
 
 
 def test_the_sweep_skips_what_it_cannot_or_should_not_remove():
-    dead = _dead_pid()
+    dead = dead_pid()
     directory = _shm(f"dfuse_{dead}_x")  # IsADirectoryError once
     directory_with_token = _shm(f"dfuse_{dead}_{secrets.token_hex(4)}_w0")
     theirs = [_shm(f"dfuse_{dead}_y"), _shm(f"dfuse_{dead}_{secrets.token_hex(4)}_w0")]
