@@ -135,7 +135,53 @@ def run(prompt, model, negative_prompt, steps, guidance_scale, true_cfg_scale, h
 
 @main.group()
 def models():
-    """Built-in tiny models (built offline, deterministically)."""
+    """The models dfuse can serve: built-in tiny ones (built offline, deterministically), folders."""
+
+
+@models.command("list")
+def list_models():
+    """Built-in tiny models and the diffusers folders in the Hugging Face cache, with their family."""
+    from .engine.models.catalog import hub_cache, list_models as found
+
+    rows = found()
+    width = max(len(r["model"]) for r in rows)
+    for row in rows:
+        click.echo(f"{row['model']:<{width}}  {row['family']:<10}  {row['where']}")
+    click.echo(f"(Hugging Face cache: {hub_cache()}; a folder path works as --model too)")
+
+
+@models.command("inspect")
+@click.argument("model")
+@click.option("--json", "as_json", is_flag=True, help="Print the facts as JSON.")
+def inspect_model(model, as_json):
+    """What MODEL is and needs at its defaults: family, components, weights per stage, slot and
+    activation memory (estimates, before any weight is loaded)."""
+    import json
+
+    from .engine.models.catalog import inspect_model as inspect
+
+    try:
+        doc = inspect(model)
+    except ValueError as e:
+        raise click.UsageError(str(e).replace("model: ", "MODEL: ", 1)) from None
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+        return
+    d = doc["defaults"]
+    frames = f", {d['num_frames']} frames" if d["num_frames"] > 1 else ""
+    click.echo(f"{doc['model']}: {doc['pipeline']} (family {doc['family']}) at {doc['path']}")
+    click.echo(f"defaults: {d['width']}x{d['height']}{frames}, {d['num_inference_steps']} steps, guidance {d['guidance_scale']:g}")
+    for name, cls in doc["components"].items():
+        click.echo(f"  {name:<16} {cls}")
+    click.echo("per stage at the defaults: weights, one request's slot, activations float32 / bfloat16")
+    for stage, s in doc["stages"].items():
+        slot = "-" if s["slot_mib_needed"] is None else f"{s['slot_mib_needed']:g} MiB"
+        act = s["activations_gb"]
+        click.echo(f"  {stage:<8} {_gb(s['weights_gb'])}  slot {slot}  activations {_gb(act['float32'])} / {_gb(act['bfloat16'])}")
+
+
+def _gb(gb: float) -> str:
+    return f"{gb:.1f} GB" if gb >= 1 else f"{gb * 1000:.1f} MB"
 
 
 @models.command("build-tiny")

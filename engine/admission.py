@@ -18,16 +18,11 @@ import msgspec
 from ..scheduler.core import STAGES
 from .config import EngineConfig, memory_of
 from .models.base import FamilySpec, ModelInfo
+from .models.catalog import stage_weight_bytes
 from .protocol import RequestParams
 
 GPU_RESERVE_BYTES = 2**30  # CUDA context, allocator slack
 CPU_SHARE = 0.8  # leave room for the rest of the machine
-# Subfolders holding each stage's weights (diffusers layout), to subtract them from a GPU.
-STAGE_COMPONENTS = {
-    "encoder": ("text_encoder", "text_encoder_2", "text_encoder_3"),
-    "dit": ("transformer",),
-    "decoder": ("vae",),
-}
 
 
 def admit(
@@ -186,9 +181,5 @@ def _gpu_budget(device: str, stages: list[str], model_path) -> int:
     import torch
 
     total = torch.cuda.get_device_properties(torch.device(device)).total_memory
-    weights = 0
-    if isinstance(model_path, Path):
-        for stage in stages:
-            for component in STAGE_COMPONENTS[stage]:
-                weights += sum(f.stat().st_size for f in (model_path / component).glob("*.safetensors"))
+    weights = sum(stage_weight_bytes(model_path, stage) for stage in stages) if isinstance(model_path, Path) else 0
     return max(0, total - weights - GPU_RESERVE_BYTES)
