@@ -11,7 +11,31 @@ import click
 from .lib.outputs import default_out, write_json
 
 
-@click.group()
+class _LazyGroup(click.Group):
+    """Subcommands imported when used, not when `dfuse` starts: several import torch, and a CLI
+    that takes a second to start (or prints a traceback for a Ctrl-C meanwhile) serves no one."""
+
+    def __init__(self, *args, lazy: dict[str, str], **kwargs):
+        super().__init__(*args, **kwargs)
+        self._lazy = lazy  # name -> "module:attribute", relative to this package
+
+    def list_commands(self, ctx) -> list[str]:
+        return sorted([*super().list_commands(ctx), *self._lazy])
+
+    def get_command(self, ctx, name):
+        if name not in self._lazy:
+            return super().get_command(ctx, name)
+        from importlib import import_module
+
+        module, _, attribute = self._lazy[name].partition(":")
+        return getattr(import_module(module, __package__), attribute)
+
+
+@click.group(cls=_LazyGroup, lazy={
+    "handoff": ".handoff.command:handoff_command", "pipeline": ".pipeline:pipeline_command",
+    "simulate": ".simulate.command:simulate", "chaos": ".chaos:chaos_command", "sweep": ".sweep.command:sweep_command",
+    "batching": ".batching:batching_command", "dispatch": ".dispatch:dispatch_command",
+})
 def bench():
     """Benchmarks (results as JSON; speed is always a ratio of two things run side by side)."""
 
@@ -82,32 +106,3 @@ def throughput(requests, steps, height, width, guidance_scale, threads, mono_thr
             "the throughput comparison is not like for like.", fg="red", bold=True, err=True,
         )
         sys.exit(1)
-
-
-from .handoff.command import handoff_command  # noqa: E402
-
-bench.add_command(handoff_command)
-
-from .pipeline import pipeline_command  # noqa: E402
-
-bench.add_command(pipeline_command)
-
-from .simulate.command import simulate  # noqa: E402
-
-bench.add_command(simulate)
-
-from .chaos import chaos_command  # noqa: E402
-
-bench.add_command(chaos_command)
-
-from .sweep.command import sweep_command  # noqa: E402
-
-bench.add_command(sweep_command)
-
-from .batching import batching_command  # noqa: E402
-
-bench.add_command(batching_command)
-
-from .dispatch import dispatch_command  # noqa: E402
-
-bench.add_command(dispatch_command)

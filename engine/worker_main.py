@@ -4,12 +4,19 @@ and call it. The engine names the worker code; it never imports it."""
 
 from __future__ import annotations
 
-import importlib
-import os
-import sys
-from multiprocessing.connection import Connection
+import signal
 
-from .protocol import decode_spec
+# First of all: Ctrl-C reaches the terminal's whole process group, workers included, and the
+# engine decides how its workers stop. Ignored before the heavy imports (torch, diffusers), which
+# would otherwise each end in a KeyboardInterrupt traceback.
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+import importlib  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+from multiprocessing.connection import Connection  # noqa: E402
+
+from .protocol import decode_spec  # noqa: E402
 
 
 def main(argv: list[str]) -> None:

@@ -6,6 +6,8 @@ import sys
 
 from PIL import Image
 
+from process_utils import children_of, cmdline, wait_until
+
 
 def _run(model_path, out, *flags):
     return subprocess.run(
@@ -37,3 +39,30 @@ def test_log_level_and_dtype_reach_the_workers_and_an_unused_negative_prompt_is_
     assert "INFO dfuse.engine: dit worker 1 ready" in run.stderr
     assert run.stdout.startswith(f"Wrote {out} (128x128, seed 0)")
     assert Image.open(out).size == (128, 128)
+
+
+def test_ctrl_c_while_workers_start_prints_one_line_and_exits_130(model_path, tmp_path):
+    """Ctrl-C reaches the terminal's whole process group; workers still importing torch must not
+    each print a KeyboardInterrupt traceback."""
+    import os
+    import select
+    import signal
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dfuse.cli", "run", "a fox", "--model", str(model_path), "--steps", "2",
+         "--threads", "1", "--out", str(tmp_path / "fox.png")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    try:
+        ready, _, _ = select.select([process.stderr], [], [], 60)
+        assert ready and process.stderr.readline().startswith("Starting stage workers")
+        workers = lambda: [p for p in children_of(process.pid) if "worker_main" in cmdline(p)]  # noqa: E731
+        assert wait_until(lambda: len(workers()) == 3, 60)  # started, still importing torch
+        os.killpg(process.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the engine and its workers
+        _, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    lines = [line for line in err.splitlines() if line.strip() and "[transformers]" not in line]
+    assert process.returncode == 130, err
+    assert lines == ["Interrupted: workers stopped, shared memory released."], err
