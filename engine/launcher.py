@@ -113,12 +113,17 @@ def spawn_worker(spec: WorkerSpec, janitor: Janitor | None = None, entry: str = 
 
 
 def _worker_env() -> dict[str, str]:
-    """The engine's environment, with its sys.path as PYTHONPATH: a worker imports what the
-    engine could (dfuse found through a script's folder or a sys.path entry added at run time),
-    as multiprocessing's spawn used to arrange."""
+    """The engine's environment, with the sys.path entries a fresh interpreter would not have as
+    PYTHONPATH: a worker imports what the engine could (dfuse found through a script's folder or
+    an entry added at run time), as multiprocessing's spawn used to arrange. The interpreter's own
+    entries (stdlib, site-packages) stay where it puts them: ahead of them they could shadow the
+    stdlib."""
     env = dict(os.environ)
-    paths = [p for p in sys.path if p and os.path.isdir(p)]
-    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths + env.get("PYTHONPATH", "").split(os.pathsep)))
+    own = tuple({sys.prefix, sys.base_prefix, sys.exec_prefix})
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) + sys.path
+             if p and os.path.isdir(p) and not os.path.abspath(p).startswith(own)]
+    if paths:  # no empty entry: that would mean the working directory
+        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     return env
 
 
@@ -131,7 +136,8 @@ def _forget_workers_in_child() -> None:
             worker.death_pipe.close()
         except OSError:
             pass
-        worker.process.returncode = worker.process.returncode if worker.process.returncode is not None else 0
+        if worker.process.returncode is None:
+            worker.process.returncode = 0  # not this process's child to wait for
 
 
 os.register_at_fork(after_in_child=_forget_workers_in_child)
