@@ -43,7 +43,7 @@ from .elastic import Elastic
 from .host_resources import HostResources
 from .worker_layout import build_workers, check_move, choose_links, pin_cpu_workers
 from .queues import StageQueue
-from .recovery import WorkerRecovery
+from .recovery import WorkerRecovery, unlink_ipc_file
 from .stats import EngineStats, StatsRecorder
 from .state import (
     EngineClosed,
@@ -311,6 +311,8 @@ class EngineCore(WorkerRecovery):
             worker.outbox.pop(0)
 
     def _send(self, worker: Worker, message) -> bool:
+        if worker.socket is None:  # its replacement could not be started yet: kept for it
+            return False
         try:
             worker.socket.send(wire.encode(message), zmq.NOBLOCK)
             return True
@@ -507,9 +509,10 @@ class EngineCore(WorkerRecovery):
         worker.outbox.clear()  # meant for the previous process; the new one is told at its READY
         # A fresh endpoint per generation: frames queued for a dead worker die with its socket.
         endpoint = self._host.endpoint(f"w{worker.id}.{worker.generation}")
-        worker.socket = self._context.socket(zmq.PUSH)
-        worker.socket.setsockopt(zmq.LINGER, 0)
-        worker.socket.bind(endpoint)
+        socket = self._context.socket(zmq.PUSH)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.bind(endpoint)
+        worker.socket = socket
         spec = WorkerSpec(
             worker_id=worker.id, stage=worker.stage, model_path=str(self.model_path), device=worker.device,
             dtype=str(self.config.torch_dtype(worker.device)).removeprefix("torch."),
@@ -519,7 +522,13 @@ class EngineCore(WorkerRecovery):
             gpu_pool=None if worker.pool.segment else (worker.pool.name, worker.pool.slot_bytes, worker.pool.n_slots),
             cpus=worker.cpus,
         )
-        worker.process = spawn_worker(spec, self._host.janitor)
+        try:
+            worker.process = spawn_worker(spec, self._host.janitor)
+        except OSError:  # no process: the socket bound for it must not stay (nor its file)
+            worker.socket = None
+            socket.close()
+            unlink_ipc_file(endpoint)
+            raise
 
     def _expire_waiting(self) -> None:
         """Cancelled and expired requests leave now: waiting ones at once, not when they reach a

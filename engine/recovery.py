@@ -25,10 +25,17 @@ from .transport.slots import SlotPool
 log = logging.getLogger("dfuse.engine")
 
 
+SPAWN_BACKOFF_S = (0.1, 5.0)  # the first retry of a failed replacement spawn, and the longest wait
+
+
 class WorkerRecovery:
     def _check_workers(self) -> None:
         for worker in self.workers.values():
-            if worker.process is None or worker.process.alive:
+            if worker.process is None:
+                if worker.respawn_at is not None and time.monotonic() >= worker.respawn_at:
+                    self._respawn(worker)
+                continue
+            if worker.process.alive:
                 continue
             code = worker.process.exitcode
             if not worker.ready:
@@ -51,7 +58,7 @@ class WorkerRecovery:
         # with every restart: closing a bound ipc socket does not unlink it.
         endpoint = worker.socket.getsockopt(zmq.LAST_ENDPOINT).decode()
         worker.socket.close()
-        _unlink_ipc_file(endpoint)
+        unlink_ipc_file(endpoint)
         worker.ready = False
         # A worker computes its tasks in the order it got them: only the first was running when
         # it died and may be the cause (a poison request); the ones queued beside it are not
@@ -80,7 +87,24 @@ class WorkerRecovery:
         worker.restarts += 1
         if worker.moving_to is not None:  # it died while draining: it comes back in its new stage
             worker.stage, worker.moving_to = worker.moving_to, None
-        self._spawn(worker)
+        self._respawn(worker)
+
+    def _respawn(self, worker: Worker) -> None:
+        """Start the replacement; if the machine refuses (out of file descriptors or processes),
+        the other workers keep serving and it is tried again later, with growing waits: an
+        engine never gives up on a worker because a spawn failed once."""
+        try:
+            self._spawn(worker)
+        except OSError as e:
+            worker.process = None  # nothing runs for it until a later try succeeds
+            worker.spawn_failures += 1
+            first, longest = SPAWN_BACKOFF_S
+            wait = min(longest, first * 2 ** (worker.spawn_failures - 1))
+            worker.respawn_at = time.monotonic() + wait
+            log.warning("could not start a replacement for %s worker %d (%s); trying again in %.1f s",
+                        worker.stage, worker.id, e, wait)
+            return
+        worker.spawn_failures, worker.respawn_at = 0, None
 
     def _restart_requests_reading(self, pool: SlotPool) -> None:
         """A dead GPU producer's pool died with it (host pools belong to the engine and survive).
@@ -100,7 +124,7 @@ class WorkerRecovery:
         self._enqueue(request)
 
 
-def _unlink_ipc_file(endpoint: str) -> None:
+def unlink_ipc_file(endpoint: str) -> None:
     if endpoint.startswith("ipc://"):
         try:
             os.unlink(endpoint.removeprefix("ipc://"))

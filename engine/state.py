@@ -91,6 +91,8 @@ class Worker:
     generation: int = 0
     restarts: int = 0
     load_deaths: int = 0  # deaths in a row before READY (a replacement killed while loading)
+    spawn_failures: int = 0  # replacement spawns the machine refused in a row (EMFILE ...)
+    respawn_at: float | None = None  # monotonic time of the next try after a refused spawn
     load_s: float = 0.0
     task_s: float | None = None  # its moving average of seconds per task (engine/dispatch.py)
     died_at: float | None = None  # monotonic time its death was noticed, until its replacement is READY

@@ -1,6 +1,7 @@
 """User callbacks (done-callbacks, on_progress) cannot stall or freeze the engine."""
 
 import os
+import signal
 import threading
 
 import pytest
@@ -68,3 +69,25 @@ def test_a_failed_spawn_fails_start_up_and_leaves_nothing(monkeypatch):
     assert [t.name for t in set(threading.enumerate()) - threads_before] == []  # no core, no completions thread
     # Worker 0, which did start, was stopped (and the janitor, which outlives nothing, exits too).
     assert wait_until(lambda: set(children_of(os.getpid())) - children_before == set(), 10)
+
+
+def test_a_replacement_the_machine_refuses_to_start_is_tried_again_and_the_engine_serves(monkeypatch):
+    """Out of file descriptors while a dead worker is replaced: the engine keeps serving with the
+    others and starts the replacement once the machine lets it (it used to stop for good)."""
+    real_spawn, refusals = core_module.spawn_worker, [0]
+
+    def refuse_twice(spec, *args):
+        if spec.stage == "dit" and refusals[0] < 2:
+            refusals[0] += 1
+            raise OSError(24, "Too many open files")
+        return real_spawn(spec, *args)
+
+    with Engine(model=SYNTHETIC, cpu_threads=1) as engine:
+        (dit,) = [w for w in engine.stats().workers if w.stage == "dit"]
+        monkeypatch.setattr(core_module, "spawn_worker", refuse_twice)
+        os.kill(dit.pid, signal.SIGKILL)
+        (image,) = engine.generate("x", seed=9, timeout=120)  # waits for the replacement, then served
+        assert image.getpixel((0, 0))[0] == 9
+        assert refusals[0] == 2
+        replaced = engine.stats().workers[dit.id]
+        assert replaced.ready and replaced.pid != dit.pid and replaced.restarts == 1
