@@ -92,8 +92,12 @@ def spawn_worker(spec: WorkerSpec, janitor: Janitor | None = None, entry: str = 
     read_fd, write_fd = os.pipe()  # both ends close on exec; only the read end is passed on
     try:
         started = time.time()
+        # A session of its own: a terminal's Ctrl-C (SIGINT to the whole foreground group) never
+        # reaches a worker, not even while its interpreter starts; the engine stops its workers,
+        # through the death pipe, however the engine itself ends.
         process = subprocess.Popen([*_PYTHON, "-m", "dfuse.engine.worker_main", entry, str(read_fd)],
-                                   stdin=subprocess.PIPE, pass_fds=(read_fd,), env=_worker_env())
+                                   stdin=subprocess.PIPE, pass_fds=(read_fd,), env=_worker_env(),
+                                   start_new_session=True)
     except BaseException:
         os.close(write_fd)
         raise

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import signal
 
-# First of all: Ctrl-C reaches the terminal's whole process group, workers included, and the
-# engine decides how its workers stop. Ignored before the heavy imports (torch, diffusers), which
-# would otherwise each end in a KeyboardInterrupt traceback.
+# The engine decides how its workers stop (a worker runs in a session of its own, so a terminal's
+# Ctrl-C does not reach it; one sent to it directly is ignored too, before the heavy imports).
 signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 import importlib  # noqa: E402

@@ -1,7 +1,7 @@
 """Nothing of an engine survives in /dev/shm or /tmp when its whole process group dies at once:
-`kill -9 -- -PGID` (nobody in the group can clean up) or a group SIGTERM (systemd's stop: the
-engine and its workers die of it together, before any of them cleans up). The engine's janitor,
-in a session of its own, removes the pools, the weight cache, the lock and the run dir.
+`kill -9 -- -PGID` (the engine cannot clean up) or a group SIGTERM. The workers, in sessions of
+their own, see the engine die through their death pipes and clean up; the janitor, in a session
+of its own too, removes the pools, the weight cache, the lock and the run dir, should they not.
 
 Also: with no room in /dev/shm for the host weight cache, the engine still serves requests
 (the cache is only a shortcut), and says so with a warning.
