@@ -15,7 +15,7 @@ import click
 
 from .engine.config import DEFAULT_MODEL, EngineConfig, parse_devices, parse_instances
 from .engine.devices import parse_device_list, parse_placement
-from .engine.models import resolve_model_path
+from .engine.models import describe_model, resolve_model_path
 from .scheduler.core import STAGES
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -35,9 +35,37 @@ def main():
     tqdm.set_lock(threading.RLock())
 
 
+def _engine_options(command):
+    """The options that make an EngineConfig, the same for `dfuse run` and `dfuse serve`."""
+    options = [
+        click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Built-in tiny model (tiny-sd3, tiny-flux, tiny-pixart, tiny-wan) or a local diffusers SD3, Flux, PixArt-Sigma or Wan2.1 folder."),
+        click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N, or per stage: encoder=cpu,dit=cuda:0,decoder=cuda:0."),
+        click.option("--instances", default="encoder=1,dit=1,decoder=1", show_default=True, help="Worker processes per stage."),
+        click.option("--devices", default=None, help="A pool of devices for --placement: cuda:N, cpu, or CPU core sets cpu:A-B (e.g. cpu:0,cpu:1) [default: the placement's devices]."),
+        click.option("--placement", default=None, help="The stages of each device, one worker per device and stage: cpu:0=encoder+decoder,cpu:1=dit (instead of --device/--instances)."),
+        click.option("--threads", type=int, default=None, help="Torch threads per CPU worker [default: cores / CPU workers]."),
+        click.option("--slot-mib", type=int, default=None, help="Transport slot size in MiB: one request's stage outputs must fit (long videos need more) [default: 16]."),
+        click.option("--policy", type=click.Choice(["static", "elastic"]), default="static", show_default=True,
+            help="elastic: move workers between stages on a device as the bottleneck moves (pays off for long-running engines; see `dfuse bench sweep`)."),
+        click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto", show_default=True,
+            help="Weights and activations dtype; auto: float32 on CPU, bfloat16 on CUDA."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _engine_config(model, device, instances, devices, placement, threads, slot_mib, policy, dtype) -> EngineConfig:
+    """EngineConfig from the shared options; ValueError naming the API field (see _with_flag)."""
+    from .engine.config import TransportConfig
+
+    transport = TransportConfig() if slot_mib is None else TransportConfig(slot_mib=slot_mib)
+    return EngineConfig(model=model, cpu_threads=threads, transport=transport, policy=policy, dtype=dtype,
+                        **_device_fields(device, instances, devices, placement))
+
+
 @main.command()
 @click.argument("prompt")
-@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Built-in tiny model (tiny-sd3, tiny-flux, tiny-pixart, tiny-wan) or a local diffusers SD3, Flux, PixArt-Sigma or Wan2.1 folder.")
 @click.option("--negative-prompt", default=None, help="What the image should not show (used when guidance > 1; Flux: with --true-cfg-scale > 1).")
 @click.option("--steps", type=int, default=None, help="Denoising steps [default: the model's, 28 for SD3].")
 @click.option("--guidance-scale", type=float, default=None, help="Classifier-free guidance, <= 1 turns it off; Flux: the embedded guidance [default: the model's].")
@@ -49,16 +77,7 @@ def main():
 @click.option("--seed", type=int, default=None, help="Random seed [default: random, printed].")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Output file: .png/.jpg/.webp/.bmp for images, .mp4/.gif for videos [default: out.png, out.mp4 for video models].")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N, or per stage: encoder=cpu,dit=cuda:0,decoder=cuda:0.")
-@click.option("--instances", default="encoder=1,dit=1,decoder=1", show_default=True, help="Worker processes per stage.")
-@click.option("--devices", default=None, help="A pool of devices for --placement: cuda:N, cpu, or CPU core sets cpu:A-B (e.g. cpu:0,cpu:1) [default: the placement's devices].")
-@click.option("--placement", default=None, help="The stages of each device, one worker per device and stage: cpu:0=encoder+decoder,cpu:1=dit (instead of --device/--instances).")
-@click.option("--threads", type=int, default=None, help="Torch threads per CPU worker [default: cores / CPU workers].")
-@click.option("--slot-mib", type=int, default=None, help="Transport slot size in MiB: one request's stage outputs must fit (long videos need more) [default: 16].")
-@click.option("--policy", type=click.Choice(["static", "elastic"]), default="static", show_default=True,
-              help="elastic: move workers between stages on a device as the bottleneck moves (pays off for long-running engines; see `dfuse bench sweep`).")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto", show_default=True,
-              help="Weights and activations dtype; auto: float32 on CPU, bfloat16 on CUDA.")
+@_engine_options
 @click.option("--log-level", type=click.Choice(LOG_LEVELS), default=None,
               help="Log level of the engine and its workers [default: warning; info with -v; error with -q].")
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors and the final \"Wrote ...\" line.")
@@ -66,21 +85,16 @@ def main():
 def run(prompt, model, negative_prompt, steps, guidance_scale, true_cfg_scale, height, width, num_frames, fps, seed,
         out, device, instances, devices, placement, threads, slot_mib, policy, dtype, log_level, quiet, verbose):
     """Generate one image (or video, with a video model) for PROMPT and write it to --out."""
-    from .engine.config import TransportConfig
     from .engine.engine import Engine
     from .engine.input_processor import InputProcessor
-    from .engine.models import describe_model, detect_family
+    from .engine.models import detect_family
 
     level = _log_level(log_level, quiet, verbose)
     logging.basicConfig(level=level.upper(), format="%(levelname)s %(name)s: %(message)s")
     say = (lambda message: None) if quiet else (lambda message: click.echo(message, err=True))
     # Validate everything before a single process starts: bad input costs nothing.
     try:
-        transport = TransportConfig() if slot_mib is None else TransportConfig(slot_mib=slot_mib)
-        config = EngineConfig(
-            model=model, cpu_threads=threads, transport=transport, policy=policy, dtype=dtype,
-            **_device_fields(device, instances, devices, placement),
-        )
+        config = _engine_config(model, device, instances, devices, placement, threads, slot_mib, policy, dtype)
         model_path = resolve_model_path(config.model)
         info = describe_model(model_path)
         out = _output_path(out, info)
@@ -131,6 +145,43 @@ def run(prompt, model, negative_prompt, steps, guidance_scale, true_cfg_scale, h
     click.echo(f"Wrote {out} ({shape}, seed {result.seeds[0]})")
     if not quiet:
         click.echo(f"Stage compute: {stage_times}  (total {time.perf_counter() - started:.1f} s with start-up)")
+
+
+@main.command()
+@_engine_options
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on; anything but loopback needs --api-key (or --insecure-no-api-key).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="TCP port; 0 picks a free one (printed).")
+@click.option("--api-key", envvar="DFUSE_API_KEY", default=None, help="Clients must send 'Authorization: Bearer KEY' on every /v1 route [env: DFUSE_API_KEY].")
+@click.option("--insecure-no-api-key", is_flag=True, help="Allow a non-loopback --host without --api-key: anyone who can reach it may generate.")
+@click.option("--served-model-name", default=None, help="The model id clients use in \"model\" [default: --model as given].")
+@click.option("--max-queue", type=click.IntRange(1, 1_000_000), default=1024, show_default=True, help="Images in flight beyond which requests get 429 with Retry-After.")
+@click.option("--url-ttl", type=click.FloatRange(1, 7 * 86400), default=3600, show_default=True, help="Seconds a response_format=url image or a video's content stays downloadable.")
+@click.option("--grace-period", type=click.FloatRange(0, 3600), default=30, show_default=True, help="On SIGTERM/Ctrl-C: seconds in-flight requests get to finish before the engine closes.")
+@click.option("--log-level", type=click.Choice(LOG_LEVELS), default=None,
+              help="Log level of the server, the engine and its workers [default: warning; info with -v; error with -q]; debug logs every HTTP request.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
+@click.option("-v", "--verbose", is_flag=True, help="Show engine logs.")
+def serve(model, device, instances, devices, placement, threads, slot_mib, policy, dtype, host, port, api_key,
+          insecure_no_api_key, served_model_name, max_queue, url_ttl, grace_period, log_level, quiet, verbose):
+    """Serve the model over HTTP: OpenAI's /v1/images/generations and /v1/videos, /v1/models,
+    /health, Prometheus /metrics, /v1/stats and a live status page at /."""
+    from .serve.server import is_loopback, serve as run_server
+    from .serve.state import ServeSettings
+
+    level = _log_level(log_level, quiet, verbose)
+    logging.basicConfig(level=level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    if not is_loopback(host) and not api_key and not insecure_no_api_key:
+        raise click.UsageError(f"--host: {host} is reachable beyond this machine; give --api-key (or DFUSE_API_KEY), "
+                               "or --insecure-no-api-key to serve anyone who can reach it")
+    try:
+        config = _engine_config(model, device, instances, devices, placement, threads, slot_mib, policy, dtype)
+        describe_model(resolve_model_path(config.model))  # a bad --model fails here, before the port opens
+    except ValueError as e:
+        raise click.UsageError(_with_flag(str(e))) from None
+    os.environ["DFUSE_LOG"] = level.upper()
+    settings = ServeSettings(model_name=served_model_name or model, api_key=api_key or None, max_queue=max_queue,
+                             url_ttl_s=url_ttl)
+    sys.exit(run_server(config, settings, host, port, grace_s=grace_period, log_level=level))
 
 
 @main.group()

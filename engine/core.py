@@ -338,7 +338,7 @@ class EngineCore(WorkerRecovery):
         self._release_inputs(request)
         request.timings[worker.stage] = StageTiming(
             worker.id, message.timings.queued_s, message.timings.compute_s, request.waited_s,
-            message.timings.batch_size,
+            message.timings.batch_size, worker.device, message.timings.fetch_s, time.monotonic(),
         )
         self._stats.stage_times[worker.stage].append(message.timings.compute_s)
         worker.task_s = observe(worker.task_s, message.timings.compute_s)
@@ -474,13 +474,13 @@ class EngineCore(WorkerRecovery):
     def _finish(self, request: Request, worker: Worker, outputs: list[wire.TensorRef]) -> None:
         (ref,) = [r for r in outputs if r.name == "image"]
         view = byte_view(worker.pool.segment.data, ref.offset, ref.shape, dtype_from_name(ref.dtype))
-        self._stats.completed += 1
+        self._stats.left(request, "completed")
         self._left(request)
         self._copy_out.put(request, view, worker.pool)
 
     def _fail(self, request: Request, error: Exception) -> None:
         self._release_inputs(request)
-        self._stats.failed += 1
+        self._stats.left(request, "failed")
         self._left(request)
         self.completions.resolve(request.future, error=error)
 

@@ -40,6 +40,9 @@ class StageTiming:
     compute_s: float
     waited_s: float = 0.0  # waiting in the engine's queue for this stage (no worker or slot free)
     batch_size: int = 1  # requests computed together in that call (compute_s is the whole call's)
+    device: str = ""  # where the worker ran it
+    fetch_s: float = 0.0  # of compute_s: getting the inputs from the upstream stage's slot (the handoff)
+    finished_at: float = 0.0  # time.monotonic() when the engine heard the stage was done
 
 
 @dataclass
@@ -52,6 +55,7 @@ class Request:
     on_progress: ProgressCallback | None = None
     priority: int = 0  # higher is served first
     deadline: float | None = None  # time.monotonic() after which the request is dropped
+    submitted_at: float = field(default_factory=time.monotonic)
     stage_index: int = 0
     inputs: list[wire.TensorRef] = field(default_factory=list)
     input_pool: SlotPool | None = None  # the upstream pool whose slot holds `inputs`

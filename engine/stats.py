@@ -58,6 +58,27 @@ class DeviceStats(_Snapshot):
     moves: int  # moves of its workers between stages so far
 
 
+class StageSpan(_Snapshot):
+    """One stage of one request, in seconds since the engine started. The worker's start is
+    the engine's finish time minus the worker's own timings (messages in flight are not counted)."""
+
+    worker: int
+    device: str
+    queued_s: float  # it entered this stage's queue
+    started_s: float  # the worker started computing it
+    finished_s: float  # the engine heard it was done
+
+
+class RequestTimeline(_Snapshot):
+    """Where one finished request spent its time: a row of the status page's Gantt chart."""
+
+    id: int
+    outcome: str  # "completed" or "failed"
+    submitted_s: float  # seconds since the engine started
+    finished_s: float
+    stages: dict[str, StageSpan]  # the stages it went through, in pipeline order
+
+
 class EngineStats(_Snapshot):
     model: str  # the model's folder, or its synthetic spec
     family: str
@@ -79,9 +100,11 @@ class EngineStats(_Snapshot):
     workers: list[WorkerStats]
     cpu_wake_latency_us: int | None  # the engine's CPU latency request; None: the OS's
     cpu_pinning: str  # whether CPU workers have cores of their own, and why
+    recent: list[RequestTimeline]  # the last RECENT_REQUESTS requests to finish, oldest first
 
 
 RECENT_TASKS = 200  # stage compute times kept per stage for the p50/p90
+RECENT_REQUESTS = 50  # request timelines kept for stats().recent
 
 
 class StatsRecorder:
@@ -97,6 +120,22 @@ class StatsRecorder:
         self.moves: list[Move] = []  # every accepted move, oldest first
         self.batched: dict[str, int] = {stage: 0 for stage in STAGES}  # tasks of > 1 request sent
         self.stage_times = {stage: collections.deque(maxlen=RECENT_TASKS) for stage in STAGES}  # compute_s
+        self.recent: collections.deque[RequestTimeline] = collections.deque(maxlen=RECENT_REQUESTS)
+
+    def left(self, request, outcome: str) -> None:
+        """A request completed or failed: count it and keep its timeline."""
+        if outcome == "completed":
+            self.completed += 1
+        else:
+            self.failed += 1
+        since = lambda t: round(t - self.started, 4)  # noqa: E731
+        stages = {}
+        for stage, t in request.timings.items():
+            started = t.finished_at - t.compute_s
+            stages[stage] = StageSpan(worker=t.worker_id, device=t.device, started_s=since(started),
+                                      queued_s=since(started - t.queued_s - t.waited_s), finished_s=since(t.finished_at))
+        self.recent.append(RequestTimeline(id=request.id, outcome=outcome, submitted_s=since(request.submitted_at),
+                                           finished_s=since(time.monotonic()), stages=stages))
 
     def moved(self, at: float, worker_id: int, source: str, target: str, reason: str) -> None:
         self.moves.append(Move(t_s=round(at - self.started, 3), worker=worker_id, from_stage=source,
@@ -131,6 +170,7 @@ class StatsRecorder:
             queues={stage: len(q) for stage, q in queues.items()},
             batched_tasks=dict(self.batched),
             stage_ms={stage: _summary_ms(times) for stage, times in self.stage_times.items()},
+            recent=list(self.recent),
             workers=[
                 WorkerStats(
                     id=w.id, stage=w.stage, device=w.device, ready=w.ready,

@@ -188,6 +188,7 @@ class _ComputeLoop:
             return
         try:
             inputs = self.endpoint.fetch(task.request_id, task.inputs)
+            fetched = time.perf_counter()
             writer = self.endpoint.writer(task.output)
             outputs = self.stage.run(inputs, task.params, self._step_hook(task), writer)
             refs = writer.put_all(outputs)
@@ -213,7 +214,8 @@ class _ComputeLoop:
             log.warning("request %d failed:\n%s", task.request_id, traceback.format_exc())
             self._send(wire.StageFailed(self.spec.worker_id, task.request_id, f"{type(e).__name__}: {e}"))
             return
-        timings = wire.StageTimings(queued_s=started - received_at, compute_s=time.perf_counter() - started)
+        timings = wire.StageTimings(queued_s=started - received_at, compute_s=time.perf_counter() - started,
+                                    fetch_s=fetched - started)
         self._send(wire.StageDone(self.spec.worker_id, task.request_id, refs, timings))
 
     def on_batch(self, batch: wire.StageBatch, received_at: float) -> None:
@@ -229,6 +231,7 @@ class _ComputeLoop:
             return
         try:
             inputs = [self.endpoint.fetch(t.request_id, t.inputs) for t in tasks]
+            fetch_s = time.perf_counter() - started
             outputs = self.stage.run_batch(inputs, [t.params for t in tasks], [self._step_hook(t) for t in tasks])
             writers = [self.endpoint.writer(t.output) for t in tasks]
             refs = [w.put_all(o) for w, o in zip(writers, outputs)]
@@ -250,7 +253,7 @@ class _ComputeLoop:
             return
         compute_s = time.perf_counter() - started
         for task, task_refs in zip(tasks, refs):
-            timings = wire.StageTimings(started - received_at, compute_s, batch_size=len(tasks))
+            timings = wire.StageTimings(started - received_at, compute_s, batch_size=len(tasks), fetch_s=fetch_s)
             self._send(wire.StageDone(self.spec.worker_id, task.request_id, task_refs, timings))
 
     def _out_of_memory(self, task: wire.StageTask, error: BaseException) -> str:

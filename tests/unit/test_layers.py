@@ -1,6 +1,7 @@
 """The package's layers go one way: each top-level part imports only the parts below it.
 
     cli.py  ->  bench/  ->  engine/  ->  scheduler/
+       \->  serve/ ----------^
                   |           ^
                   +-> stages/ +   (workers use only what they share with the engine: engine.protocol,
                                    engine.transport, engine.models, engine.devices, engine.cpu_affinity)
@@ -21,7 +22,8 @@ ALLOWED = {
     "engine": {"scheduler"},
     "stages": {"engine", "scheduler"},
     "bench": {"engine", "scheduler", "stages"},
-    "cli": {"bench", "engine", "scheduler"},
+    "serve": {"engine", "scheduler"},
+    "cli": {"bench", "serve", "engine", "scheduler"},
 }
 # What a worker may take from the engine: the wire protocol, the transport, model metadata, device
 # names, pinning.
