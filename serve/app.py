@@ -95,7 +95,7 @@ def _info_routes(app: FastAPI, v1: APIRouter, state: ServerState) -> None:
 
     @v1.get("/stats")
     async def stats():
-        engine = state.require_engine() if not state.draining else state.engine
+        engine = state.engine if state.draining and state.engine is not None else state.require_engine()
         body = engine.stats().to_dict()
         body["server"] = {"inflight": state.inflight, "max_queue": state.settings.max_queue,
                           "draining": state.draining, "model_name": state.settings.model_name}

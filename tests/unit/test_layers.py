@@ -1,10 +1,10 @@
 """The package's layers go one way: each top-level part imports only the parts below it.
 
     cli.py  ->  bench/  ->  engine/  ->  scheduler/
-       \->  serve/ ----------^
-                  |           ^
-                  +-> stages/ +   (workers use only what they share with the engine: engine.protocol,
-                                   engine.transport, engine.models, engine.devices, engine.cpu_affinity)
+      |           |           ^  ^
+      |           +-> stages/ +  |   (workers use only what they share with the engine: engine.protocol,
+      |                          |    engine.transport, engine.models, engine.devices, engine.cpu_affinity)
+      +-> serve/ ----------------+   (the HTTP front on the Engine)
 
 The engine starts workers by name (engine/launcher.py WORKER_ENTRY) and never imports stages/;
 scheduler/ is pure logic and imports nothing of dfuse. Imports inside functions count too.
