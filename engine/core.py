@@ -79,7 +79,7 @@ class EngineCore(WorkerRecovery):
         self._host = HostResources(config.transport.cpu_wake_latency_us)
         self.run_dir, self.segment_prefix = self._host.run_dir, self._host.segment_prefix
         self._context = zmq.Context()
-        self.completions = Completions()  # futures and user callbacks run there, never here
+        self.completions = Completions()  # futures are resolved there, user callbacks beside it: never here
         # The final pixels leave the decoder's slot on a thread of their own (engine/completions.py)
         self._copy_out = CopyOut(self.completions, lambda *slot: self._post(("copied", slot)))
         try:
@@ -391,7 +391,7 @@ class EngineCore(WorkerRecovery):
     def _on_progress(self, worker: Worker, message: wire.Progress) -> None:
         request = worker.inflight.get(message.request_id)
         if request is not None and request.on_progress is not None:
-            self.completions.call(request.on_progress, worker.stage, message.step, message.total)
+            self.completions.progress(request.on_progress, worker.stage, message.step, message.total)
 
     # --- dispatch ----------------------------------------------------------------------------
     def _dispatch(self) -> None:

@@ -16,7 +16,7 @@ from PIL import Image
 
 from ..scheduler.core import STAGES
 from .admission import detect_budgets
-from .completions import resolve
+from .completions import UserFuture, resolve
 from .config import DEFAULT_MODEL, EngineConfig
 from .input_processor import InputProcessor
 from .models import describe_model, detect_family, resolve_model_path
@@ -161,7 +161,7 @@ class Engine:
                 guidance_scale=guidance_scale, height=height, width=width, seed=seed,
                 true_cfg_scale=true_cfg_scale, num_frames=num_frames,
             )
-        outer = _gather(requests)
+        outer = _gather(requests, UserFuture(self._core.completions.user, key=on_progress or object()))
         for request in requests:
             self._core.submit(request)
         return outer
@@ -174,10 +174,6 @@ class Engine:
         `timeout` (seconds) raises RequestTimeout (a TimeoutError) and drops the remaining work.
         """
         self._check_process()
-        if threading.current_thread() is self._core.completions.thread:
-            # Results are delivered on that thread: waiting there for one would wait forever.
-            raise RuntimeError("generate() cannot be called from a done-callback or on_progress (they run on "
-                               "the engine's completion thread, which delivers results); use submit() there")
         future = self.submit(prompt, timeout=timeout, **params)
         try:
             result = future.result(timeout)
@@ -241,10 +237,10 @@ def _close_in(pid: int, core: EngineCore) -> None:
         core.close()
 
 
-def _gather(requests: list[Request]) -> Future:
-    """One future for the whole submit: resolves when every prompt's request has, or fails with
-    the first prompt that fails (its siblings are cancelled then: their work would be thrown away)."""
-    outer: Future = Future()
+def _gather(requests: list[Request], outer: UserFuture) -> UserFuture:
+    """`outer`, one future for the whole submit: resolves when every prompt's request has, or
+    fails with the first prompt that fails (its siblings are cancelled then: their work would be
+    thrown away)."""
     remaining = [len(requests)]
     lock = threading.Lock()
     settled = [False]  # outer's outcome is decided (set under the lock, acted on outside it)
@@ -281,5 +277,5 @@ def _gather(requests: list[Request]) -> Future:
 
     for request in requests:
         request.future.add_done_callback(on_inner_done)
-    outer.add_done_callback(on_outer_done)
+    outer.add_internal_callback(on_outer_done)
     return outer

@@ -7,8 +7,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from dfuse.engine.completions import UserCallbacks, UserFuture
 from dfuse.engine.engine import _gather
 from dfuse.engine.state import RequestFailed
+
+
+CALLBACKS = UserCallbacks()
 
 
 def _requests(n):
@@ -17,7 +21,7 @@ def _requests(n):
 
 def test_the_first_failure_fails_the_submit_at_once_and_cancels_the_rest():
     requests = _requests(3)
-    outer = _gather(requests)
+    outer = _gather(requests, UserFuture(CALLBACKS, key=object()))
     requests[1].future.set_exception(RequestFailed("decoder ran out of memory"))
     assert outer.done()
     with pytest.raises(RequestFailed, match="out of memory"):
@@ -27,7 +31,7 @@ def test_the_first_failure_fails_the_submit_at_once_and_cancels_the_rest():
 
 def test_all_prompts_done_gives_their_images_in_order():
     requests = _requests(2)
-    outer = _gather(requests)
+    outer = _gather(requests, UserFuture(CALLBACKS, key=object()))
     for i, request in enumerate(requests):
         request.future.set_result((np.full((4, 4, 3), i, np.uint8), {"dit": i}))
     result = outer.result(0)
@@ -36,6 +40,6 @@ def test_all_prompts_done_gives_their_images_in_order():
 
 def test_cancelling_the_submit_cancels_every_prompt():
     requests = _requests(2)
-    outer = _gather(requests)
+    outer = _gather(requests, UserFuture(CALLBACKS, key=object()))
     assert outer.cancel()
     assert all(r.future.cancelled() for r in requests)
