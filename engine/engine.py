@@ -201,7 +201,7 @@ class Engine:
         closed = not self._finalizer.alive
         snapshot = self._core.stats(model=str(self.model_path), family=self.model_info.family)
         if closed:
-            workers = [msgspec.structs.replace(w, ready=False, pid=None, inflight=0) for w in snapshot.workers]
+            workers = [msgspec.structs.replace(w, ready=False, pid=None, inflight=0, state="closed") for w in snapshot.workers]
             snapshot = msgspec.structs.replace(snapshot, workers=workers)
         return snapshot
 

@@ -26,6 +26,7 @@ log = logging.getLogger("dfuse.engine")
 
 
 SPAWN_BACKOFF_S = (0.1, 5.0)  # the first retry of a failed replacement spawn, and the longest wait
+LOAD_RETRY_BACKOFF_S = (0.5, 30.0)  # the same, after max_attempts deaths in a row while loading
 
 
 class WorkerRecovery:
@@ -40,14 +41,30 @@ class WorkerRecovery:
             code = worker.process.exitcode
             if not worker.ready:
                 worker.load_deaths += 1
-                # At first start-up a death while loading means the model or device is unusable;
-                # later it is a replacement that was killed too (chaos, OOM killer): try again.
-                if not self.ready.is_set() or worker.load_deaths >= self.config.max_attempts:
+                # At first start-up a death while loading means the model or device is unusable.
+                # Later it is a replacement killed too (chaos, an OOM killer under pressure): the
+                # engine never gives up on it, it only waits longer between tries (_respawn) and
+                # fails the requests its stage cannot serve meanwhile.
+                if not self.ready.is_set():
                     self._fatal(f"{worker.stage} worker {worker.id} exited with code {code} before it was "
                                 f"ready ({worker.load_deaths} time(s) in a row; its own error, if any, is on stderr above)")
                     return
+                if worker.load_deaths >= self.config.max_attempts:
+                    self._fail_unservable(worker, code)
             log.warning("%s worker %d died (exit code %s); restarting it", worker.stage, worker.id, code)
             self._recover(worker, code)
+
+    def _fail_unservable(self, worker: Worker, exit_code) -> None:
+        """A worker keeps dying while it loads: if its stage has no ready worker, the requests
+        waiting there fail now with the reason (rather than wait for a restart that may never
+        come); the other stages and devices serve on, and the restarts go on."""
+        if any(w.ready and w.stage == worker.stage and w.moving_to is None for w in self.workers.values()):
+            return
+        error = RequestFailed(
+            f"no {worker.stage} worker is ready: worker {worker.id} died {worker.load_deaths} times in a row while "
+            f"loading (last exit code {exit_code}); the engine keeps restarting it")
+        for request in self._queues[worker.stage].remove_where(lambda r: True):
+            self._fail(request, error)
 
     def _recover(self, worker: Worker, exit_code, charge: bool = True) -> None:
         """`charge=False`: the worker asked to be replaced after reporting its failing request,
@@ -92,7 +109,17 @@ class WorkerRecovery:
     def _respawn(self, worker: Worker) -> None:
         """Start the replacement; if the machine refuses (out of file descriptors or processes),
         the other workers keep serving and it is tried again later, with growing waits: an
-        engine never gives up on a worker because a spawn failed once."""
+        engine never gives up on a worker because a spawn failed once. A worker that died
+        max_attempts times in a row while loading also waits, longer each time."""
+        beyond = worker.load_deaths - self.config.max_attempts
+        if beyond >= 0 and worker.respawn_at is None:
+            first, longest = LOAD_RETRY_BACKOFF_S
+            wait = min(longest, first * 2 ** beyond)
+            worker.process, worker.respawn_at = None, time.monotonic() + wait
+            log.warning("%s worker %d died %d times in a row while loading; next try in %.1f s",
+                        worker.stage, worker.id, worker.load_deaths, wait)
+            return
+        worker.respawn_at = None
         try:
             self._spawn(worker)
         except OSError as e:

@@ -32,6 +32,8 @@ class WorkerStats(_Snapshot):
     load_s: float  # how long its last (re)load took
     moving_to: str | None  # the stage it is switching to, during a move
     cpus: str | None  # its own cores ("0-1"), or None where the OS places it
+    state: str  # ready | loading | moving | restarting (waiting to start again: see load_deaths) | closed
+    load_deaths: int  # times in a row its process died before it was ready
 
 
 class Move(_Snapshot, rename={"from_stage": "from", "to_stage": "to"}):
@@ -176,11 +178,20 @@ class StatsRecorder:
                     id=w.id, stage=w.stage, device=w.device, ready=w.ready,
                     pid=w.process.pid if w.process else None, inflight=len(w.inflight),
                     free_slots=w.pool.free, restarts=w.restarts, load_s=round(w.load_s, 3),
-                    moving_to=w.moving_to, cpus=describe(w.cpus) if w.cpus else None,
+                    moving_to=w.moving_to, cpus=describe(w.cpus) if w.cpus else None, state=_state(w),
+                    load_deaths=w.load_deaths,
                 )
                 for w in workers
             ],
         )
+
+
+def _state(worker) -> str:
+    if worker.moving_to is not None:
+        return "moving"
+    if worker.ready:
+        return "ready"
+    return "restarting" if worker.process is None else "loading"
 
 
 def _summary_ms(seconds) -> StageTimes:

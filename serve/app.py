@@ -133,7 +133,7 @@ def _health(state: ServerState) -> tuple[str, dict]:
     if state.engine is None:
         return "starting", {}
     workers = state.engine.stats().workers
-    not_ready = [w.id for w in workers if not w.ready]
+    not_ready = {str(w.id): w.state for w in workers if not w.ready}
     if not_ready:
         return "degraded", {"workers_not_ready": not_ready}
     return "ok", {"workers": len(workers)}
