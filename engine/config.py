@@ -115,6 +115,12 @@ class EngineConfig:
     """Tasks sent to one worker at once: one computing, the next already queued beside it."""
     max_attempts: int = field(default=3, metadata=checked(integer(1, 100)))
     """A request whose worker dies this many times fails instead of being retried again."""
+    heartbeat_timeout_s: float = field(default=10.0, metadata=checked(positive(3600)))
+    """A ready worker not heard from for this long (SIGSTOPped, a stuck kernel) is replaced and its
+    tasks re-queued; silent for 3 heartbeats (3 s) it already gets no new tasks."""
+    compute_stall_s: float = field(default=600.0, metadata=checked(positive(1e6)))
+    """A worker whose compute makes no progress (no denoising step, no finished task) for this long,
+    and for 10x its usual task time, is replaced; the request it held is charged an attempt."""
     startup_timeout_s: float = field(default=600.0, metadata=checked(positive(1e6)))
     """How long to wait for all workers to load their weights and say READY."""
     policy: str = "static"

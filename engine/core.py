@@ -172,6 +172,7 @@ class EngineCore(WorkerRecovery):
             wire.StageDone: self._on_done,
             wire.StageFailed: self._on_failed,
             wire.Progress: self._on_progress,
+            wire.Heartbeat: self._on_heartbeat,
         }
         next_health = 0.0
         try:
@@ -263,6 +264,7 @@ class EngineCore(WorkerRecovery):
             if worker is None:
                 log.warning("dropped a message from unknown worker %r", message.worker_id)
                 continue
+            worker.last_heard = time.monotonic()
             handlers[type(message)](worker, message)
 
     # --- messages from workers ---------------------------------------------------------------
@@ -428,7 +430,8 @@ class EngineCore(WorkerRecovery):
     def _pick_worker(self, stage: str) -> Worker | None:
         """The worker the dispatch rule picks among the stage's ready ones (by default the one
         predicted to finish first, engine/dispatch.py); None: the task waits in the queue."""
-        ready = [w for w in self.workers.values() if w.stage == stage and w.ready and w.moving_to is None]
+        ready = [w for w in self.workers.values() if w.stage == stage and w.ready and w.moving_to is None
+                 and w.responsive]
         return DISPATCH_RULES[self.config.dispatch](ready, self._can_take)
 
     def _can_take(self, worker: Worker) -> bool:

@@ -183,8 +183,19 @@ class Progress(msgspec.Struct, **_STRUCT):
     total: int
 
 
+HEARTBEAT_INTERVAL_S = 1.0  # how often a ready worker says it is alive (engine/recovery.py: liveness)
+
+
+class Heartbeat(msgspec.Struct, **_STRUCT):
+    """Worker -> engine, every HEARTBEAT_INTERVAL_S from a thread of its own: the process runs
+    (a SIGSTOPped or wedged one falls silent), and whether its compute still moves."""
+
+    worker_id: int
+    stalled_s: float  # seconds the compute loop has held a task without a step or an end (0: idle)
+
+
 ToWorker = StageTask | StageBatch | OpenPool | Become | CancelTask
-ToEngine = Ready | LoadFailed | StageDone | StageFailed | Progress
+ToEngine = Ready | LoadFailed | StageDone | StageFailed | Progress | Heartbeat
 
 _encoder = msgspec.msgpack.Encoder()
 

@@ -19,6 +19,7 @@ import time
 
 import zmq
 
+from . import protocol as wire
 from .state import Request, RequestFailed, Worker
 from .transport.slots import SlotPool
 
@@ -29,7 +30,13 @@ SPAWN_BACKOFF_S = (0.1, 5.0)  # the first retry of a failed replacement spawn, a
 LOAD_RETRY_BACKOFF_S = (0.5, 30.0)  # the same, after max_attempts deaths in a row while loading
 
 
+STALL_FACTOR = 10  # a compute is wedged past this many times its worker's usual task time (and compute_stall_s)
+
+
 class WorkerRecovery:
+    def _on_heartbeat(self, worker: Worker, message: wire.Heartbeat) -> None:
+        worker.stalled_s = message.stalled_s
+
     def _check_workers(self) -> None:
         for worker in self.workers.values():
             if worker.process is None:
@@ -37,6 +44,7 @@ class WorkerRecovery:
                     self._respawn(worker)
                 continue
             if worker.process.alive:
+                self._check_liveness(worker)
                 continue
             code = worker.process.exitcode
             if not worker.ready:
@@ -52,7 +60,26 @@ class WorkerRecovery:
                 if worker.load_deaths >= self.config.max_attempts:
                     self._fail_unservable(worker, code)
             log.warning("%s worker %d died (exit code %s); restarting it", worker.stage, worker.id, code)
-            self._recover(worker, code)
+            self._recover(worker, f"exit code {code}")
+
+    def _check_liveness(self, worker: Worker) -> None:
+        """A process that runs but does not work: silent past heartbeat_timeout_s (SIGSTOP, a
+        stuck kernel), or its compute stuck on one task (a deadlock). It is killed and replaced
+        like a dead one; its queued requests go to the other workers. Only the request a stuck
+        compute held is charged an attempt: a stopped process is no request's fault."""
+        if not worker.ready:
+            return  # loading or switching: startup_timeout_s and the move's own checks cover it
+        silent = time.monotonic() - worker.last_heard
+        stall_limit = max(self.config.compute_stall_s, STALL_FACTOR * (worker.task_s or 0.0))
+        if silent > self.config.heartbeat_timeout_s:
+            reason, charge = f"not heard from for {silent:.1f} s (stopped or wedged)", False
+        elif worker.inflight and worker.stalled_s > stall_limit:
+            reason, charge = f"its compute made no progress for {worker.stalled_s:.0f} s", True
+        else:
+            return
+        log.warning("%s worker %d (pid %s): %s; replacing it", worker.stage, worker.id, worker.process.pid, reason)
+        worker.stalled_s = 0.0
+        self._recover(worker, f"killed: {reason}", charge=charge)
 
     def _fail_unservable(self, worker: Worker, exit_code) -> None:
         """A worker keeps dying while it loads: if its stage has no ready worker, the requests
@@ -66,7 +93,7 @@ class WorkerRecovery:
         for request in self._queues[worker.stage].remove_where(lambda r: True):
             self._fail(request, error)
 
-    def _recover(self, worker: Worker, exit_code, charge: bool = True) -> None:
+    def _recover(self, worker: Worker, cause: str, charge: bool = True) -> None:
         """`charge=False`: the worker asked to be replaced after reporting its failing request,
         so the requests still queued there did not run and none is charged an attempt."""
         worker.died_at = time.monotonic()
@@ -92,7 +119,7 @@ class WorkerRecovery:
             elif request.attempts >= self.config.max_attempts:
                 self._fail(request, RequestFailed(
                     f"the {worker.stage} workers running request {request.id} died {request.attempts} "
-                    f"times (last exit code {exit_code}); giving up"
+                    f"times (last: {cause}); giving up"
                 ))
             else:
                 self._queues[worker.stage].push(request)  # inputs are still in the upstream slot

@@ -19,6 +19,7 @@ from .launcher import WorkerProcess
 from .transport.slots import SlotPool
 
 ProgressCallback = Callable[[str, int, int], None]  # (stage, step, total)
+SILENT_BEATS = 3  # heartbeats a worker may miss before it gets no new tasks
 
 
 class RequestFailed(RuntimeError):
@@ -98,6 +99,8 @@ class Worker:
     spawn_failures: int = 0  # replacement spawns the machine refused in a row (EMFILE ...)
     respawn_at: float | None = None  # monotonic time of the next try after a refused spawn
     load_s: float = 0.0
+    last_heard: float = 0.0  # monotonic time of its last message (heartbeats included)
+    stalled_s: float = 0.0  # its last heartbeat's: seconds its compute held a task without progress
     task_s: float | None = None  # its moving average of seconds per task (engine/dispatch.py)
     died_at: float | None = None  # monotonic time its death was noticed, until its replacement is READY
     moving_to: str | None = None  # draining before it switches to this stage
@@ -105,3 +108,9 @@ class Worker:
     inflight: dict[int, Request] = field(default_factory=dict)  # in dispatch (= compute) order
     batches: list[set[int]] = field(default_factory=list)  # request ids per task sent, in compute order
     outbox: list = field(default_factory=list)  # control messages not yet accepted by its socket
+
+    @property
+    def responsive(self) -> bool:
+        """Heard from lately: a worker that missed SILENT_BEATS heartbeats (stopped, wedged, or
+        starved of CPU) gets no new tasks, so no request waits behind it while another idles."""
+        return time.monotonic() - self.last_heard < SILENT_BEATS * wire.HEARTBEAT_INTERVAL_S

@@ -1,6 +1,7 @@
 """The stage worker process: load one stage, say READY, then serve tasks until told to stop.
 
 Threads in a worker:
+    heartbeat says every second that the process runs, and how long its compute has been stuck
     receiver  PULL socket -> decode against the schema (drops bad frames) -> open announced
               GPU pools, prefetch each task's inputs (map, or copy on the copy stream) ->
               local task queue
@@ -88,9 +89,33 @@ def run_stage_worker(spec: WorkerSpec, death_pipe: Connection) -> None:
     load_s = time.perf_counter() - started
     log.info("loaded %s weights on %s in %.2f s", spec.dtype, spec.device, load_s)
     results.send(wire.encode(wire.Ready(spec.worker_id, os.getpid(), load_s, pool)))
-    _ComputeLoop(spec, stage, endpoint, results, tasks, cancelled).run()
+    loop = _ComputeLoop(spec, stage, endpoint, results, tasks, cancelled)
+    stop_beating = threading.Event()
+    heart = threading.Thread(target=_beat, args=(context, spec, loop, stop_beating), daemon=True, name="heartbeat")
+    heart.start()
+    loop.run()
+    stop_beating.set()
+    heart.join()
     results.close()
     context.term()
+
+
+def _beat(context, spec: WorkerSpec, loop: "_ComputeLoop", stop: threading.Event) -> None:
+    """Heartbeats on a socket of their own (a zmq socket belongs to one thread): the engine
+    notices a process that stopped running (SIGSTOP, a stuck kernel) by their silence, and a
+    compute stuck on one task by the stall they report."""
+    socket = context.socket(zmq.PUSH)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.setsockopt(zmq.SNDHWM, 4)  # an engine that reads nothing gets no pile of old beats
+    socket.connect(spec.result_endpoint)
+    try:
+        while not stop.wait(wire.HEARTBEAT_INTERVAL_S):
+            try:
+                socket.send(wire.encode(wire.Heartbeat(spec.worker_id, round(loop.stalled_s(), 3))), zmq.NOBLOCK)
+            except zmq.Again:
+                pass
+    finally:
+        socket.close()
 
 
 def load_stage(spec: WorkerSpec, kind: str):
@@ -148,11 +173,21 @@ class _ComputeLoop:
         self.cancelled = cancelled
         self.running = True
         self.handlers = {wire.StageTask: self.on_task, wire.StageBatch: self.on_batch, wire.Become: self.on_become}
+        self.progressed_at: float | None = None  # a task's start or its last step; None: idle
 
     def run(self) -> None:
         while self.running:
             received_at, message = self.tasks.get()
-            self.handlers[type(message)](message, received_at)
+            self.progressed_at = time.monotonic()
+            try:
+                self.handlers[type(message)](message, received_at)
+            finally:
+                self.progressed_at = None
+
+    def stalled_s(self) -> float:
+        """Seconds the current task has gone without a step (0 when idle); read by the heartbeat."""
+        progressed_at = self.progressed_at
+        return 0.0 if progressed_at is None else time.monotonic() - progressed_at
 
     def on_become(self, message: wire.Become, received_at: float) -> None:
         """Switch stage in place. The engine sends this only once every task here is done, so
@@ -268,6 +303,7 @@ class _ComputeLoop:
     def _step_hook(self, task: wire.StageTask):
         """Called after every denoising step: stops a cancelled task, reports progress if asked."""
         def on_step(step: int, total: int) -> None:
+            self.progressed_at = time.monotonic()
             if task.request_id in self.cancelled:
                 raise TaskCancelled(f"cancelled at step {step} of {total}")
             if task.report_progress:

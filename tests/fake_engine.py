@@ -37,14 +37,20 @@ class FakeEngine:
             engine_pid=os.getpid(), segment_prefix=self.prefix, run_dir=self.run_dir, cpus=cpus,
         )
         self.process = spawn_worker(spec)  # .pid, .exitcode, .kill() as the engine's own handle
+        self.heartbeats = 0
 
     def receive(self, timeout_s: float):
-        """The next message from the worker; None after `timeout_s`, or at once if it died."""
+        """The next answer from the worker (heartbeats, its every-second "I run", are counted in
+        `heartbeats`, not returned); None after `timeout_s`, or at once if it died."""
         deadline = time.monotonic() + timeout_s
-        while not self.results.poll(100):
-            if self.process.exitcode is not None or time.monotonic() > deadline:
-                return None
-        return wire.engine_decoder.decode(self.results.recv())
+        while True:
+            while not self.results.poll(100):
+                if self.process.exitcode is not None or time.monotonic() > deadline:
+                    return None
+            message = wire.engine_decoder.decode(self.results.recv())
+            if not isinstance(message, wire.Heartbeat):
+                return message
+            self.heartbeats += 1
 
     def send(self, frame: bytes) -> None:
         self.tasks.send(frame)

@@ -16,13 +16,15 @@ Chaos knobs: a prompt `crash:<stage>` makes that stage's worker process die on t
 SIGKILL or the kernel's OOM killer), to test that such a request fails cleanly after bounded
 attempts; `oom:<stage>` makes that stage raise MemoryError, as an allocation that does not fit;
 `device-fault:<stage>` raises the error an illegal memory access or a device-side assert gives
-(torch.AcceleratorError), after which a real worker's CUDA context is unusable.
+(torch.AcceleratorError), after which a real worker's CUDA context is unusable; `hang:<stage>` blocks that
+stage's compute forever (a deadlock, a stuck kernel) while the process lives on.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 
 import torch
@@ -45,6 +47,8 @@ class SyntheticFamily(SyntheticSpec, Family):
     def _maybe_crash(self, stage: str, params: RequestParams) -> None:
         if params.prompt == f"crash:{stage}":
             os.kill(os.getpid(), signal.SIGKILL)
+        if params.prompt == f"hang:{stage}":
+            threading.Event().wait()  # a deadlock, or a kernel that never returns
         if params.prompt == f"oom:{stage}":
             raise MemoryError(f"synthetic allocation failure in the {stage} stage")
         if params.prompt == f"device-fault:{stage}":
