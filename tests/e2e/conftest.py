@@ -121,6 +121,16 @@ class ServerProcess:
         return self.process.returncode
 
 
+def serving(*args: str):
+    """A healthy ServerProcess for a module-scoped fixture: `yield from serving("--model", ...)`."""
+    server = ServerProcess(list(args))
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture
 def dfuse_server():
     """dfuse_server(*args, env=...) -> a healthy ServerProcess; every one is stopped after the test."""

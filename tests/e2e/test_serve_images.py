@@ -18,15 +18,9 @@ PARAMS = {"seed": 5, "num_inference_steps": 2, "guidance_scale": 4.5, "negative_
 
 @pytest.fixture(scope="module")
 def server(model_path):
-    from conftest import ServerProcess
+    from conftest import serving
 
-    process = ServerProcess(["--model", str(model_path), "--api-key", KEY, "--max-queue", "4",
-                             "--served-model-name", "tiny-sd3"])
-    try:
-        process.wait_ready()
-        yield process
-    finally:
-        process.stop()
+    yield from serving("--model", str(model_path), "--api-key", KEY, "--max-queue", "4", "--served-model-name", "tiny-sd3")
 
 
 @pytest.fixture(scope="module")

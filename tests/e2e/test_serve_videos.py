@@ -17,16 +17,11 @@ EXTRA = {"seed": 3, "num_inference_steps": 2, "num_frames": 5, "fps": 8}
 
 @pytest.fixture(scope="module")
 def wan_server():
-    from conftest import ServerProcess
+    from conftest import serving
 
     from dfuse.engine.models.tiny import tiny_model_path
 
-    process = ServerProcess(["--model", str(tiny_model_path("tiny-wan")), "--served-model-name", "tiny-wan"])
-    try:
-        process.wait_ready()
-        yield process
-    finally:
-        process.stop()
+    yield from serving("--model", str(tiny_model_path("tiny-wan")), "--served-model-name", "tiny-wan")
 
 
 @pytest.fixture(scope="module")
