@@ -166,6 +166,7 @@ def run(prompt, negative_prompt, steps, guidance_scale, true_cfg_scale, height, 
 
     level, quiet, verbose = _log_level(log_level, quiet, verbose)
     logging.basicConfig(level=level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    _echo_records("dfuse.engine.prompts", "Warning: ")  # a prompt cut short: said as the flags' warnings are
     say = (lambda message: None) if quiet else (lambda message: click.echo(message, err=True))
     # Validate everything before a single process starts: bad input costs nothing.
     try:
@@ -378,6 +379,26 @@ def _log_level(log_level: str | None, quiet: bool, verbose: bool) -> tuple[str, 
         raise click.UsageError(_with_flag(f"-q/--quiet and --log-level {log_level}: -q shows errors only; "
                                           "give one or the other"))
     return log_level or ("error" if quiet else "info" if verbose else "warning"), quiet, verbose
+
+
+class _EchoRecords(logging.Handler):
+    """A logger's records as the command's own lines on stderr (the level still filters them)."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(f"{self.prefix}{record.getMessage()}", err=True)  # the stderr of now (CliRunner swaps it)
+
+
+def _echo_records(logger_name: str, prefix: str = "") -> None:
+    """Show `logger_name`'s records as plain lines instead of log records: once, however many
+    times a command runs in this process."""
+    logger = logging.getLogger(logger_name)
+    if not any(isinstance(h, _EchoRecords) for h in logger.handlers):
+        logger.addHandler(_EchoRecords(prefix))
+    logger.propagate = False
 
 
 def _check_writable(out: Path) -> None:

@@ -57,6 +57,7 @@ from .launcher import spawn_worker, stop_all
 from .transport.base import byte_view, dtype_from_name
 
 log = logging.getLogger("dfuse.engine")
+prompt_log = logging.getLogger("dfuse.engine.prompts")  # what the stages say of a request's prompts
 
 HEALTH_INTERVAL_S = 0.1  # how often worker liveness is checked: a crash is seen within ~0.1 s
 
@@ -336,6 +337,10 @@ class EngineCore(WorkerRecovery):
             self._start_over(request)
             return
         self._release_inputs(request)
+        for warning in message.warnings:
+            if warning not in request.warnings:  # a stage run again (its inputs lost) says it again
+                request.warnings.append(warning)
+                prompt_log.warning("%s", warning)
         request.timings[worker.stage] = StageTiming(
             worker.id, message.timings.queued_s, message.timings.compute_s, request.waited_s,
             message.timings.batch_size, worker.device, message.timings.fetch_s, time.monotonic(),
