@@ -167,6 +167,7 @@ def run(prompt, negative_prompt, steps, guidance_scale, true_cfg_scale, height, 
     level, quiet, verbose = _log_level(log_level, quiet, verbose)
     logging.basicConfig(level=level.upper(), format="%(levelname)s %(name)s: %(message)s")
     _echo_records("dfuse.engine.prompts", "Warning: ")  # a prompt cut short: said as the flags' warnings are
+    _echo_startup(level)
     say = (lambda message: None) if quiet else (lambda message: click.echo(message, err=True))
     # Validate everything before a single process starts: bad input costs nothing.
     try:
@@ -185,8 +186,6 @@ def run(prompt, negative_prompt, steps, guidance_scale, true_cfg_scale, height, 
         say(f"Warning: {warning}")
 
     os.environ["DFUSE_LOG"] = level.upper()  # the workers inherit it (stages/worker.py): one level for all
-    layout = "; ".join(f"{d}: {'+'.join(stages)}" for d, stages in config.layout().items() if stages)
-    say(f"Starting stage workers: {layout} ...")
     started = time.perf_counter()
     try:
         with Engine(config=config) as engine:
@@ -246,6 +245,7 @@ def serve(host, port, api_key, insecure_no_api_key, served_model_name, max_queue
 
     level, quiet, verbose = _log_level(log_level, quiet, verbose)
     logging.basicConfig(level=level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    _echo_startup(level)
     if not is_loopback(host) and not api_key and not insecure_no_api_key:
         raise click.UsageError(_with_flag(f"--host: {host} is reachable beyond this machine; give --api-key (or "
                                           "DFUSE_API_KEY), or --insecure-no-api-key to serve anyone who can reach it"))
@@ -399,6 +399,13 @@ def _echo_records(logger_name: str, prefix: str = "") -> None:
     if not any(isinstance(h, _EchoRecords) for h in logger.handlers):
         logger.addHandler(_EchoRecords(prefix))
     logger.propagate = False
+
+
+def _echo_startup(level: str) -> None:
+    """The engine's start-up progress (engine/startup.py: workers starting, each one ready) as
+    plain lines, at every level but error (-q): a wait of seconds to minutes must not look hung."""
+    _echo_records("dfuse.engine.startup")
+    logging.getLogger("dfuse.engine.startup").setLevel(logging.ERROR if level == "error" else logging.INFO)
 
 
 def _check_writable(out: Path) -> None:

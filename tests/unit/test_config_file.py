@@ -125,9 +125,10 @@ def test_a_placement_in_the_file_yields_to_device_flags(tmp_path, built):
 
 
 def test_verbose_on_the_command_line_wins_over_quiet_in_the_file(tmp_path, built):
-    result = _run(tmp_path, f'model = "{SYNTHETIC}"\nquiet = true\n', "-v")
+    result = _run(tmp_path, f'model = "{SYNTHETIC}"\nquiet = true\n', "-v", "--negative-prompt", "blurry",
+                  "--guidance-scale", "1")
     assert result.exit_code == 130, result.output
-    assert "Starting stage workers" in result.output  # what -q would have hidden
+    assert "Warning: --negative-prompt has no effect" in result.output  # what -q would have hidden
 
 
 def test_serve_reads_its_table_and_the_shared_keys(tmp_path, built):
