@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import secrets
 import sys
 import tempfile
@@ -12,8 +13,10 @@ import time
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
-from .engine.config import DEFAULT_MODEL, EngineConfig, parse_devices, parse_instances
+from .config_file import read_config
+from .engine.config import DEFAULT_MODEL, EngineConfig, parse_devices, parse_instances, parse_memory_limits
 from .engine.devices import parse_device_list, parse_placement
 from .engine.models import describe_model, resolve_model_path
 from .scheduler.core import STAGES
@@ -38,6 +41,10 @@ def main():
 def _engine_options(command):
     """The options that make an EngineConfig, the same for `dfuse run` and `dfuse serve`."""
     options = [
+        click.option("--config", type=click.Path(exists=True, dir_okay=False, path_type=Path), is_eager=True,
+                     expose_value=False, callback=_read_config_file,
+                     help="A TOML file of option values (keys: the long flag names; [run] and [serve] tables for "
+                          "one command); flags given here win over it."),
         click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Built-in tiny model (tiny-sd3, tiny-flux, tiny-pixart, tiny-wan) or a local diffusers SD3, Flux, PixArt-Sigma or Wan2.1 folder."),
         click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N, or per stage: encoder=cpu,dit=cuda:0,decoder=cuda:0."),
         click.option("--instances", default="encoder=1,dit=1,decoder=1", show_default=True, help="Worker processes per stage."),
@@ -49,19 +56,87 @@ def _engine_options(command):
             help="elastic: move workers between stages on a device as the bottleneck moves (pays off for long-running engines; see `dfuse bench sweep`)."),
         click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto", show_default=True,
             help="Weights and activations dtype; auto: float32 on CPU, bfloat16 on CUDA."),
+        click.option("--batching/--no-batching", default=False, show_default=True,
+            help="Per-stage batching: a free worker runs compatible queued requests as one call (more throughput under load; "
+                 "outputs differ from unbatched ones in the last bits)."),
+        click.option("--memory-limit-gib", type=_MemoryLimits(), default=None,
+            help="Activation memory a request may use: one number for each device's memory, or per device: "
+                 "cpu=8,cuda:0=40 (requests over it are decoded in tiles or refused) [default: detected]."),
+        click.option("--max-attempts", type=int, default=None,
+            help="A request whose worker dies this many times fails instead of being retried [default: 3]."),
     ]
     for option in reversed(options):
         command = option(command)
     return command
 
 
-def _engine_config(model, device, instances, devices, placement, threads, slot_mib, policy, dtype) -> EngineConfig:
-    """EngineConfig from the shared options; ValueError naming the API field (see _with_flag)."""
-    from .engine.config import TransportConfig
+class _MemoryLimits(click.ParamType):
+    """--memory-limit-gib: GiB for each device's memory (8), or device=GiB pairs."""
 
-    transport = TransportConfig() if slot_mib is None else TransportConfig(slot_mib=slot_mib)
-    return EngineConfig(model=model, cpu_threads=threads, transport=transport, policy=policy, dtype=dtype,
-                        **_device_fields(device, instances, devices, placement))
+    name = "GIB|DEVICE=GIB,..."
+    toml_kinds = ((str, int, float), "a number or a string of device=GiB pairs")  # read by config_file.py
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (int, float, dict)) and not isinstance(value, bool):  # from a file, or converted
+            return value
+        try:
+            return parse_memory_limits(value)
+        except ValueError as e:
+            self.fail(str(e).removeprefix("memory_limit_gib: "), param, ctx)
+
+
+def _read_config_file(ctx: click.Context, param, path: Path | None) -> None:
+    """--config: the file's values become the command's defaults, so flags on the command line
+    win (click's default_map); read and checked whole before any other option is processed."""
+    if path is None:
+        return
+    ctx.default_map = {**(ctx.default_map or {}), **read_config(path, ctx.command.name, _COMMANDS)}
+    ctx.meta[_CONFIG_FILE] = path
+
+
+_CONFIG_FILE = "dfuse.config_file"
+_DEVICE_GROUPS = (("device", "instances"), ("devices", "placement"))  # two ways to say where workers run
+
+
+def _engine_config(options: dict) -> EngineConfig:
+    """EngineConfig from the shared options; ValueError naming the API field (see _with_flag)."""
+    from .engine.config import BatchConfig, TransportConfig
+
+    options = _flags_over_file(options)
+    slot_mib, max_attempts, limits = options["slot_mib"], options["max_attempts"], options["memory_limit_gib"]
+    fields = _device_fields(options["device"], options["instances"], options["devices"], options["placement"])
+    if slot_mib is not None:
+        fields["transport"] = TransportConfig(slot_mib=slot_mib)
+    if max_attempts is not None:
+        fields["max_attempts"] = max_attempts
+    if limits is not None:
+        fields["memory_limit_gib"] = limits
+    return EngineConfig(model=options["model"], cpu_threads=options["threads"], policy=options["policy"],
+                        dtype=options["dtype"], batching=BatchConfig(enabled=options["batching"]), **fields)
+
+
+def _flags_over_file(options: dict) -> dict:
+    """A config file that says where workers run one way (--device/--instances) yields to a command
+    line that says it the other way (--devices/--placement), and the reverse: the flags win."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is None or _CONFIG_FILE not in ctx.meta:
+        return options
+    options = dict(options)
+    for given, other in (_DEVICE_GROUPS, _DEVICE_GROUPS[::-1]):
+        if any(_on_command_line(ctx, name) for name in given) and not any(_on_command_line(ctx, n) for n in other):
+            for name in other:
+                options[name] = _default_of(ctx, name)
+    return options
+
+
+def _on_command_line(ctx: click.Context, name: str) -> bool:
+    return ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
+
+
+def _default_of(ctx: click.Context, name: str):
+    """The option's own default, the file's value aside."""
+    (option,) = [p for p in ctx.command.params if p.name == name]
+    return option.default
 
 
 @main.command()
@@ -82,19 +157,21 @@ def _engine_config(model, device, instances, devices, placement, threads, slot_m
               help="Log level of the engine and its workers [default: warning; info with -v; error with -q].")
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors and the final \"Wrote ...\" line.")
 @click.option("-v", "--verbose", is_flag=True, help="Show worker placement, queues and engine logs.")
-def run(prompt, model, negative_prompt, steps, guidance_scale, true_cfg_scale, height, width, num_frames, fps, seed,
-        out, device, instances, devices, placement, threads, slot_mib, policy, dtype, log_level, quiet, verbose):
+def run(prompt, negative_prompt, steps, guidance_scale, true_cfg_scale, height, width, num_frames, fps, seed, out,
+        log_level, quiet, verbose, **engine_options):
     """Generate one image (or video, with a video model) for PROMPT and write it to --out."""
     from .engine.engine import Engine
     from .engine.input_processor import InputProcessor
     from .engine.models import detect_family
 
-    level = _log_level(log_level, quiet, verbose)
+    level, quiet, verbose = _log_level(log_level, quiet, verbose)
     logging.basicConfig(level=level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    _echo_records("dfuse.engine.prompts", "Warning: ")  # a prompt cut short: said as the flags' warnings are
+    _echo_startup(level)
     say = (lambda message: None) if quiet else (lambda message: click.echo(message, err=True))
     # Validate everything before a single process starts: bad input costs nothing.
     try:
-        config = _engine_config(model, device, instances, devices, placement, threads, slot_mib, policy, dtype)
+        config = _engine_config(engine_options)
         model_path = resolve_model_path(config.model)
         info = describe_model(model_path)
         out = _output_path(out, info)
@@ -109,8 +186,6 @@ def run(prompt, model, negative_prompt, steps, guidance_scale, true_cfg_scale, h
         say(f"Warning: {warning}")
 
     os.environ["DFUSE_LOG"] = level.upper()  # the workers inherit it (stages/worker.py): one level for all
-    layout = "; ".join(f"{d}: {'+'.join(stages)}" for d, stages in config.layout().items() if stages)
-    say(f"Starting stage workers: {layout} ...")
     started = time.perf_counter()
     try:
         with Engine(config=config) as engine:
@@ -161,26 +236,27 @@ def run(prompt, model, negative_prompt, steps, guidance_scale, true_cfg_scale, h
               help="Log level of the server, the engine and its workers [default: warning; info with -v; error with -q]; debug logs every HTTP request.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
 @click.option("-v", "--verbose", is_flag=True, help="Show engine logs.")
-def serve(model, device, instances, devices, placement, threads, slot_mib, policy, dtype, host, port, api_key,
-          insecure_no_api_key, served_model_name, max_queue, url_ttl, grace_period, log_level, quiet, verbose):
+def serve(host, port, api_key, insecure_no_api_key, served_model_name, max_queue, url_ttl, grace_period, log_level,
+          quiet, verbose, **engine_options):
     """Serve the model over HTTP: OpenAI's /v1/images/generations and /v1/videos, /v1/models,
     /health, Prometheus /metrics, /v1/stats and a live status page at /."""
     from .serve.server import is_loopback, serve as run_server
     from .serve.state import ServeSettings
 
-    level = _log_level(log_level, quiet, verbose)
+    level, quiet, verbose = _log_level(log_level, quiet, verbose)
     logging.basicConfig(level=level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    _echo_startup(level)
     if not is_loopback(host) and not api_key and not insecure_no_api_key:
-        raise click.UsageError(f"--host: {host} is reachable beyond this machine; give --api-key (or DFUSE_API_KEY), "
-                               "or --insecure-no-api-key to serve anyone who can reach it")
+        raise click.UsageError(_with_flag(f"--host: {host} is reachable beyond this machine; give --api-key (or "
+                                          "DFUSE_API_KEY), or --insecure-no-api-key to serve anyone who can reach it"))
     try:
-        config = _engine_config(model, device, instances, devices, placement, threads, slot_mib, policy, dtype)
+        config = _engine_config(engine_options)
         describe_model(resolve_model_path(config.model))  # a bad --model fails here, before the port opens
     except ValueError as e:
         raise click.UsageError(_with_flag(str(e))) from None
     os.environ["DFUSE_LOG"] = level.upper()
-    settings = ServeSettings(model_name=served_model_name or model, api_key=api_key or None, max_queue=max_queue,
-                             url_ttl_s=url_ttl)
+    settings = ServeSettings(model_name=served_model_name or engine_options["model"], api_key=api_key or None,
+                             max_queue=max_queue, url_ttl_s=url_ttl)
     sys.exit(run_server(config, settings, host, port, grace_s=grace_period, log_level=level))
 
 
@@ -288,13 +364,48 @@ def _ignored_flags(info, params) -> list[str]:
             "(guidance is on when > 1)"]
 
 
-def _log_level(log_level: str | None, quiet: bool, verbose: bool) -> str:
-    """The level of the engine and of its workers, from --log-level, -q and -v."""
+def _log_level(log_level: str | None, quiet: bool, verbose: bool) -> tuple[str, bool, bool]:
+    """(level of the engine and of its workers, quiet, verbose) from --log-level, -q and -v. On
+    the command line they win over the config file's: the file's side of a contradiction is dropped."""
+    ctx = click.get_current_context()
+    given = lambda name: _on_command_line(ctx, name)  # noqa: E731
+    if quiet and verbose and given("quiet") != given("verbose"):
+        quiet, verbose = (quiet, False) if given("quiet") else (False, verbose)
+    if quiet and log_level not in (None, "error") and given("quiet") != given("log_level"):
+        quiet, log_level = (quiet, None) if given("quiet") else (False, log_level)
     if quiet and verbose:
-        raise click.UsageError("-q/--quiet and -v/--verbose: give one or the other, not both")
+        raise click.UsageError(_with_flag("-q/--quiet and -v/--verbose: give one or the other, not both"))
     if quiet and log_level not in (None, "error"):
-        raise click.UsageError(f"-q/--quiet and --log-level {log_level}: -q shows errors only; give one or the other")
-    return log_level or ("error" if quiet else "info" if verbose else "warning")
+        raise click.UsageError(_with_flag(f"-q/--quiet and --log-level {log_level}: -q shows errors only; "
+                                          "give one or the other"))
+    return log_level or ("error" if quiet else "info" if verbose else "warning"), quiet, verbose
+
+
+class _EchoRecords(logging.Handler):
+    """A logger's records as the command's own lines on stderr (the level still filters them)."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(f"{self.prefix}{record.getMessage()}", err=True)  # the stderr of now (CliRunner swaps it)
+
+
+def _echo_records(logger_name: str, prefix: str = "") -> None:
+    """Show `logger_name`'s records as plain lines instead of log records: once, however many
+    times a command runs in this process."""
+    logger = logging.getLogger(logger_name)
+    if not any(isinstance(h, _EchoRecords) for h in logger.handlers):
+        logger.addHandler(_EchoRecords(prefix))
+    logger.propagate = False
+
+
+def _echo_startup(level: str) -> None:
+    """The engine's start-up progress (engine/startup.py: workers starting, each one ready) as
+    plain lines, at every level but error (-q): a wait of seconds to minutes must not look hung."""
+    _echo_records("dfuse.engine.startup")
+    logging.getLogger("dfuse.engine.startup").setLevel(logging.ERROR if level == "error" else logging.INFO)
 
 
 def _check_writable(out: Path) -> None:
@@ -342,7 +453,8 @@ _FLAGS = {"num_inference_steps": "--steps", "guidance_scale": "--guidance-scale"
           "num_frames/height/width": "--num-frames/--height/--width",
           "height": "--height", "width": "--width", "height/width": "--height/--width", "seed": "--seed", "model": "--model", "prompt": "PROMPT",
           "cpu_threads": "--threads", "instances": "--instances", "device": "--device", "policy": "--policy",
-          "devices": "--devices", "placement": "--placement"}
+          "devices": "--devices", "placement": "--placement", "memory_limit_gib": "--memory-limit-gib",
+          "max_attempts": "--max-attempts", "batching": "--batching"}
 
 
 def _device_fields(device: str, instances: str, devices: str | None, placement: str | None) -> dict:
@@ -362,15 +474,35 @@ def _device_fields(device: str, instances: str, devices: str | None, placement: 
 
 def _with_flag(message: str) -> str:
     """Engine errors name the API field ("num_inference_steps: ...", "instances.dit: ...",
-    "device (encoder): ..."); say which flag that is."""
+    "device (encoder): ..."); say which flag that is, and where its value came from when that
+    was the config file rather than the command line."""
     field, sep, rest = message.partition(": ")
     name, _, qualifier = field.partition(" ")
-    flag = _FLAGS.get(field) or _FLAGS.get(name.split(".")[0].split("[")[0])
+    named = field.startswith("-")  # the CLI's own checks name the flag already
+    flag = field if named else _FLAGS.get(field) or _FLAGS.get(name.split(".")[0].split("[")[0])
     if not (sep and flag):
         return message
-    if field.endswith("[0]"):  # "prompt[0]": the API's first prompt is the command's only one
-        return f"{flag}: {rest}"
-    return f"{flag} {qualifier}: {rest}" if qualifier else f"{flag} ({field}): {rest}"
+    if named or field.endswith("[0]"):  # "prompt[0]": the API's first prompt is the command's only one
+        said = flag
+    elif qualifier:
+        said = f"{flag} {qualifier}"
+    else:
+        said = f"{flag} ({field})"
+    return f"{_from_the_file(said)}: {rest}"
+
+
+def _from_the_file(said: str) -> str:
+    """`said` (a flag and its details), noting the config file when every option it names got its
+    value from there: the user looks for it in the file, not on the command line."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is None or _CONFIG_FILE not in ctx.meta:
+        return said
+    options = {opt: p.name for p in ctx.command.params if isinstance(p, click.Option) for opt in p.opts}
+    named = [options[flag] for flag in re.findall(r"-{1,2}[\w-]+", said.split(" (")[0]) if flag in options]
+    if not named or any(ctx.get_parameter_source(n) != ParameterSource.DEFAULT_MAP for n in named):
+        return said
+    where = f"set in {ctx.meta[_CONFIG_FILE]}"
+    return f"{said[:-1]}; {where})" if said.endswith(")") else f"{said} ({where})"
 
 
 class _StepBar:
@@ -427,6 +559,8 @@ def _print_stats(stats) -> None:
             f"in flight {w.inflight}  free slots {w.free_slots}  restarts {w.restarts}"
         )
 
+
+_COMMANDS = {"run": run, "serve": serve}  # the config file's tables
 
 from .bench.commands import bench  # noqa: E402  (after main exists)
 

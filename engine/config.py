@@ -109,8 +109,9 @@ class EngineConfig:
     """Weights and activations dtype: auto (float32 on CPU, bfloat16 on CUDA), float32, float16, bfloat16."""
     transport: TransportConfig = field(default_factory=TransportConfig)
     """Shared-memory handoff between stages."""
-    memory_limit_gib: Mapping[str, float] = field(default_factory=dict)
-    """Activation memory a request may use per device, e.g. {"cpu": 8}; unset devices: detected."""
+    memory_limit_gib: Mapping[str, float] | float = field(default_factory=dict)
+    """Activation memory a request may use per device, e.g. {"cpu": 8}, or one number for each
+    device's memory; unset devices: detected. Kept as the mapping."""
     max_inflight_per_worker: int = field(default=2, metadata=checked(integer(1, 64)))
     """Tasks sent to one worker at once: one computing, the next already queued beside it."""
     max_attempts: int = field(default=3, metadata=checked(integer(1, 100)))
@@ -148,13 +149,18 @@ class EngineConfig:
         check_fields(self)
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ValueError(f"dtype: must be one of auto, float32, float16, bfloat16 (got {self.dtype!r})")
-        if not isinstance(self.memory_limit_gib, Mapping):
-            raise ValueError(f"memory_limit_gib: expected a mapping of device -> GiB, got {self.memory_limit_gib!r}")
-        limits = {_memory_name(device): gib for device, gib in self.memory_limit_gib.items()}
-        if len(limits) < len(self.memory_limit_gib):
-            raise ValueError(f"memory_limit_gib: {sorted(self.memory_limit_gib)} name one memory twice (every CPU "
-                             "device shares the host's: give it once, as 'cpu')")
         memories = sorted({memory_of(d) for d in self.pool})
+        limits = self.memory_limit_gib
+        if isinstance(limits, (int, float)) and not isinstance(limits, bool):  # one budget for each memory
+            limits = {memory: limits for memory in memories}
+        if not isinstance(limits, Mapping):
+            raise ValueError(f"memory_limit_gib: expected GiB (a number for every device) or a mapping of "
+                             f"device -> GiB, got {limits!r}")
+        given = limits
+        limits = {_memory_name(device): gib for device, gib in given.items()}
+        if len(limits) < len(given):
+            raise ValueError(f"memory_limit_gib: {sorted(given)} name one memory twice (every CPU "
+                             "device shares the host's: give it once, as 'cpu')")
         for device, gib in limits.items():
             if device not in memories:
                 raise ValueError(f"memory_limit_gib: {device!r} is not a device of this engine ({memories})")
@@ -304,6 +310,29 @@ def parse_instances(text: str) -> dict[str, int]:
             )
         counts[stage.strip()] = int(value)
     return counts
+
+
+def parse_memory_limits(text: str) -> float | dict[str, float]:
+    """Parse the CLI form "8" (GiB for each device's memory) or "cpu=8,cuda:0=40";
+    EngineConfig checks the devices and the numbers."""
+    problem = ValueError(f"memory_limit_gib: expected GiB as one number (8) or device=GiB pairs like "
+                         f"cpu=8,cuda:0=40 (got {text!r})")
+
+    def gib(value: str) -> float:
+        try:
+            return float(value)
+        except ValueError:
+            raise problem from None
+
+    if "=" not in text:
+        return gib(text)
+    limits = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        device, sep, value = part.partition("=")
+        if not sep or not device.strip():
+            raise problem
+        limits[device.strip()] = gib(value)
+    return limits
 
 
 def _per_stage(name: str, value, kind: type, defaults: Mapping | None = None) -> dict:

@@ -54,9 +54,11 @@ from .state import (
     Worker,
 )
 from .launcher import spawn_worker, stop_all
+from .startup import StartupProgress
 from .transport.base import byte_view, dtype_from_name
 
 log = logging.getLogger("dfuse.engine")
+prompt_log = logging.getLogger("dfuse.engine.prompts")  # what the stages say of a request's prompts
 
 HEALTH_INTERVAL_S = 0.1  # how often worker liveness is checked: a crash is seen within ~0.1 s
 
@@ -114,6 +116,7 @@ class EngineCore(WorkerRecovery):
         self.workers: dict[int, Worker] = build_workers(self.config, self.segment_prefix)
         self.cpu_pinning = pin_cpu_workers(self.config, self.workers)  # before any worker spawns
         self._devices = {device: describe_device(device) for device in self.config.pool}
+        self._startup = StartupProgress(self.workers)
         self._elastic = self._init_elastic() if self.config.policy == "elastic" else None
 
     def _init_elastic(self) -> Elastic:
@@ -176,6 +179,7 @@ class EngineCore(WorkerRecovery):
         }
         next_health = 0.0
         try:
+            self._startup.starting()
             for worker in self.workers.values():
                 self._spawn(worker)
             while not self._closing:
@@ -195,6 +199,7 @@ class EngineCore(WorkerRecovery):
                 if time.monotonic() >= next_health:
                     self._check_workers()
                     self._expire_waiting()
+                    self._startup.remind()
                     if self._elastic and self.ready.is_set():
                         self._rebalance()
                     next_health = time.monotonic() + HEALTH_INTERVAL_S
@@ -280,7 +285,7 @@ class EngineCore(WorkerRecovery):
                 self._elastic.switched(switch_s)
             log.info("worker %d now serves %s (switch %.2f s)", worker.id, worker.stage, switch_s)
             worker.switch_started = None
-        log.info("%s worker %d ready in %.2f s (pid %d)", worker.stage, worker.id, message.load_s, message.pid)
+        self._startup.ready(worker, message)
         if message.pool is not None:  # a (re)started GPU producer: consumers map its new pool
             worker.pool_info = message.pool
             for consumer in self._consumers_of(worker):
@@ -338,6 +343,10 @@ class EngineCore(WorkerRecovery):
             self._start_over(request)
             return
         self._release_inputs(request)
+        for warning in message.warnings:
+            if warning not in request.warnings:  # a stage run again (its inputs lost) says it again
+                request.warnings.append(warning)
+                prompt_log.warning("%s", warning)
         request.timings[worker.stage] = StageTiming(
             worker.id, message.timings.queued_s, message.timings.compute_s, request.waited_s,
             message.timings.batch_size, worker.device, message.timings.fetch_s, time.monotonic(),

@@ -8,7 +8,7 @@ import threading
 import weakref
 from concurrent.futures import CancelledError, Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import msgspec
@@ -38,6 +38,7 @@ class GenerationResult:
     seeds: list[int]  # prompt i was generated with seeds[i]
     timings: list[dict[str, StageTiming]]  # per prompt: stage -> where and how long it ran
     frames: list[list[Image.Image]] | None = None  # video models: per prompt, its frames in order
+    warnings: list[list[str]] = field(default_factory=list)  # per prompt: e.g. the part a text encoder cut off
 
 
 class Engine:
@@ -264,11 +265,13 @@ def _gather(requests: list[Request], outer: UserFuture) -> UserFuture:
         except CancelledError:  # the caller cancelled the whole submit
             return
         seeds, timings = [r.params.seed for r in requests], [t for _, t in results]
+        warnings = [list(r.warnings) for r in requests]
         if results[0][0].ndim == 4:  # a video model's (frames, height, width, 3)
             frames = [[Image.fromarray(frame) for frame in pixels] for pixels, _ in results]
-            resolve(outer, result=GenerationResult([video[0] for video in frames], seeds, timings, frames))
+            resolve(outer, result=GenerationResult([video[0] for video in frames], seeds, timings, frames, warnings))
         else:
-            resolve(outer, result=GenerationResult([Image.fromarray(pixels) for pixels, _ in results], seeds, timings))
+            images = [Image.fromarray(pixels) for pixels, _ in results]
+            resolve(outer, result=GenerationResult(images, seeds, timings, warnings=warnings))
 
     def on_outer_done(_outer: Future) -> None:
         if outer.cancelled():

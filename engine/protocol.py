@@ -160,6 +160,7 @@ class StageDone(msgspec.Struct, **_STRUCT):
     request_id: int
     outputs: list[TensorRef]
     timings: StageTimings
+    warnings: list[str] = []  # for the request's caller, e.g. a prompt cut to its text encoder's length
 
 
 class StageFailed(msgspec.Struct, **_STRUCT):

@@ -71,6 +71,7 @@ class Request:
     timed_out: bool = False  # its caller was told RequestTimeout while a stage still computed it
     inputs_lost: bool = False  # its inputs died with a GPU producer while a consumer had it: redo
     cancel_sent: bool = False  # its worker was told to stop computing it (cancelled or timed out)
+    warnings: list[str] = field(default_factory=list)  # from its stages, for its caller (a prompt cut short)
 
     @property
     def stage(self) -> str:

@@ -36,6 +36,10 @@ class Stage:
         """Several requests of one batch key as one call; outputs per request, in order."""
         raise NotImplementedError
 
+    def warnings(self, params: RequestParams) -> list[str]:
+        """What the request's caller should hear about this stage's work on it (nothing by default)."""
+        return []
+
     def run(self, inputs: Tensors, params: RequestParams, on_step: OnStep, out: SlotWriter) -> Tensors:
         self._check(inputs)
         return self.forward(inputs, params, on_step, out)

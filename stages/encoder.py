@@ -14,3 +14,6 @@ class EncoderStage(Stage):
 
     def forward_batch(self, inputs, params, on_step):
         return self.family.encode_batch(self.model, params)
+
+    def warnings(self, params):
+        return self.family.prompt_warnings(self.model, params)  # the part of a prompt cut to an encoder's length

@@ -251,7 +251,7 @@ class _ComputeLoop:
             return
         timings = wire.StageTimings(queued_s=started - received_at, compute_s=time.perf_counter() - started,
                                     fetch_s=fetched - started)
-        self._send(wire.StageDone(self.spec.worker_id, task.request_id, refs, timings))
+        self._send(wire.StageDone(self.spec.worker_id, task.request_id, refs, timings, self._warnings(task.params)))
 
     def on_batch(self, batch: wire.StageBatch, received_at: float) -> None:
         """Several requests as one call of the stage, then one StageDone per request. If the
@@ -289,7 +289,18 @@ class _ComputeLoop:
         compute_s = time.perf_counter() - started
         for task, task_refs in zip(tasks, refs):
             timings = wire.StageTimings(started - received_at, compute_s, batch_size=len(tasks), fetch_s=fetch_s)
-            self._send(wire.StageDone(self.spec.worker_id, task.request_id, task_refs, timings))
+            self._send(wire.StageDone(self.spec.worker_id, task.request_id, task_refs, timings,
+                                      self._warnings(task.params)))
+
+    def _warnings(self, params: wire.RequestParams) -> list[str]:
+        """The stage's warnings for the request's caller (a prompt cut to its text encoder's
+        length); they come after its compute, outside its timing. A check that fails costs only
+        its warning, never the request."""
+        try:
+            return self.stage.warnings(params)
+        except Exception:  # noqa: BLE001
+            log.warning("could not check the prompts of a request:\n%s", traceback.format_exc())
+            return []
 
     def _out_of_memory(self, task: wire.StageTask, error: BaseException) -> str:
         """Give the memory back so the next request starts clean, and say what did not fit."""

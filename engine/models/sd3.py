@@ -7,6 +7,8 @@ from pathlib import Path
 from ..protocol import RequestParams
 from .base import FamilySpec, ModelInfo, image_peak_bytes, read_json
 
+MAX_SEQUENCE_LENGTH = 256  # StableDiffusion3Pipeline's default T5 length
+
 
 class SD3Spec(FamilySpec):
     name = "sd3"
@@ -28,7 +30,7 @@ class SD3Spec(FamilySpec):
             guidance_scale=7.0,
             dims={
                 "dit_width": transformer["num_attention_heads"] * transformer["attention_head_dim"],
-                "text_tokens": 77 + 256,  # CLIP tokens + T5 max_sequence_length, concatenated
+                "text_tokens": 77 + MAX_SEQUENCE_LENGTH,  # CLIP tokens + T5 tokens, concatenated
                 "text_width": transformer["joint_attention_dim"],
                 "vae_channels": vae["block_out_channels"][0],  # channels of the full-resolution maps
                 "vae_tile": vae.get("sample_size", 1024),  # AutoencoderKL's tile_sample_min_size

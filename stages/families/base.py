@@ -4,6 +4,7 @@ components and running them (engine/models/ holds what the engine reads without 
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -56,6 +57,36 @@ class Family(FamilySpec):
         """Return {"image": uint8 tensor (batch, height, width, channels)} on the CPU; video
         families: (batch, frames, height, width, channels)."""
         raise NotImplementedError
+
+    def prompt_warnings(self, model: Any, params: RequestParams) -> list[str]:
+        """What the request's caller should hear about its prompts, given the loaded encoder
+        `model`: the part of a prompt a text encoder never reads (see `cut_prompts`)."""
+        return []
+
+
+TextEncoder = tuple[str, Any, int]  # (its name for users: CLIP, T5; its tokenizer; the tokens it reads)
+SHOWN_CHARS = 100  # of a cut part: a 10,000-character prompt must not make a 10,000-character warning
+
+
+def cut_prompts(prompts: Mapping[str, str | None], encoders: list[TextEncoder]) -> list[str]:
+    """A warning for each prompt (named by what it is: "prompt", "negative prompt") that a text
+    encoder reads only in part, naming the part cut off, as diffusers' pipelines warn (dfuse's
+    workers silence the libraries' logs). The pipelines truncate to the encoder's length keeping
+    its special tokens (CLIP: start and end, T5: end); the same count is made here."""
+    warnings = []
+    for name, tokenizer, limit in encoders:
+        kept = limit - tokenizer.num_special_tokens_to_add()
+        for which, text in prompts.items():
+            ids = tokenizer(text, add_special_tokens=False).input_ids if text else []
+            if len(ids) <= kept:
+                continue
+            cut = tokenizer.decode(ids[kept:])
+            shown = json.dumps(cut if len(cut) <= SHOWN_CHARS else cut[:SHOWN_CHARS] + "...", ensure_ascii=False)
+            warning = (f"the {which} is longer than {name}'s {limit} tokens; this part was cut "
+                       f"({len(ids) - kept} tokens): {shown}")
+            if warning not in warnings:  # SD3's two CLIP encoders cut the same part
+                warnings.append(warning)
+    return warnings
 
 
 def uint8_pixels(pixels) -> torch.Tensor:

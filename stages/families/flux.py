@@ -20,6 +20,7 @@ from .base import (
     Family,
     OnStep,
     Tensors,
+    cut_prompts,
     load_dit_pipeline,
     concat,
     run_denoise,
@@ -65,6 +66,11 @@ class FluxFamily(FluxSpec, Family):
                 )
                 outputs |= {f"{prefix}prompt_embeds": embeds, f"{prefix}pooled_prompt_embeds": pooled}
         return outputs
+
+    def prompt_warnings(self, pipe, params: RequestParams) -> list[str]:
+        encoders = [("CLIP", pipe.tokenizer, pipe.tokenizer_max_length), ("T5", pipe.tokenizer_2, MAX_SEQUENCE_LENGTH)]
+        negative = params.negative_prompt if true_cfg(params) else None
+        return cut_prompts({"prompt": params.prompt, "negative prompt": negative}, encoders)
 
     # 2. Diffusion transformer
     def load_dit(self, path, device, dtype):

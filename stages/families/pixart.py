@@ -25,6 +25,7 @@ from .base import (
     Family,
     OnStep,
     Tensors,
+    cut_prompts,
     load_dit_pipeline,
     concat,
     run_denoise,
@@ -69,6 +70,13 @@ class PixArtSigmaFamily(PixArtSigmaSpec, Family):
         if guided:
             outputs |= {"negative_prompt_embeds": negative_embeds, "negative_prompt_attention_mask": negative_mask}
         return outputs
+
+    def prompt_warnings(self, pipe, params: RequestParams) -> list[str]:
+        # T5 reads the prompts as encode_prompt has made them (clean_caption=False: lower-cased, stripped).
+        negative = params.negative_prompt if params.guidance_scale > 1 else None
+        prompts = {which: pipe._text_preprocessing(text, clean_caption=False)[0] if text else None
+                   for which, text in {"prompt": params.prompt, "negative prompt": negative}.items()}
+        return cut_prompts(prompts, [("T5", pipe.tokenizer, MAX_SEQUENCE_LENGTH)])
 
     # 2. Diffusion transformer
     def load_dit(self, path, device, dtype):

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import torch
 
-from ...engine.models.sd3 import SD3Spec
+from ...engine.models.sd3 import SD3Spec, MAX_SEQUENCE_LENGTH
 from ...engine.protocol import RequestParams
 from .base import (
     Family,
     OnStep,
     Tensors,
+    cut_prompts,
     load_dit_pipeline,
     concat,
     run_denoise,
@@ -51,11 +52,20 @@ class SD3Family(SD3Spec, Family):
                 negative_prompt=[p.negative_prompt or "" for p in params],
                 do_classifier_free_guidance=guided,
                 device=pipe._execution_device,
+                max_sequence_length=MAX_SEQUENCE_LENGTH,
             )
         outputs = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
         if guided:
             outputs |= {"negative_prompt_embeds": negative_embeds, "negative_pooled_prompt_embeds": negative_pooled}
         return split(outputs, len(params))
+
+    def prompt_warnings(self, pipe, params: RequestParams) -> list[str]:
+        clip = pipe.tokenizer_max_length
+        encoders = [("CLIP", pipe.tokenizer, clip), ("CLIP", pipe.tokenizer_2, clip)]
+        if pipe.text_encoder_3 is not None:  # without T5 the pipeline feeds zeros: nothing is cut
+            encoders.append(("T5", pipe.tokenizer_3, MAX_SEQUENCE_LENGTH))
+        negative = params.negative_prompt if params.guidance_scale > 1 else None
+        return cut_prompts({"prompt": params.prompt, "negative prompt": negative}, encoders)
 
     # 2. Diffusion transformer
     def load_dit(self, path, device, dtype):

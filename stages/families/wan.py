@@ -28,6 +28,7 @@ from .base import (
     Family,
     OnStep,
     Tensors,
+    cut_prompts,
     load_dit_pipeline,
     concat,
     run_denoise,
@@ -70,6 +71,16 @@ class WanFamily(WanSpec, Family):
         if cfg:
             outputs["negative_prompt_embeds"] = negative_embeds
         return outputs
+
+    def prompt_warnings(self, pipe, params: RequestParams) -> list[str]:
+        from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+
+        # UMT5 reads the prompts as the pipeline cleans them (HTML entities, whitespace). Unlike
+        # the other pipelines WanPipeline cuts them without a word.
+        negative = params.negative_prompt if guided(params) else None
+        prompts = {which: prompt_clean(text) if text else None
+                   for which, text in {"prompt": params.prompt, "negative prompt": negative}.items()}
+        return cut_prompts(prompts, [("UMT5", pipe.tokenizer, MAX_SEQUENCE_LENGTH)])
 
     # 2. Diffusion transformer
     def load_dit(self, path, device, dtype):

@@ -10,6 +10,7 @@ from dfuse.engine.config import (
     EngineConfig,
     TransportConfig,
     parse_instances,
+    parse_memory_limits,
 )
 from dfuse.engine.models import resolve_model_path
 from dfuse.scheduler.core import STAGES
@@ -97,6 +98,29 @@ def test_bare_cuda_means_the_first_gpu_everywhere(monkeypatch):
                           memory_limit_gib={"cuda": 8})
     assert dict(config.devices) == {"encoder": "cpu", "dit": "cuda:0", "decoder": "cuda:0"}
     assert dict(config.memory_limit_gib) == {"cuda:0": 8}
+
+
+def test_one_memory_limit_number_holds_for_every_memory(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    config = EngineConfig(devices={"encoder": "cpu", "dit": "cuda:0", "decoder": "cuda:0"}, memory_limit_gib=8)
+    assert dict(config.memory_limit_gib) == {"cpu": 8, "cuda:0": 8}
+
+
+@pytest.mark.parametrize("value", [0, -1.0, float("nan"), True, "8", [8]])
+def test_bad_memory_limits(value):
+    _raises_for("memory_limit_gib", memory_limit_gib=value)
+
+
+def test_parse_memory_limits():
+    assert parse_memory_limits("8") == 8.0
+    assert parse_memory_limits(" 0.5 ") == 0.5
+    assert parse_memory_limits("cpu=8, cuda:0=40.5,") == {"cpu": 8.0, "cuda:0": 40.5}
+
+
+@pytest.mark.parametrize("text", ["", "eight", "cpu=", "=8", "cpu:8", "cpu=8,cuda:0"])
+def test_parse_memory_limits_rejects(text):
+    with pytest.raises(ValueError, match="^memory_limit_gib: expected GiB as one number .* device=GiB pairs"):
+        parse_memory_limits(text)
 
 
 @pytest.mark.parametrize("value", [0, None, {"cpu"}])

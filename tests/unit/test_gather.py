@@ -16,7 +16,7 @@ CALLBACKS = UserCallbacks()
 
 
 def _requests(n):
-    return [SimpleNamespace(future=Future(), params=SimpleNamespace(seed=i)) for i in range(n)]
+    return [SimpleNamespace(future=Future(), params=SimpleNamespace(seed=i), warnings=[]) for i in range(n)]
 
 
 def test_the_first_failure_fails_the_submit_at_once_and_cancels_the_rest():
@@ -31,11 +31,13 @@ def test_the_first_failure_fails_the_submit_at_once_and_cancels_the_rest():
 
 def test_all_prompts_done_gives_their_images_in_order():
     requests = _requests(2)
+    requests[1].warnings.append("the prompt is longer than CLIP's 77 tokens")
     outer = _gather(requests, UserFuture(CALLBACKS, key=object()))
     for i, request in enumerate(requests):
         request.future.set_result((np.full((4, 4, 3), i, np.uint8), {"dit": i}))
     result = outer.result(0)
     assert [np.array(image)[0, 0, 0] for image in result.images] == [0, 1] and result.seeds == [0, 1]
+    assert result.warnings == [[], ["the prompt is longer than CLIP's 77 tokens"]]  # per prompt, in order
 
 
 def test_cancelling_the_submit_cancels_every_prompt():

@@ -39,6 +39,7 @@ TO_ENGINE = [
     wire.StageDone(1, 9, [_ref], wire.StageTimings(0.001, 2.5)),
     wire.StageDone(1, 10, [], wire.StageTimings(0.0, 0.0)),
     wire.StageDone(1, 11, [_ref], wire.StageTimings(0.002, 1.5, batch_size=4)),
+    wire.StageDone(1, 12, [_ref], wire.StageTimings(0.002, 1.5), warnings=["the prompt is longer than CLIP's 77 tokens"]),
     wire.StageFailed(4, 11, "RuntimeError: boom \u2603"),
     wire.Progress(1, 9, 3, 28),
     wire.StageDone(1, 12, [_ref], wire.StageTimings(0.001, 2.5, fetch_s=0.0004)),
