@@ -43,6 +43,7 @@ from .elastic import Elastic
 from .host_resources import HostResources
 from .worker_layout import build_workers, check_move, choose_links, pin_cpu_workers
 from .queues import StageQueue
+from .moves import WorkerMoves
 from .recovery import WorkerRecovery, unlink_ipc_file
 from .stats import EngineStats, StatsRecorder
 from .state import (
@@ -63,7 +64,7 @@ prompt_log = logging.getLogger("dfuse.engine.prompts")  # what the stages say of
 HEALTH_INTERVAL_S = 0.1  # how often worker liveness is checked: a crash is seen within ~0.1 s
 
 
-class EngineCore(WorkerRecovery):
+class EngineCore(WorkerRecovery, WorkerMoves):
     def __init__(self, config: EngineConfig, model_path: Path, true_cfg: bool = False):
         self.config = config
         self.model_path = model_path
@@ -228,25 +229,6 @@ class EngineCore(WorkerRecovery):
             elif kind == "copied":  # the final pixels are out of the slot: it may take new work
                 pool, offset, request_id = item
                 pool.release(offset, request_id)
-
-    def _start_move(self, worker_id: int, stage: str, reason: str) -> None:
-        try:
-            check_move(self.workers, self.config, worker_id, stage)  # again: things may have changed since it was asked
-        except ValueError as e:
-            log.warning("move of worker %d to %s dropped: %s", worker_id, stage, e)
-            return
-        worker = self.workers[worker_id]
-        worker.moving_to, worker.switch_started = stage, time.monotonic()
-        log.info("moving worker %d from %s to %s (%s)", worker_id, worker.stage, stage, reason)
-        self._stats.moved(worker.switch_started, worker_id, worker.stage, stage, reason)
-
-    def _rebalance(self) -> None:
-        """Ask the elastic policy for moves (it decides once per interval)."""
-        stages = {w.id: w.moving_to or w.stage for w in self.workers.values()}
-        busy = collections.Counter(w.stage for w in self.workers.values() if w.inflight)
-        queues = {stage: len(q) for stage, q in self._queues.items()}
-        for worker_id, stage in self._elastic.step(time.monotonic(), stages, queues, busy):
-            self._start_move(worker_id, stage, reason="elastic")
 
     def _drain_results(self, handlers) -> None:
         while True:
@@ -560,22 +542,6 @@ class EngineCore(WorkerRecovery):
                 if (request.timed_out or request.future.cancelled()) and not request.cancel_sent:
                     request.cancel_sent = True
                     self._send_control(worker, wire.CancelTask(request.id))
-
-    def _advance_moves(self) -> None:
-        """A drained mover switches stage in its own process (wire.Become): no process start, no
-        imports, and it keeps its output pool. It takes work again when it says READY in its
-        new stage.
-
-        Drained means its tasks are done and downstream has read every output it produced: a
-        slot still held there is a slot its new stage cannot write, and if the mover became the
-        only worker of that stage, the request holding it could never run (no free output slot)."""
-        for worker in self.workers.values():
-            drained = not worker.inflight and worker.pool.free == worker.pool.n_slots
-            if worker.moving_to is not None and worker.ready and drained:
-                worker.stage, worker.moving_to, worker.ready = worker.moving_to, None, False
-                worker.task_s = None  # its speed at the old stage says nothing of the new one
-                worker.pool_info = None
-                self._send_control(worker, wire.Become(worker.stage))
 
     def _shutdown(self) -> None:
         """Stop every worker, fail what is left, remove every segment and socket."""
