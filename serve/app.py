@@ -71,12 +71,15 @@ def _image_routes(v1: APIRouter, state: ServerState) -> None:
             encoded = await state.run_blocking(
                 lambda: [images.encode(image, fmt, body.output_compression) for image in result.images])
             data = []
-            for payload, seed in zip(encoded, result.seeds):
+            for payload, seed, warnings in zip(encoded, result.seeds, result.warnings or [[]] * len(encoded)):
                 if body.response_format == "url":
                     name = state.files.put(payload, fmt, images.FORMATS[fmt][1])
-                    data.append({"url": f"{request.base_url}files/{name}", "seed": seed})
+                    item = {"url": f"{request.base_url}files/{name}", "seed": seed}
                 else:
-                    data.append({"b64_json": base64.b64encode(payload).decode("ascii"), "seed": seed})
+                    item = {"b64_json": base64.b64encode(payload).decode("ascii"), "seed": seed}
+                if warnings:  # e.g. the part of the prompt a text encoder cut off
+                    item["warnings"] = warnings
+                data.append(item)
             first = result.images[0]
             state.metrics.latency.labels("images").observe(time.perf_counter() - started)
             return {"created": int(time.time()), "data": data, "output_format": fmt,

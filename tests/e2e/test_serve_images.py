@@ -133,3 +133,11 @@ def test_models_health_stats_and_metrics_that_move(client, server):
     spans = [last["stages"][s] for s in ("encoder", "dit", "decoder")]
     assert all(s["queued_s"] <= s["started_s"] <= s["finished_s"] for s in spans)
     assert spans[0]["finished_s"] <= spans[1]["finished_s"] <= spans[2]["finished_s"]
+
+
+def test_a_prompt_cut_by_the_text_encoder_says_so_in_the_response(client):
+    r = client.images.generate(prompt="a red fox " * 60, size="64x64", extra_body={"num_inference_steps": 1})
+    (warning, *_) = r.data[0].model_extra["warnings"]
+    assert "longer than CLIP's 77 tokens; this part was cut" in warning and "a red fox" in warning
+    short = client.images.generate(prompt="a red fox", size="64x64", extra_body={"num_inference_steps": 1})
+    assert "warnings" not in short.data[0].model_extra
