@@ -22,7 +22,6 @@ from __future__ import annotations
 import os
 import platform
 import random
-import signal
 import statistics
 import sys
 import time
@@ -33,6 +32,7 @@ import click
 import numpy as np
 
 from ..scheduler.core import STAGES
+from .faults import KINDS, Fault, inject
 from .lib.leaks import close_and_check
 from .lib.load import ClosedLoop, LoadRun
 from .lib.load import drive as drive_load
@@ -60,22 +60,14 @@ def max_attempts_for(requests: int, kill_every: int) -> int:
     return min(100, requests // kill_every + 1)
 
 
-@dataclass
-class Kill:
-    at_completed: int  # requests completed when the kill was made
-    worker_id: int
-    stage: str
-    pid: int
-    inflight: int  # tasks the engine had on the victim (as stats() saw them just before)
-    at_s: float  # seconds since the pass started
-    kill_to_ready_s: float | None = None  # kill -> the replacement reported ready (seen from outside)
+Kill = Fault  # the first fault the benchmark knew (SIGKILL); bench/faults.py has them all
 
 
 @dataclass
 class ChaosPass:
     images: list[np.ndarray | None]
     errors: list[str | None]
-    kills: list[Kill] = field(default_factory=list)
+    kills: list[Fault] = field(default_factory=list)  # every fault injected, in order
     worker_pids: set[int] = field(default_factory=set)  # every worker pid seen during the pass
     wall_s: float = 0.0
     stalled: str | None = None  # why the pass gave up waiting, if it did
@@ -87,12 +79,15 @@ class ChaosPass:
 
 
 def drive(engine, requests: list[dict], kill_every: int | None, rng: random.Random | None = None, *,
-          wave: int = 20, stall_s: float = 60.0, victim_ready_s: float = 60.0, progress=None) -> ChaosPass:
-    """Submit `requests` in waves and, if `kill_every`, SIGKILL a random worker every `kill_every`
-    completions. Returns when every request has an outcome, or after `stall_s` without any."""
+          wave: int = 20, stall_s: float = 60.0, victim_ready_s: float = 60.0, progress=None,
+          faults: tuple[str, ...] = ("kill",)) -> ChaosPass:
+    """Submit `requests` in waves and, if `kill_every`, inject a fault every `kill_every`
+    completions (by default SIGKILL a random worker; `faults` rotates through several kinds,
+    bench/faults.py). Returns when every request has an outcome, or after `stall_s` without any."""
     n = len(requests)
     run = ChaosPass(images=[None] * n, errors=[None] * n)
     next_kill = [kill_every or n + 1]
+    callbacks: list = []  # done-callbacks for the next request submitted (the callback fault)
 
     def watch(load: LoadRun, completed: int) -> None:
         workers = engine.stats().workers
@@ -100,11 +95,13 @@ def drive(engine, requests: list[dict], kill_every: int | None, rng: random.Rand
         _note_replacements(run, workers, load.start)
         if load.stalled or not next_kill[0] <= completed < n:
             return
-        kill = _kill_random_worker(engine, rng, completed, load.start, victim_ready_s)
+        kind = faults[len(run.kills) % len(faults)]
+        kill = inject(kind, engine, rng, completed, load.start, submit_hook=callbacks.append)
         if kill is None:
             return load.stop(f"the chosen victim was not ready within {victim_ready_s:g} s")
         run.kills.append(kill)
-        run.worker_pids.add(kill.pid)
+        if kill.pid:
+            run.worker_pids.add(kill.pid)
         next_kill[0] = (completed // kill_every + 1) * kill_every  # a burst past a multiple: one kill
         load.restart_stall_clock()  # a restart may pause completions: not a stall
 
@@ -112,7 +109,13 @@ def drive(engine, requests: list[dict], kill_every: int | None, rng: random.Rand
         return np.array(future.result().images[0])
 
     # The engine's state is read at every wake-up (a completion, or 20 ms), as a kill is due then.
-    load = drive_load(lambda i: engine.submit(**requests[i]), n, ClosedLoop(wave), read=image, tick=watch,
+    def submit(i: int):
+        future = engine.submit(**requests[i])
+        while callbacks:
+            future.add_done_callback(callbacks.pop())
+        return future
+
+    load = drive_load(submit, n, ClosedLoop(wave), read=image, tick=watch,
                       wait_s=0.02, stall_s=stall_s, progress=progress)
     run.started, run.wall_s, run.stalled = load.start, load.wall_s, load.stalled
     run.images = [o.value for o in load.outcomes]
@@ -120,25 +123,10 @@ def drive(engine, requests: list[dict], kill_every: int | None, rng: random.Rand
     return run
 
 
-def _kill_random_worker(engine, rng: random.Random, completed: int, started: float, ready_s: float) -> Kill | None:
-    """A random stage, then a random instance of it (both from `rng`); wait until that instance
-    is ready (a replacement still loading is not killed again), then SIGKILL it."""
-    stage = rng.choice(STAGES)
-    candidates = sorted(w.id for w in engine.stats().workers if w.stage == stage)
-    worker_id = rng.choice(candidates)
-    deadline = time.monotonic() + ready_s
-    while time.monotonic() < deadline:
-        worker = engine.stats().workers[worker_id]
-        if worker.ready and worker.pid:
-            os.kill(worker.pid, signal.SIGKILL)
-            return Kill(completed, worker_id, stage, worker.pid, worker.inflight,
-                        round(time.monotonic() - started, 3))
-        time.sleep(0.01)
-    return None
-
-
-def _note_replacements(run: ChaosPass, workers: list[dict], started: float) -> None:
+def _note_replacements(run: ChaosPass, workers: list, started: float) -> None:
     for kill in run.kills:
+        if kill.worker_id is None or not kill.replaces:
+            continue
         worker = workers[kill.worker_id]
         if kill.kill_to_ready_s is None and worker.ready and worker.pid != kill.pid:
             kill.kill_to_ready_s = round(time.monotonic() - started - kill.at_s, 3)
@@ -152,7 +140,7 @@ def await_replacements(engine, run: ChaosPass, timeout_s: float = REPLACEMENT_WA
         workers = engine.stats().workers
         run.worker_pids.update(w.pid for w in workers if w.pid)
         _note_replacements(run, workers, run.started)
-        pending = [k for k in run.kills if k.kill_to_ready_s is None]
+        pending = [k for k in run.kills if k.replaces and k.kill_to_ready_s is None]
         if not pending or time.monotonic() >= deadline:
             return pending
         time.sleep(0.02)
@@ -165,7 +153,7 @@ def _quantiles(values: list[float]) -> dict:
 
 
 def run_chaos(requests: int, kill_every: int, seed: int, model: str, *, wave: int = 20,
-              instances: dict[str, int] | None = None, progress=None) -> dict:
+              instances: dict[str, int] | None = None, progress=None, faults: tuple[str, ...] = ("kill",)) -> dict:
     """Both passes on one engine, then close it; returns the JSON-ready report."""
     from ..engine.config import EngineConfig
     from ..engine.engine import Engine
@@ -182,7 +170,7 @@ def run_chaos(requests: int, kill_every: int, seed: int, model: str, *, wave: in
         reference = drive(engine, work, None, wave=wave, progress=progress and (lambda d: progress("no-kill", d)))
         pids |= reference.worker_pids
         chaos = drive(engine, work, kill_every, random.Random(seed), wave=wave,
-                      progress=progress and (lambda d: progress("chaos", d)))
+                      progress=progress and (lambda d: progress("chaos", d)), faults=faults)
         # A victim killed near the end may still be loading its replacement: its recovery ends
         # after the last request, and stats read now would count its restart but not its
         # recovery (restarts 1, recovery None).
@@ -191,6 +179,7 @@ def run_chaos(requests: int, kill_every: int, seed: int, model: str, *, wave: in
         else:
             not_ready = await_replacements(engine, chaos)
         pids |= chaos.worker_pids
+        serving_at_end = _serves(engine, work[0], reference.images[0])
         stats = engine.stats()
     finally:
         leaks = close_and_check(engine, pids)
@@ -218,6 +207,12 @@ def run_chaos(requests: int, kill_every: int, seed: int, model: str, *, wave: in
         "reference_served": reference.served,
         "images_equal_to_no_kill_run": len(equal),
         "unequal_indices": [i for i in range(requests) if chaos.images[i] is not None and i not in set(equal)][:20],
+        "faults": list(faults),
+        "faults_by_kind": {kind: sum(k.kind == kind for k in chaos.kills) for kind in faults},
+        "serving_at_end": serving_at_end,
+        # Faults after which a victim's replacement must become ready (a killed or long-stopped
+        # worker; a worker killed again while loading recovers once): what recovery_s should count.
+        "replacing_faults": sum(k.replaces for k in chaos.kills),
         "kills": len(chaos.kills),
         "kills_by_stage": {s: sum(k.stage == s for k in chaos.kills) for s in STAGES},
         "kills_with_work_in_flight": sum(k.inflight > 0 for k in chaos.kills),
@@ -236,16 +231,27 @@ def run_chaos(requests: int, kill_every: int, seed: int, model: str, *, wave: in
     }
 
 
+def _serves(engine, request: dict, expected) -> bool:
+    """After the chaos: the engine still makes the calm run's image for a request."""
+    try:
+        image = engine.generate(**request, timeout=120)[0]
+    except Exception:  # noqa: BLE001 - any failure here means it does not serve
+        return False
+    return expected is not None and np.array_equal(np.array(image), expected)
+
+
 def format_report(doc: dict) -> str:
     r, k = doc["recovery_s"], doc["kill_to_ready_s"]
+    faults = doc.get("faults_by_kind")
     lines = [
         f"requests served / submitted   {doc['requests_served']} / {doc['requests_submitted']}"
         f"  (failed {doc['requests_failed']})",
+        *([f"faults injected               {faults}; serving at the end: {doc['serving_at_end']}"] if faults else []),
         f"images equal to no-kill run   {doc['images_equal_to_no_kill_run']} / {doc['requests_submitted']}",
         f"kills                         {doc['kills']}  by stage {doc['kills_by_stage']}, "
         f"{doc['kills_with_work_in_flight']} with work in flight; restarts {doc['restarts']}",
-        f"recovery (noticed -> READY)   {_recovery(r, doc['restarts'], doc)}",
-        f"kill -> replacement ready     {_recovery(k, doc['kills'], doc)}",
+        f"recovery (noticed -> READY)   {_recovery(r, doc.get('replacing_faults', doc['restarts']), doc)}",
+        f"fault -> replacement ready    {_recovery(k, doc.get('replacing_faults', doc['kills']), doc)}",
         f"wall: no-kill {doc['no_kill_wall_s']} s, chaos {doc['chaos_wall_s']} s "
         f"(x{doc['chaos_over_no_kill_wall']}); start-up {doc['startup_s']} s",
         f"leaked segments               {len(doc['leaked_segments'])} {doc['leaked_segments'] or ''}",
@@ -272,9 +278,16 @@ def _recovery(q: dict, expected: int, doc: dict) -> str:
 
 
 def passed(doc: dict) -> bool:
-    n = doc["requests_submitted"]
-    return (doc["requests_served"] == n and doc["images_equal_to_no_kill_run"] == n and not doc["stalled"]
-            and not doc["leaked_segments"] and not doc["leaked_processes"] and not doc["run_dir_left"])
+    """SIGKILLs alone: every request served with its calm-run image. With other faults a request
+    may also fail, with its reason (a stage whose replacement is killed while it loads has no
+    worker to serve it): every request is then served equal to the calm run or failed, and the
+    engine still serves at the end. Never a stall, never a leak."""
+    n, served = doc["requests_submitted"], doc["requests_served"]
+    kills_only = set(doc.get("faults", ["kill"])) == {"kill"}
+    outcomes = served == n if kills_only else served + doc["requests_failed"] == n
+    return (outcomes and doc["images_equal_to_no_kill_run"] == served and doc.get("serving_at_end", True)
+            and not doc["stalled"] and not doc["leaked_segments"] and not doc["leaked_processes"]
+            and not doc["run_dir_left"])
 
 
 @click.command("chaos")
@@ -285,13 +298,21 @@ def passed(doc: dict) -> bool:
 @click.option("--model", default="tiny-sd3", show_default=True, help="Built-in tiny model, SD3 folder or synthetic:... spec.")
 @click.option("--wave", type=click.IntRange(1, 256), default=20, show_default=True,
               help="Requests submitted together whenever fewer than this many are outstanding.")
+@click.option("--faults", default="kill", show_default=True,
+              help=f"Faults to rotate through, comma-separated: {', '.join(KINDS)} (bench/faults.py), or all.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=default_out("chaos.json"),
               show_default=True, help="Where the JSON result is written.")
-def chaos_command(requests, kill_every, seed, model, wave, out):
-    """Requests in flight while random workers are SIGKILLed: served, equal, recovered, nothing leaked."""
+def chaos_command(requests, kill_every, seed, model, wave, faults, out):
+    """Requests in flight while random workers are SIGKILLed (or stopped, killed while loading,
+    the engine forked, callbacks blocked): served equal or failed with a reason, recovered,
+    nothing leaked."""
+    kinds = KINDS if faults == "all" else tuple(k.strip() for k in faults.split(",") if k.strip())
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown or not kinds:
+        raise click.UsageError(f"--faults: unknown {', '.join(unknown) or '(none given)'}; known: {', '.join(KINDS)}, all")
     from tqdm import tqdm
 
-    click.echo(f"chaos: {requests} requests, a random worker killed every {kill_every} completions, seed {seed}",
+    click.echo(f"chaos: {requests} requests, a fault ({', '.join(kinds)}) every {kill_every} completions, seed {seed}",
                err=True)
     bars: list[tqdm] = []
 
@@ -303,7 +324,7 @@ def chaos_command(requests, kill_every, seed, model, wave, out):
         bars[-1].update(completed - bars[-1].n)
 
     try:
-        doc = run_chaos(requests, kill_every, seed, model, wave=wave, progress=progress)
+        doc = run_chaos(requests, kill_every, seed, model, wave=wave, progress=progress, faults=kinds)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     finally:

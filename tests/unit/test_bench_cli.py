@@ -124,6 +124,23 @@ def test_chaos_report_says_a_recovery_was_not_measured_instead_of_none():
     assert "None" not in none and "no worker was restarted" in none
 
 
+def test_chaos_with_other_faults_passes_a_run_where_requests_failed_with_a_reason_only_if_it_serves_on():
+    failed = dict(requests_served=18, requests_failed=2, images_equal_to_no_kill_run=18)
+    assert not chaos.passed(_chaos_doc(**failed))  # SIGKILLs alone: every request must be served
+    faults = dict(faults=["kill", "load-kill"], faults_by_kind={"kill": 1, "load-kill": 1}, serving_at_end=True)
+    assert chaos.passed(_chaos_doc(**failed, **faults))
+    assert not chaos.passed(_chaos_doc(**failed, **faults | {"serving_at_end": False}))
+    assert not chaos.passed(_chaos_doc(**failed | {"images_equal_to_no_kill_run": 17}, **faults))
+    assert not chaos.passed(_chaos_doc(**failed | {"requests_failed": 1}, **faults))  # one request lost
+    report = chaos.format_report(_chaos_doc(**failed, **faults))
+    assert "faults injected               {'kill': 1, 'load-kill': 1}; serving at the end: True" in report
+
+
+def test_an_unknown_fault_is_refused_naming_the_option():
+    result = CliRunner().invoke(main, ["bench", "chaos", "--faults", "kill,meteor"])
+    assert result.exit_code == 2 and "--faults: unknown meteor" in result.output
+
+
 class _LoadingEngine:
     """stats() of an engine whose killed worker 1 (pid 10) is replaced by pid 11, ready on the 3rd look."""
 
