@@ -87,9 +87,10 @@ def plot_overhead(doc: dict, out: Path) -> Path:
             top = max(phase[s]["latency_p95_ms"] or 0 for s in ("http", "engine"))
             bars.annotate(f"p50 +{o:.1f} ms" if o >= 0 else f"p50 {o:.1f} ms", (i, top), ha="center", va="bottom",
                           fontsize=7)
+    highest = max([p[s]["latency_p95_ms"] or 0 for p in phases for s in ("http", "engine")] + [1.0])
     bars.set_xticks(range(len(phases)), names)
-    bars.set(ylabel="latency (ms)", title="p50 / p95 latency per phase")
-    bars.legend(fontsize=7, ncol=2)
+    bars.set(ylabel="latency (ms)", title="p50 / p95 latency per phase", ylim=(0, highest * 1.35))
+    bars.legend(fontsize=7, ncol=4, loc="upper left")
     diffs = []
     for phase in phases:
         pairs = []

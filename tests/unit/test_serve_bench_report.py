@@ -190,3 +190,13 @@ def test_an_unreachable_server_is_a_clear_error_not_a_traceback(monkeypatch, tmp
     assert result.exit_code == 1 and "not healthy" in result.output and "dfuse serve --model" in result.output
     assert not list(tmp_path.rglob("*.json"))
     assert isinstance(result.exception, SystemExit)
+
+
+def test_the_quiet_pairs_of_the_isolated_phase_are_those_a_neighbour_left_alone():
+    from dfuse.bench.serve_overhead import quiet_pairs
+
+    records = {"http": [served(105, 1), served(300, 2), served(107, 3)],
+               "engine": [served(100, 1), served(150, 2), served(104, 3)]}
+    quiet = quiet_pairs(records, [0.02, 0.9, None])  # pair 1 had a busy neighbour; pair 2 was not measured
+    assert (quiet["pairs"], quiet["of"]) == (1, 3)
+    assert quiet["paired_median_overhead_ms"] == pytest.approx(5.0) and quiet["http_latency_p50_ms"] == 105.0
