@@ -24,7 +24,8 @@ SYNTHETIC = "synthetic:encoder=5ms,dit=20ms,decoder=10ms,mode=sleep"
 def test_every_bench_command_has_an_out_option_and_help_on_every_option():
     ctx = click.Context(bench)
     names = bench.list_commands(ctx)  # as `dfuse bench --help` lists them (subcommands load lazily)
-    assert set(names) >= {"throughput", "handoff", "pipeline", "simulate", "chaos", "sweep", "batching", "dispatch"}
+    assert set(names) >= {"throughput", "handoff", "pipeline", "simulate", "chaos", "sweep", "batching", "dispatch",
+                          "serve", "serve-overhead"}
     for name in names:
         command = bench.get_command(ctx, name)
         assert "out" in {p.name for p in command.params}, name
