@@ -246,6 +246,7 @@ def serve(host, port, api_key, insecure_no_api_key, served_model_name, max_queue
     level, quiet, verbose = _log_level(log_level, quiet, verbose)
     logging.basicConfig(level=level.upper(), format="%(levelname)s %(name)s: %(message)s")
     _echo_startup(level)
+    _echo_records("dfuse.serve.status")  # the address, engine ready, draining: plain lines (-q hides them)
     if not is_loopback(host) and not api_key and not insecure_no_api_key:
         raise click.UsageError(_with_flag(f"--host: {host} is reachable beyond this machine; give --api-key (or "
                                           "DFUSE_API_KEY), or --insecure-no-api-key to serve anyone who can reach it"))

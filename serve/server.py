@@ -22,6 +22,9 @@ from .app import create_app
 from .state import ServeSettings, ServerState
 
 log = logging.getLogger("dfuse.serve")
+# What a person starting the server waits for (the address, the engine ready, draining): `dfuse
+# serve` prints these as plain lines (cli.py), not as log records.
+status = logging.getLogger("dfuse.serve.status")
 
 
 def is_loopback(host: str) -> bool:
@@ -51,8 +54,8 @@ class _DrainingServer(uvicorn.Server):
             return
         self.state.draining = True
         self.drain_deadline = time.monotonic() + self.grace_s
-        log.warning("%s: draining: no new requests; waiting for %d in flight (at most %g s; signal again to stop now)",
-                    signal.Signals(sig).name, self.state.inflight, self.grace_s)
+        status.warning("%s: draining: no new requests; waiting for %d in flight (at most %g s; signal again to stop now)",
+                       signal.Signals(sig).name, self.state.inflight, self.grace_s)
 
     async def on_tick(self, counter: int) -> bool:
         if not self.announced and self.started and self.servers:
@@ -60,7 +63,7 @@ class _DrainingServer(uvicorn.Server):
             for server in self.servers:
                 for sock in server.sockets:
                     host, port = sock.getsockname()[:2]
-                    log.warning("dfuse serve: listening on http://%s:%d", host, port)
+                    status.warning("dfuse serve: listening on http://%s:%d", host, port)
         if self.drain_deadline is not None and (self.state.inflight == 0 or time.monotonic() > self.drain_deadline):
             self.should_exit = True
         return await super().on_tick(counter)
@@ -86,8 +89,8 @@ def serve(config: EngineConfig, settings: ServeSettings, host: str, port: int, g
             return
         state.engine = engine
         layout = "; ".join(f"{d}: {'+'.join(s)}" for d, s in engine.stats().placement.items() if s)
-        log.warning("engine ready in %.1f s (%s); serving %s", time.perf_counter() - started, layout,
-                    settings.model_name)
+        status.warning("engine ready in %.1f s (%s); serving %s", time.perf_counter() - started, layout,
+                       settings.model_name)
 
     app = create_app(state)
     uv_config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=log_level == "debug",
