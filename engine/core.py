@@ -358,6 +358,10 @@ class EngineCore(WorkerRecovery, WorkerMoves):
 
     def _take_inflight(self, worker: Worker, request_id: int) -> Request | None:
         """Remove a finished request from the worker's books (and from its task's batch)."""
+        offset = worker.orphans.pop(request_id, None)
+        if offset is not None:  # the late answer to a task re-routed while this worker was silent
+            worker.pool.release(offset, request_id)
+            return None
         request = worker.inflight.pop(request_id, None)
         for batch in worker.batches:
             if request_id in batch:

@@ -69,6 +69,8 @@ class WorkerRecovery:
         compute held is charged an attempt: a stopped process is no request's fault."""
         if not worker.ready:
             return  # loading or switching: startup_timeout_s and the move's own checks cover it
+        if not worker.responsive:
+            self._reroute_waiting(worker)
         silent = time.monotonic() - worker.last_heard
         stall_limit = max(self.config.compute_stall_s, STALL_FACTOR * (worker.task_s or 0.0))
         if silent > self.config.heartbeat_timeout_s:
@@ -80,6 +82,20 @@ class WorkerRecovery:
         log.warning("%s worker %d (pid %s): %s; replacing it", worker.stage, worker.id, worker.process.pid, reason)
         worker.stalled_s = 0.0
         self._recover(worker, f"killed: {reason}", charge=charge)
+
+    def _reroute_waiting(self, worker: Worker) -> None:
+        """A silent worker's tasks queued behind the one it computes go back to the engine's queue
+        at once, for the other workers. Their slots here stay held (as orphans) until this worker
+        answers them, if it wakes (it computes them for nothing: no cancel is sent, whose mark
+        could outlive the task and stop that request's next task here), or dies."""
+        for batch in worker.batches[1:]:
+            for request_id in batch:
+                request = worker.inflight.pop(request_id)
+                worker.orphans[request_id] = request.output_offset
+                self._queues[worker.stage].push(request)  # its inputs are still in the upstream slot
+            log.warning("%s worker %d is silent; %d request(s) queued there go to the other workers",
+                        worker.stage, worker.id, len(batch))
+        del worker.batches[1:]
 
     def _fail_unservable(self, worker: Worker, exit_code) -> None:
         """A worker keeps dying while it loads: if its stage has no ready worker, the requests
@@ -125,6 +141,9 @@ class WorkerRecovery:
                 self._queues[worker.stage].push(request)  # inputs are still in the upstream slot
         worker.inflight.clear()
         worker.batches.clear()
+        for request_id, offset in worker.orphans.items():
+            worker.pool.release(offset, request_id)
+        worker.orphans.clear()
         if worker.pool.segment is None:
             worker.pool_info = None  # consumers starting now must wait for the new pool's handle
             self._restart_requests_reading(worker.pool)

@@ -108,6 +108,8 @@ class Worker:
     switch_started: float | None = None  # a move's start, until the new stage is READY
     inflight: dict[int, Request] = field(default_factory=dict)  # in dispatch (= compute) order
     batches: list[set[int]] = field(default_factory=list)  # request ids per task sent, in compute order
+    orphans: dict[int, int] = field(default_factory=dict)  # request id -> output offset of a task handed
+    # to another worker while this one was silent: its slot stays held until this worker answers or dies
     outbox: list = field(default_factory=list)  # control messages not yet accepted by its socket
 
     @property

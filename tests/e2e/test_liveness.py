@@ -57,3 +57,32 @@ def test_a_request_that_wedges_its_worker_fails_with_the_reason_and_the_engine_s
         (dit,) = [w for w in engine.stats().workers if w.stage == "dit"]
         assert dit.restarts == 2 and dit.ready
         assert engine.generate("after", seed=3, timeout=60)[0].getpixel((0, 0))[0] == 3
+
+
+def _stopped(pid: int) -> bool:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] == "T"
+
+
+def test_the_tasks_queued_on_a_silent_worker_go_to_the_other_at_once():
+    slow = "synthetic:encoder=1ms,dit=1500ms,decoder=1ms"
+    config = EngineConfig(model=slow, devices="cpu", instances={"encoder": 1, "dit": 2, "decoder": 1},
+                          cpu_threads=1, heartbeat_timeout_s=300)  # long: this test is about before the kill
+    with Engine(config=config) as engine:
+        dits = [w.id for w in engine.stats().workers if w.stage == "dit"]
+        future = engine.submit([f"r{i}" for i in range(6)], seed=20, height=64, width=64, num_inference_steps=4)
+        assert wait_until(lambda: _worker(engine, dits[0]).inflight == 2, 30)  # computing one, one queued
+        stopped = _worker(engine, dits[0])
+        os.kill(stopped.pid, signal.SIGSTOP)
+        try:
+            # Five of six finish while it is still stopped: only the one it was computing waits.
+            assert wait_until(lambda: engine.stats().completed == 5, 60), engine.stats().queues
+            assert _stopped(stopped.pid) and _worker(engine, stopped.id).state == "unresponsive"
+        finally:
+            os.kill(stopped.pid, signal.SIGCONT)
+        result = future.result(timeout=60)
+        assert [image.getpixel((0, 0))[0] for image in result.images] == list(range(20, 26))
+        # Awake again, it answers the task handed away as well: that slot comes back too.
+        assert wait_until(lambda: _worker(engine, stopped.id).free_slots == _worker(engine, dits[1]).free_slots, 30)
+        assert _worker(engine, stopped.id).restarts == 0 and engine.stats().failed == 0
+        assert engine.generate("after", seed=9, timeout=60)[0].getpixel((0, 0))[0] == 9
