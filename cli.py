@@ -26,7 +26,17 @@ VIDEO_SUFFIXES = (".mp4", ".gif")  # mp4: H.264 through imageio-ffmpeg; gif: PIL
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Commands(click.Group):
+    def invoke(self, ctx):
+        from .engine.models.tiny import UntrustedCacheError
+
+        try:
+            return super().invoke(ctx)
+        except UntrustedCacheError as e:  # says which folder and what to do: no traceback
+            raise click.ClickException(str(e)) from None
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="dfuse", prog_name="dfuse", message="%(prog)s %(version)s")
 def main():
     """dfuse: serve diffusion models as disaggregated stages (encoder, DiT, decoder)."""

@@ -30,7 +30,7 @@ KINDS = ("kill", "stop", "load-kill", "fork", "callback")
 STOP_S = (2.0, 14.0)  # one stop shorter than the heartbeat timeout (10 s), one longer: both outcomes
 LOAD_KILLS = 3  # deaths in a row while loading: max_attempts' worth, the engine must keep trying
 CALLBACK_S = 5.0
-WAIT_S = 60.0  # the longest an injector waits for a worker to be ready or to appear
+WAIT_S = 60.0  # the longest an injector waits for a worker to be ready or to appear (by default)
 
 
 @dataclass
@@ -47,9 +47,11 @@ class Fault:
     replaces: bool = True  # the victim's process ends and a replacement must come (not: a short stop)
 
 
-def inject(kind: str, engine, rng: random.Random, completed: int, started: float, submit_hook=None) -> Fault | None:
-    """Inject one fault of `kind`; None if no victim was ready within WAIT_S. `submit_hook(fn)`
-    registers fn as the done-callback of the next request (the callback fault)."""
+def inject(kind: str, engine, rng: random.Random, completed: int, started: float, submit_hook=None,
+           wait_s: float = WAIT_S) -> Fault | None:
+    """Inject one fault of `kind`; None if no victim was ready within `wait_s` (the chaos driver
+    passes the reload time it measured on this machine). `submit_hook(fn)` registers fn as the
+    done-callback of the next request (the callback fault)."""
     if kind not in KINDS:
         raise ValueError(f"faults: unknown kind {kind!r}; known: {', '.join(KINDS)}")
     at = lambda: round(time.monotonic() - started, 3)  # noqa: E731
@@ -60,7 +62,7 @@ def inject(kind: str, engine, rng: random.Random, completed: int, started: float
         submit_hook(lambda _future: time.sleep(CALLBACK_S))
         return Fault(completed, None, None, None, 0, at(), kind=kind, replaces=False,
                      detail=f"the next request's done-callback blocks {CALLBACK_S:g} s")
-    victim = _ready_victim(engine, rng)
+    victim = _ready_victim(engine, rng, wait_s)
     if victim is None:
         return None
     fault = Fault(completed, victim.id, victim.stage, victim.pid, victim.inflight, at(), kind=kind)
@@ -74,16 +76,16 @@ def inject(kind: str, engine, rng: random.Random, completed: int, started: float
         fault.replaces = stop_s > engine.config.heartbeat_timeout_s
     elif kind == "load-kill":
         os.kill(victim.pid, signal.SIGKILL)
-        fault.detail = f"then its replacement killed while loading: {_kill_while_loading(engine, victim)}"
+        fault.detail = f"then its replacement killed while loading: {_kill_while_loading(engine, victim, wait_s)}"
     return fault
 
 
-def _ready_victim(engine, rng: random.Random):
+def _ready_victim(engine, rng: random.Random, wait_s: float):
     """A random stage, then a random instance of it; waits until that instance is ready and
     answering (a replacement still loading, or a stopped one, is not hit again)."""
     stage = rng.choice(STAGES)
     worker_id = rng.choice(sorted(w.id for w in engine.stats().workers if w.stage == stage))
-    deadline = time.monotonic() + WAIT_S
+    deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
         (worker,) = [w for w in engine.stats().workers if w.id == worker_id]
         if worker.state == "ready" and worker.pid:
@@ -92,9 +94,9 @@ def _ready_victim(engine, rng: random.Random):
     return None
 
 
-def _kill_while_loading(engine, victim) -> str:
+def _kill_while_loading(engine, victim, wait_s: float) -> str:
     seen, killed = {victim.pid}, 0
-    deadline = time.monotonic() + WAIT_S
+    deadline = time.monotonic() + wait_s
     while killed < LOAD_KILLS and time.monotonic() < deadline:
         (worker,) = [w for w in engine.stats().workers if w.id == victim.id]
         if worker.pid and worker.pid not in seen:

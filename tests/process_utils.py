@@ -122,3 +122,61 @@ def dead_pid() -> int:
     if shm_files._pid_alive(child.pid):  # pragma: no cover - reused at once
         pytest.skip(f"pid {child.pid} was reused")
     return child.pid
+
+
+class Heartbeat:
+    """A child process's proof of life for `run_watched`: what it has done so far, and how long
+    it may now go without doing more. The child measures that on its own engine (the machine's
+    pace: bench/chaos.py, Pace), so a slow or busy machine is not mistaken for a hung engine."""
+
+    def __init__(self, path):
+        self.path = str(path)
+        self.last = None
+
+    def __call__(self, done: str, quiet_limit_s: float) -> None:
+        import json
+
+        beat = json.dumps({"done": done, "quiet_limit_s": quiet_limit_s})
+        if beat == self.last:
+            return
+        with open(self.path + ".tmp", "w") as f:
+            f.write(beat)
+        os.replace(self.path + ".tmp", self.path)  # the watcher never reads half a beat
+        self.last = beat
+
+
+def run_watched(script_path, args: list[str], heartbeat_path, first_quiet_limit_s: float):
+    """Run the Python script at `script_path` in a child until it exits, and kill it once it has
+    gone longer without a new heartbeat (see Heartbeat) than its last one allowed, or
+    `first_quiet_limit_s` before its first. Returns (exit code or None if killed, stdout, stderr,
+    why it was killed). The child can import this module (Heartbeat)."""
+    import json
+    import pathlib
+    import subprocess
+    import sys
+
+    heartbeat_path = pathlib.Path(heartbeat_path)
+    folder = heartbeat_path.parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.path.dirname(__file__),
+                                                                    os.environ.get("PYTHONPATH")])))
+    # Files, not pipes: a child that logs more than a pipe holds would block while it is polled.
+    with open(folder / "child.out", "w") as out, open(folder / "child.err", "w") as err:
+        proc = subprocess.Popen([sys.executable, str(script_path), *args], stdout=out, stderr=err, env=env)
+        last_beat, quiet_limit_s, changed = None, first_quiet_limit_s, time.monotonic()
+        killed = None
+        while proc.poll() is None:
+            try:
+                beat = heartbeat_path.read_text()
+            except FileNotFoundError:
+                beat = None
+            if beat != last_beat:
+                last_beat, changed = beat, time.monotonic()
+                quiet_limit_s = json.loads(beat)["quiet_limit_s"]
+            elif time.monotonic() - changed > quiet_limit_s:
+                done = json.loads(beat)["done"] if beat else "nothing yet"
+                killed = f"no progress for {quiet_limit_s:.1f} s (the limit it measured; done: {done})"
+                proc.kill()
+                break
+            time.sleep(0.2)
+        code = proc.wait()
+    return (None if killed else code), (folder / "child.out").read_text(), (folder / "child.err").read_text(), killed

@@ -11,7 +11,7 @@ from pathlib import Path
 from ...scheduler.core import STAGES
 from ..protocol import RequestParams
 from . import describe_model, detect_family, resolve_model_path
-from .tiny import TINY_MODELS, cache_dir
+from .tiny import TINY_MODELS, cache_dir, cache_problem
 
 # Subfolders holding each stage's weights (diffusers layout).
 STAGE_COMPONENTS = {
@@ -41,8 +41,10 @@ def list_models() -> list[dict]:
     found = []
     for name in sorted(TINY_MODELS):
         built = sorted((cache_dir() / "models").glob(f"{name}-v*"))
-        found.append({"model": name, "family": name.removeprefix("tiny-"), "where": str(built[-1]) if built
-                      else "built on first use"})
+        where = str(built[-1]) if built else "built on first use"
+        if built and (problem := cache_problem(built[-1])):
+            where += f" (not used: {problem[0]} {problem[1]})"
+        found.append({"model": name, "family": name.removeprefix("tiny-"), "where": where})
     for snapshot in sorted(hub_cache().glob("models--*/snapshots/*")):
         if not (snapshot / "model_index.json").is_file():
             continue

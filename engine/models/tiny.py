@@ -20,9 +20,12 @@ Pitfalls handled (see shared FACTS.md):
 """
 from __future__ import annotations
 
+import grp
 import os
 import pathlib
+import pwd
 import shutil
+import stat
 import tempfile
 import threading
 
@@ -353,13 +356,139 @@ def cache_dir() -> pathlib.Path:
     return pathlib.Path(env) if env else pathlib.Path.home() / ".cache" / "dfuse"
 
 
+class UntrustedCacheError(PermissionError):
+    """A folder of the dfuse cache could be changed by another user: dfuse will not load models from it."""
+
+
+# Why refuse rather than quietly build somewhere else: the engine loads whatever weights, configs
+# and tokenizers sit in the cache, so a folder another user can change is a folder whose images
+# they choose. pip disables its cache when the folder is not the current user's
+# (check_path_owner) and git refuses repositories owned by someone else (safe.directory);
+# huggingface_hub trusts its cache whoever wrote it. dfuse cannot do without its cache as pip
+# can, and a private subfolder inside a shared folder has a predictable name that another user
+# can create first, so, like git, it refuses with the folder, the owner and the fix. What is
+# checked is who can *change* each folder from / down to the model's files, not what they hold:
+# once nobody else can write there, what was checked is what the workers load.
+
+
+def _owner(uid: int) -> str:
+    try:
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _group_is_only(gid: int, owner: int) -> bool:
+    """Whether the owner is the one and only member of group `gid`: a user-private group, which
+    umask 002 systems make group-writable everything in (the rule Debian's OpenSSH applies to
+    ~/.ssh). An unknown group, or one without members, is not: who is in it cannot be told."""
+    try:
+        group, owner_name = grp.getgrgid(gid), pwd.getpwuid(owner).pw_name
+    except KeyError:
+        return False
+    primary = {user.pw_name for user in pwd.getpwall() if user.pw_gid == gid}
+    members = primary | set(group.gr_mem)
+    return members == {owner_name}
+
+
+def _write_problem(path: pathlib.Path, sticky_protects: bool) -> str | None:
+    """Why another user could change `path` (None if only this user or root can).
+
+    `sticky_protects`: a folder where dfuse only looks up names it then checks itself (the
+    cache, models/) is safe when writable by others with the sticky bit (/tmp): they can add
+    entries but not replace this user's. Inside a model folder it is not: diffusers and dfuse
+    read optional files (dfuse.json, extra components) whose mere presence changes the model."""
+    # Root can change anything anyway. As root trust only root, as pip does: a root process
+    # (`sudo` keeping $HOME) must not load what an ordinary user left in its cache.
+    trusted = {os.geteuid(), 0}
+    link = os.lstat(path)
+    if link.st_uid not in trusted:  # whoever owns a symlink can replace it, even in a sticky folder
+        return f"is owned by {_owner(link.st_uid)}"
+    st = os.stat(path)
+    if st.st_uid not in trusted:
+        return f"is owned by {_owner(st.st_uid)}"
+    if sticky_protects and stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX:
+        return None
+    mode = f"mode {stat.S_IMODE(st.st_mode):04o}"
+    if st.st_mode & stat.S_IWOTH:
+        return f"is writable by every user ({mode})"
+    if st.st_mode & stat.S_IWGRP and not _group_is_only(st.st_gid, st.st_uid):
+        try:
+            group = f"group {grp.getgrgid(st.st_gid).gr_name}"
+        except KeyError:
+            group = f"group {st.st_gid}"
+        return f"is writable by {group}, which other users may be in ({mode})"
+    return None
+
+
+def _folders_down_to(path: pathlib.Path) -> list[pathlib.Path]:
+    """/, then each folder down to `path`: whoever can write one can swap everything below it.
+    Both the path as given and with its symlinks resolved, since both are walked to reach it."""
+    folders: list[pathlib.Path] = []
+    for p in (pathlib.Path(os.path.abspath(path)), pathlib.Path(os.path.realpath(path))):
+        for folder in [*reversed(p.parents), p]:
+            if folder not in folders:
+                folders.append(folder)
+    return folders
+
+
+def cache_problem(model_dir: pathlib.Path | None = None) -> tuple[pathlib.Path, str] | None:
+    """The first folder or file that another user could change, and why: the folders down to
+    the cache, its models/ folder, then everything in `model_dir`. None when all are safe;
+    missing ones are skipped (they are made by this user on first use)."""
+    root = cache_dir()
+    candidates = [(folder, True) for folder in _folders_down_to(root / "models")]
+    if model_dir is not None:
+        candidates.append((model_dir, False))
+        for folder, subfolders, files in os.walk(model_dir):
+            candidates += [(pathlib.Path(folder) / name, False) for name in subfolders + files]
+    for path, sticky_protects in candidates:
+        try:
+            problem = _write_problem(path, sticky_protects)
+        except FileNotFoundError:
+            continue
+        if problem:
+            return path, problem
+    return None
+
+
+def _refuse_untrusted(problem: tuple[pathlib.Path, str], name: str) -> None:
+    path, why = problem
+    env = os.environ.get("DFUSE_CACHE")
+    where = f"DFUSE_CACHE={env}" if env else f"the dfuse cache {cache_dir()} (DFUSE_CACHE is unset)"
+    models = cache_dir() / "models"
+    if models in path.parents:  # the folders above it are safe (checked first): a rebuild replaces it
+        fix = f"rebuild it with `dfuse models build-tiny --name {name} --rebuild`"
+    elif why.startswith("is owned"):
+        fix = "set DFUSE_CACHE to a folder only you can write (the default is ~/.cache/dfuse)"
+    else:
+        fix = f"make it yours alone (`chmod go-w {path}`) or set DFUSE_CACHE to a folder only you can write"
+    raise UntrustedCacheError(
+        f"{where}: not loading {name} from it: {path} {why}, so another user could change the model; {fix}")
+
+
+def _drop_write_for_others(root: pathlib.Path) -> None:
+    """Make a freshly built model folder writable by this user only, whatever the umask: a
+    folder someone else could write is refused when it is next used (cache_problem)."""
+    for folder, _, files in os.walk(root):
+        for path in [folder, *(os.path.join(folder, f) for f in files)]:
+            os.chmod(path, stat.S_IMODE(os.stat(path).st_mode) & ~(stat.S_IWGRP | stat.S_IWOTH))
+
+
 def tiny_model_path(name: str = "tiny-sd3", rebuild: bool = False) -> pathlib.Path:
-    """Path of the tiny model `name`, built on first use. Safe with concurrent callers."""
+    """Path of the tiny model `name`, built on first use. Safe with concurrent callers.
+    UntrustedCacheError when another user could change the folder (see cache_problem)."""
     if name not in TINY_MODELS:
         raise ValueError(f"unknown tiny model {name!r}; known: {sorted(TINY_MODELS)}")
     models = cache_dir() / "models"
     final = models / f"{name}-v{BUILDER_VERSION}"
-    models.mkdir(parents=True, exist_ok=True)
+    if problem := cache_problem():  # before making anything in a folder that is not ours
+        _refuse_untrusted(problem, name)
+    # 0755 whatever the umask, for the folders this call makes (their parents keep the umask's).
+    cache_dir().mkdir(mode=0o755, parents=True, exist_ok=True)
+    models.mkdir(mode=0o755, exist_ok=True)
+    if problem := cache_problem():  # and the ones just made (or made by someone else meanwhile)
+        _refuse_untrusted(problem, name)
     if rebuild and final.exists():
         # Move aside first (atomic), so no reader ever sees a half-deleted folder.
         trash = pathlib.Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=models))
@@ -368,17 +497,19 @@ def tiny_model_path(name: str = "tiny-sd3", rebuild: bool = False) -> pathlib.Pa
         except FileNotFoundError:  # another process moved it first
             pass
         shutil.rmtree(trash, ignore_errors=True)
-    if final.is_dir():  # only ever appears complete: it is renamed into place
-        return final
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=models))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
-    try:
-        TINY_MODELS[name](tmp)
+    if not final.is_dir():  # only ever appears complete: it is renamed into place
+        tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=models))
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
         try:
-            os.rename(tmp, final)
-        except OSError:  # lost the race: the winner's folder is there and equivalent
-            if not final.is_dir():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # no-op when the rename succeeded
+            TINY_MODELS[name](tmp)
+            _drop_write_for_others(tmp)
+            try:
+                os.rename(tmp, final)
+            except OSError:  # lost the race: the winner's folder is there and equivalent
+                if not final.is_dir():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # no-op when the rename succeeded
+    if problem := cache_problem(final):
+        _refuse_untrusted(problem, name)
     return final
