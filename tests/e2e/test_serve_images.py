@@ -18,7 +18,7 @@ PARAMS = {"seed": 5, "num_inference_steps": 2, "guidance_scale": 4.5, "negative_
 
 @pytest.fixture(scope="module")
 def server(model_path):
-    from conftest import serving
+    from serve_process import serving
 
     yield from serving("--model", str(model_path), "--api-key", KEY, "--max-queue", "4", "--served-model-name", "tiny-sd3")
 

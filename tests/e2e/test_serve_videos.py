@@ -17,7 +17,7 @@ EXTRA = {"seed": 3, "num_inference_steps": 2, "num_frames": 5, "fps": 8}
 
 @pytest.fixture(scope="module")
 def wan_server():
-    from conftest import serving
+    from serve_process import serving
 
     from dfuse.engine.models.tiny import tiny_model_path
 
