@@ -493,8 +493,8 @@ def _with_flag(message: str) -> str:
     flag = field if named else _FLAGS.get(field) or _FLAGS.get(name.split(".")[0].split("[")[0])
     if not (sep and flag):
         return message
-    if named or field.endswith("[0]"):  # "prompt[0]": the API's first prompt is the command's only one
-        said = flag
+    if named or field.endswith("[0]") or flag == f"--{field.replace('_', '-')}":
+        said = flag  # "prompt[0]": the API's first prompt is the command's only one; "device": --device
     elif qualifier:
         said = f"{flag} {qualifier}"
     else:

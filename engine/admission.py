@@ -54,10 +54,11 @@ def check_transport(family: FamilySpec, info: ModelInfo, params: RequestParams, 
     transport slot: refused up front rather than failing in the worker after the DiT ran (a
     video's frames grow with num_frames x height x width; an 81-frame 832x480 clip is ~93 MiB)."""
     needs = {stage: family.output_bytes(info, stage, params, itemsizes[stage]) for stage in STAGES}
-    stage = next((s for s in STAGES if needs[s] > slot_bytes), None)
-    if stage is not None:
-        # The size to suggest is the largest stage's: the first one over is not always it.
-        slot_mib = -(-max(needs.values()) // 2**20)
+    if max(needs.values()) > slot_bytes:
+        # Name the largest stage's outputs: they set the slot size suggested, so the message's two
+        # sizes are about the same thing (the first stage over is not always the largest).
+        stage = max(STAGES, key=needs.get)
+        slot_mib = -(-needs[stage] // 2**20)
         raise ValueError(
             f"{_shape(info, params)} request makes {needs[stage] / 2**20:.1f} MiB of {stage} outputs, more than "
             f"one transport slot holds ({slot_bytes / 2**20:g} MiB); ask for a smaller "

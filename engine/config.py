@@ -180,8 +180,10 @@ class EngineConfig:
 
     def _init_stage_devices(self) -> None:
         """The per-stage form: `instances[stage]` workers of each stage on its one device."""
+        one_for_all = isinstance(self.devices, str)  # then an error names `device`, not a stage the user never named
         devices = _per_stage("device", self.devices, str)
-        devices = {stage: canonical_device(f"device ({stage})", device) for stage, device in devices.items()}
+        devices = {stage: canonical_device("device" if one_for_all else f"device ({stage})", device)
+                   for stage, device in devices.items()}
         check_disjoint(list(dict.fromkeys(devices.values())), "device")
         object.__setattr__(self, "devices", MappingProxyType(devices))
         instances = _per_stage("instances", self.instances, int)

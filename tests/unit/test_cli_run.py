@@ -17,7 +17,8 @@ from dfuse.engine.protocol import RequestParams
     (["--threads", "0"], "--threads", "[1, 1024]"),
     (["--instances", "dit=0"], "--instances (instances.dit)", "[1, 64]"),
     (["--instances", "vae=1"], "--instances", "stages encoder, dit, decoder"),
-    (["--device", "tpu"], "--device (encoder)", "'cpu', 'cuda' or 'cuda:N'"),
+    (["--device", "tpu"], "--device: must be", "'cpu', 'cuda' or 'cuda:N'"),  # one device: no stage named
+    (["--device", "encoder=tpu"], "--device (encoder)", "'cpu', 'cuda' or 'cuda:N'"),
     (["--device", "encoder=cpu,vae=cpu"], "--device", "unknown stage(s) ['vae']"),
     (["--steps", "0"], "--steps", "[1, 1000]"),
     (["--out", "/proc/no-such-dir/out.png"], "--out", "cannot write in /proc/no-such-dir"),

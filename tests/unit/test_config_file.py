@@ -186,7 +186,7 @@ def test_a_bad_file_is_a_usage_error_naming_the_file_and_the_key(tmp_path, built
     ("threads = 0", [], "Error: --threads (cpu_threads; set in {file}): must be an integer in [1, 1024] (got 0)"),
     ('[run]\nsteps = 0', [], "Error: --steps (num_inference_steps; set in {file}): must be in [1, 1000]"),
     ('instances = "dit=0"', [], "Error: --instances (instances.dit; set in {file}): must be an integer in [1, 64]"),
-    ('memory_limit_gib = "cuda:0=8"', [], "Error: --memory-limit-gib (memory_limit_gib; set in {file}): 'cuda:0' is "
+    ('memory_limit_gib = "cuda:0=8"', [], "Error: --memory-limit-gib (set in {file}): 'cuda:0' is "
                                            "not a device of this engine"),
     ('log_level = "debug"\nquiet = true', [], "Error: -q/--quiet and --log-level debug (set in {file}): -q shows errors only"),
     ("threads = 2", ["--threads", "0"], "Error: --threads (cpu_threads): must be an integer in [1, 1024] (got 0)"),
