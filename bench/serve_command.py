@@ -33,7 +33,8 @@ import click
 from .lib.libraries import package_version
 from .lib.load import OpenLoop
 from .lib.load import drive as drive_load
-from .lib.outputs import INSTALL_MATPLOTLIB, default_out, matplotlib_available, require_matplotlib, write_json
+from .lib.outputs import (INSTALL_MATPLOTLIB, default_out, matplotlib_available, progress_bar, require_matplotlib,
+                          write_json)
 from .lib.prompts import BASE_SEED, make_prompts
 from .serve_report import SUMMARY_COLUMNS, Record, compact_requests, summarize, summary_rows, write_csv
 from .sweep.traces import TRACES, interarrival_cv, kind_of, make_trace, parse_rates, trace_kinds
@@ -293,22 +294,6 @@ def workloads_from_options(rates, trace, duration, requests, size, steps, guidan
     return option_value("--size/--steps", build_workloads, trace, option_value("--rates", parse_rates, rates),
                         duration_s=duration, requests=requests, size=option_value("--size", parse_size, size),
                         steps=steps, guidance_scale=guidance_scale, seed=seed)
-
-
-def progress_bar(total: int, desc: str):
-    """A tqdm bar and its progress(label, done) callback (labels: what runs now; done counts per label)."""
-    from tqdm import tqdm
-
-    bar = tqdm(total=total, desc=desc, unit="req", file=sys.stderr)
-    seen: dict[str, int] = {}
-
-    def progress(label: str, done: int) -> None:
-        if label not in seen:
-            bar.set_description(label, refresh=False)
-        bar.update(done - seen.get(label, 0))
-        seen[label] = done
-
-    return bar, progress
 
 
 @click.command("serve")

@@ -40,9 +40,9 @@ from .lib.leaks import close_and_check
 from .lib.load import OpenLoop
 from .lib.load import drive as drive_load
 from .lib.meter import CpuMeter, wait_quiet
-from .lib.outputs import default_out, write_json
+from .lib.outputs import default_out, progress_bar, write_json
 from .lib.prompts import BASE_SEED, make_prompts
-from .serve_command import (RequestSpec, Workload, drive_http, kind_specs, machine, progress_bar, versions,
+from .serve_command import (RequestSpec, Workload, drive_http, kind_specs, machine, versions,
                             want_plots, workload_options, workloads_from_options)
 from .serve_report import (OVERHEAD_COLUMNS, Record, compact_requests, latency_stats, overhead, overhead_rows,
                            summarize, write_csv)

@@ -4,27 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .lib.outputs import pyplot
+
 from .serve_report import percentiles
 
 SIDE_COLORS = {"http": "#d62728", "engine": "#1f77b4"}
 PERCENTILE_STYLES = (("latency_p50_ms", "p50", "-"), ("latency_p95_ms", "p95", "--"), ("latency_p99_ms", "p99", ":"))
 
 
-def _pyplot():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise RuntimeError("plots need matplotlib: pip install matplotlib (or pip install -e '.[bench]'), "
-                           "or pass --no-plots") from None
-    return plt
-
-
 def plot_serve(doc: dict, out: Path) -> Path:
     """Latency percentiles, SLO attainment and images/s against the arrival rate."""
-    plt = _pyplot()
+    plt = pyplot()
     points = sorted(doc["points"], key=lambda p: p["rate_rps"])
     rates = [p["rate_rps"] for p in points]
     fig, (latency, slo, served) = plt.subplots(1, 3, figsize=(15, 4.2), constrained_layout=True)
@@ -61,7 +51,7 @@ def _slo_label(slo: dict) -> str:
 def plot_overhead(doc: dict, out: Path) -> Path:
     """Left: the isolated phase's latency distribution per side. Middle: p50 and p95 per phase and
     side. Right: the per-request overhead (http - engine, same request) per phase."""
-    plt = _pyplot()
+    plt = pyplot()
     phases = doc["phases"]
     fig, (cdf, bars, paired) = plt.subplots(1, 3, figsize=(16, 4.4), constrained_layout=True)
     isolated = next((p for p in phases if p["phase"] == "isolated"), None)

@@ -51,7 +51,7 @@ def parse(body: Any, model_name: str) -> ImageRequest:
     try:
         request = ImageRequest.model_validate(body, strict=False)
     except ValidationError as e:
-        raise _first_error(e) from None
+        raise first_error(e) from None
     if request.model is not None and request.model != model_name:
         raise APIError(404, f"model: this server serves {model_name!r}, not {request.model!r}", param="model",
                        code="model_not_found")
@@ -93,7 +93,7 @@ def encode(image, output_format: str, compression: int | None) -> bytes:
     return buffer.getvalue()
 
 
-def _first_error(error: ValidationError) -> APIError:
+def first_error(error: ValidationError) -> APIError:
     first = error.errors()[0]
     param = ".".join(str(p) for p in first["loc"]) or None
     if first["type"] == "extra_forbidden":

@@ -24,7 +24,7 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import APIError
-from .images import _first_error, parse_size, size_error
+from .images import first_error, parse_size, size_error
 from .state import ServerState, read_json
 
 MAX_JOBS = 1000  # finished jobs beyond this are forgotten, oldest first
@@ -209,7 +209,7 @@ async def _read_body(request: Request, state: ServerState) -> VideoRequest:
     try:
         body = VideoRequest.model_validate(raw)
     except ValidationError as e:
-        raise _first_error(e) from None
+        raise first_error(e) from None
     if body.model is not None and body.model != state.settings.model_name:
         raise APIError(404, f"model: this server serves {state.settings.model_name!r}, not {body.model!r}",
                        param="model", code="model_not_found")

@@ -1,5 +1,5 @@
-"""Where and how `dfuse bench ...` writes: the default --out, the atomic JSON writer, and the
-up-front check for matplotlib.
+"""Where and how `dfuse bench ...` writes: the default --out, the atomic JSON writer, the
+up-front check for matplotlib, its headless pyplot, and the one progress bar of a run.
 
 A run without --out goes to ./dfuse-bench/ under the current working directory, never into
 bench/results/: the committed results there are only rewritten by naming them with --out
@@ -50,3 +50,34 @@ def require_matplotlib(option: str, *, skip_with: str | None = None) -> None:
     if skip_with:
         message += f", or pass {skip_with} to skip the plots"
     raise click.UsageError(message + ".")
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (benchmarks run without a screen)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise RuntimeError(f"plots need matplotlib: {INSTALL_MATPLOTLIB}, or pass --no-plots") from None
+    return plt
+
+
+def progress_bar(total: int, desc: str):
+    """A tqdm bar on stderr and its progress(label, done) callback: the bar shows what runs now
+    (label) and counts each label's `done` once, however the run's phases report."""
+    import sys
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit="req", file=sys.stderr)
+    seen: dict[str, int] = {}
+
+    def progress(label: str, done: int) -> None:
+        if label not in seen:
+            bar.set_description(label, refresh=False)
+        bar.update(done - seen.get(label, 0))
+        seen[label] = done
+
+    return bar, progress

@@ -44,7 +44,7 @@ from ..lib import outputs
 from ..lib.load import OpenLoop
 from ..lib.load import drive as drive_load
 from ..lib.meter import CpuMeter, wait_quiet
-from ..lib.outputs import INSTALL_MATPLOTLIB, default_out, require_matplotlib
+from ..lib.outputs import INSTALL_MATPLOTLIB, default_out, progress_bar, require_matplotlib
 from ..lib.prompts import BASE_SEED, make_prompts
 from .report import Record, compact_requests, document, summarize
 from .runners import (ISOLATED_REPEATS, REQUEST_TIMEOUT_S, EngineRunner, MonoRunner, measure_isolated,
@@ -378,8 +378,6 @@ def _want_plots(plots: bool | None) -> bool:
 def sweep_command(model, rates, trace, modes, duration, out, instances, device, threads, mono_threads, steps, size,
                   seed, drain_timeout, quiet_wait, plots):
     """Open-loop serving sweep: every mode at every arrival rate, throughput, latency, SLO, allocation."""
-    from tqdm import tqdm
-
     from .report import format_markdown, write_outputs
 
     config = config_from_options(model, rates, trace, modes, duration, instances, device, threads, mono_threads,
@@ -387,15 +385,8 @@ def sweep_command(model, rates, trace, modes, duration, out, instances, device, 
     plots = _want_plots(plots)  # decided before any request, not after the sweep
     slug = "synthetic" if config.synthetic else Path(model).name
     out = out or Path(default_out(f"sweep-{slug}-{trace}"))
-    with tqdm(total=planned_requests(config), desc="sweep", unit="req", file=sys.stderr) as bar:
-        seen: dict[str, int] = {}
-
-        def progress(label: str, done: int) -> None:
-            if label not in seen:
-                bar.set_description(label, refresh=False)
-            bar.update(done - seen.get(label, 0))
-            seen[label] = done
-
+    bar, progress = progress_bar(planned_requests(config), "sweep")
+    with bar:
         try:
             doc = run_sweep(config, progress, command=shlex.join(["dfuse", *sys.argv[1:]]))
         except RuntimeError as e:

@@ -4,21 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..lib.outputs import pyplot
+
 COLORS = {"mono": "#7f7f7f", "static": "#1f77b4", "elastic": "#2ca02c"}
 STAGE_COLORS = {"encoder": "#1f77b4", "dit": "#ff7f0e", "decoder": "#2ca02c"}
 PERCENTILES = (("latency_p50_s", "p50", "-"), ("latency_p95_s", "p95", "--"), ("latency_p99_s", "p99", ":"))
-
-
-def _pyplot():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise RuntimeError("plots need matplotlib: pip install matplotlib (or pip install -e '.[bench]'), "
-                           "or pass --no-plots") from None
-    return plt
 
 
 def _by_mode(doc: dict) -> dict[str, list[dict]]:
@@ -30,7 +20,7 @@ def _by_mode(doc: dict) -> dict[str, list[dict]]:
 
 def plot_latency(doc: dict, out: Path) -> Path:
     """Latency percentiles, SLO attainment and throughput against the arrival rate, per mode."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (latency, slo, served) = plt.subplots(1, 3, figsize=(15, 4.2), constrained_layout=True)
     top = 0.0
     for mode, points in _by_mode(doc).items():
@@ -63,7 +53,7 @@ def plot_latency(doc: dict, out: Path) -> Path:
 def plot_allocation(doc: dict, out: Path) -> Path:
     """Workers per stage over time (stacked areas, left axis) and requests queued per stage (lines,
     right axis): one row per engine mode, one column per rate; moves as red lines, phases dotted."""
-    plt = _pyplot()
+    plt = pyplot()
     engine_modes = {m: ps for m, ps in _by_mode(doc).items() if m != "mono"}
     rates = sorted({p["rate_rps"] for ps in engine_modes.values() for p in ps})
     fig, axes = plt.subplots(len(engine_modes), len(rates), figsize=(4.2 * len(rates), 2.8 * len(engine_modes)),
