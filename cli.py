@@ -40,7 +40,6 @@ class _Commands(click.Group):
 @click.version_option(package_name="dfuse", prog_name="dfuse", message="%(prog)s %(version)s")
 def main():
     """dfuse: serve diffusion models as disaggregated stages (encoder, DiT, decoder)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # dfuse loads local folders only; never a hub
     # tqdm's default lock is a multiprocessing semaphore that the spawn resource tracker then
     # reports as leaked at exit; our bars are only updated from threads of this process.
     from tqdm import tqdm
@@ -55,7 +54,9 @@ def _engine_options(command):
                      expose_value=False, callback=_read_config_file,
                      help="A TOML file of option values (keys: the long flag names; [run] and [serve] tables for "
                           "one command); flags given here win over it."),
-        click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Built-in tiny model (tiny-sd3, tiny-flux, tiny-pixart, tiny-wan) or a local diffusers SD3, Flux, PixArt-Sigma or Wan2.1 folder."),
+        click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Built-in tiny model (tiny-sd3, tiny-flux, tiny-pixart, tiny-wan), a local diffusers SD3, Flux, PixArt-Sigma or Wan2.1 folder, or a Hugging Face repo id (downloaded into the HF cache; HF_HUB_OFFLINE=1 uses the cache only)."),
+        click.option("--revision", default=None, help="Hub revision of a repo id --model: branch, tag or commit [default: main]."),
+        click.option("--variant", default=None, help="Weight files to load, as diffusers' variant: fp16 loads *.fp16.safetensors [default: the plain ones]."),
         click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N, or per stage: encoder=cpu,dit=cuda:0,decoder=cuda:0."),
         click.option("--instances", default="encoder=1,dit=1,decoder=1", show_default=True, help="Worker processes per stage."),
         click.option("--devices", default=None, help="A pool of devices for --placement: cuda:N, cpu, or CPU core sets cpu:A-B (e.g. cpu:0,cpu:1) [default: the placement's devices]."),
@@ -121,7 +122,7 @@ def _engine_config(options: dict) -> EngineConfig:
         fields["max_attempts"] = max_attempts
     if limits is not None:
         fields["memory_limit_gib"] = limits
-    return EngineConfig(model=options["model"], cpu_threads=options["threads"], policy=options["policy"],
+    return EngineConfig(model=options["model"], revision=options["revision"], variant=options["variant"], cpu_threads=options["threads"], policy=options["policy"],
                         dtype=options["dtype"], batching=BatchConfig(enabled=options["batching"]), **fields)
 
 
@@ -182,7 +183,7 @@ def run(prompt, negative_prompt, steps, guidance_scale, true_cfg_scale, height, 
     # Validate everything before a single process starts: bad input costs nothing.
     try:
         config = _engine_config(engine_options)
-        model_path = resolve_model_path(config.model)
+        model_path = resolve_model_path(config.model, config.revision, config.variant)
         info = describe_model(model_path)
         out = _output_path(out, info)
         # The engine's own input processor, minus memory admission (budgets are measured once
@@ -262,7 +263,7 @@ def serve(host, port, api_key, insecure_no_api_key, served_model_name, max_queue
                                           "DFUSE_API_KEY), or --insecure-no-api-key to serve anyone who can reach it"))
     try:
         config = _engine_config(engine_options)
-        describe_model(resolve_model_path(config.model))  # a bad --model fails here, before the port opens
+        describe_model(resolve_model_path(config.model, config.revision, config.variant))  # a bad --model fails here, before the port opens
     except ValueError as e:
         raise click.UsageError(_with_flag(str(e))) from None
     os.environ["DFUSE_LOG"] = level.upper()

@@ -374,7 +374,7 @@ def chaos_command(requests, kill_every, seed, model, wave, faults, out):
         if not bars or bars[-1].desc != phase:
             for bar in bars:
                 bar.close()
-            bars.append(tqdm(total=requests, desc=phase, unit="req", file=sys.stderr))
+            bars.append(tqdm(total=requests, desc=phase, unit="req", file=sys.stderr, disable=None))
         bars[-1].update(completed - bars[-1].n)
 
     try:

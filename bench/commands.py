@@ -74,7 +74,7 @@ def throughput(requests, steps, height, width, guidance_scale, threads, mono_thr
     from .throughput import format_table, run_throughput
 
     total = 3 * (rounds * requests + warmup)
-    with tqdm(total=total, desc="throughput", unit="req", file=sys.stderr) as bar:
+    with tqdm(total=total, desc="throughput", unit="req", file=sys.stderr, disable=None) as bar:
         phases: dict[str, int] = {}
 
         def progress(phase: str, done: int, _total: int) -> None:

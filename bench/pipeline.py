@@ -103,7 +103,7 @@ def pipeline_command(model, layouts, requests, warmup, out):
     runs = []
     for instances in parsed:
         label = ":".join(str(instances[s]) for s in STAGES)
-        with tqdm(total=requests, desc=f"layout {label}", unit="req", leave=False) as bar:
+        with tqdm(total=requests, desc=f"layout {label}", unit="req", leave=False, disable=None) as bar:
             runs.append(run_layout(model, instances, requests, warmup, lambda n: bar.update(n - bar.n)))
     report = {
         "benchmark": "pipeline",

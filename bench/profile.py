@@ -292,7 +292,7 @@ def profile(model, device, kind, out, threads, repeats, grid):
     """Time the real encoder, DiT and decoder of MODEL on DEVICE and fit the scheduler's predictor."""
     from tqdm import tqdm
 
-    with tqdm(total=1, desc="profile", unit="shape", file=sys.stderr) as bar:
+    with tqdm(total=1, desc="profile", unit="shape", file=sys.stderr, disable=None) as bar:
         def progress(i, total, stage):
             bar.total = total
             bar.set_postfix_str(stage)

@@ -87,7 +87,12 @@ class EngineConfig:
     """Everything an Engine needs to start its stage workers."""
 
     model: str = DEFAULT_MODEL
-    """A built-in tiny model name (tiny-sd3) or the path of a local diffusers model folder."""
+    """A built-in tiny model name (tiny-sd3), the path of a local diffusers model folder, or a
+    Hugging Face repo id (owner/name: its snapshot in the HF cache, downloaded where missing)."""
+    revision: str | None = None
+    """The hub revision (branch, tag or commit) of a repo id `model`; None: its default branch."""
+    variant: str | None = None
+    """The weight files to load, as diffusers' `variant` (fp16: model.fp16.safetensors); None: the plain ones."""
     devices: Mapping[str, str] | Sequence[str] | str = field(default_factory=lambda: {s: "cpu" for s in STAGES})
     """Either the device of each stage's instances ("cpu", "cuda:N", or a mapping stage -> device),
     or, with `placement`, the pool of devices (a list: "cuda:N", "cpu", core sets "cpu:A-B"; see
@@ -142,6 +147,10 @@ class EngineConfig:
         if not isinstance(self.model, (str, os.PathLike)) or not str(self.model):
             raise ValueError(f"model: expected a built-in name or a folder path, got {self.model!r}")
         object.__setattr__(self, "model", str(self.model))
+        for name in ("revision", "variant"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise ValueError(f"{name}: expected a non-empty string or None (got {value!r})")
         if self.placement is None and not _is_pool(self.devices):
             self._init_stage_devices()
         else:

@@ -518,7 +518,7 @@ class EngineCore(WorkerRecovery, WorkerMoves):
             result_endpoint=self._host.endpoint("results"), engine_pid=os.getpid(),
             segment_prefix=self.segment_prefix, run_dir=self.run_dir,
             gpu_pool=None if worker.pool.segment else (worker.pool.name, worker.pool.slot_bytes, worker.pool.n_slots),
-            cpus=worker.cpus,
+            cpus=worker.cpus, variant=self.config.variant,
         )
         try:
             worker.process = spawn_worker(spec, self._host.janitor)

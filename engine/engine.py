@@ -66,6 +66,8 @@ class Engine:
         cpu_threads: int | None = None,
         dtype: str = "auto",
         policy: str = "static",
+        revision: str | None = None,
+        variant: str | None = None,
         config: EngineConfig | None = None,
     ):
         """`device` + `instances`: that many workers of each stage on its one device; or a pool
@@ -74,10 +76,10 @@ class Engine:
         worker per device and stage; engine/devices.py)."""
         if config is not None and not isinstance(config, EngineConfig):
             raise ValueError(f"config: must be an EngineConfig (got {type(config).__name__})")
-        given = (model, device, instances, devices, placement, cpu_threads, dtype, policy)
-        if config is not None and given != (None, "cpu", None, None, None, None, "auto", "static"):
+        given = (model, device, instances, devices, placement, cpu_threads, dtype, policy, revision, variant)
+        if config is not None and given != (None, "cpu", None, None, None, None, "auto", "static", None, None):
             raise ValueError("config: pass either config= or model/device/instances/devices/placement/cpu_threads/"
-                             "dtype/policy, not both")
+                             "dtype/policy/revision/variant, not both")
         if config is None:
             pool = {} if devices is None and placement is None else {"placement": placement}
             config = EngineConfig(
@@ -87,6 +89,8 @@ class Engine:
                 cpu_threads=cpu_threads,
                 dtype=dtype,
                 policy=policy,
+                revision=revision,
+                variant=variant,
                 **pool,
             )
         self.config = config
@@ -96,7 +100,7 @@ class Engine:
         self._init_core()
 
     def _init_model(self) -> None:
-        self.model_path = resolve_model_path(self.config.model)
+        self.model_path = resolve_model_path(self.config.model, self.config.revision, self.config.variant)
         self.model_info = describe_model(self.model_path)  # ValueError before any process starts
         self._inputs = InputProcessor.for_config(self.config, self.model_info, detect_family(self.model_path))
         self._ids = itertools.count()

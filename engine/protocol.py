@@ -72,6 +72,7 @@ class WorkerSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     run_dir: str  # the engine's private socket directory: removed likewise
     gpu_pool: tuple[str, int, int] | None = None  # (name, slot bytes, slots): outputs stay on this GPU
     cpus: tuple[int, ...] | None = None  # cores of its own (engine/cpu_affinity.py); None: the OS places it
+    variant: str | None = None  # which weight files to load (diffusers' variant: "fp16"); None: the plain ones
 
 
 class RequestParams(msgspec.Struct, **_STRUCT):

@@ -39,10 +39,14 @@ PAGE = 4096
 _cache: "HostWeights | None" = None
 
 
-def attach(segment_prefix: str, run_dir: str) -> None:
+_variant: str | None = None  # the engine's `variant` (fp16): every from_pretrained of this process loads it
+
+
+def attach(segment_prefix: str, run_dir: str, variant: str | None = None) -> None:
     """Use the engine's cache in this process (workers call this before loading a stage)."""
-    global _cache
+    global _cache, _variant
     _cache = HostWeights(segment_prefix, run_dir)
+    _variant = variant
 
 
 def pretrained(cls, path, **kwargs) -> Any:
@@ -51,6 +55,8 @@ def pretrained(cls, path, **kwargs) -> Any:
     A pipeline class gets the cached components it would otherwise load (those not passed
     explicitly); a model class with `subfolder=` is returned from the cache whole."""
     dtype = kwargs.get("dtype")
+    if _variant is not None:
+        kwargs["variant"] = _variant
     subfolder = kwargs.get("subfolder")
     if subfolder is not None:
         module = _cache.restore(subfolder, dtype) if _cache is not None else None

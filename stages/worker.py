@@ -57,6 +57,7 @@ def run_stage_worker(spec: WorkerSpec, death_pipe: Connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=os.environ.get("DFUSE_LOG", "WARNING"), format=f"[{spec.stage}#{spec.worker_id}] %(message)s")
     threading.Thread(target=_watch_engine, args=(spec, death_pipe), daemon=True, name="death-watch").start()
+    os.environ["HF_HUB_OFFLINE"] = "1"  # the engine resolved the model to a folder: N workers never ask the hub
     quiet_libraries()
     if is_cpu(spec.device):
         torch.set_num_threads(spec.cpu_threads)
@@ -69,7 +70,7 @@ def run_stage_worker(spec: WorkerSpec, death_pipe: Connection) -> None:
     results.connect(spec.result_endpoint)
     device = torch.device(torch_device(spec.device))
     endpoint = Endpoint(device)
-    weights.attach(spec.segment_prefix, spec.run_dir)
+    weights.attach(spec.segment_prefix, spec.run_dir, spec.variant)
     try:
         started = time.perf_counter()
         stage = load_stage(spec, spec.stage)

@@ -232,7 +232,7 @@ def run_handoff(sizes: list[int], device: str, mechanisms=tuple(MECHANISMS)) -> 
         mechanisms = [m for m in mechanisms if m != "dfuse-unpinned"]
     steps = [(m, n) for n in sizes for m in mechanisms]
     try:
-        for mechanism, nbytes in tqdm(steps, desc="handoff", unit="case", leave=False):
+        for mechanism, nbytes in tqdm(steps, desc="handoff", unit="case", leave=False, disable=None):
             results.append(MECHANISMS[mechanism](nbytes, iterations_for(nbytes), device, host))
         if host.cpu_wake is not None and not host.cpu_wake.held:  # lost when dfuse-os-idle gave it back
             wake_us = None

@@ -66,12 +66,13 @@ def pyplot():
 
 def progress_bar(total: int, desc: str):
     """A tqdm bar on stderr and its progress(label, done) callback: the bar shows what runs now
-    (label) and counts each label's `done` once, however the run's phases report."""
+    (label) and counts each label's `done` once, however the run's phases report. Like every
+    bench bar (disable=None), it is drawn on a terminal only: a log gets no carriage-return lines."""
     import sys
 
     from tqdm import tqdm
 
-    bar = tqdm(total=total, desc=desc, unit="req", file=sys.stderr)
+    bar = tqdm(total=total, desc=desc, unit="req", file=sys.stderr, disable=None)
     seen: dict[str, int] = {}
 
     def progress(label: str, done: int) -> None:

@@ -41,7 +41,7 @@ def simulate(scenario, out, plot, policies, seed):
     if plot is not None:
         require_matplotlib("--plot")  # before the simulation, not after it
     out = out or Path(default_out(f"simulate-{scenario}.json"))
-    with tqdm(total=len(chosen) * (len(LOADS) + 1), desc=scenario, unit="run", file=sys.stderr) as bar:
+    with tqdm(total=len(chosen) * (len(LOADS) + 1), desc=scenario, unit="run", file=sys.stderr, disable=None) as bar:
         def progress(policy, load):
             bar.set_postfix_str(f"{policy} {'closed loop' if load is None else f'load {load:.2f}'}")
             bar.update(1)

@@ -8,6 +8,7 @@ import dataclasses
 from pathlib import Path
 
 from .base import FamilySpec, ModelInfo, read_json
+from .hub import download, looks_like_repo_id
 from .flux import FluxSpec
 from .pixart import PixArtSigmaSpec
 from .sd3 import SD3Spec
@@ -100,9 +101,11 @@ def _with_serving_defaults(info: ModelInfo, file: Path) -> ModelInfo:
     )
 
 
-def resolve_model_path(model: str) -> Path | str:
-    """The folder of `model`: a built-in tiny model (built on first use) or a local path; a
-    `synthetic:` spec (benchmarks of the engine itself) is returned as it is, once parsed."""
+def resolve_model_path(model: str, revision: str | None = None, variant: str | None = None) -> Path | str:
+    """The folder of `model`: a built-in tiny model (built on first use), a local folder, or a
+    Hugging Face repo id (engine/models/hub.py: the snapshot in the HF cache, downloaded where it
+    is missing); a `synthetic:` spec (benchmarks of the engine itself) is returned as it is, once
+    parsed. ValueError naming `model` where none of these is usable."""
     if model.startswith(SYNTHETIC_PREFIX):
         parse_spec(model)
         return model
@@ -110,8 +113,61 @@ def resolve_model_path(model: str) -> Path | str:
         return tiny_model_path(model)
     path = Path(model).expanduser()
     if not path.exists():
-        raise ValueError(
-            f"model: {model!r} is neither a built-in model ({', '.join(sorted(TINY_MODELS))}) "
-            "nor an existing folder"
-        )
-    return path.resolve()
+        if not looks_like_repo_id(model):
+            raise ValueError(
+                f"model: {model!r} is neither a built-in model ({', '.join(sorted(TINY_MODELS))}), an existing "
+                "folder, nor a Hugging Face repo id (owner/name)"
+            )
+        path = download(model, revision, variant)
+    path = path.resolve()
+    if (path / "model_index.json").is_file():
+        check_weight_files(path, variant)
+    return path
+
+
+# The folders of a diffusers pipeline that hold weights (the others: tokenizers, schedulers).
+WEIGHT_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "vae")
+
+
+def check_weight_files(path: Path, variant: str | None = None) -> None:
+    """ValueError naming the component and the file it lacks, before any worker tries to load it
+    (diffusers itself names the .bin it fell back to when the .safetensors is missing)."""
+    try:
+        index = read_json(path / "model_index.json")
+    except (OSError, ValueError):
+        return  # detect_family says what is wrong with it
+    found = {}  # component -> {file name: its stem}
+    for name in WEIGHT_COMPONENTS:
+        entry = index.get(name)
+        if isinstance(entry, list) and len(entry) == 2 and entry[1]:  # else not part of this pipeline
+            found[name] = {f.name: stem for f in (path / name).glob("*") if (stem := _weight_stem(f.name))}
+    for name, stems in found.items():  # each stage loads its own components, each of them with `variant`
+        if any(_variant_of(stem) == variant for stem in stems.values()):
+            continue
+        folder, entry = path / name, index[name]
+        stem = "diffusion_pytorch_model" if entry[0] == "diffusers" else "model"
+        suffix = f".{variant}" if variant else ""
+        has = f" (it has {', '.join(sorted(stems))})" if stems else ""
+        others = sorted({v for v in map(_variant_of, stems.values()) if v})
+        hint = f"; --variant {others[0]} loads the files it has" if others and not variant else ""
+        raise ValueError(f"model: {str(folder)!r} holds no {variant + ' ' if variant else ''}weights{has}: expected "
+                         f"{stem}{suffix}.safetensors (or shards listed in {stem}{suffix}.safetensors.index.json){hint}")
+
+
+_WEIGHT_SUFFIXES = (".safetensors.index.json", ".bin.index.json", ".safetensors", ".bin")
+
+
+def _weight_stem(filename: str) -> str | None:
+    """'model.fp16' of 'model.fp16.safetensors'; None for a file that holds no weights."""
+    for suffix in _WEIGHT_SUFFIXES:
+        if filename.endswith(suffix):
+            return filename.removesuffix(suffix)
+    return None
+
+
+def _variant_of(stem: str) -> str | None:
+    """diffusers' variant in a weight file's stem: model.fp16, model.fp16-00001-of-00002 -> fp16;
+    model, model-00001-of-00002 -> None."""
+    if "." not in stem:
+        return None
+    return stem.rsplit(".", 1)[1].split("-", 1)[0]

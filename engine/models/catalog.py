@@ -5,12 +5,12 @@ inspect` (family, components, weights per stage, defaults, slot and activation m
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from ...scheduler.core import STAGES
 from ..protocol import RequestParams
 from . import describe_model, detect_family, resolve_model_path
+from .hub import hub_cache
 from .tiny import TINY_MODELS, cache_dir, cache_problem
 
 # Subfolders holding each stage's weights (diffusers layout).
@@ -26,13 +26,6 @@ def stage_weight_bytes(path: Path, stage: str) -> int:
     """Bytes of `stage`'s weight files in the model folder at `path`."""
     return sum(f.stat().st_size for component in STAGE_COMPONENTS[stage] for pattern in WEIGHT_FILES
                for f in (path / component).glob(pattern))
-
-
-def hub_cache() -> Path:
-    """The Hugging Face hub cache, where huggingface_hub puts downloads (HF_HUB_CACHE, HF_HOME)."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"])
-    return Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub"
 
 
 def list_models() -> list[dict]:

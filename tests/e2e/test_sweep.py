@@ -18,13 +18,15 @@ def test_sweep_cli_serves_every_request_of_mono_and_static(tmp_path):
                "--rates", "8", "--trace", "shift", "--modes", "mono,static", "--duration", "3", "--seed", str(SEED),
                "--quiet-wait", "0", "--drain-timeout", "60", "--out", str(out), "--no-plots"]
     print("seed", SEED, "command", " ".join(command))
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # bytes: text mode hides \r
     try:
-        output, _ = process.communicate(timeout=240)
+        raw, _ = process.communicate(timeout=240)
     finally:
         if process.poll() is None:
             process.kill()
+    output = raw.decode(errors="replace")
     assert process.returncode == 0, output
+    assert b"\r" not in raw, "a progress bar drawn into a pipe (a log) instead of only on a terminal"
 
     doc = json.loads((out / "sweep.json").read_text())
     points = doc["points"]
