@@ -183,9 +183,6 @@ class EngineConfig:
             raise ValueError(f"policy: must be one of {', '.join(POLICIES)} (got {self.policy!r})")
         if self.dispatch not in DISPATCH_RULES:
             raise ValueError(f"dispatch: must be one of {', '.join(DISPATCH_RULES)} (got {self.dispatch!r})")
-        if self.policy == "elastic" and any(len(self.devices_of(s)) > 1 for s in STAGES):
-            raise ValueError("policy: 'elastic' moves workers between the stages of one device; with a stage on "
-                             "several devices it is not supported yet (use policy='static')")
 
     def _init_stage_devices(self) -> None:
         """The per-stage form: `instances[stage]` workers of each stage on its one device."""
@@ -219,6 +216,12 @@ class EngineConfig:
         object.__setattr__(self, "instances", MappingProxyType(counts))
 
     @property
+    def pooled(self) -> bool:
+        """The pool form (devices + placement): each device hosts a set of stages, one worker
+        each, and under the elastic policy a device may come to host any stages."""
+        return isinstance(self.devices, tuple)
+
+    @property
     def pool(self) -> tuple[str, ...]:
         """Every device of this engine (those of the per-stage form, or the pool's)."""
         if isinstance(self.devices, tuple):
@@ -248,17 +251,27 @@ class EngineConfig:
         - every task queued at a consumer holds its input slot until it is done, so a producer
           feeding N consumers needs N x max_inflight_per_worker + 1 not to stall on credits (one
           encoder feeding three DiTs with 3 slots served 36 of 50 req/s in `dfuse bench sweep`)."""
-        # Under the elastic policy a worker may come to serve any stage of its device: its pool
-        # (which stays through moves) is sized for the most demanding of them.
+        # Under the elastic policy a worker may come to serve any stage of its device (of the
+        # pool, pooled): its pool (which stays through moves) is sized for the most demanding of
+        # them, plus the slot a move keeps free (move_reserve).
         stages = [stage]
-        if self.policy == "elastic":
-            stages = [s for s in STAGES if self.stage_device(s) == self.stage_device(stage)]
+        if self.policy == "elastic" or self.pooled:
+            stages = list(STAGES) if self.pooled else [
+                s for s in STAGES if self.stage_device(s) == self.stage_device(stage)]
         needed = self.transport.slots_per_worker
         for s in stages:
             limit = self.batching.batch_limit(s)
             own = 1 if limit == 1 else limit + 1
             needed = max(needed, own, self.max_consumers(s) * self.max_inflight_per_worker + 1)
-        return needed
+        return needed + self.move_reserve
+
+    @property
+    def move_reserve(self) -> int:
+        """Output slots dispatch leaves free on the encoder and DiT workers of a pooled engine:
+        a DiT worker moving to the decoder then always has a slot to write to while its last
+        outputs wait to be read, by itself if it was the only one (engine/moves.py). Without it,
+        two devices swapping dit and decoder could wait on each other forever."""
+        return 1 if self.pooled else 0
 
     def max_consumers(self, stage: str) -> int:
         """How many workers may read a `stage` worker's outputs: the next stage's instances, or
@@ -270,6 +283,8 @@ class EngineConfig:
         consumer = STAGES[index + 1]
         if self.policy != "elastic":
             return self.instances[consumer]
+        if self.pooled:  # every device could come to host the consumer (once: a combo is a set)
+            return min(len(self.pool), len(self.workers) - (len(STAGES) - 1))
         device = self.stage_device(consumer)
         sharing = [s for s in STAGES if self.stage_device(s) == device]
         return max(self.instances[consumer], sum(self.instances[s] for s in sharing) - (len(sharing) - 1))

@@ -41,7 +41,7 @@ from .batching import select_batch, should_wait
 from .completions import Completions, CopyOut, resolve
 from .elastic import Elastic
 from .host_resources import HostResources
-from .worker_layout import build_workers, check_move, choose_links, pin_cpu_workers
+from .worker_layout import build_workers, check_moves, choose_links, pin_cpu_workers
 from .queues import StageQueue
 from .moves import WorkerMoves
 from .recovery import WorkerRecovery, unlink_ipc_file
@@ -126,8 +126,11 @@ class EngineCore(WorkerRecovery, WorkerMoves):
             raise ValueError(
                 f"policy: 'elastic' cannot move workers {fixed}: they hand their outputs over in GPU memory "
                 f"(links {self.links}), and moving such a worker is not supported yet; use policy='static'")
+        pooled = self.config.pooled
         return Elastic(self.config.elastic, {w.id: w.device for w in self.workers.values()},
-                       {s: self.config.stage_device(s) for s in STAGES}, self._true_cfg)
+                       {s: list(self.config.pool) if pooled else self.config.devices_of(s) for s in STAGES},
+                       pooled=pooled, device_kinds={d: kind for d, (kind, _) in self._devices.items()},
+                       true_cfg=self._true_cfg)
 
     # --- called from other threads -----------------------------------------------------------
     def start(self) -> None:
@@ -136,11 +139,11 @@ class EngineCore(WorkerRecovery, WorkerMoves):
     def submit(self, request: Request) -> None:
         self._post(("submit", request))
 
-    def move(self, worker_id: int, stage: str) -> None:
-        """Restart worker `worker_id` as a `stage` worker on the same device, losing nothing:
-        it takes no new work, finishes what it holds, stops, and comes back in its new role."""
-        check_move(self.workers, self.config, worker_id, stage)
-        self._post(("move", (worker_id, stage)))
+    def move(self, moves: list[tuple[int, str]]) -> None:
+        """Turn each worker into a worker of its new stage, together, losing nothing: they take
+        no new work, finish what they hold, and switch role in their own processes."""
+        check_moves(self.workers, self.config, moves)
+        self._post(("move", moves))
 
     def close(self, timeout: float = 30.0) -> None:
         self._post(("close", None))
@@ -223,7 +226,7 @@ class EngineCore(WorkerRecovery, WorkerMoves):
                         self._elastic.arrival(item.queued_at, item.params)
                     self._queues[STAGES[0]].push(item)
             elif kind == "move":
-                self._start_move(*item, reason="asked")
+                self._start_moves(item, reason="asked")
             elif kind == "close":
                 self._closing = True
             elif kind == "copied":  # the final pixels are out of the slot: it may take new work
@@ -411,7 +414,7 @@ class EngineCore(WorkerRecovery, WorkerMoves):
     def _take_batch(self, stage: str, queue, worker: Worker) -> list[Request] | None:
         """Pop the head of `queue` and the requests that may share its call (engine/batching.py),
         at most one per free output slot; None while a partial batch waits for companions."""
-        limit = min(self.config.batching.batch_limit(stage), worker.pool.free)
+        limit = min(self.config.batching.batch_limit(stage), worker.pool.free - self._reserve(worker))
         if limit == 1:
             return [queue.pop()]
         batch = select_batch(queue.in_order(), stage, limit, self.batch_caps.get(stage))
@@ -431,7 +434,14 @@ class EngineCore(WorkerRecovery, WorkerMoves):
 
     def _can_take(self, worker: Worker) -> bool:
         """A free output slot, nothing waiting to reach it first, and room under its in-flight limit."""
-        return bool(worker.pool.free) and not worker.outbox and len(worker.batches) < self.config.max_inflight_per_worker
+        return (worker.pool.free > self._reserve(worker) and not worker.outbox
+                and len(worker.batches) < self.config.max_inflight_per_worker)
+
+    def _reserve(self, worker: Worker) -> int:
+        """Slots dispatch leaves free (EngineConfig.move_reserve); a decoder's outputs always
+        reach the engine, so it never needs one to move, and a new decoder may need its last
+        slot to read its own dit outputs."""
+        return 0 if worker.stage == STAGES[-1] else self.config.move_reserve
 
     def _send_batch(self, worker: Worker, batch: list[Request]) -> bool:
         """Hand `batch` to `worker` as one task (a plain StageTask when it holds one request),

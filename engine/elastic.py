@@ -6,12 +6,20 @@ decision itself is scheduler/controller.py, unchanged from the simulator:
 
     core events -> Feedback (rate, mix, queues, busy workers)          -> Stats
     StageDone     -> per (stage, device) samples -> fit_stage            -> Predictor
-    Controller.step(now, placement, stats) -> moves -> EngineCore._start_move
+    Controller.step(now, placement, stats) -> moves -> EngineCore._start_moves
 
-Each worker is one scheduler "device" that hosts exactly one stage; a worker may only take a
-stage configured on its own device (moves never cross devices). The cost model is refitted on
-the engine's own measurements (the same linear features `dfuse profile` fits), so it needs no
-profile and follows the machine as it is: the runtime feedback *is* the correction.
+What the scheduler calls a device depends on how the engine was laid out:
+- a device pool with a placement (pooled): the engine's devices themselves. A device hosting n
+  workers hosts a combo of n stages; a move changes which stages its workers serve (never how
+  many workers it has), and may take a stage to a device that never ran it (a device moves
+  between stages). Time-sharing is modelled as the planner does (a device serves its combo at
+  1 / the sum of its stages' costs).
+- the per-stage form: each worker is one scheduler device hosting one stage, and may only take
+  a stage configured on its own device.
+The cost model is refitted on the engine's own measurements (the same linear features `dfuse
+profile` fits), so it needs no profile and follows the machine as it is: the runtime feedback
+*is* the correction. A stage never measured on a device borrows the fit of a device of the same
+kind (the same GPU model, the same number of cores), else of any device.
 """
 
 from __future__ import annotations
@@ -74,7 +82,9 @@ class Elastic:
 
     config: ElasticConfig
     devices: dict[int, str]  # worker id -> its device
-    stage_devices: dict[str, str]  # stage -> the device its workers run on
+    stage_devices: dict[str, list[str]]  # stage -> the devices it may run on (its configured ones unless pooled)
+    pooled: bool = False  # the scheduler's devices are the engine's devices (else its workers)
+    device_kinds: dict[str, str] = field(default_factory=dict)  # device -> what it is (GPU model, core count)
     true_cfg: bool = False
     decisions: list[dict] = field(default_factory=list)
 
@@ -88,10 +98,16 @@ class Elastic:
         self._switch_s = 1.0  # until one is measured: switches are in-process loads
         self._next_step = 0.0
         self._t0 = time.monotonic()  # decisions are reported in seconds since the engine started
+        if self.pooled:
+            units = list(dict.fromkeys(self.devices.values()))
+            sizes = collections.Counter(self.devices.values())
+        else:
+            units = [str(w) for w in sorted(self.devices)]
+            sizes = {device: 1 for device in self.devices.values()}
         self.controller = Controller(
-            devices=[Device(str(w), device) for w, device in sorted(self.devices.items())],
+            devices=[Device(u, u if self.pooled else self.devices[int(u)]) for u in units],
             predictor=self._predictor({}),
-            planner=Planner(PlannerConfig(share="none")),
+            planner=Planner(PlannerConfig(share="none", combo_sizes=dict(sizes))),
             config=ControllerConfig(
                 interval_s=c.interval_s, min_gain=c.min_gain, dwell_s=c.dwell_s, payback_s=c.payback_s,
                 drain_horizon_s=c.payback_s, confirm_s=c.confirm_s, min_arrivals=c.min_arrivals,
@@ -115,8 +131,8 @@ class Elastic:
 
     # --- the decision ---------------------------------------------------------------------------
     def step(self, now: float, stages: dict[int, str], queues: dict[str, int], busy: dict[str, int]) -> list[tuple[int, str]]:
-        """Moves to start now, as (worker id, new stage); `stages` is every worker's stage (a
-        moving one counted in its destination), `busy` the workers computing per stage."""
+        """Moves to start now, together, as (worker id, new stage); `stages` is every worker's
+        stage (a moving one counted in its destination), `busy` the workers computing per stage."""
         instances = collections.Counter(stages.values())
         self.feedback.gauge(now, queues, busy, instances)
         if now < self._next_step:
@@ -126,22 +142,36 @@ class Elastic:
         if coefficients is None:
             return []  # some stage has no measurements yet: nothing to plan with
         self.controller.predictor = self._predictor(coefficients)
-        placement = Placement({str(w): frozenset((s,)) for w, s in stages.items()})
+        if self.pooled:
+            hosted: dict[str, set] = collections.defaultdict(set)
+            for worker_id, stage in stages.items():
+                hosted[self.devices[worker_id]].add(stage)
+            placement = Placement(hosted)
+        else:
+            placement = Placement({str(w): frozenset((s,)) for w, s in stages.items()})
         stats = self.feedback.snapshot(now)
         before = len(self.controller.decisions)
         moves = self.controller.step(now, placement, stats)
         for d in self.controller.decisions[before:]:
             self.decisions.append({"t_s": round(d.t - self._t0, 3), "current_rps": round(d.current_rps, 3),
                                    "target_rps": round(d.target_rps, 3), "reason": d.reason})
-        return [self._as_worker_move(m) for m in moves]
+        return [worker_move for m in moves for worker_move in self._as_worker_moves(m, stages)]
 
     def _fit(self) -> dict[tuple[str, str], tuple] | None:
+        """(stage, device) -> fitted cost, for every pair a worker may serve; None until every
+        stage has been measured somewhere."""
+        fits: dict[tuple[str, str], tuple] = {}
+        for (stage, device), samples in self._samples.items():
+            if len(samples) >= 3:
+                fits[stage, device] = fit_stage(stage, list(samples), self._geometry)
         coefficients = {}
-        for stage, device in self.stage_devices.items():
-            samples = list(self._samples.get((stage, device), ()))
-            if len(samples) < 3:
+        for stage, devices in self.stage_devices.items():
+            measured = [d for (s, d) in fits if s == stage]
+            if not measured:
                 return None
-            coefficients[stage, device] = fit_stage(stage, samples, self._geometry)
+            for device in devices:
+                alike = [d for d in measured if self.device_kinds.get(d) == self.device_kinds.get(device)]
+                coefficients[stage, device] = fits.get((stage, device)) or fits[stage, (alike or measured)[0]]
         return coefficients
 
     _geometry = Geometry()  # only shapes the fitted features; the fit absorbs the model's own factors
@@ -155,7 +185,11 @@ class Elastic:
             {k: DeviceSpec(k, memory_gb=math.inf) for k in kinds}, coefficients, process_start_s=self._switch_s,
         )
 
-    @staticmethod
-    def _as_worker_move(move: Move) -> tuple[int, str]:
-        (stage,) = move.dst
-        return int(move.device), stage
+    def _as_worker_moves(self, move: Move, stages: dict[int, str]) -> list[tuple[int, str]]:
+        """A device's new combo as worker moves: each worker of a stage it drops takes a stage
+        it gains (the combo keeps its size: the planner's combo_sizes)."""
+        if not self.pooled:
+            (stage,) = move.dst
+            return [(int(move.device), stage)]
+        leaving = sorted(w for w, s in stages.items() if self.devices[w] == move.device and s in move.src - move.dst)
+        return list(zip(leaving, sorted(move.dst - move.src, key=STAGES.index)))

@@ -187,15 +187,19 @@ class Engine:
             future.cancel()
             raise RequestTimeout(f"the request did not complete within timeout={timeout} s") from None
 
-    def move(self, worker_id: int, stage: str) -> None:
-        """Move a worker to another stage on the same device, without losing a request: it
-        stops taking work, finishes what it holds, then unloads its stage and loads `stage` in
-        the same process (`stats().switch_s` records each switch, asked -> READY).
-        ValueError if the move would leave a stage without workers."""
+    def move(self, worker_id: int | Mapping[int, str], stage: str | None = None) -> None:
+        """Move a worker to another stage on its device, without losing a request: it stops
+        taking work, finishes what it holds, then unloads its stage and loads `stage` in the
+        same process (`stats().switch_s` records each switch, asked -> READY). A mapping
+        {worker_id: stage} moves several together, e.g. two devices of a pool swapping stages.
+        On a device pool a worker may take any stage (one worker per device and stage); in the
+        per-stage form, one configured on its device. ValueError if the moves would leave a
+        stage without workers."""
         self._check_process()
         if not self._finalizer.alive:
             raise EngineClosed("the engine is closed")
-        self._core.move(worker_id, stage)
+        moves = dict(worker_id) if isinstance(worker_id, Mapping) else {worker_id: stage}
+        self._core.move(list(moves.items()))
 
     def stats(self) -> EngineStats:
         """Placement, queue depths, per-worker state: a typed snapshot (`.to_dict()` for JSON).

@@ -15,6 +15,7 @@ from dfuse import Engine
 from dfuse.engine.config import EngineConfig
 from dfuse.engine.elastic import ElasticConfig
 
+from open_loop import OpenLoop
 from process_utils import wait_until
 
 # Costs at 4 steps and 64x64 px; the DiT scales with steps x pixels, the decoder with pixels.
@@ -24,32 +25,6 @@ DIT_BOUND = dict(num_inference_steps=8, height=64, width=64)
 # 1 step at 128 px: DiT 40 ms on 2 workers (50 req/s) vs decoder 120 ms (8 req/s): 1:1:2 doubles it.
 DECODER_BOUND = dict(num_inference_steps=1, height=128, width=128)
 FAST = ElasticConfig(interval_s=0.5, window_s=4, min_arrivals=10, dwell_s=5, payback_s=10, confirm_s=2)
-
-
-class OpenLoop:
-    """Submits at a fixed rate from a thread, whatever the engine's progress (open loop)."""
-
-    def __init__(self, engine: Engine):
-        self.engine = engine
-        self.futures: list = []  # (seed, future)
-
-    def feed(self, rate: float, seconds: float, until=lambda: False, **params) -> None:
-        start = time.monotonic()
-        for i in range(int(rate * seconds)):
-            delay = start + i / rate - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-            seed = len(self.futures)
-            self.futures.append((seed, self.engine.submit("a fox", seed=seed, **params)))
-            if until():
-                return
-
-    def check_all(self) -> int:
-        """Every request completes with its own image (the synthetic image is its seed % 251)."""
-        for seed, future in self.futures:
-            image = future.result(timeout=120).images[0]
-            assert image.getpixel((0, 0))[0] == seed % 251, f"request {seed} got another request's image"
-        return len(self.futures)
 
 
 def test_elastic_moves_toward_the_new_bottleneck_and_not_while_steady():
