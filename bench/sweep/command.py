@@ -15,7 +15,7 @@ Before each point the sweep waits (at most --quiet-wait s) for an idle machine a
 CPU time other processes used during it (bench/lib/meter.py).
 
 SLO: SLO_FACTOR x the isolated latency of the request's kind, one reference for every mode: a
-static engine with the sweep's instances, one request at a time (the median of ISOLATED_REPEATS
+static engine with the sweep's layout, one request at a time (the median of ISOLATED_REPEATS
 after a warm-up). The first static point's fresh engine measures it before its trace (saving an
 engine start); without static among the modes, a static engine of its own measures it after the
 sweep (the metrics are computed from the request records at the end). A request meets its SLO when it
@@ -71,9 +71,12 @@ class SweepConfig:
     duration_s: float = 30.0
     """Length of each point's arrival trace."""
     instances: Mapping[str, int] = field(default_factory=lambda: {s: 1 for s in STAGES})
-    """Engine workers per stage (static and elastic)."""
-    devices: str | Mapping[str, str] = "cpu"
-    """Engine device, or one per stage."""
+    """Engine workers per stage (static and elastic); with a `placement`, the counts it makes."""
+    devices: str | Mapping[str, str] | tuple[str, ...] = "cpu"
+    """Engine device, or one per stage; with a `placement`, the device pool (canonical names)."""
+    placement: Mapping[str, tuple[str, ...]] | None = None
+    """The pool form (engine/devices.py): the stages of each device, one worker per device and
+    stage, e.g. {"cpu:0": ("encoder", "decoder"), "cpu:1": ("dit",)}; None: devices + instances."""
     threads: int | None = None
     """Torch threads per engine worker (None: the engine's default, cores / CPU workers)."""
     mono_threads: int | None = None
@@ -92,6 +95,11 @@ class SweepConfig:
     @property
     def synthetic(self) -> bool:
         return self.model.startswith(SYNTHETIC_PREFIX)
+
+    @property
+    def pool(self) -> tuple[str, ...] | None:
+        """The device pool of the pool form, None in the per-stage form."""
+        return None if self.placement is None else tuple(self.devices)
 
 
 # --- the open-loop run of one point ------------------------------------------------------------
@@ -180,11 +188,15 @@ def finish_points(points: list[dict], slo_s: dict[str, float], duration_s: float
 
 
 def _columns(samples: list[dict]) -> dict:
-    """Samples as columns: t_s, and per key (placement, queues, inflight) a list per stage."""
+    """Samples as columns: t_s, per key (placement, queues, inflight) a list per stage, and where
+    the runner says it, `devices`: per device a list of its stages at each sample."""
     out: dict = {"t_s": [s["t_s"] for s in samples], "moving": [s["moving"] for s in samples]}
     for key in ("placement", "queues", "inflight"):
         stages = list(samples[0][key]) if samples else []
         out[key] = {stage: [s[key][stage] for s in samples] for stage in stages}
+    if samples and "devices" in samples[0]:
+        devices = list(dict.fromkeys(d for s in samples for d in s["devices"]))
+        out["devices"] = {d: [s["devices"].get(d, []) for s in samples] for d in devices}
     return out
 
 
@@ -222,7 +234,8 @@ def run_mono_mode(config: SweepConfig, kind_params: dict, workloads: list[Worklo
     if progress:
         progress("mono: starting the monolithic processes", 0)
     runner = MonoRunner(config, tuple(kind_params.values()))
-    info = {"description": runner.description, "startup_s": runner.startup_s, "load_s": runner.pool.load_s}
+    info = {"description": runner.description, "startup_s": runner.startup_s, "load_s": runner.pool.load_s,
+            "processes": runner.processes()}
     points = []
     try:
         info["isolated_latency_s"] = measure_isolated(runner, kind_params)
@@ -269,7 +282,7 @@ def run_sweep(config: SweepConfig, progress: Progress | None = None, command: st
             modes[mode] = f"dfuse Engine(policy={mode!r}), a fresh engine per rate"
     reference = reference or measure_reference(config, kind_params, progress)
     slo_s = {k: round(SLO_FACTOR * v, 4) for k, v in reference["isolated_latency_s"].items()}
-    slo = {"factor": SLO_FACTOR, "reference": "static engine with the sweep's instances, one request at a time, "
+    slo = {"factor": SLO_FACTOR, "reference": "static engine with the sweep's layout, one request at a time, "
            f"median of {ISOLATED_REPEATS} after a warm-up", "isolated_latency_s": reference.pop("isolated_latency_s"),
            "slo_s": slo_s, "reference_engine": reference}
     return document(config, info, kind_params, workloads, slo, finish_points(points, slo_s, config.duration_s), modes,
@@ -293,25 +306,65 @@ def _option(flag: str, parse, *args):
         raise click.BadParameter(str(e), param_hint=f"'{flag}'") from None
 
 
+DEFAULT_DEVICE, DEFAULT_INSTANCES = "cpu", "encoder=1,dit=1,decoder=1"
+
+
 def config_from_options(model, rates, trace, modes, duration, instances, device, threads, mono_threads, steps, size,
-                        seed, drain_timeout, quiet_wait) -> SweepConfig:
-    """Every option checked before a process starts; a bad one is a usage error naming it."""
+                        seed, drain_timeout, quiet_wait, pool=None, placement=None) -> SweepConfig:
+    """Every option checked before a process starts; a bad one is a usage error naming it.
+    `pool` and `placement` are --devices and --placement (the pool form, instead of
+    --device/--instances)."""
     from ...engine.config import EngineConfig, parse_devices, parse_instances
     from ...engine.models import describe_model, resolve_model_path
 
-    counts = _option("--instances", parse_instances, instances)
-    _option("--instances", lambda: EngineConfig(instances=counts))
-    devices = parse_devices(device)
-    _option("--device", lambda: EngineConfig(devices=devices, instances=counts))
+    mode_list = tuple(_option("--modes", parse_modes, modes))
+    if pool is None and placement is None:
+        counts = _option("--instances", parse_instances, instances)
+        _option("--instances", lambda: EngineConfig(instances=counts))
+        devices = parse_devices(device)
+        _option("--device", lambda: EngineConfig(devices=devices, instances=counts))
+        layout: dict = {"instances": counts, "devices": devices}
+    else:
+        layout = _pool_layout(pool, placement, device, instances, mode_list)
     info = _option("--model", lambda: describe_model(resolve_model_path(model)))
     config = SweepConfig(
-        model=model, rates=tuple(_option("--rates", parse_rates, rates)), trace=trace,
-        modes=tuple(_option("--modes", parse_modes, modes)), duration_s=duration, instances=counts, devices=devices,
-        threads=threads, mono_threads=mono_threads, steps=steps, size=size, seed=seed, drain_s=drain_timeout,
-        quiet_wait_s=quiet_wait,
+        model=model, rates=tuple(_option("--rates", parse_rates, rates)), trace=trace, modes=mode_list,
+        duration_s=duration, **layout, threads=threads, mono_threads=mono_threads, steps=steps, size=size, seed=seed,
+        drain_s=drain_timeout, quiet_wait_s=quiet_wait,
     )
     _check_kinds(config, info)
     return config
+
+
+def _pool_layout(pool: str | None, placement: str | None, device: str, instances: str, modes: tuple[str, ...]) -> dict:
+    """SweepConfig's devices (the canonical pool), placement and instances from --devices and
+    --placement, parsed as `dfuse run` parses them (engine/devices.py) and checked by EngineConfig."""
+    from ...engine.config import EngineConfig
+    from ...engine.devices import parse_device_list, parse_placement
+
+    other = [f"{flag} {value}" for flag, value, default in (("--device", device, DEFAULT_DEVICE),
+                                                           ("--instances", instances, DEFAULT_INSTANCES))
+             if value != default]
+    if other:
+        raise click.UsageError(f"--devices/--placement (a device pool) and --device/--instances (devices per stage) "
+                               f"are two ways to say where the workers run: give one of them, not both "
+                               f"(got {' and '.join(other)})")
+    if placement is None:
+        raise click.UsageError("--devices needs --placement, the stages of each device "
+                               "(e.g. --placement cpu:0=encoder+decoder,cpu:1=dit)")
+    stages = _option("--placement", parse_placement, placement)
+    fields = {"placement": stages, **({} if pool is None else {"devices": parse_device_list(pool)})}
+    policy = "elastic" if "elastic" in modes else "static"  # what elastic refuses is refused here
+    try:
+        engine = EngineConfig(**fields, policy=policy)
+    except ValueError as e:  # "devices[1]: ...", "placement (cpu:9): ...", "policy: ..."
+        message, flag = str(e), "--devices" if str(e).startswith("devices") else "--placement"
+        if message.startswith("policy: "):  # the engine's reason, then what to change here
+            reason = message.removeprefix("policy: ").split(" (use policy=")[0]
+            message = f"--modes has elastic, and {reason}: leave elastic out of --modes, or give each stage one device"
+        raise click.BadParameter(message, param_hint=f"'{flag}'") from None
+    return {"devices": tuple(engine.devices), "instances": dict(engine.instances),
+            "placement": {d: tuple(s) for d, s in engine.layout().items() if s}}
 
 
 def _check_kinds(config: SweepConfig, info) -> None:
@@ -354,14 +407,22 @@ def _want_plots(plots: bool | None) -> bool:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Output folder for sweep.json, sweep.csv, summary.md and plots "
                    "[default: ./dfuse-bench/sweep-MODEL-TRACE].")
-@click.option("--instances", default="encoder=1,dit=1,decoder=1", show_default=True,
+@click.option("--instances", default=DEFAULT_INSTANCES, show_default=True,
               help="Engine workers per stage (static and elastic).")
-@click.option("--device", default="cpu", show_default=True,
+@click.option("--device", default=DEFAULT_DEVICE, show_default=True,
               help="cpu, cuda, cuda:N, or per stage: encoder=cpu,dit=cuda:0,...")
+@click.option("--devices", "pool", default=None,
+              help="A pool of devices for --placement, as in `dfuse run`: cuda:N, cpu, or CPU core sets cpu:A-B "
+                   "(e.g. cpu:0,cpu:1); mono runs one process per pool device, pinned to its cores "
+                   "[default: the placement's devices].")
+@click.option("--placement", default=None,
+              help="The stages of each device, one engine worker per device and stage: cpu:0=encoder+decoder,cpu:1=dit "
+                   "(instead of --device/--instances).")
 @click.option("--threads", type=click.IntRange(1, 1024), default=None,
               help="Torch threads per engine worker [default: cores / CPU workers].")
 @click.option("--mono-threads", type=click.IntRange(1, 1024), default=None,
-              help="Torch threads of a CPU monolithic process [default: every core].")
+              help="Torch threads of a CPU monolithic process [default: every core; on a core-set device, "
+                   "its cores].")
 @click.option("--steps", type=click.IntRange(1, 1000), default=None,
               help="Base request's denoising steps [default: the model's]; shift: steps/4, 2 x steps, steps/2.")
 @click.option("--size", type=int, default=None,
@@ -375,13 +436,13 @@ def _want_plots(plots: bool | None) -> bool:
 @click.option("--plots/--no-plots", default=None,
               help="Draw latency.png and allocation.png (needs matplotlib: pip install matplotlib) "
                    "[default: if matplotlib is installed, else a warning up front].")
-def sweep_command(model, rates, trace, modes, duration, out, instances, device, threads, mono_threads, steps, size,
-                  seed, drain_timeout, quiet_wait, plots):
+def sweep_command(model, rates, trace, modes, duration, out, instances, device, pool, placement, threads, mono_threads,
+                  steps, size, seed, drain_timeout, quiet_wait, plots):
     """Open-loop serving sweep: every mode at every arrival rate, throughput, latency, SLO, allocation."""
     from .report import format_markdown, write_outputs
 
     config = config_from_options(model, rates, trace, modes, duration, instances, device, threads, mono_threads,
-                                 steps, size, seed, drain_timeout, quiet_wait)
+                                 steps, size, seed, drain_timeout, quiet_wait, pool, placement)
     plots = _want_plots(plots)  # decided before any request, not after the sweep
     slug = "synthetic" if config.synthetic else Path(model).name
     out = out or Path(default_out(f"sweep-{slug}-{trace}"))

@@ -9,6 +9,10 @@ Each process holds the whole model and runs a request's encoder, DiT and decoder
                       one process per engine worker: with mode=sleep each worker stands for a
                       device of its own, so the baseline gets as many devices as the engine
 
+On a device pool (--devices/--placement) either model runs one process per pool device, the
+devices the engine gets: on a core set `cpu:A-B` the process is pinned to those cores (every
+thread, from its first line) with one torch thread per core, as the engine's workers there are.
+
 The pool in the parent keeps the queue (first come, first served) and hands a request to a
 process only when that process is idle, so a request cancelled while queued never runs.
 Messages are msgspec-encoded bytes over one pipe per process (no pickle after start-up).
@@ -29,11 +33,14 @@ from dataclasses import dataclass
 
 import msgspec
 
+from ...engine.cpu_affinity import describe as describe_cpus
+from ...engine.cpu_affinity import pin_this_process
+from ...engine.devices import device_cpus, torch_device
 from ...engine.protocol import RequestParams
 from ...engine.models.synthetic import PREFIX as SYNTHETIC_PREFIX
 
 _TASK = msgspec.msgpack.Decoder(tuple[int, RequestParams])
-_REPLY = msgspec.msgpack.Decoder(list)
+_REPLY = msgspec.msgpack.Decoder(list)  # ["ready", {...}], ["failed", str], ["done" / "error", id, ...]
 PARENT_CHECK_S = 1.0  # how often an idle process checks that its parent still lives
 
 
@@ -44,16 +51,24 @@ class MonolithicConfig:
     model: str
     """A resolved model folder or a synthetic:... spec."""
     device: str
-    """cpu, cuda or cuda:N."""
+    """cpu, cuda or cuda:N, or a pool's device (a core set cpu:A-B too)."""
     threads: int
     """Torch threads (CPU work)."""
     warmup: tuple[RequestParams, ...] = ()
     """Requests run once before READY (first-call costs stay out of the measurement)."""
+    cpus: tuple[int, ...] | None = None
+    """The cores every thread of the process runs on (a core-set device's); None: where the OS puts them."""
 
 
 def monolithic_configs(model: str, devices: dict[str, str], instances: dict[str, int], threads: int | None,
-                       warmup: tuple[RequestParams, ...] = ()) -> list[MonolithicConfig]:
-    """One config per process of the fairest monolithic baseline for this engine layout."""
+                       warmup: tuple[RequestParams, ...] = (), *,
+                       pool: tuple[str, ...] | None = None) -> list[MonolithicConfig]:
+    """One config per process of the fairest monolithic baseline for this engine layout: given the
+    engine's device `pool` (canonical names), one per pool device whatever the model, pinned to a
+    core set's cores with `threads` or one torch thread per core; else from `devices` (per stage)
+    and `instances`."""
+    if pool is not None:
+        return [_pool_config(model, device, threads, warmup) for device in pool]
     if model.startswith(SYNTHETIC_PREFIX):
         return [MonolithicConfig(model, "cpu", 1, warmup) for _ in range(sum(instances.values()))]
     cores = os.cpu_count() or 1
@@ -61,23 +76,42 @@ def monolithic_configs(model: str, devices: dict[str, str], instances: dict[str,
             for device in sorted(set(devices.values()))]
 
 
-def describe(configs: list[MonolithicConfig]) -> str:
-    if configs[0].model.startswith(SYNTHETIC_PREFIX):
+def _pool_config(model: str, device: str, threads: int | None, warmup: tuple[RequestParams, ...]) -> MonolithicConfig:
+    cpus = device_cpus(device)
+    if cpus:
+        count = threads or len(cpus)
+    else:
+        count = (threads or os.cpu_count() or 1) if device == "cpu" else 1
+    return MonolithicConfig(model, device, count, warmup, cpus)
+
+
+def describe(configs: list[MonolithicConfig], pool: bool = False) -> str:
+    """One line for the report: what each process runs, where (`pool`: one per pool device)."""
+    synthetic = configs[0].model.startswith(SYNTHETIC_PREFIX)
+    if synthetic and not pool:
         return (f"{len(configs)} processes (one per engine worker: a simulated device each), each running the "
                 "synthetic encode, denoise and decode back to back")
-    return "; ".join(f"DiffusionPipeline in one process on {c.device} with {c.threads} torch thread(s)"
-                     for c in configs)
+    what = "synthetic encode, denoise and decode" if synthetic else "DiffusionPipeline"
+    return ("one process per pool device: " if pool else "") + "; ".join(
+        f"{what} in one process on {c.device}" + (f" pinned to CPU {describe_cpus(c.cpus)}" if c.cpus else "")
+        + f" with {c.threads} torch thread(s)" for c in configs)
 
 
 def run_monolithic(config: MonolithicConfig, conn) -> None:
     """Process entry point: load, warm up, say READY, then serve tasks until told to stop or orphaned."""
+    if config.cpus:  # before torch starts its threads: they all inherit it
+        pin_this_process(config.cpus)
     parent = os.getppid()
     try:
         started = time.perf_counter()
         generate = _load(config)
         for params in config.warmup:
             generate(params)
-        conn.send_bytes(msgspec.msgpack.encode(["ready", round(time.perf_counter() - started, 3)]))
+        import torch
+
+        ready = {"load_s": round(time.perf_counter() - started, 3), "runs_on": sorted(os.sched_getaffinity(0)),
+                 "torch_threads": torch.get_num_threads()}
+        conn.send_bytes(msgspec.msgpack.encode(["ready", ready]))
     except Exception as e:  # reported to the parent, which fails the start-up with it
         conn.send_bytes(msgspec.msgpack.encode(["failed", f"{type(e).__name__}: {e}"]))
         return
@@ -113,8 +147,9 @@ def _load(config: MonolithicConfig):
     from ...engine.models.libraries import quiet_libraries
 
     quiet_libraries()
-    dtype = EngineConfig().torch_dtype(config.device)  # the engine's dtype="auto" for this device
-    pipe = DiffusionPipeline.from_pretrained(config.model, torch_dtype=dtype).to(config.device)
+    device = torch_device(config.device)  # cpu:0-3 is torch's cpu
+    dtype = EngineConfig().torch_dtype(device)  # the engine's dtype="auto" for this device
+    pipe = DiffusionPipeline.from_pretrained(config.model, torch_dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
 
     def generate(params: RequestParams) -> list[int]:
@@ -122,7 +157,7 @@ def _load(config: MonolithicConfig):
         image = pipe(params.prompt, negative_prompt=params.negative_prompt,
                      num_inference_steps=params.num_inference_steps, guidance_scale=params.guidance_scale,
                      height=params.height, width=params.width,
-                     generator=torch.Generator(config.device).manual_seed(params.seed), **extra).images[0]
+                     generator=torch.Generator(device).manual_seed(params.seed), **extra).images[0]
         return [image.height, image.width, image.getpixel((0, 0))[0]]
 
     return generate
@@ -134,7 +169,7 @@ def _load_synthetic(config: MonolithicConfig):
     from ...stages.families.synthetic import SyntheticFamily
 
     family = SyntheticFamily(config.model)
-    device = torch.device(config.device)
+    device = torch.device(torch_device(config.device))
     models = [load(config.model, device, torch.float32)
               for load in (family.load_encoder, family.load_dit, family.load_decoder)]
 
@@ -173,15 +208,17 @@ class MonolithicPool:
         self._closing = False
         self._wake_recv, self._wake_send = socket.socketpair()
         try:
-            self.load_s = self._wait_ready(startup_timeout_s)
+            self.ready = self._wait_ready(startup_timeout_s)
+            self.load_s = [r["load_s"] for r in self.ready]
         except BaseException:
             self.close()
             raise
         self._thread = threading.Thread(target=self._loop, name="mono-dispatch", daemon=True)
         self._thread.start()
 
-    def _wait_ready(self, timeout_s: float) -> list[float]:
-        deadline, load_s = time.monotonic() + timeout_s, []
+    def _wait_ready(self, timeout_s: float) -> list[dict]:
+        """What each process reported at READY: load_s, runs_on (its cores), torch_threads."""
+        deadline, ready = time.monotonic() + timeout_s, []
         for index, conn in enumerate(self._conns):
             if not conn.poll(max(0.0, deadline - time.monotonic())):
                 raise RuntimeError(f"monolithic process {index} was not ready within {timeout_s:g} s")
@@ -191,8 +228,8 @@ class MonolithicPool:
                 raise RuntimeError(f"monolithic process {index} exited before it was ready") from None
             if kind != "ready":
                 raise RuntimeError(f"monolithic process {index} failed to start: {detail}")
-            load_s.append(detail)
-        return load_s
+            ready.append(detail)
+        return ready
 
     def submit(self, params: RequestParams) -> Future:
         future: Future = Future()
@@ -205,7 +242,8 @@ class MonolithicPool:
 
     def stats(self) -> dict:
         with self._lock:
-            return {"queue": len(self._queue), "busy": len(self._running), "processes": len(self._alive)}
+            return {"queue": len(self._queue), "busy": len(self._running), "processes": len(self._alive),
+                    "alive": sorted(self._alive)}
 
     # --- the dispatch thread --------------------------------------------------------------------
     def _loop(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..lib.outputs import pyplot
+from .report import layout_line
 
 COLORS = {"mono": "#7f7f7f", "static": "#1f77b4", "elastic": "#2ca02c"}
 STAGE_COLORS = {"encoder": "#1f77b4", "dit": "#ff7f0e", "decoder": "#2ca02c"}
@@ -46,7 +47,7 @@ def plot_latency(doc: dict, out: Path) -> Path:
     served.legend(fontsize=8)
     config = doc["config"]
     fig.suptitle(f"{config['model']}  |  {config['trace']} trace, {config['duration_s']:g} s per point  |  "
-                 f"engine {_layout(config['instances'])}", fontsize=9)
+                 f"engine {layout_line(config)}", fontsize=9)
     return _save(plt, fig, out)
 
 
@@ -96,10 +97,6 @@ def _allocation_panel(ax, point: dict, phases: list[dict], workers: int, first_r
     queues.set_ylim(0, top * 1.15)
     queues.set_ylabel("requests queued (lines)", fontsize=7)
     queues.tick_params(labelsize=7)
-
-
-def _layout(instances: dict) -> str:
-    return ",".join(f"{s}={n}" for s, n in instances.items())
 
 
 def _save(plt, fig, out: Path) -> Path:

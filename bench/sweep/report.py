@@ -139,7 +139,7 @@ def format_markdown(doc: dict) -> str:
     lines = [
         f"# dfuse bench sweep: `{config['model']}`, {config['trace']} trace, {config['duration_s']:g} s per point",
         "",
-        f"- engine: {_instances(config['instances'])} on {config['devices']}; static and elastic use the same layout",
+        f"- engine: {layout_line(config)}; static and elastic use the same layout",
         f"- mono: {doc['modes'].get('mono', '(not run)')}",
         f"- SLO = {slo['factor']:g} x isolated latency ({slo['reference']}): "
         + ", ".join(f"{k} {v:.3f} s -> {slo['slo_s'][k]:.3f} s" for k, v in slo['isolated_latency_s'].items()),
@@ -171,6 +171,17 @@ def _instances(instances: dict) -> str:
     return ",".join(f"{s}={n}" for s, n in instances.items())
 
 
+def layout_line(config: dict) -> str:
+    """Where the engine's workers run: instances on a device (or one per stage), or a device pool
+    and its placement, as `dfuse run` takes them (--devices cpu:0,cpu:1 --placement cpu:0=encoder+dit,...)."""
+    placement = config.get("placement")
+    if not placement:
+        return f"{_instances(config['instances'])} on {config['devices']}"
+    stages = ",".join(f"{d}={'+'.join(s)}" for d, s in placement.items())
+    return (f"device pool {','.join(config['devices'])}, placement {stages} "
+            f"({_instances(config['instances'])}, one worker per device and stage)")
+
+
 def _num(x) -> str:
     if x is None:
         return "-"
@@ -197,7 +208,8 @@ def document(config, info, kind_params, workloads, slo, points, modes, *, create
         "created": created,
         "command": command,
         "config": {**asdict(config), "instances": dict(config.instances), "steps": steps, "size": size,
-                   "devices": config.devices if isinstance(config.devices, str) else dict(config.devices)},
+                   "devices": _devices(config.devices),
+                   "placement": None if config.placement is None else {d: list(s) for d, s in config.placement.items()}},
         "machine": _machine(load_before),
         "versions": _versions(),
         "trace": {
@@ -225,6 +237,13 @@ def document(config, info, kind_params, workloads, slo, points, modes, *, create
         },
         "wall_s": round(wall_s, 1),
     }
+
+
+def _devices(devices) -> str | dict | list:
+    """The engine device (str), one per stage (dict), or the pool (list)."""
+    if isinstance(devices, str):
+        return devices
+    return list(devices) if isinstance(devices, tuple) else dict(devices)
 
 
 def _machine(load_before) -> dict:

@@ -27,15 +27,27 @@ def check_output(params: RequestParams, height: int, width: int, pixel: int, syn
     return None
 
 
+def device_stages(stats) -> dict[str, list[str]]:
+    """Device -> the stages of its workers (pipeline order), a moving worker counted in the
+    stage it moves to: where the engine's capacity is going."""
+    hosts: dict[str, list[str]] = {device: [] for device in stats.placement}
+    for worker in stats.workers:
+        hosts.setdefault(worker.device, []).append(worker.moving_to or worker.stage)
+    return {device: sorted(stages, key=STAGES.index) for device, stages in hosts.items()}
+
+
 class EngineRunner:
-    """A dfuse Engine with the sweep's layout and `policy`."""
+    """A dfuse Engine with the sweep's layout (devices + instances, or a pool + placement) and `policy`."""
 
     def __init__(self, config, policy: str):
         from ...engine.engine import Engine
 
+        if config.placement is None:
+            layout = {"device": config.devices, "instances": config.instances}
+        else:
+            layout = {"devices": list(config.devices), "placement": {d: list(s) for d, s in config.placement.items()}}
         started, self.created = time.perf_counter(), time.monotonic()  # ~ the engine's clock zero
-        self.engine = Engine(model=config.model, device=config.devices, instances=config.instances,
-                             cpu_threads=config.threads, policy=policy)
+        self.engine = Engine(model=config.model, **layout, cpu_threads=config.threads, policy=policy)
         self.startup_s = round(time.perf_counter() - started, 3)
         self.pids = {w.pid for w in self.engine.stats().workers if w.pid}
         self._synthetic = config.synthetic
@@ -60,13 +72,14 @@ class EngineRunner:
             "queues": dict(stats.queues),
             "inflight": {s: sum(w.inflight for w in workers if w.stage == s) for s in STAGES},
             "moving": sum(w.moving_to is not None for w in workers),
+            "devices": device_stages(stats),
         }
 
     def close(self) -> dict:
         stats = self.engine.stats()
         leaks = close_and_check(self.engine, self.pids)
         return {"moves": [m.to_dict() for m in stats.moves], "decisions": list(stats.decisions),
-                "placement_end": dict(stats.instances),
+                "placement_end": dict(stats.instances), "placement_end_devices": device_stages(stats),
                 "switch_s": list(stats.switch_s), "startup_s": self.startup_s,
                 "restarts": sum(w.restarts for w in stats.workers), **leaks}
 
@@ -78,10 +91,14 @@ class MonoRunner:
         from ...engine.models import resolve_model_path
         from .monolithic import MonolithicPool, describe, monolithic_configs
 
-        devices = config.devices if isinstance(config.devices, Mapping) else {s: config.devices for s in STAGES}
         model = config.model if config.synthetic else str(resolve_model_path(config.model))
-        configs = monolithic_configs(model, dict(devices), dict(config.instances), config.mono_threads, warmup)
-        self.description = describe(configs)
+        if config.placement is None:
+            devices = config.devices if isinstance(config.devices, Mapping) else {s: config.devices for s in STAGES}
+            configs = monolithic_configs(model, dict(devices), dict(config.instances), config.mono_threads, warmup)
+        else:  # one process per pool device, pinned to its cores
+            configs = monolithic_configs(model, {}, {}, config.mono_threads, warmup, pool=tuple(config.devices))
+        self.configs, self.on_pool = configs, config.placement is not None
+        self.description = describe(configs, pool=self.on_pool)
         started = time.perf_counter()
         self.pool = MonolithicPool(configs)
         self.startup_s = round(time.perf_counter() - started, 3)
@@ -100,8 +117,17 @@ class MonoRunner:
 
     def sample(self) -> dict:
         stats = self.pool.stats()
-        return {"placement": {"mono": stats["processes"]}, "queues": {"mono": stats["queue"]},
-                "inflight": {"mono": stats["busy"]}, "moving": 0}
+        sample = {"placement": {"mono": stats["processes"]}, "queues": {"mono": stats["queue"]},
+                  "inflight": {"mono": stats["busy"]}, "moving": 0}
+        if self.on_pool:  # each pool device runs one whole-model process while it lives
+            sample["devices"] = {c.device: ["mono"] if i in stats["alive"] else [] for i, c in enumerate(self.configs)}
+        return sample
+
+    def processes(self) -> list[dict]:
+        """Each process: its device, the cores it was pinned to, and what it reported at READY
+        (the cores it runs on, its torch threads, its load time)."""
+        return [{"device": c.device, "cpus": None if c.cpus is None else list(c.cpus), "threads": c.threads, **ready}
+                for c, ready in zip(self.configs, self.pool.ready)]
 
     def close(self) -> dict:
         if self._cpu_wake is not None:

@@ -1,0 +1,70 @@
+"""`dfuse bench sweep` on a device pool end to end: two one-core CPU devices, encoder and decoder
+on one, the DiT on the other. The CLI drives a synthetic sleep model through the monolithic
+baseline (one process per pool device, pinned to its core) and a static engine on that placement;
+every request completes, the JSON records the placement per device over time, and nothing outlives
+the run (processes, /dev/shm segments)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+MODEL = "synthetic:encoder=5ms,dit=20ms,decoder=10ms,mode=sleep"
+SEED = 5  # the arrival trace
+CORES = sorted(os.sched_getaffinity(0))[:2]
+pytestmark = pytest.mark.skipif(len(CORES) < 2, reason="needs two usable CPUs")
+A, B = (f"cpu:{c}" for c in (CORES + [0, 0])[:2])
+
+
+def test_sweep_on_a_device_pool_records_the_placement_per_device(tmp_path):
+    out = tmp_path / "sweep"
+    command = [sys.executable, "-c", "from dfuse.cli import main; main()", "bench", "sweep", "--model", MODEL,
+               "--devices", f"{A},{B}", "--placement", f"{A}=encoder+decoder,{B}=dit", "--modes", "mono,static",
+               "--rates", "8", "--duration", "3", "--seed", str(SEED), "--quiet-wait", "0", "--drain-timeout", "60",
+               "--out", str(out), "--no-plots"]
+    print("seed", SEED, "command", " ".join(command))
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        raw, _ = process.communicate(timeout=240)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    output = raw.decode(errors="replace")
+    assert process.returncode == 0, output
+
+    doc = json.loads((out / "sweep.json").read_text())
+    placement = {A: ["encoder", "decoder"], B: ["dit"]}
+    assert doc["config"]["devices"] == [A, B] and doc["config"]["placement"] == placement
+    points = doc["points"]
+    assert [(p["mode"], p["rate_rps"]) for p in points] == [("mono", 8.0), ("static", 8.0)]
+    submitted = doc["trace"]["requests_per_rate"]["8"]
+    assert submitted > 0
+    for point in points:
+        assert point["submitted"] == point["completed"] == submitted, point["errors"]
+        assert point["failed"] == point["unfinished"] == 0
+        assert point["allocation"]["t_s"], "the allocation was sampled"
+
+    mono, static = points
+    # the baseline: one process per pool device, each pinned to its device's core, one torch thread
+    processes = doc["mono"]["processes"]
+    assert [(p["device"], p["runs_on"], p["torch_threads"]) for p in processes] == [
+        (A, [CORES[0]], 1), (B, [CORES[1]], 1)]
+    assert set(mono["allocation"]["placement"]["mono"]) == {2}
+    assert mono["allocation"]["devices"] == {A: [["mono"]] * len(mono["allocation"]["t_s"]),
+                                             B: [["mono"]] * len(mono["allocation"]["t_s"])}
+
+    # the engine on the placement: per device over time and at the end, per stage as before
+    assert static["placement_end_devices"] == placement
+    assert static["placement_end"] == {"encoder": 1, "dit": 1, "decoder": 1}
+    samples = len(static["allocation"]["t_s"])
+    assert static["allocation"]["devices"] == {A: [placement[A]] * samples, B: [placement[B]] * samples}
+    assert set(static["allocation"]["placement"]) == {"encoder", "dit", "decoder"}
+
+    summary = (out / "summary.md").read_text()
+    assert f"device pool {A},{B}, placement {A}=encoder+decoder,{B}=dit" in summary
+    assert f"on {A} pinned to CPU {CORES[0]}" in summary
+    totals = doc["totals"]
+    assert totals["leaked_processes"] == [] and totals["leaked_segments"] == [] and not totals["run_dir_left"]
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"dfuse_{process.pid}_")]
