@@ -357,12 +357,9 @@ def _pool_layout(pool: str | None, placement: str | None, device: str, instances
     policy = "elastic" if "elastic" in modes else "static"  # what elastic refuses is refused here
     try:
         engine = EngineConfig(**fields, policy=policy)
-    except ValueError as e:  # "devices[1]: ...", "placement (cpu:9): ...", "policy: ..."
-        message, flag = str(e), "--devices" if str(e).startswith("devices") else "--placement"
-        if message.startswith("policy: "):  # the engine's reason, then what to change here
-            reason = message.removeprefix("policy: ").split(" (use policy=")[0]
-            message = f"--modes has elastic, and {reason}: leave elastic out of --modes, or give each stage one device"
-        raise click.BadParameter(message, param_hint=f"'{flag}'") from None
+    except ValueError as e:  # "devices[1]: ...", "placement (cpu:9): ..."
+        flag = "--devices" if str(e).startswith("devices") else "--placement"
+        raise click.BadParameter(str(e), param_hint=f"'{flag}'") from None
     return {"devices": tuple(engine.devices), "instances": dict(engine.instances),
             "placement": {d: tuple(s) for d, s in engine.layout().items() if s}}
 

@@ -60,17 +60,6 @@ def _config(modes="mono,static,elastic", instances=sweep.DEFAULT_INSTANCES, devi
 
 
 @pytest.mark.skipif(len(CORES) < 2, reason="needs two usable CPUs")
-def test_elastic_with_a_stage_on_two_devices_is_refused_up_front(no_sweep):
-    a, b = (f"cpu:{c}" for c in CORES[:2])
-    pool, placement = f"{a},{b}", f"{a}=encoder+dit+decoder,{b}=dit"
-    result = CliRunner().invoke(main, ["bench", "sweep", "--model", SYNTHETIC, "--rates", "2", "--devices", pool,
-                                       "--placement", placement])
-    assert result.exit_code == 2, result.output
-    assert "'--placement'" in result.output and "leave elastic out of --modes" in result.output, result.output
-    assert _config(modes="mono,static", pool=pool, placement=placement).instances["dit"] == 2  # static takes it
-
-
-@pytest.mark.skipif(len(CORES) < 2, reason="needs two usable CPUs")
 def test_a_pool_becomes_the_sweeps_canonical_layout():
     a, b = (f"cpu:{c}" for c in CORES[:2])
     config = _config(pool=f"{b},{a}", placement=f"{a}=decoder+encoder,{b}=dit")
