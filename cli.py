@@ -60,7 +60,7 @@ def _engine_options(command):
         click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N, or per stage: encoder=cpu,dit=cuda:0,decoder=cuda:0."),
         click.option("--instances", default="encoder=1,dit=1,decoder=1", show_default=True, help="Worker processes per stage."),
         click.option("--devices", default=None, help="A pool of devices for --placement: cuda:N, cpu, or CPU core sets cpu:A-B (e.g. cpu:0,cpu:1) [default: the placement's devices]."),
-        click.option("--placement", default=None, help="The stages of each device, one worker per device and stage: cpu:0=encoder+decoder,cpu:1=dit (instead of --device/--instances)."),
+        click.option("--placement", default=None, help="The stages of each device, one worker per device and stage: cpu:0=encoder+decoder,cpu:1=dit (instead of --device/--instances); auto (the default with --devices): the planner's, under each device's memory."),
         click.option("--threads", type=int, default=None, help="Torch threads per CPU worker [default: cores / CPU workers]."),
         click.option("--slot-mib", type=int, default=None, help="Transport slot size in MiB: one request's stage outputs must fit (long videos need more) [default: 16]."),
         click.option("--policy", type=click.Choice(["static", "elastic"]), default="static", show_default=True,
@@ -473,11 +473,12 @@ def _device_fields(device: str, instances: str, devices: str | None, placement: 
     """EngineConfig's device fields from --device/--instances, or from --devices/--placement."""
     if placement is None and devices is None:
         return {"devices": parse_devices(device), "instances": parse_instances(instances)}
-    if placement is None:
-        raise ValueError("placement: --devices needs --placement (the stages of each device, e.g. "
-                         "cpu:0=encoder+decoder,cpu:1=dit); placement='auto' is not available yet")
     if device != "cpu" or instances != "encoder=1,dit=1,decoder=1":
-        raise ValueError("placement: give either --placement (with --devices) or --device/--instances, not both")
+        raise ValueError("placement: give either --devices/--placement or --device/--instances, not both")
+    if placement in (None, "auto"):
+        if devices is None:
+            raise ValueError("placement: 'auto' places the stages over --devices; give them (e.g. --devices cpu:0,cpu:1)")
+        return {"devices": parse_device_list(devices), "placement": "auto"}
     fields = {"placement": parse_placement(placement)}
     if devices is not None:
         fields["devices"] = parse_device_list(devices)

@@ -99,10 +99,12 @@ class EngineConfig:
     engine/devices.py)."""
     instances: Mapping[str, int] = field(default_factory=lambda: {s: 1 for s in STAGES})
     """Number of worker processes per stage (without a placement)."""
-    placement: Mapping[str, Sequence[str]] | None = None
+    placement: Mapping[str, Sequence[str]] | str | None = None
     """Which stages each device hosts, one worker per (device, stage): {"cpu:0": ["encoder",
     "decoder"], "cpu:1": ["dit"]}. Its devices must be in `devices` when that is a list (default:
-    the placement's own devices)."""
+    the placement's own devices). "auto" (the default with a list of `devices`): the planner's
+    choice, made by the Engine once it knows the model (engine/auto_placement.py); until then
+    the config has no workers."""
     workers: tuple[tuple[str, str], ...] = field(init=False, repr=False)
     """(device, stage) of every worker, by stage in pipeline order: derived from the above."""
     cpu_threads: int | None = field(default=None, metadata=checked(optional(integer(1, 1024), mention=False)))
@@ -201,14 +203,26 @@ class EngineConfig:
     def _init_placement(self) -> None:
         """The pool form: one worker per (device, stage) of the placement."""
         if self.placement is None or self.placement == "auto":
-            raise ValueError("placement: give the stages of each device, e.g. {'cpu:0': ['encoder', 'decoder'], "
-                             "'cpu:1': ['dit']}; placement='auto' (the planner's choice) is not available yet")
+            if not _is_pool(self.devices):
+                raise ValueError("placement: 'auto' needs the pool of devices it places over (devices=[...])")
+            pool = tuple(canonical_device(f"devices[{i}]", d) for i, d in enumerate(self.devices))
+            if len(set(pool)) < len(pool):
+                raise ValueError(f"devices: {list(pool)} names a device twice")
+            check_disjoint(list(pool), "devices")
+            object.__setattr__(self, "placement", "auto")
+            object.__setattr__(self, "devices", pool)
+            object.__setattr__(self, "workers", ())
+            object.__setattr__(self, "instances", MappingProxyType({s: 0 for s in STAGES}))
+            return
+        if isinstance(self.placement, str):
+            raise ValueError(f"placement: expected 'auto' or a mapping of device -> stages (got {self.placement!r})")
         pool = list(self.devices) if _is_pool(self.devices) else [
             canonical_device(f"placement ({device})", device) for device in self.placement]
         workers = place_workers(pool, self.placement)
         counts = {s: sum(w == s for _, w in workers) for s in STAGES}
-        # The default, or the counts this placement makes (a config rebuilt by dataclasses.replace).
-        if dict(self.instances) not in ({s: 1 for s in STAGES}, counts):
+        # The default, the counts this placement makes (a config rebuilt by dataclasses.replace),
+        # or an auto placement's zeros (the Engine replaces "auto" with the planner's placement).
+        if dict(self.instances) not in ({s: 1 for s in STAGES}, {s: 0 for s in STAGES}, counts):
             raise ValueError("instances: not with a placement, where each (device, stage) is one worker; list a "
                              "stage on several devices instead")
         object.__setattr__(self, "devices", tuple(canonical_device(f"devices[{i}]", d) for i, d in enumerate(pool)))
@@ -308,8 +322,9 @@ class EngineConfig:
         return getattr(torch, self.dtype)
 
     def itemsizes(self) -> dict[str, int]:
-        """Bytes per element of each stage's activations (the largest where devices differ)."""
-        return {s: max(self.torch_dtype(d).itemsize for d in self.devices_of(s)) for s in STAGES}
+        """Bytes per element of each stage's activations (the largest where devices differ; any
+        device of the pool while placement is "auto")."""
+        return {s: max(self.torch_dtype(d).itemsize for d in self.devices_of(s) or self.pool) for s in STAGES}
 
 
 def parse_devices(text: str) -> str | dict[str, str]:

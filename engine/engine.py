@@ -16,6 +16,7 @@ from PIL import Image
 
 from ..scheduler.core import STAGES
 from .admission import detect_budgets
+from .auto_placement import auto_placed
 from .completions import UserFuture, resolve
 from .config import DEFAULT_MODEL, EngineConfig
 from .input_processor import InputProcessor
@@ -102,6 +103,8 @@ class Engine:
     def _init_model(self) -> None:
         self.model_path = resolve_model_path(self.config.model, self.config.revision, self.config.variant)
         self.model_info = describe_model(self.model_path)  # ValueError before any process starts
+        if self.config.placement == "auto":
+            self.config = auto_placed(self.config, self.model_path, self.model_info, detect_family(self.model_path))
         self._inputs = InputProcessor.for_config(self.config, self.model_info, detect_family(self.model_path))
         self._ids = itertools.count()
         self._ids_lock = threading.Lock()

@@ -325,7 +325,7 @@ def config_from_options(model, rates, trace, modes, duration, instances, device,
         _option("--device", lambda: EngineConfig(devices=devices, instances=counts))
         layout: dict = {"instances": counts, "devices": devices}
     else:
-        layout = _pool_layout(pool, placement, device, instances, mode_list)
+        layout = _pool_layout(pool, placement, device, instances, mode_list, model)
     info = _option("--model", lambda: describe_model(resolve_model_path(model)))
     config = SweepConfig(
         model=model, rates=tuple(_option("--rates", parse_rates, rates)), trace=trace, modes=mode_list,
@@ -336,11 +336,16 @@ def config_from_options(model, rates, trace, modes, duration, instances, device,
     return config
 
 
-def _pool_layout(pool: str | None, placement: str | None, device: str, instances: str, modes: tuple[str, ...]) -> dict:
+def _pool_layout(pool: str | None, placement: str | None, device: str, instances: str, modes: tuple[str, ...],
+                 model: str) -> dict:
     """SweepConfig's devices (the canonical pool), placement and instances from --devices and
-    --placement, parsed as `dfuse run` parses them (engine/devices.py) and checked by EngineConfig."""
+    --placement, parsed as `dfuse run` parses them (engine/devices.py) and checked by EngineConfig.
+    --placement auto is resolved here, as the Engine would (engine/auto_placement.py), so every
+    mode and the report see the placement it chose."""
+    from ...engine.auto_placement import auto_placed
     from ...engine.config import EngineConfig
     from ...engine.devices import parse_device_list, parse_placement
+    from ...engine.models import describe_model, detect_family, resolve_model_path
 
     other = [f"{flag} {value}" for flag, value, default in (("--device", device, DEFAULT_DEVICE),
                                                            ("--instances", instances, DEFAULT_INSTANCES))
@@ -349,16 +354,18 @@ def _pool_layout(pool: str | None, placement: str | None, device: str, instances
         raise click.UsageError(f"--devices/--placement (a device pool) and --device/--instances (devices per stage) "
                                f"are two ways to say where the workers run: give one of them, not both "
                                f"(got {' and '.join(other)})")
-    if placement is None:
-        raise click.UsageError("--devices needs --placement, the stages of each device "
-                               "(e.g. --placement cpu:0=encoder+decoder,cpu:1=dit)")
-    stages = _option("--placement", parse_placement, placement)
-    fields = {"placement": stages, **({} if pool is None else {"devices": parse_device_list(pool)})}
+    if placement in (None, "auto") and pool is None:
+        raise click.UsageError("--placement auto places the stages over --devices; give them (e.g. --devices cpu:0,cpu:1)")
+    stages = "auto" if placement in (None, "auto") else _option("--placement", parse_placement, placement)
+    fields = {"placement": stages, **({} if pool is None else {"devices": _option("--devices", parse_device_list, pool)})}
     policy = "elastic" if "elastic" in modes else "static"  # what elastic refuses is refused here
     try:
-        engine = EngineConfig(**fields, policy=policy)
-    except ValueError as e:  # "devices[1]: ...", "placement (cpu:9): ..."
-        flag = "--devices" if str(e).startswith("devices") else "--placement"
+        engine = EngineConfig(model=model, **fields, policy=policy)
+        if engine.placement == "auto":
+            path = resolve_model_path(model)
+            engine = auto_placed(engine, path, describe_model(path), detect_family(path))
+    except ValueError as e:  # "devices[1]: ...", "placement (cpu:9): ...", "model: ..."
+        flag = {"devices": "--devices", "model": "--model"}.get(str(e).split("[")[0].split(":")[0], "--placement")
         raise click.BadParameter(str(e), param_hint=f"'{flag}'") from None
     return {"devices": tuple(engine.devices), "instances": dict(engine.instances),
             "placement": {d: tuple(s) for d, s in engine.layout().items() if s}}
@@ -414,7 +421,7 @@ def _want_plots(plots: bool | None) -> bool:
                    "[default: the placement's devices].")
 @click.option("--placement", default=None,
               help="The stages of each device, one engine worker per device and stage: cpu:0=encoder+decoder,cpu:1=dit "
-                   "(instead of --device/--instances).")
+                   "(instead of --device/--instances); auto (the default with --devices): the engine planner's.")
 @click.option("--threads", type=click.IntRange(1, 1024), default=None,
               help="Torch threads per engine worker [default: cores / CPU workers].")
 @click.option("--mono-threads", type=click.IntRange(1, 1024), default=None,

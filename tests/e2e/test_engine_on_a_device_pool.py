@@ -60,3 +60,24 @@ def test_dfuse_run_takes_a_device_pool_and_reports_it(model_path, tmp_path):
     assert f"Placement (static): {A}: encoder+decoder; {B}: dit" in run.stdout
     assert f"device {B}: 1 CPU core ({B.removeprefix('cpu:')})" in run.stdout
     assert out.exists()
+
+
+def test_dfuse_run_on_a_pool_without_a_placement_lets_the_planner_place_every_stage_everywhere(
+        model_path, reference, tmp_path):
+    # Two alike devices with room for the whole model: the planner's optimum is every stage on
+    # both (each device serves whole requests), as a monolithic deployment would run.
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    out = tmp_path / "fox.png"
+    run = subprocess.run(
+        [sys.executable, "-m", "dfuse.cli", "run", "a red fox in the snow", "--model", str(model_path),
+         "--devices", f"{A},{B}", "--steps", "2", "--guidance-scale", "4.5", "--height", "64", "--width", "64",
+         "--seed", "11", "--out", str(out), "-v"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    assert f"Placement (static): {A}: encoder+dit+decoder; {B}: encoder+dit+decoder" in run.stdout, run.stdout
+    assert np.array_equal(np.array(Image.open(out).convert("RGB")), reference(num_inference_steps=2, **CASES[0]))

@@ -128,11 +128,6 @@ def test_devices_of_the_wrong_type(value):
     _raises_for("device", devices=value)
 
 
-def test_a_device_pool_needs_a_placement():
-    """A list is a pool of devices (engine/devices.py); which stages each hosts must be given."""
-    assert "placement='auto'" in str(_raises_for("placement", devices=["cpu"]))
-
-
 def test_non_string_device_in_a_mapping():
     _raises_for("device", devices={"dit": 0})
 

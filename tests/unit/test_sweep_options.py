@@ -37,7 +37,7 @@ def no_sweep(monkeypatch):
     (["--devices", A, "--placement", f"{A}=encoder+dit"], ["--placement"], "decoder stage"),
     (["--devices", A, "--placement", f"{A}=encoder+vae"], ["--placement"], "unknown stage 'vae'"),
     (["--devices", A, "--placement", "encoder+dit+decoder"], ["--placement"], "device=stage+stage"),
-    (["--devices", A], ["--placement"], "--devices needs --placement"),
+    (["--placement", "auto"], ["--placement auto", "--devices"], "places the stages over --devices"),
     ([*POOL, "--instances", "dit=2"], ["--devices/--placement", "--device/--instances", "--instances dit=2"],
      "not both"),
     ([*POOL, "--device", "cuda:0"], ["--devices/--placement", "--device cuda:0"], "not both"),

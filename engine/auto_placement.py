@@ -1,0 +1,106 @@
+"""placement="auto": the scheduler's planner places the model's stages over a device pool before
+any worker starts, under each device's memory.
+
+The planner (scheduler/planner.py) maximises the bottleneck throughput of the time-shared
+devices for the model's default request. Before anything has run there are no measurements, so
+its cost model is an estimate, kept deliberately plain:
+- a stage's work per request is proportional to the weight bytes it streams per pass, times its
+  passes (the DiT runs once per step, twice under classifier-free guidance);
+- a CPU device's speed is proportional to its cores; a GPU counts as GPU_CORES cores.
+On alike devices the estimate does not decide anything: where every stage fits on every device,
+hosting every stage on every device is the planner's optimum (each device serves whole requests
+at 1 / the sum of its stage costs, which no split beats without handoff-free overlap), and it is
+what a monolithic deployment gets. The estimate matters where memory forces a split or the
+devices differ; the elastic policy then corrects it from live measurements.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+from ..scheduler.core import STAGES, Demand, Device, Shape
+from ..scheduler.planner import Planner, PlannerConfig
+from ..scheduler.predictor import FEATURES, DeviceSpec, Geometry, Predictor, StageSpec
+from .config import EngineConfig, memory_of
+from .devices import describe_device, device_cpus, is_cpu
+from .protocol import RequestParams
+
+log = logging.getLogger("dfuse.engine")
+
+GPU_CORES = 64  # a GPU's speed in CPU cores, for the estimate only (measured costs replace it)
+_GB = 1e9
+
+
+def auto_placed(config: EngineConfig, model_path: Path | str, info, family) -> EngineConfig:
+    """`config` (placement "auto") with the planner's placement over its pool, under each
+    device's memory: its memory_limit_gib where set, else what the device has (CPU devices
+    share the host's, in equal parts)."""
+    cpu_devices = sum(is_cpu(d) for d in config.pool)
+    memory_gb = {}
+    for device in config.pool:
+        limit = config.memory_limit_gib.get(memory_of(device))
+        gib = limit if limit is not None else describe_device(device)[1]
+        memory_gb[device] = gib * 2**30 / _GB / (cpu_devices if is_cpu(device) else 1)
+    placement = plan_placement(config.pool, model_path, info, family, config.itemsizes(), memory_gb)
+    log.info("placement auto: %s", placement)
+    return dataclasses.replace(config, placement=placement, instances={s: 1 for s in STAGES})
+
+
+def plan_placement(pool: Sequence[str], model_path: Path | str, info, family, itemsizes: dict[str, int],
+                   memory_gb: dict[str, float]) -> dict[str, list[str]]:
+    """{device: [stages in pipeline order]} for the pool; ValueError naming `placement` when no
+    placement serves every stage (a stage fits on no device)."""
+    from .models.catalog import stage_weight_bytes
+
+    height, width = info.default_height_width
+    params = RequestParams("", None, info.num_inference_steps, info.guidance_scale, height, width, 0,
+                           num_frames=info.default_frames)
+    shape = Shape(height=height, width=width, steps=info.num_inference_steps, frames=info.default_frames or 1,
+                  cfg=info.guidance_scale > 1)
+    weights_gb = {s: stage_weight_bytes(Path(model_path), s) / _GB if isinstance(model_path, Path) else 0.0
+                  for s in STAGES}
+    activations_gb = {s: family.peak_bytes(info, s, params, itemsizes[s]) / _GB for s in STAGES}
+    kinds = {device: _kind(device) for device in pool}
+    # Relative costs: weight bytes per pass (at least a little: a synthetic stage has none).
+    work = {s: max(weights_gb[s], 1e-3) for s in STAGES}
+    coefficients = {}
+    for kind, cores in {k: _cores(d) for d, k in kinds.items()}.items():
+        for stage in STAGES:
+            per_pass = work[stage] / cores
+            if stage == "dit":  # seconds per request = fixed + steps x per step (features: fixed, steps, ...)
+                coefficients[stage, kind] = (0.0, per_pass * shape.rows) + (0.0,) * (len(FEATURES[stage]) - 2)
+            else:
+                coefficients[stage, kind] = (per_pass,) + (0.0,) * (len(FEATURES[stage]) - 1)
+    predictor = Predictor(
+        Geometry(), {s: StageSpec(weights_gb[s], activations_gb[s], 0.0) for s in STAGES},
+        {kind: DeviceSpec(kind, memory_gb=memory_gb[device]) for device, kind in kinds.items()}, coefficients,
+    )
+    planner = Planner(PlannerConfig(share="any", streaming=False))
+    try:
+        plan = planner.plan([Device(d, kinds[d]) for d in pool], Demand.of(shape), predictor)
+    except ValueError:
+        need = ", ".join(f"{s} {weights_gb[s] + activations_gb[s]:.1f} GB" for s in STAGES)
+        raise ValueError(f"placement: no placement of the stages ({need}) over {list(pool)} fits their memory "
+                         f"({', '.join(f'{d} {memory_gb[d]:.1f} GB' for d in pool)}); add devices, or lower dtype")
+    return {d: [s for s in STAGES if s in plan.placement.assignment.get(d, ())] for d in pool
+            if plan.placement.assignment.get(d)}
+
+
+def _kind(device: str) -> str:
+    """Devices of one kind are interchangeable to the planner: a GPU by its name, a CPU device
+    by its number of cores."""
+    if is_cpu(device):
+        return f"cpu x{_cores(device)}"
+    import torch
+
+    return torch.cuda.get_device_properties(device).name
+
+
+def _cores(device: str) -> int:
+    if not is_cpu(device):
+        return GPU_CORES
+    return len(device_cpus(device) or os.sched_getaffinity(0))
