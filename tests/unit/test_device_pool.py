@@ -61,7 +61,7 @@ def test_a_placement_makes_one_worker_per_device_and_stage():
     (dict(placement={"cpu:0": ["encoder", "decoder"], "cpu:1": ["dit"], "cpu:9": ["dit"]}), "placement (cpu:9)",
      "may not use"),
     (dict(placement=SPLIT, instances={"dit": 2}), "instances", "not with a placement"),
-    (dict(devices=["cpu:0", "cpu:1"]), "placement", "'auto'"),
+    (dict(devices=["cpu:0", "cpu:1"], placement="balanced"), "placement", "expected 'auto' or a mapping"),
     (dict(placement=SPLIT, memory_limit_gib={"cuda:0": 1}), "memory_limit_gib", "not a device"),
     (dict(placement=SPLIT, dispatch="random"), "dispatch", "earliest-finish, fewest-in-flight"),
     (dict(devices={"encoder": "cpu", "dit": "cpu:0", "decoder": "cpu:1"}), "device", "share CPU"),
