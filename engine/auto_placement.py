@@ -39,31 +39,44 @@ def auto_placed(config: EngineConfig, model_path: Path | str, info, family) -> E
     """`config` (placement "auto") with the planner's placement over its pool, under each
     device's memory: its memory_limit_gib where set, else what the device has (CPU devices
     share the host's, in equal parts)."""
+    placement = plan_placement(config.pool, model_path, info, family, config.itemsizes(), device_memory_gb(config))
+    log.info("placement auto: %s", placement)
+    return dataclasses.replace(config, placement=placement, instances={s: 1 for s in STAGES})
+
+
+def device_memory_gb(config: EngineConfig) -> dict[str, float]:
+    """GB each device of the pool offers the planner: its memory_limit_gib where set, else what
+    it has; CPU devices share the host's, in equal parts."""
     cpu_devices = sum(is_cpu(d) for d in config.pool)
     memory_gb = {}
     for device in config.pool:
         limit = config.memory_limit_gib.get(memory_of(device))
         gib = limit if limit is not None else describe_device(device)[1]
         memory_gb[device] = gib * 2**30 / _GB / (cpu_devices if is_cpu(device) else 1)
-    placement = plan_placement(config.pool, model_path, info, family, config.itemsizes(), memory_gb)
-    log.info("placement auto: %s", placement)
-    return dataclasses.replace(config, placement=placement, instances={s: 1 for s in STAGES})
+    return memory_gb
+
+
+def stage_memory(model_path: Path | str, info, family, itemsizes: dict[str, int]) -> dict[str, StageSpec]:
+    """Each stage's weights (its files) and activations at the model's default request, in GB."""
+    from .models.catalog import stage_weight_bytes
+
+    height, width = info.default_height_width
+    params = RequestParams("", None, info.num_inference_steps, info.guidance_scale, height, width, 0,
+                           num_frames=info.default_frames)
+    return {s: StageSpec(stage_weight_bytes(Path(model_path), s) / _GB if isinstance(model_path, Path) else 0.0,
+                         family.peak_bytes(info, s, params, itemsizes[s]) / _GB, 0.0) for s in STAGES}
 
 
 def plan_placement(pool: Sequence[str], model_path: Path | str, info, family, itemsizes: dict[str, int],
                    memory_gb: dict[str, float]) -> dict[str, list[str]]:
     """{device: [stages in pipeline order]} for the pool; ValueError naming `placement` when no
     placement serves every stage (a stage fits on no device)."""
-    from .models.catalog import stage_weight_bytes
-
     height, width = info.default_height_width
-    params = RequestParams("", None, info.num_inference_steps, info.guidance_scale, height, width, 0,
-                           num_frames=info.default_frames)
     shape = Shape(height=height, width=width, steps=info.num_inference_steps, frames=info.default_frames or 1,
                   cfg=info.guidance_scale > 1)
-    weights_gb = {s: stage_weight_bytes(Path(model_path), s) / _GB if isinstance(model_path, Path) else 0.0
-                  for s in STAGES}
-    activations_gb = {s: family.peak_bytes(info, s, params, itemsizes[s]) / _GB for s in STAGES}
+    stages = stage_memory(model_path, info, family, itemsizes)
+    weights_gb = {s: spec.weights_gb for s, spec in stages.items()}
+    activations_gb = {s: spec.act_fixed_gb for s, spec in stages.items()}
     kinds = {device: _kind(device) for device in pool}
     # Relative costs: weight bytes per pass (at least a little: a synthetic stage has none).
     work = {s: max(weights_gb[s], 1e-3) for s in STAGES}
@@ -76,7 +89,7 @@ def plan_placement(pool: Sequence[str], model_path: Path | str, info, family, it
             else:
                 coefficients[stage, kind] = (per_pass,) + (0.0,) * (len(FEATURES[stage]) - 1)
     predictor = Predictor(
-        Geometry(), {s: StageSpec(weights_gb[s], activations_gb[s], 0.0) for s in STAGES},
+        Geometry(), stages,
         {kind: DeviceSpec(kind, memory_gb=memory_gb[device]) for device, kind in kinds.items()}, coefficients,
     )
     planner = Planner(PlannerConfig(share="any", streaming=False))

@@ -65,9 +65,10 @@ HEALTH_INTERVAL_S = 0.1  # how often worker liveness is checked: a crash is seen
 
 
 class EngineCore(WorkerRecovery, WorkerMoves):
-    def __init__(self, config: EngineConfig, model_path: Path, true_cfg: bool = False):
+    def __init__(self, config: EngineConfig, model_path: Path, true_cfg: bool = False, memory=None):
         self.config = config
         self.model_path = model_path
+        self._memory = memory  # (stage GB, device GB) estimates for a pooled elastic plan (engine/auto_placement.py)
         self._true_cfg = true_cfg  # the family runs CFG only as true CFG (Flux): what a request costs
         self.ready = threading.Event()
         self.startup_error: str | None = None
@@ -130,7 +131,7 @@ class EngineCore(WorkerRecovery, WorkerMoves):
         return Elastic(self.config.elastic, {w.id: w.device for w in self.workers.values()},
                        {s: list(self.config.pool) if pooled else self.config.devices_of(s) for s in STAGES},
                        pooled=pooled, device_kinds={d: kind for d, (kind, _) in self._devices.items()},
-                       true_cfg=self._true_cfg)
+                       memory=self._memory, true_cfg=self._true_cfg)
 
     # --- called from other threads -----------------------------------------------------------
     def start(self) -> None:
@@ -139,11 +140,12 @@ class EngineCore(WorkerRecovery, WorkerMoves):
     def submit(self, request: Request) -> None:
         self._post(("submit", request))
 
-    def move(self, moves: list[tuple[int, str]]) -> None:
-        """Turn each worker into a worker of its new stage, together, losing nothing: they take
-        no new work, finish what they hold, and switch role in their own processes."""
-        check_moves(self.workers, self.config, moves)
-        self._post(("move", moves))
+    def move(self, moves: list[tuple[int, str]], starts: list[tuple[str, str]] = (), stops: list[int] = ()) -> None:
+        """Turn each worker into a worker of its new stage, start and stop workers, together,
+        losing nothing: movers take no new work, finish what they hold, and switch role in their
+        own processes; stoppers drain likewise, then leave."""
+        check_moves(dict(self.workers), self.config, moves, starts, stops)  # a copy: the core thread may change it
+        self._post(("move", (moves, starts, stops)))
 
     def close(self, timeout: float = 30.0) -> None:
         self._post(("close", None))
@@ -226,7 +228,7 @@ class EngineCore(WorkerRecovery, WorkerMoves):
                         self._elastic.arrival(item.queued_at, item.params)
                     self._queues[STAGES[0]].push(item)
             elif kind == "move":
-                self._start_moves(item, reason="asked")
+                self._start_moves(*item, reason="asked")
             elif kind == "close":
                 self._closing = True
             elif kind == "copied":  # the final pixels are out of the slot: it may take new work
@@ -429,7 +431,7 @@ class EngineCore(WorkerRecovery, WorkerMoves):
         """The worker the dispatch rule picks among the stage's ready ones (by default the one
         predicted to finish first, engine/dispatch.py); None: the task waits in the queue."""
         ready = [w for w in self.workers.values() if w.stage == stage and w.ready and w.moving_to is None
-                 and w.responsive]
+                 and not w.stopping and w.responsive]
         return DISPATCH_RULES[self.config.dispatch](ready, self._can_take)
 
     def _can_take(self, worker: Worker) -> bool:

@@ -9,11 +9,13 @@ decision itself is scheduler/controller.py, unchanged from the simulator:
     Controller.step(now, placement, stats) -> moves -> EngineCore._start_moves
 
 What the scheduler calls a device depends on how the engine was laid out:
-- a device pool with a placement (pooled): the engine's devices themselves. A device hosting n
-  workers hosts a combo of n stages; a move changes which stages its workers serve (never how
-  many workers it has), and may take a stage to a device that never ran it (a device moves
-  between stages). Time-sharing is modelled as the planner does (a device serves its combo at
-  1 / the sum of its stages' costs).
+- a device pool with a placement (pooled): the engine's devices themselves, each hosting a set
+  of stages (one worker each). A move changes the set: a worker switches stage in its own
+  process where one stage is traded for another, a worker starts where the set grows, one
+  stops where it shrinks; a stage may come to a device that never ran it. Time-sharing is
+  modelled as the planner does (a device serves its set at 1 / the sum of its stages' costs),
+  and memory as auto placement estimates it (engine/auto_placement.py), so a device is never
+  given more than it holds.
 - the per-stage form: each worker is one scheduler device hosting one stage, and may only take
   a stage configured on its own device.
 The cost model is refitted on the engine's own measurements (the same linear features `dfuse
@@ -76,15 +78,28 @@ def request_shape(params: wire.RequestParams, true_cfg: bool) -> Shape:
     return Shape(height=params.height, width=params.width, steps=params.num_inference_steps, frames=frames, cfg=cfg)
 
 
+@dataclass(frozen=True)
+class Rebalance:
+    """What one elastic step asks of the engine, to be started together."""
+
+    switches: list[tuple[int, str]] = field(default_factory=list)  # (worker id, its new stage)
+    starts: list[tuple[str, str]] = field(default_factory=list)  # (device, stage): a new worker
+    stops: list[int] = field(default_factory=list)  # workers that leave
+
+    def __bool__(self) -> bool:
+        return bool(self.switches or self.starts or self.stops)
+
+
 @dataclass
 class Elastic:
     """Owned by the core thread; no locks."""
 
     config: ElasticConfig
-    devices: dict[int, str]  # worker id -> its device
+    devices: dict[int, str]  # worker id -> its device (at the start; pooled steps are told the current ones)
     stage_devices: dict[str, list[str]]  # stage -> the devices it may run on (its configured ones unless pooled)
     pooled: bool = False  # the scheduler's devices are the engine's devices (else its workers)
     device_kinds: dict[str, str] = field(default_factory=dict)  # device -> what it is (GPU model, core count)
+    memory: tuple[dict[str, StageSpec], dict[str, float]] | None = None  # stage memory, device GB (pooled)
     true_cfg: bool = False
     decisions: list[dict] = field(default_factory=list)
 
@@ -99,15 +114,15 @@ class Elastic:
         self._next_step = 0.0
         self._t0 = time.monotonic()  # decisions are reported in seconds since the engine started
         if self.pooled:
-            units = list(dict.fromkeys(self.devices.values()))
-            sizes = collections.Counter(self.devices.values())
+            units = list(dict.fromkeys(d for devices in self.stage_devices.values() for d in devices))
+            planner = Planner(PlannerConfig(share="any", streaming=False))
         else:
             units = [str(w) for w in sorted(self.devices)]
-            sizes = {device: 1 for device in self.devices.values()}
+            planner = Planner(PlannerConfig(share="none"))
         self.controller = Controller(
             devices=[Device(u, u if self.pooled else self.devices[int(u)]) for u in units],
             predictor=self._predictor({}),
-            planner=Planner(PlannerConfig(share="none", combo_sizes=dict(sizes))),
+            planner=planner,
             config=ControllerConfig(
                 interval_s=c.interval_s, min_gain=c.min_gain, dwell_s=c.dwell_s, payback_s=c.payback_s,
                 drain_horizon_s=c.payback_s, confirm_s=c.confirm_s, min_arrivals=c.min_arrivals,
@@ -130,22 +145,24 @@ class Elastic:
         self._switch_s = 0.5 * self._switch_s + 0.5 * seconds
 
     # --- the decision ---------------------------------------------------------------------------
-    def step(self, now: float, stages: dict[int, str], queues: dict[str, int], busy: dict[str, int]) -> list[tuple[int, str]]:
-        """Moves to start now, together, as (worker id, new stage); `stages` is every worker's
-        stage (a moving one counted in its destination), `busy` the workers computing per stage."""
+    def step(self, now: float, workers: dict[int, tuple[str, str]], queues: dict[str, int],
+             busy: dict[str, int]) -> Rebalance:
+        """What to start now, together; `workers` is every worker's (device, stage) (a moving one
+        counted in its destination, a stopping one not at all), `busy` the workers computing per stage."""
+        stages = {w: stage for w, (_, stage) in workers.items()}
         instances = collections.Counter(stages.values())
         self.feedback.gauge(now, queues, busy, instances)
         if now < self._next_step:
-            return []
+            return Rebalance()
         self._next_step = now + self.config.interval_s
         coefficients = self._fit()
         if coefficients is None:
-            return []  # some stage has no measurements yet: nothing to plan with
+            return Rebalance()  # some stage has no measurements yet: nothing to plan with
         self.controller.predictor = self._predictor(coefficients)
         if self.pooled:
-            hosted: dict[str, set] = collections.defaultdict(set)
-            for worker_id, stage in stages.items():
-                hosted[self.devices[worker_id]].add(stage)
+            hosted: dict[str, set] = {unit.id: set() for unit in self.controller.devices}
+            for device, stage in workers.values():
+                hosted[device].add(stage)
             placement = Placement(hosted)
         else:
             placement = Placement({str(w): frozenset((s,)) for w, s in stages.items()})
@@ -155,7 +172,7 @@ class Elastic:
         for d in self.controller.decisions[before:]:
             self.decisions.append({"t_s": round(d.t - self._t0, 3), "current_rps": round(d.current_rps, 3),
                                    "target_rps": round(d.target_rps, 3), "reason": d.reason})
-        return [worker_move for m in moves for worker_move in self._as_worker_moves(m, stages)]
+        return self._as_rebalance(moves, workers)
 
     def _fit(self) -> dict[tuple[str, str], tuple] | None:
         """(stage, device) -> fitted cost, for every pair a worker may serve; None until every
@@ -177,19 +194,32 @@ class Elastic:
     _geometry = Geometry()  # only shapes the fitted features; the fit absorbs the model's own factors
 
     def _predictor(self, coefficients) -> Predictor:
-        """Costs from the fit; memory is the admission check's business, so never binding here.
-        A worker may only host a stage configured on its device: only those have coefficients."""
-        kinds = set(self.devices.values())
+        """Costs from the fit. Memory: the estimate a pooled engine is given (a device is never
+        planned more stages than it holds); otherwise the admission check's business, so never
+        binding here. In the per-stage form a worker may only host a stage configured on its
+        device: only those have coefficients."""
+        kinds = set(self.devices.values()) | {d for ds in self.stage_devices.values() for d in ds}  # a kind per device
+        stages, memory = self.memory or ({s: StageSpec(weights_gb=0.0) for s in STAGES}, {})
         return Predictor(
-            self._geometry, {s: StageSpec(weights_gb=0.0) for s in STAGES},
-            {k: DeviceSpec(k, memory_gb=math.inf) for k in kinds}, coefficients, process_start_s=self._switch_s,
+            self._geometry, stages, {k: DeviceSpec(k, memory_gb=memory.get(k, math.inf)) for k in kinds},
+            coefficients, process_start_s=self._switch_s,
         )
 
-    def _as_worker_moves(self, move: Move, stages: dict[int, str]) -> list[tuple[int, str]]:
-        """A device's new combo as worker moves: each worker of a stage it drops takes a stage
-        it gains (the combo keeps its size: the planner's combo_sizes)."""
+    def _as_rebalance(self, moves: list[Move], workers: dict[int, tuple[str, str]]) -> Rebalance:
         if not self.pooled:
-            (stage,) = move.dst
-            return [(int(move.device), stage)]
-        leaving = sorted(w for w, s in stages.items() if self.devices[w] == move.device and s in move.src - move.dst)
-        return list(zip(leaving, sorted(move.dst - move.src, key=STAGES.index)))
+            return Rebalance(switches=[(int(m.device), stage) for m in moves for stage in m.dst])
+        return rebalance(moves, workers)
+
+
+def rebalance(moves: list[Move], workers: dict[int, tuple[str, str]]) -> Rebalance:
+    """Devices' new stage sets as worker operations: a worker of a stage its device drops
+    switches to a stage it gains; gains left over start workers, drops left over stop them.
+    `workers`: each worker's (device, stage)."""
+    plan = Rebalance()
+    for move in moves:
+        leaving = sorted(w for w, (d, s) in workers.items() if d == move.device and s in move.src - move.dst)
+        arriving = sorted(move.dst - move.src, key=STAGES.index)
+        plan.switches.extend(zip(leaving, arriving))
+        plan.starts.extend((move.device, stage) for stage in arriving[len(leaving):])
+        plan.stops.extend(leaving[len(arriving):])
+    return plan

@@ -16,7 +16,7 @@ from PIL import Image
 
 from ..scheduler.core import STAGES
 from .admission import detect_budgets
-from .auto_placement import auto_placed
+from .auto_placement import auto_placed, device_memory_gb, stage_memory
 from .completions import UserFuture, resolve
 from .config import DEFAULT_MODEL, EngineConfig
 from .input_processor import InputProcessor
@@ -110,7 +110,12 @@ class Engine:
         self._ids_lock = threading.Lock()
 
     def _init_core(self) -> None:
-        self._core = EngineCore(self.config, self.model_path, true_cfg=self.model_info.true_cfg)
+        memory = None
+        if self.config.pooled and self.config.policy == "elastic":  # a move must never give a device more than it holds
+            family = detect_family(self.model_path)
+            memory = (stage_memory(self.model_path, self.model_info, family, self.config.itemsizes()),
+                      device_memory_gb(self.config))
+        self._core = EngineCore(self.config, self.model_path, true_cfg=self.model_info.true_cfg, memory=memory)
         # Closes the workers even if the user never calls close() (runs at interpreter exit too,
         # in a forked child's as well: there it must leave the parent's workers alone).
         self._finalizer = weakref.finalize(self, _close_in, self._pid, self._core)
@@ -203,6 +208,19 @@ class Engine:
             raise EngineClosed("the engine is closed")
         moves = dict(worker_id) if isinstance(worker_id, Mapping) else {worker_id: stage}
         self._core.move(list(moves.items()))
+
+    def place(self, placement: Mapping[str, Sequence[str]]) -> None:
+        """On a device pool, make each named device host exactly these stages, without losing a
+        request: workers switch stage where a device trades one for another, new workers start
+        where it gains (their weights from the host weight cache), drained ones stop where it
+        loses; all together, as the elastic policy moves devices. Devices not named keep theirs.
+        ValueError if a stage would be left without workers."""
+        self._check_process()
+        if not self._finalizer.alive:
+            raise EngineClosed("the engine is closed")
+        if not self.config.pooled:
+            raise ValueError("placement: place() moves the devices of a pool (Engine(devices=[...], ...))")
+        self._core.place({device: list(stages) for device, stages in placement.items()})
 
     def stats(self) -> EngineStats:
         """Placement, queue depths, per-worker state: a typed snapshot (`.to_dict()` for JSON).

@@ -3,7 +3,9 @@
 `_elastic` and `_send_control`.
 
 A move drains the worker (no new tasks; its tasks finish and downstream reads its outputs), then
-switches its stage in the same process (wire.Become) and waits for its READY.
+switches its stage in the same process (wire.Become) and waits for its READY. On a pooled
+engine a device's set of stages may also grow (a new worker starts there, its weights from the
+host weight cache) or shrink (a worker drains the same way, then stops and its pool goes).
 """
 
 from __future__ import annotations
@@ -12,35 +14,89 @@ import collections
 import logging
 import time
 
+import zmq
+
 from . import protocol as wire
-from ..scheduler.core import STAGES
+from ..scheduler.core import STAGES, Placement
+from .devices import device_cpus
+from .elastic import rebalance
+from .launcher import stop_all
+from .recovery import unlink_ipc_file
+from .state import Worker
+from .transport.shm_files import unlink_segment
+from .transport.slots import SlotPool
 from .worker_layout import check_moves
 
 log = logging.getLogger("dfuse.engine")
 
 
 class WorkerMoves:
-    def _start_moves(self, moves: list[tuple[int, str]], reason: str) -> None:
-        """Start these moves (worker id, new stage) together, or none of them."""
-        try:
-            check_moves(self.workers, self.config, moves)  # again: things may have changed since it was asked
+    def place(self, placement: dict[str, list[str]]) -> None:
+        """Make each named device host exactly its stages (a pooled engine): the switches,
+        starts and stops that take the current placement there, together. Called from the
+        user's thread, like EngineCore.move."""
+        unknown = sorted(set(placement) - set(self.config.pool))
+        if unknown:
+            raise ValueError(f"placement: {unknown} are not devices of this engine ({list(self.config.pool)})")
+        snapshot = dict(self.workers)  # one copy (the core thread may add or remove workers meanwhile)
+        workers = {w.id: (w.device, w.moving_to or w.stage) for w in snapshot.values() if not w.stopping}
+        current = {d: {s for dev, s in workers.values() if dev == d} for d in self.config.pool}
+        for device, stages in placement.items():
+            if not isinstance(stages, (list, tuple, set, frozenset)) or set(stages) - set(STAGES):
+                raise ValueError(f"placement ({device}): expected stages among {', '.join(STAGES)} (got {stages!r})")
+        target = {**current, **{d: set(s) for d, s in placement.items()}}
+        plan = rebalance(Placement(current).diff(Placement(target)), workers)
+        self.move(plan.switches, plan.starts, plan.stops)
+
+    def _start_moves(self, moves: list[tuple[int, str]], starts: list[tuple[str, str]] = (), stops: list[int] = (),
+                     *, reason: str) -> None:
+        """Start these together, or none of them: moves (worker id, new stage), starts (device,
+        stage: a new worker) and stops (worker ids)."""
+        try:  # again: things may have changed since it was asked
+            check_moves(self.workers, self.config, moves, starts, stops)
         except ValueError as e:
-            log.warning("moves %s dropped: %s", moves, e)
+            log.log(logging.INFO if reason == "elastic" else logging.WARNING,
+                    "moves %s, starts %s, stops %s dropped: %s", moves, starts, stops, e)
             return
+        now = time.monotonic()
         for worker_id, stage in moves:
             worker = self.workers[worker_id]
-            worker.moving_to, worker.switch_started = stage, time.monotonic()
+            worker.moving_to, worker.switch_started = stage, now
             log.info("moving worker %d on %s from %s to %s (%s)", worker_id, worker.device, worker.stage, stage, reason)
-            self._stats.moved(worker.switch_started, worker_id, worker.stage, stage, reason)
+            self._stats.moved(now, worker_id, worker.stage, stage, reason)
+        for worker_id in stops:
+            worker = self.workers[worker_id]
+            worker.stopping = True
+            log.info("stopping worker %d, %s on %s (%s)", worker_id, worker.stage, worker.device, reason)
+            self._stats.moved(now, worker_id, worker.stage, IDLE, reason)
+        for device, stage in starts:
+            worker_id = max(self.workers) + 1
+            log.info("starting worker %d, %s on %s (%s)", worker_id, stage, device, reason)
+            self._stats.moved(now, worker_id, IDLE, stage, reason)  # recorded before stats() can see the worker
+            self._add_worker(worker_id, device, stage).switch_started = now
+
+    def _add_worker(self, worker_id: int, device: str, stage: str) -> Worker:
+        """A new worker of `stage` on `device`, spawned now: its output pool is on the host, where
+        any consumer can read it (a GPU consumer through its copy stream)."""
+        pool = SlotPool.create_host(f"{self.segment_prefix}w{worker_id}", self.config.transport.slot_bytes,
+                                    self.config.slots_per_worker(stage))
+        worker = Worker(worker_id, stage, device, pool, cpus=device_cpus(device))
+        self.workers[worker_id] = worker
+        try:
+            self._spawn(worker)
+        except OSError as e:  # the machine refuses a process now: recovery tries again later
+            log.warning("could not start worker %d (%s); retrying", worker_id, e)
+            worker.respawn_at = time.monotonic() + 1.0
+        return worker
 
     def _rebalance(self) -> None:
         """Ask the elastic policy for moves (it decides once per interval)."""
-        stages = {w.id: w.moving_to or w.stage for w in self.workers.values()}
+        workers = {w.id: (w.device, w.moving_to or w.stage) for w in self.workers.values() if not w.stopping}
         busy = collections.Counter(w.stage for w in self.workers.values() if w.inflight)
         queues = {stage: len(q) for stage, q in self._queues.items()}
-        moves = self._elastic.step(time.monotonic(), stages, queues, busy)
-        if moves:
-            self._start_moves(moves, reason="elastic")
+        plan = self._elastic.step(time.monotonic(), workers, queues, busy)
+        if plan:
+            self._start_moves(plan.switches, plan.starts, plan.stops, reason="elastic")
 
     def _advance_moves(self) -> None:
         """A drained mover switches stage in its own process (wire.Become): no process start, no
@@ -56,7 +112,10 @@ class WorkerMoves:
         for the engine. Two devices swapping dit and decoder need this: each worker is the only
         reader the other's outputs will have. Every other mover drains fully, and
         check_moves makes sure a reader of its outputs stays."""
-        for worker in self.workers.values():
+        for worker in list(self.workers.values()):
+            if worker.stopping and not worker.inflight and worker.pool.free == worker.pool.n_slots:
+                self._remove_worker(worker)
+                continue
             if worker.moving_to is None or not worker.ready or worker.inflight:
                 continue
             drained = worker.pool.free == worker.pool.n_slots
@@ -68,3 +127,18 @@ class WorkerMoves:
                 worker.pool_info = None
                 self._send_control(worker, wire.Become(worker.stage))
 
+    def _remove_worker(self, worker: Worker) -> None:
+        """A drained stopping worker leaves: its process stops, its socket, socket file and pool go."""
+        del self.workers[worker.id]
+        if worker.process is not None:
+            stop_all([worker.process])  # it holds no task: the word on its death pipe ends it at once
+        if worker.socket is not None:
+            endpoint = worker.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+            worker.socket.close(linger=0)
+            unlink_ipc_file(endpoint)
+        if worker.pool.segment is not None:
+            unlink_segment(worker.pool.name)  # the pages go when the last process mapping them lets go
+        log.info("worker %d (%s on %s) stopped", worker.id, worker.stage, worker.device)
+
+
+IDLE = "idle"  # a move's stage when a worker starts or stops (stats().moves)

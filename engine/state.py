@@ -105,6 +105,7 @@ class Worker:
     task_s: float | None = None  # its moving average of seconds per task (engine/dispatch.py)
     died_at: float | None = None  # monotonic time its death was noticed, until its replacement is READY
     moving_to: str | None = None  # draining before it switches to this stage
+    stopping: bool = False  # draining before it leaves its device (an elastic move that shrinks it)
     switch_started: float | None = None  # a move's start, until the new stage is READY
     inflight: dict[int, Request] = field(default_factory=dict)  # in dispatch (= compute) order
     batches: list[set[int]] = field(default_factory=list)  # request ids per task sent, in compute order

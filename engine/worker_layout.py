@@ -89,19 +89,18 @@ def _pin_whole_host_workers(config: EngineConfig, cpu_workers: list[Worker]) -> 
     return "pinned, cores of their own: " + ", ".join(f"worker {w.id} on {describe(w.cpus)}" for w in cpu_workers)
 
 
-def check_moves(workers: Mapping[int, Worker], config: EngineConfig, moves: Sequence[tuple[int, str]]) -> None:
-    """ValueError, naming the field, unless the workers may make these moves (worker id, new
-    stage) now, together: each stage keeps a worker once they are done (two workers may swap
-    stages, each the last of its own), and on a pooled engine a worker may take any stage; in
-    the per-stage form, only one configured on its device."""
+def check_moves(workers: Mapping[int, Worker], config: EngineConfig, moves: Sequence[tuple[int, str]],
+                starts: Sequence[tuple[str, str]] = (), stops: Sequence[int] = ()) -> None:
+    """ValueError, naming the field, unless these can start now, together: `moves` (worker id,
+    new stage) switch a worker in its own process, `starts` (device, stage) add a worker and
+    `stops` (worker ids) remove one, the last two on a pooled engine only. Each stage keeps a
+    worker once they are done (two workers may swap stages, each the last of its own); on a
+    pooled engine a worker may take any stage, one worker per device and stage; in the
+    per-stage form, only a stage configured on its device."""
     for worker_id, stage in moves:
-        worker = workers.get(worker_id)
-        if worker is None:
-            raise ValueError(f"worker_id: no worker {worker_id!r}; workers are {sorted(workers)}")
+        worker = _busy_check(workers, worker_id)
         if stage not in STAGES:
             raise ValueError(f"stage: must be one of {', '.join(STAGES)} (got {stage!r})")
-        if worker.moving_to is not None:
-            raise ValueError(f"worker_id: worker {worker_id} is already moving to {worker.moving_to}")
         if worker.stage == stage:
             raise ValueError(f"stage: worker {worker_id} already serves {stage}")
         if worker.pool.segment is None:
@@ -110,25 +109,45 @@ def check_moves(workers: Mapping[int, Worker], config: EngineConfig, moves: Sequ
             raise ValueError(f"stage: worker {worker_id} runs on {worker.device} but {stage} runs on "
                              f"{', '.join(config.devices_of(stage))}; only an engine on a device pool (devices= and "
                              "placement=) moves stages across devices")
-    if len({worker_id for worker_id, _ in moves}) < len(moves):
+    for worker_id in stops:
+        _busy_check(workers, worker_id)
+    if (starts or stops) and not config.pooled:
+        raise ValueError("placement: only an engine on a device pool starts or stops workers as it moves stages")
+    for device, stage in starts:
+        if device not in config.pool or stage not in STAGES:
+            raise ValueError(f"placement: cannot start a {stage} worker on {device}; devices are {list(config.pool)}")
+    ids = [w for w, _ in moves] + list(stops)
+    if len(set(ids)) < len(ids):
         raise ValueError("worker_id: a worker may make one move at a time")
-    after = {w.id: w.moving_to or w.stage for w in workers.values()} | dict(moves)
+    after = {w.id: (w.device, w.moving_to or w.stage) for w in workers.values() if not w.stopping}
+    after |= {w: (workers[w].device, stage) for w, stage in moves}
+    hosted = [where for w, where in after.items() if w not in stops] + list(starts)
     if config.pooled:
-        hosted = [(workers[w].device, stage) for w, stage in after.items()]
         for device, stage in hosted:
             if hosted.count((device, stage)) > 1:
                 raise ValueError(f"stage: {device} would host two {stage} workers (one per device and stage)")
     for stage in STAGES:
-        if stage not in after.values():
-            (mover, _), *_ = [(w, s) for w, s in moves if workers[w].stage == stage] or [(moves[0][0], None)]
-            raise ValueError(f"worker_id: worker {mover} is the last {stage} worker; moving it would stall every request")
-    # A mover waits until its outputs are read (engine/moves.py): someone must stay to read them,
-    # but a dit worker becoming a decoder on a pooled engine reads its own.
-    staying = {w.stage for w in workers.values() if w.moving_to is None and w.id not in dict(moves)}
-    for worker_id, stage in moves:
+        if stage not in {s for _, s in hosted}:
+            leaving = [w for w, _ in moves if workers[w].stage == stage] + [w for w in stops if workers[w].stage == stage]
+            raise ValueError(f"worker_id: worker {(leaving or ids)[0]} is the last {stage} worker; moving it would "
+                             "stall every request")
+    # A leaving worker waits until its outputs are read (engine/moves.py): someone must stay (or
+    # start) to read them, but a dit worker becoming a decoder on a pooled engine reads its own.
+    staying = {w.stage for w in workers.values() if w.moving_to is None and not w.stopping and w.id not in ids}
+    staying |= {stage for _, stage in starts}
+    for worker_id, stage in [*moves, *((w, None) for w in stops)]:
         old = workers[worker_id].stage
         reader = _CONSUMERS.get(old)
         reads_its_own = config.move_reserve and (old, stage) == STAGES[-2:]
         if reader is not None and reader not in staying and not reads_its_own:
             raise ValueError(f"worker_id: worker {worker_id}'s {old} outputs would have no {reader} worker to read "
                              f"them while it moves; move a {reader} worker in first")
+
+
+def _busy_check(workers: Mapping[int, Worker], worker_id: int) -> Worker:
+    worker = workers.get(worker_id)
+    if worker is None:
+        raise ValueError(f"worker_id: no worker {worker_id!r}; workers are {sorted(workers)}")
+    if worker.moving_to is not None or worker.stopping:
+        raise ValueError(f"worker_id: worker {worker_id} is already moving")
+    return worker

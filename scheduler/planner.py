@@ -10,8 +10,6 @@ of the summed rates of the devices hosting that stage: the bottleneck. Which S a
     share="any"    every non-empty subset (a single CPU hosting all three stages)
     share="none"   one stage per device
 
-or, for the device kinds in `combo_sizes`, every set of exactly that many stages (the engine's
-device pools: a device keeps its worker processes and moves only change which stages they serve),
 and S must fit the device's memory for every shape of the mix (a single stage may instead stream
 its weights, if `streaming`).
 
@@ -31,7 +29,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Iterable, Mapping, Sequence
 
@@ -55,8 +53,6 @@ class PlannerConfig:
     """Exact search only if the number of candidate plans stays below this."""
     tie_tolerance: float = 1e-9
     """Plans within this relative capacity of the best count as ties (fewest moves wins)."""
-    combo_sizes: Mapping[str, int] = field(default_factory=dict)
-    """Device kind -> the number of stages each device of that kind hosts (overrides `share` for it)."""
 
     def __post_init__(self):
         if self.share not in ("light", "any", "none"):
@@ -85,9 +81,7 @@ class Planner:
         """Stage sets a `kind` device may host for this demand (memory permitting)."""
         shapes = [shape for shape, _ in demand.mix]
         candidates = [frozenset((s,)) for s in STAGES]
-        if kind in self.config.combo_sizes:
-            candidates = [frozenset(c) for c in itertools.combinations(STAGES, self.config.combo_sizes[kind])]
-        elif self.config.share == "light":
+        if self.config.share == "light":
             candidates.append(frozenset(_LIGHT))
         elif self.config.share == "any":
             candidates += [frozenset(c) for n in (2, 3) for c in itertools.combinations(STAGES, n)]

@@ -44,6 +44,8 @@ def test_high_priority_overtakes_queued_low_priority_work(engine):
     _expect_image(high.result(timeout=30), 99)
     for i, future in enumerate(lows):
         _expect_image(future.result(timeout=30), i)
+    # Done-callbacks run on the engine's callback threads, after result() returns: wait for all 7.
+    assert wait_until(lambda: len(finished) == 7, 30), finished
     # At most the lows already handed to the DiT (one computing, one queued beside it) and the
     # ones already past it may finish first; the last lows waited behind the high one.
     assert finished.index("high") < finished.index("low5")

@@ -1,6 +1,6 @@
-"""Moves on a device pool, decided without processes: which batches of worker moves the engine
-accepts (engine/worker_layout.py check_moves), and what the planner offers a device whose
-number of workers is fixed (scheduler/planner.py combo_sizes)."""
+"""Moves on a device pool, decided without processes: which batches of worker moves, starts and
+stops the engine accepts (engine/worker_layout.py check_moves), how the elastic policy turns a
+device's new stage set into them, and what the pooled planner wants on alike devices."""
 
 import pytest
 
@@ -8,9 +8,9 @@ from dfuse.engine.config import EngineConfig
 from dfuse.engine.state import Worker
 from dfuse.engine.transport.slots import SlotPool
 from dfuse.engine.worker_layout import check_moves
-from dfuse.scheduler.core import Demand, Device, Placement, Shape
-from dfuse.scheduler.planner import Planner, PlannerConfig
-from dfuse.scheduler.predictor import FEATURES, DeviceSpec, Geometry, Predictor, StageSpec
+from dfuse.engine.elastic import Elastic, ElasticConfig
+from dfuse.scheduler.core import Demand, Move, Shape
+from dfuse.scheduler.predictor import FEATURES
 
 SPLIT = {"cpu:0": ["encoder", "decoder"], "cpu:1": ["dit"]}
 
@@ -60,19 +60,38 @@ def test_the_per_stage_form_keeps_moves_on_a_workers_own_device():
     check_moves(workers, config, [(0, "decoder")])  # the second encoder stays
 
 
-def test_the_planner_keeps_a_devices_combo_size_and_swaps_roles_when_the_decoder_dominates():
-    # Two alike one-core devices, 2 workers on cpu:0 and 1 on cpu:1; fixed costs per request.
-    cost = {"encoder": 0.04, "dit": 0.04, "decoder": 0.12}
-    predictor = Predictor(
-        Geometry(), {s: StageSpec(weights_gb=0.0) for s in cost},
-        {d: DeviceSpec(d, memory_gb=float("inf")) for d in ("cpu:0", "cpu:1")},
-        {(s, d): (c,) + (0.0,) * (len(FEATURES[s]) - 1) for s, c in cost.items() for d in ("cpu:0", "cpu:1")},
-    )
-    planner = Planner(PlannerConfig(share="none", combo_sizes={"cpu:0": 2, "cpu:1": 1}))
-    devices = [Device("cpu:0", "cpu:0"), Device("cpu:1", "cpu:1")]
-    demand = Demand.of(Shape(height=128, width=128, steps=1))
-    current = Placement({"cpu:0": {"encoder", "decoder"}, "cpu:1": {"dit"}})
-    assert all(len(c) == 2 for c in planner.combos("cpu:0", demand, predictor))
-    plan = planner.plan(devices, demand, predictor, current)
-    assert dict(plan.placement.assignment) == {"cpu:0": frozenset({"encoder", "dit"}), "cpu:1": frozenset({"decoder"})}
-    assert plan.moves == 2
+def test_a_stop_or_a_start_is_checked_like_a_move():
+    config, workers, ids = _pooled()
+    check_moves(workers, config, [], starts=[("cpu:1", "decoder")], stops=[ids["cpu:0", "decoder"]])
+    with pytest.raises(ValueError, match="last dit worker"):
+        check_moves(workers, config, [], stops=[ids["cpu:1", "dit"]])
+    with pytest.raises(ValueError, match="cpu:1 would host two dit workers"):
+        check_moves(workers, config, [], starts=[("cpu:1", "dit")])
+
+
+def _elastic(workers: dict[int, tuple[str, str]]) -> Elastic:
+    return Elastic(ElasticConfig(), {w: d for w, (d, _) in workers.items()},
+                   {s: ["cpu:0", "cpu:1"] for s in ("encoder", "dit", "decoder")}, pooled=True)
+
+
+def test_a_devices_new_stage_set_becomes_switches_starts_and_stops():
+    workers = {0: ("cpu:0", "encoder"), 1: ("cpu:1", "dit"), 2: ("cpu:0", "decoder")}
+    elastic = _elastic(workers)
+    grow = elastic._as_rebalance([Move("cpu:0", frozenset({"encoder", "decoder"}), frozenset({"encoder", "dit", "decoder"})),
+                                  Move("cpu:1", frozenset({"dit"}), frozenset({"encoder", "dit", "decoder"}))], workers)
+    assert (grow.switches, grow.starts, grow.stops) == ([], [("cpu:0", "dit"), ("cpu:1", "encoder"), ("cpu:1", "decoder")], [])
+    shrink = elastic._as_rebalance([Move("cpu:0", frozenset({"encoder", "decoder"}), frozenset({"dit"}))], workers)
+    assert (shrink.switches, shrink.starts, shrink.stops) == ([(0, "dit")], [], [2])
+
+
+def test_the_pooled_planner_hosts_every_stage_on_alike_devices_with_room():
+    # The time-sharing model: a device hosting every stage serves whole requests; two of them
+    # beat any split of three stages over two devices (the split leaves a device idle).
+    workers = {0: ("cpu:0", "encoder"), 1: ("cpu:1", "dit"), 2: ("cpu:0", "decoder")}
+    elastic = _elastic(workers)
+    cost = {"encoder": 0.03, "dit": 0.45, "decoder": 0.05}
+    coefficients = {(s, d): (c,) + (0.0,) * (len(FEATURES[s]) - 1) for s, c in cost.items() for d in ("cpu:0", "cpu:1")}
+    predictor = elastic._predictor(coefficients)
+    demand = Demand.of(Shape(height=128, width=128, steps=56))
+    plan = elastic.controller.planner.plan(elastic.controller.devices, demand, predictor)
+    assert dict(plan.placement.assignment) == {d: frozenset({"encoder", "dit", "decoder"}) for d in ("cpu:0", "cpu:1")}
