@@ -290,15 +290,15 @@ class EngineConfig:
     def max_consumers(self, stage: str) -> int:
         """How many workers may read a `stage` worker's outputs: the next stage's instances, or
         under the elastic policy every worker of its device that a move could turn into one
-        (each other stage there keeps at least one)."""
+        (each other stage there keeps at least one); on a pool, one per device."""
         index = STAGES.index(stage)
         if index == len(STAGES) - 1:
             return 1  # the engine reads the final pixels
         consumer = STAGES[index + 1]
         if self.policy != "elastic":
             return self.instances[consumer]
-        if self.pooled:  # every device could come to host the consumer (once: a combo is a set)
-            return min(len(self.pool), len(self.workers) - (len(STAGES) - 1))
+        if self.pooled:  # every device could come to host the consumer (once: a device's stages are a set)
+            return len(self.pool)
         device = self.stage_device(consumer)
         sharing = [s for s in STAGES if self.stage_device(s) == device]
         return max(self.instances[consumer], sum(self.instances[s] for s in sharing) - (len(sharing) - 1))

@@ -147,6 +147,9 @@ class WorkerRecovery:
         if worker.pool.segment is None:
             worker.pool_info = None  # consumers starting now must wait for the new pool's handle
             self._restart_requests_reading(worker.pool)
+        if worker.stopping:  # it was leaving anyway: no replacement; it goes once its outputs are read
+            worker.process, worker.socket, worker.died_at = None, None, None
+            return
         worker.restarts += 1
         if worker.moving_to is not None:  # it died while draining: it comes back in its new stage
             worker.stage, worker.moving_to = worker.moving_to, None
