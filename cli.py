@@ -19,6 +19,7 @@ from .config_file import read_config
 from .engine.config import DEFAULT_MODEL, EngineConfig, parse_devices, parse_instances, parse_memory_limits
 from .engine.devices import parse_device_list, parse_placement
 from .engine.models import describe_model, resolve_model_path
+from .engine.models.libraries import quiet_libraries
 from .scheduler.core import STAGES
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -177,6 +178,7 @@ def run(prompt, negative_prompt, steps, guidance_scale, true_cfg_scale, height, 
 
     level, quiet, verbose = _log_level(log_level, quiet, verbose)
     logging.basicConfig(level=level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    quiet_libraries()  # the hub download and model checks below: their chatter goes through logging
     _echo_records("dfuse.engine.prompts", "Warning: ")  # a prompt cut short: said as the flags' warnings are
     _echo_startup(level)
     say = (lambda message: None) if quiet else (lambda message: click.echo(message, err=True))
@@ -256,6 +258,7 @@ def serve(host, port, api_key, insecure_no_api_key, served_model_name, max_queue
 
     level, quiet, verbose = _log_level(log_level, quiet, verbose)
     logging.basicConfig(level=level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    quiet_libraries()  # the hub download and model checks below: their chatter goes through logging
     _echo_startup(level)
     _echo_records("dfuse.serve.status")  # the address, engine ready, draining: plain lines (-q hides them)
     if not is_loopback(host) and not api_key and not insecure_no_api_key:

@@ -6,7 +6,7 @@ devices for the model's default request. Before anything has run there are no me
 its cost model is an estimate, kept deliberately plain:
 - a stage's work per request is proportional to the weight bytes it streams per pass, times its
   passes (the DiT runs once per step, twice under classifier-free guidance);
-- a CPU device's speed is proportional to its cores; a GPU counts as GPU_CORES cores.
+- a CPU device's speed is proportional to its cores; a GPU counts as GPU_CORES cores (devices.py).
 On alike devices the estimate does not decide anything: where every stage fits on every device,
 hosting every stage on every device is the planner's optimum (each device serves whole requests
 at 1 / the sum of its stage costs, which no split beats without handoff-free overlap), and it is
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from pathlib import Path
 from typing import Sequence
 
@@ -26,12 +25,11 @@ from ..scheduler.core import STAGES, Demand, Device, Shape
 from ..scheduler.planner import Planner, PlannerConfig
 from ..scheduler.predictor import FEATURES, DeviceSpec, Geometry, Predictor, StageSpec
 from .config import EngineConfig, memory_of
-from .devices import describe_device, device_cpus, is_cpu
+from .devices import describe_device, device_cores, device_kind, is_cpu
 from .protocol import RequestParams
 
 log = logging.getLogger("dfuse.engine")
 
-GPU_CORES = 64  # a GPU's speed in CPU cores, for the estimate only (measured costs replace it)
 _GB = 1e9
 
 
@@ -77,11 +75,11 @@ def plan_placement(pool: Sequence[str], model_path: Path | str, info, family, it
     stages = stage_memory(model_path, info, family, itemsizes)
     weights_gb = {s: spec.weights_gb for s, spec in stages.items()}
     activations_gb = {s: spec.act_fixed_gb for s, spec in stages.items()}
-    kinds = {device: _kind(device) for device in pool}
+    kinds = {device: device_kind(device) for device in pool}
     # Relative costs: weight bytes per pass (at least a little: a synthetic stage has none).
     work = {s: max(weights_gb[s], 1e-3) for s in STAGES}
     coefficients = {}
-    for kind, cores in {k: _cores(d) for d, k in kinds.items()}.items():
+    for kind, cores in {k: device_cores(d) for d, k in kinds.items()}.items():
         for stage in STAGES:
             per_pass = work[stage] / cores
             if stage == "dit":  # seconds per request = fixed + steps x per step (features: fixed, steps, ...)
@@ -101,19 +99,3 @@ def plan_placement(pool: Sequence[str], model_path: Path | str, info, family, it
                          f"({', '.join(f'{d} {memory_gb[d]:.1f} GB' for d in pool)}); add devices, or lower dtype")
     return {d: [s for s in STAGES if s in plan.placement.assignment.get(d, ())] for d in pool
             if plan.placement.assignment.get(d)}
-
-
-def _kind(device: str) -> str:
-    """Devices of one kind are interchangeable to the planner: a GPU by its name, a CPU device
-    by its number of cores."""
-    if is_cpu(device):
-        return f"cpu x{_cores(device)}"
-    import torch
-
-    return torch.cuda.get_device_properties(device).name
-
-
-def _cores(device: str) -> int:
-    if not is_cpu(device):
-        return GPU_CORES
-    return len(device_cpus(device) or os.sched_getaffinity(0))

@@ -34,7 +34,7 @@ from ..scheduler.core import STAGES
 from . import protocol as wire
 from .protocol import WorkerSpec
 from .config import EngineConfig
-from .devices import describe_device
+from .devices import describe_device, device_kind
 from .dispatch import RULES as DISPATCH_RULES
 from .dispatch import observe
 from .batching import select_batch, should_wait
@@ -116,6 +116,7 @@ class EngineCore(WorkerRecovery, WorkerMoves):
     def _init_workers(self) -> None:
         self.links = choose_links(self.config.workers)
         self.workers: dict[int, Worker] = build_workers(self.config, self.segment_prefix)
+        self._next_worker_id = len(self.workers)  # workers a move starts get new ids (engine/moves.py)
         self.cpu_pinning = pin_cpu_workers(self.config, self.workers)  # before any worker spawns
         self._devices = {device: describe_device(device) for device in self.config.pool}
         self._startup = StartupProgress(self.workers)
@@ -130,7 +131,7 @@ class EngineCore(WorkerRecovery, WorkerMoves):
         pooled = self.config.pooled
         return Elastic(self.config.elastic, {w.id: w.device for w in self.workers.values()},
                        {s: list(self.config.pool) if pooled else self.config.devices_of(s) for s in STAGES},
-                       pooled=pooled, device_kinds={d: kind for d, (kind, _) in self._devices.items()},
+                       pooled=pooled, device_kinds={d: device_kind(d) for d in self.config.pool},
                        memory=self._memory, true_cfg=self._true_cfg)
 
     # --- called from other threads -----------------------------------------------------------

@@ -159,3 +159,23 @@ def parse_placement(text: str) -> dict[str, list[str]]:
                              f"(got {part!r})")
         placement.setdefault(device.strip(), []).extend(s.strip() for s in stages.split("+"))
     return placement
+
+
+GPU_CORES = 64  # a GPU's speed in CPU cores, for cost estimates only (measured costs replace it)
+
+
+def device_kind(device: str) -> str:
+    """Devices of one kind are interchangeable to the planner: a GPU by its name, a CPU device
+    by its number of cores."""
+    if is_cpu(device):
+        return f"cpu x{device_cores(device)}"
+    import torch
+
+    return torch.cuda.get_device_properties(device).name
+
+
+def device_cores(device: str) -> int:
+    """A device's speed in CPU cores, for estimates: its cores, or GPU_CORES for a GPU."""
+    if not is_cpu(device):
+        return GPU_CORES
+    return len(device_cpus(device) or os.sched_getaffinity(0))

@@ -37,6 +37,7 @@ from ..scheduler.feedback import Feedback, FeedbackConfig
 from ..scheduler.planner import Planner, PlannerConfig
 from ..scheduler.predictor import DeviceSpec, Geometry, Predictor, StageSpec, fit_stage
 from . import protocol as wire
+from .devices import device_cores
 from .checks import check_fields, checked, integer, number, positive
 
 _SECONDS = checked(positive(1e6, "a number of seconds"))
@@ -98,7 +99,7 @@ class Elastic:
     devices: dict[int, str]  # worker id -> its device (at the start; pooled steps are told the current ones)
     stage_devices: dict[str, list[str]]  # stage -> the devices it may run on (its configured ones unless pooled)
     pooled: bool = False  # the scheduler's devices are the engine's devices (else its workers)
-    device_kinds: dict[str, str] = field(default_factory=dict)  # device -> what it is (GPU model, core count)
+    device_kinds: dict[str, str] = field(default_factory=dict)  # device -> its kind (devices.device_kind)
     memory: tuple[dict[str, StageSpec], dict[str, float]] | None = None  # stage memory, device GB (pooled)
     true_cfg: bool = False
     decisions: list[dict] = field(default_factory=list)
@@ -187,8 +188,15 @@ class Elastic:
             if not measured:
                 return None
             for device in devices:
+                if (stage, device) in fits:
+                    coefficients[stage, device] = fits[stage, device]
+                    continue
                 alike = [d for d in measured if self.device_kinds.get(d) == self.device_kinds.get(device)]
-                coefficients[stage, device] = fits.get((stage, device)) or fits[stage, (alike or measured)[0]]
+                source = (alike or measured)[0]
+                # Another kind of device: scaled by the estimate auto placement uses (cores; a GPU
+                # as GPU_CORES, engine/devices.py), until this stage is measured here.
+                scale = 1.0 if alike else device_cores(source) / device_cores(device)
+                coefficients[stage, device] = tuple(c * scale for c in fits[stage, source])
         return coefficients
 
     _geometry = Geometry()  # only shapes the fitted features; the fit absorbs the model's own factors

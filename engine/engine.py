@@ -220,7 +220,9 @@ class Engine:
             raise EngineClosed("the engine is closed")
         if not self.config.pooled:
             raise ValueError("placement: place() moves the devices of a pool (Engine(devices=[...], ...))")
-        self._core.place({device: list(stages) for device, stages in placement.items()})
+        if not isinstance(placement, Mapping):
+            raise ValueError(f"placement: expected a mapping of device -> stages (got {type(placement).__name__})")
+        self._core.place(dict(placement))
 
     def stats(self) -> EngineStats:
         """Placement, queue depths, per-worker state: a typed snapshot (`.to_dict()` for JSON).

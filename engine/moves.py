@@ -42,7 +42,7 @@ class WorkerMoves:
         workers = {w.id: (w.device, w.moving_to or w.stage) for w in snapshot.values() if not w.stopping}
         current = {d: {s for dev, s in workers.values() if dev == d} for d in self.config.pool}
         for device, stages in placement.items():
-            if not isinstance(stages, (list, tuple, set, frozenset)) or set(stages) - set(STAGES):
+            if isinstance(stages, str) or not isinstance(stages, (list, tuple, set, frozenset)) or set(stages) - set(STAGES):
                 raise ValueError(f"placement ({device}): expected stages among {', '.join(STAGES)} (got {stages!r})")
         target = {**current, **{d: set(s) for d, s in placement.items()}}
         plan = rebalance(Placement(current).diff(Placement(target)), workers)
@@ -54,7 +54,8 @@ class WorkerMoves:
         stage: a new worker) and stops (worker ids)."""
         try:  # again: things may have changed since it was asked
             check_moves(self.workers, self.config, moves, starts, stops)
-        except ValueError as e:
+            new = self._new_workers(starts)  # their pools first: a full /dev/shm drops the whole batch
+        except (ValueError, OSError) as e:
             log.log(logging.INFO if reason == "elastic" else logging.WARNING,
                     "moves %s, starts %s, stops %s dropped: %s", moves, starts, stops, e)
             return
@@ -69,25 +70,35 @@ class WorkerMoves:
             worker.stopping = True
             log.info("stopping worker %d, %s on %s (%s)", worker_id, worker.stage, worker.device, reason)
             self._stats.moved(now, worker_id, worker.stage, IDLE, reason)
-        for device, stage in starts:
-            worker_id = max(self.workers) + 1
-            log.info("starting worker %d, %s on %s (%s)", worker_id, stage, device, reason)
-            self._stats.moved(now, worker_id, IDLE, stage, reason)  # recorded before stats() can see the worker
-            self._add_worker(worker_id, device, stage).switch_started = now
+        for worker in new:
+            log.info("starting worker %d, %s on %s (%s)", worker.id, worker.stage, worker.device, reason)
+            self._stats.moved(now, worker.id, IDLE, worker.stage, reason)  # recorded before stats() can see it
+            worker.switch_started = now
+            self.workers[worker.id] = worker
+            try:
+                self._spawn(worker)
+            except (OSError, zmq.ZMQError) as e:  # the machine refuses a process now: recovery tries again
+                log.warning("could not start worker %d (%s); retrying", worker.id, e)
+                worker.process, worker.respawn_at = None, time.monotonic() + 1.0
 
-    def _add_worker(self, worker_id: int, device: str, stage: str) -> Worker:
-        """A new worker of `stage` on `device`, spawned now: its output pool is on the host, where
-        any consumer can read it (a GPU consumer through its copy stream)."""
-        pool = SlotPool.create_host(f"{self.segment_prefix}w{worker_id}", self.config.transport.slot_bytes,
-                                    self.config.slots_per_worker(stage))
-        worker = Worker(worker_id, stage, device, pool, cpus=device_cpus(device))
-        self.workers[worker_id] = worker
+    def _new_workers(self, starts: list[tuple[str, str]]) -> list[Worker]:
+        """Workers for `starts`, each with its output pool on the host, where any consumer can
+        read it (a GPU consumer through its copy stream); not spawned yet. Ids are never reused:
+        consumers know a pool by its name, which carries the id. All or none: OSError (a full
+        /dev/shm) leaves no pool behind."""
+        workers: list[Worker] = []
         try:
-            self._spawn(worker)
-        except OSError as e:  # the machine refuses a process now: recovery tries again later
-            log.warning("could not start worker %d (%s); retrying", worker_id, e)
-            worker.respawn_at = time.monotonic() + 1.0
-        return worker
+            for device, stage in starts:
+                worker_id = self._next_worker_id
+                self._next_worker_id += 1
+                pool = SlotPool.create_host(f"{self.segment_prefix}w{worker_id}", self.config.transport.slot_bytes,
+                                            self.config.slots_per_worker(stage))
+                workers.append(Worker(worker_id, stage, device, pool, cpus=device_cpus(device)))
+        except OSError:
+            for worker in workers:
+                unlink_segment(worker.pool.name)
+            raise
+        return workers
 
     def _rebalance(self) -> None:
         """Ask the elastic policy for moves (it decides once per interval)."""
@@ -138,6 +149,8 @@ class WorkerMoves:
             unlink_ipc_file(endpoint)
         if worker.pool.segment is not None:
             unlink_segment(worker.pool.name)  # the pages go when the last process mapping them lets go
+            for other in self.workers.values():
+                self._send_control(other, wire.ClosePool(worker.pool.name))
         log.info("worker %d (%s on %s) stopped", worker.id, worker.stage, worker.device)
 
 

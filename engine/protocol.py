@@ -114,6 +114,13 @@ class OpenPool(msgspec.Struct, **_STRUCT):
     pool: PoolInfo
 
 
+class ClosePool(msgspec.Struct, **_STRUCT):
+    """Engine -> every worker: a stopped producer's host pool is gone; unmap it (its pages are
+    freed once no process maps it)."""
+
+    name: str
+
+
 class CancelTask(msgspec.Struct, **_STRUCT):
     """Engine -> worker: the caller cancelled this request or its deadline passed. The worker
     stops it at the next denoising step (or skips it if it has not started) and answers with
@@ -196,7 +203,7 @@ class Heartbeat(msgspec.Struct, **_STRUCT):
     stalled_s: float  # seconds the compute loop has held a task without a step or an end (0: idle)
 
 
-ToWorker = StageTask | StageBatch | OpenPool | Become | CancelTask
+ToWorker = StageTask | StageBatch | OpenPool | ClosePool | Become | CancelTask
 ToEngine = Ready | LoadFailed | StageDone | StageFailed | Progress | Heartbeat
 
 _encoder = msgspec.msgpack.Encoder()

@@ -101,7 +101,8 @@ class WorkerRecovery:
         """A worker keeps dying while it loads: if its stage has no ready worker, the requests
         waiting there fail now with the reason (rather than wait for a restart that may never
         come); the other stages and devices serve on, and the restarts go on."""
-        if any(w.ready and w.stage == worker.stage and w.moving_to is None for w in self.workers.values()):
+        if any(w.ready and w.stage == worker.stage and w.moving_to is None and not w.stopping
+               for w in self.workers.values()):
             return
         error = RequestFailed(
             f"no {worker.stage} worker is ready: worker {worker.id} died {worker.load_deaths} times in a row while "

@@ -32,7 +32,7 @@ class WorkerStats(_Snapshot):
     load_s: float  # how long its last (re)load took
     moving_to: str | None  # the stage it is switching to, during a move
     cpus: str | None  # its own cores ("0-1"), or None where the OS places it
-    state: str  # ready | unresponsive (missed heartbeats: no new tasks) | loading | moving | restarting | closed
+    state: str  # ready | unresponsive (missed heartbeats: no new tasks) | loading | moving | stopping | restarting | closed
     load_deaths: int  # times in a row its process died before it was ready
 
 
@@ -189,6 +189,8 @@ class StatsRecorder:
 def _state(worker) -> str:
     if worker.moving_to is not None:
         return "moving"
+    if worker.stopping:
+        return "stopping"
     if worker.ready:
         return "ready" if worker.responsive else "unresponsive"
     return "restarting" if worker.process is None else "loading"

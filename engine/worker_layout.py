@@ -116,6 +116,13 @@ def check_moves(workers: Mapping[int, Worker], config: EngineConfig, moves: Sequ
     for device, stage in starts:
         if device not in config.pool or stage not in STAGES:
             raise ValueError(f"placement: cannot start a {stage} worker on {device}; devices are {list(config.pool)}")
+    if config.pooled:  # a worker coming to a stage must be able to read its producers' pools
+        for device, stage in [*starts, *((workers[w].device, s) for w, s in moves)]:
+            unreadable = [p.id for p in workers.values() if _CONSUMERS.get(p.stage) == stage and p.pool.segment is None
+                          and p.device != device]
+            if unreadable:
+                raise ValueError(f"placement: a {stage} worker on {device} could not read the GPU pool of worker(s) "
+                                 f"{unreadable} (outputs that stay on another GPU); moving such pools is not supported yet")
     ids = [w for w, _ in moves] + list(stops)
     if len(set(ids)) < len(ids):
         raise ValueError("worker_id: a worker may make one move at a time")

@@ -348,6 +348,9 @@ def _receive(context, spec: WorkerSpec, endpoint: Endpoint, tasks: queue.Queue, 
         if isinstance(message, wire.CancelTask):  # seen by the compute loop at the next step
             cancelled.add(message.request_id)
             continue
+        if isinstance(message, wire.ClosePool):  # its producer stopped, drained: nothing reads it now
+            endpoint.close_pool(message.name)
+            continue
         if isinstance(message, wire.OpenPool):
             try:
                 endpoint.open_pool(message.pool)  # before any task that reads it: same socket, in order

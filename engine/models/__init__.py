@@ -109,9 +109,7 @@ def resolve_model_path(model: str, revision: str | None = None, variant: str | N
     if model.startswith(SYNTHETIC_PREFIX):
         parse_spec(model)
         return model
-    if model in TINY_MODELS:
-        return tiny_model_path(model)
-    path = Path(model).expanduser()
+    path = tiny_model_path(model) if model in TINY_MODELS else Path(model).expanduser()
     if not path.exists():
         if not looks_like_repo_id(model):
             raise ValueError(
@@ -119,7 +117,8 @@ def resolve_model_path(model: str, revision: str | None = None, variant: str | N
                 "folder, nor a Hugging Face repo id (owner/name)"
             )
         path = download(model, revision, variant)
-    path = path.resolve()
+    if model not in TINY_MODELS:  # a built-in one is returned as its cache names it
+        path = path.resolve()
     if (path / "model_index.json").is_file():
         check_weight_files(path, variant)
     return path
@@ -140,15 +139,15 @@ def check_weight_files(path: Path, variant: str | None = None) -> None:
     for name in WEIGHT_COMPONENTS:
         entry = index.get(name)
         if isinstance(entry, list) and len(entry) == 2 and entry[1]:  # else not part of this pipeline
-            found[name] = {f.name: stem for f in (path / name).glob("*") if (stem := _weight_stem(f.name))}
+            found[name] = {f.name: stem for f in (path / name).glob("*") if (stem := weight_stem(f.name))}
     for name, stems in found.items():  # each stage loads its own components, each of them with `variant`
-        if any(_variant_of(stem) == variant for stem in stems.values()):
+        if any(variant_of(stem) == variant for stem in stems.values()):
             continue
         folder, entry = path / name, index[name]
         stem = "diffusion_pytorch_model" if entry[0] == "diffusers" else "model"
         suffix = f".{variant}" if variant else ""
         has = f" (it has {', '.join(sorted(stems))})" if stems else ""
-        others = sorted({v for v in map(_variant_of, stems.values()) if v})
+        others = sorted({v for v in map(variant_of, stems.values()) if v})
         hint = f"; --variant {others[0]} loads the files it has" if others and not variant else ""
         raise ValueError(f"model: {str(folder)!r} holds no {variant + ' ' if variant else ''}weights{has}: expected "
                          f"{stem}{suffix}.safetensors (or shards listed in {stem}{suffix}.safetensors.index.json){hint}")
@@ -157,7 +156,7 @@ def check_weight_files(path: Path, variant: str | None = None) -> None:
 _WEIGHT_SUFFIXES = (".safetensors.index.json", ".bin.index.json", ".safetensors", ".bin")
 
 
-def _weight_stem(filename: str) -> str | None:
+def weight_stem(filename: str) -> str | None:
     """'model.fp16' of 'model.fp16.safetensors'; None for a file that holds no weights."""
     for suffix in _WEIGHT_SUFFIXES:
         if filename.endswith(suffix):
@@ -165,7 +164,7 @@ def _weight_stem(filename: str) -> str | None:
     return None
 
 
-def _variant_of(stem: str) -> str | None:
+def variant_of(stem: str) -> str | None:
     """diffusers' variant in a weight file's stem: model.fp16, model.fp16-00001-of-00002 -> fp16;
     model, model-00001-of-00002 -> None."""
     if "." not in stem:

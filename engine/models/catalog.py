@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ...scheduler.core import STAGES
 from ..protocol import RequestParams
-from . import describe_model, detect_family, resolve_model_path
+from . import variant_of, weight_stem, describe_model, detect_family, resolve_model_path
 from .hub import hub_cache
 from .tiny import TINY_MODELS, cache_dir, cache_problem
 
@@ -19,13 +19,21 @@ STAGE_COMPONENTS = {
     "dit": ("transformer",),
     "decoder": ("vae",),
 }
-WEIGHT_FILES = ("*.safetensors", "*.bin")
+WEIGHT_FILES = ("*.safetensors", "*.bin")  # in the order from_pretrained prefers them
 
 
-def stage_weight_bytes(path: Path, stage: str) -> int:
-    """Bytes of `stage`'s weight files in the model folder at `path`."""
-    return sum(f.stat().st_size for component in STAGE_COMPONENTS[stage] for pattern in WEIGHT_FILES
-               for f in (path / component).glob(pattern))
+def stage_weight_bytes(path: Path, stage: str, variant: str | None = None) -> int:
+    """Bytes of the weight files `stage` loads from the model folder at `path`: per component,
+    one format (safetensors if there are any) of one variant, as from_pretrained picks them (a
+    snapshot `hf download` made may hold several)."""
+    total = 0
+    for component in STAGE_COMPONENTS[stage]:
+        for pattern in WEIGHT_FILES:
+            files = [f for f in (path / component).glob(pattern) if variant_of(weight_stem(f.name)) == variant]
+            if files:
+                total += sum(f.stat().st_size for f in files)
+                break
+    return total
 
 
 def list_models() -> list[dict]:

@@ -42,9 +42,6 @@ def download(repo_id: str, revision: str | None = None, variant: str | None = No
 
 @functools.lru_cache(maxsize=16)  # the CLI checks a model before its Engine resolves it again: one hub call
 def _download(repo_id: str, revision: str | None, variant: str | None, cache: Path) -> Path:
-    from .libraries import quiet_libraries
-
-    quiet_libraries()
     from diffusers import DiffusionPipeline
     from huggingface_hub import constants
     from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
@@ -64,10 +61,12 @@ def _download(repo_id: str, revision: str | None, variant: str | None, cache: Pa
                          "read (private ones need `hf auth login` or HF_TOKEN)") from None
     except HFValidationError as e:
         raise ValueError(f"model: {repo_id!r} is not a valid Hugging Face repo id ({e})") from None
-    except (OSError, ValueError) as e:  # offline or unreachable, and not (fully) in the cache
+    except OSError as e:  # offline or unreachable (LocalEntryNotFoundError, OfflineModeIsEnabled ...), not cached
         why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"the hub could not be reached ({_first_line(e)})"
         raise ValueError(f"model: {repo_id!r}{at} is not in the Hugging Face cache ({cache}) and "
                          f"{why}: {get_it}") from None
+    except ValueError as e:  # diffusers' own refusals (a variant the repo does not have ...)
+        raise ValueError(f"model: {repo_id!r}{at}: {_first_line(e)}") from None
     log.info("model %s%s: %s%s", repo_id, at, folder, " (HF_HUB_OFFLINE: the cached snapshot)" if constants.HF_HUB_OFFLINE else "")
     return folder
 

@@ -1,8 +1,9 @@
 """Quiet diffusers, transformers and huggingface_hub: loading bars and advice from N workers (or
 a benchmark's in-process pipeline, or the CLI resolving a hub model) would bury dfuse's own
 output. What they still say (errors) and Python warnings (deprecations, a missing torchvision)
-go through `logging`, in dfuse's format and at its level, never raw to the terminal. Shared by
-stages/worker.py, engine/models/hub.py and bench/."""
+go through `logging`, in dfuse's format and at its level, never raw to the terminal. For the
+processes dfuse owns: its workers (stages/worker.py), the CLI's run and serve, and bench/ (an
+`Engine` in someone's program leaves their logging alone)."""
 
 from __future__ import annotations
 

@@ -53,6 +53,12 @@ class Endpoint:
             self._gpu[info.name] = OpenedCudaPool(info)  # a restarted producer replaces its pool
             self._views.clear()
 
+    def close_pool(self, name: str) -> None:
+        """Forget a host pool whose producer stopped (no task reads it any more)."""
+        with self._lock:
+            self._host.pop(name, None)
+            self._views = {key: view for key, view in self._views.items() if key[0] != name}
+
     def _buffer(self, pool: str) -> torch.Tensor:
         if self._own_gpu is not None and pool == self._own_gpu.name:
             return self._own_gpu.buffer

@@ -83,5 +83,13 @@ def test_devices_asked_to_grow_then_shrink_serve_every_image_equal_to_diffusers(
         assert wait_until(lambda: not any(alive(grown[w]) for w in stopped), 30), "a stopped worker is still running"
         assert not [n for n in os.listdir("/dev/shm") if any(n.endswith(f"w{w}") for w in stopped)], \
             "a stopped worker's output pool is left in /dev/shm"
+        # Grown again: new workers, new ids and pools (consumers knew the old pools by name).
+        engine.place(EVERYTHING)
+        assert wait_until(lambda: engine.stats().placement == EVERYTHING and all(
+            w.ready for w in engine.stats().workers), 120), engine.stats().placement
+        assert not {w.id for w in engine.stats().workers} & stopped, "a stopped worker's id was given again"
+        for seed, future in submit(range(16, 24)):
+            (image,) = future.result(timeout=180).images
+            assert np.array_equal(np.array(image), reference("a fox", num_inference_steps=2, seed=seed)), seed
         stats = engine.stats()
-        assert stats.failed == 0 and len(stats.moves) == 6
+        assert stats.failed == 0 and len(stats.moves) == 9

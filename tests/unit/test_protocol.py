@@ -29,6 +29,7 @@ TO_WORKER = [
     wire.StageTask(8, wire.RequestParams("a fox", "blurry", 2, 3.5, 64, 64, 1, true_cfg_scale=4.0), [], _slot),
     wire.StageBatch([wire.StageTask(0, _params, [_ref], _slot), wire.StageTask(1, _params, [], _slot, report_progress=True)]),
     wire.OpenPool(_pool),
+    wire.ClosePool("dfuse_1_ab_w4"),
     wire.Become("decoder"),
     wire.CancelTask(12),
 ]
