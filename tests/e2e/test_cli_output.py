@@ -73,6 +73,9 @@ def test_ctrl_c_while_workers_start_prints_one_line_and_exits_130(model_path, tm
         [sys.executable, "-m", "dfuse.cli", "run", "a fox", "--model", str(model_path), "--steps", "2",
          "--threads", "1", "--out", str(tmp_path / "fox.png")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        # As from a terminal: a test run started in the background inherits SIGINT ignored, and
+        # Python then installs no KeyboardInterrupt handler in its children.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         ready, _, _ = select.select([process.stderr], [], [], 60)
