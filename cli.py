@@ -123,8 +123,9 @@ def _engine_config(options: dict) -> EngineConfig:
         fields["max_attempts"] = max_attempts
     if limits is not None:
         fields["memory_limit_gib"] = limits
-    return EngineConfig(model=options["model"], revision=options["revision"], variant=options["variant"], cpu_threads=options["threads"], policy=options["policy"],
-                        dtype=options["dtype"], batching=BatchConfig(enabled=options["batching"]), **fields)
+    return EngineConfig(model=options["model"], revision=options["revision"], variant=options["variant"],
+                        cpu_threads=options["threads"], policy=options["policy"], dtype=options["dtype"],
+                        batching=BatchConfig(enabled=options["batching"]), **fields)
 
 
 def _flags_over_file(options: dict) -> dict:

@@ -63,7 +63,7 @@ class Engine:
         instances: Mapping[str, int] | None = None,
         *,
         devices: Sequence[str] | None = None,
-        placement: Mapping[str, Sequence[str]] | None = None,
+        placement: Mapping[str, Sequence[str]] | str | None = None,
         cpu_threads: int | None = None,
         dtype: str = "auto",
         policy: str = "static",
@@ -74,7 +74,9 @@ class Engine:
         """`device` + `instances`: that many workers of each stage on its one device; or a pool
         of `devices` (["cpu:0", "cpu:1"], ["cuda:0", ..., "cuda:7"]) with a `placement` that
         names each device's stages ({"cpu:0": ["encoder", "decoder"], "cpu:1": ["dit"]}: one
-        worker per device and stage; engine/devices.py)."""
+        worker per device and stage; engine/devices.py), or placement "auto" (the default with
+        `devices`: the planner's, engine/auto_placement.py). `model` may be a Hugging Face repo id,
+        with `revision` and `variant` as in diffusers' from_pretrained."""
         if config is not None and not isinstance(config, EngineConfig):
             raise ValueError(f"config: must be an EngineConfig (got {type(config).__name__})")
         given = (model, device, instances, devices, placement, cpu_threads, dtype, policy, revision, variant)
