@@ -180,3 +180,21 @@ def run_watched(script_path, args: list[str], heartbeat_path, first_quiet_limit_
             time.sleep(0.2)
         code = proc.wait()
     return (None if killed else code), (folder / "child.out").read_text(), (folder / "child.err").read_text(), killed
+
+
+def run_sweep(*args: str, timeout: float = 240) -> tuple[int, bytes, int]:
+    """`dfuse bench sweep ARGS` in a child process: (exit code, its stdout and stderr as bytes
+    (text mode would turn a progress bar's carriage returns into newlines), its pid). Killed
+    past `timeout`."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-c", "from dfuse.cli import main; main()", "bench", "sweep", *args]
+    print("command", " ".join(command))
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        raw, _ = process.communicate(timeout=timeout)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    return process.returncode, raw, process.pid

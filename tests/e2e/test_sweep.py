@@ -5,8 +5,8 @@ CSV and summary say so, and nothing outlives the run (processes, /dev/shm segmen
 import csv
 import json
 import os
-import subprocess
-import sys
+
+from process_utils import run_sweep
 
 MODEL = "synthetic:encoder=5ms,dit=20ms,decoder=10ms,mode=sleep"
 SEED = 3  # the arrival trace
@@ -14,18 +14,11 @@ SEED = 3  # the arrival trace
 
 def test_sweep_cli_serves_every_request_of_mono_and_static(tmp_path):
     out = tmp_path / "sweep"
-    command = [sys.executable, "-c", "from dfuse.cli import main; main()", "bench", "sweep", "--model", MODEL,
-               "--rates", "8", "--trace", "shift", "--modes", "mono,static", "--duration", "3", "--seed", str(SEED),
-               "--quiet-wait", "0", "--drain-timeout", "60", "--out", str(out), "--no-plots"]
-    print("seed", SEED, "command", " ".join(command))
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # bytes: text mode hides \r
-    try:
-        raw, _ = process.communicate(timeout=240)
-    finally:
-        if process.poll() is None:
-            process.kill()
+    code, raw, pid = run_sweep("--model", MODEL, "--rates", "8", "--trace", "shift", "--modes", "mono,static",
+                               "--duration", "3", "--seed", str(SEED), "--quiet-wait", "0", "--drain-timeout", "60",
+                               "--out", str(out), "--no-plots")
     output = raw.decode(errors="replace")
-    assert process.returncode == 0, output
+    assert code == 0, output
     assert b"\r" not in raw, "a progress bar drawn into a pipe (a log) instead of only on a terminal"
 
     doc = json.loads((out / "sweep.json").read_text())
@@ -51,4 +44,4 @@ def test_sweep_cli_serves_every_request_of_mono_and_static(tmp_path):
     assert [(r["mode"], r["completed"], r["failed"]) for r in rows] == [
         ("mono", str(submitted), "0"), ("static", str(submitted), "0")]
     assert "| static | 8 |" in (out / "summary.md").read_text()
-    assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"dfuse_{process.pid}_")]
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"dfuse_{pid}_")]

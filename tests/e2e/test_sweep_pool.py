@@ -6,10 +6,10 @@ the run (processes, /dev/shm segments)."""
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
+
+from process_utils import run_sweep
 
 MODEL = "synthetic:encoder=5ms,dit=20ms,decoder=10ms,mode=sleep"
 SEED = 5  # the arrival trace
@@ -20,19 +20,11 @@ A, B = (f"cpu:{c}" for c in (CORES + [0, 0])[:2])
 
 def test_sweep_on_a_device_pool_records_the_placement_per_device(tmp_path):
     out = tmp_path / "sweep"
-    command = [sys.executable, "-c", "from dfuse.cli import main; main()", "bench", "sweep", "--model", MODEL,
-               "--devices", f"{A},{B}", "--placement", f"{A}=encoder+decoder,{B}=dit", "--modes", "mono,static",
-               "--rates", "8", "--duration", "3", "--seed", str(SEED), "--quiet-wait", "0", "--drain-timeout", "60",
-               "--out", str(out), "--no-plots"]
-    print("seed", SEED, "command", " ".join(command))
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        raw, _ = process.communicate(timeout=240)
-    finally:
-        if process.poll() is None:
-            process.kill()
+    code, raw, pid = run_sweep("--model", MODEL, "--devices", f"{A},{B}", "--placement", f"{A}=encoder+decoder,{B}=dit",
+                               "--modes", "mono,static", "--rates", "8", "--duration", "3", "--seed", str(SEED),
+                               "--quiet-wait", "0", "--drain-timeout", "60", "--out", str(out), "--no-plots")
     output = raw.decode(errors="replace")
-    assert process.returncode == 0, output
+    assert code == 0, output
 
     doc = json.loads((out / "sweep.json").read_text())
     placement = {A: ["encoder", "decoder"], B: ["dit"]}
@@ -67,4 +59,4 @@ def test_sweep_on_a_device_pool_records_the_placement_per_device(tmp_path):
     assert f"on {A} pinned to CPU {CORES[0]}" in summary
     totals = doc["totals"]
     assert totals["leaked_processes"] == [] and totals["leaked_segments"] == [] and not totals["run_dir_left"]
-    assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"dfuse_{process.pid}_")]
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"dfuse_{pid}_")]
