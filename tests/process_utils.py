@@ -198,3 +198,17 @@ def run_sweep(*args: str, timeout: float = 240) -> tuple[int, bytes, int]:
         if process.poll() is None:
             process.kill()
     return process.returncode, raw, process.pid
+
+
+def assert_every_request_served(doc: dict, modes: list[str], rate: str) -> list[dict]:
+    """A sweep's JSON: one point per mode at `rate`, each completing every request it was sent
+    (none failed, none left unfinished), its allocation sampled. Returns the points."""
+    points = doc["points"]
+    assert [(p["mode"], p["rate_rps"]) for p in points] == [(m, float(rate)) for m in modes]
+    submitted = doc["trace"]["requests_per_rate"][rate]
+    assert submitted > 0
+    for point in points:
+        assert point["submitted"] == point["completed"] == submitted, point["errors"]
+        assert point["failed"] == point["unfinished"] == 0
+        assert point["allocation"]["t_s"], "the allocation was sampled"
+    return points

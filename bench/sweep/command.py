@@ -96,11 +96,6 @@ class SweepConfig:
     def synthetic(self) -> bool:
         return self.model.startswith(SYNTHETIC_PREFIX)
 
-    @property
-    def pool(self) -> tuple[str, ...] | None:
-        """The device pool of the pool form, None in the per-stage form."""
-        return None if self.placement is None else tuple(self.devices)
-
 
 # --- the open-loop run of one point ------------------------------------------------------------
 def drive_trace(runner, kinds: list[str], arrivals_s: list[float], params: list[RequestParams], *, drain_s: float,

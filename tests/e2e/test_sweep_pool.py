@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from process_utils import run_sweep
+from process_utils import assert_every_request_served, run_sweep
 
 MODEL = "synthetic:encoder=5ms,dit=20ms,decoder=10ms,mode=sleep"
 SEED = 5  # the arrival trace
@@ -29,16 +29,7 @@ def test_sweep_on_a_device_pool_records_the_placement_per_device(tmp_path):
     doc = json.loads((out / "sweep.json").read_text())
     placement = {A: ["encoder", "decoder"], B: ["dit"]}
     assert doc["config"]["devices"] == [A, B] and doc["config"]["placement"] == placement
-    points = doc["points"]
-    assert [(p["mode"], p["rate_rps"]) for p in points] == [("mono", 8.0), ("static", 8.0)]
-    submitted = doc["trace"]["requests_per_rate"]["8"]
-    assert submitted > 0
-    for point in points:
-        assert point["submitted"] == point["completed"] == submitted, point["errors"]
-        assert point["failed"] == point["unfinished"] == 0
-        assert point["allocation"]["t_s"], "the allocation was sampled"
-
-    mono, static = points
+    mono, static = assert_every_request_served(doc, ["mono", "static"], "8")
     # the baseline: one process per pool device, each pinned to its device's core, one torch thread
     processes = doc["mono"]["processes"]
     assert [(p["device"], p["runs_on"], p["torch_threads"]) for p in processes] == [

@@ -8,7 +8,7 @@ from dfuse.engine.config import EngineConfig
 from dfuse.engine.state import Worker
 from dfuse.engine.transport.slots import SlotPool
 from dfuse.engine.worker_layout import check_moves
-from dfuse.engine.elastic import Elastic, ElasticConfig
+from dfuse.engine.elastic import Elastic, ElasticConfig, rebalance
 from dfuse.scheduler.core import Demand, Move, Shape
 from dfuse.scheduler.predictor import FEATURES
 
@@ -76,11 +76,10 @@ def _elastic(workers: dict[int, tuple[str, str]]) -> Elastic:
 
 def test_a_devices_new_stage_set_becomes_switches_starts_and_stops():
     workers = {0: ("cpu:0", "encoder"), 1: ("cpu:1", "dit"), 2: ("cpu:0", "decoder")}
-    elastic = _elastic(workers)
-    grow = elastic._as_rebalance([Move("cpu:0", frozenset({"encoder", "decoder"}), frozenset({"encoder", "dit", "decoder"})),
+    grow = rebalance([Move("cpu:0", frozenset({"encoder", "decoder"}), frozenset({"encoder", "dit", "decoder"})),
                                   Move("cpu:1", frozenset({"dit"}), frozenset({"encoder", "dit", "decoder"}))], workers)
     assert (grow.switches, grow.starts, grow.stops) == ([], [("cpu:0", "dit"), ("cpu:1", "encoder"), ("cpu:1", "decoder")], [])
-    shrink = elastic._as_rebalance([Move("cpu:0", frozenset({"encoder", "decoder"}), frozenset({"dit"}))], workers)
+    shrink = rebalance([Move("cpu:0", frozenset({"encoder", "decoder"}), frozenset({"dit"}))], workers)
     assert (shrink.switches, shrink.starts, shrink.stops) == ([(0, "dit")], [], [2])
 
 

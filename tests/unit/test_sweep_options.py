@@ -63,14 +63,14 @@ def _config(modes="mono,static,elastic", instances=sweep.DEFAULT_INSTANCES, devi
 def test_a_pool_becomes_the_sweeps_canonical_layout():
     a, b = (f"cpu:{c}" for c in CORES[:2])
     config = _config(pool=f"{b},{a}", placement=f"{a}=decoder+encoder,{b}=dit")
-    assert config.devices == config.pool == (b, a)  # the pool in the given order
+    assert config.devices == (b, a)  # the pool in the given order
     assert config.placement == {b: ("dit",), a: ("encoder", "decoder")}  # pool order, stages in pipeline order
     assert config.instances == {"encoder": 1, "dit": 1, "decoder": 1}
     line = layout_line({"devices": list(config.devices), "instances": config.instances,
                         "placement": {d: list(s) for d, s in config.placement.items()}})
     assert line.startswith(f"device pool {b},{a}, placement {b}=dit,{a}=encoder+decoder")
     per_stage = _config(modes="static", instances="encoder=1,dit=2,decoder=1")
-    assert per_stage.placement is None and per_stage.pool is None and per_stage.devices == "cpu"
+    assert per_stage.placement is None and per_stage.devices == "cpu"
 
 
 def test_the_monolithic_baseline_runs_one_pinned_process_per_pool_device():
