@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from ..scheduler.core import STAGES
 from .cpu_affinity import describe, usable_cpus
 
-FUSED = "+"  # "encoder+dit+decoder": one process for the whole pipeline (not served yet)
+
 
 
 def canonical_device(field: str, device) -> str:

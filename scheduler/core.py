@@ -15,6 +15,23 @@ from typing import Iterable, Mapping
 STAGES = ("encoder", "dit", "decoder")
 Combo = frozenset  # the set of stages one device hosts; empty = idle
 
+# The fused role: one process holds the whole pipeline and runs each request start to finish,
+# with no handoff. It is a worker's role name in the engine and a placement's token for it; in a
+# scheduler combo it marks a device whose stages run fused (FUSED_COMBO), as opposed to the same
+# three stages in three processes taking turns on the device.
+FUSED = "+".join(STAGES)
+FUSED_COMBO = frozenset((*STAGES, FUSED))
+
+
+def is_fused(stages: Iterable[str]) -> bool:
+    return FUSED in stages
+
+
+def stages_of(stages: Iterable[str]) -> tuple[str, ...]:
+    """The pipeline stages of a combo (a fused combo's three), in pipeline order."""
+    stages = set(stages)
+    return tuple(s for s in STAGES if s in stages)
+
 
 @dataclass(frozen=True, order=True)
 class Shape:
@@ -64,16 +81,24 @@ class Device:
 
 
 def combo(*stages: str) -> frozenset:
+    """The combo of `stages`; combo(FUSED) is FUSED_COMBO."""
+    if FUSED in stages:
+        if len(stages) > 1:
+            raise ValueError(f"{FUSED} (the fused role) holds the whole pipeline: a device hosting it hosts nothing else")
+        return FUSED_COMBO
     unknown = set(stages) - set(STAGES)
     if unknown:
-        raise ValueError(f"unknown stage(s) {sorted(unknown)}; stages are {', '.join(STAGES)}")
+        raise ValueError(f"unknown stage(s) {sorted(unknown)}; stages are {', '.join(STAGES)} or {FUSED}")
     return frozenset(stages)
 
 
 def combo_label(stages: Iterable[str]) -> str:
-    """'E', 'T', 'D', 'E+D' ... in pipeline order; 'idle' for none."""
+    """'E', 'T', 'D', 'E+D' ... in pipeline order; 'fused' for the fused role; 'idle' for none."""
+    stages = set(stages)
+    if FUSED in stages:
+        return "fused"
     letters = {"encoder": "E", "dit": "T", "decoder": "D"}
-    parts = [letters[s] for s in STAGES if s in set(stages)]
+    parts = [letters[s] for s in STAGES if s in stages]
     return "+".join(parts) or "idle"
 
 
