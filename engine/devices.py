@@ -16,10 +16,8 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 
-from ..scheduler.core import STAGES
+from ..scheduler.core import FUSED, STAGES
 from .cpu_affinity import describe, usable_cpus
-
-
 
 
 def canonical_device(field: str, device) -> str:
