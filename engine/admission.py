@@ -17,6 +17,7 @@ import msgspec
 
 from ..scheduler.core import STAGES
 from .config import EngineConfig, memory_of
+from .devices import role_stages
 from .models.base import FamilySpec, ModelInfo
 from .models.catalog import stage_weight_bytes
 from .protocol import RequestParams
@@ -95,7 +96,7 @@ def detect_budgets(config: EngineConfig, model_path, root: Path = Path("/")) -> 
         elif memory == "cpu":
             by_memory[memory] = int(_mem_available(root) * CPU_SHARE)
         else:
-            stages = [s for d, s in config.workers if d == memory]
+            stages = [s for d, role in config.workers if d == memory for s in role_stages(role)]
             by_memory[memory] = _gpu_budget(memory, list(dict.fromkeys(stages)), model_path)
     return {stage: min(by_memory[memory_of(d)] for d in config.devices_of(stage)) for stage in STAGES}
 

@@ -7,10 +7,10 @@ its cost model is an estimate, kept deliberately plain:
 - a stage's work per request is proportional to the weight bytes it streams per pass, times its
   passes (the DiT runs once per step, twice under classifier-free guidance);
 - a CPU device's speed is proportional to its cores; a GPU counts as GPU_CORES cores (devices.py).
-On alike devices the estimate does not decide anything: where every stage fits on every device,
-hosting every stage on every device is the planner's optimum (each device serves whole requests
-at 1 / the sum of its stage costs, which no split beats without handoff-free overlap), and it is
-what a monolithic deployment gets. The estimate matters where memory forces a split or the
+On alike devices the estimate does not decide anything: where the whole model fits on every
+device, the fused role on every device is the planner's optimum (each device serves whole
+requests at 1 / the sum of its stage costs, which no split beats, and fused pays no handoff), and
+it is what a monolithic deployment gets. The estimate matters where memory forces a split or the
 devices differ; the elastic policy then corrects it from live measurements.
 """
 
@@ -25,7 +25,8 @@ from ..scheduler.core import STAGES, Demand, Device, Shape
 from ..scheduler.planner import Planner, PlannerConfig
 from ..scheduler.predictor import FEATURES, DeviceSpec, Geometry, Predictor, StageSpec
 from .config import EngineConfig, memory_of
-from .devices import describe_device, device_cores, device_kind, is_cpu
+from .devices import ROLES, describe_device, device_cores, device_kind, is_cpu
+from .elastic import roles_of
 from .protocol import RequestParams
 
 log = logging.getLogger("dfuse.engine")
@@ -90,12 +91,12 @@ def plan_placement(pool: Sequence[str], model_path: Path | str, info, family, it
         Geometry(), stages,
         {kind: DeviceSpec(kind, memory_gb=memory_gb[device]) for device, kind in kinds.items()}, coefficients,
     )
-    planner = Planner(PlannerConfig(share="any", streaming=False))
+    planner = Planner(PlannerConfig(share="any", streaming=False, fused=True))
     try:
         plan = planner.plan([Device(d, kinds[d]) for d in pool], Demand.of(shape), predictor)
     except ValueError:
         need = ", ".join(f"{s} {weights_gb[s] + activations_gb[s]:.1f} GB" for s in STAGES)
         raise ValueError(f"placement: no placement of the stages ({need}) over {list(pool)} fits their memory "
                          f"({', '.join(f'{d} {memory_gb[d]:.1f} GB' for d in pool)}); add devices, or lower dtype")
-    return {d: [s for s in STAGES if s in plan.placement.assignment.get(d, ())] for d in pool
+    return {d: sorted(roles_of(plan.placement.assignment[d]), key=ROLES.index) for d in pool
             if plan.placement.assignment.get(d)}

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Mapping, Sequence
 
-from ..scheduler.core import STAGES
+from ..scheduler.core import FUSED, STAGES
 from .checks import check_fields, checked, flag, integer, number, optional, positive
 from .cpu_affinity import usable_cpus
 from .cpu_wake import MAX_US as MAX_WAKE_LATENCY_US
@@ -243,12 +243,12 @@ class EngineConfig:
         return tuple(dict.fromkeys(self.devices.values()))
 
     def devices_of(self, stage: str) -> list[str]:
-        """The devices that host `stage`, in pool order."""
-        return list(dict.fromkeys(d for d, s in self.workers if s == stage))
+        """The devices that run `stage`, in pool order (a fused worker's device runs every stage)."""
+        return list(dict.fromkeys(d for d, s in self.workers if s in (stage, FUSED)))
 
     def stage_device(self, stage: str) -> str:
-        """The one device of `stage` (the per-stage form, or a pool where it has one device)."""
-        (device,) = self.devices_of(stage)
+        """The one device of `stage`'s workers (the per-stage form, or a pool where it has one device)."""
+        (device,) = dict.fromkeys(d for d, s in self.workers if s == stage)
         return device
 
     def layout(self) -> dict[str, list[str]]:
@@ -268,7 +268,8 @@ class EngineConfig:
         # Under the elastic policy a worker may come to serve any stage of its device (of the
         # pool, pooled): its pool (which stays through moves) is sized for the most demanding of
         # them, plus the slot a move keeps free (move_reserve).
-        stages = [stage]
+        # A fused worker's outputs are final pixels, which only the engine reads, as a decoder's.
+        stages = [STAGES[-1] if stage == FUSED else stage]
         if self.policy == "elastic" or self.pooled:
             stages = list(STAGES) if self.pooled else [
                 s for s in STAGES if self.stage_device(s) == self.stage_device(stage)]

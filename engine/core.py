@@ -30,13 +30,13 @@ from pathlib import Path
 import msgspec
 import zmq
 
-from ..scheduler.core import STAGES
+from ..scheduler.core import FUSED, STAGES
 from . import protocol as wire
 from .protocol import WorkerSpec
 from .config import EngineConfig
 from .devices import describe_device, device_kind
 from .dispatch import RULES as DISPATCH_RULES
-from .dispatch import observe
+from .dispatch import fused_or_split, observe
 from .batching import select_batch, should_wait
 from .completions import Completions, CopyOut, resolve
 from .elastic import Elastic
@@ -287,10 +287,14 @@ class EngineCore(WorkerRecovery, WorkerMoves):
             self.ready.set()
 
     def _consumers_of(self, worker: Worker) -> list[Worker]:
+        if worker.stage == FUSED:  # its pixels go to the engine
+            return []
         index = STAGES.index(worker.stage) + 1
         return [w for w in self.workers.values() if index < len(STAGES) and w.stage == STAGES[index]]
 
     def _producers_of(self, worker: Worker) -> list[Worker]:
+        if worker.stage == FUSED:  # it computes its own inputs
+            return []
         index = STAGES.index(worker.stage) - 1
         return [w for w in self.workers.values() if index >= 0 and w.stage == STAGES[index]]
 
@@ -331,26 +335,52 @@ class EngineCore(WorkerRecovery, WorkerMoves):
             self._start_over(request)
             return
         self._release_inputs(request)
-        for warning in message.warnings:
-            if warning not in request.warnings:  # a stage run again (its inputs lost) says it again
-                request.warnings.append(warning)
-                prompt_log.warning("%s", warning)
+        if worker.stage == FUSED:
+            self._on_fused_done(worker, request, message)
+            return
+        self._add_warnings(request, message.warnings)
         request.timings[worker.stage] = StageTiming(
             worker.id, message.timings.queued_s, message.timings.compute_s, request.waited_s,
             message.timings.batch_size, worker.device, message.timings.fetch_s, time.monotonic(),
         )
         self._stats.stage_times[worker.stage].append(message.timings.compute_s)
         worker.task_s = observe(worker.task_s, message.timings.compute_s)
-        if self._elastic:
-            # The cost model is per request: a batch's time is shared by its requests.
-            per_request = message.timings.compute_s / max(1, message.timings.batch_size)
-            self._elastic.computed(worker.stage, worker.device, request.params, per_request)
+        # The cost model is per request: a batch's time is shared by its requests.
+        self._learn(worker, request, worker.stage, message.timings.compute_s / max(1, message.timings.batch_size))
         if request.stage_index == len(STAGES) - 1:
             self._finish(request, worker, message.outputs)
             return
         request.inputs, request.input_pool, request.input_offset = message.outputs, worker.pool, request.output_offset
         request.stage_index += 1
         self._enqueue(request)
+
+    def _on_fused_done(self, worker: Worker, request: Request, message: wire.StageDone) -> None:
+        """A fused worker ran the whole request: each stage's timing from its breakdown (the
+        queue and fetch times are the first stage's), then the pixels leave as a decoder's do."""
+        self._add_warnings(request, message.warnings)
+        now, t = time.monotonic(), message.timings
+        for stage in STAGES:
+            first = stage == STAGES[0]
+            seconds = t.stages.get(stage, 0.0)
+            request.timings[stage] = StageTiming(worker.id, t.queued_s if first else 0.0, seconds,
+                                                 request.waited_s if first else 0.0, 1, worker.device,
+                                                 t.fetch_s if first else 0.0, now)
+            self._stats.stage_times[stage].append(seconds)
+            self._learn(worker, request, stage, seconds)
+        worker.task_s = observe(worker.task_s, t.compute_s)
+        request.stage_index = len(STAGES) - 1
+        self._finish(request, worker, message.outputs)
+
+    def _add_warnings(self, request: Request, warnings: list[str]) -> None:
+        for warning in warnings:
+            if warning not in request.warnings:  # a stage run again (its inputs lost) says it again
+                request.warnings.append(warning)
+                prompt_log.warning("%s", warning)
+
+    def _learn(self, worker: Worker, request: Request, stage: str, seconds: float) -> None:
+        """One request's compute seconds in `stage` on `worker`'s device, for the elastic cost model."""
+        if self._elastic:
+            self._elastic.computed(stage, worker.device, request.params, seconds)
 
     def _enqueue(self, request: Request) -> None:
         """Between two stages: drop what was cancelled or is past its deadline, queue the rest."""
@@ -394,7 +424,8 @@ class EngineCore(WorkerRecovery, WorkerMoves):
     def _on_progress(self, worker: Worker, message: wire.Progress) -> None:
         request = worker.inflight.get(message.request_id)
         if request is not None and request.on_progress is not None:
-            self.completions.progress(request.on_progress, worker.stage, message.step, message.total)
+            stage = "dit" if worker.stage == FUSED else worker.stage  # only the DiT reports steps
+            self.completions.progress(request.on_progress, stage, message.step, message.total)
 
     # --- dispatch ----------------------------------------------------------------------------
     def _dispatch(self) -> None:
@@ -417,7 +448,8 @@ class EngineCore(WorkerRecovery, WorkerMoves):
     def _take_batch(self, stage: str, queue, worker: Worker) -> list[Request] | None:
         """Pop the head of `queue` and the requests that may share its call (engine/batching.py),
         at most one per free output slot; None while a partial batch waits for companions."""
-        limit = min(self.config.batching.batch_limit(stage), worker.pool.free - self._reserve(worker))
+        limit = 1 if worker.stage == FUSED else self.config.batching.batch_limit(stage)  # fused: one at a time
+        limit = min(limit, worker.pool.free - self._reserve(worker))
         if limit == 1:
             return [queue.pop()]
         batch = select_batch(queue.in_order(), stage, limit, self.batch_caps.get(stage))
@@ -430,10 +462,20 @@ class EngineCore(WorkerRecovery, WorkerMoves):
 
     def _pick_worker(self, stage: str) -> Worker | None:
         """The worker the dispatch rule picks among the stage's ready ones (by default the one
-        predicted to finish first, engine/dispatch.py); None: the task waits in the queue."""
-        ready = [w for w in self.workers.values() if w.stage == stage and w.ready and w.moving_to is None
-                 and not w.stopping and w.responsive]
-        return DISPATCH_RULES[self.config.dispatch](ready, self._can_take)
+        predicted to finish first, engine/dispatch.py); None: the task waits in the queue. A new
+        request may also go to a fused worker: then the one predicted to finish the whole request
+        first, down the split pipeline or fused, takes it."""
+        serving = [w for w in self.workers.values() if w.ready and w.moving_to is None and not w.stopping
+                   and w.responsive]
+        rule = DISPATCH_RULES[self.config.dispatch]
+        split = rule([w for w in serving if w.stage == stage], self._can_take)
+        if stage != STAGES[0]:
+            return split
+        fused = rule([w for w in serving if w.stage == FUSED], self._can_take)
+        if split is None or fused is None:
+            return split or fused
+        downstream = {s: [w for w in serving if w.stage == s] for s in STAGES[1:]}
+        return fused_or_split(fused, split, downstream, {s: len(self._queues[s]) for s in STAGES[1:]})
 
     def _can_take(self, worker: Worker) -> bool:
         """A free output slot, nothing waiting to reach it first, and room under its in-flight limit."""
@@ -444,7 +486,7 @@ class EngineCore(WorkerRecovery, WorkerMoves):
         """Slots dispatch leaves free (EngineConfig.move_reserve); a decoder's outputs always
         reach the engine, so it never needs one to move, and a new decoder may need its last
         slot to read its own dit outputs."""
-        return 0 if worker.stage == STAGES[-1] else self.config.move_reserve
+        return 0 if worker.stage in (STAGES[-1], FUSED) else self.config.move_reserve
 
     def _send_batch(self, worker: Worker, batch: list[Request]) -> bool:
         """Hand `batch` to `worker` as one task (a plain StageTask when it holds one request),
@@ -452,7 +494,7 @@ class EngineCore(WorkerRecovery, WorkerMoves):
         slots = [worker.pool.acquire(request.id) for request in batch]
         tasks = [
             wire.StageTask(request.id, request.params, request.inputs, slot,
-                           report_progress=request.on_progress is not None and worker.stage == "dit")
+                           report_progress=request.on_progress is not None and worker.stage in ("dit", FUSED))
             for request, slot in zip(batch, slots)
         ]
         try:
@@ -478,7 +520,8 @@ class EngineCore(WorkerRecovery, WorkerMoves):
             request.waited_s = now - request.queued_at
             worker.inflight[request.id] = request
         worker.batches.append({request.id for request in batch})
-        self._stats.batched[worker.stage] += len(batch) > 1
+        if len(batch) > 1:  # a fused worker takes one request at a time
+            self._stats.batched[worker.stage] += 1
         return True
 
     # --- requests leaving the engine ---------------------------------------------------------

@@ -19,6 +19,14 @@ from collections.abc import Mapping, Sequence
 from ..scheduler.core import FUSED, STAGES
 from .cpu_affinity import describe, usable_cpus
 
+ROLES = (*STAGES, FUSED)  # what a worker may be: a stage, or the fused whole pipeline (stages/fused.py)
+FUSED_ALIAS = "fused"  # the fused role's short name, for the CLI where "+" separates a device's stages
+
+
+def role_stages(role: str) -> tuple[str, ...]:
+    """The pipeline stages a worker of `role` runs: its stage, or all of them when fused."""
+    return STAGES if role == FUSED else (role,)
+
 
 def canonical_device(field: str, device) -> str:
     """The device in its one spelling ("cuda" -> "cuda:0", "cpu:1,0" -> "cpu:0-1"), checked to
@@ -87,7 +95,8 @@ def describe_device(device: str) -> tuple[str, float]:
 
 def place_workers(devices: Sequence, placement: Mapping) -> tuple[tuple[str, str], ...]:
     """(device, stage) of every worker of `placement` over the pool `devices`, by stage in
-    pipeline order, then by device in pool order; ValueError naming `devices` or `placement`."""
+    pipeline order (fused workers last), then by device in pool order; ValueError naming
+    `devices` or `placement`."""
     if isinstance(devices, (str, bytes)) or not isinstance(devices, Sequence):
         raise ValueError(f"devices: expected a list of devices such as ['cpu:0', 'cpu:1'] (got {devices!r})")
     pool = [canonical_device(f"devices[{i}]", d) for i, d in enumerate(devices)]
@@ -108,20 +117,26 @@ def place_workers(devices: Sequence, placement: Mapping) -> tuple[tuple[str, str
             raise ValueError(f"placement: {device!r} is not in devices {pool}")
         stages = [stages] if isinstance(stages, str) else stages
         if not isinstance(stages, Sequence) or not stages:
-            raise ValueError(f"placement ({device}): expected a list of stages from {', '.join(STAGES)} (got {stages!r})")
+            raise ValueError(f"placement ({device}): expected a list of stages from {', '.join(ROLES)} (got {stages!r})")
+        stages = [FUSED if stage == FUSED_ALIAS else stage for stage in stages]
         for stage in stages:
-            if isinstance(stage, str) and FUSED in stage:
-                raise ValueError(f"placement ({device}): {stage!r}, the whole pipeline in one process (a fused "
-                                 "role), is not served yet; list the stages as separate workers")
-            if stage not in STAGES:
-                raise ValueError(f"placement ({device}): unknown stage {stage!r}; stages are {', '.join(STAGES)}")
+            if stage not in ROLES:
+                raise ValueError(f"placement ({device}): unknown stage {stage!r}; stages are {', '.join(STAGES)}, "
+                                 f"or {FUSED} (alias {FUSED_ALIAS}: the whole pipeline in one process)")
+        if FUSED in stages and len(stages) > 1:
+            raise ValueError(f"placement ({device}): {FUSED} holds the whole pipeline; a device hosting it hosts "
+                             f"nothing else (got {list(stages)})")
         if len(set(stages)) < len(stages):
             raise ValueError(f"placement ({device}): {list(stages)} names a stage twice (one worker per device and stage)")
         hosts[name] = list(stages)
-    missing = [s for s in STAGES if not any(s in stages for stages in hosts.values())]
-    if missing:
-        raise ValueError(f"placement: no device hosts the {', '.join(missing)} stage; every stage needs one")
-    return tuple((device, stage) for stage in STAGES for device in pool if stage in hosts.get(device, ()))
+    split = [s for s in STAGES if any(s in stages for stages in hosts.values())]
+    fused = any(FUSED in stages for stages in hosts.values())
+    missing = [s for s in STAGES if s not in split]
+    if missing and (split or not fused):
+        # A request sent down the split pipeline needs every stage there; fused workers do not serve a part.
+        raise ValueError(f"placement: no device hosts the {', '.join(missing)} stage; every stage needs one"
+                         + (f" (the split pipeline beside the {FUSED} workers too)" if fused else ""))
+    return tuple((device, stage) for stage in ROLES for device in pool if stage in hosts.get(device, ()))
 
 
 def check_disjoint(devices: Sequence[str], field: str) -> None:
@@ -148,14 +163,16 @@ def parse_device_list(text: str) -> list[str]:
 
 
 def parse_placement(text: str) -> dict[str, list[str]]:
-    """The CLI form "cpu:0=encoder+decoder,cpu:1=dit" -> {"cpu:0": ["encoder", "decoder"], ...}."""
+    """The CLI form "cpu:0=encoder+decoder,cpu:1=dit" -> {"cpu:0": ["encoder", "decoder"], ...};
+    "cpu:0=fused" -> {"cpu:0": [FUSED]} (the whole pipeline in one process)."""
     placement: dict[str, list[str]] = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         device, sep, stages = part.rpartition("=")
         if not sep or not device:
             raise ValueError(f"placement: expected device=stage+stage pairs like cpu:0=encoder+decoder,cpu:1=dit "
                              f"(got {part!r})")
-        placement.setdefault(device.strip(), []).extend(s.strip() for s in stages.split("+"))
+        roles = [FUSED] if stages.strip() in (FUSED_ALIAS, FUSED) else [s.strip() for s in stages.split("+")]
+        placement.setdefault(device.strip(), []).extend(roles)
     return placement
 
 

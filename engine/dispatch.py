@@ -15,7 +15,7 @@ can_take(worker), whether it may be sent a task now.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 SMOOTHING = 0.3  # weight of the newest task in a worker's moving average
 
@@ -45,3 +45,33 @@ def fewest_in_flight(ready: Sequence, can_take: Callable[[object], bool]):
 
 
 RULES = {"earliest-finish": earliest_finish, "fewest-in-flight": fewest_in_flight}
+
+
+def fused_or_split(fused, encoder, downstream: Mapping[str, Sequence], queued: Mapping[str, int]):
+    """Where a new request finishes first: on `fused` (a worker running whole requests) or down
+    the split pipeline from `encoder`, both picked by the rule and free to take it now.
+
+        fused:  (tasks ahead + 1) x its seconds per whole request
+        split:  the encoder's predicted finish, plus for each later stage the requests queued
+                there shared among its workers, plus this one, at its workers' speed
+
+    A stage not measured yet is assumed a third of a measured fused request (and a fused worker
+    not measured yet the sum of the stages); with nothing measured both paths cost alike and
+    the split pipeline, free now, takes it."""
+    stage_s = {}
+    for stage, workers in [("encoder", [encoder]), *downstream.items()]:
+        known = [w.task_s for w in workers if w.task_s is not None]
+        stage_s[stage] = sum(known) / len(known) if known else None
+    whole = fused.task_s
+    if whole is None:
+        whole = sum(s if s is not None else 1.0 for s in stage_s.values())
+    stage_s = {stage: s if s is not None else whole / len(stage_s) for stage, s in stage_s.items()}
+
+    fused_finish = (len(fused.batches) + 1) * whole
+    split_finish = (len(encoder.batches) + 1) * (encoder.task_s or stage_s["encoder"])
+    for stage, workers in downstream.items():
+        if not workers:
+            return fused  # the split pipeline has no worker there now (one is moving or starting)
+        ahead = min(len(w.batches) for w in workers) + queued.get(stage, 0) / len(workers)
+        split_finish += (ahead + 1) * stage_s[stage]
+    return fused if fused_finish < split_finish else encoder

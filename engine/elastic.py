@@ -32,13 +32,13 @@ import time
 from dataclasses import dataclass, field
 
 from ..scheduler.controller import Controller, ControllerConfig
-from ..scheduler.core import STAGES, Device, Move, Placement, Shape
+from ..scheduler.core import FUSED, FUSED_COMBO, STAGES, Device, Move, Placement, Shape, is_fused, stages_of
 from ..scheduler.feedback import Feedback, FeedbackConfig
 from ..scheduler.planner import Planner, PlannerConfig
 from ..scheduler.predictor import DeviceSpec, Geometry, Predictor, StageSpec, fit_stage
 from . import protocol as wire
-from .devices import device_cores
-from .checks import check_fields, checked, integer, number, positive
+from .devices import ROLES, device_cores, role_stages
+from .checks import check_fields, checked, flag, integer, number, positive
 
 _SECONDS = checked(positive(1e6, "a number of seconds"))
 
@@ -64,6 +64,9 @@ class ElasticConfig:
     """A gain must hold for the demand averaged over up to this long before it is acted on."""
     samples: int = field(default=200, metadata=checked(integer(2, 100_000)))
     """Recent compute times kept per (stage, device) for the cost model."""
+    fused: bool = field(default=True, metadata=checked(flag()))
+    """On a device pool, the controller may give a device the whole pipeline in one process (the
+    fused role: no handoff) where that serves more than splitting it."""
 
     def __post_init__(self):
         check_fields(self, "elastic.")
@@ -116,7 +119,7 @@ class Elastic:
         self._t0 = time.monotonic()  # decisions are reported in seconds since the engine started
         if self.pooled:
             units = list(dict.fromkeys(d for devices in self.stage_devices.values() for d in devices))
-            planner = Planner(PlannerConfig(share="any", streaming=False))
+            planner = Planner(PlannerConfig(share="any", streaming=False, fused=c.fused))
         else:
             units = [str(w) for w in sorted(self.devices)]
             planner = Planner(PlannerConfig(share="none"))
@@ -151,7 +154,7 @@ class Elastic:
         """What to start now, together; `workers` is every worker's (device, stage) (a moving one
         counted in its destination, a stopping one not at all), `busy` the workers computing per stage."""
         stages = {w: stage for w, (_, stage) in workers.items()}
-        instances = collections.Counter(stages.values())
+        instances = collections.Counter(s for role in stages.values() for s in role_stages(role))
         self.feedback.gauge(now, queues, busy, instances)
         if now < self._next_step:
             return Rebalance()
@@ -163,7 +166,7 @@ class Elastic:
         if self.pooled:
             hosted: dict[str, set] = {unit.id: set() for unit in self.controller.devices}
             for device, stage in workers.values():
-                hosted[device].add(stage)
+                hosted[device] |= FUSED_COMBO if stage == FUSED else {stage}
             placement = Placement(hosted)
         else:
             placement = Placement({str(w): frozenset((s,)) for w, s in stages.items()})
@@ -220,14 +223,25 @@ class Elastic:
 
 
 def rebalance(moves: list[Move], workers: dict[int, tuple[str, str]]) -> Rebalance:
-    """Devices' new stage sets as worker operations: a worker of a stage its device drops
-    switches to a stage it gains; gains left over start workers, drops left over stop them.
-    `workers`: each worker's (device, stage)."""
+    """Devices' new stage sets as worker operations: a worker of a role its device drops
+    switches to a role it gains; gains left over start workers, drops left over stop them.
+    A fused combo is one role (one worker). `workers`: each worker's (device, role)."""
     plan = Rebalance()
     for move in moves:
-        leaving = sorted(w for w, (d, s) in workers.items() if d == move.device and s in move.src - move.dst)
-        arriving = sorted(move.dst - move.src, key=STAGES.index)
+        src, dst = roles_of(move.src), roles_of(move.dst)
+        leaving = sorted(w for w, (d, s) in workers.items() if d == move.device and s in src - dst)
+        arriving = sorted(dst - src, key=ROLES.index)
         plan.switches.extend(zip(leaving, arriving))
         plan.starts.extend((move.device, stage) for stage in arriving[len(leaving):])
         plan.stops.extend(leaving[len(arriving):])
     return plan
+
+
+def roles_of(combo) -> set[str]:
+    """The workers a device hosting scheduler combo `combo` runs: one per stage, or one fused."""
+    return {FUSED} if is_fused(combo) else set(stages_of(combo))
+
+
+def combo_of(roles: set[str]) -> frozenset:
+    """The scheduler combo of a device whose workers have these roles."""
+    return FUSED_COMBO if FUSED in roles else frozenset(roles)

@@ -14,11 +14,12 @@ from typing import Mapping, Sequence
 import msgspec
 from PIL import Image
 
-from ..scheduler.core import STAGES
+from ..scheduler.core import FUSED, STAGES
 from .admission import detect_budgets
 from .auto_placement import auto_placed, device_memory_gb, stage_memory
 from .completions import UserFuture, resolve
 from .config import DEFAULT_MODEL, EngineConfig
+from .devices import FUSED_ALIAS
 from .input_processor import InputProcessor
 from .models import describe_model, detect_family, resolve_model_path
 from .core import EngineCore
@@ -202,21 +203,23 @@ class Engine:
         taking work, finishes what it holds, then unloads its stage and loads `stage` in the
         same process (`stats().switch_s` records each switch, asked -> READY). A mapping
         {worker_id: stage} moves several together, e.g. two devices of a pool swapping stages.
-        On a device pool a worker may take any stage (one worker per device and stage); in the
-        per-stage form, one configured on its device. ValueError if the moves would leave a
-        stage without workers."""
+        On a device pool a worker may take any stage (one worker per device and stage) or the
+        fused role ("encoder+dit+decoder", alias "fused": the whole pipeline, alone on its
+        device); in the per-stage form, one configured on its device. ValueError if the moves
+        would leave a stage without workers."""
         self._check_process()
         if not self._finalizer.alive:
             raise EngineClosed("the engine is closed")
         moves = dict(worker_id) if isinstance(worker_id, Mapping) else {worker_id: stage}
-        self._core.move(list(moves.items()))
+        self._core.move([(w, FUSED if s == FUSED_ALIAS else s) for w, s in moves.items()])
 
     def place(self, placement: Mapping[str, Sequence[str]]) -> None:
         """On a device pool, make each named device host exactly these stages, without losing a
         request: workers switch stage where a device trades one for another, new workers start
         where it gains (their weights from the host weight cache), drained ones stop where it
-        loses; all together, as the elastic policy moves devices. Devices not named keep theirs.
-        ValueError if a stage would be left without workers."""
+        loses; all together, as the elastic policy moves devices. ["encoder+dit+decoder"] (or
+        ["fused"]) gives a device the whole pipeline in one process. Devices not named keep
+        theirs. ValueError if a stage would be left without workers."""
         self._check_process()
         if not self._finalizer.alive:
             raise EngineClosed("the engine is closed")

@@ -17,9 +17,9 @@ import time
 import zmq
 
 from . import protocol as wire
-from ..scheduler.core import STAGES, Placement
-from .devices import device_cpus
-from .elastic import rebalance
+from ..scheduler.core import FUSED, STAGES, Placement
+from .devices import FUSED_ALIAS, ROLES, device_cpus, role_stages
+from .elastic import combo_of, rebalance
 from .launcher import stop_all
 from .recovery import unlink_ipc_file
 from .state import Worker
@@ -40,11 +40,16 @@ class WorkerMoves:
             raise ValueError(f"placement: {unknown} are not devices of this engine ({list(self.config.pool)})")
         snapshot = dict(self.workers)  # one copy (the core thread may add or remove workers meanwhile)
         workers = {w.id: (w.device, w.moving_to or w.stage) for w in snapshot.values() if not w.stopping}
-        current = {d: {s for dev, s in workers.values() if dev == d} for d in self.config.pool}
+        current = {d: combo_of({s for dev, s in workers.values() if dev == d}) for d in self.config.pool}
+        target = dict(current)
         for device, stages in placement.items():
-            if isinstance(stages, str) or not isinstance(stages, (list, tuple, set, frozenset)) or set(stages) - set(STAGES):
-                raise ValueError(f"placement ({device}): expected stages among {', '.join(STAGES)} (got {stages!r})")
-        target = {**current, **{d: set(s) for d, s in placement.items()}}
+            if isinstance(stages, str) or not isinstance(stages, (list, tuple, set, frozenset)):
+                raise ValueError(f"placement ({device}): expected a list of stages among {', '.join(ROLES)} (got {stages!r})")
+            roles = {FUSED if s == FUSED_ALIAS else s for s in stages}
+            if roles - set(ROLES) or (FUSED in roles and len(roles) > 1):
+                raise ValueError(f"placement ({device}): expected stages among {', '.join(STAGES)}, or {FUSED} "
+                                 f"alone (got {stages!r})")
+            target[device] = combo_of(roles)
         plan = rebalance(Placement(current).diff(Placement(target)), workers)
         self.move(plan.switches, plan.starts, plan.stops)
 
@@ -103,7 +108,7 @@ class WorkerMoves:
     def _rebalance(self) -> None:
         """Ask the elastic policy for moves (it decides once per interval)."""
         workers = {w.id: (w.device, w.moving_to or w.stage) for w in self.workers.values() if not w.stopping}
-        busy = collections.Counter(w.stage for w in self.workers.values() if w.inflight)
+        busy = collections.Counter(s for w in self.workers.values() if w.inflight for s in role_stages(w.stage))
         queues = {stage: len(q) for stage, q in self._queues.items()}
         plan = self._elastic.step(time.monotonic(), workers, queues, busy)
         if plan:
@@ -123,6 +128,7 @@ class WorkerMoves:
         for the engine. Two devices swapping dit and decoder need this: each worker is the only
         reader the other's outputs will have. Every other mover drains fully, and
         check_moves makes sure a reader of its outputs stays."""
+        self._restart_stranded()
         for worker in list(self.workers.values()):
             if worker.stopping and not worker.inflight and worker.pool.free == worker.pool.n_slots:
                 self._remove_worker(worker)
@@ -137,6 +143,17 @@ class WorkerMoves:
                 worker.task_s = None  # its speed at the old stage says nothing of the new one
                 worker.pool_info = None
                 self._send_control(worker, wire.Become(worker.stage))
+
+    def _restart_stranded(self) -> None:
+        """Requests waiting for a later stage that no worker serves or is coming to serve (the
+        split pipeline gave way to fused workers) start over from the first stage, where a fused
+        worker takes them; their upstream slots are released, so the leaving producers drain."""
+        for stage in STAGES[1:]:
+            queue = self._queues[stage]
+            if queue and not any(not w.stopping and stage in (w.stage, w.moving_to) for w in self.workers.values()):
+                for request in queue.remove_where(lambda r: True):
+                    log.info("request %d restarts: no %s worker is left to take it", request.id, stage)
+                    self._start_over(request)
 
     def _remove_worker(self, worker: Worker) -> None:
         """A drained stopping worker leaves: its process stops, its socket, socket file and pool go."""

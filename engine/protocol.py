@@ -159,6 +159,7 @@ class StageTimings(msgspec.Struct, **_STRUCT):
     compute_s: float  # forward pass, including writing outputs into the slot
     batch_size: int = 1  # requests computed together in that call (compute_s is the whole call's)
     fetch_s: float = 0.0  # of compute_s: getting the inputs from the producer's slot (the handoff)
+    stages: dict[str, float] = {}  # a fused worker's compute_s per pipeline stage (empty otherwise)
 
 
 class StageDone(msgspec.Struct, **_STRUCT):

@@ -19,6 +19,7 @@ import time
 
 import zmq
 
+from ..scheduler.core import FUSED, STAGES
 from . import protocol as wire
 from .state import Request, RequestFailed, Worker
 from .transport.slots import SlotPool
@@ -92,7 +93,7 @@ class WorkerRecovery:
             for request_id in batch:
                 request = worker.inflight.pop(request_id)
                 worker.orphans[request_id] = request.output_offset
-                self._queues[worker.stage].push(request)  # its inputs are still in the upstream slot
+                self._queues[request.stage].push(request)  # its inputs are still in the upstream slot
             log.warning("%s worker %d is silent; %d request(s) queued there go to the other workers",
                         worker.stage, worker.id, len(batch))
         del worker.batches[1:]
@@ -101,13 +102,14 @@ class WorkerRecovery:
         """A worker keeps dying while it loads: if its stage has no ready worker, the requests
         waiting there fail now with the reason (rather than wait for a restart that may never
         come); the other stages and devices serve on, and the restarts go on."""
-        if any(w.ready and w.stage == worker.stage and w.moving_to is None and not w.stopping
-               for w in self.workers.values()):
+        queue = STAGES[0] if worker.stage == FUSED else worker.stage  # a fused worker takes new requests
+        if any(w.ready and w.stage in (queue, FUSED if queue == STAGES[0] else queue) and w.moving_to is None
+               and not w.stopping for w in self.workers.values()):
             return
         error = RequestFailed(
             f"no {worker.stage} worker is ready: worker {worker.id} died {worker.load_deaths} times in a row while "
             f"loading (last exit code {exit_code}); the engine keeps restarting it")
-        for request in self._queues[worker.stage].remove_where(lambda r: True):
+        for request in self._queues[queue].remove_where(lambda r: True):
             self._fail(request, error)
 
     def _recover(self, worker: Worker, cause: str, charge: bool = True) -> None:
@@ -139,7 +141,7 @@ class WorkerRecovery:
                     f"times (last: {cause}); giving up"
                 ))
             else:
-                self._queues[worker.stage].push(request)  # inputs are still in the upstream slot
+                self._queues[request.stage].push(request)  # inputs are still in the upstream slot
         worker.inflight.clear()
         worker.batches.clear()
         for request_id, offset in worker.orphans.items():

@@ -10,6 +10,7 @@ import time
 import msgspec
 
 from ..scheduler.core import STAGES
+from .devices import ROLES
 from .cpu_affinity import describe
 
 _SNAPSHOT = dict(frozen=True, kw_only=True, forbid_unknown_fields=True)
@@ -86,7 +87,7 @@ class EngineStats(_Snapshot):
     family: str
     policy: str
     placement: dict[str, list[str]]  # device -> the stages of its workers, in pipeline order
-    instances: dict[str, int]  # workers per stage
+    instances: dict[str, int]  # workers per stage (and fused workers, where there are any)
     devices: list[DeviceStats]
     uptime_s: float
     moves: list[Move]  # every accepted move, oldest first
@@ -153,9 +154,9 @@ class StatsRecorder:
         return EngineStats(
             **engine,
             policy=policy,
-            placement={d: [w.stage for w in sorted(ws, key=lambda w: (STAGES.index(w.stage), w.id))]
+            placement={d: [w.stage for w in sorted(ws, key=lambda w: (ROLES.index(w.stage), w.id))]
                        for d, ws in by_device.items()},
-            instances={stage: sum(w.stage == stage for w in workers) for stage in STAGES},
+            instances={role: n for role in ROLES if (n := sum(w.stage == role for w in workers)) or role in STAGES},
             devices=[
                 DeviceStats(name=d, kind=kind, memory_gib=memory, workers=[w.id for w in by_device[d]],
                             moves=sum(by_id.get(m.worker) == d for m in self.moves))

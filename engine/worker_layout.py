@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
-from ..scheduler.core import STAGES
+from ..scheduler.core import FUSED, STAGES
 from .config import EngineConfig
 from .cpu_affinity import describe, openmp_affinity, physical_cores, plan, usable_cpus
-from .devices import device_cpus
+from .devices import ROLES, device_cpus
 from .state import Worker
 from .transport.base import choose_link, cuda_peer_access, pool_kind, probe_places
 from .transport.slots import SlotPool
@@ -94,18 +94,19 @@ def check_moves(workers: Mapping[int, Worker], config: EngineConfig, moves: Sequ
     """ValueError, naming the field, unless these can start now, together: `moves` (worker id,
     new stage) switch a worker in its own process, `starts` (device, stage) add a worker and
     `stops` (worker ids) remove one, the last two on a pooled engine only. Each stage keeps a
-    worker once they are done (two workers may swap stages, each the last of its own); on a
-    pooled engine a worker may take any stage, one worker per device and stage; in the
-    per-stage form, only a stage configured on its device."""
+    worker once they are done (two workers may swap stages, each the last of its own), unless
+    the whole split pipeline gives way to fused workers; on a pooled engine a worker may take any
+    stage or the fused role, one worker per device and stage, a fused one alone on its device;
+    in the per-stage form, only a stage configured on its device."""
     for worker_id, stage in moves:
         worker = _busy_check(workers, worker_id)
-        if stage not in STAGES:
-            raise ValueError(f"stage: must be one of {', '.join(STAGES)} (got {stage!r})")
+        if stage not in ROLES:
+            raise ValueError(f"stage: must be one of {', '.join(ROLES)} (got {stage!r})")
         if worker.stage == stage:
             raise ValueError(f"stage: worker {worker_id} already serves {stage}")
         if worker.pool.segment is None:
             raise ValueError(f"worker_id: worker {worker_id} keeps its outputs on its GPU; moving it is not supported yet")
-        if not config.pooled and worker.device not in config.devices_of(stage):
+        if not config.pooled and (stage == FUSED or worker.device not in config.devices_of(stage)):
             raise ValueError(f"stage: worker {worker_id} runs on {worker.device} but {stage} runs on "
                              f"{', '.join(config.devices_of(stage))}; only an engine on a device pool (devices= and "
                              "placement=) moves stages across devices")
@@ -114,7 +115,7 @@ def check_moves(workers: Mapping[int, Worker], config: EngineConfig, moves: Sequ
     if (starts or stops) and not config.pooled:
         raise ValueError("placement: only an engine on a device pool starts or stops workers as it moves stages")
     for device, stage in starts:
-        if device not in config.pool or stage not in STAGES:
+        if device not in config.pool or stage not in ROLES:
             raise ValueError(f"placement: cannot start a {stage} worker on {device}; devices are {list(config.pool)}")
     if config.pooled:  # a worker coming to a stage must be able to read its producers' pools
         for device, stage in [*starts, *((workers[w].device, s) for w, s in moves)]:
@@ -133,16 +134,24 @@ def check_moves(workers: Mapping[int, Worker], config: EngineConfig, moves: Sequ
         for device, stage in hosted:
             if hosted.count((device, stage)) > 1:
                 raise ValueError(f"stage: {device} would host two {stage} workers (one per device and stage)")
-    for stage in STAGES:
-        if stage not in {s for _, s in hosted}:
-            leaving = [w for w, _ in moves if workers[w].stage == stage] + [w for w in stops if workers[w].stage == stage]
+            if stage == FUSED and sum(d == device for d, _ in hosted) > 1:
+                raise ValueError(f"stage: {device} would host a {FUSED} worker beside others; it holds the whole "
+                                 "pipeline alone")
+    # The split pipeline keeps every stage, or goes entirely if fused workers stay (the requests
+    # inside it then start over on them: engine/moves.py _restart_stranded).
+    split = {s for _, s in hosted if s in STAGES}
+    fused = any(s == FUSED for _, s in hosted)
+    for stage in STAGES if split or not fused else ():
+        if stage not in split:
+            leaving = [w for w, _ in moves if workers[w].stage in (stage, FUSED)]
+            leaving += [w for w in stops if workers[w].stage in (stage, FUSED)]
             raise ValueError(f"worker_id: worker {(leaving or ids)[0]} is the last {stage} worker; moving it would "
                              "stall every request")
     # A leaving worker waits until its outputs are read (engine/moves.py): someone must stay (or
     # start) to read them, but a dit worker becoming a decoder on a pooled engine reads its own.
     staying = {w.stage for w in workers.values() if w.moving_to is None and not w.stopping and w.id not in ids}
     staying |= {stage for _, stage in starts}
-    for worker_id, stage in [*moves, *((w, None) for w in stops)]:
+    for worker_id, stage in [*moves, *((w, None) for w in stops)] if split else ():
         old = workers[worker_id].stage
         reader = _CONSUMERS.get(old)
         reads_its_own = config.move_reserve and (old, stage) == STAGES[-2:]

@@ -36,6 +36,11 @@ class Stage:
         """Several requests of one batch key as one call; outputs per request, in order."""
         raise NotImplementedError
 
+    def stage_seconds(self) -> dict[str, float]:
+        """Compute seconds per pipeline stage of the last `run`, where one call ran several (the
+        fused role); empty: the call was this one stage."""
+        return {}
+
     def warnings(self, params: RequestParams) -> list[str]:
         """What the request's caller should hear about this stage's work on it (nothing by default)."""
         return []

@@ -41,12 +41,13 @@ from ..engine.transport.shm_files import unlink_segments
 from .decoder import DecoderStage
 from .dit import DiTStage
 from .encoder import EncoderStage
+from .fused import FusedStage
 from . import weights
 from .families import load_family
 
 log = logging.getLogger("dfuse.worker")
 
-STAGE_CLASSES = {cls.kind: cls for cls in (EncoderStage, DiTStage, DecoderStage)}
+STAGE_CLASSES = {cls.kind: cls for cls in (EncoderStage, DiTStage, DecoderStage, FusedStage)}
 
 
 def run_stage_worker(spec: WorkerSpec, death_pipe: Connection) -> None:
@@ -251,7 +252,7 @@ class _ComputeLoop:
             self._send(wire.StageFailed(self.spec.worker_id, task.request_id, f"{type(e).__name__}: {e}"))
             return
         timings = wire.StageTimings(queued_s=started - received_at, compute_s=time.perf_counter() - started,
-                                    fetch_s=fetched - started)
+                                    fetch_s=fetched - started, stages=self.stage.stage_seconds())
         self._send(wire.StageDone(self.spec.worker_id, task.request_id, refs, timings, self._warnings(task.params)))
 
     def on_batch(self, batch: wire.StageBatch, received_at: float) -> None:
