@@ -17,10 +17,10 @@ from click.core import ParameterSource
 
 from .config_file import read_config
 from .engine.config import DEFAULT_MODEL, EngineConfig, parse_devices, parse_instances, parse_memory_limits
-from .engine.devices import parse_device_list, parse_placement
+from .engine.devices import FUSED_ALIAS, parse_device_list, parse_placement
 from .engine.models import describe_model, resolve_model_path
 from .engine.models.libraries import quiet_libraries
-from .scheduler.core import STAGES
+from .scheduler.core import FUSED, STAGES
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 VIDEO_SUFFIXES = (".mp4", ".gif")  # mp4: H.264 through imageio-ffmpeg; gif: PIL (256 colours)
@@ -61,7 +61,7 @@ def _engine_options(command):
         click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N, or per stage: encoder=cpu,dit=cuda:0,decoder=cuda:0."),
         click.option("--instances", default="encoder=1,dit=1,decoder=1", show_default=True, help="Worker processes per stage."),
         click.option("--devices", default=None, help="A pool of devices for --placement: cuda:N, cpu, or CPU core sets cpu:A-B (e.g. cpu:0,cpu:1) [default: the placement's devices]."),
-        click.option("--placement", default=None, help="The stages of each device, one worker per device and stage: cpu:0=encoder+decoder,cpu:1=dit (instead of --device/--instances); auto (the default with --devices): the planner's, under each device's memory."),
+        click.option("--placement", default=None, help="The stages of each device, one worker per device and stage: cpu:0=encoder+decoder,cpu:1=dit (instead of --device/--instances); cpu:0=fused: the whole pipeline in one process; auto (the default with --devices): the planner's, under each device's memory."),
         click.option("--threads", type=int, default=None, help="Torch threads per CPU worker [default: cores / CPU workers]."),
         click.option("--slot-mib", type=int, default=None, help="Transport slot size in MiB: one request's stage outputs must fit (long videos need more) [default: 16]."),
         click.option("--policy", type=click.Choice(["static", "elastic"]), default="static", show_default=True,
@@ -558,7 +558,9 @@ def _wait_interruptibly(future):
 
 def _print_stats(stats) -> None:
     click.echo(f"Model {stats.model} ({stats.family}); completed {stats.completed}, failed {stats.failed}")
-    placement = "; ".join(f"{d}: {'+'.join(stages) or 'idle'}" for d, stages in stats.placement.items())
+    # As --placement writes it: "+" joins a device's workers, and the fused role is "fused".
+    placement = "; ".join(f"{d}: {'+'.join(FUSED_ALIAS if s == FUSED else s for s in stages) or 'idle'}"
+                          for d, stages in stats.placement.items())
     click.echo(f"Placement ({stats.policy}): {placement}; moves {len(stats.moves)}"
                + (f", switch times {stats.switch_s} s" if stats.switch_s else ""))
     for d in stats.devices:

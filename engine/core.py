@@ -507,12 +507,12 @@ class EngineCore(WorkerRecovery, WorkerMoves):
             else:  # send them one by one: only the culprit fails
                 for request in batch:
                     request.solo = True
-                    self._queues[worker.stage].push(request)
+                    self._queues[request.stage].push(request)
             return True
         if not sent:  # e.g. it died a moment ago; the health check will replace it
             for request, slot in zip(batch, slots):
                 worker.pool.release(slot.offset, request.id)
-                self._queues[worker.stage].push(request)
+                self._queues[request.stage].push(request)
             return False
         now = time.monotonic()
         for request, slot in zip(batch, slots):

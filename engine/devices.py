@@ -171,7 +171,7 @@ def parse_placement(text: str) -> dict[str, list[str]]:
         if not sep or not device:
             raise ValueError(f"placement: expected device=stage+stage pairs like cpu:0=encoder+decoder,cpu:1=dit "
                              f"(got {part!r})")
-        roles = [FUSED] if stages.strip() in (FUSED_ALIAS, FUSED) else [s.strip() for s in stages.split("+")]
+        roles = [FUSED] if stages.strip() == FUSED_ALIAS else [s.strip() for s in stages.split("+")]
         placement.setdefault(device.strip(), []).extend(roles)
     return placement
 

@@ -57,7 +57,7 @@ def test_a_placement_makes_one_worker_per_device_and_stage():
     (dict(devices=["cpu:0", "cpu:0-1"], placement=SPLIT), "devices", "share CPU 0"),
     (dict(devices=["cpu:0", "cpu:1"], placement={"cpu:0": ["encoder", "decoder"], "cpu:1": ["dit", "dit"]}),
      "placement (cpu:1)", "names a stage twice"),
-    (dict(placement={"cpu:0": ["encoder+dit+decoder"]}), "placement (cpu:0)", "fused"),
+    (dict(placement={"cpu:0": ["encoder+dit+decoder", "dit"]}), "placement (cpu:0)", "holds the whole pipeline"),
     (dict(placement={"cpu:0": ["encoder", "decoder"], "cpu:1": ["dit"], "cpu:9": ["dit"]}), "placement (cpu:9)",
      "may not use"),
     (dict(placement=SPLIT, instances={"dit": 2}), "instances", "not with a placement"),
