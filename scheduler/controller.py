@@ -36,7 +36,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .core import STAGES, Demand, Device, Move, Placement, Stats
+from .core import STAGES, Demand, Device, Move, Placement, Stats, stages_of
 from .planner import Planner
 from .predictor import Predictor
 
@@ -203,6 +203,8 @@ class Controller:
         for m in moves:
             kind = self._kind[m.device]
             # On average the task in hand is half done when the move is decided.
-            drain = 0.5 * sum(w * belief.latency(s, kind, shape, m.src - {s}) for s in m.src for shape, w in demand.mix)
-            seconds = max(seconds, drain + belief.load_s(m.dst - m.src, kind))
+            # A fused device drains its request through every stage; load_s loads only the missing weights.
+            src = frozenset(stages_of(m.src))
+            drain = 0.5 * sum(w * belief.latency(s, kind, shape, src - {s}) for s in src for shape, w in demand.mix)
+            seconds = max(seconds, drain + belief.load_s(frozenset(stages_of(m.dst)) - src, kind))
         return (min(current, wanted) - min(during, wanted)) * seconds, seconds

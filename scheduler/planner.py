@@ -13,6 +13,20 @@ of the summed rates of the devices hosting that stage: the bottleneck. Which S a
 and S must fit the device's memory for every shape of the mix (a single stage may instead stream
 its weights, if `streaming`).
 
+Fused (`fused=True`). On alike devices a monolithic deployment (each device running whole
+requests) ties or beats every split: no device waits for another, no integer split of devices
+over stages. So the planner may also give any device FUSED_COMBO, the fused role: one process
+runs each request start to finish on the device. Its rate is the same formula over the three
+stages (each stage's latency with the other two co-located, weights that do not fit streamed,
+the DiT kept resident first: exactly the monolithic baseline's cost), its memory all weights
+together, and it fits where the monolithic baseline runs: resident, or streaming (if
+`streaming`) as long as the largest activation fits. It counts for every stage, so a mix of
+fused and split devices adds the fused devices' rate to the split path's bottleneck. With fused
+allowed the three-process {E,T,D} (share="any") is dropped: fused has the same modelled compute
+and memory, and in the engine no handoffs and no queue slots between the stages, so {E,T,D} could
+only tie with it and confuse the tie-breaking. Off by default: a split-only planner is what the
+engine used before the fused role existed.
+
 Search. Devices of one kind are interchangeable, so a plan is a count per (kind, combo). Exact:
 every composition of each kind's device count over its combos, crossed over kinds, evaluated as
 numpy arrays (<= 16 devices: at most 27k plans with two kinds, light sharing). Beyond
@@ -35,7 +49,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from .core import STAGES, Demand, Device, Placement
+from .core import FUSED, FUSED_COMBO, STAGES, Demand, Device, Placement, stages_of
 from .predictor import Predictor
 
 _LIGHT = ("encoder", "decoder")
@@ -53,8 +67,12 @@ class PlannerConfig:
     """Exact search only if the number of candidate plans stays below this."""
     tie_tolerance: float = 1e-9
     """Plans within this relative capacity of the best count as ties (fewest moves wins)."""
+    fused: bool = False
+    """Every device may also run whole requests in the fused role (FUSED_COMBO; see the module)."""
 
     def __post_init__(self):
+        if not isinstance(self.fused, bool):
+            raise ValueError(f"PlannerConfig.fused: must be True or False (got {self.fused!r})")
         if self.share not in ("light", "any", "none"):
             raise ValueError(f"PlannerConfig.share: must be light, any or none (got {self.share!r})")
         if not 0 <= self.tie_tolerance < 1:
@@ -85,9 +103,12 @@ class Planner:
             candidates.append(frozenset(_LIGHT))
         elif self.config.share == "any":
             candidates += [frozenset(c) for n in (2, 3) for c in itertools.combinations(STAGES, n)]
+        if self.config.fused:  # fused replaces the three-process {E,T,D} it dominates (see the module)
+            candidates = [c for c in candidates if len(c) < len(STAGES)] + [FUSED_COMBO]
         return [
             c for c in candidates
-            if all(predictor.knows(s, kind) for s in c) and predictor.fits(c, kind, shapes, self.config.streaming)
+            if all(predictor.knows(s, kind) for s in stages_of(c))
+            and predictor.fits(c, kind, shapes, self.config.streaming)
         ]
 
     def rates(self, kind: str, stages: frozenset, demand: Demand, predictor: Predictor) -> np.ndarray:
@@ -95,8 +116,9 @@ class Planner:
         if not stages:
             return np.zeros(len(STAGES))
         total = 0.0
-        for stage in stages:
-            others = stages - {stage}
+        real = stages - {FUSED}  # a fused device runs the same three stages back to back
+        for stage in real:
+            others = real - {stage}
             total += sum(w * predictor.latency(stage, kind, shape, others) for shape, w in demand.mix)
         return np.array([1.0 / total if s in stages else 0.0 for s in STAGES])
 

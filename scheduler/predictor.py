@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Iterable, Mapping, Sequence
 
-from .core import STAGES, Shape
+from .core import FUSED, STAGES, Shape, is_fused, stages_of
 
 FEATURES = {
     "encoder": ("fixed", "rows_tokens"),
@@ -187,7 +187,7 @@ class Predictor:
     def transfer_gb(self, stage: str, kind: str, shape: Shape, colocated: frozenset = frozenset(),
                     offload: bool = False) -> tuple[float, float]:
         """(GB moved to the device once per request, GB streamed on every pass) for `stage`."""
-        hosted = set(colocated) | {stage}
+        hosted = (set(colocated) | {stage}) - {FUSED}  # a fused combo's marker holds no weights
         usable = self.devices[kind].usable_gb
         act = max(self.activation_gb(s, shape) for s in hosted)
         weights = {s: self.stages[s].weights_gb for s in hosted}
@@ -218,19 +218,26 @@ class Predictor:
         return self.stages[stage].weights_gb + self.activation_gb(stage, shape)
 
     def fits(self, stages: frozenset, kind: str, shapes: Iterable[Shape], streaming: bool = True) -> str | None:
-        """'resident' if every weight and the largest activation fit, 'streamed' if a single stage
-        fits only by streaming its weights (allowed with `streaming`), else None."""
+        """'resident' if every weight and the largest activation fit, 'streamed' if the weights fit
+        only by streaming (allowed with `streaming`), else None.
+
+        Streaming is allowed for a single stage and for the fused combo: one process running whole
+        requests keeps what fits resident (the DiT first) and streams the rest on every pass, which is
+        exactly how the monolithic baseline runs (see `transfer_gb`). Several stage processes sharing
+        a device do not stream: nothing arbitrates their residency."""
         usable = self.devices[kind].usable_gb
         shapes = list(shapes)
-        act = max(self.activation_gb(s, shape) for s in stages for shape in shapes)
-        if sum(self.stages[s].weights_gb for s in stages) + act <= usable:
+        real = stages_of(stages)
+        act = max(self.activation_gb(s, shape) for s in real for shape in shapes)
+        if sum(self.stages[s].weights_gb for s in real) + act <= usable:
             return "resident"
-        if streaming and len(stages) == 1 and act < usable:
+        if streaming and (len(real) == 1 or is_fused(stages)) and act < usable:
             return "streamed"
         return None
 
     def load_s(self, stages: frozenset, kind: str) -> float:
         """Seconds to start the processes of `stages` on a `kind` device and load their weights."""
+        stages = stages_of(stages)
         if not stages:
             return 0.0
         device = self.devices[kind]

@@ -6,7 +6,13 @@ predictor times the feedback's per-instance correction); every finished task is 
 real `Feedback`; every `policy.interval_s` the policy (the real `Controller` for dfuse) gets
 `step(now, placement, stats)` and its moves are carried out as the launcher would: drain the
 device (finish the task in hand, take no new one), then start the new stages, which costs the
-predicted load time, then serve. Nothing here decides placement.
+predicted load time of the weights it does not hold yet, then serve. Nothing here decides placement.
+
+Fused instances (combo FUSED_COMBO, see core) run whole requests: after one stage the same
+instance starts the next, with no handoff. The monolithic baselines are every device fused. A
+fused instance takes new requests from the encoder queue; it takes a request handed off mid-way
+(waiting for the DiT or the decoder) only when no split instance is there or coming for that
+stage, which happens when a cluster turns from split to fused with requests in flight.
 
 Truth vs belief: task durations come from `world`, a predictor standing for the real cluster
 (biased against the scheduler's estimates, plus a slowdown per device and lognormal noise per
@@ -21,7 +27,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Mapping, Protocol, Sequence
 
-from .core import STAGES, Device, Move, Placement, Stats, combo_label
+from .core import STAGES, Device, Move, Placement, Stats, combo_label, is_fused, stages_of
 from .feedback import Feedback
 from .predictor import Predictor
 from .workloads import Arrival, ClosedLoop
@@ -80,19 +86,22 @@ class _Instance:
     def idle(self) -> bool:
         return self.task is None
 
+    @property
+    def fused(self) -> bool:
+        return is_fused(self.stages)
+
 
 class Simulator:
     def __init__(self, devices: Sequence[Device], world: Predictor, predictor: Predictor, policy: Policy,
                  placement: Placement, feedback: Feedback | None = None, config: SimConfig | None = None,
-                 slowdown: Mapping[str, float] | None = None, whole_requests: bool = False,
-                 offload: bool = False, instant_moves: bool = False):
-        """`whole_requests`: every device runs whole requests (monolithic baselines); `offload`:
-        their weights move diffusers-style; `instant_moves`: moves cost no load time (oracle)."""
+                 slowdown: Mapping[str, float] | None = None, offload: bool = False, instant_moves: bool = False):
+        """`offload`: weights that do not fit move diffusers-style instead of streaming overlapped
+        (monolithic-offload); `instant_moves`: moves cost no load time (oracle)."""
         self.devices = list(devices)
         self.world, self.predictor, self.policy = world, predictor, policy
         self.feedback = feedback or Feedback()
         self.config = config or SimConfig()
-        self.whole_requests, self.offload, self.instant_moves = whole_requests, offload, instant_moves
+        self.offload, self.instant_moves = offload, instant_moves
         slowdown = slowdown or {}
         self._inst = {
             d.id: _Instance(d, placement.assignment.get(d.id, frozenset()), placement.assignment.get(d.id, frozenset()),
@@ -160,6 +169,8 @@ class Simulator:
         if not queue:
             return
         candidates = [i for i in self._inst.values() if i.state == "ready" and stage in i.stages]
+        if stage != STAGES[0] and any(stage in i.target and not is_fused(i.target) for i in self._inst.values()):
+            candidates = [i for i in candidates if not i.fused]  # fused instances take new requests
         idle = [i for i in candidates if i.idle]
         if not idle:
             return
@@ -184,10 +195,11 @@ class Simulator:
             del queue[position]
 
     def _predict(self, inst: _Instance, stage: str, shape) -> float:
-        """What the router believes: the scheduler's predictor x the instance's learned correction."""
+        """What the router believes: the scheduler's predictor x the instance's learned correction
+        (for a fused instance: the request from `stage` to its end)."""
         base = self._base(inst, stage, shape)
-        if self.whole_requests:
-            base = sum(self._base(inst, s, shape) for s in STAGES)
+        if inst.fused:
+            base = sum(self._base(inst, s, shape) for s in STAGES[STAGES.index(stage):])
         # A new instance has no history yet: it starts from its (stage, kind)'s correction.
         default = self._corrections.get((stage, inst.device.kind), 1.0)
         return base * self.feedback.correction((inst.device.id, stage), default)
@@ -224,8 +236,8 @@ class Simulator:
         if index == len(STAGES) - 1:
             finished = True
             self._finish(request, now + self.config.handoff_s)
-        elif self.whole_requests:
-            self._start(inst, request, STAGES[index + 1], now)  # the same device runs the next stage
+        elif inst.fused:
+            self._start(inst, request, STAGES[index + 1], now)  # the same process runs the next stage
             return
         else:
             nxt = STAGES[index + 1]
@@ -269,8 +281,10 @@ class Simulator:
                 inst.state = "draining"
 
     def _begin_load(self, inst: _Instance, now: float) -> None:
-        for stage in inst.stages - inst.target:
+        for stage in stages_of(inst.stages - inst.target):
             self.feedback.forget((inst.device.id, stage))
+        # Only the weights not loaded yet cost time (load_s ignores the fused marker): fused -> T
+        # keeps the DiT's, T -> fused loads the encoder's and the decoder's.
         load = 0.0 if self.instant_moves else self.world.load_s(inst.target - inst.stages, inst.device.kind)
         inst.state = "loading"
         inst.stages = inst.stages & inst.target  # stages kept stay loaded, but wait for the others
@@ -291,10 +305,12 @@ class Simulator:
         for inst in self._inst.values():
             if inst.state != "ready" and inst.state != "draining":
                 continue
-            for s in inst.stages:
+            for s in stages_of(inst.stages):
                 count[s] += 1
             if inst.task is not None:
-                busy[inst.task[1]] += 1
+                # A fused instance with a request in hand can take no other stage's task either.
+                for s in (stages_of(inst.stages) if inst.fused else (inst.task[1],)):
+                    busy[s] += 1
         self.feedback.gauge(now, queues, busy, count)
 
     def _allocation(self) -> dict[str, int]:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from ...scheduler.controller import Controller
-from ...scheduler.core import STAGES, Demand, Device, Placement
+from ...scheduler.core import FUSED_COMBO, STAGES, Demand, Device, Placement
 from ...scheduler.feedback import Feedback
 from ...scheduler.metrics import crossing, isolated_latency, summarize
 from ...scheduler.planner import Planner, PlannerConfig
@@ -93,13 +93,12 @@ def run_once(prep: Prepared, policy_name: str, load: float | None, seed: int = 0
         drain_s = 0.0
     else:
         arrivals = generate(s.phases, [load * r for r in prep.oracle_rps], seed)
-    every = frozenset(STAGES)
     options = {}
     placement = prep.oracle[0]
     if policy_name in ("monolithic", "monolithic-offload"):
         policy = StaticPolicy(name=policy_name)
-        placement = Placement({d.id: every for d in prep.devices})
-        options = dict(whole_requests=True, offload=policy_name == "monolithic-offload")
+        placement = Placement({d.id: FUSED_COMBO for d in prep.devices})
+        options = dict(offload=policy_name == "monolithic-offload")
     elif policy_name == "static":
         policy = StaticPolicy()
     elif policy_name == "threshold":

@@ -6,7 +6,7 @@ import math
 from conftest import cluster, make_predictor
 
 from dfuse.scheduler.controller import Controller
-from dfuse.scheduler.core import STAGES, Demand, Move, Placement, Shape, combo
+from dfuse.scheduler.core import FUSED_COMBO, STAGES, Demand, Move, Placement, Shape, combo
 from dfuse.scheduler.feedback import Feedback
 from dfuse.scheduler.planner import Planner
 from dfuse.scheduler.policies import StaticPolicy
@@ -76,11 +76,10 @@ def test_same_seed_same_result():
     assert first.done_t == second.done_t
 
 
-def test_monolithic_devices_run_whole_requests():
+def test_fused_devices_run_whole_requests():
     every = frozenset(STAGES)
     arrivals = generate([Phase("p", 600.0, ((DRAFT, 1.0),))], [0.01], seed=3)
-    result = run(StaticPolicy(name="monolithic"), arrivals, placement=Placement({d.id: every for d in DEVICES}),
-                 whole_requests=True)
+    result = run(StaticPolicy(name="monolithic"), arrivals, placement=Placement({d.id: FUSED_COMBO for d in DEVICES}))
     predictor = make_predictor()
     alone = sum(predictor.latency(s, "big", DRAFT, every - {s}) for s in STAGES)
     latencies = [d - a for a, d in zip(result.arrival_t, result.done_t)]
