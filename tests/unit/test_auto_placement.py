@@ -1,7 +1,7 @@
 """placement="auto": the planner's placement over a device pool, before any worker starts
-(engine/auto_placement.py). Every stage on every device where memory allows (the throughput
-optimum on alike devices: each serves whole requests); a split where it does not; a clear error
-where no placement fits."""
+(engine/auto_placement.py). The fused role on every device where memory allows (the throughput
+optimum on alike devices: each serves whole requests, with no handoff); a split where it does
+not; a clear error where no placement fits."""
 
 import pytest
 from click.testing import CliRunner
@@ -30,8 +30,8 @@ def _plan(tiny, memory_gb):
     return plan_placement(POOL, path, info, family, FLOAT32, dict(zip(POOL, memory_gb)))
 
 
-def test_alike_devices_with_room_host_every_stage(tiny):
-    assert _plan(tiny, (8.0, 8.0)) == {d: ["encoder", "dit", "decoder"] for d in POOL}
+def test_alike_devices_with_room_each_run_the_whole_pipeline_fused(tiny):
+    assert _plan(tiny, (8.0, 8.0)) == {d: ["encoder+dit+decoder"] for d in POOL}
 
 
 def test_devices_too_small_for_the_whole_model_split_it(tiny):

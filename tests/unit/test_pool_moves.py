@@ -9,7 +9,7 @@ from dfuse.engine.state import Worker
 from dfuse.engine.transport.slots import SlotPool
 from dfuse.engine.worker_layout import check_moves
 from dfuse.engine.elastic import Elastic, ElasticConfig, rebalance
-from dfuse.scheduler.core import Demand, Move, Shape
+from dfuse.scheduler.core import FUSED_COMBO, Demand, Move, Shape
 from dfuse.scheduler.predictor import FEATURES
 
 SPLIT = {"cpu:0": ["encoder", "decoder"], "cpu:1": ["dit"]}
@@ -69,8 +69,8 @@ def test_a_stop_or_a_start_is_checked_like_a_move():
         check_moves(workers, config, [], starts=[("cpu:1", "dit")])
 
 
-def _elastic(workers: dict[int, tuple[str, str]]) -> Elastic:
-    return Elastic(ElasticConfig(), {w: d for w, (d, _) in workers.items()},
+def _elastic(workers: dict[int, tuple[str, str]], **config) -> Elastic:
+    return Elastic(ElasticConfig(**config), {w: d for w, (d, _) in workers.items()},
                    {s: ["cpu:0", "cpu:1"] for s in ("encoder", "dit", "decoder")}, pooled=True)
 
 
@@ -83,14 +83,16 @@ def test_a_devices_new_stage_set_becomes_switches_starts_and_stops():
     assert (shrink.switches, shrink.starts, shrink.stops) == ([(0, "dit")], [], [2])
 
 
-def test_the_pooled_planner_hosts_every_stage_on_alike_devices_with_room():
+@pytest.mark.parametrize("fused, expected", [(True, FUSED_COMBO), (False, frozenset({"encoder", "dit", "decoder"}))])
+def test_the_pooled_planner_serves_whole_requests_on_every_alike_device_with_room(fused, expected):
     # The time-sharing model: a device hosting every stage serves whole requests; two of them
-    # beat any split of three stages over two devices (the split leaves a device idle).
+    # beat any split of three stages over two devices (the split leaves a device idle). With the
+    # fused role allowed (the default), one process runs them, with no handoff.
     workers = {0: ("cpu:0", "encoder"), 1: ("cpu:1", "dit"), 2: ("cpu:0", "decoder")}
-    elastic = _elastic(workers)
+    elastic = _elastic(workers, fused=fused)
     cost = {"encoder": 0.03, "dit": 0.45, "decoder": 0.05}
     coefficients = {(s, d): (c,) + (0.0,) * (len(FEATURES[s]) - 1) for s, c in cost.items() for d in ("cpu:0", "cpu:1")}
     predictor = elastic._predictor(coefficients)
     demand = Demand.of(Shape(height=128, width=128, steps=56))
     plan = elastic.controller.planner.plan(elastic.controller.devices, demand, predictor)
-    assert dict(plan.placement.assignment) == {d: frozenset({"encoder", "dit", "decoder"}) for d in ("cpu:0", "cpu:1")}
+    assert dict(plan.placement.assignment) == {d: expected for d in ("cpu:0", "cpu:1")}
