@@ -150,7 +150,8 @@ class WorkerMoves:
         worker takes them; their upstream slots are released, so the leaving producers drain."""
         for stage in STAGES[1:]:
             queue = self._queues[stage]
-            if queue and not any(not w.stopping and stage in (w.stage, w.moving_to) for w in self.workers.values()):
+            coming = [w for w in self.workers.values() if not w.stopping and (w.moving_to or w.stage) == stage]
+            if queue and not coming:
                 for request in queue.remove_where(lambda r: True):
                     log.info("request %d restarts: no %s worker is left to take it", request.id, stage)
                     self._start_over(request)

@@ -79,5 +79,5 @@ def test_dfuse_run_on_a_pool_without_a_placement_lets_the_planner_place_every_st
         capture_output=True, text=True, timeout=300,
     )
     assert run.returncode == 0, run.stderr
-    assert f"Placement (static): {A}: encoder+dit+decoder; {B}: encoder+dit+decoder" in run.stdout, run.stdout
+    assert f"Placement (static): {A}: fused; {B}: fused" in run.stdout, run.stdout
     assert np.array_equal(np.array(Image.open(out).convert("RGB")), reference(num_inference_steps=2, **CASES[0]))

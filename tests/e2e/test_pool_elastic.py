@@ -1,6 +1,7 @@
 """Devices move between stages on a pool of two one-core CPU devices (this machine's stand-in
-for two small GPUs): the elastic policy grows the devices' stage sets when the bottleneck moves,
-never while the load is steady, and no request is lost or gets another's image; asked swaps,
+for two small GPUs): the elastic policy turns the split devices into whole pipelines when the
+bottleneck moves (fused, or every stage as its own worker where fused is off), never while the
+load is steady, and no request is lost or gets another's image; asked swaps,
 starts and stops of real stages keep every image equal to diffusers', and a stopped worker
 leaves nothing behind.
 
@@ -9,6 +10,7 @@ The synthetic stages burn CPU (mode=burn), so two workers on one core really sha
 import os
 
 import numpy as np
+import pytest
 
 from dfuse import Engine
 from dfuse.engine.config import EngineConfig
@@ -20,27 +22,32 @@ from process_utils import alive, wait_until
 # At 8 steps of 64 px: encoder 40 ms, DiT 80 ms, decoder 30 ms: cpu:0 = E+D (70 ms) and cpu:1 = T
 # (80 ms) serve 12.5 req/s, plenty for 7. At 1 step of 128 px the DiT costs 40 ms and the decoder
 # 120 ms: E+D (160 ms) serves 6.25 req/s, too few for 6 at the controller's 80% target; every
-# stage on both devices serves 2 / 200 ms = 10 (a swap to E+T and D would serve 8.3).
+# stage on both devices serves 2 / 200 ms = 10 (a swap to E+T and D would serve 8.3), fused or not.
 MODEL = "synthetic:encoder=40ms,dit=40ms,decoder=30ms,mode=burn"
 DIT_BOUND = dict(num_inference_steps=8, height=64, width=64)
 DECODER_BOUND = dict(num_inference_steps=1, height=128, width=128)
 SPLIT = {"cpu:0": ["encoder", "decoder"], "cpu:1": ["dit"]}
 EVERYTHING = {"cpu:0": ["encoder", "dit", "decoder"], "cpu:1": ["encoder", "dit", "decoder"]}
-FAST = ElasticConfig(interval_s=0.5, window_s=4, min_arrivals=10, min_gain=0.15, dwell_s=5, payback_s=10, confirm_s=2)
+FUSED = "encoder+dit+decoder"
+FAST = dict(interval_s=0.5, window_s=4, min_arrivals=10, min_gain=0.15, dwell_s=5, payback_s=10, confirm_s=2)
 
 
-def test_the_devices_take_on_every_stage_when_the_split_stops_paying():
-    config = EngineConfig(model=MODEL, devices=["cpu:0", "cpu:1"], placement=SPLIT, policy="elastic", elastic=FAST)
+@pytest.mark.parametrize("fused, placed, made", [
+    (True, {"cpu:0": [FUSED], "cpu:1": [FUSED]}, [("decoder", "idle"), ("dit", FUSED), ("encoder", FUSED)]),
+    (False, EVERYTHING, [("idle", "decoder"), ("idle", "dit"), ("idle", "encoder")]),
+])
+def test_the_devices_take_on_the_whole_pipeline_when_the_split_stops_paying(fused, placed, made):
+    config = EngineConfig(model=MODEL, devices=["cpu:0", "cpu:1"], placement=SPLIT, policy="elastic",
+                          elastic=ElasticConfig(**FAST, fused=fused))
     with Engine(config=config) as engine:
         load = OpenLoop(engine)
         load.feed(rate=7, seconds=8, **DIT_BOUND)  # ~55% of the split's capacity: nothing to gain by moving
         assert engine.stats().moves == []
 
         load.feed(rate=6, seconds=30, until=lambda: engine.stats().moves, **DECODER_BOUND)
-        assert wait_until(lambda: engine.stats().placement == EVERYTHING, 60), engine.stats().placement
+        assert wait_until(lambda: engine.stats().placement == placed, 60), engine.stats().placement
         moves = engine.stats().moves
-        assert sorted((m.from_stage, m.to_stage) for m in moves) == [("idle", "decoder"), ("idle", "dit"),
-                                                                      ("idle", "encoder")], moves
+        assert sorted((m.from_stage, m.to_stage) for m in moves) == made, moves
         load.feed(rate=6, seconds=3, **DECODER_BOUND)
         served = load.check_all()
         stats = engine.stats()
