@@ -7,6 +7,8 @@ its result came back, and the main thread samples the allocation every SAMPLE_S 
     mono     the monolithic baseline (bench/sweep/monolithic.py): whole requests, one process per device
     static   dfuse Engine(policy="static"): every worker keeps its stage
     elastic  dfuse Engine(policy="elastic"): the engine may move workers between stages
+    auto     dfuse Engine(placement="auto", policy="elastic") over the --devices pool: the
+             planner's placement, fused or split per device, then elastic moves (fused allowed)
 
 Every (engine mode, rate) point gets a fresh engine, warmed up with one request per kind, so an
 elastic engine's moves at one rate do not carry over to the next; the monolithic processes hold
@@ -274,7 +276,8 @@ def run_sweep(config: SweepConfig, progress: Progress | None = None, command: st
         else:
             points += run_engine_mode(config, mode, kind_params, workloads, progress,
                                       reference if mode == "static" else None)
-            modes[mode] = f"dfuse Engine(policy={mode!r}), a fresh engine per rate"
+            modes[mode] = (f"dfuse Engine(policy={mode!r}), a fresh engine per rate" if mode != "auto" else
+                           "dfuse Engine(placement='auto', policy='elastic') over the pool, a fresh engine per rate")
     reference = reference or measure_reference(config, kind_params, progress)
     slo_s = {k: round(SLO_FACTOR * v, 4) for k, v in reference["isolated_latency_s"].items()}
     slo = {"factor": SLO_FACTOR, "reference": "static engine with the sweep's layout, one request at a time, "
@@ -313,6 +316,9 @@ def config_from_options(model, rates, trace, modes, duration, instances, device,
     from ...engine.models import describe_model, resolve_model_path
 
     mode_list = tuple(_option("--modes", parse_modes, modes))
+    if "auto" in mode_list and pool is None:
+        raise click.BadParameter("auto places the stages over a device pool: give --devices (e.g. cpu:0,cpu:1)",
+                                 param_hint="'--modes'")
     if pool is None and placement is None:
         counts = _option("--instances", parse_instances, instances)
         _option("--instances", lambda: EngineConfig(instances=counts))
@@ -353,7 +359,7 @@ def _pool_layout(pool: str | None, placement: str | None, device: str, instances
         raise click.UsageError("--placement auto places the stages over --devices; give them (e.g. --devices cpu:0,cpu:1)")
     stages = "auto" if placement in (None, "auto") else _option("--placement", parse_placement, placement)
     fields = {"placement": stages, **({} if pool is None else {"devices": _option("--devices", parse_device_list, pool)})}
-    policy = "elastic" if "elastic" in modes else "static"  # what elastic refuses is refused here
+    policy = "elastic" if {"elastic", "auto"} & set(modes) else "static"  # what elastic refuses is refused here
     try:
         engine = EngineConfig(model=model, **fields, policy=policy)
         if engine.placement == "auto":
@@ -400,7 +406,8 @@ def _want_plots(plots: bool | None) -> bool:
                    "then many-step, then 2x-size requests, a third of the run each).")
 @click.option("--modes", default="mono,static,elastic", show_default=True,
               help="Comma-separated subset of mono (diffusers / synthetic stages in one process per device), "
-                   "static, elastic (dfuse Engine policies).")
+                   "static, elastic (dfuse Engine policies with the given layout), auto (placement auto + elastic, "
+                   "fused or split per device; needs --devices).")
 @click.option("--duration", type=click.FloatRange(1, 3600), default=30.0, show_default=True,
               help="Seconds of arrivals per mode and rate.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,

@@ -7,7 +7,7 @@ from pathlib import Path
 from ..lib.outputs import pyplot
 from .report import layout_line
 
-COLORS = {"mono": "#7f7f7f", "static": "#1f77b4", "elastic": "#2ca02c"}
+COLORS = {"mono": "#7f7f7f", "static": "#1f77b4", "elastic": "#2ca02c", "auto": "#9467bd"}
 STAGE_COLORS = {"encoder": "#1f77b4", "dit": "#ff7f0e", "decoder": "#2ca02c"}
 PERCENTILES = (("latency_p50_s", "p50", "-"), ("latency_p95_s", "p95", "--"), ("latency_p99_s", "p99", ":"))
 

@@ -139,7 +139,8 @@ def format_markdown(doc: dict) -> str:
     lines = [
         f"# dfuse bench sweep: `{config['model']}`, {config['trace']} trace, {config['duration_s']:g} s per point",
         "",
-        f"- engine: {layout_line(config)}; static and elastic use the same layout",
+        f"- engine: {layout_line(config)}; static and elastic use the same layout"
+        + ("; auto places the pool itself" if "auto" in doc["modes"] else ""),
         f"- mono: {doc['modes'].get('mono', '(not run)')}",
         f"- SLO = {slo['factor']:g} x isolated latency ({slo['reference']}): "
         + ", ".join(f"{k} {v:.3f} s -> {slo['slo_s'][k]:.3f} s" for k, v in slo['isolated_latency_s'].items()),

@@ -10,6 +10,7 @@ from typing import Mapping
 
 from ...engine.config import TransportConfig
 from ...engine.cpu_wake import CpuWakeHold
+from ...engine.devices import ROLES
 from ...engine.protocol import RequestParams
 from ...scheduler.core import STAGES
 from ..lib.leaks import close_and_check
@@ -33,17 +34,22 @@ def device_stages(stats) -> dict[str, list[str]]:
     hosts: dict[str, list[str]] = {device: [] for device in stats.placement}
     for worker in stats.workers:
         hosts.setdefault(worker.device, []).append(worker.moving_to or worker.stage)
-    return {device: sorted(stages, key=STAGES.index) for device, stages in hosts.items()}
+    return {device: sorted(stages, key=ROLES.index) for device, stages in hosts.items()}
 
 
 class EngineRunner:
-    """A dfuse Engine with the sweep's layout (devices + instances, or a pool + placement) and `policy`."""
+    """A dfuse Engine with the sweep's layout (devices + instances, or a pool + placement) and
+    `mode`'s policy; mode auto: the pool with placement "auto" and the elastic policy, which may
+    give devices the fused role."""
 
-    def __init__(self, config, policy: str):
+    def __init__(self, config, mode: str):
         from ...engine.engine import Engine
 
+        policy = "elastic" if mode == "auto" else mode
         if config.placement is None:
             layout = {"device": config.devices, "instances": config.instances}
+        elif mode == "auto":
+            layout = {"devices": list(config.devices), "placement": "auto"}
         else:
             layout = {"devices": list(config.devices), "placement": {d: list(s) for d, s in config.placement.items()}}
         started, self.created = time.perf_counter(), time.monotonic()  # ~ the engine's clock zero
@@ -68,9 +74,9 @@ class EngineRunner:
         workers = stats.workers
         self.pids.update(w.pid for w in workers if w.pid)  # replacements after a crash too
         return {
-            "placement": dict(stats.instances),
+            "placement": {role: stats.instances.get(role, 0) for role in ROLES},  # the same columns all along
             "queues": dict(stats.queues),
-            "inflight": {s: sum(w.inflight for w in workers if w.stage == s) for s in STAGES},
+            "inflight": {role: sum(w.inflight for w in workers if w.stage == role) for role in ROLES},
             "moving": sum(w.moving_to is not None for w in workers),
             "devices": device_stages(stats),
         }

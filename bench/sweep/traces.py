@@ -29,7 +29,7 @@ from ...scheduler.core import Shape
 from ...scheduler.workloads import Arrival, Burst, Phase, generate
 
 TRACES = ("poisson", "bursty", "shift")
-MODES = ("mono", "static", "elastic")
+MODES = ("mono", "static", "elastic", "auto")
 # On/off bursts on the scale of a request's latency, so a 30 s run holds ~10 of them. With
 # peak x on-share = 1 the off level is 0: all arrivals fall in the "on" periods.
 BURST = Burst(peak=3.0, mean_on_s=1.0, mean_off_s=2.0)
