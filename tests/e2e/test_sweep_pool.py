@@ -1,7 +1,7 @@
 """`dfuse bench sweep` on a device pool end to end: two one-core CPU devices, encoder and decoder
 on one, the DiT on the other. The CLI drives a synthetic sleep model through the monolithic
-baseline (one process per pool device, pinned to its core) and a static engine on that placement;
-every request completes, the JSON records the placement per device over time, and nothing outlives
+baseline (one process per pool device, pinned to its core), a static engine on that placement and
+the auto mode (the engine places the pool itself: fused on both devices); every request completes, the JSON records the placement per device over time, and nothing outlives
 the run (processes, /dev/shm segments)."""
 
 import json
@@ -12,6 +12,7 @@ import pytest
 from process_utils import assert_every_request_served, run_sweep
 
 MODEL = "synthetic:encoder=5ms,dit=20ms,decoder=10ms,mode=sleep"
+FUSED = "encoder+dit+decoder"
 SEED = 5  # the arrival trace
 CORES = sorted(os.sched_getaffinity(0))[:2]
 pytestmark = pytest.mark.skipif(len(CORES) < 2, reason="needs two usable CPUs")
@@ -21,7 +22,7 @@ A, B = (f"cpu:{c}" for c in (CORES + [0, 0])[:2])
 def test_sweep_on_a_device_pool_records_the_placement_per_device(tmp_path):
     out = tmp_path / "sweep"
     code, raw, pid = run_sweep("--model", MODEL, "--devices", f"{A},{B}", "--placement", f"{A}=encoder+decoder,{B}=dit",
-                               "--modes", "mono,static", "--rates", "8", "--duration", "3", "--seed", str(SEED),
+                               "--modes", "mono,static,auto", "--rates", "8", "--duration", "3", "--seed", str(SEED),
                                "--quiet-wait", "0", "--drain-timeout", "60", "--out", str(out), "--no-plots")
     output = raw.decode(errors="replace")
     assert code == 0, output
@@ -29,7 +30,7 @@ def test_sweep_on_a_device_pool_records_the_placement_per_device(tmp_path):
     doc = json.loads((out / "sweep.json").read_text())
     placement = {A: ["encoder", "decoder"], B: ["dit"]}
     assert doc["config"]["devices"] == [A, B] and doc["config"]["placement"] == placement
-    mono, static = assert_every_request_served(doc, ["mono", "static"], "8")
+    mono, static, auto = assert_every_request_served(doc, ["mono", "static", "auto"], "8")
     # the baseline: one process per pool device, each pinned to its device's core, one torch thread
     processes = doc["mono"]["processes"]
     assert [(p["device"], p["runs_on"], p["torch_threads"]) for p in processes] == [
@@ -43,7 +44,10 @@ def test_sweep_on_a_device_pool_records_the_placement_per_device(tmp_path):
     assert static["placement_end"] == {"encoder": 1, "dit": 1, "decoder": 1}
     samples = len(static["allocation"]["t_s"])
     assert static["allocation"]["devices"] == {A: [placement[A]] * samples, B: [placement[B]] * samples}
-    assert set(static["allocation"]["placement"]) == {"encoder", "dit", "decoder"}
+    assert set(static["allocation"]["placement"]) == {"encoder", "dit", "decoder", FUSED}  # workers per role
+    # auto: the planner's placement on two alike devices with room, the whole pipeline fused on each
+    assert auto["placement_end_devices"] == {A: [FUSED], B: [FUSED]}
+    assert set(auto["allocation"]["placement"][FUSED]) == {2}
 
     summary = (out / "summary.md").read_text()
     assert f"device pool {A},{B}, placement {A}=encoder+decoder,{B}=dit" in summary

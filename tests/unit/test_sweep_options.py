@@ -38,6 +38,7 @@ def no_sweep(monkeypatch):
     (["--devices", A, "--placement", f"{A}=encoder+vae"], ["--placement"], "unknown stage 'vae'"),
     (["--devices", A, "--placement", "encoder+dit+decoder"], ["--placement"], "device=stage+stage"),
     (["--placement", "auto"], ["--placement auto", "--devices"], "places the stages over --devices"),
+    (["--modes", "mono,auto"], ["--modes", "--devices"], "auto places the stages over a device pool"),
     ([*POOL, "--instances", "dit=2"], ["--devices/--placement", "--device/--instances", "--instances dit=2"],
      "not both"),
     ([*POOL, "--device", "cuda:0"], ["--devices/--placement", "--device cuda:0"], "not both"),
