@@ -49,7 +49,8 @@ class Metrics:
             for stage, t in per_stage.items():
                 self.compute.labels(stage, t.device).observe(t.compute_s)
                 index = STAGES.index(stage)
-                if index:
+                previous = per_stage.get(STAGES[index - 1]) if index else None
+                if previous is not None and previous.worker_id != t.worker_id:  # one fused worker: no handoff
                     self.handoff.labels(f"{STAGES[index - 1]}->{stage}").observe(t.fetch_s)
 
     def render(self) -> bytes:
@@ -88,7 +89,7 @@ class _EngineCollector(Collector):
         per_stage = Counter()
         for w in stats.workers:
             per_stage[w.stage] += w.restarts
-        for stage in STAGES:
+        for stage in [*STAGES, *(role for role in per_stage if role not in STAGES)]:  # and the fused role's
             restarts.add_metric([stage], per_stage[stage])
         engine = CounterMetricFamily("dfuse_engine_requests", "Images the engine finished, by outcome",
                                      labels=["outcome"])
