@@ -21,7 +21,7 @@ SCENARIO_NAMES = ("wan-480p-8xa10g", "flux-1024-4xh100-4xl4", "sd35-shift-8xl40s
                    "matplotlib: pip install matplotlib).")
 @click.option("--policies", default=None,
               help="Comma-separated subset of monolithic, monolithic-offload, static, threshold, elastic, "
-                   "elastic-nofb, oracle [default: all].")
+                   "elastic-nofb, oracle, auto [default: all].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Trace and noise seed.")
 def simulate(scenario, out, plot, policies, seed):
     """Replay one scenario's trace under each placement policy on a virtual clock and compare them.
