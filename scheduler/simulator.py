@@ -2,17 +2,25 @@
 
 It plays the engine's part around the real scheduler objects: requests walk encoder -> DiT ->
 decoder through per-stage queues; a router dispatches by predicted finish time (the scheduler's
-predictor times the feedback's per-instance correction); every finished task is reported to the
-real `Feedback`; every `policy.interval_s` the policy (the real `Controller` for dfuse) gets
-`step(now, placement, stats)` and its moves are carried out as the launcher would: drain the
-device (finish the task in hand, take no new one), then start the new stages, which costs the
-predicted load time of the weights it does not hold yet, then serve. Nothing here decides placement.
+predictor times the feedback's per-instance correction), holding a task back for a busy instance
+only while it holds fewer than `max_inflight` (the engine's max_inflight_per_worker), so a
+saturated cluster keeps its slow devices working, as the planner's capacity assumes; every
+finished task is reported to the real `Feedback`; every `policy.interval_s` the policy (the real
+`Controller` for dfuse) gets `step(now, placement, stats)` and its moves are carried out as the
+launcher would: drain the device (finish the task in hand, take no new one), then start the new
+stages, which costs the predicted load time of the weights it does not hold yet, then serve.
+Nothing here decides placement.
 
-Fused instances (combo FUSED_COMBO, see core) run whole requests: after one stage the same
-instance starts the next, with no handoff. The monolithic baselines are every device fused. A
-fused instance takes new requests from the encoder queue; it takes a request handed off mid-way
-(waiting for the DiT or the decoder) only when no split instance is there or coming for that
-stage, which happens when a cluster turns from split to fused with requests in flight.
+Fused instances (combo FUSED_COMBO, see core and planner) run whole requests: after one stage
+the same instance starts the next, with no handoff; it is free for a new request once the whole
+one in hand is done. The monolithic baselines are every device fused. A fused instance takes new
+requests from the encoder queue; it takes a request handed off mid-way (waiting for the DiT or
+the decoder) only when no split instance is there or coming for that stage, which happens when a
+cluster turns from split to fused with requests in flight. Where fused and split encoders both
+serve, a new request goes to the one predicted to *end* it first: a fused instance's end is its
+free time + the whole request; a split encoder's is its free time + the encode + for each later
+stage the work queued and in hand per split instance + the request on the fastest one (simple:
+it ignores the work done during the encode, so it leans towards fused by at most one encode).
 
 Truth vs belief: task durations come from `world`, a predictor standing for the real cluster
 (biased against the scheduler's estimates, plus a slowdown per device and lognormal noise per

@@ -9,7 +9,8 @@ import click
 
 from ..lib.outputs import default_out, require_matplotlib, write_json
 
-SCENARIO_NAMES = ("wan-480p-8xa10g", "flux-1024-4xh100-4xl4", "sd35-shift-8xl40s", "sd35-shift-reverse-8xl40s")
+SCENARIO_NAMES = ("wan-480p-8xa10g", "flux-1024-4xh100-4xl4", "sd35-shift-8xl40s", "sd35-shift-reverse-8xl40s",
+                  "sd35-shift-4xl40s-4xrtx4090")
 
 
 @click.command()

@@ -112,6 +112,17 @@ SCENARIOS = {
             slowdown={"l40s-5": 1.1},
         ),
         Scenario(
+            name="sd35-shift-4xl40s-4xrtx4090",
+            description="sd35-shift-8xl40s's phases on 4 x L40S 48 GB + 4 x RTX 4090 24 GB (a 4090 holds every "
+                        "weight only by streaming): the turbo drafts favour a split (light stages on the 4090s), "
+                        "the renders monolithic.",
+            model="sd3.5-large",
+            cluster=(("l40s", 4), ("rtx4090", 4)),
+            phases=_SHIFT,
+            bias={**_SD_BIAS, ("encoder", "rtx4090"): 1.2, ("dit", "rtx4090"): 1.1, ("decoder", "rtx4090"): 0.9},
+            slowdown={"l40s-2": 1.1},
+        ),
+        Scenario(
             name="sd35-shift-reverse-8xl40s",
             description="sd35-shift-8xl40s with the phases in the opposite order (static is then tuned "
                         "for 2048^2 renders and meets the turbo drafts last).",
