@@ -113,9 +113,10 @@ SCENARIOS = {
         ),
         Scenario(
             name="sd35-shift-4xl40s-4xrtx4090",
-            description="sd35-shift-8xl40s's phases on 4 x L40S 48 GB + 4 x RTX 4090 24 GB (a 4090 holds every "
-                        "weight only by streaming): the turbo drafts favour a split (light stages on the 4090s), "
-                        "the renders monolithic.",
+            # A 4090 holds every weight only by streaming (28 GB of weights): the turbo drafts favour a
+            # split (light stages on the 4090s), the renders monolithic.
+            description="sd35-shift-8xl40s's phases on 4 x L40S 48 GB + 4 x RTX 4090 24 GB: turbo drafts favour "
+                        "a split, renders monolithic.",
             model="sd3.5-large",
             cluster=(("l40s", 4), ("rtx4090", 4)),
             phases=_SHIFT,
