@@ -2,17 +2,25 @@
 
 It plays the engine's part around the real scheduler objects: requests walk encoder -> DiT ->
 decoder through per-stage queues; a router dispatches by predicted finish time (the scheduler's
-predictor times the feedback's per-instance correction); every finished task is reported to the
-real `Feedback`; every `policy.interval_s` the policy (the real `Controller` for dfuse) gets
-`step(now, placement, stats)` and its moves are carried out as the launcher would: drain the
-device (finish the task in hand, take no new one), then start the new stages, which costs the
-predicted load time of the weights it does not hold yet, then serve. Nothing here decides placement.
+predictor times the feedback's per-instance correction), holding a task back for a busy instance
+only while it holds fewer than `max_inflight` (the engine's max_inflight_per_worker), so a
+saturated cluster keeps its slow devices working, as the planner's capacity assumes; every
+finished task is reported to the real `Feedback`; every `policy.interval_s` the policy (the real
+`Controller` for dfuse) gets `step(now, placement, stats)` and its moves are carried out as the
+launcher would: drain the device (finish the task in hand, take no new one), then start the new
+stages, which costs the predicted load time of the weights it does not hold yet, then serve.
+Nothing here decides placement.
 
-Fused instances (combo FUSED_COMBO, see core) run whole requests: after one stage the same
-instance starts the next, with no handoff. The monolithic baselines are every device fused. A
-fused instance takes new requests from the encoder queue; it takes a request handed off mid-way
-(waiting for the DiT or the decoder) only when no split instance is there or coming for that
-stage, which happens when a cluster turns from split to fused with requests in flight.
+Fused instances (combo FUSED_COMBO, see core and planner) run whole requests: after one stage
+the same instance starts the next, with no handoff; it is free for a new request once the whole
+one in hand is done. The monolithic baselines are every device fused. A fused instance takes new
+requests from the encoder queue; it takes a request handed off mid-way (waiting for the DiT or
+the decoder) only when no split instance is there or coming for that stage, which happens when a
+cluster turns from split to fused with requests in flight. Where fused and split encoders both
+serve, a new request goes to the one predicted to *end* it first: a fused instance's end is its
+free time + the whole request; a split encoder's is its free time + the encode + for each later
+stage the work queued and in hand per split instance + the request on the fastest one (simple:
+it ignores the work done during the encode, so it leans towards fused by at most one encode).
 
 Truth vs belief: task durations come from `world`, a predictor standing for the real cluster
 (biased against the scheduler's estimates, plus a slowdown per device and lognormal noise per
@@ -55,6 +63,14 @@ class SimConfig:
     """After the last arrival, keep simulating this long for queued requests (they may still finish)."""
     timeline_interval_s: float = 10.0
     """Sampling period of the stage-allocation timeline."""
+    max_inflight: int = 2
+    """Tasks the router lets one instance hold, the one computing included (the engine's
+    max_inflight_per_worker): a task is held back for a busy instance only while that instance
+    has room, else it goes to an idle one, however slow."""
+
+    def __post_init__(self):
+        if isinstance(self.max_inflight, bool) or not isinstance(self.max_inflight, int) or self.max_inflight < 1:
+            raise ValueError(f"SimConfig.max_inflight: must be an integer >= 1 (got {self.max_inflight!r})")
 
 
 @dataclass
@@ -174,17 +190,28 @@ class Simulator:
         idle = [i for i in candidates if i.idle]
         if not idle:
             return
-        free_at = {i.device.id: (now if i.idle else i.busy_until) for i in candidates}
+        free_at = {i.device.id: self._free_at(i, now) for i in candidates}
+        held = {i.device.id: 0 if i.idle else 1 for i in candidates}
+        # Fused and split encoders side by side: compare where the request ends, not where its encode does.
+        mixed = any(i.fused for i in candidates) and not all(i.fused for i in candidates)
+        backlog = self._split_backlog(now) if mixed else {}
         taken: list[int] = []
         for position in range(min(len(queue), 2 * len(candidates))):
             request = queue[position]
             shape = self._arrivals[request].shape
-            best, best_t = None, math.inf
+            rest = self._split_rest(shape, backlog) if mixed else 0.0
+            best, best_t, best_end = None, math.inf, math.inf
             for i in candidates:
+                if held[i.device.id] >= self.config.max_inflight:
+                    continue
                 finish = free_at[i.device.id] + self._predict(i, stage, shape)
-                if finish < best_t:
-                    best, best_t = i, finish
+                end = finish if i.fused else finish + rest
+                if end < best_end:
+                    best, best_t, best_end = i, finish, end
+            if best is None:
+                break  # none may take more (or none can finish it): the rest of the queue waits
             free_at[best.device.id] = best_t
+            held[best.device.id] += 1
             if best.idle and best in idle:
                 idle.remove(best)
                 taken.append(position)
@@ -194,15 +221,48 @@ class Simulator:
         for position in reversed(taken):
             del queue[position]
 
+    def _free_at(self, inst: _Instance, now: float) -> float:
+        """When `inst` can start a new task: a fused instance first finishes its whole request."""
+        if inst.idle:
+            return now
+        request, stage, _ = inst.task
+        after = STAGES[STAGES.index(stage) + 1:] if inst.fused else ()
+        shape = self._arrivals[request].shape
+        return inst.busy_until + sum(self._predict_stage(inst, s, shape) for s in after)
+
+    def _split_backlog(self, now: float) -> dict[str, tuple[float, list[_Instance]]]:
+        """Per stage after the encoder: (seconds of work queued and in hand per split instance, those
+        instances). The wait is what the split path adds before a request encoded now reaches the
+        stage; it ignores the work done meanwhile (an overestimate by at most one encode)."""
+        out = {}
+        for stage in STAGES[1:]:
+            hosts = [i for i in self._inst.values() if i.state == "ready" and stage in i.stages and not i.fused]
+            if not hosts:
+                out[stage] = (math.inf, hosts)
+                continue
+            queued = sum(self._predict(h, stage, self._arrivals[r].shape) for r in self._queues[stage] for h in hosts)
+            in_hand = sum(max(0.0, h.busy_until - now) for h in hosts if not h.idle)
+            out[stage] = ((queued / len(hosts) + in_hand) / len(hosts), hosts)
+        return out
+
+    def _split_rest(self, shape, backlog: Mapping[str, tuple[float, list[_Instance]]]) -> float:
+        """Seconds from a split encode's end to the request's end: per later stage, its backlog plus
+        this request on the fastest of its split instances (no split instance: never)."""
+        return sum(wait + min(self._predict(h, stage, shape) for h in hosts) if hosts else math.inf
+                   for stage, (wait, hosts) in backlog.items())
+
     def _predict(self, inst: _Instance, stage: str, shape) -> float:
-        """What the router believes: the scheduler's predictor x the instance's learned correction
-        (for a fused instance: the request from `stage` to its end)."""
-        base = self._base(inst, stage, shape)
-        if inst.fused:
-            base = sum(self._base(inst, s, shape) for s in STAGES[STAGES.index(stage):])
+        """What the router believes a task of `stage` takes on `inst` (a fused instance: the request
+        from `stage` to its end)."""
+        if not inst.fused:
+            return self._predict_stage(inst, stage, shape)
+        return sum(self._predict_stage(inst, s, shape) for s in STAGES[STAGES.index(stage):])
+
+    def _predict_stage(self, inst: _Instance, stage: str, shape) -> float:
+        """The scheduler's predictor x the instance's learned correction for `stage`."""
         # A new instance has no history yet: it starts from its (stage, kind)'s correction.
         default = self._corrections.get((stage, inst.device.kind), 1.0)
-        return base * self.feedback.correction((inst.device.id, stage), default)
+        return self._base(inst, stage, shape) * self.feedback.correction((inst.device.id, stage), default)
 
     def _base(self, inst: _Instance, stage: str, shape) -> float:
         key = (stage, inst.device.kind, shape, inst.stages)

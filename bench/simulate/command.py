@@ -9,7 +9,8 @@ import click
 
 from ..lib.outputs import default_out, require_matplotlib, write_json
 
-SCENARIO_NAMES = ("wan-480p-8xa10g", "flux-1024-4xh100-4xl4", "sd35-shift-8xl40s", "sd35-shift-reverse-8xl40s")
+SCENARIO_NAMES = ("wan-480p-8xa10g", "flux-1024-4xh100-4xl4", "sd35-shift-8xl40s", "sd35-shift-reverse-8xl40s",
+                  "sd35-shift-4xl40s-4xrtx4090")
 
 
 @click.command()
@@ -21,7 +22,7 @@ SCENARIO_NAMES = ("wan-480p-8xa10g", "flux-1024-4xh100-4xl4", "sd35-shift-8xl40s
                    "matplotlib: pip install matplotlib).")
 @click.option("--policies", default=None,
               help="Comma-separated subset of monolithic, monolithic-offload, static, threshold, elastic, "
-                   "elastic-nofb, oracle [default: all].")
+                   "elastic-nofb, oracle, auto [default: all].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Trace and noise seed.")
 def simulate(scenario, out, plot, policies, seed):
     """Replay one scenario's trace under each placement policy on a virtual clock and compare them.

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 COLORS = {"monolithic": "#7f7f7f", "monolithic-offload": "#bcbcbc", "static": "#1f77b4", "threshold": "#d62728",
-          "elastic": "#2ca02c", "elastic-nofb": "#98df8a", "oracle": "#9467bd"}
+          "elastic": "#2ca02c", "elastic-nofb": "#98df8a", "oracle": "#9467bd", "auto": "#ff7f0e"}
 ROLE_COLORS = {"T": "#ff7f0e", "E+D": "#17becf", "E": "#1f77b4", "D": "#2ca02c", "E+T": "#8c564b",
-               "T+D": "#e377c2", "E+T+D": "#7f7f7f", "moving": "#d62728", "idle": "#dddddd"}
-ALLOCATION_POLICIES = ("elastic", "threshold", "oracle")
+               "T+D": "#e377c2", "E+T+D": "#7f7f7f", "fused": "#bcbd22", "moving": "#d62728", "idle": "#dddddd"}
+ALLOCATION_POLICIES = ("auto", "elastic", "threshold", "oracle")
 
 
 def plot(doc: dict, out: Path) -> None:

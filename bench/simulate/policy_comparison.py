@@ -12,14 +12,17 @@ phase's mix, so every phase is equally hard), and once closed-loop:
     max_rate_at_90pct            the highest mean arrival rate (requests/s) with >= 90 %
                                  attainment, interpolated on the load grid
 
-Policies: monolithic (every device runs whole requests, weights that do not fit streamed over
-PCIe overlapped with compute: the strongest baseline), monolithic-offload (diffusers-style CPU
-offload: what users run), static (the best split for the first phase, never moved), threshold
-(LightX2V's autoscaler rule), elastic (dfuse's Controller), oracle (each phase's best split from
-the true costs, switched at the phase start for free), and elastic-nofb (the Controller planning
-without the feedback's corrections: what runtime feedback is worth). Threshold and elastic start
-from the split planned with the published estimates (what an operator would configure); static
-and oracle start from the true best split for the first phase.
+Policies: monolithic (every device fused, FUSED_COMBO: it runs whole requests, weights that do
+not fit streamed over PCIe overlapped with compute: the strongest baseline), monolithic-offload
+(the same with diffusers-style CPU offload: what users run), static (the best split for the first
+phase, never moved), threshold (LightX2V's autoscaler rule), elastic (dfuse's Controller over
+splits), oracle (each phase's best split from the true costs, switched at the phase start for
+free), elastic-nofb (the Controller planning without the feedback's corrections: what runtime
+feedback is worth), and auto (the Controller with the fused role allowed: any device may be fused
+or hold split stages, whichever the planner finds faster, so it should never do worse than the
+better of monolithic and the oracle split; `auto_vs_best` checks it). Threshold, elastic and auto
+start from the placement planned with the published estimates (what an operator would
+configure); static and oracle start from the true best split for the first phase.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from ...scheduler.controller import Controller
+from ...scheduler.controller import Controller, ControllerConfig
 from ...scheduler.core import FUSED_COMBO, STAGES, Demand, Device, Placement
 from ...scheduler.feedback import Feedback
 from ...scheduler.metrics import crossing, isolated_latency, summarize
@@ -40,7 +43,7 @@ from ...scheduler.simulator import SimConfig, SimResult, Simulator
 from ...scheduler.workloads import ClosedLoop, duration, generate, phase_starts
 from .scenarios import Scenario
 
-POLICIES = ("monolithic", "monolithic-offload", "static", "threshold", "elastic", "elastic-nofb", "oracle")
+POLICIES = ("monolithic", "monolithic-offload", "static", "threshold", "elastic", "elastic-nofb", "oracle", "auto")
 EXTRA_POLICIES: tuple[str, ...] = ()
 LOADS = (0.1, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25)
 DRAIN_S = 1800.0  # after the last arrival, queued requests may still finish (and count, late)
@@ -106,11 +109,10 @@ def run_once(prep: Prepared, policy_name: str, load: float | None, seed: int = 0
         policy = ThresholdPolicy(prep.devices, prep.belief, shapes)
         # The split an operator configures from the published estimates (elastic starts there too).
         placement = Planner().plan(prep.devices, prep.phase_demands[0], prep.belief).placement
-    elif policy_name in ("elastic", "elastic-nofb"):
-        from ...scheduler.controller import ControllerConfig
-
-        config = ControllerConfig(use_corrections=policy_name == "elastic")
-        policy = Controller(prep.devices, prep.belief, Planner(), config, name=policy_name)
+    elif policy_name in ("elastic", "elastic-nofb", "auto"):
+        config = ControllerConfig(use_corrections=policy_name != "elastic-nofb")
+        planner = Planner(PlannerConfig(fused=policy_name == "auto"))
+        policy = Controller(prep.devices, prep.belief, planner, config, name=policy_name)
         placement = policy.initial(prep.phase_demands[0])  # its own belief, before any feedback
     elif policy_name == "oracle":
         policy = OraclePolicy(phase_starts(s.phases), prep.oracle)
@@ -194,7 +196,7 @@ def run_scenario(scenario: Scenario, policies: Sequence[str] = POLICIES, loads: 
         "sweep": sweeps,
         "allocation": allocation,
         "controller": extras,
-        "targets": targets(scenario.name, results),
+        "targets": targets(scenario.name, results, phases, [p.name for p in scenario.phases]),
         "planner_heuristic_vs_exact": planner_gap(prep, seed=seed),
         "runs": len(policies) * (len(loads) + 1),
         "wall_s": round(time.perf_counter() - started, 2),
@@ -242,10 +244,26 @@ def _controller_report(prep: Prepared, controller: Controller, initial: Placemen
     }
 
 
-def targets(name: str, results: list[dict]) -> dict:
-    """The issue's targets, computed from the results (never loosened here)."""
+def targets(name: str, results: list[dict], phase_rps: dict | None = None, phase_names: Sequence[str] = ()) -> dict:
+    """The issues' targets, computed from the results (never loosened here); `phase_rps`: policy ->
+    closed-loop requests/s per phase (phase_throughput)."""
     by = {r["policy"]: r for r in results}
     out = {}
+    baselines = [p for p in ("monolithic", "oracle") if p in by]
+    if "auto" in by and baselines:
+        ratio = by["auto"]["throughput_rps"] / max(by[p]["throughput_rps"] for p in baselines)
+        out["auto_vs_best"] = {"ratio": ratio, "target": 0.98, "met": ratio >= 0.98}
+    if phase_rps and all(p in phase_rps for p in ("auto", "monolithic", "oracle")):
+        rows = []
+        for k, phase in enumerate(phase_names):
+            a, m, o = (phase_rps[p][k] for p in ("auto", "monolithic", "oracle"))
+            rows.append({"phase": phase, "favours": "monolithic" if m >= o else "oracle",
+                         "vs_monolithic": a / m if m else None, "vs_oracle": a / o if o else None,
+                         "beats_both": a > m and a > o})
+        out["auto_by_phase"] = {"phases": rows, "target": "reported"}
+        if {r["favours"] for r in rows} == {"monolithic", "oracle"}:  # a phase favours each: switching must pay
+            ratio = min(by["auto"]["throughput_rps"] / by[p]["throughput_rps"] for p in ("monolithic", "oracle"))
+            out["auto_vs_both"] = {"ratio": ratio, "target": "> 1", "met": ratio > 1}
     if "elastic" in by and "oracle" in by:
         ratio = by["elastic"]["throughput_rps"] / by["oracle"]["throughput_rps"]
         out["elastic_vs_oracle"] = {"ratio": ratio, "target": 0.95, "met": ratio >= 0.95}
@@ -280,6 +298,15 @@ def format_table(doc: dict) -> str:
                      f"{num(r['p95_s'], '9.1f')}{num(r['p99_s'], '9.1f')}{num(r['slo_attainment'], '7.2f')}"
                      f"{num(r['max_rate_at_90pct'], '10.4f')}{num(r['usd_per_1k'], '8.2f')}{r['moves']:>7}")
     for key, t in doc["targets"].items():
+        if "phases" in t:
+            lines.append(f"  {key}: " + ", ".join(
+                f"{r['phase']} favours {r['favours']}, auto {_ratio(r['vs_monolithic'])}x mono "
+                f"{_ratio(r['vs_oracle'])}x oracle{' (beats both)' if r['beats_both'] else ''}" for r in t["phases"]))
+            continue
         met = "" if "met" not in t else ("  met" if t["met"] else "  NOT met")
         lines.append(f"  {key}: {t['ratio']:.3f} (target {t['target']}){met}")
     return "\n".join(lines)
+
+
+def _ratio(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"

@@ -112,6 +112,18 @@ SCENARIOS = {
             slowdown={"l40s-5": 1.1},
         ),
         Scenario(
+            name="sd35-shift-4xl40s-4xrtx4090",
+            # A 4090 holds every weight only by streaming (28 GB of weights): the turbo drafts favour a
+            # split (light stages on the 4090s), the renders monolithic.
+            description="sd35-shift-8xl40s's phases on 4 x L40S 48 GB + 4 x RTX 4090 24 GB: turbo drafts favour "
+                        "a split, renders monolithic.",
+            model="sd3.5-large",
+            cluster=(("l40s", 4), ("rtx4090", 4)),
+            phases=_SHIFT,
+            bias={**_SD_BIAS, ("encoder", "rtx4090"): 1.2, ("dit", "rtx4090"): 1.1, ("decoder", "rtx4090"): 0.9},
+            slowdown={"l40s-2": 1.1},
+        ),
+        Scenario(
             name="sd35-shift-reverse-8xl40s",
             description="sd35-shift-8xl40s with the phases in the opposite order (static is then tuned "
                         "for 2048^2 renders and meets the turbo drafts last).",

@@ -1,11 +1,11 @@
-"""Planner: exact on small clusters (checked against brute force), memory, pinning, ties, heuristic gap."""
+"""Planner: exact on small clusters (checked against brute force), memory, pinning, ties, heuristic gap, fused."""
 
 import random
 
 import pytest
 from conftest import cluster, make_predictor, random_predictor
 
-from dfuse.scheduler.core import Demand, Device, Placement, Shape, combo
+from dfuse.scheduler.core import FUSED_COMBO, STAGES, Demand, Device, Placement, Shape, combo
 from dfuse.scheduler.planner import Planner, PlannerConfig, brute_force
 from dfuse.scheduler.predictor import StageSpec
 
@@ -14,10 +14,11 @@ DRAFT = Shape(1024, 1024, steps=4)
 HIRES = Shape(2048, 2048, steps=28, cfg=True)
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("share", ["light", "any", "none"])
-def test_exact_plan_equals_brute_force_on_small_heterogeneous_clusters(share):
+def test_exact_plan_equals_brute_force_on_small_heterogeneous_clusters(share, fused):
     rng = random.Random(1234)  # seed printed by the parametrisation id on failure
-    planner = Planner(PlannerConfig(share=share))
+    planner = Planner(PlannerConfig(share=share, fused=fused))
     for case in range(12):
         predictor = random_predictor(rng)
         kinds = rng.sample(["big", "small", "tiny"], rng.randint(1, 3))
@@ -122,3 +123,70 @@ def test_large_clusters_use_the_heuristic(predictor):
     assert not plan.exact
     assert len(plan.placement.assignment) == 24
     assert plan.capacity_rps > 0
+
+
+# Fused: a device running whole requests (PlannerConfig.fused)
+
+
+def test_fused_is_off_by_default_and_replaces_the_three_process_combo(predictor):
+    demand = Demand.of(IMAGE)
+    assert FUSED_COMBO not in Planner().combos("big", demand, predictor)
+    assert combo(*STAGES) in Planner(PlannerConfig(share="any")).combos("big", demand, predictor)
+    fused_any = Planner(PlannerConfig(share="any", fused=True)).combos("big", demand, predictor)
+    assert FUSED_COMBO in fused_any and combo(*STAGES) not in fused_any
+    with pytest.raises(ValueError, match="fused"):
+        PlannerConfig(fused="yes")
+
+
+def test_all_fused_capacity_is_devices_over_the_summed_latencies(predictor):
+    devices = cluster(big=3)
+    placement = Placement({d.id: FUSED_COMBO for d in devices})
+    demand = Demand.of({IMAGE: 0.5, DRAFT: 0.5})
+    whole = sum(w * predictor.latency(s, "big", shape, combo(*STAGES) - {s}) for shape, w in demand.mix for s in STAGES)
+    capacity, per_stage = Planner(PlannerConfig(fused=True)).capacity(placement, devices, demand, predictor)
+    assert capacity == pytest.approx(3 / whole)
+    assert per_stage == pytest.approx({s: 3 / whole for s in STAGES})
+
+
+def test_fused_wins_on_alike_devices_where_everything_fits(predictor):
+    devices = cluster(big=8)
+    demand = Demand.of({IMAGE: 0.7, DRAFT: 0.3})
+    split = Planner().plan(devices, demand, predictor)
+    fused = Planner(PlannerConfig(fused=True)).plan(devices, demand, predictor)
+    # No integer split of 8 devices over stages of unequal cost matches 8 devices each doing everything.
+    assert fused.placement.summary() == "fused x8"
+    assert fused.capacity_rps > split.capacity_rps
+
+
+def test_a_split_where_the_cluster_or_memory_makes_splitting_pay():
+    # Heterogeneous: the small devices' DiT is 3x slower still than their light stages; they serve
+    # the light stages for the big device's DiT better than they run whole requests.
+    predictor = make_predictor({("dit", "small"): 3.0})
+    devices = cluster(big=1, small=4)
+    demand = Demand.of(DRAFT)
+    planner = Planner(PlannerConfig(fused=True))
+    plan = planner.plan(devices, demand, predictor)
+    all_fused = Placement({d.id: FUSED_COMBO for d in devices})
+    assert plan.placement.summary(devices) == "big: T x1 | small: E+D x4"
+    assert plan.capacity_rps > 1.2 * planner.capacity(all_fused, devices, demand, predictor)[0]
+    # Memory: all the weights (32 GB) fit a "small" device (24 GB) only streamed, as the monolithic
+    # baseline runs there; without streaming the small devices get the light stages instead.
+    predictor, devices = make_predictor(), cluster(big=1, small=3)
+    assert predictor.fits(FUSED_COMBO, "small", [DRAFT]) == "streamed"
+    assert predictor.fits(FUSED_COMBO, "small", [DRAFT], streaming=False) is None
+    assert planner.plan(devices, demand, predictor).placement.summary(devices) == "big: fused x1 | small: fused x3"
+    no_stream = Planner(PlannerConfig(fused=True, streaming=False)).plan(devices, demand, predictor)
+    assert no_stream.placement.summary(devices) == "big: T x1 | small: E+D x3"
+
+
+def test_fused_and_split_devices_together_can_beat_both():
+    predictor = make_predictor({("dit", "small"): 2.0})
+    devices = cluster(big=4, small=4)
+    demand = Demand.of(DRAFT)
+    planner = Planner(PlannerConfig(fused=True))
+    plan = planner.plan(devices, demand, predictor)
+    all_fused = planner.capacity(Placement({d.id: FUSED_COMBO for d in devices}), devices, demand, predictor)[0]
+    split = Planner().plan(devices, demand, predictor).capacity_rps
+    # Three big devices run whole requests; the fourth's DiT is fed by the small devices' light stages.
+    assert plan.placement.summary(devices) == "big: T x1 fused x3 | small: E+D x4"
+    assert plan.capacity_rps > 1.04 * max(all_fused, split)
