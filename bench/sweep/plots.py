@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ...scheduler.core import FUSED
 from ..lib.outputs import pyplot
 from .report import layout_line
 
 COLORS = {"mono": "#7f7f7f", "static": "#1f77b4", "elastic": "#2ca02c", "auto": "#9467bd"}
-STAGE_COLORS = {"encoder": "#1f77b4", "dit": "#ff7f0e", "decoder": "#2ca02c"}
+STAGE_COLORS = {"encoder": "#1f77b4", "dit": "#ff7f0e", "decoder": "#2ca02c", FUSED: "#9467bd"}
 PERCENTILES = (("latency_p50_s", "p50", "-"), ("latency_p95_s", "p95", "--"), ("latency_p99_s", "p99", ":"))
 
 
@@ -83,7 +84,7 @@ def _allocation_panel(ax, point: dict, phases: list[dict], workers: int, first_r
     ax.stackplot(alloc["t_s"], [alloc["placement"][s] for s in stages], labels=[f"{s} workers" for s in stages],
                  colors=[STAGE_COLORS.get(s) for s in stages], alpha=0.35, step="post")
     queues = ax.twinx()
-    for stage in stages:
+    for stage in alloc["queues"]:  # per stage (a fused worker takes from the encoder's)
         queues.plot(alloc["t_s"], alloc["queues"][stage], color=STAGE_COLORS.get(stage), lw=1.0, label=f"{stage} queue")
     for move in point.get("moves") or []:
         ax.axvline(move.get("t_point_s", move["t_s"]), color="#d62728", lw=0.8)
