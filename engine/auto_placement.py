@@ -38,7 +38,8 @@ def auto_placed(config: EngineConfig, model_path: Path | str, info, family) -> E
     """`config` (placement "auto") with the planner's placement over its pool, under each
     device's memory: its memory_limit_gib where set, else what the device has (CPU devices
     share the host's, in equal parts)."""
-    placement = plan_placement(config.pool, model_path, info, family, config.itemsizes(), device_memory_gb(config))
+    placement = plan_placement(config.pool, model_path, info, family, config.itemsizes(), device_memory_gb(config),
+                               fused=config.elastic.fused)
     log.info("placement auto: %s", placement)
     return dataclasses.replace(config, placement=placement, instances={s: 1 for s in STAGES})
 
@@ -67,9 +68,10 @@ def stage_memory(model_path: Path | str, info, family, itemsizes: dict[str, int]
 
 
 def plan_placement(pool: Sequence[str], model_path: Path | str, info, family, itemsizes: dict[str, int],
-                   memory_gb: dict[str, float]) -> dict[str, list[str]]:
-    """{device: [stages in pipeline order]} for the pool; ValueError naming `placement` when no
-    placement serves every stage (a stage fits on no device)."""
+                   memory_gb: dict[str, float], fused: bool = True) -> dict[str, list[str]]:
+    """{device: [stages in pipeline order]} for the pool (with `fused`, the fused role where it
+    serves more); ValueError naming `placement` when no placement serves every stage (a stage
+    fits on no device)."""
     height, width = info.default_height_width
     shape = Shape(height=height, width=width, steps=info.num_inference_steps, frames=info.default_frames or 1,
                   cfg=info.guidance_scale > 1)
@@ -91,7 +93,7 @@ def plan_placement(pool: Sequence[str], model_path: Path | str, info, family, it
         Geometry(), stages,
         {kind: DeviceSpec(kind, memory_gb=memory_gb[device]) for device, kind in kinds.items()}, coefficients,
     )
-    planner = Planner(PlannerConfig(share="any", streaming=False, fused=True))
+    planner = Planner(PlannerConfig(share="any", streaming=False, fused=fused))
     try:
         plan = planner.plan([Device(d, kinds[d]) for d in pool], Demand.of(shape), predictor)
     except ValueError:

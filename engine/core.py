@@ -359,17 +359,21 @@ class EngineCore(TaskDispatch, WorkerRecovery, WorkerMoves):
 
     def _on_fused_done(self, worker: Worker, request: Request, message: wire.StageDone) -> None:
         """A fused worker ran the whole request: each stage's timing from its breakdown (the
-        queue and fetch times are the first stage's), then the pixels leave as a decoder's do."""
+        queue and fetch times are the first stage's; each stage ended where the next began),
+        then the pixels leave as a decoder's do."""
         self._add_warnings(request, message.warnings)
-        now, t = time.monotonic(), message.timings
-        for stage in STAGES:
+        t = message.timings
+        finished_at = time.monotonic()
+        for stage in reversed(STAGES):
             first = stage == STAGES[0]
             seconds = t.stages.get(stage, 0.0)
             request.timings[stage] = StageTiming(worker.id, t.queued_s if first else 0.0, seconds,
                                                  request.waited_s if first else 0.0, 1, worker.device,
-                                                 t.fetch_s if first else 0.0, now)
+                                                 t.fetch_s if first else 0.0, finished_at, fused=True)
+            finished_at -= seconds
             self._stats.stage_times[stage].append(seconds)
             self._learn(worker, request, stage, seconds)
+        request.timings = {stage: request.timings[stage] for stage in STAGES}  # pipeline order
         worker.task_s = observe(worker.task_s, t.compute_s)
         request.stage_index = len(STAGES) - 1
         self._finish(request, worker, message.outputs)

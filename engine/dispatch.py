@@ -56,19 +56,20 @@ def fused_or_split(fused, encoder, downstream: Mapping[str, Sequence], queued: M
                 there shared among its workers, plus this one, at its workers' speed
 
     A stage not measured yet is assumed a third of a measured fused request (and a fused worker
-    not measured yet the sum of the stages); with nothing measured both paths cost alike and
-    the split pipeline, free now, takes it."""
+    not measured yet the sum of the stages, an unmeasured one as the measured ones' mean); with
+    nothing measured both paths cost alike and the split pipeline, free now, takes it."""
     stage_s = {}
     for stage, workers in [("encoder", [encoder]), *downstream.items()]:
         known = [w.task_s for w in workers if w.task_s is not None]
         stage_s[stage] = sum(known) / len(known) if known else None
     whole = fused.task_s
     if whole is None:
-        whole = sum(s if s is not None else 1.0 for s in stage_s.values())
+        known = [s for s in stage_s.values() if s is not None]
+        whole = len(stage_s) * (sum(known) / len(known) if known else 1.0) if len(known) < len(stage_s) else sum(known)
     stage_s = {stage: s if s is not None else whole / len(stage_s) for stage, s in stage_s.items()}
 
     fused_finish = (len(fused.batches) + 1) * whole
-    split_finish = (len(encoder.batches) + 1) * (encoder.task_s or stage_s["encoder"])
+    split_finish = (len(encoder.batches) + 1) * stage_s["encoder"]
     for stage, workers in downstream.items():
         if not workers:
             return fused  # the split pipeline has no worker there now (one is moving or starting)

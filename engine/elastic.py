@@ -65,8 +65,8 @@ class ElasticConfig:
     samples: int = field(default=200, metadata=checked(integer(2, 100_000)))
     """Recent compute times kept per (stage, device) for the cost model."""
     fused: bool = field(default=True, metadata=checked(flag()))
-    """On a device pool, the controller may give a device the whole pipeline in one process (the
-    fused role: no handoff) where that serves more than splitting it."""
+    """On a device pool, the controller (and placement="auto") may give a device the whole
+    pipeline in one process (the fused role: no handoff) where that serves more than splitting it."""
 
     def __post_init__(self):
         check_fields(self, "elastic.")

@@ -127,7 +127,9 @@ class WorkerMoves:
         (EngineConfig.move_reserve) is the one it writes to; its decoded pixels always leave
         for the engine. Two devices swapping dit and decoder need this: each worker is the only
         reader the other's outputs will have. Every other mover drains fully, and
-        check_moves makes sure a reader of its outputs stays."""
+        check_moves makes sure a reader of its outputs stays. A mover whose device has workers
+        stopping in the same batch (E+D turning fused: E switches, D stops) waits for them to
+        leave, so a GPU never holds the old and the new weights at once."""
         self._restart_stranded()
         for worker in list(self.workers.values()):
             if worker.stopping and not worker.inflight and worker.pool.free == worker.pool.n_slots:
@@ -135,6 +137,8 @@ class WorkerMoves:
                 continue
             if worker.moving_to is None or not worker.ready or worker.inflight:
                 continue
+            if any(w.stopping and w.device == worker.device for w in self.workers.values()):
+                continue  # its new weights load once the device's leaving workers have freed theirs
             drained = worker.pool.free == worker.pool.n_slots
             reads_its_own = (self.config.move_reserve and worker.pool.free >= self.config.move_reserve
                              and (worker.stage, worker.moving_to) == STAGES[-2:])

@@ -109,8 +109,13 @@ class WorkerRecovery:
         error = RequestFailed(
             f"no {worker.stage} worker is ready: worker {worker.id} died {worker.load_deaths} times in a row while "
             f"loading (last exit code {exit_code}); the engine keeps restarting it")
+        fused_ready = any(w.ready and w.stage == FUSED and w.moving_to is None and not w.stopping
+                          for w in self.workers.values())
         for request in self._queues[queue].remove_where(lambda r: True):
-            self._fail(request, error)
+            if fused_ready and queue != STAGES[0]:
+                self._start_over(request)  # a fused worker can still serve it, from the start
+            else:
+                self._fail(request, error)
 
     def _recover(self, worker: Worker, cause: str, charge: bool = True) -> None:
         """`charge=False`: the worker asked to be replaced after reporting its failing request,
@@ -156,6 +161,7 @@ class WorkerRecovery:
         worker.restarts += 1
         if worker.moving_to is not None:  # it died while draining: it comes back in its new stage
             worker.stage, worker.moving_to = worker.moving_to, None
+            worker.task_s = None  # its speed at the old stage says nothing of the new one
         self._respawn(worker)
 
     def _respawn(self, worker: Worker) -> None:

@@ -44,6 +44,7 @@ class StageTiming:
     device: str = ""  # where the worker ran it
     fetch_s: float = 0.0  # of compute_s: getting the inputs from the upstream stage's slot (the handoff)
     finished_at: float = 0.0  # time.monotonic() when the engine heard the stage was done
+    fused: bool = False  # one fused worker ran every stage of the request, back to back (no handoff)
 
 
 @dataclass

@@ -64,10 +64,13 @@ class TaskDispatch:
         split = rule([w for w in serving if w.stage == stage], self._can_take)
         if stage != STAGES[0]:
             return split
-        fused = rule([w for w in serving if w.stage == FUSED], self._can_take)
+        fused_workers = [w for w in serving if w.stage == FUSED]
+        fused = rule(fused_workers, self._can_take)
+        downstream = {s: [w for w in serving if w.stage == s] for s in STAGES[1:]}
+        if fused_workers and not all(downstream.values()):
+            return fused  # the split pipeline cannot finish a request now (a stage dead or moving): wait for fused
         if split is None or fused is None:
             return split or fused
-        downstream = {s: [w for w in serving if w.stage == s] for s in STAGES[1:]}
         return fused_or_split(fused, split, downstream, {s: len(self._queues[s]) for s in STAGES[1:]})
 
     def _can_take(self, worker: Worker) -> bool:

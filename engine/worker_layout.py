@@ -106,7 +106,10 @@ def check_moves(workers: Mapping[int, Worker], config: EngineConfig, moves: Sequ
             raise ValueError(f"stage: worker {worker_id} already serves {stage}")
         if worker.pool.segment is None:
             raise ValueError(f"worker_id: worker {worker_id} keeps its outputs on its GPU; moving it is not supported yet")
-        if not config.pooled and (stage == FUSED or worker.device not in config.devices_of(stage)):
+        if not config.pooled and stage == FUSED:
+            raise ValueError(f"stage: {FUSED} (the fused role) runs only on an engine on a device pool "
+                             "(devices= and placement=)")
+        if not config.pooled and worker.device not in config.devices_of(stage):
             raise ValueError(f"stage: worker {worker_id} runs on {worker.device} but {stage} runs on "
                              f"{', '.join(config.devices_of(stage))}; only an engine on a device pool (devices= and "
                              "placement=) moves stages across devices")
@@ -143,9 +146,11 @@ def check_moves(workers: Mapping[int, Worker], config: EngineConfig, moves: Sequ
     fused = any(s == FUSED for _, s in hosted)
     for stage in STAGES if split or not fused else ():
         if stage not in split:
-            leaving = [w for w, _ in moves if workers[w].stage in (stage, FUSED)]
-            leaving += [w for w in stops if workers[w].stage in (stage, FUSED)]
-            raise ValueError(f"worker_id: worker {(leaving or ids)[0]} is the last {stage} worker; moving it would "
+            leaving = [w for w, _ in moves if workers[w].stage == stage] + [w for w in stops if workers[w].stage == stage]
+            if not leaving:  # a split stage left to none while others stay: a request sent down it never ends
+                raise ValueError(f"placement: the split pipeline would have no {stage} worker beside its other "
+                                 f"stages; keep one, or make every split device {FUSED}")
+            raise ValueError(f"worker_id: worker {leaving[0]} is the last {stage} worker; moving it would "
                              "stall every request")
     # A leaving worker waits until its outputs are read (engine/moves.py): someone must stay (or
     # start) to read them, but a dit worker becoming a decoder on a pooled engine reads its own.

@@ -21,7 +21,9 @@ stages (each stage's latency with the other two co-located, weights that do not 
 the DiT kept resident first: exactly the monolithic baseline's cost), its memory all weights
 together, and it fits where the monolithic baseline runs: resident, or streaming (if
 `streaming`) as long as the largest activation fits. It counts for every stage, so a mix of
-fused and split devices adds the fused devices' rate to the split path's bottleneck. With fused
+fused and split devices adds the fused devices' rate to the split path's bottleneck; split
+devices beside fused ones that do not host every stage between them are left idle (they could
+never finish a request, and add nothing to the bottleneck). With fused
 allowed the three-process {E,T,D} (share="any") is dropped: fused has the same modelled compute
 and memory, and in the engine no handoffs and no queue slots between the stages, so {E,T,D} could
 only tie with it and confuse the tie-breaking. Off by default: a split-only planner is what the
@@ -49,7 +51,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from .core import FUSED, FUSED_COMBO, STAGES, Demand, Device, Placement, stages_of
+from .core import FUSED, FUSED_COMBO, STAGES, Demand, Device, Placement, is_fused, stages_of
 from .predictor import Predictor
 
 _LIGHT = ("encoder", "decoder")
@@ -165,6 +167,8 @@ class Planner:
             part, moved = g.assign(c, current)
             assignment.update(part)
             moves += moved
+        if self.config.fused:
+            assignment, moves = _whole_split_only(assignment, current, pinned, moves)
         placement = Placement(assignment)
         capacity, per_stage = self.capacity(placement, devices, demand, predictor)
         return Plan(placement, capacity, MappingProxyType(per_stage), moves, exact)
@@ -365,6 +369,20 @@ def _compositions(n: int, parts: int) -> np.ndarray:
     out = np.array(rows, dtype=int).reshape(-1, parts)
     out.setflags(write=False)
     return out
+
+
+def _whole_split_only(assignment: dict, current: Placement | None, pinned: set, moves: int) -> tuple[dict, int]:
+    """Beside fused devices, split devices that do not host every stage between them serve
+    nothing: a request sent down that split could never finish. Their rate adds nothing to the
+    bottleneck (fused devices add the same rate to every stage), so the search may still pick
+    them, for a tie's lower utilisation. They become idle (pinned ones keep their stages);
+    `moves` is recounted."""
+    split = [d for d, stages in assignment.items() if stages and not is_fused(stages)]
+    if set().union(*(assignment[d] for d in split)) >= set(STAGES):
+        return assignment, moves
+    assignment = {d: frozenset() if d in split and d not in pinned else stages for d, stages in assignment.items()}
+    before = current.assignment if current is not None else {}
+    return assignment, sum(1 for d, stages in assignment.items() if d not in pinned and before.get(d, frozenset()) != stages)
 
 
 def _choose(total: np.ndarray, moves: np.ndarray, tolerance: float) -> int:

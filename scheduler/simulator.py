@@ -16,7 +16,8 @@ the same instance starts the next, with no handoff; it is free for a new request
 one in hand is done. The monolithic baselines are every device fused. A fused instance takes new
 requests from the encoder queue; it takes a request handed off mid-way (waiting for the DiT or
 the decoder) only when no split instance is there or coming for that stage, which happens when a
-cluster turns from split to fused with requests in flight. Where fused and split encoders both
+cluster turns from split to fused with requests in flight (the engine instead starts such a
+request over on a fused worker: its inputs stay in the leaving producer's slot, which must drain). Where fused and split encoders both
 serve, a new request goes to the one predicted to *end* it first: a fused instance's end is its
 free time + the whole request; a split encoder's is its free time + the encode + for each later
 stage the work queued and in hand per split instance + the request on the fastest one (simple:

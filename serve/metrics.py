@@ -49,8 +49,7 @@ class Metrics:
             for stage, t in per_stage.items():
                 self.compute.labels(stage, t.device).observe(t.compute_s)
                 index = STAGES.index(stage)
-                previous = per_stage.get(STAGES[index - 1]) if index else None
-                if previous is not None and previous.worker_id != t.worker_id:  # one fused worker: no handoff
+                if index and not t.fused:  # a fused worker hands nothing over between its stages
                     self.handoff.labels(f"{STAGES[index - 1]}->{stage}").observe(t.fetch_s)
 
     def render(self) -> bytes:

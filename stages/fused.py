@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import time
 
+import torch
+
 from ..scheduler.core import FUSED
 from .base import Stage
 from .decoder import DecoderStage
@@ -31,17 +33,15 @@ class FusedStage(Stage):
         self.model = tuple(part.model for part in self.parts)  # what the host weight cache publishes
 
     def forward(self, inputs, params, on_step, out):
-        encoder, dit, decoder = self.parts
-        seconds = {}
-        started = time.perf_counter()
-        embeddings = encoder.run(inputs, params, on_step, out)
-        seconds[encoder.kind], started = time.perf_counter() - started, time.perf_counter()
-        latents = dit.run(embeddings, params, on_step, out)
-        seconds[dit.kind], started = time.perf_counter() - started, time.perf_counter()
-        pixels = decoder.run(latents, params, on_step, out)
-        seconds[decoder.kind] = time.perf_counter() - started
+        seconds, outputs = {}, inputs
+        for part in self.parts:
+            started = time.perf_counter()
+            outputs = part.run(outputs, params, on_step, out)
+            if self.device.type == "cuda":  # kernels run asynchronously: a stage's time ends with its last
+                torch.cuda.synchronize(self.device)
+            seconds[part.kind] = time.perf_counter() - started
         self._seconds = seconds
-        return pixels
+        return outputs
 
     def stage_seconds(self) -> dict[str, float]:
         return dict(self._seconds)

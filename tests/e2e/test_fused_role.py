@@ -36,9 +36,13 @@ def test_a_fused_worker_makes_diffusers_images_and_reports_every_stage(model_pat
             result = engine.submit(num_inference_steps=2, **case).result(timeout=120)
             assert np.array_equal(np.array(result.images[0]), reference(num_inference_steps=2, **case)), case
             timings = result.timings[0]
-            assert sorted(timings) == ["decoder", "dit", "encoder"]
+            assert list(timings) == ["encoder", "dit", "decoder"]
             assert {t.worker_id for t in timings.values()} == {worker.id}
-            assert all(t.compute_s > 0 for t in timings.values())
+            assert all(t.compute_s > 0 and t.fused for t in timings.values())
+            # The timeline: each stage ended where the next began, the decoder last.
+            encoder, dit, decoder = timings.values()
+            assert encoder.finished_at < dit.finished_at < decoder.finished_at
+            assert abs(decoder.finished_at - dit.finished_at - decoder.compute_s) < 1e-6
 
 
 def test_fused_flux_equals_diffusers_with_and_without_true_cfg():

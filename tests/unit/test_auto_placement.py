@@ -32,6 +32,9 @@ def _plan(tiny, memory_gb):
 
 def test_alike_devices_with_room_each_run_the_whole_pipeline_fused(tiny):
     assert _plan(tiny, (8.0, 8.0)) == {d: ["encoder+dit+decoder"] for d in POOL}
+    path, info, family = tiny  # without the fused role: every stage as its own worker on each device
+    assert plan_placement(POOL, path, info, family, FLOAT32, {d: 8.0 for d in POOL}, fused=False) == {
+        d: ["encoder", "dit", "decoder"] for d in POOL}
 
 
 def test_devices_too_small_for_the_whole_model_split_it(tiny):

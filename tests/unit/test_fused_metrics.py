@@ -18,7 +18,8 @@ def test_a_fused_image_counts_each_stage_and_no_handoff_a_split_one_counts_both_
     stats = SimpleNamespace(queues={}, workers=[SimpleNamespace(stage=FUSED, device="cpu:0", ready=True, restarts=2)],
                             moves=[], completed=2, failed=0)
     metrics = Metrics(lambda: stats)
-    fused = {s: StageTiming(worker_id=3, queued_s=0.0, compute_s=0.1, device="cpu:0") for s in ("encoder", "dit", "decoder")}
+    fused = {s: StageTiming(worker_id=3, queued_s=0.0, compute_s=0.1, device="cpu:0", fused=True)
+             for s in ("encoder", "dit", "decoder")}
     split = {s: StageTiming(worker_id=i, queued_s=0.0, compute_s=0.1, device="cpu:1", fetch_s=0.001)
              for i, s in enumerate(("encoder", "dit", "decoder"))}
     metrics.observe_images([fused, split])

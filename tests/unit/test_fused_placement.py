@@ -61,7 +61,7 @@ def test_the_split_pipeline_may_give_way_to_fused_workers_but_not_in_part():
 
 def test_the_per_stage_form_has_no_fused_role():
     config = EngineConfig(model=SYNTHETIC)
-    with pytest.raises(ValueError, match="only an engine on a device pool"):
+    with pytest.raises(ValueError, match="runs only on an engine on a device pool"):
         check_moves(_workers(config), config, [(1, FUSED)])
 
 
