@@ -120,7 +120,8 @@ class EngineConfig:
     """Activation memory a request may use per device, e.g. {"cpu": 8}, or one number for each
     device's memory; unset devices: detected. Kept as the mapping."""
     max_inflight_per_worker: int = field(default=2, metadata=checked(integer(1, 64)))
-    """Tasks sent to one worker at once: one computing, the next already queued beside it."""
+    """Tasks sent to one worker at once: one computing, the next already queued beside it (a
+    fused worker gets one at a time: engine/task_dispatch.py)."""
     max_attempts: int = field(default=3, metadata=checked(integer(1, 100)))
     """A request whose worker dies this many times fails instead of being retried again."""
     heartbeat_timeout_s: float = field(default=10.0, metadata=checked(positive(3600)))

@@ -74,9 +74,12 @@ class TaskDispatch:
         return fused_or_split(fused, split, downstream, {s: len(self._queues[s]) for s in STAGES[1:]})
 
     def _can_take(self, worker: Worker) -> bool:
-        """A free output slot, nothing waiting to reach it first, and room under its in-flight limit."""
-        return (worker.pool.free > self._reserve(worker) and not worker.outbox
-                and len(worker.batches) < self.config.max_inflight_per_worker)
+        """A free output slot, nothing waiting to reach it first, and room under its in-flight
+        limit. A fused worker takes its next request only once idle: it has no inputs to fetch
+        ahead, and a request held behind its current one could not go to another that frees first
+        (one shared queue, as a monolithic pool keeps: near saturation the difference is large)."""
+        limit = 1 if worker.stage == FUSED else self.config.max_inflight_per_worker
+        return worker.pool.free > self._reserve(worker) and not worker.outbox and len(worker.batches) < limit
 
     def _reserve(self, worker: Worker) -> int:
         """Slots dispatch leaves free (EngineConfig.move_reserve); a decoder's outputs always

@@ -102,3 +102,19 @@ def test_unmeasured_workers_borrow_the_measured_ones_speed():
     assert fused_or_split(_worker(None), encoder, measured, {}) is encoder  # 0.4 vs 0.4
     fused = _worker(None)
     assert fused_or_split(fused, encoder, measured, {"dit": 1}) is fused  # 0.4 vs 0.6
+
+
+def test_a_fused_worker_is_offered_its_next_request_only_once_idle():
+    # One shared queue for fused workers, as a monolithic pool keeps: a request is never held
+    # behind another's whole pipeline while a second fused worker may free up first.
+    from dfuse.engine.task_dispatch import TaskDispatch
+
+    core = TaskDispatch()
+    core.config = SimpleNamespace(max_inflight_per_worker=2, move_reserve=1)
+    pool = SimpleNamespace(free=3)
+    fused = SimpleNamespace(stage=FUSED, pool=pool, outbox=[], batches=[{1}])
+    dit = SimpleNamespace(stage="dit", pool=pool, outbox=[], batches=[{1}])
+    assert not core._can_take(fused)
+    assert core._can_take(dit)  # a split worker gets its next task queued beside the one it computes
+    fused.batches = []
+    assert core._can_take(fused)
