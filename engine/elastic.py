@@ -12,7 +12,9 @@ What the scheduler calls a device depends on how the engine was laid out:
 - a device pool with a placement (pooled): the engine's devices themselves, each hosting a set
   of stages (one worker each). A move changes the set: a worker switches stage in its own
   process where one stage is traded for another, a worker starts where the set grows, one
-  stops where it shrinks; a stage may come to a device that never ran it. Time-sharing is
+  stops where it shrinks; a stage may come to a device that never ran it. A fused device is
+  one worker running whole requests (stages/fused.py), so a move to or from fused is one
+  switch plus the starts or stops left over (rebalance). Time-sharing is
   modelled as the planner does (a device serves its set at 1 / the sum of its stages' costs),
   and memory as auto placement estimates it (engine/auto_placement.py), so a device is never
   given more than it holds.

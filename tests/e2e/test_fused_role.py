@@ -1,6 +1,7 @@
 """The fused role: one worker holding the whole pipeline runs each request start to finish. Its
-images equal diffusers' (guidance on and off, two families), a fused worker killed mid-request is
-replaced and the request completes with the same image, an engine with a fused device beside a
+images equal diffusers' (guidance on and off, two families), a cancelled or timed-out request
+stops at its next denoising step, a fused worker killed mid-request is replaced and the request
+completes with the same image, an engine with a fused device beside a
 split pipeline serves every request down both paths, and a pool moves between split and fused
 roles under load without losing a request."""
 
@@ -76,6 +77,24 @@ def test_a_fused_worker_killed_mid_request_is_replaced_and_the_request_completes
         assert np.array_equal(np.array(result.images[0]), reference(**case))
         replaced = engine.stats().workers[0]
         assert replaced.ready and replaced.pid != worker.pid and replaced.restarts == 1
+
+
+def test_a_fused_worker_stops_a_cancelled_or_timed_out_request_and_serves_the_next(model_path, reference):
+    from dfuse import RequestTimeout
+
+    long = dict(CASES[0], num_inference_steps=400)  # minutes of denoising if nothing stopped it
+    with Engine(model=str(model_path), devices=[A], placement={A: [FUSED]}) as engine:
+        steps = []
+        future = engine.submit(**long, on_progress=lambda stage, step, total: steps.append((stage, step)))
+        assert wait_until(lambda: len(steps) >= 2, 60)
+        assert steps[0][0] == "dit"  # progress is reported as the DiT's steps
+        assert future.cancel()
+        with pytest.raises(RequestTimeout):
+            engine.generate(**dict(long, seed=13), timeout=1.0)
+        (image,) = engine.generate(num_inference_steps=2, timeout=120, **CASES[1])  # served after both stopped
+        assert np.array_equal(np.array(image), reference(num_inference_steps=2, **CASES[1]))
+        assert max(step for _, step in steps) < 400
+        assert wait_until(lambda: all(w.inflight == 0 for w in engine.stats().workers), 30)
 
 
 def test_a_fused_device_beside_a_split_pipeline_serves_every_request_down_both(model_path, reference):
