@@ -29,7 +29,9 @@ def test_sweep_cli_serves_every_request_of_mono_and_static(tmp_path):
         assert set(point["by_kind"]) == {"few-step", "many-step", "large"}
     static = points[1]
     assert static["placement_end"] == {"encoder": 1, "dit": 1, "decoder": 1}
-    assert set(static["allocation"]["placement"]) == {"encoder", "dit", "decoder"}
+    placement = static["allocation"]["placement"]  # workers per role over time: one of each stage, no fused one
+    assert {role: set(counts) for role, counts in placement.items()} == {
+        "encoder": {1}, "dit": {1}, "decoder": {1}, "encoder+dit+decoder": {0}}
     assert set(doc["slo"]["slo_s"]) == {"few-step", "many-step", "large"}
     totals = doc["totals"]
     assert totals["leaked_processes"] == [] and totals["leaked_segments"] == [] and not totals["run_dir_left"]
