@@ -208,6 +208,7 @@ class EngineCore(TaskDispatch, WorkerRecovery, WorkerMoves):
                 self._advance_moves()
                 if time.monotonic() >= next_health:
                     self._check_workers()
+                    self._restart_stranded()  # requests no worker will serve (the split gave way to fused ones)
                     self._expire_waiting()
                     self._startup.remind()
                     if self._elastic and self.ready.is_set():

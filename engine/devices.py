@@ -23,6 +23,11 @@ ROLES = (*STAGES, FUSED)  # what a worker may be: a stage, or the fused whole pi
 FUSED_ALIAS = "fused"  # the fused role's short name, for the CLI where "+" separates a device's stages
 
 
+def as_role(name):
+    """A worker role as given by a user: the fused role's alias named in full, anything else as it is."""
+    return FUSED if name == FUSED_ALIAS else name
+
+
 def role_stages(role: str) -> tuple[str, ...]:
     """The pipeline stages a worker of `role` runs: its stage, or all of them when fused."""
     return STAGES if role == FUSED else (role,)
@@ -118,7 +123,7 @@ def place_workers(devices: Sequence, placement: Mapping) -> tuple[tuple[str, str
         stages = [stages] if isinstance(stages, str) else stages
         if not isinstance(stages, Sequence) or not stages:
             raise ValueError(f"placement ({device}): expected a list of stages from {', '.join(ROLES)} (got {stages!r})")
-        stages = [FUSED if stage == FUSED_ALIAS else stage for stage in stages]
+        stages = [as_role(stage) for stage in stages]
         for stage in stages:
             if stage not in ROLES:
                 raise ValueError(f"placement ({device}): unknown stage {stage!r}; stages are {', '.join(STAGES)}, "

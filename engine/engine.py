@@ -14,12 +14,12 @@ from typing import Mapping, Sequence
 import msgspec
 from PIL import Image
 
-from ..scheduler.core import FUSED, STAGES
+from ..scheduler.core import STAGES
 from .admission import detect_budgets
 from .auto_placement import auto_placed, device_memory_gb, stage_memory
 from .completions import UserFuture, resolve
 from .config import DEFAULT_MODEL, EngineConfig
-from .devices import FUSED_ALIAS
+from .devices import as_role
 from .input_processor import InputProcessor
 from .models import describe_model, detect_family, resolve_model_path
 from .core import EngineCore
@@ -211,7 +211,7 @@ class Engine:
         if not self._finalizer.alive:
             raise EngineClosed("the engine is closed")
         moves = dict(worker_id) if isinstance(worker_id, Mapping) else {worker_id: stage}
-        self._core.move([(w, FUSED if s == FUSED_ALIAS else s) for w, s in moves.items()])
+        self._core.move([(w, as_role(s)) for w, s in moves.items()])
 
     def place(self, placement: Mapping[str, Sequence[str]]) -> None:
         """On a device pool, make each named device host exactly these stages, without losing a

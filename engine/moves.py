@@ -18,7 +18,7 @@ import zmq
 
 from . import protocol as wire
 from ..scheduler.core import FUSED, STAGES, Placement
-from .devices import FUSED_ALIAS, ROLES, device_cpus, role_stages
+from .devices import ROLES, as_role, device_cpus, role_stages
 from .elastic import combo_of, rebalance
 from .launcher import stop_all
 from .recovery import unlink_ipc_file
@@ -45,7 +45,7 @@ class WorkerMoves:
         for device, stages in placement.items():
             if isinstance(stages, str) or not isinstance(stages, (list, tuple, set, frozenset)):
                 raise ValueError(f"placement ({device}): expected a list of stages among {', '.join(ROLES)} (got {stages!r})")
-            roles = {FUSED if s == FUSED_ALIAS else s for s in stages}
+            roles = {as_role(s) for s in stages}
             if roles - set(ROLES) or (FUSED in roles and len(roles) > 1):
                 raise ValueError(f"placement ({device}): expected stages among {', '.join(STAGES)}, or {FUSED} "
                                  f"alone (got {stages!r})")
@@ -130,7 +130,6 @@ class WorkerMoves:
         check_moves makes sure a reader of its outputs stays. A mover whose device has workers
         stopping in the same batch (E+D turning fused: E switches, D stops) waits for them to
         leave, so a GPU never holds the old and the new weights at once."""
-        self._restart_stranded()
         for worker in list(self.workers.values()):
             if worker.stopping and not worker.inflight and worker.pool.free == worker.pool.n_slots:
                 self._remove_worker(worker)

@@ -65,9 +65,11 @@ class TaskDispatch:
         if stage != STAGES[0]:
             return split
         fused_workers = [w for w in serving if w.stage == FUSED]
+        if not fused_workers:  # a split-only engine: nothing more to weigh
+            return split
         fused = rule(fused_workers, self._can_take)
         downstream = {s: [w for w in serving if w.stage == s] for s in STAGES[1:]}
-        if fused_workers and not all(downstream.values()):
+        if not all(downstream.values()):
             return fused  # the split pipeline cannot finish a request now (a stage dead or moving): wait for fused
         if split is None or fused is None:
             return split or fused
