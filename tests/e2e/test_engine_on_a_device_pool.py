@@ -2,18 +2,14 @@
 two stages on one device and one on the other, or one stage on both; every image equals
 diffusers', and every worker runs on its device's core."""
 
-import os
-
 import numpy as np
-import pytest
 
 from dfuse import Engine
 
 from process_utils import thread_cpus
+from cpu_pool import A, B, NEEDS_TWO_CPUS
 
-CORES = sorted(os.sched_getaffinity(0))[:2]
-pytestmark = pytest.mark.skipif(len(CORES) < 2, reason="needs two usable CPUs")
-A, B = (f"cpu:{c}" for c in (CORES + [0, 0])[:2])
+pytestmark = NEEDS_TWO_CPUS
 CASES = [dict(prompt="a red fox in the snow", guidance_scale=4.5, height=64, width=64, seed=11),
          dict(prompt="a photo of a cat", negative_prompt="blurry", guidance_scale=1.0, height=64, width=96, seed=12)]
 

@@ -7,16 +7,14 @@ the run (processes, /dev/shm segments)."""
 import json
 import os
 
-import pytest
 
 from process_utils import assert_every_request_served, run_sweep
+from cpu_pool import A, B, CORES, NEEDS_TWO_CPUS
 
 MODEL = "synthetic:encoder=5ms,dit=20ms,decoder=10ms,mode=sleep"
 FUSED = "encoder+dit+decoder"
 SEED = 5  # the arrival trace
-CORES = sorted(os.sched_getaffinity(0))[:2]
-pytestmark = pytest.mark.skipif(len(CORES) < 2, reason="needs two usable CPUs")
-A, B = (f"cpu:{c}" for c in (CORES + [0, 0])[:2])
+pytestmark = NEEDS_TWO_CPUS
 
 
 def test_sweep_on_a_device_pool_records_the_placement_per_device(tmp_path):
