@@ -95,10 +95,15 @@ def detect_budgets(config: EngineConfig, model_path, root: Path = Path("/")) -> 
             by_memory[memory] = int(config.memory_limit_gib[memory] * 2**30)
         elif memory == "cpu":
             by_memory[memory] = int(_mem_available(root) * CPU_SHARE)
+        elif "/" in memory:  # a node's of a cluster: not measured from here (memory_limit_gib sets it)
+            by_memory[memory] = UNMEASURED
         else:
             stages = [s for d, role in config.workers if d == memory for s in role_stages(role)]
             by_memory[memory] = _gpu_budget(memory, list(dict.fromkeys(stages)), model_path)
     return {stage: min(by_memory[memory_of(d)] for d in config.devices_of(stage)) for stage in STAGES}
+
+
+UNMEASURED = 2**62  # a budget not known: nothing is refused for want of memory
 
 
 def _mem_available(root: Path = Path("/")) -> int:
@@ -106,7 +111,7 @@ def _mem_available(root: Path = Path("/")) -> int:
     its cgroup's memory limit when that is smaller (a container sees the host's /proc/meminfo:
     in a 1.5 GiB container it read 60 GiB and admitted a decode that was OOM-killed)."""
     known = [b for b in (_meminfo_available(root / "proc/meminfo"), _cgroup_room(root)) if b is not None]
-    return min(known, default=2**62)  # unknown: do not refuse anything
+    return min(known, default=UNMEASURED)
 
 
 def _meminfo_available(path: Path) -> int | None:

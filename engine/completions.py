@@ -145,7 +145,8 @@ class CopyOut:
         self._thread.start()
 
     def put(self, request, view, pool) -> None:
-        """Copy `view` (the request's pixels in `pool`'s slot), then resolve its future."""
+        """Copy `view` (the request's pixels in `pool`'s slot; or a function that reads them, from
+        another node), then resolve its future."""
         self._queue.put((request, view, pool))
 
     def close(self) -> None:
@@ -156,11 +157,13 @@ class CopyOut:
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
             request, view, pool = item
+            pixels = None
             try:
-                outcome = {"result": (view[0].numpy().copy(), request.timings)}
+                pixels = view() if callable(view) else view
+                outcome = {"result": (pixels[0].numpy().copy(), request.timings)}
             except Exception as e:  # e.g. MemoryError on a long video: that request fails, not the engine
                 outcome = {"error": RequestFailed(f"request {request.id}: copying its output failed: {e!r}")}
             finally:
-                del view
+                del view, pixels
                 self._hand_back(pool, request.output_offset, request.id)
             self._completions.resolve(request.future, **outcome)

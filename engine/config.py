@@ -11,7 +11,7 @@ from ..scheduler.core import FUSED, STAGES
 from .checks import check_fields, checked, flag, integer, number, optional, positive
 from .cpu_affinity import usable_cpus
 from .cpu_wake import MAX_US as MAX_WAKE_LATENCY_US
-from .devices import canonical_device, check_disjoint, device_cpus, is_cpu, place_workers
+from .devices import canonical_device, check_disjoint, device_cpus, is_cpu, place_workers, split_node
 from .elastic import ElasticConfig
 
 DEFAULT_MODEL = "tiny-sd3"
@@ -143,6 +143,12 @@ class EngineConfig:
     """How the elastic policy watches and decides (used with policy="elastic")."""
     batching: BatchConfig = field(default_factory=BatchConfig)
     """Per-stage batching of compatible requests (off by default)."""
+    cluster: str | None = None
+    """None: every worker on this host. "ray": devices may name a node of a Ray cluster
+    (`NODE/DEVICE`, engine/cluster.py), whose workers Ray starts there."""
+    ray_address: str | None = None
+    """The Ray cluster's address (HOST:PORT of its head) with cluster="ray"; always explicit, so
+    the engine never joins a cluster it happens to find."""
 
     def __post_init__(self):
         if not isinstance(self.transport, TransportConfig):
@@ -184,8 +190,23 @@ class EngineConfig:
             raise ValueError(f"batching: must be a BatchConfig (got {type(self.batching).__name__})")
         if self.policy not in POLICIES:
             raise ValueError(f"policy: must be one of {', '.join(POLICIES)} (got {self.policy!r})")
+        self._check_cluster()
         if self.dispatch not in DISPATCH_RULES:
             raise ValueError(f"dispatch: must be one of {', '.join(DISPATCH_RULES)} (got {self.dispatch!r})")
+
+    def _check_cluster(self) -> None:
+        if self.cluster not in (None, "ray"):
+            raise ValueError(f"cluster: must be 'ray' or None (one host) (got {self.cluster!r})")
+        remote = [d for d in self.pool if split_node(d)[0] is not None]
+        if remote and self.cluster is None:
+            raise ValueError(f"devices: {remote} name a node, which needs cluster='ray' (and ray_address)")
+        if self.cluster == "ray":
+            address = self.ray_address
+            host, _, port = (address or "").rpartition(":")
+            if not isinstance(address, str) or not host or not port.isdecimal():
+                raise ValueError(f"ray_address: the Ray head's HOST:PORT, e.g. 127.0.0.1:6379 (got {address!r})")
+        elif self.ray_address is not None:
+            raise ValueError("ray_address: only with cluster='ray'")
 
     def _init_stage_devices(self) -> None:
         """The per-stage form: `instances[stage]` workers of each stage on its one device."""
@@ -392,8 +413,10 @@ def _per_stage(name: str, value, kind: type, defaults: Mapping | None = None) ->
 
 
 def memory_of(device: str) -> str:
-    """The memory a device's activations come from: every CPU device shares the host's ("cpu")."""
-    return "cpu" if is_cpu(device) else device
+    """The memory a device's activations come from: every CPU device shares its host's ("cpu",
+    "b/cpu" on node b)."""
+    node, _ = split_node(device)
+    return ("cpu" if node is None else f"{node}/cpu") if is_cpu(device) else device
 
 
 def _memory_name(device) -> str:

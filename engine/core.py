@@ -20,6 +20,10 @@ task is engine/task_dispatch.py.
 
 A fused worker (stages/fused.py) takes a new request from the encoder queue and runs it start to
 finish in its own process; its StageDone carries the final pixels and each stage's time.
+
+On a Ray cluster (engine/cluster.py) workers on other nodes get their task sockets and a results
+socket over TCP, every frame signed (transport/tcp.py); the engine serves its host's pools to
+them with a SlotServer, and reads a remote decoder's pixels from its node's.
 """
 
 from __future__ import annotations
@@ -59,7 +63,8 @@ from .state import (
 )
 from .launcher import spawn_worker, stop_all
 from .startup import StartupProgress
-from .transport.base import byte_view, dtype_from_name
+from .transport.base import byte_view, dtype_from_name, tensor_nbytes
+from .transport.tcp import SlotClient, SlotServer
 
 log = logging.getLogger("dfuse.engine")
 prompt_log = logging.getLogger("dfuse.engine.prompts")  # what the stages say of a request's prompts
@@ -86,17 +91,26 @@ class EngineCore(TaskDispatch, WorkerRecovery, WorkerMoves):
         self._host = HostResources(config.transport.cpu_wake_latency_us)
         self.run_dir, self.segment_prefix = self._host.run_dir, self._host.segment_prefix
         self._context = zmq.Context()
+        self._cluster = None
         self.completions = Completions()  # futures are resolved there, user callbacks beside it: never here
         # The final pixels leave the decoder's slot on a thread of their own (engine/completions.py)
         self._copy_out = CopyOut(self.completions, lambda *slot: self._post(("copied", slot)))
         try:
+            if config.cluster == "ray":
+                from .cluster import RayCluster
+
+                self._cluster = RayCluster(config.ray_address, list(config.pool))
             self._init_sockets()
             self._init_workers()
         except BaseException:  # e.g. /dev/shm full: leave nothing of a half-built engine behind
             self._host.release()
-            for name in ("_results", "_wake_pull", "_wake_push"):  # those made before the failure
+            for name in ("_results", "_remote_results", "_wake_pull", "_wake_push"):  # those made before the failure
                 if hasattr(self, name):
                     getattr(self, name).close(linger=0)
+            if hasattr(self, "_slot_server"):
+                self._slot_server.close()
+            if self._cluster is not None:
+                self._cluster.close()
             self._context.term()
             self._copy_out.close()
             self.completions.close()
@@ -115,10 +129,17 @@ class EngineCore(TaskDispatch, WorkerRecovery, WorkerMoves):
         self._poller = zmq.Poller()
         self._poller.register(self._results, zmq.POLLIN)
         self._poller.register(self._wake_pull, zmq.POLLIN)
+        if self._cluster is not None:  # workers on other nodes: TCP, on the address the cluster knows this node by
+            self._remote_results = self._context.socket(zmq.PULL)
+            port = self._remote_results.bind_to_random_port(f"tcp://{self._cluster.host}")
+            self._remote_results_address = f"tcp://{self._cluster.host}:{port}"
+            self._poller.register(self._remote_results, zmq.POLLIN)
+            self._slot_server = SlotServer(self._context, self._cluster.host, self._cluster.signer, self._host_pool)
+            self._remote_reader = SlotClient(self._context, self._cluster.signer)  # the copy-out thread's only
 
     def _init_workers(self) -> None:
-        self.links = choose_links(self.config.workers)
-        self.workers: dict[int, Worker] = build_workers(self.config, self.segment_prefix)
+        self.links = choose_links(self.config.workers, self._cluster)
+        self.workers: dict[int, Worker] = build_workers(self.config, self.segment_prefix, self._cluster)
         self._next_worker_id = len(self.workers)  # workers a move starts get new ids (engine/moves.py)
         self.cpu_pinning = pin_cpu_workers(self.config, self.workers)  # before any worker spawns
         self._devices = {device: describe_device(device) for device in self.config.pool}
@@ -126,7 +147,7 @@ class EngineCore(TaskDispatch, WorkerRecovery, WorkerMoves):
         self._elastic = self._init_elastic() if self.config.policy == "elastic" else None
 
     def _init_elastic(self) -> Elastic:
-        fixed = [w.id for w in self.workers.values() if w.pool.segment is None]
+        fixed = [w.id for w in self.workers.values() if w.pool.on_gpu]
         if fixed:
             raise ValueError(
                 f"policy: 'elastic' cannot move workers {fixed}: they hand their outputs over in GPU memory "
@@ -202,7 +223,9 @@ class EngineCore(TaskDispatch, WorkerRecovery, WorkerMoves):
                         self._wake_pull.recv()
                 self._drain_inbox()
                 if self._results in events:
-                    self._drain_results(handlers)
+                    self._drain_results(handlers, self._results)
+                if self._cluster is not None and self._remote_results in events:
+                    self._drain_results(handlers, self._remote_results, self._cluster.signer)
                 for worker in self.workers.values():
                     self._flush_outbox(worker)
                 self._advance_moves()
@@ -240,12 +263,17 @@ class EngineCore(TaskDispatch, WorkerRecovery, WorkerMoves):
                 pool, offset, request_id = item
                 pool.release(offset, request_id)
 
-    def _drain_results(self, handlers) -> None:
+    def _drain_results(self, handlers, socket: zmq.Socket, signer=None) -> None:
         while True:
             try:
-                frame = self._results.recv(zmq.NOBLOCK)
+                frame = socket.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
+            if signer is not None:  # from another node: only frames signed with this engine's secret count
+                signed, frame = frame, signer.open(frame)
+                if frame is None:
+                    log.warning("dropped an unsigned or forged message on the cluster socket (%d bytes)", len(signed))
+                    continue
             try:
                 message = wire.engine_decoder.decode(frame)
             except msgspec.MsgspecError as e:
@@ -260,6 +288,9 @@ class EngineCore(TaskDispatch, WorkerRecovery, WorkerMoves):
             worker = self.workers.get(message.worker_id)
             if worker is None:
                 log.warning("dropped a message from unknown worker %r", message.worker_id)
+                continue
+            if (signer is not None) != self._is_remote(worker):  # a worker speaks on its own socket only
+                log.warning("dropped a message for worker %d on the wrong socket", worker.id)
                 continue
             worker.last_heard = time.monotonic()
             handlers[type(message)](worker, message)
@@ -278,6 +309,10 @@ class EngineCore(TaskDispatch, WorkerRecovery, WorkerMoves):
             log.info("worker %d now serves %s (switch %.2f s)", worker.id, worker.stage, switch_s)
             worker.switch_started = None
         self._startup.ready(worker, message)
+        if self._is_remote(worker):
+            worker.process.pid = message.pid  # only its READY says it: the process runs on another node
+        if self._cluster is not None:
+            self._announce_remote_pools(worker)
         if message.pool is not None:  # a (re)started GPU producer: consumers map its new pool
             worker.pool_info = message.pool
             for consumer in self._consumers_of(worker):
@@ -289,6 +324,31 @@ class EngineCore(TaskDispatch, WorkerRecovery, WorkerMoves):
                 self._send_control(worker, wire.OpenPool(producer.pool_info))
         if all(w.ready for w in self.workers.values()):
             self.ready.set()
+
+    def _is_remote(self, worker: Worker) -> bool:
+        return self._cluster is not None and self._cluster.is_remote(worker.device)
+
+    def _announce_remote_pools(self, worker: Worker) -> None:
+        """A worker that says READY learns where other nodes' pools are served, and the workers
+        of other nodes learn where its pool is (a new worker brings a new pool). Announced to all,
+        whatever their stage: a move may make any worker read any pool."""
+        node = self._cluster.node_of(worker.device)
+        for other in self.workers.values():
+            if other is worker or self._cluster.node_of(other.device) == node or other.pool.on_gpu:
+                continue
+            self._send_control(worker, wire.RemotePool(other.pool.name, self._served_at(other)))
+            if other.ready:
+                self._send_control(other, wire.RemotePool(worker.pool.name, self._served_at(worker)))
+
+    def _served_at(self, worker: Worker) -> str:
+        return worker.pool.served_at or self._slot_server.address
+
+    def _host_pool(self, name: str):
+        """The memory of a pool on this host, for the slot server (its thread: a snapshot of the workers)."""
+        for worker in list(self.workers.values()):
+            if worker.pool.name == name and worker.pool.segment is not None:
+                return worker.pool.segment.data
+        return None
 
     def _consumers_of(self, worker: Worker) -> list[Worker]:
         if worker.stage == FUSED:  # its pixels go to the engine
@@ -316,8 +376,11 @@ class EngineCore(TaskDispatch, WorkerRecovery, WorkerMoves):
     def _send(self, worker: Worker, message) -> bool:
         if worker.socket is None:  # its replacement could not be started yet: kept for it
             return False
+        frame = wire.encode(message)
+        if self._is_remote(worker):
+            frame = self._cluster.signer.sign(frame)
         try:
-            worker.socket.send(wire.encode(message), zmq.NOBLOCK)
+            worker.socket.send(frame, zmq.NOBLOCK)
             return True
         except zmq.Again:  # the worker's receiver is not connected (yet, or any more)
             return False
@@ -438,7 +501,12 @@ class EngineCore(TaskDispatch, WorkerRecovery, WorkerMoves):
     # --- requests leaving the engine ---------------------------------------------------------
     def _finish(self, request: Request, worker: Worker, outputs: list[wire.TensorRef]) -> None:
         (ref,) = [r for r in outputs if r.name == "image"]
-        view = byte_view(worker.pool.segment.data, ref.offset, ref.shape, dtype_from_name(ref.dtype))
+        dtype = dtype_from_name(ref.dtype)
+        if worker.pool.served_at is not None:  # on another node: the copy-out thread reads it over TCP
+            address, nbytes = worker.pool.served_at, tensor_nbytes(tuple(ref.shape), dtype)
+            view = lambda: byte_view(self._remote_reader.read(address, ref.pool, ref.offset, nbytes), 0, ref.shape, dtype)
+        else:
+            view = byte_view(worker.pool.segment.data, ref.offset, ref.shape, dtype)
         self._stats.left(request, "completed")
         self._left(request)
         self._copy_out.put(request, view, worker.pool)
@@ -473,22 +541,27 @@ class EngineCore(TaskDispatch, WorkerRecovery, WorkerMoves):
         worker.generation += 1
         worker.outbox.clear()  # meant for the previous process; the new one is told at its READY
         # A fresh endpoint per generation: frames queued for a dead worker die with its socket.
-        endpoint = self._host.endpoint(f"w{worker.id}.{worker.generation}")
+        remote = self._is_remote(worker)
         socket = self._context.socket(zmq.PUSH)
         socket.setsockopt(zmq.LINGER, 0)
-        socket.bind(endpoint)
+        if remote:
+            endpoint = f"tcp://{self._cluster.host}:{socket.bind_to_random_port(f'tcp://{self._cluster.host}')}"
+        else:
+            endpoint = self._host.endpoint(f"w{worker.id}.{worker.generation}")
+            socket.bind(endpoint)
         worker.socket = socket
         spec = WorkerSpec(
             worker_id=worker.id, stage=worker.stage, model_path=str(self.model_path), device=worker.device,
             dtype=str(self.config.torch_dtype(worker.device)).removeprefix("torch."),
             cpu_threads=self.config.threads_per_worker(worker.device), task_endpoint=endpoint,
-            result_endpoint=self._host.endpoint("results"), engine_pid=os.getpid(),
+            result_endpoint=self._remote_results_address if remote else self._host.endpoint("results"),
+            engine_pid=os.getpid(),
             segment_prefix=self.segment_prefix, run_dir=self.run_dir,
-            gpu_pool=None if worker.pool.segment else (worker.pool.name, worker.pool.slot_bytes, worker.pool.n_slots),
-            cpus=worker.cpus, variant=self.config.variant,
+            gpu_pool=None if not worker.pool.on_gpu else (worker.pool.name, worker.pool.slot_bytes, worker.pool.n_slots),
+            cpus=worker.cpus, variant=self.config.variant, secret=self._cluster.secret.hex() if self._cluster else None,
         )
         try:
-            worker.process = spawn_worker(spec, self._host.janitor)
+            worker.process = self._cluster.spawn(worker.device, spec) if remote else spawn_worker(spec, self._host.janitor)
         except OSError:  # no process: the socket bound for it must not stay (nor its file)
             worker.socket = None
             socket.close()
@@ -530,6 +603,11 @@ class EngineCore(TaskDispatch, WorkerRecovery, WorkerMoves):
         for request in pending:
             self.completions.resolve(request.future, error=error)
         self._host.release()
+        if self._cluster is not None:  # its agents stop their nodes' workers and give back their pools
+            self._slot_server.close()
+            self._remote_reader.close()
+            self._remote_results.close(linger=0)
+            self._cluster.close()
         # Every socket, including one bound for a worker whose spawn then failed: term() would
         # wait forever on a socket left open.
         for sock in [w.socket for w in self.workers.values() if w.socket is not None] + [self._results, self._wake_pull]:

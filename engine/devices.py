@@ -5,6 +5,10 @@ pinned when they fit, engine/cpu_affinity.py), or a CPU core set `cpu:A`, `cpu:A
 (logical CPUs: its workers run on exactly those cores, with one torch thread per core). Two
 one-core devices behave like two small GPUs, which makes placements testable on a CPU machine.
 
+On a Ray cluster (engine/cluster.py) a device may name its node: `NODE/DEVICE` ("b/cuda:0",
+"b/cpu:0-7"), where NODE is the node's `dfuse-node` label (or its IP). Such a device is checked
+only for its spelling here: whether it exists is the node's to say, when its worker starts.
+
 A placement maps each device to the stages it hosts: one worker per (device, stage).
 
     {"cpu:0": ["encoder", "decoder"], "cpu:1": ["dit"]}     encoder and decoder share core 0
@@ -14,6 +18,7 @@ A placement maps each device to the stages it hosts: one worker per (device, sta
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping, Sequence
 
 from ..scheduler.core import FUSED, STAGES
@@ -33,11 +38,30 @@ def role_stages(role: str) -> tuple[str, ...]:
     return STAGES if role == FUSED else (role,)
 
 
+_NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+
+
+def split_node(device: str) -> tuple[str | None, str]:
+    """("b", "cuda:0") for "b/cuda:0"; (None, device) for a device of the engine's own host."""
+    node, sep, local = device.rpartition("/")
+    return (node, local) if sep else (None, device)
+
+
+def local_part(device: str) -> str:
+    """The device as its own node names it ("b/cpu:0-3" -> "cpu:0-3")."""
+    return split_node(device)[1]
+
+
 def canonical_device(field: str, device) -> str:
     """The device in its one spelling ("cuda" -> "cuda:0", "cpu:1,0" -> "cpu:0-1"), checked to
-    exist here; ValueError naming `field` otherwise."""
+    exist here (a device on another node: its spelling only); ValueError naming `field` otherwise."""
     if not isinstance(device, str):
         raise ValueError(f"{field}: must be 'cpu', 'cuda' or 'cuda:N', or a core set 'cpu:A-B' (got {device!r})")
+    node, local = split_node(device.strip())
+    if node is not None:
+        if not _NODE_NAME.fullmatch(node):
+            raise ValueError(f"{field}: {node!r} is not a node name (letters, digits, '.', '_', '-'; got {device!r})")
+        return f"{node}/{_spelled(field, device, local)}"
     kind, sep, rest = device.strip().partition(":")
     if kind == "cpu":
         return "cpu" if not sep else f"cpu:{describe(_core_set(field, device, rest))}"
@@ -52,13 +76,30 @@ def canonical_device(field: str, device) -> str:
     return f"cuda:{int(rest or 0)}"
 
 
-def _core_set(field: str, device: str, text: str) -> tuple[int, ...]:
+def _spelled(field: str, device: str, local: str) -> str:
+    """A device of another node in its one spelling, without asking this host whether it exists."""
+    kind, sep, rest = local.partition(":")
+    if kind == "cpu":
+        return "cpu" if not sep else f"cpu:{describe(_cores(field, device, rest))}"
+    if kind != "cuda" or (rest and not rest.isdecimal()):
+        raise ValueError(f"{field}: must be NODE/ followed by 'cpu', 'cuda:N' or a core set 'cpu:A-B' (got {device!r})")
+    return f"cuda:{int(rest or 0)}"
+
+
+def _cores(field: str, device: str, text: str) -> tuple[int, ...]:
     cores: set[int] = set()
     for part in text.split(","):
         low, dash, high = part.strip().partition("-")
         if not low.isdecimal() or (dash and not high.isdecimal()):
             raise ValueError(f"{field}: {device!r} is not a core set; write cpu:A, cpu:A-B or cpu:A,B")
         cores.update(range(int(low), int(high if dash else low) + 1))
+    if not cores:
+        raise ValueError(f"{field}: {device!r} is not a core set; write cpu:A, cpu:A-B or cpu:A,B")
+    return tuple(sorted(cores))
+
+
+def _core_set(field: str, device: str, text: str) -> tuple[int, ...]:
+    cores = set(_cores(field, device, text))
     allowed = usable_cpus()
     outside = sorted(cores - set(allowed))
     if not cores or outside:
@@ -68,7 +109,8 @@ def _core_set(field: str, device: str, text: str) -> tuple[int, ...]:
 
 
 def device_cpus(device: str) -> tuple[int, ...] | None:
-    """The cores of a core-set device (canonical form); None for `cpu` and GPUs."""
+    """The cores of a core-set device (canonical form, on its node); None for `cpu` and GPUs."""
+    device = local_part(device)
     if not device.startswith("cpu:"):
         return None
     cores: list[int] = []
@@ -79,16 +121,22 @@ def device_cpus(device: str) -> tuple[int, ...] | None:
 
 
 def torch_device(device: str) -> str:
-    """What torch calls it: every CPU device is "cpu"."""
+    """What torch calls it on its node: every CPU device is "cpu"."""
+    device = local_part(device)
     return "cpu" if device.startswith("cpu") else device
 
 
 def is_cpu(device: str) -> bool:
-    return device.startswith("cpu")
+    return local_part(device).startswith("cpu")
 
 
 def describe_device(device: str) -> tuple[str, float]:
-    """(what it is, its memory in GiB) for users: the GPU's name, or the host's cores."""
+    """(what it is, its memory in GiB) for users: the GPU's name, or the host's cores; a device
+    of another node only by its name (0: its memory is not known here)."""
+    node, local = split_node(device)
+    if node is not None:
+        return (f"{len(device_cpus(local) or ())} CPU cores ({local.removeprefix('cpu:')})" if device_cpus(local)
+                else local) + f" on node {node}", 0.0
     if is_cpu(device):
         cores = device_cpus(device) or usable_cpus()
         return f"{len(cores)} CPU core{'s' if len(cores) > 1 else ''} ({describe(cores)})", round(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30, 1)
@@ -146,21 +194,32 @@ def place_workers(devices: Sequence, placement: Mapping) -> tuple[tuple[str, str
 
 def check_disjoint(devices: Sequence[str], field: str) -> None:
     """Core sets are devices of their own only if they share no core with another CPU device
-    (`cpu`, the whole host, shares every core)."""
-    owner: dict[int, str] = {}
+    of their node (`cpu`, the whole host, shares every core)."""
+    owner: dict[tuple[str | None, int], str] = {}
+    whole: dict[str, str] = {}  # node -> its "cpu" device: another node's cores are not known here
     for device in devices:
-        cores = device_cpus(device) or (usable_cpus() if device == "cpu" else ())
-        for core in cores:
-            if core in owner:
-                raise ValueError(f"{field}: {owner[core]} and {device} share CPU {core}; CPU devices must not overlap")
-            owner[core] = device
+        node, local = split_node(device)
+        if not is_cpu(local):
+            continue
+        if node is not None and local == "cpu":
+            other = whole.get(node) or next((d for (n, _), d in owner.items() if n == node), None)
+            if other:
+                raise ValueError(f"{field}: {other} and {device} share CPUs; CPU devices must not overlap")
+            whole[node] = device
+            continue
+        if node is not None and node in whole:
+            raise ValueError(f"{field}: {whole[node]} and {device} share CPUs; CPU devices must not overlap")
+        for core in device_cpus(local) or usable_cpus():
+            if (node, core) in owner:
+                raise ValueError(f"{field}: {owner[node, core]} and {device} share CPU {core}; CPU devices must not overlap")
+            owner[node, core] = device
 
 
 def parse_device_list(text: str) -> list[str]:
     """The CLI form "cpu:0,cpu:1,cuda:0" (a core set's own commas stay with it: "cpu:0,1,cuda:0")."""
     devices: list[str] = []
     for part in filter(None, (p.strip() for p in text.split(","))):
-        if devices and devices[-1].startswith("cpu:") and part[0].isdecimal():
+        if devices and local_part(devices[-1]).startswith("cpu:") and part[0].isdecimal():
             devices[-1] += f",{part}"
         else:
             devices.append(part)
@@ -189,6 +248,8 @@ def device_kind(device: str) -> str:
     by its number of cores."""
     if is_cpu(device):
         return f"cpu x{device_cores(device)}"
+    if split_node(device)[0] is not None:  # another node's GPU: known by its index only here
+        return "cuda (remote)"
     import torch
 
     return torch.cuda.get_device_properties(device).name
@@ -198,4 +259,4 @@ def device_cores(device: str) -> int:
     """A device's speed in CPU cores, for estimates: its cores, or GPU_CORES for a GPU."""
     if not is_cpu(device):
         return GPU_CORES
-    return len(device_cpus(device) or os.sched_getaffinity(0))
+    return len(device_cpus(device) or os.sched_getaffinity(0))  # a remote "cpu": as many as here, for want of better

@@ -70,6 +70,8 @@ class Engine:
         policy: str = "static",
         revision: str | None = None,
         variant: str | None = None,
+        cluster: str | None = None,
+        ray_address: str | None = None,
         config: EngineConfig | None = None,
     ):
         """`device` + `instances`: that many workers of each stage on its one device; or a pool
@@ -77,13 +79,15 @@ class Engine:
         names each device's stages ({"cpu:0": ["encoder", "decoder"], "cpu:1": ["dit"]}: one
         worker per device and stage; engine/devices.py), or placement "auto" (the default with
         `devices`: the planner's, engine/auto_placement.py). `model` may be a Hugging Face repo id,
-        with `revision` and `variant` as in diffusers' from_pretrained."""
+        with `revision` and `variant` as in diffusers' from_pretrained. `cluster="ray"` with
+        `ray_address`: devices may name a node of that Ray cluster ("b/cuda:0", engine/cluster.py)."""
         if config is not None and not isinstance(config, EngineConfig):
             raise ValueError(f"config: must be an EngineConfig (got {type(config).__name__})")
-        given = (model, device, instances, devices, placement, cpu_threads, dtype, policy, revision, variant)
-        if config is not None and given != (None, "cpu", None, None, None, None, "auto", "static", None, None):
+        given = (model, device, instances, devices, placement, cpu_threads, dtype, policy, revision, variant, cluster,
+                 ray_address)
+        if config is not None and given != (None, "cpu", None, None, None, None, "auto", "static", None, None, None, None):
             raise ValueError("config: pass either config= or model/device/instances/devices/placement/cpu_threads/"
-                             "dtype/policy/revision/variant, not both")
+                             "dtype/policy/revision/variant/cluster/ray_address, not both")
         if config is None:
             pool = {} if devices is None and placement is None else {"placement": placement}
             config = EngineConfig(
@@ -95,6 +99,8 @@ class Engine:
                 policy=policy,
                 revision=revision,
                 variant=variant,
+                cluster=cluster,
+                ray_address=ray_address,
                 **pool,
             )
         self.config = config

@@ -27,6 +27,7 @@ from .protocol import WorkerSpec, encode_spec
 from .transport.janitor import Janitor, clean_after_reaped
 
 STOP = b"stop"
+STOP_TIMEOUT_S = 5.0  # how long stopped workers get to exit before they are killed
 WORKER_ENTRY = "dfuse.stages.worker:run_stage_worker"
 # -P: the working directory does not shadow installed modules in the worker (Python 3.11+).
 _PYTHON = [sys.executable, *(["-P"] if sys.version_info >= (3, 11) else [])]
@@ -54,6 +55,22 @@ class WorkerProcess:
     def alive(self) -> bool:
         return self.exitcode is None
 
+    def send_stop(self) -> None:
+        """Ask it to exit at once (work in flight is abandoned): a word on its death pipe."""
+        try:
+            self.death_pipe.send_bytes(STOP)  # on purpose: the engine cleans up, not the worker
+        except OSError:  # it is already gone
+            pass
+        self.death_pipe.close()
+
+    def wait_exit(self, timeout: float) -> bool:
+        """Whether it exited within `timeout` seconds."""
+        try:
+            self.process.wait(timeout)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+
     def kill(self) -> None:
         """The worker is dead or must die now (e.g. it stopped answering)."""
         if self.process.poll() is None:
@@ -68,23 +85,18 @@ class WorkerProcess:
         clean_after_reaped(self.process.pid, self.started, self.janitor)
 
 
-def stop_all(processes: list[WorkerProcess], timeout: float = 5.0) -> None:
+def stop_all(processes: list, timeout: float = STOP_TIMEOUT_S) -> None:
     """Stop workers together, within one deadline: a word on the death pipe makes its worker exit
-    at once (work in flight is abandoned: the engine is closing); stragglers are killed."""
+    at once (work in flight is abandoned: the engine is closing); stragglers are killed. Takes
+    WorkerProcess and cluster.RemoteWorkerProcess alike."""
     for worker in processes:
-        try:
-            worker.death_pipe.send_bytes(STOP)  # on purpose: the engine cleans up, not the worker
-        except OSError:  # it is already gone
-            pass
-        worker.death_pipe.close()
+        worker.send_stop()
     deadline = time.monotonic() + timeout
     for worker in processes:
-        try:
-            worker.process.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            worker.process.kill()
-            worker.process.wait()
-        worker.reaped()
+        if worker.wait_exit(max(0.0, deadline - time.monotonic())):
+            worker.reaped()
+        else:
+            worker.kill()  # and reaps it
 
 
 def spawn_worker(spec: WorkerSpec, janitor: Janitor | None = None, entry: str = WORKER_ENTRY) -> WorkerProcess:

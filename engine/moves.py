@@ -96,12 +96,16 @@ class WorkerMoves:
             for device, stage in starts:
                 worker_id = self._next_worker_id
                 self._next_worker_id += 1
-                pool = SlotPool.create_host(f"{self.segment_prefix}w{worker_id}", self.config.transport.slot_bytes,
-                                            self.config.slots_per_worker(stage))
+                size, count = self.config.transport.slot_bytes, self.config.slots_per_worker(stage)
+                if self._cluster is not None and self._cluster.is_remote(device):  # its node's agent holds it
+                    pool = SlotPool(self._cluster.create_pool(device, worker_id, size, count), size, count,
+                                    served_at=self._cluster.slot_server(device))
+                else:
+                    pool = SlotPool.create_host(f"{self.segment_prefix}w{worker_id}", size, count)
                 workers.append(Worker(worker_id, stage, device, pool, cpus=device_cpus(device)))
         except OSError:
             for worker in workers:
-                unlink_segment(worker.pool.name)
+                self._unlink_pool(worker)
             raise
         return workers
 
@@ -168,11 +172,18 @@ class WorkerMoves:
             endpoint = worker.socket.getsockopt_string(zmq.LAST_ENDPOINT)
             worker.socket.close(linger=0)
             unlink_ipc_file(endpoint)
-        if worker.pool.segment is not None:
-            unlink_segment(worker.pool.name)  # the pages go when the last process mapping them lets go
+        if not worker.pool.on_gpu:
+            self._unlink_pool(worker)  # the pages go when the last process mapping them lets go
             for other in self.workers.values():
                 self._send_control(other, wire.ClosePool(worker.pool.name))
         log.info("worker %d (%s on %s) stopped", worker.id, worker.stage, worker.device)
+
+
+    def _unlink_pool(self, worker: Worker) -> None:
+        if worker.pool.served_at is not None:
+            self._cluster.remove_pool(worker.device, worker.pool.name)
+        else:
+            unlink_segment(worker.pool.name)
 
 
 IDLE = "idle"  # a move's stage when a worker starts or stops (stats().moves)

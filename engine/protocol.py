@@ -73,6 +73,7 @@ class WorkerSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     gpu_pool: tuple[str, int, int] | None = None  # (name, slot bytes, slots): outputs stay on this GPU
     cpus: tuple[int, ...] | None = None  # cores of its own (engine/cpu_affinity.py); None: the OS places it
     variant: str | None = None  # which weight files to load (diffusers' variant: "fp16"); None: the plain ones
+    secret: str | None = None  # hex, on a cluster: signs reads of other nodes' pools, and every frame of a TCP task socket
 
 
 class RequestParams(msgspec.Struct, **_STRUCT):
@@ -112,6 +113,14 @@ class OpenPool(msgspec.Struct, **_STRUCT):
     """Engine -> consumer worker: map this producer's GPU pool (sent before any task reads it)."""
 
     pool: PoolInfo
+
+
+class RemotePool(msgspec.Struct, **_STRUCT):
+    """Engine -> worker: this pool lives on another node; read it from the slot server at `address`
+    (transport/tcp.py). Sent before any task that reads it, on the same socket."""
+
+    name: str
+    address: str
 
 
 class ClosePool(msgspec.Struct, **_STRUCT):
@@ -204,7 +213,7 @@ class Heartbeat(msgspec.Struct, **_STRUCT):
     stalled_s: float  # seconds the compute loop has held a task without a step or an end (0: idle)
 
 
-ToWorker = StageTask | StageBatch | OpenPool | ClosePool | Become | CancelTask
+ToWorker = StageTask | StageBatch | OpenPool | RemotePool | ClosePool | Become | CancelTask
 ToEngine = Ready | LoadFailed | StageDone | StageFailed | Progress | Heartbeat
 
 _encoder = msgspec.msgpack.Encoder()

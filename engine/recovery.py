@@ -59,7 +59,8 @@ class WorkerRecovery:
                                 f"ready ({worker.load_deaths} time(s) in a row; its own error, if any, is on stderr above)")
                     return
                 if worker.load_deaths >= self.config.max_attempts:
-                    self._fail_unservable(worker, code)
+                    self._fail_unservable(worker, f"worker {worker.id} died {worker.load_deaths} times in a row while "
+                                                  f"loading (last exit code {code}); the engine keeps restarting it")
             log.warning("%s worker %d died (exit code %s); restarting it", worker.stage, worker.id, code)
             self._recover(worker, f"exit code {code}")
 
@@ -98,17 +99,15 @@ class WorkerRecovery:
                         worker.stage, worker.id, len(batch))
         del worker.batches[1:]
 
-    def _fail_unservable(self, worker: Worker, exit_code) -> None:
-        """A worker keeps dying while it loads: if its stage has no ready worker, the requests
-        waiting there fail now with the reason (rather than wait for a restart that may never
-        come); the other stages and devices serve on, and the restarts go on."""
+    def _fail_unservable(self, worker: Worker, why: str) -> None:
+        """A worker keeps dying while it loads, or its node is gone: if its stage has no ready
+        worker, the requests waiting there fail now with the reason (rather than wait for a
+        restart that may never come); the other stages and devices serve on, and the restarts go on."""
         queue = STAGES[0] if worker.stage == FUSED else worker.stage  # a fused worker takes new requests
         if any(w.ready and w.stage in (queue, FUSED if queue == STAGES[0] else queue) and w.moving_to is None
                and not w.stopping for w in self.workers.values()):
             return
-        error = RequestFailed(
-            f"no {worker.stage} worker is ready: worker {worker.id} died {worker.load_deaths} times in a row while "
-            f"loading (last exit code {exit_code}); the engine keeps restarting it")
+        error = RequestFailed(f"no {worker.stage} worker is ready: {why}")
         fused_ready = any(w.ready and w.stage == FUSED and w.moving_to is None and not w.stopping
                           for w in self.workers.values())
         for request in self._queues[queue].remove_where(lambda r: True):
@@ -121,6 +120,7 @@ class WorkerRecovery:
         """`charge=False`: the worker asked to be replaced after reporting its failing request,
         so the requests still queued there did not run and none is charged an attempt."""
         worker.died_at = time.monotonic()
+        node_lost = getattr(worker.process, "node_lost", False)  # a worker on a cluster node that left
         worker.process.kill()
         # Its socket's file in the run dir (one per generation, see _spawn) would stay behind
         # with every restart: closing a bound ipc socket does not unlink it.
@@ -152,9 +152,11 @@ class WorkerRecovery:
         for request_id, offset in worker.orphans.items():
             worker.pool.release(offset, request_id)
         worker.orphans.clear()
-        if worker.pool.segment is None:
+        if worker.pool.on_gpu or node_lost:
             worker.pool_info = None  # consumers starting now must wait for the new pool's handle
             self._restart_requests_reading(worker.pool)
+        if node_lost:
+            self._cluster.forget(worker.device)  # a replacement needs a new agent, if its node comes back
         if worker.stopping:  # it was leaving anyway: no replacement; it goes once its outputs are read
             worker.process, worker.socket, worker.died_at = None, None, None
             return
@@ -181,6 +183,8 @@ class WorkerRecovery:
         try:
             self._spawn(worker)
         except OSError as e:
+            if getattr(e, "node_lost", False):  # the device's node left the cluster: serve with what is left
+                self._fail_unservable(worker, str(e))
             worker.process = None  # nothing runs for it until a later try succeeds
             worker.spawn_failures += 1
             first, longest = SPAWN_BACKOFF_S
@@ -192,7 +196,8 @@ class WorkerRecovery:
         worker.spawn_failures, worker.respawn_at = 0, None
 
     def _restart_requests_reading(self, pool: SlotPool) -> None:
-        """A dead GPU producer's pool died with it (host pools belong to the engine and survive).
+        """A dead GPU producer's pool died with it, as a pool on a lost node did (host pools belong
+        to the engine, or to their node's agent, and survive a worker).
         Queued requests whose inputs lived there start over from the first stage now; those a
         consumer already has start over when it reports, and keep their slot in the dead pool
         till then, so the producer's replacement cannot write where the consumer still reads."""

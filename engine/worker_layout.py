@@ -16,33 +16,41 @@ from .transport.slots import SlotPool
 _CONSUMERS = {stage: STAGES[i + 1] for i, stage in enumerate(STAGES[:-1])}
 
 
-def choose_links(workers: Sequence[tuple[str, str]]) -> dict[str, str]:
-    """The transport of every stage pair ("encoder->dit": "shm" | "cuda_ipc" | ...), probed from
-    where each side lives; where a pair's workers sit on several devices, the links it uses
-    ("cuda_ipc+host_staged"). The last stage hands its pixels to the engine on the host."""
-    places = probe_places(device for device, _ in workers)
+def choose_links(workers: Sequence[tuple[str, str]], cluster=None) -> dict[str, str]:
+    """The transport of every stage pair ("encoder->dit": "shm" | "cuda_ipc" | "tcp" ...), probed
+    from where each side lives; where a pair's workers sit on several devices, the links it uses
+    ("cuda_ipc+host_staged"). The last stage hands its pixels to the engine on its host.
+    `cluster` (engine/cluster.py): workers on different nodes hand over by TCP."""
+    places = _probe(workers, cluster)
+    node_of = cluster.node_of if cluster is not None else None
     links = {}
     for stage, consumer in _CONSUMERS.items():
-        kinds = {_link(places, producer, reader) for producer in _devices(workers, stage)
+        kinds = {_link(places, producer, reader, node_of) for producer in _devices(workers, stage)
                  for reader in _devices(workers, consumer)}
         links[f"{stage}->{consumer}"] = "+".join(sorted(kinds))
-    links[f"{STAGES[-1]}->engine"] = "shm"
+    last = {"tcp" if cluster is not None and cluster.is_remote(d) else "shm" for d in _devices(workers, STAGES[-1])}
+    links[f"{STAGES[-1]}->engine"] = "+".join(sorted(last or {"shm"}))
     return links
 
 
-def build_workers(config: EngineConfig, segment_prefix: str) -> dict[int, Worker]:
+def build_workers(config: EngineConfig, segment_prefix: str, cluster=None) -> dict[int, Worker]:
     """Every configured worker, with the output pool its links need: its pool is on its GPU only
     when every consumer can map GPU memory (same GPU, or peer access); host pools are created
-    here (the engine owns them), a GPU pool is allocated by its worker on its device."""
-    places = probe_places(device for device, _ in config.workers)
+    here (the engine owns them), a GPU pool is allocated by its worker on its device, a pool on
+    another node by that node's agent (engine/node_agent.py)."""
+    places = _probe(config.workers, cluster)
+    node_of = cluster.node_of if cluster is not None else None
     workers: dict[int, Worker] = {}
     for device, stage in config.workers:
         worker_id = len(workers)
         consumers = _devices(config.workers, _CONSUMERS[stage]) if stage in _CONSUMERS else []
-        links = [_link(places, device, reader) for reader in consumers] or ["shm"]
+        links = [_link(places, device, reader, node_of) for reader in consumers] or ["shm"]
         name, size = f"{segment_prefix}w{worker_id}", config.transport.slot_bytes
         count = config.slots_per_worker(stage)
-        if pool_kind(links) == "cuda":
+        if cluster is not None and cluster.is_remote(device):
+            pool = SlotPool(cluster.create_pool(device, worker_id, size, count), size, count,
+                            served_at=cluster.slot_server(device))
+        elif pool_kind(links) == "cuda":
             pool = SlotPool(name, size, count)
         else:
             pool = SlotPool.create_host(name, size, count)
@@ -50,11 +58,20 @@ def build_workers(config: EngineConfig, segment_prefix: str) -> dict[int, Worker
     return workers
 
 
+def _probe(workers: Sequence[tuple[str, str]], cluster) -> dict:
+    """Places of the devices on the engine's host (those of other nodes are not probed from here)."""
+    return probe_places(device for device, _ in workers if cluster is None or not cluster.is_remote(device))
+
+
 def _devices(workers: Sequence[tuple[str, str]], stage: str) -> list[str]:
     return list(dict.fromkeys(d for d, s in workers if s == stage))
 
 
-def _link(places, producer: str, consumer: str) -> str:
+def _link(places, producer: str, consumer: str, node_of=None) -> str:
+    if node_of is not None and node_of(producer) != node_of(consumer):
+        return "tcp"
+    if producer not in places or consumer not in places:  # both on one other node: host pools there
+        return "shm"
     return choose_link(places[producer], places[consumer], cuda_peer_access)
 
 
@@ -104,7 +121,7 @@ def check_moves(workers: Mapping[int, Worker], config: EngineConfig, moves: Sequ
             raise ValueError(f"stage: must be one of {', '.join(ROLES)} (got {stage!r})")
         if worker.stage == stage:
             raise ValueError(f"stage: worker {worker_id} already serves {stage}")
-        if worker.pool.segment is None:
+        if worker.pool.on_gpu:
             raise ValueError(f"worker_id: worker {worker_id} keeps its outputs on its GPU; moving it is not supported yet")
         if not config.pooled and stage == FUSED:
             raise ValueError(f"stage: {FUSED} (the fused role) runs only on an engine on a device pool "
@@ -122,7 +139,7 @@ def check_moves(workers: Mapping[int, Worker], config: EngineConfig, moves: Sequ
             raise ValueError(f"placement: cannot start a {stage} worker on {device}; devices are {list(config.pool)}")
     if config.pooled:  # a worker coming to a stage must be able to read its producers' pools
         for device, stage in [*starts, *((workers[w].device, s) for w, s in moves)]:
-            unreadable = [p.id for p in workers.values() if _CONSUMERS.get(p.stage) == stage and p.pool.segment is None
+            unreadable = [p.id for p in workers.values() if _CONSUMERS.get(p.stage) == stage and p.pool.on_gpu
                           and p.device != device]
             if unreadable:
                 raise ValueError(f"placement: a {stage} worker on {device} could not read the GPU pool of worker(s) "

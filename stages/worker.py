@@ -38,6 +38,7 @@ from ..engine.devices import is_cpu, torch_device
 from ..engine.models.libraries import quiet_libraries
 from ..engine.transport.endpoint import Endpoint
 from ..engine.transport.shm_files import unlink_segments
+from ..engine.transport.tcp import FrameSigner
 from .decoder import DecoderStage
 from .dit import DiTStage
 from .encoder import EncoderStage
@@ -48,10 +49,22 @@ from .families import load_family
 log = logging.getLogger("dfuse.worker")
 
 STAGE_CLASSES = {cls.kind: cls for cls in (EncoderStage, DiTStage, DecoderStage, FusedStage)}
+# A worker on another node than the engine's (engine/cluster.py) talks over TCP: every frame it
+# sends carries an HMAC under the engine's secret, and a frame it receives without one is dropped.
+# One per process (a process serves one engine); None on the engine's own host (Unix sockets).
+_signer: FrameSigner | None = None
+
+
+def _encode(message) -> bytes:
+    frame = wire.encode(message)
+    return frame if _signer is None else _signer.sign(frame)
 
 
 def run_stage_worker(spec: WorkerSpec, death_pipe: Connection) -> None:
     """Process entry point, named by the engine (engine/launcher.py WORKER_ENTRY), which never imports it."""
+    global _signer
+    secret = bytes.fromhex(spec.secret) if spec.secret else None
+    _signer = FrameSigner(secret) if secret and spec.task_endpoint.startswith("tcp://") else None
     if spec.cpus:  # before any thread of ours starts: they all inherit it
         pin_this_process(spec.cpus)
     # Ctrl-C reaches the whole process group; the engine decides how its workers stop.
@@ -70,14 +83,14 @@ def run_stage_worker(spec: WorkerSpec, death_pipe: Connection) -> None:
     results.setsockopt(zmq.LINGER, 5000)
     results.connect(spec.result_endpoint)
     device = torch.device(torch_device(spec.device))
-    endpoint = Endpoint(device)
+    endpoint = Endpoint(device, secret)
     weights.attach(spec.segment_prefix, spec.run_dir, spec.variant)
     try:
         started = time.perf_counter()
         stage = load_stage(spec, spec.stage)
         pool = endpoint.create_gpu_pool(*spec.gpu_pool) if spec.gpu_pool else None
     except Exception as e:  # any load failure must reach the engine as a message, not a hang
-        results.send(wire.encode(wire.LoadFailed(spec.worker_id, f"{type(e).__name__}: {e}")))
+        results.send(_encode(wire.LoadFailed(spec.worker_id, f"{type(e).__name__}: {e}")))
         results.close()
         context.term()
         return
@@ -90,7 +103,7 @@ def run_stage_worker(spec: WorkerSpec, death_pipe: Connection) -> None:
     connected.wait(10)  # connect the task socket before READY: the engine sends work right after
     load_s = time.perf_counter() - started
     log.info("loaded %s weights on %s in %.2f s", spec.dtype, spec.device, load_s)
-    results.send(wire.encode(wire.Ready(spec.worker_id, os.getpid(), load_s, pool)))
+    results.send(_encode(wire.Ready(spec.worker_id, os.getpid(), load_s, pool)))
     loop = _ComputeLoop(spec, stage, endpoint, results, tasks, cancelled)
     stop_beating = threading.Event()
     heart = threading.Thread(target=_beat, args=(context, spec, loop, stop_beating), daemon=True, name="heartbeat")
@@ -113,7 +126,7 @@ def _beat(context, spec: WorkerSpec, loop: "_ComputeLoop", stop: threading.Event
     try:
         while not stop.wait(wire.HEARTBEAT_INTERVAL_S):
             try:
-                socket.send(wire.encode(wire.Heartbeat(spec.worker_id, round(loop.stalled_s(), 3))), zmq.NOBLOCK)
+                socket.send(_encode(wire.Heartbeat(spec.worker_id, round(loop.stalled_s(), 3))), zmq.NOBLOCK)
             except zmq.Again:
                 pass
     finally:
@@ -325,7 +338,7 @@ class _ComputeLoop:
         return on_step
 
     def _send(self, message) -> None:
-        self.results.send(wire.encode(message))
+        self.results.send(_encode(message))
 
 
 def _receive(context, spec: WorkerSpec, endpoint: Endpoint, tasks: queue.Queue, cancelled: CancelledTasks,
@@ -340,6 +353,11 @@ def _receive(context, spec: WorkerSpec, endpoint: Endpoint, tasks: queue.Queue, 
     connected.set()
     while True:
         frame = socket.recv()
+        if _signer is not None:
+            signed, frame = frame, _signer.open(frame)
+            if frame is None:
+                log.warning("dropped a frame without the engine's signature (%d bytes)", len(signed))
+                continue
         try:
             message = wire.worker_decoder.decode(frame)
         except msgspec.MsgspecError as e:
@@ -348,6 +366,9 @@ def _receive(context, spec: WorkerSpec, endpoint: Endpoint, tasks: queue.Queue, 
         received_at = time.perf_counter()
         if isinstance(message, wire.CancelTask):  # seen by the compute loop at the next step
             cancelled.add(message.request_id)
+            continue
+        if isinstance(message, wire.RemotePool):  # a pool on another node: read over TCP
+            endpoint.open_remote(message.name, message.address)
             continue
         if isinstance(message, wire.ClosePool):  # its producer stopped, drained: nothing reads it now
             endpoint.close_pool(message.name)

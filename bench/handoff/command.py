@@ -56,6 +56,8 @@ from ...engine.transport.shm_files import new_segment_prefix
 from ...engine.transport.slots import SlotPool
 from ...engine.transport.shm_files import unlink_segment
 from .baselines import measure_memcpy, measure_pickle_zmq, measure_socket_floor, measure_spin_floor
+from .ray_link import RayUnavailable
+from .tcp_link import run_tcp_handoff
 from ..lib.outputs import default_out, write_json
 from .process_pair import cpu_blocks, exit_with_parent, measurement, pool_numbers, run_pair, summarize
 
@@ -267,10 +269,17 @@ def run_handoff(sizes: list[int], device: str, mechanisms=tuple(MECHANISMS)) -> 
 @click.command("handoff")
 @click.option("--sizes", default=DEFAULT_SIZES, show_default=True, help="Comma-separated sizes (KiB, MiB, GiB).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, or cuda:N for the same-GPU CUDA IPC link.")
+@click.option("--link", type=click.Choice(["shm", "tcp"]), default="shm", show_default=True,
+              help="shm: two processes on one node (shared memory, CUDA IPC); tcp: one cross-node hop on "
+                   "loopback (SlotServer/SlotClient vs pickle over TCP vs Ray object refs).")
+@click.option("--ray-address", default=None, metavar="ADDR",
+              help="With --link tcp: a running Ray cluster (two nodes or more) for the ray-object-ref column; "
+                   "without it that column is skipped.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=default_out("handoff.json"),
               show_default=True, help="Where the JSON result is written.")
-def handoff_command(sizes, device, out):
-    """One hop between two real processes: dfuse vs memcpy vs pickle over zmq, beside wake-up floors."""
+def handoff_command(sizes, device, link, ray_address, out):
+    """One hop between two real processes: dfuse vs memcpy vs pickle over zmq, beside wake-up floors
+    (--link tcp: one hop between nodes, dfuse vs pickle vs Ray object refs)."""
     try:
         parsed = [parse_size(s) for s in sizes.split(",") if s.strip()]
     except ValueError as e:
@@ -279,14 +288,34 @@ def handoff_command(sizes, device, out):
         device = canonical_device("--device", device)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
+    if link == "tcp" and device != "cpu":
+        raise click.UsageError("--link tcp serves host pools: it runs with --device cpu only")
+    if link == "shm" and ray_address is not None:
+        raise click.UsageError("--ray-address goes with --link tcp")
     try:
-        report = run_handoff(parsed, device)
+        report = run_tcp_handoff(parsed, ray_address) if link == "tcp" else run_handoff(parsed, device)
+    except RayUnavailable as e:
+        raise click.UsageError(f"--ray-address: {e}") from None
     except ShmFull as e:  # a size this machine's /dev/shm cannot hold
         raise click.UsageError(f"--sizes: {', '.join(map(format_size, parsed))}: the largest does not fit in "
                                f"/dev/shm on this machine; choose smaller sizes ({e.errno and os.strerror(e.errno)})") from None
-    click.echo(f"{'size':>10} {'mechanism':>15} {'p50 us':>10} {'p99 us':>10} {'arrive p50':>10}")
+    click.echo(f"{'size':>10} {'mechanism':>22} {'p50 us':>10} {'p99 us':>10} {'arrive p50':>10}")
     for r in report["results"]:
         arrive = f"{r['arrive_p50_us']:>10.1f}" if "arrive_p50_us" in r else f"{'-':>10}"
-        click.echo(f"{format_size(r['bytes']):>10} {r['mechanism']:>15} {r['p50_us']:>10.1f} {r['p99_us']:>10.1f} {arrive}")
+        click.echo(f"{format_size(r['bytes']):>10} {r['mechanism']:>22} {r['p50_us']:>10.1f} {r['p99_us']:>10.1f} {arrive}")
+    if link == "tcp":
+        _echo_tcp_summary(report)
     write_json(out, report)
     click.echo(f"Wrote {out}")
+
+
+def _echo_tcp_summary(report: dict) -> None:
+    for row in report["ratios"]:
+        ratios = ", ".join(f"{name.removesuffix('_over_dfuse-tcp')} {value:.1f}x" for name, value in row.items()
+                           if name != "bytes" and value is not None)
+        click.echo(f"{format_size(row['bytes']):>10} p50 / dfuse-tcp p50: {ratios}")
+    for row in report["skipped"]:
+        click.echo(f"skipped {row['mechanism']}: {row['reason']}")
+    target = report["target"]
+    verdict = {True: "met", False: "NOT met", None: "not measured"}[target["met"]]
+    click.echo(f"target ({target['goal']}): {verdict}")

@@ -65,10 +65,11 @@ def probe_places(devices: Iterable[str]) -> dict[str, Place]:
     CPU device ("cpu", a core set "cpu:0-3") is the host."""
     places = {}
     for device in set(devices):
-        if device.startswith("cpu"):
+        local = device.rpartition("/")[2]  # "a/cuda:0" on the engine's own node a is its cuda:0
+        if local.startswith("cpu"):
             places[device] = Place("cpu")
         else:
-            index = torch.device(device).index or 0
+            index = torch.device(local).index or 0
             places[device] = Place(f"cuda:{index}", str(torch.cuda.get_device_properties(index).uuid))
     return places
 
@@ -153,3 +154,7 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 def _itemsize(dtype: torch.dtype) -> int:
     return dtype.itemsize
+
+
+def tensor_nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    return _numel(shape) * _itemsize(dtype)

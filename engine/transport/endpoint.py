@@ -6,7 +6,8 @@ places outputs in the reserved slot, `finish` makes the task's reads and writes 
 before the worker reports done (after which the engine may reuse both slots).
 
 `prefetch` runs on the receiver thread as soon as a task arrives, so the next task's inputs
-are mapped (CPU) or copied on the copy stream (GPU) while the current task computes.
+are mapped (CPU) or copied on the copy stream (GPU) while the current task computes. Inputs in
+a pool on another node (a Ray cluster) are pulled from its slot server then (transport/tcp.py).
 """
 
 from __future__ import annotations
@@ -15,17 +16,20 @@ import logging
 import threading
 
 import torch
+import zmq
 
 from ..protocol import OutputSlot, PoolInfo, TensorRef
-from .base import SlotWriter, byte_view, dtype_from_name
+from .base import SlotWriter, byte_view, dtype_from_name, tensor_nbytes
 from .shm import Segment
+from .tcp import FrameSigner, SlotClient
 
 log = logging.getLogger("dfuse.transport")
 _MAX_CACHED_VIEWS = 1024
 
 
 class Endpoint:
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, secret: bytes | None = None):
+        """`secret`: the engine's, for a worker on a cluster node: it signs reads of other nodes' pools."""
         self.device = device
         self.cuda = device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
@@ -33,6 +37,9 @@ class Endpoint:
         self._host: dict[str, Segment] = {}
         self._gpu: dict[str, object] = {}  # OpenedCudaPool by name
         self._own_gpu = None  # CudaPool, when this worker's outputs stay on its GPU
+        self._remote: dict[str, str] = {}  # pool name -> the slot server of its node (transport/tcp.py)
+        self._secret = secret
+        self._client: SlotClient | None = None  # made on first use: most workers never need one
         self._prefetched: dict[int, tuple[dict[str, torch.Tensor], object]] = {}
         # Requests of one shape reuse the same (slot, shape, dtype) views over and over: caching
         # them keeps the hop to a dict lookup, which matters most when the producer's large
@@ -53,10 +60,16 @@ class Endpoint:
             self._gpu[info.name] = OpenedCudaPool(info)  # a restarted producer replaces its pool
             self._views.clear()
 
+    def open_remote(self, name: str, address: str) -> None:
+        """Read pool `name` from the slot server at `address` (it lives on another node)."""
+        with self._lock:
+            self._remote[name] = address
+
     def close_pool(self, name: str) -> None:
         """Forget a host pool whose producer stopped (no task reads it any more)."""
         with self._lock:
             self._host.pop(name, None)
+            self._remote.pop(name, None)
             self._views = {key: view for key, view in self._views.items() if key[0] != name}
 
     def _buffer(self, pool: str) -> torch.Tensor:
@@ -98,6 +111,9 @@ class Endpoint:
             self._prefetched.pop(request_id, None)
 
     def _load(self, refs: list[TensorRef]):
+        remote = [ref for ref in refs if ref.pool in self._remote]
+        if remote:
+            return self._load_remote(refs, remote)
         if not self.cuda:  # a CPU worker reads every pool in place: no device checks to make
             return {ref.name: self.view(ref.pool, ref.offset, tuple(ref.shape), dtype_from_name(ref.dtype))
                     for ref in refs}, None
@@ -122,6 +138,26 @@ class Endpoint:
         if copied is not None:
             copied.record(self.copy_stream)
         return tensors, copied
+
+    def _load_remote(self, refs: list[TensorRef], remote: list[TensorRef]):
+        """Pull each remote pool's part of the task in one read (a task's inputs share a slot),
+        then view the tensors in what came; the rest load as usual."""
+        if self._client is None:
+            if self._secret is None:
+                raise RuntimeError("a pool on another node, but this worker has no cluster secret")
+            self._client = SlotClient(zmq.Context.instance(), FrameSigner(self._secret))
+        tensors: dict[str, torch.Tensor] = {}
+        for pool in dict.fromkeys(ref.pool for ref in remote):
+            mine = [ref for ref in remote if ref.pool == pool]
+            start = min(ref.offset for ref in mine)
+            end = max(ref.offset + tensor_nbytes(tuple(ref.shape), dtype_from_name(ref.dtype)) for ref in mine)
+            data = self._client.read(self._remote[pool], pool, start, end - start)
+            for ref in mine:
+                view = byte_view(data, ref.offset - start, tuple(ref.shape), dtype_from_name(ref.dtype))
+                tensors[ref.name] = view.to(self.device, non_blocking=False) if self.cuda else view
+        local, copied = self._load([ref for ref in refs if ref.pool not in self._remote]) if len(remote) < len(refs) \
+            else ({}, None)
+        return {**tensors, **local}, copied
 
     # --- outputs ---------------------------------------------------------------------------
     def writer(self, slot: OutputSlot) -> SlotWriter:

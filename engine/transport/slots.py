@@ -28,6 +28,7 @@ class SlotPool:
     slot_bytes: int
     n_slots: int
     segment: Segment | None = None  # host pools only: the engine creates (and unlinks) them
+    served_at: str | None = None  # a host pool on another node: its agent's slot server (engine/cluster.py)
     holders: list[int | None] = field(init=False)  # request id holding each slot, or None
 
     def __post_init__(self) -> None:
@@ -45,6 +46,11 @@ class SlotPool:
                 e.errno,
             ) from None
         return cls(name, slot_bytes, n_slots, segment)
+
+    @property
+    def on_gpu(self) -> bool:
+        """Its memory is its producer's GPU (a CUDA IPC pool), not a host segment here or on another node."""
+        return self.segment is None and self.served_at is None
 
     @property
     def free(self) -> int:

@@ -30,6 +30,7 @@ TO_WORKER = [
     wire.StageBatch([wire.StageTask(0, _params, [_ref], _slot), wire.StageTask(1, _params, [], _slot, report_progress=True)]),
     wire.OpenPool(_pool),
     wire.ClosePool("dfuse_1_ab_w4"),
+    wire.RemotePool("dfuse_9_cd_w2", "tcp://10.0.0.7:41234"),
     wire.Become("decoder"),
     wire.CancelTask(12),
 ]

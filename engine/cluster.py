@@ -1,0 +1,192 @@
+"""Beyond one host: the engine's Ray cluster, its nodes, and the workers it starts on them.
+
+    Engine(model, cluster="ray", ray_address="HEAD:6379",
+           devices=["a/cpu:0", "b/cpu:0"], placement={"a/cpu:0": ["encoder", "decoder"], "b/cpu:0": ["dit"]})
+
+A device `NODE/DEVICE` lives on the node whose Ray label `dfuse-node` is NODE (or, for a node
+without one, whose IP is NODE); a device without a node, or on the engine's own node, is this
+host's, and its workers start as on one host. For every other node the engine starts one
+`NodeAgent` actor there (engine/node_agent.py, pinned with NodeAffinitySchedulingStrategy): it
+creates the node's pools, serves them to other nodes, and runs the node's workers (the same
+worker code), which talk to the engine over ZeroMQ TCP with an HMAC on every frame.
+
+Nodes are told apart by their Ray node id, never by IP: two nodes may share an IP (as on a test
+machine) and must still hand tensors over TCP. Ray is imported only here, and only when a
+cluster is asked for.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from .devices import split_node
+from .launcher import STOP_TIMEOUT_S
+from .node_agent import NodeAgent, encoded
+from .transport.tcp import FrameSigner, new_secret
+
+log = logging.getLogger("dfuse.cluster")
+
+NODE_LABEL = "dfuse-node"
+LOST = -9  # the exit code of a worker whose node (or agent) is gone
+
+
+class NodeLost(OSError):
+    """A node of the engine's devices left the cluster (its raylet died, the machine went down)."""
+
+    node_lost = True  # what engine/recovery.py checks (it does not import this module: Ray stays optional)
+
+
+class RayCluster:
+    def __init__(self, address: str, devices: list[str]):
+        try:
+            import ray
+        except ImportError:
+            raise ValueError("cluster: 'ray' needs Ray installed (pip install 'ray==2.60.0')") from None
+        self._ray = ray
+        if not ray.is_initialized():
+            # Only the cluster the user named (never one found by chance), no dashboard here.
+            ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                     configure_logging=False)
+        self.secret = new_secret()
+        self.signer = FrameSigner(self.secret)
+        self.own_node_id = ray.get_runtime_context().get_node_id()
+        self._nodes = self._live_nodes()
+        self.host = self._nodes[self.own_node_id]["NodeManagerAddress"]  # where the engine listens for workers
+        self.node_ids: dict[str, str] = {}  # node name (as devices say it) -> Ray node id
+        for device in devices:
+            node = split_node(device)[0]
+            if node is not None and node not in self.node_ids:
+                self.node_ids[node] = self._find(node)
+        self._agents: dict[str, object] = {}  # node id -> NodeAgent actor
+        self._agent_info: dict[str, dict] = {}
+        self.lost: set[str] = set()  # node names found gone
+
+    # --- nodes ------------------------------------------------------------------------------
+    def _live_nodes(self) -> dict[str, dict]:
+        return {n["NodeID"]: n for n in self._ray.nodes() if n.get("Alive")}
+
+    def _find(self, name: str) -> str:
+        by_label = [i for i, n in self._nodes.items() if (n.get("Labels") or {}).get(NODE_LABEL) == name]
+        by_ip = [i for i, n in self._nodes.items() if n.get("NodeManagerAddress") == name]
+        found = by_label or by_ip
+        if len(found) != 1:
+            known = sorted({(n.get("Labels") or {}).get(NODE_LABEL) or n.get("NodeManagerAddress")
+                            for n in self._nodes.values()})
+            why = "no live node" if not found else f"{len(found)} nodes"
+            raise ValueError(f"devices: {why} of the Ray cluster has the {NODE_LABEL} label (or IP) {name!r}; "
+                             f"nodes: {known}")
+        return found[0]
+
+    def is_remote(self, device: str) -> bool:
+        """Whether `device`'s workers run on another node than the engine's (through an agent)."""
+        node = split_node(device)[0]
+        return node is not None and self.node_ids[node] != self.own_node_id
+
+    def node_of(self, device: str) -> str:
+        """The Ray node id of `device` (the engine's own for an unprefixed one)."""
+        node = split_node(device)[0]
+        return self.own_node_id if node is None else self.node_ids[node]
+
+    def alive(self, device: str) -> bool:
+        return self.node_of(device) in self._live_nodes()
+
+    # --- agents -----------------------------------------------------------------------------
+    def agent(self, device: str):
+        """The NodeAgent of `device`'s node, started there on first use; NodeLost if the node is gone."""
+        node_id = self.node_of(device)
+        agent = self._agents.get(node_id)
+        if agent is not None:
+            return agent
+        if node_id not in self._live_nodes():
+            self.lost.add(split_node(device)[0])
+            raise NodeLost(f"node {split_node(device)[0]} of device {device} has left the Ray cluster")
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        actor = self._ray.remote(NodeAgent).options(
+            num_cpus=0, max_concurrency=256, max_restarts=0,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))
+        agent = actor.remote(self.secret, self._nodes[node_id]["NodeManagerAddress"])
+        self._agent_info[node_id] = self._ray.get(agent.info.remote(), timeout=120)
+        self._agents[node_id] = agent
+        return agent
+
+    def slot_server(self, device: str) -> str:
+        """The address serving the pools of `device`'s node."""
+        self.agent(device)
+        return self._agent_info[self.node_of(device)]["slot_server"]
+
+    def create_pool(self, device: str, worker_id: int, slot_bytes: int, n_slots: int) -> str:
+        return self._ray.get(self.agent(device).create_pool.remote(worker_id, slot_bytes, n_slots), timeout=60)
+
+    def remove_pool(self, device: str, name: str) -> None:
+        agent = self._agents.get(self.node_of(device))
+        if agent is not None:
+            agent.remove_pool.remote(name)
+
+    def spawn(self, device: str, spec) -> "RemoteWorkerProcess":
+        agent = self.agent(device)
+        return RemoteWorkerProcess(self._ray, agent, spec.worker_id, agent.run.remote(encoded(spec)))
+
+    def forget(self, device: str) -> None:
+        """`device`'s agent died (its node went, or it was killed): a later spawn starts a new one."""
+        self._agents.pop(self.node_of(device), None)
+
+    def close(self) -> None:
+        """Stop every agent (each stops its workers and gives its node's resources back)."""
+        refs = [agent.shutdown.remote() for agent in self._agents.values()]
+        deadline = time.monotonic() + STOP_TIMEOUT_S + 5
+        for ref in refs:
+            try:
+                self._ray.get(ref, timeout=max(0.1, deadline - time.monotonic()))
+            except Exception as e:  # a node already gone: nothing there to stop
+                log.info("an agent could not shut down: %s", e)
+        for agent in self._agents.values():
+            self._ray.kill(agent)
+        self._agents.clear()
+
+
+class RemoteWorkerProcess:
+    """A worker an agent runs on another node, with the interface of launcher.WorkerProcess."""
+
+    def __init__(self, ray, agent, worker_id: int, exit_ref):
+        self._ray, self._agent, self._worker_id, self._exit = ray, agent, worker_id, exit_ref
+        self.pid: int | None = None  # this node cannot see it; its READY says
+        self._code: int | None = None
+
+    @property
+    def exitcode(self) -> int | None:
+        if self._code is None:
+            ready, _ = self._ray.wait([self._exit], timeout=0)
+            if ready:
+                try:
+                    self._code = self._ray.get(self._exit)
+                except Exception:  # the agent died: its node is gone, or it was killed
+                    self._code = LOST
+        return self._code
+
+    @property
+    def alive(self) -> bool:
+        return self.exitcode is None
+
+    @property
+    def node_lost(self) -> bool:
+        return self._code == LOST
+
+    def send_stop(self) -> None:
+        self._agent.stop.remote(self._worker_id)
+
+    def wait_exit(self, timeout: float) -> bool:
+        try:
+            self._ray.wait([self._exit], timeout=timeout)
+        except Exception:
+            pass
+        return self.exitcode is not None
+
+    def kill(self) -> None:
+        if self.exitcode is None:
+            self._agent.kill.remote(self._worker_id)
+            self.wait_exit(STOP_TIMEOUT_S)
+
+    def reaped(self) -> None:
+        """Its agent waited for it and cleaned up after it."""

@@ -1,0 +1,218 @@
+"""Tensors between nodes: a producer serves reads of its host pool over ZeroMQ TCP.
+
+On one node, a consumer maps its producer's /dev/shm segment and reads in place. A consumer on
+another node cannot, so the producer's process runs a `SlotServer` (a thread with a ROUTER
+socket) and the consumer pulls a task's inputs with a `SlotClient` as soon as the task arrives,
+on its receiver thread (transport/endpoint.py prefetch): the transfer hides behind the task the
+consumer is computing, and the producer's server sends while the producer computes its next one.
+Nothing is copied on the sending side (the frame points into the segment) and the receiver gets
+one buffer per slot. Slot credits are unchanged: the engine frees the producer's slot when the
+consumer reports the task done, so a slot is never rewritten while it is being sent.
+
+Every frame carries an HMAC-SHA256 under the engine's secret (`FrameSigner`): a request without a
+valid tag is dropped, so nobody without the secret reads a slot or forges a reply header. The
+tensor bytes themselves are not hashed: HMAC-SHA256 costs more than the whole transfer at
+16 MiB (bench/results/README.md, handoff over tcp); they travel on the TCP connection the
+consumer opened to the address the engine announced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import secrets
+import threading
+import warnings
+from typing import Callable
+
+import msgspec
+import torch
+import zmq
+
+log = logging.getLogger("dfuse.transport")
+
+TAG_BYTES = 32  # HMAC-SHA256
+READ_TIMEOUT_S = 60.0  # a producer that stops answering (its node died) fails the read, not the worker
+
+
+def new_secret() -> bytes:
+    return secrets.token_bytes(32)
+
+
+class FrameSigner:
+    """HMAC on every frame of a cross-node socket: `sign` prefixes the tag, `open` checks and strips it."""
+
+    def __init__(self, secret: bytes):
+        if len(secret) < 16:
+            raise ValueError("secret: at least 16 bytes")
+        self._secret = secret
+
+    def tag(self, frame: bytes) -> bytes:
+        return hmac.new(self._secret, frame, hashlib.sha256).digest()
+
+    def sign(self, frame: bytes) -> bytes:
+        return self.tag(frame) + frame
+
+    def open(self, signed: bytes) -> bytes | None:
+        """The frame without its tag, or None when the tag is missing or wrong (forged, or
+        signed under another engine's secret)."""
+        if len(signed) < TAG_BYTES:
+            return None
+        tag, frame = signed[:TAG_BYTES], signed[TAG_BYTES:]
+        return frame if hmac.compare_digest(tag, self.tag(frame)) else None
+
+
+class ReadRequest(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
+    nonce: int  # echoed in the reply: a late reply to an abandoned read is told apart
+    pool: str
+    offset: int
+    nbytes: int
+
+
+class ReadReply(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
+    nonce: int
+    error: str | None = None  # set when the range cannot be served; the data frame is then empty
+
+
+_request_decoder = msgspec.msgpack.Decoder(ReadRequest)
+_reply_decoder = msgspec.msgpack.Decoder(ReadReply)
+_encoder = msgspec.msgpack.Encoder()
+
+
+class SlotServer:
+    """Serves byte ranges of this process's host pools to consumers on other nodes.
+
+    `buffers(pool)` returns the flat uint8 tensor of a pool this process may serve, or None.
+    Runs on a thread of its own with its own socket; `close()` stops it."""
+
+    def __init__(self, context: zmq.Context, host: str, signer: FrameSigner,
+                 buffers: Callable[[str], torch.Tensor | None]):
+        self._signer = signer
+        self._buffers = buffers
+        self._socket = context.socket(zmq.ROUTER)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        port = self._socket.bind_to_random_port(f"tcp://{host}")
+        self.address = f"tcp://{host}:{port}"
+        self._stop = context.socket(zmq.PAIR)  # close() rings it: the server thread owns _socket
+        self._stop_address = f"inproc://slot-server-stop-{id(self)}"
+        self._stop.bind(self._stop_address)
+        self._thread = threading.Thread(target=self._serve, args=(context,), daemon=True, name="slot-server")
+        self._thread.start()
+
+    def _serve(self, context: zmq.Context) -> None:
+        stop = context.socket(zmq.PAIR)
+        stop.connect(self._stop_address)
+        poller = zmq.Poller()
+        poller.register(self._socket, zmq.POLLIN)
+        poller.register(stop, zmq.POLLIN)
+        try:
+            while True:
+                events = dict(poller.poll())
+                if stop in events:
+                    return
+                frames = self._socket.recv_multipart()
+                if len(frames) == 2:
+                    self._answer(*frames)
+                else:
+                    log.warning("slot server dropped a request of %d frames", len(frames))
+        finally:
+            stop.close(linger=0)
+            self._socket.close(linger=0)
+
+    def _answer(self, peer: bytes, signed: bytes) -> None:
+        frame = self._signer.open(signed)
+        if frame is None:
+            log.warning("slot server dropped a request with a bad signature (%d bytes)", len(signed))
+            return
+        try:
+            request = _request_decoder.decode(frame)
+        except msgspec.MsgspecError as e:
+            log.warning("slot server dropped a malformed request: %s", e)
+            return
+        buffer = self._buffers(request.pool)
+        error = None
+        if buffer is None:
+            error = f"no pool {request.pool!r} here"
+        elif request.offset < 0 or request.nbytes < 0 or request.offset + request.nbytes > buffer.numel():
+            error = f"[{request.offset}, {request.offset + request.nbytes}) lies outside pool {request.pool}"
+        header = self._signer.sign(_encoder.encode(ReadReply(request.nonce, error)))
+        data = b"" if error else memoryview(buffer.numpy())[request.offset : request.offset + request.nbytes]
+        self._socket.send_multipart([peer, header, data], copy=False)
+
+    def close(self) -> None:
+        try:
+            self._stop.send(b"")
+        except zmq.ZMQError:
+            pass
+        self._thread.join(5)
+        self._stop.close(linger=0)
+
+
+class SlotClient:
+    """Reads byte ranges of pools served by `SlotServer`s on other nodes. One socket per server;
+    not thread-safe (the caller serializes, as transport/endpoint.py does under its lock)."""
+
+    def __init__(self, context: zmq.Context, signer: FrameSigner, timeout_s: float = READ_TIMEOUT_S):
+        self._context = context
+        self._signer = signer
+        self._timeout_ms = int(timeout_s * 1000)
+        self._sockets: dict[str, zmq.Socket] = {}
+        self._nonce = 0
+
+    def read(self, address: str, pool: str, offset: int, nbytes: int) -> torch.Tensor:
+        """The bytes [offset, offset + nbytes) of `pool`, served at `address`, as a uint8 tensor
+        that owns its memory (the received frame)."""
+        socket = self._socket(address)
+        self._nonce += 1
+        socket.send(self._signer.sign(_encoder.encode(ReadRequest(self._nonce, pool, offset, nbytes))))
+        while True:
+            if not socket.poll(self._timeout_ms):
+                self._drop(address)  # a reply that arrives later must not answer the next read
+                raise ConnectionError(f"no answer from {address} for pool {pool} within {self._timeout_ms / 1000:.0f} s")
+            header, data = self._recv(socket)
+            if header is None or header.nonce != self._nonce:
+                continue  # forged, or the late answer to an abandoned read
+            if header.error:
+                raise ConnectionError(f"{address} could not serve pool {pool}: {header.error}")
+            if len(data) != nbytes:
+                raise ConnectionError(f"{address} sent {len(data)} bytes of pool {pool}, not {nbytes}")
+            if not nbytes:
+                return torch.empty(0, dtype=torch.uint8)
+            with warnings.catch_warnings():  # zmq marks the received buffer read-only; inputs are only read
+                warnings.simplefilter("ignore", UserWarning)
+                return torch.frombuffer(data.buffer, dtype=torch.uint8)  # keeps the frame alive
+
+    def _recv(self, socket: zmq.Socket):
+        frames = socket.recv_multipart(copy=False)
+        if len(frames) != 2:
+            return None, None
+        frame = self._signer.open(frames[0].bytes)
+        if frame is None:
+            log.warning("dropped a slot reply with a bad signature")
+            return None, None
+        try:
+            return _reply_decoder.decode(frame), frames[1]
+        except msgspec.MsgspecError:
+            return None, None
+
+    def _socket(self, address: str) -> zmq.Socket:
+        socket = self._sockets.get(address)
+        if socket is None:
+            socket = self._sockets[address] = self._context.socket(zmq.DEALER)
+            socket.setsockopt(zmq.LINGER, 0)
+            socket.connect(address)
+        return socket
+
+    def _drop(self, address: str) -> None:
+        socket = self._sockets.pop(address, None)
+        if socket is not None:
+            socket.close(linger=0)
+
+    def forget(self, address: str) -> None:
+        """The server at `address` is gone (its producer stopped): close its socket."""
+        self._drop(address)
+
+    def close(self) -> None:
+        for address in list(self._sockets):
+            self._drop(address)
