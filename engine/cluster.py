@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 from .devices import split_node
 from .launcher import STOP_TIMEOUT_S
@@ -28,13 +29,25 @@ from .transport.tcp import FrameSigner, new_secret
 log = logging.getLogger("dfuse.cluster")
 
 NODE_LABEL = "dfuse-node"
-LOST = -9  # the exit code of a worker whose node (or agent) is gone
+LOST = -9  # the exit code reported for a worker whose agent is gone (with its node, as a rule)
+AGENT_START_TIMEOUT_S = 120.0
 
 
 class NodeLost(OSError):
     """A node of the engine's devices left the cluster (its raylet died, the machine went down)."""
 
     node_lost = True  # what engine/recovery.py checks (it does not import this module: Ray stays optional)
+
+
+class AgentStarting(OSError):
+    """A node's agent is still starting: the engine tries the worker's start again shortly."""
+
+
+@dataclass
+class _Agent:
+    actor: object
+    info_ref: object  # what the actor's info() will say once it runs
+    info: dict | None = None
 
 
 class RayCluster:
@@ -58,8 +71,7 @@ class RayCluster:
             node = split_node(device)[0]
             if node is not None and node not in self.node_ids:
                 self.node_ids[node] = self._find(node)
-        self._agents: dict[str, object] = {}  # node id -> NodeAgent actor
-        self._agent_info: dict[str, dict] = {}
+        self._agents: dict[str, _Agent] = {}  # node id -> its NodeAgent
         self.lost: set[str] = set()  # node names found gone
 
     # --- nodes ------------------------------------------------------------------------------
@@ -88,45 +100,80 @@ class RayCluster:
         node = split_node(device)[0]
         return self.own_node_id if node is None else self.node_ids[node]
 
+    def node_address(self, device: str) -> str:
+        """The address the cluster knows `device`'s node by (its workers bind their sockets there)."""
+        return self._nodes[self.node_of(device)]["NodeManagerAddress"]
+
     def alive(self, device: str) -> bool:
         return self.node_of(device) in self._live_nodes()
 
     # --- agents -----------------------------------------------------------------------------
-    def agent(self, device: str):
-        """The NodeAgent of `device`'s node, started there on first use; NodeLost if the node is gone."""
+    def agent(self, device: str, wait: bool = True) -> "_Agent":
+        """The NodeAgent of `device`'s node, started there on first use. NodeLost if the node is
+        gone. `wait=False` (the engine core, replacing a worker): AgentStarting while a new agent
+        starts, rather than block the core for as long as that takes."""
         node_id = self.node_of(device)
         agent = self._agents.get(node_id)
-        if agent is not None:
-            return agent
-        if node_id not in self._live_nodes():
-            self.lost.add(split_node(device)[0])
-            raise NodeLost(f"node {split_node(device)[0]} of device {device} has left the Ray cluster")
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+        if agent is None:
+            if node_id not in self._live_nodes():
+                self._lose(device)
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        actor = self._ray.remote(NodeAgent).options(
-            num_cpus=0, max_concurrency=256, max_restarts=0,
-            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))
-        agent = actor.remote(self.secret, self._nodes[node_id]["NodeManagerAddress"])
-        self._agent_info[node_id] = self._ray.get(agent.info.remote(), timeout=120)
-        self._agents[node_id] = agent
+            actor = self._ray.remote(NodeAgent).options(
+                num_cpus=0, max_concurrency=256, max_restarts=0,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)
+            ).remote(self.secret, self.node_address(device))
+            agent = self._agents[node_id] = _Agent(actor, actor.info.remote())
+        if agent.info is None:
+            ready, _ = self._ray.wait([agent.info_ref], timeout=AGENT_START_TIMEOUT_S if wait else 0)
+            if not ready:
+                if node_id not in self._live_nodes():  # Ray keeps an actor for a dead node pending
+                    del self._agents[node_id]
+                    self._ray.kill(agent.actor)
+                    self._lose(device)
+                if wait:
+                    raise TimeoutError(f"the dfuse agent on node {split_node(device)[0]} did not start within "
+                                       f"{AGENT_START_TIMEOUT_S:.0f} s")
+                raise AgentStarting(f"the dfuse agent on node {split_node(device)[0]} is starting")
+            try:
+                agent.info = self._ray.get(agent.info_ref)
+            except Exception as e:  # it could not start: its node is gone, or it failed there
+                del self._agents[node_id]
+                if node_id not in self._live_nodes():
+                    self._lose(device)
+                raise OSError(f"the dfuse agent on node {split_node(device)[0]} failed to start: {e}") from None
         return agent
+
+    def _lose(self, device: str):
+        node = split_node(device)[0]
+        self.lost.add(node)
+        raise NodeLost(f"node {node} of device {device} has left the Ray cluster")
+
+    def lost_devices(self, devices) -> list[str]:
+        return [d for d in devices if split_node(d)[0] in self.lost]
 
     def slot_server(self, device: str) -> str:
         """The address serving the pools of `device`'s node."""
-        self.agent(device)
-        return self._agent_info[self.node_of(device)]["slot_server"]
+        return self.agent(device).info["slot_server"]
+
+    def owns_pool(self, device: str, name: str) -> bool:
+        """Whether pool `name` is one of the running agent's on `device`'s node (an agent that
+        replaced a dead one has none of its pools)."""
+        agent = self._agents.get(self.node_of(device))
+        return agent is not None and agent.info is not None and name.startswith(agent.info["segment_prefix"])
 
     def create_pool(self, device: str, worker_id: int, slot_bytes: int, n_slots: int) -> str:
-        return self._ray.get(self.agent(device).create_pool.remote(worker_id, slot_bytes, n_slots), timeout=60)
+        return self._ray.get(self.agent(device).actor.create_pool.remote(worker_id, slot_bytes, n_slots), timeout=60)
 
     def remove_pool(self, device: str, name: str) -> None:
         agent = self._agents.get(self.node_of(device))
         if agent is not None:
-            agent.remove_pool.remote(name)
+            agent.actor.remove_pool.remote(name)
 
     def spawn(self, device: str, spec) -> "RemoteWorkerProcess":
-        agent = self.agent(device)
-        return RemoteWorkerProcess(self._ray, agent, spec.worker_id, agent.run.remote(encoded(spec)))
+        """Start a worker on `device`'s node (its agent must be up: see `agent`)."""
+        agent = self.agent(device, wait=False)
+        return RemoteWorkerProcess(self._ray, agent.actor, spec.worker_id, agent.actor.run.remote(encoded(spec)))
 
     def forget(self, device: str) -> None:
         """`device`'s agent died (its node went, or it was killed): a later spawn starts a new one."""
@@ -134,7 +181,7 @@ class RayCluster:
 
     def close(self) -> None:
         """Stop every agent (each stops its workers and gives its node's resources back)."""
-        refs = [agent.shutdown.remote() for agent in self._agents.values()]
+        refs = [agent.actor.shutdown.remote() for agent in self._agents.values()]
         deadline = time.monotonic() + STOP_TIMEOUT_S + 5
         for ref in refs:
             try:
@@ -142,7 +189,7 @@ class RayCluster:
             except Exception as e:  # a node already gone: nothing there to stop
                 log.info("an agent could not shut down: %s", e)
         for agent in self._agents.values():
-            self._ray.kill(agent)
+            self._ray.kill(agent.actor)
         self._agents.clear()
 
 
@@ -153,6 +200,7 @@ class RemoteWorkerProcess:
         self._ray, self._agent, self._worker_id, self._exit = ray, agent, worker_id, exit_ref
         self.pid: int | None = None  # this node cannot see it; its READY says
         self._code: int | None = None
+        self.node_lost = False  # its agent died (its node went, as a rule): its pool went with it
 
     @property
     def exitcode(self) -> int | None:
@@ -162,19 +210,18 @@ class RemoteWorkerProcess:
                 try:
                     self._code = self._ray.get(self._exit)
                 except Exception:  # the agent died: its node is gone, or it was killed
-                    self._code = LOST
+                    self._code, self.node_lost = LOST, True
         return self._code
 
     @property
     def alive(self) -> bool:
         return self.exitcode is None
 
-    @property
-    def node_lost(self) -> bool:
-        return self._code == LOST
-
     def send_stop(self) -> None:
-        self._agent.stop.remote(self._worker_id)
+        try:
+            self._agent.stop.remote(self._worker_id)
+        except Exception as e:  # its agent (or Ray itself, at interpreter exit) is gone: so is the worker
+            log.info("could not stop worker %d: %s", self._worker_id, e)
 
     def wait_exit(self, timeout: float) -> bool:
         try:
@@ -185,7 +232,10 @@ class RemoteWorkerProcess:
 
     def kill(self) -> None:
         if self.exitcode is None:
-            self._agent.kill.remote(self._worker_id)
+            try:
+                self._agent.kill.remote(self._worker_id)
+            except Exception as e:
+                log.info("could not kill worker %d: %s", self._worker_id, e)
             self.wait_exit(STOP_TIMEOUT_S)
 
     def reaped(self) -> None:

@@ -64,6 +64,7 @@ from .state import (
 from .launcher import spawn_worker, stop_all
 from .startup import StartupProgress
 from .transport.base import byte_view, dtype_from_name, tensor_nbytes
+from .transport.slots import SlotPool
 from .transport.tcp import SlotClient, SlotServer
 
 log = logging.getLogger("dfuse.engine")
@@ -184,6 +185,7 @@ class EngineCore(TaskDispatch, WorkerRecovery, WorkerMoves):
             self.workers.values(), self._queues, self.links, self.config.policy, decisions, self._devices, model=model,
             family=family, cpu_wake_latency_us=hold.max_us if hold is not None and hold.held else None,
             cpu_pinning=self.cpu_pinning,
+            lost_devices=self._cluster.lost_devices(self.config.pool) if self._cluster else [],
         )
 
     def _post(self, item) -> None:
@@ -309,8 +311,10 @@ class EngineCore(TaskDispatch, WorkerRecovery, WorkerMoves):
             log.info("worker %d now serves %s (switch %.2f s)", worker.id, worker.stage, switch_s)
             worker.switch_started = None
         self._startup.ready(worker, message)
-        if self._is_remote(worker):
-            worker.process.pid = message.pid  # only its READY says it: the process runs on another node
+        if self._is_remote(worker):  # only its READY says these: the process runs on another node
+            worker.process.pid = message.pid
+            if message.task_address:  # a new process (a switch in place says READY without one)
+                worker.socket.connect(message.task_address)
         if self._cluster is not None:
             self._announce_remote_pools(worker)
         if message.pool is not None:  # a (re)started GPU producer: consumers map its new pool
@@ -538,14 +542,20 @@ class EngineCore(TaskDispatch, WorkerRecovery, WorkerMoves):
 
     # --- worker processes --------------------------------------------------------------------
     def _spawn(self, worker: Worker) -> None:
+        remote = self._is_remote(worker)
+        if remote:  # OSError, retried later, while its node's agent starts (or NodeLost)
+            self._cluster.agent(worker.device, wait=False)
+            if not self._cluster.owns_pool(worker.device, worker.pool.name):  # its agent died with the old pool
+                size, count = worker.pool.slot_bytes, worker.pool.n_slots
+                worker.pool = SlotPool(self._cluster.create_pool(worker.device, worker.id, size, count), size, count,
+                                       served_at=self._cluster.slot_server(worker.device))
         worker.generation += 1
         worker.outbox.clear()  # meant for the previous process; the new one is told at its READY
         # A fresh endpoint per generation: frames queued for a dead worker die with its socket.
-        remote = self._is_remote(worker)
         socket = self._context.socket(zmq.PUSH)
         socket.setsockopt(zmq.LINGER, 0)
-        if remote:
-            endpoint = f"tcp://{self._cluster.host}:{socket.bind_to_random_port(f'tcp://{self._cluster.host}')}"
+        if remote:  # it binds on its node and says where in its READY (stages/worker.py)
+            endpoint = f"tcp://{self._cluster.node_address(worker.device)}"
         else:
             endpoint = self._host.endpoint(f"w{worker.id}.{worker.generation}")
             socket.bind(endpoint)

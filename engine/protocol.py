@@ -65,7 +65,7 @@ class WorkerSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     device: str  # the engine's name of its device: "cuda:N", "cpu", a core set "cpu:0-3" (engine/devices.py)
     dtype: str  # torch dtype name
     cpu_threads: int
-    task_endpoint: str  # the engine binds a PUSH socket here for this worker
+    task_endpoint: str  # the engine binds a PUSH socket here for this worker (another node's: tcp://ITS_IP, it binds)
     result_endpoint: str  # the engine's PULL socket shared by all workers
     engine_pid: int
     segment_prefix: str  # the engine's segments: unlinked by any worker that outlives it
@@ -152,6 +152,7 @@ class Ready(msgspec.Struct, **_STRUCT):
     pid: int
     load_s: float
     pool: PoolInfo | None = None  # set by producers on a GPU whose consumers map GPU memory
+    task_address: str | None = None  # a worker on another node: where it bound its task socket (tcp://...)
 
 
 class LoadFailed(msgspec.Struct, **_STRUCT):

@@ -103,6 +103,7 @@ class EngineStats(_Snapshot):
     workers: list[WorkerStats]
     cpu_wake_latency_us: int | None  # the engine's CPU latency request; None: the OS's
     cpu_pinning: str  # whether CPU workers have cores of their own, and why
+    lost_devices: list[str]  # devices of Ray nodes that left the cluster (engine/cluster.py); [] on one host
     recent: list[RequestTimeline]  # the last RECENT_REQUESTS requests to finish, oldest first
 
 

@@ -97,13 +97,21 @@ def run_stage_worker(spec: WorkerSpec, death_pipe: Connection) -> None:
 
     tasks: queue.Queue = queue.Queue()
     cancelled = CancelledTasks()
-    connected = threading.Event()
-    receiver = threading.Thread(target=_receive, args=(context, spec, endpoint, tasks, cancelled, connected), daemon=True)
+    # The task socket exists before READY: the engine sends work right after. On the engine's
+    # host the engine binds it; on another node this worker binds it (on its node's address) and
+    # READY says where, so the engine connects to exactly this worker: a stranger who connects
+    # can only push frames, which lack the signature and are dropped, and cannot pull tasks.
+    task_socket = context.socket(zmq.PULL)
+    task_address = None
+    if _signer is not None:
+        task_address = f"{spec.task_endpoint}:{task_socket.bind_to_random_port(spec.task_endpoint)}"
+    else:
+        task_socket.connect(spec.task_endpoint)
+    receiver = threading.Thread(target=_receive, args=(task_socket, endpoint, tasks, cancelled), daemon=True)
     receiver.start()
-    connected.wait(10)  # connect the task socket before READY: the engine sends work right after
     load_s = time.perf_counter() - started
     log.info("loaded %s weights on %s in %.2f s", spec.dtype, spec.device, load_s)
-    results.send(_encode(wire.Ready(spec.worker_id, os.getpid(), load_s, pool)))
+    results.send(_encode(wire.Ready(spec.worker_id, os.getpid(), load_s, pool, task_address)))
     loop = _ComputeLoop(spec, stage, endpoint, results, tasks, cancelled)
     stop_beating = threading.Event()
     heart = threading.Thread(target=_beat, args=(context, spec, loop, stop_beating), daemon=True, name="heartbeat")
@@ -341,16 +349,12 @@ class _ComputeLoop:
         self.results.send(_encode(message))
 
 
-def _receive(context, spec: WorkerSpec, endpoint: Endpoint, tasks: queue.Queue, cancelled: CancelledTasks,
-             connected: threading.Event) -> None:
+def _receive(socket: zmq.Socket, endpoint: Endpoint, tasks: queue.Queue, cancelled: CancelledTasks) -> None:
     """Receiver thread: decode every frame against the schema (malformed frames are dropped),
     note cancelled tasks, open announced pools, prefetch task inputs, queue tasks for the
     compute loop."""
     if endpoint.cuda:
         torch.cuda.set_device(endpoint.device)  # the current device is per thread
-    socket = context.socket(zmq.PULL)
-    socket.connect(spec.task_endpoint)
-    connected.set()
     while True:
         frame = socket.recv()
         if _signer is not None:

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import itertools
 import logging
 import secrets
 import threading
+import time
 import warnings
 from typing import Callable
 
@@ -75,6 +77,7 @@ class ReadReply(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
     error: str | None = None  # set when the range cannot be served; the data frame is then empty
 
 
+_SERVERS = itertools.count()  # names each server's stop socket: ids of collected objects come back
 _request_decoder = msgspec.msgpack.Decoder(ReadRequest)
 _reply_decoder = msgspec.msgpack.Decoder(ReadReply)
 _encoder = msgspec.msgpack.Encoder()
@@ -95,7 +98,7 @@ class SlotServer:
         port = self._socket.bind_to_random_port(f"tcp://{host}")
         self.address = f"tcp://{host}:{port}"
         self._stop = context.socket(zmq.PAIR)  # close() rings it: the server thread owns _socket
-        self._stop_address = f"inproc://slot-server-stop-{id(self)}"
+        self._stop_address = f"inproc://slot-server-stop-{next(_SERVERS)}"
         self._stop.bind(self._stop_address)
         self._thread = threading.Thread(target=self._serve, args=(context,), daemon=True, name="slot-server")
         self._thread.start()
@@ -112,10 +115,13 @@ class SlotServer:
                 if stop in events:
                     return
                 frames = self._socket.recv_multipart()
-                if len(frames) == 2:
-                    self._answer(*frames)
-                else:
+                if len(frames) != 2:
                     log.warning("slot server dropped a request of %d frames", len(frames))
+                    continue
+                try:
+                    self._answer(*frames)
+                except Exception:  # one bad request must not end the server: every later read would time out
+                    log.exception("slot server could not answer a request")
         finally:
             stop.close(linger=0)
             self._socket.close(linger=0)
@@ -166,8 +172,9 @@ class SlotClient:
         socket = self._socket(address)
         self._nonce += 1
         socket.send(self._signer.sign(_encoder.encode(ReadRequest(self._nonce, pool, offset, nbytes))))
+        deadline = time.monotonic() + self._timeout_ms / 1000  # stray replies do not extend it
         while True:
-            if not socket.poll(self._timeout_ms):
+            if not socket.poll(max(0, int((deadline - time.monotonic()) * 1000))):
                 self._drop(address)  # a reply that arrives later must not answer the next read
                 raise ConnectionError(f"no answer from {address} for pool {pool} within {self._timeout_ms / 1000:.0f} s")
             header, data = self._recv(socket)

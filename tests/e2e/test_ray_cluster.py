@@ -1,0 +1,164 @@
+"""An engine whose stage workers run on two or three Ray nodes (engine/cluster.py), each run sealed
+in its own network and PID namespace (tests/ray_cluster.py: Ray must never reach the network).
+The nodes share this machine, but the engine treats them as hosts apart: tensors cross between
+them over TCP, control frames are signed. Every image must equal diffusers'; a worker SIGKILLed
+on node b, or node b's raylet killed, loses no request the remaining nodes can serve."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from ray_cluster import RAY_SKIP_REASON, run_in_ray_namespace
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(RAY_SKIP_REASON is not None, reason=RAY_SKIP_REASON or "")]
+
+CASES = [dict(prompt="a red fox in the snow", guidance_scale=4.5, height=64, width=64, seed=11),
+         dict(prompt="a photo of a cat", negative_prompt="blurry", guidance_scale=1.0, height=64, width=96, seed=12)]
+
+# Shared head of every script: the engine on the cluster the harness started, images saved by name.
+PRELUDE = """
+import json, os, signal, time
+import numpy as np
+from dfuse import Engine
+ADDRESS, MODEL, OUT = os.environ["DFUSE_RAY_ADDRESS"], os.environ["MODEL"], os.environ["OUT"]
+CASES = json.loads(os.environ["CASES"])
+
+def engine(placement, **kw):
+    return Engine(model=MODEL, cluster="ray", ray_address=ADDRESS, devices=list(placement), placement=placement, **kw)
+
+def save(name, image):
+    np.save(os.path.join(OUT, name + ".npy"), np.array(image))
+
+def report(**fields):
+    print("RESULT " + json.dumps(fields), flush=True)
+"""
+
+
+def _run(script: str, tmp_path, model_path, nodes=None, timeout=420):
+    env = {"MODEL": str(model_path), "OUT": str(tmp_path), "CASES": json.dumps(CASES)}
+    run = run_in_ray_namespace(PRELUDE + script, nodes=nodes, timeout=timeout, env=env)
+    results = [json.loads(line.removeprefix("RESULT ")) for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
+    return results
+
+
+def _image(tmp_path, name):
+    return np.load(os.path.join(tmp_path, name + ".npy"))
+
+
+def test_two_nodes_serve_images_equal_to_diffusers_either_way_round(tmp_path, model_path, reference):
+    script = """
+for name, placement in [("dit_on_b", {"a/cpu:0": ["encoder", "decoder"], "b/cpu:1": ["dit"]}),
+                        ("ends_on_b", {"a/cpu:0": ["dit"], "b/cpu:1": ["encoder", "decoder"]})]:
+    with engine(placement) as e:
+        stats = e.stats()
+        report(name=name, placement=stats.placement, links=stats.links)
+        futures = [e.submit(num_inference_steps=2, **case) for case in CASES]
+        for i, future in enumerate(futures):
+            save(f"{name}{i}", future.result(timeout=300).images[0])
+        report(name=name, completed=e.stats().completed, failed=e.stats().failed)
+"""
+    results = _run(script, tmp_path, model_path)
+    assert results[0] == {"name": "dit_on_b", "placement": {"a/cpu:0": ["encoder", "decoder"], "b/cpu:1": ["dit"]},
+                          "links": {"encoder->dit": "tcp", "dit->decoder": "tcp", "decoder->engine": "shm"}}
+    assert results[2]["links"] == {"encoder->dit": "tcp", "dit->decoder": "tcp", "decoder->engine": "tcp"}
+    for summary in (results[1], results[3]):
+        assert (summary["completed"], summary["failed"]) == (len(CASES), 0), summary
+    for name in ("dit_on_b", "ends_on_b"):
+        for i, case in enumerate(CASES):
+            assert np.array_equal(_image(tmp_path, f"{name}{i}"), reference(num_inference_steps=2, **case)), (name, i)
+
+
+def test_forged_frames_on_the_cross_node_sockets_are_dropped(tmp_path, model_path, reference):
+    script = """
+import logging
+import zmq
+from dfuse.engine import protocol as wire
+from dfuse.engine.transport.tcp import FrameSigner, new_secret
+
+dropped = []
+class Count(logging.Handler):
+    def emit(self, record):
+        if "forged" in record.getMessage():
+            dropped.append(record.getMessage())
+logging.getLogger("dfuse.engine").addHandler(Count())
+
+with engine({"a/cpu:0": ["encoder", "decoder"], "b/cpu:1": ["dit"]}) as e:
+    steps = []
+    future = e.submit(num_inference_steps=30, on_progress=lambda stage, step, total: steps.append(step), **CASES[0])
+    deadline = time.monotonic() + 120
+    while len(steps) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    # Request 0 is on the DiT on node b. A stranger on the network says it failed (unsigned, and
+    # signed with another secret), and tells the DiT worker itself to cancel it.
+    core, context, stranger = e._core, zmq.Context.instance(), FrameSigner(new_secret())
+    results = context.socket(zmq.PUSH)
+    results.connect(core._remote_results_address)
+    for frame in (wire.encode(wire.StageFailed(1, 0, "forged")), stranger.sign(wire.encode(wire.StageFailed(1, 0, "forged")))):
+        results.send(frame)
+    tasks = context.socket(zmq.PUSH)
+    tasks.connect(core.workers[1].socket.getsockopt_string(zmq.LAST_ENDPOINT))  # the DiT's own socket on node b
+    tasks.send(stranger.sign(wire.encode(wire.CancelTask(0))))
+    tasks.send(wire.encode(wire.CancelTask(0)))
+    results.close(linger=2000); tasks.close(linger=2000)
+    save("forged", future.result(timeout=300).images[0])
+    report(dropped=len(dropped), completed=e.stats().completed, failed=e.stats().failed, steps_before=len(steps))
+"""
+    (result,) = _run(script, tmp_path, model_path)
+    assert result["dropped"] == 2 and (result["completed"], result["failed"]) == (1, 0), result
+    assert np.array_equal(_image(tmp_path, "forged"), reference(num_inference_steps=30, **CASES[0]))
+
+
+def test_a_worker_killed_on_node_b_is_replaced_and_its_request_completes(tmp_path, model_path, reference):
+    script = """
+with engine({"a/cpu:0": ["encoder", "decoder"], "b/cpu:1": ["dit"]}) as e:
+    steps = []
+    future = e.submit(num_inference_steps=30, on_progress=lambda stage, step, total: steps.append(step), **CASES[0])
+    deadline = time.monotonic() + 120
+    while len(steps) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    (dit,) = [w for w in e.stats().workers if w.stage == "dit"]
+    os.kill(dit.pid, signal.SIGKILL)  # mid-request, on node b (one PID namespace for the whole cluster)
+    save("after_kill", future.result(timeout=300).images[0])
+    (replacement,) = [w for w in e.stats().workers if w.stage == "dit"]
+    report(killed_at_step=len(steps), restarts=replacement.restarts, new_pid=replacement.pid != dit.pid)
+"""
+    (result,) = _run(script, tmp_path, model_path)
+    assert result["killed_at_step"] >= 3 and result["restarts"] == 1 and result["new_pid"], result
+    assert np.array_equal(_image(tmp_path, "after_kill"), reference(num_inference_steps=30, **CASES[0]))
+
+
+def test_a_lost_node_s_requests_finish_on_the_others_and_the_last_loss_fails_clearly(tmp_path, model_path, reference):
+    script = """
+placement = {"a/cpu:0": ["encoder", "decoder"], "b/cpu:1": ["dit"], "c/cpu:1": ["dit"]}
+raylets = json.loads(os.environ["DFUSE_RAYLET_PIDS"])
+with engine(placement) as e:
+    futures = [e.submit(num_inference_steps=8, **dict(CASES[i % 2], seed=30 + i)) for i in range(6)]
+    time.sleep(0.5)
+    os.kill(raylets["b"], signal.SIGKILL)  # node b leaves the cluster with its DiT
+    for i, future in enumerate(futures):
+        save(f"lost_b{i}", future.result(timeout=300).images[0])
+    deadline = time.monotonic() + 60  # Ray declares a node dead after its missed health checks
+    while not e.stats().lost_devices and time.monotonic() < deadline:
+        time.sleep(0.2)
+    report(lost=e.stats().lost_devices, completed=e.stats().completed)
+    os.kill(raylets["c"], signal.SIGKILL)  # and now the last DiT
+    time.sleep(1)
+    try:
+        e.generate(num_inference_steps=2, **CASES[0], timeout=120)
+        report(error=None)
+    except Exception as error:
+        while len(e.stats().lost_devices) < 2 and time.monotonic() < deadline + 60:
+            time.sleep(0.2)
+        report(error=f"{type(error).__name__}: {error}", lost=e.stats().lost_devices)
+"""
+    results = _run(script, tmp_path, model_path, nodes={"a": 1, "b": 1, "c": 1})
+    assert results[0] == {"lost": ["b/cpu:1"], "completed": 6}, results
+    for i in range(6):
+        case = dict(CASES[i % 2], seed=30 + i)
+        assert np.array_equal(_image(tmp_path, f"lost_b{i}"), reference(num_inference_steps=8, **case)), i
+    assert results[1]["error"].startswith("RequestFailed: no dit worker is ready"), results[1]
+    assert "left the Ray cluster" in results[1]["error"], results[1]
+    assert results[1]["lost"] == ["b/cpu:1", "c/cpu:1"]
