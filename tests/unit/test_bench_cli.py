@@ -103,6 +103,16 @@ def test_bad_handoff_sizes_are_refused_naming_the_option(sizes):
     assert f"Error: --sizes: {sizes!r} is not a size" in result.output
 
 
+
+@pytest.mark.parametrize("args,message", [
+    (["--ray-address", "127.0.0.1:6390"], "--ray-address goes with --link tcp"),
+    (["--link", "tcp", "--device", "cpu:1"], "--link tcp serves host pools"),
+])
+def test_handoff_link_options_that_do_not_go_together_are_refused_before_any_work(args, message):
+    result = CliRunner().invoke(main, ["bench", "handoff", "--sizes", "64KiB", *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+
 def _chaos_doc(**changes) -> dict:
     doc = {"requests_served": 20, "requests_submitted": 20, "requests_failed": 0, "images_equal_to_no_kill_run": 20,
            "kills": 1, "kills_by_stage": {"encoder": 0, "dit": 1, "decoder": 0}, "kills_with_work_in_flight": 1,
