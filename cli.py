@@ -76,6 +76,10 @@ def _engine_options(command):
                  "cpu=8,cuda:0=40 (requests over it are decoded in tiles or refused) [default: detected]."),
         click.option("--max-attempts", type=int, default=None,
             help="A request whose worker dies this many times fails instead of being retried [default: 3]."),
+        click.option("--cluster", type=click.Choice(["ray"]), default=None,
+            help="ray: devices may name a node of a Ray cluster, NODE/DEVICE (b/cuda:0), NODE being its dfuse-node "
+                 "label or IP; its workers start there [default: this host only]."),
+        click.option("--ray-address", default=None, help="The Ray head's HOST:PORT, with --cluster ray."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -125,7 +129,8 @@ def _engine_config(options: dict) -> EngineConfig:
         fields["memory_limit_gib"] = limits
     return EngineConfig(model=options["model"], revision=options["revision"], variant=options["variant"],
                         cpu_threads=options["threads"], policy=options["policy"], dtype=options["dtype"],
-                        batching=BatchConfig(enabled=options["batching"]), **fields)
+                        batching=BatchConfig(enabled=options["batching"]), cluster=options["cluster"],
+                        ray_address=options["ray_address"], **fields)
 
 
 def _flags_over_file(options: dict) -> dict:
@@ -470,7 +475,8 @@ _FLAGS = {"num_inference_steps": "--steps", "guidance_scale": "--guidance-scale"
           "height": "--height", "width": "--width", "height/width": "--height/--width", "seed": "--seed", "model": "--model", "prompt": "PROMPT",
           "cpu_threads": "--threads", "instances": "--instances", "device": "--device", "policy": "--policy",
           "devices": "--devices", "placement": "--placement", "memory_limit_gib": "--memory-limit-gib",
-          "max_attempts": "--max-attempts", "batching": "--batching"}
+          "max_attempts": "--max-attempts", "batching": "--batching", "cluster": "--cluster",
+          "ray_address": "--ray-address"}
 
 
 def _device_fields(device: str, instances: str, devices: str | None, placement: str | None) -> dict:

@@ -36,6 +36,7 @@ class _LazyGroup(click.Group):
     "simulate": ".simulate.command:simulate", "chaos": ".chaos:chaos_command", "sweep": ".sweep.command:sweep_command",
     "batching": ".batching:batching_command", "dispatch": ".dispatch:dispatch_command",
     "serve": ".serve_command:serve_command", "serve-overhead": ".serve_overhead:serve_overhead_command",
+    "cluster": ".cluster:cluster_command",
 })
 def bench():
     """Benchmarks (results as JSON; speed is always a ratio of two things run side by side)."""
