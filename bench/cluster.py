@@ -114,13 +114,14 @@ def _diffusers_images(model: str, cases: list[dict]) -> list[np.ndarray]:
 @click.option("--placement", required=True,
               help="Node-qualified placement, e.g. a/cpu:0=encoder+decoder,b/cpu:1=dit (a, b: dfuse-node labels).")
 @click.option("--requests", type=click.IntRange(1, 256), default=8, show_default=True, help="Requests per round and engine.")
-@click.option("--steps", type=click.IntRange(1, 1000), default=8, show_default=True)
-@click.option("--height", type=int, default=64, show_default=True)
-@click.option("--width", type=int, default=64, show_default=True)
+@click.option("--steps", type=click.IntRange(1, 1000), default=8, show_default=True, help="Denoising steps per request.")
+@click.option("--height", type=int, default=64, show_default=True, help="Image height in pixels.")
+@click.option("--width", type=int, default=64, show_default=True, help="Image width in pixels.")
 @click.option("--rounds", type=click.IntRange(1, 20), default=3, show_default=True, help="Interleaved rounds; the median is reported.")
 @click.option("--warmup", type=click.IntRange(0, 64), default=2, show_default=True, help="Untimed requests per engine first.")
 @click.option("--model", default="tiny-sd3", show_default=True, help="An SD3 model (the diffusers reference is SD3's pipeline).")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=default_out("cluster.json"), show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=default_out("cluster.json"), show_default=True,
+              help="Where the JSON result is written.")
 def cluster_command(ray_address, placement, requests, steps, height, width, rounds, warmup, model, out):
     """One placement over Ray nodes vs the same placement on this host: throughput, input fetch
     times, and every image against diffusers'."""

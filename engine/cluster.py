@@ -55,9 +55,10 @@ class RayCluster:
         try:
             import ray
         except ImportError:
-            raise ValueError("cluster: 'ray' needs Ray installed (pip install 'ray==2.60.0')") from None
+            raise ValueError("cluster: 'ray' needs Ray installed (pip install 'dfuse[ray]')") from None
         self._ray = ray
-        if not ray.is_initialized():
+        self._connected_here = not ray.is_initialized()  # then closing the engine disconnects too
+        if self._connected_here:
             # Only the cluster the user named (never one found by chance), no dashboard here.
             ray.init(address=address, include_dashboard=False, log_to_driver=False,
                      configure_logging=False)
@@ -191,6 +192,8 @@ class RayCluster:
         for agent in self._agents.values():
             self._ray.kill(agent.actor)
         self._agents.clear()
+        if self._connected_here:
+            self._ray.shutdown()
 
 
 class RemoteWorkerProcess:

@@ -199,11 +199,12 @@ class EngineConfig:
             raise ValueError(f"cluster: must be 'ray' or None (one host) (got {self.cluster!r})")
         remote = [d for d in self.pool if split_node(d)[0] is not None]
         if remote and self.cluster is None:
-            raise ValueError(f"devices: {remote} name a node, which needs cluster='ray' (and ray_address)")
+            raise ValueError(f"devices: {remote} name a node, which needs cluster='ray' and ray_address "
+                             "(--cluster ray --ray-address HOST:PORT)")
         if self.cluster == "ray":
             address = self.ray_address
-            host, _, port = (address or "").rpartition(":")
-            if not isinstance(address, str) or not host or not port.isdecimal():
+            host, _, port = address.rpartition(":") if isinstance(address, str) else ("", "", "")
+            if not host or not port.isdecimal():
                 raise ValueError(f"ray_address: the Ray head's HOST:PORT, e.g. 127.0.0.1:6379 (got {address!r})")
         elif self.ray_address is not None:
             raise ValueError("ray_address: only with cluster='ray'")
@@ -423,7 +424,8 @@ def _memory_name(device) -> str:
     """A memory_limit_gib key as memory_of names it ("cuda" is "cuda:0", a core set "cpu")."""
     if not isinstance(device, str):
         return device
-    return "cuda:0" if device == "cuda" else memory_of(device)
+    node, local = split_node(device)
+    return (f"{node}/cuda:0" if node else "cuda:0") if local == "cuda" else memory_of(device)
 
 
 def _is_pool(devices) -> bool:

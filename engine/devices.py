@@ -219,7 +219,7 @@ def parse_device_list(text: str) -> list[str]:
     """The CLI form "cpu:0,cpu:1,cuda:0" (a core set's own commas stay with it: "cpu:0,1,cuda:0")."""
     devices: list[str] = []
     for part in filter(None, (p.strip() for p in text.split(","))):
-        if devices and local_part(devices[-1]).startswith("cpu:") and part[0].isdecimal():
+        if devices and local_part(devices[-1]).startswith("cpu:") and part[0].isdecimal() and "/" not in part:
             devices[-1] += f",{part}"
         else:
             devices.append(part)
