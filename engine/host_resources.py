@@ -28,8 +28,9 @@ _LONGEST_SOCKET_NAME = 16  # "/w63.1000", "/pickle-ack": what endpoint() is aske
 
 
 class HostResources:
-    def __init__(self, cpu_wake_latency_us: int | None = None) -> None:
-        """`cpu_wake_latency_us`: hold a CPU latency request of that many us (None: none)."""
+    def __init__(self, cpu_wake_latency_us: int | None = None, detached_janitor: bool = False) -> None:
+        """`cpu_wake_latency_us`: hold a CPU latency request of that many us (None: none).
+        `detached_janitor`: see Janitor.start (a Ray actor's resources)."""
         sweep_stale_segments()
         self.run_dir = tempfile.mkdtemp(prefix="dfuse-")
         longest = zmq.IPC_PATH_MAX_LEN - _LONGEST_SOCKET_NAME
@@ -51,7 +52,7 @@ class HostResources:
         # If this process and its workers die together (a group SIGKILL or SIGTERM), nobody here
         # is left to clean up: the janitor, in a session of its own, does it then.
         try:
-            self._janitor = Janitor.start(self.segment_prefix, self.run_dir)
+            self._janitor = Janitor.start(self.segment_prefix, self.run_dir, detached=detached_janitor)
         except OSError as e:
             log.warning("no shared-memory janitor (%s): if the engine and its workers are killed together, "
                         "their segments stay until the next engine starts", e)

@@ -5,8 +5,9 @@ a segment prefix with its liveness lock, a janitor), creates the output pools of
 workers there, serves them to other nodes over TCP (transport/tcp.py SlotServer), and starts the
 node's stage workers with the same launcher as on one host: `spawn_worker`, so the worker loop,
 its death pipe and its clean-up are the same code. The agent holds the death pipes: when the
-engine goes, Ray kills its actors, the pipes close and the workers exit; if the agent and its
-workers are killed together, the agent's janitor removes what they left in /dev/shm.
+engine goes, Ray kills its actors, the pipes close and the workers exit. When an actor's process
+ends, Ray also SIGKILLs its children (the workers): nobody would clean up after them, so the
+agent's janitor is not its child (Janitor.start detached) and removes what they left in /dev/shm.
 
 A worker's pool belongs to the agent, not to the worker: outputs a worker wrote stay readable
 after it dies, as a host pool the engine owns does on one host. Kept free of Ray imports: the
@@ -34,7 +35,7 @@ log = logging.getLogger("dfuse.node")
 class NodeAgent:
     def __init__(self, secret: bytes, host: str):
         """`host`: this node's address as the cluster knows it; the slot server listens only there."""
-        self._resources = HostResources()
+        self._resources = HostResources(detached_janitor=True)  # Ray kills an actor's children with it
         self._pools: dict[str, SlotPool] = {}
         self._workers: dict[int, WorkerProcess] = {}
         self._lock = threading.Lock()  # the actor runs its calls on several threads

@@ -39,6 +39,7 @@ from .shm_files import RUN_DIR_PREFIX, is_engine_prefix, pid_running, unlink_cud
 log = logging.getLogger("dfuse.transport")
 
 MODULE = "dfuse.engine.transport.janitor"
+DETACH = "--detach"  # start the real janitor as a process of its own, and exit
 STRAGGLER_WAIT_S = 1.0  # after an engine that died uncleanly: one more pass for dying workers' files
 WORKER_EXIT_WAIT_S = 10.0  # workers exit at once when their engine dies; a stuck one is not waited for longer
 
@@ -52,10 +53,14 @@ class Janitor:
         _started.add(self)
 
     @classmethod
-    def start(cls, prefix: str, run_dir: str) -> "Janitor":
+    def start(cls, prefix: str, run_dir: str, detached: bool = False) -> "Janitor":
+        """`detached`: the janitor is not this process's child but its grandchild (a first child
+        starts it and exits). A Ray actor needs that (engine/node_agent.py): Ray SIGKILLs every
+        child of an actor's process when it exits, and the janitor must outlive the actor to
+        clean up after it. `process` is then the first child, which has exited."""
         _check_args(prefix, run_dir)
         process = subprocess.Popen(
-            [sys.executable, "-m", MODULE],
+            [sys.executable, "-m", MODULE, *([DETACH] if detached else [])],
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,  # stderr inherited: it only reports errors
             close_fds=True, start_new_session=True,
         )
@@ -219,6 +224,10 @@ def clean_after_workers(workers: dict[int, float], timeout: float = WORKER_EXIT_
 
 
 def main() -> int:
+    if sys.argv[1:] == [DETACH]:  # hand stdin (the pipe) to the janitor proper, which init adopts
+        subprocess.Popen([sys.executable, "-m", MODULE], stdout=subprocess.DEVNULL, close_fds=True,
+                         start_new_session=True)
+        return 0
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
     try:

@@ -10,6 +10,7 @@ import os
 import numpy as np
 import pytest
 
+from dfuse.engine.transport.shm_files import list_segments
 from ray_cluster import RAY_SKIP_REASON, run_in_ray_namespace
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(RAY_SKIP_REASON is not None, reason=RAY_SKIP_REASON or "")]
@@ -37,10 +38,14 @@ def report(**fields):
 
 
 def _run(script: str, tmp_path, model_path, nodes=None, timeout=420):
+    """Run `script` against a fresh cluster; its RESULT lines. Nothing it made may stay in /dev/shm
+    (every node shares this machine's): not the engine's, not any agent's, whatever was killed."""
     env = {"MODEL": str(model_path), "OUT": str(tmp_path), "CASES": json.dumps(CASES)}
+    before = set(list_segments())
     run = run_in_ray_namespace(PRELUDE + script, nodes=nodes, timeout=timeout, env=env)
     results = [json.loads(line.removeprefix("RESULT ")) for line in run.stdout.splitlines() if line.startswith("RESULT ")]
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
+    assert set(list_segments()) - before == set()
     return results
 
 
@@ -162,3 +167,30 @@ with engine(placement) as e:
     assert results[1]["error"].startswith("RequestFailed: no dit worker is ready"), results[1]
     assert "left the Ray cluster" in results[1]["error"], results[1]
     assert results[1]["lost"] == ["b/cpu:1", "c/cpu:1"]
+
+
+def test_moves_across_nodes_lose_nothing_and_images_stay_equal(tmp_path, model_path, reference):
+    script = """
+with engine({"a/cpu:0": ["encoder", "decoder"], "b/cpu:1": ["dit"]}) as e:
+    first = [e.submit(num_inference_steps=4, **dict(CASES[i % 2], seed=40 + i)) for i in range(4)]
+    e.place({"a/cpu:0": ["fused"], "b/cpu:1": ["fused"]})  # under load: split -> fused on both nodes
+    for i, future in enumerate(first):
+        save(f"move{i}", future.result(timeout=300).images[0])
+    deadline = time.monotonic() + 120
+    while e.stats().placement != {"a/cpu:0": ["encoder+dit+decoder"], "b/cpu:1": ["encoder+dit+decoder"]}:
+        assert time.monotonic() < deadline, e.stats().placement
+        time.sleep(0.1)
+    second = [e.submit(num_inference_steps=4, **dict(CASES[i % 2], seed=44 + i)) for i in range(4)]
+    results = [f.result(timeout=300) for f in second]
+    for i, result in enumerate(results):
+        save(f"move{4 + i}", result.images[0])
+    fused_workers = {r.timings[0]["dit"].worker_id for r in results}
+    report(placement=e.stats().placement, completed=e.stats().completed, failed=e.stats().failed,
+           fused_workers_used=len(fused_workers))
+"""
+    (result,) = _run(script, tmp_path, model_path)
+    assert (result["completed"], result["failed"]) == (8, 0), result
+    assert result["fused_workers_used"] == 2, result  # both nodes served whole requests
+    for i in range(8):
+        case = dict(CASES[i % 2], seed=40 + i)
+        assert np.array_equal(_image(tmp_path, f"move{i}"), reference(num_inference_steps=4, **case)), i
