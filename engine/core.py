@@ -87,6 +87,7 @@ class EngineCore(TaskDispatch, WorkerRecovery, WorkerMoves):
         self._queues = {stage: StageQueue() for stage in STAGES}
         self._stats = StatsRecorder()
         self._batch_wake: float | None = None  # a partial batch waits for companions until then
+        self._leaving: list = []  # (device, process, kill deadline) of removed workers told to stop (engine/moves.py)
         self.batch_caps: dict[str, int] = {}  # activation bytes per batch and stage: set by the engine
         # run dir, segment prefix and its lock, janitor, and the CPU latency request
         self._host = HostResources(config.transport.cpu_wake_latency_us)
@@ -233,6 +234,7 @@ class EngineCore(TaskDispatch, WorkerRecovery, WorkerMoves):
                 self._advance_moves()
                 if time.monotonic() >= next_health:
                     self._check_workers()
+                    self._reap_leaving()
                     self._restart_stranded()  # requests no worker will serve (the split gave way to fused ones)
                     self._expire_waiting()
                     self._startup.remind()
@@ -606,6 +608,7 @@ class EngineCore(TaskDispatch, WorkerRecovery, WorkerMoves):
             self._wake_push.close(linger=0)
         alive = [w for w in self.workers.values() if w.process is not None]
         stop_all([w.process for w in alive])  # all at once: closing death pipes stops them now
+        self._reap_leaving(closing=True)
         self._copy_out.close()  # the copies in progress read segments released below
         error = EngineClosed(self.startup_error or "the engine closed before this request completed")
         pending = [r for q in self._queues.values() for r in q] + [r for w in alive for r in w.inflight.values()]

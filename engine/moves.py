@@ -20,7 +20,7 @@ from . import protocol as wire
 from ..scheduler.core import FUSED, STAGES, Placement
 from .devices import ROLES, as_role, device_cpus, role_stages
 from .elastic import combo_of, rebalance
-from .launcher import stop_all
+from .launcher import STOP_TIMEOUT_S
 from .recovery import unlink_ipc_file
 from .state import Worker
 from .transport.shm_files import unlink_segment
@@ -80,11 +80,24 @@ class WorkerMoves:
             self._stats.moved(now, worker.id, IDLE, worker.stage, reason)  # recorded before stats() can see it
             worker.switch_started = now
             self.workers[worker.id] = worker
-            try:
-                self._spawn(worker)
-            except (OSError, zmq.ZMQError) as e:  # the machine refuses a process now: recovery tries again
-                log.warning("could not start worker %d (%s); retrying", worker.id, e)
-                worker.process, worker.respawn_at = None, time.monotonic() + 1.0
+            if self._device_has_leavers(worker.device):
+                worker.waits_for_device = True  # _advance_moves starts it once they are gone
+            else:
+                self._start_new(worker)
+
+    def _start_new(self, worker: Worker) -> None:
+        worker.waits_for_device = False
+        try:
+            self._spawn(worker)
+        except (OSError, zmq.ZMQError) as e:  # the machine refuses a process now: recovery tries again
+            log.warning("could not start worker %d (%s); retrying", worker.id, e)
+            worker.process, worker.respawn_at = None, time.monotonic() + 1.0
+
+    def _device_has_leavers(self, device: str) -> bool:
+        """Workers leaving `device` still hold their weights there: stopping ones, and removed
+        ones whose process has not exited yet. A GPU must never hold both sets at once."""
+        return (any(w.stopping and w.device == device for w in self.workers.values())
+                or any(d == device for d, _, _ in self._leaving))
 
     def _new_workers(self, starts: list[tuple[str, str]]) -> list[Worker]:
         """Workers for `starts`, each with its output pool on the host, where any consumer can
@@ -138,9 +151,12 @@ class WorkerMoves:
             if worker.stopping and not worker.inflight and worker.pool.free == worker.pool.n_slots:
                 self._remove_worker(worker)
                 continue
+            if worker.waits_for_device and not self._device_has_leavers(worker.device):
+                self._start_new(worker)
+                continue
             if worker.moving_to is None or not worker.ready or worker.inflight:
                 continue
-            if any(w.stopping and w.device == worker.device for w in self.workers.values()):
+            if self._device_has_leavers(worker.device):
                 continue  # its new weights load once the device's leaving workers have freed theirs
             drained = worker.pool.free == worker.pool.n_slots
             reads_its_own = (self.config.move_reserve and worker.pool.free >= self.config.move_reserve
@@ -166,8 +182,9 @@ class WorkerMoves:
     def _remove_worker(self, worker: Worker) -> None:
         """A drained stopping worker leaves: its process stops, its socket, socket file and pool go."""
         del self.workers[worker.id]
-        if worker.process is not None:
-            stop_all([worker.process])  # it holds no task: the word on its death pipe ends it at once
+        if worker.process is not None:  # it holds no task: the word on its death pipe ends it at once
+            worker.process.send_stop()
+            self._leaving.append((worker.device, worker.process, time.monotonic() + STOP_TIMEOUT_S))  # _reap_leaving
         if worker.socket is not None:
             endpoint = worker.socket.getsockopt_string(zmq.LAST_ENDPOINT)
             worker.socket.close(linger=0)
@@ -178,6 +195,19 @@ class WorkerMoves:
                 self._send_control(other, wire.ClosePool(worker.pool.name))
         log.info("worker %d (%s on %s) stopped", worker.id, worker.stage, worker.device)
 
+
+    def _reap_leaving(self, closing: bool = False) -> None:
+        """Reap the processes of removed workers that have exited; kill those still there past
+        their deadline (or all, when the engine closes). Never waits: the core serves meanwhile."""
+        still = []
+        for device, process, deadline in self._leaving:
+            if process.exitcode is not None:
+                process.reaped()
+            elif closing or time.monotonic() >= deadline:
+                process.kill()  # and reaps it
+            else:
+                still.append((device, process, deadline))
+        self._leaving = still
 
     def _unlink_pool(self, worker: Worker) -> None:
         if worker.pool.served_at is not None:

@@ -33,7 +33,7 @@ class WorkerStats(_Snapshot):
     load_s: float  # how long its last (re)load took
     moving_to: str | None  # the stage it is switching to, during a move
     cpus: str | None  # its own cores ("0-1"), or None where the OS places it
-    state: str  # ready | unresponsive (missed heartbeats: no new tasks) | loading | moving | stopping | restarting | closed
+    state: str  # ready | unresponsive (missed heartbeats: no new tasks) | loading | moving | stopping | waiting (to start, for the workers leaving its device) | restarting | closed
     load_deaths: int  # times in a row its process died before it was ready
 
 
@@ -193,6 +193,8 @@ def _state(worker) -> str:
         return "moving"
     if worker.stopping:
         return "stopping"
+    if worker.waits_for_device:
+        return "waiting"
     if worker.ready:
         return "ready" if worker.responsive else "unresponsive"
     return "restarting" if worker.process is None else "loading"
