@@ -33,6 +33,15 @@ def as_role(name):
     return FUSED if name == FUSED_ALIAS else name
 
 
+FUSED_ALONE = f"{FUSED} holds the whole pipeline; a device hosting it hosts nothing else"
+
+
+def fused_alone(roles) -> bool:
+    """The one rule of a device's roles beyond one worker per stage: a fused worker is alone there."""
+    roles = list(roles)
+    return FUSED not in roles or len(roles) == 1
+
+
 def role_stages(role: str) -> tuple[str, ...]:
     """The pipeline stages a worker of `role` runs: its stage, or all of them when fused."""
     return STAGES if role == FUSED else (role,)
@@ -176,9 +185,8 @@ def place_workers(devices: Sequence, placement: Mapping) -> tuple[tuple[str, str
             if stage not in ROLES:
                 raise ValueError(f"placement ({device}): unknown stage {stage!r}; stages are {', '.join(STAGES)}, "
                                  f"or {FUSED} (alias {FUSED_ALIAS}: the whole pipeline in one process)")
-        if FUSED in stages and len(stages) > 1:
-            raise ValueError(f"placement ({device}): {FUSED} holds the whole pipeline; a device hosting it hosts "
-                             f"nothing else (got {list(stages)})")
+        if not fused_alone(stages):
+            raise ValueError(f"placement ({device}): {FUSED_ALONE} (got {list(stages)})")
         if len(set(stages)) < len(stages):
             raise ValueError(f"placement ({device}): {list(stages)} names a stage twice (one worker per device and stage)")
         hosts[name] = list(stages)

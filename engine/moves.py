@@ -18,7 +18,7 @@ import zmq
 
 from . import protocol as wire
 from ..scheduler.core import FUSED, STAGES, Placement
-from .devices import ROLES, as_role, device_cpus, role_stages
+from .devices import FUSED_ALONE, ROLES, as_role, device_cpus, fused_alone, role_stages
 from .elastic import combo_of, rebalance
 from .launcher import STOP_TIMEOUT_S
 from .recovery import unlink_ipc_file
@@ -46,9 +46,11 @@ class WorkerMoves:
             if isinstance(stages, str) or not isinstance(stages, (list, tuple, set, frozenset)):
                 raise ValueError(f"placement ({device}): expected a list of stages among {', '.join(ROLES)} (got {stages!r})")
             roles = {as_role(s) for s in stages}
-            if roles - set(ROLES) or (FUSED in roles and len(roles) > 1):
+            if roles - set(ROLES):
                 raise ValueError(f"placement ({device}): expected stages among {', '.join(STAGES)}, or {FUSED} "
                                  f"alone (got {stages!r})")
+            if not fused_alone(roles):
+                raise ValueError(f"placement ({device}): {FUSED_ALONE} (got {stages!r})")
             target[device] = combo_of(roles)
         plan = rebalance(Placement(current).diff(Placement(target)), workers)
         self.move(plan.switches, plan.starts, plan.stops)

@@ -8,7 +8,7 @@ from typing import Mapping, Sequence
 from ..scheduler.core import FUSED, STAGES
 from .config import EngineConfig
 from .cpu_affinity import describe, openmp_affinity, physical_cores, plan, usable_cpus
-from .devices import ROLES, device_cpus
+from .devices import FUSED_ALONE, ROLES, device_cpus, fused_alone
 from .state import Worker
 from .transport.base import choose_link, cuda_peer_access, pool_kind, probe_places
 from .transport.slots import SlotPool
@@ -154,9 +154,8 @@ def check_moves(workers: Mapping[int, Worker], config: EngineConfig, moves: Sequ
         for device, stage in hosted:
             if hosted.count((device, stage)) > 1:
                 raise ValueError(f"stage: {device} would host two {stage} workers (one per device and stage)")
-            if stage == FUSED and sum(d == device for d, _ in hosted) > 1:
-                raise ValueError(f"stage: {device} would host a {FUSED} worker beside others; it holds the whole "
-                                 "pipeline alone")
+            if not fused_alone(s for d, s in hosted if d == device):
+                raise ValueError(f"stage: {device} would host a {FUSED} worker beside others; {FUSED_ALONE}")
     # The split pipeline keeps every stage, or goes entirely if fused workers stay (the requests
     # inside it then start over on them: engine/moves.py _restart_stranded).
     split = {s for _, s in hosted if s in STAGES}
