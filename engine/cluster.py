@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from .devices import split_node
 from .launcher import STOP_TIMEOUT_S
 from .node_agent import NodeAgent, encoded
+from .transport.slots import SlotPool
 from .transport.tcp import FrameSigner, new_secret
 
 log = logging.getLogger("dfuse.cluster")
@@ -31,6 +32,7 @@ log = logging.getLogger("dfuse.cluster")
 NODE_LABEL = "dfuse-node"
 LOST = -9  # the exit code reported for a worker whose agent is gone (with its node, as a rule)
 AGENT_START_TIMEOUT_S = 120.0
+POOL_TIMEOUT_S = 10.0  # an agent that is up creates a pool in milliseconds
 
 
 class NodeLost(OSError):
@@ -43,11 +45,20 @@ class AgentStarting(OSError):
     """A node's agent is still starting: the engine tries the worker's start again shortly."""
 
 
+@dataclass(frozen=True)
+class AgentInfo:
+    """What a started agent says of itself (NodeAgent.info)."""
+
+    pid: int
+    slot_server: str  # the address serving its node's pools
+    segment_prefix: str  # its pools' names start with it
+
+
 @dataclass
 class _Agent:
     actor: object
     info_ref: object  # what the actor's info() will say once it runs
-    info: dict | None = None
+    info: AgentInfo | None = None
 
 
 class RayCluster:
@@ -62,6 +73,20 @@ class RayCluster:
             # Only the cluster the user named (never one found by chance), no dashboard here.
             ray.init(address=address, include_dashboard=False, log_to_driver=False,
                      configure_logging=False)
+        else:  # this process joined a cluster already (its own ray.init): the engine uses that one
+            joined = ray.get_runtime_context().gcs_address
+            if joined != address:
+                log.warning("ray_address is %s, but this process is connected to the Ray cluster at %s already: "
+                            "the engine uses that one", address, joined)
+        try:
+            self._init_nodes(devices)
+        except BaseException:
+            if self._connected_here:
+                ray.shutdown()
+            raise
+
+    def _init_nodes(self, devices: list[str]) -> None:
+        ray = self._ray
         self.secret = new_secret()
         self.signer = FrameSigner(self.secret)
         self.own_node_id = ray.get_runtime_context().get_node_id()
@@ -105,9 +130,6 @@ class RayCluster:
         """The address the cluster knows `device`'s node by (its workers bind their sockets there)."""
         return self._nodes[self.node_of(device)]["NodeManagerAddress"]
 
-    def alive(self, device: str) -> bool:
-        return self.node_of(device) in self._live_nodes()
-
     # --- agents -----------------------------------------------------------------------------
     def agent(self, device: str, wait: bool = True) -> "_Agent":
         """The NodeAgent of `device`'s node, started there on first use. NodeLost if the node is
@@ -137,13 +159,23 @@ class RayCluster:
                                        f"{AGENT_START_TIMEOUT_S:.0f} s")
                 raise AgentStarting(f"the dfuse agent on node {split_node(device)[0]} is starting")
             try:
-                agent.info = self._ray.get(agent.info_ref)
+                agent.info = AgentInfo(**self._ray.get(agent.info_ref))
             except Exception as e:  # it could not start: its node is gone, or it failed there
                 del self._agents[node_id]
                 if node_id not in self._live_nodes():
                     self._lose(device)
                 raise OSError(f"the dfuse agent on node {split_node(device)[0]} failed to start: {e}") from None
         return agent
+
+    def _call(self, device: str, what: str, ref, timeout: float):
+        """ray.get of an agent call, its failures as OSError (NodeLost when the node is gone):
+        what the engine core's recovery and moves catch, never a Ray exception type."""
+        try:
+            return self._ray.get(ref, timeout=timeout)
+        except Exception as e:
+            if self.node_of(device) not in self._live_nodes():
+                self._lose(device)
+            raise OSError(f"{what} on node {split_node(device)[0]} failed: {type(e).__name__}: {e}") from None
 
     def _lose(self, device: str):
         node = split_node(device)[0]
@@ -153,45 +185,63 @@ class RayCluster:
     def lost_devices(self, devices) -> list[str]:
         return [d for d in devices if split_node(d)[0] in self.lost]
 
-    def slot_server(self, device: str) -> str:
-        """The address serving the pools of `device`'s node."""
-        return self.agent(device).info["slot_server"]
+    def new_pool(self, device: str, worker_id: int, slot_bytes: int, n_slots: int, wait: bool = True) -> SlotPool:
+        """An output pool for a worker on `device`'s node, made by its agent there (the engine's
+        credits for it here). `wait=False` on the engine core: AgentStarting rather than block."""
+        agent = self.agent(device, wait=wait)
+        name = self._call(device, "creating a pool", agent.actor.create_pool.remote(worker_id, slot_bytes, n_slots),
+                          POOL_TIMEOUT_S)
+        return SlotPool(name, slot_bytes, n_slots, served_at=agent.info.slot_server)
 
     def owns_pool(self, device: str, name: str) -> bool:
         """Whether pool `name` is one of the running agent's on `device`'s node (an agent that
         replaced a dead one has none of its pools)."""
         agent = self._agents.get(self.node_of(device))
-        return agent is not None and agent.info is not None and name.startswith(agent.info["segment_prefix"])
-
-    def create_pool(self, device: str, worker_id: int, slot_bytes: int, n_slots: int) -> str:
-        return self._ray.get(self.agent(device).actor.create_pool.remote(worker_id, slot_bytes, n_slots), timeout=60)
+        return agent is not None and agent.info is not None and name.startswith(agent.info.segment_prefix)
 
     def remove_pool(self, device: str, name: str) -> None:
         agent = self._agents.get(self.node_of(device))
         if agent is not None:
-            agent.actor.remove_pool.remote(name)
+            try:
+                agent.actor.remove_pool.remote(name)
+            except Exception as e:  # its agent is gone, and the pool with it
+                log.info("could not remove pool %s: %s", name, e)
 
     def spawn(self, device: str, spec) -> "RemoteWorkerProcess":
         """Start a worker on `device`'s node (its agent must be up: see `agent`)."""
         agent = self.agent(device, wait=False)
-        return RemoteWorkerProcess(self._ray, agent.actor, spec.worker_id, agent.actor.run.remote(encoded(spec)))
+        try:
+            exit_ref = agent.actor.run.remote(encoded(spec))
+        except Exception as e:
+            raise OSError(f"could not start a worker on node {split_node(device)[0]}: {e}") from None
+        return RemoteWorkerProcess(self._ray, agent.actor, spec.worker_id, exit_ref)
 
-    def forget(self, device: str) -> None:
-        """`device`'s agent died (its node went, or it was killed): a later spawn starts a new one."""
-        self._agents.pop(self.node_of(device), None)
+    def forget(self, device: str, actor) -> None:
+        """`device`'s agent `actor` died (its node went, or it was killed): a later spawn starts a
+        new one. Only that agent is forgotten: another worker's recovery may have started its
+        replacement already."""
+        agent = self._agents.get(self.node_of(device))
+        if agent is not None and agent.actor is actor:
+            del self._agents[self.node_of(device)]
 
     def close(self) -> None:
-        """Stop every agent (each stops its workers and gives its node's resources back)."""
-        refs = [agent.actor.shutdown.remote() for agent in self._agents.values()]
-        deadline = time.monotonic() + STOP_TIMEOUT_S + 5
-        for ref in refs:
-            try:
-                self._ray.get(ref, timeout=max(0.1, deadline - time.monotonic()))
-            except Exception as e:  # a node already gone: nothing there to stop
-                log.info("an agent could not shut down: %s", e)
-        for agent in self._agents.values():
-            self._ray.kill(agent.actor)
-        self._agents.clear()
+        """Stop every agent (each stops its workers and gives its node's resources back). Never
+        raises: it runs while the engine closes, maybe after Ray itself went."""
+        agents, self._agents = list(self._agents.values()), {}
+        if not self._ray.is_initialized():
+            return
+        try:
+            refs = [agent.actor.shutdown.remote() for agent in agents]
+            deadline = time.monotonic() + STOP_TIMEOUT_S + 5
+            for ref in refs:
+                try:
+                    self._ray.get(ref, timeout=max(0.1, deadline - time.monotonic()))
+                except Exception as e:  # a node already gone: nothing there to stop
+                    log.info("an agent could not shut down: %s", e)
+            for agent in agents:
+                self._ray.kill(agent.actor)
+        except Exception as e:
+            log.warning("could not stop the agents on other nodes: %s", e)
         if self._connected_here:
             self._ray.shutdown()
 
@@ -208,6 +258,9 @@ class RemoteWorkerProcess:
     @property
     def exitcode(self) -> int | None:
         if self._code is None:
+            if not self._ray.is_initialized():  # Ray went first (the user's ray.shutdown()): so did this worker
+                self._code = LOST
+                return self._code
             ready, _ = self._ray.wait([self._exit], timeout=0)
             if ready:
                 try:
@@ -215,6 +268,10 @@ class RemoteWorkerProcess:
                 except Exception:  # the agent died: its node is gone, or it was killed
                     self._code, self.node_lost = LOST, True
         return self._code
+
+    @property
+    def agent(self):
+        return self._agent
 
     @property
     def alive(self) -> bool:
@@ -228,18 +285,20 @@ class RemoteWorkerProcess:
 
     def wait_exit(self, timeout: float) -> bool:
         try:
-            self._ray.wait([self._exit], timeout=timeout)
+            if self._ray.is_initialized():
+                self._ray.wait([self._exit], timeout=timeout)
         except Exception:
             pass
         return self.exitcode is not None
 
     def kill(self) -> None:
+        """SIGKILL it, through its agent; never waits (the engine core calls this): its agent
+        reaps it, and its exit code follows."""
         if self.exitcode is None:
             try:
                 self._agent.kill.remote(self._worker_id)
             except Exception as e:
                 log.info("could not kill worker %d: %s", self._worker_id, e)
-            self.wait_exit(STOP_TIMEOUT_S)
 
     def reaped(self) -> None:
         """Its agent waited for it and cleaned up after it."""

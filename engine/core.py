@@ -51,6 +51,7 @@ from .worker_layout import build_workers, check_moves, choose_links, pin_cpu_wor
 from .queues import StageQueue
 from .moves import WorkerMoves
 from .recovery import WorkerRecovery, unlink_ipc_file
+from .remote_workers import RemoteWorkers
 from .task_dispatch import TaskDispatch
 from .stats import EngineStats, StatsRecorder
 from .state import (
@@ -63,9 +64,7 @@ from .state import (
 )
 from .launcher import spawn_worker, stop_all
 from .startup import StartupProgress
-from .transport.base import byte_view, dtype_from_name, tensor_nbytes
-from .transport.slots import SlotPool
-from .transport.tcp import SlotClient, SlotServer
+from .transport.base import byte_view, dtype_from_name
 
 log = logging.getLogger("dfuse.engine")
 prompt_log = logging.getLogger("dfuse.engine.prompts")  # what the stages say of a request's prompts
@@ -73,7 +72,7 @@ prompt_log = logging.getLogger("dfuse.engine.prompts")  # what the stages say of
 HEALTH_INTERVAL_S = 0.1  # how often worker liveness is checked: a crash is seen within ~0.1 s
 
 
-class EngineCore(TaskDispatch, WorkerRecovery, WorkerMoves):
+class EngineCore(TaskDispatch, WorkerRecovery, WorkerMoves, RemoteWorkers):
     def __init__(self, config: EngineConfig, model_path: Path, true_cfg: bool = False, memory=None):
         self.config = config
         self.model_path = model_path
@@ -106,13 +105,11 @@ class EngineCore(TaskDispatch, WorkerRecovery, WorkerMoves):
             self._init_workers()
         except BaseException:  # e.g. /dev/shm full: leave nothing of a half-built engine behind
             self._host.release()
-            for name in ("_results", "_remote_results", "_wake_pull", "_wake_push"):  # those made before the failure
+            for name in ("_results", "_wake_pull", "_wake_push"):  # those made before the failure
                 if hasattr(self, name):
                     getattr(self, name).close(linger=0)
-            if hasattr(self, "_slot_server"):
-                self._slot_server.close()
             if self._cluster is not None:
-                self._cluster.close()
+                self._close_cluster()
             self._context.term()
             self._copy_out.close()
             self.completions.close()
@@ -131,13 +128,8 @@ class EngineCore(TaskDispatch, WorkerRecovery, WorkerMoves):
         self._poller = zmq.Poller()
         self._poller.register(self._results, zmq.POLLIN)
         self._poller.register(self._wake_pull, zmq.POLLIN)
-        if self._cluster is not None:  # workers on other nodes: TCP, on the address the cluster knows this node by
-            self._remote_results = self._context.socket(zmq.PULL)
-            port = self._remote_results.bind_to_random_port(f"tcp://{self._cluster.host}")
-            self._remote_results_address = f"tcp://{self._cluster.host}:{port}"
-            self._poller.register(self._remote_results, zmq.POLLIN)
-            self._slot_server = SlotServer(self._context, self._cluster.host, self._cluster.signer, self._host_pool)
-            self._remote_reader = SlotClient(self._context, self._cluster.signer)  # the copy-out thread's only
+        if self._cluster is not None:
+            self._init_cluster_sockets()
 
     def _init_workers(self) -> None:
         self.links = choose_links(self.config.workers, self._cluster)
@@ -301,6 +293,9 @@ class EngineCore(TaskDispatch, WorkerRecovery, WorkerMoves):
 
     # --- messages from workers ---------------------------------------------------------------
     def _on_ready(self, worker: Worker, message: wire.Ready) -> None:
+        if message.generation != worker.generation or worker.process is None:
+            log.warning("dropped a READY from a replaced process of worker %d", worker.id)
+            return
         worker.ready, worker.load_s, worker.load_deaths = True, message.load_s, 0
         if worker.died_at is not None:
             self._stats.recovery_s.append(time.monotonic() - worker.died_at)
@@ -313,12 +308,8 @@ class EngineCore(TaskDispatch, WorkerRecovery, WorkerMoves):
             log.info("worker %d now serves %s (switch %.2f s)", worker.id, worker.stage, switch_s)
             worker.switch_started = None
         self._startup.ready(worker, message)
-        if self._is_remote(worker):  # only its READY says these: the process runs on another node
-            worker.process.pid = message.pid
-            if message.task_address:  # a new process (a switch in place says READY without one)
-                worker.socket.connect(message.task_address)
         if self._cluster is not None:
-            self._announce_remote_pools(worker)
+            self._remote_ready(worker, message)
         if message.pool is not None:  # a (re)started GPU producer: consumers map its new pool
             worker.pool_info = message.pool
             for consumer in self._consumers_of(worker):
@@ -330,31 +321,6 @@ class EngineCore(TaskDispatch, WorkerRecovery, WorkerMoves):
                 self._send_control(worker, wire.OpenPool(producer.pool_info))
         if all(w.ready for w in self.workers.values()):
             self.ready.set()
-
-    def _is_remote(self, worker: Worker) -> bool:
-        return self._cluster is not None and self._cluster.is_remote(worker.device)
-
-    def _announce_remote_pools(self, worker: Worker) -> None:
-        """A worker that says READY learns where other nodes' pools are served, and the workers
-        of other nodes learn where its pool is (a new worker brings a new pool). Announced to all,
-        whatever their stage: a move may make any worker read any pool."""
-        node = self._cluster.node_of(worker.device)
-        for other in self.workers.values():
-            if other is worker or self._cluster.node_of(other.device) == node or other.pool.on_gpu:
-                continue
-            self._send_control(worker, wire.RemotePool(other.pool.name, self._served_at(other)))
-            if other.ready:
-                self._send_control(other, wire.RemotePool(worker.pool.name, self._served_at(worker)))
-
-    def _served_at(self, worker: Worker) -> str:
-        return worker.pool.served_at or self._slot_server.address
-
-    def _host_pool(self, name: str):
-        """The memory of a pool on this host, for the slot server (its thread: a snapshot of the workers)."""
-        for worker in list(self.workers.values()):
-            if worker.pool.name == name and worker.pool.segment is not None:
-                return worker.pool.segment.data
-        return None
 
     def _consumers_of(self, worker: Worker) -> list[Worker]:
         if worker.stage == FUSED:  # its pixels go to the engine
@@ -509,8 +475,7 @@ class EngineCore(TaskDispatch, WorkerRecovery, WorkerMoves):
         (ref,) = [r for r in outputs if r.name == "image"]
         dtype = dtype_from_name(ref.dtype)
         if worker.pool.served_at is not None:  # on another node: the copy-out thread reads it over TCP
-            address, nbytes = worker.pool.served_at, tensor_nbytes(tuple(ref.shape), dtype)
-            view = lambda: byte_view(self._remote_reader.read(address, ref.pool, ref.offset, nbytes), 0, ref.shape, dtype)
+            view = self._remote_pixels(worker, ref, dtype)
         else:
             view = byte_view(worker.pool.segment.data, ref.offset, ref.shape, dtype)
         self._stats.left(request, "completed")
@@ -545,12 +510,8 @@ class EngineCore(TaskDispatch, WorkerRecovery, WorkerMoves):
     # --- worker processes --------------------------------------------------------------------
     def _spawn(self, worker: Worker) -> None:
         remote = self._is_remote(worker)
-        if remote:  # OSError, retried later, while its node's agent starts (or NodeLost)
-            self._cluster.agent(worker.device, wait=False)
-            if not self._cluster.owns_pool(worker.device, worker.pool.name):  # its agent died with the old pool
-                size, count = worker.pool.slot_bytes, worker.pool.n_slots
-                worker.pool = SlotPool(self._cluster.create_pool(worker.device, worker.id, size, count), size, count,
-                                       served_at=self._cluster.slot_server(worker.device))
+        if remote:
+            self._ready_remote_pool(worker)  # OSError (retried later) while its node's agent starts
         worker.generation += 1
         worker.outbox.clear()  # meant for the previous process; the new one is told at its READY
         # A fresh endpoint per generation: frames queued for a dead worker die with its socket.
@@ -570,7 +531,7 @@ class EngineCore(TaskDispatch, WorkerRecovery, WorkerMoves):
             engine_pid=os.getpid(),
             segment_prefix=self.segment_prefix, run_dir=self.run_dir,
             gpu_pool=None if not worker.pool.on_gpu else (worker.pool.name, worker.pool.slot_bytes, worker.pool.n_slots),
-            cpus=worker.cpus, variant=self.config.variant, secret=self._cluster.secret.hex() if self._cluster else None,
+            cpus=worker.cpus, variant=self.config.variant, generation=worker.generation, secret=self._cluster.secret.hex() if self._cluster else None,
         )
         try:
             worker.process = self._cluster.spawn(worker.device, spec) if remote else spawn_worker(spec, self._host.janitor)
@@ -617,10 +578,7 @@ class EngineCore(TaskDispatch, WorkerRecovery, WorkerMoves):
             self.completions.resolve(request.future, error=error)
         self._host.release()
         if self._cluster is not None:  # its agents stop their nodes' workers and give back their pools
-            self._slot_server.close()
-            self._remote_reader.close()
-            self._remote_results.close(linger=0)
-            self._cluster.close()
+            self._close_cluster()
         # Every socket, including one bound for a worker whose spawn then failed: term() would
         # wait forever on a socket left open.
         for sock in [w.socket for w in self.workers.values() if w.socket is not None] + [self._results, self._wake_pull]:

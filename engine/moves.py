@@ -112,9 +112,10 @@ class WorkerMoves:
                 worker_id = self._next_worker_id
                 self._next_worker_id += 1
                 size, count = self.config.transport.slot_bytes, self.config.slots_per_worker(stage)
-                if self._cluster is not None and self._cluster.is_remote(device):  # its node's agent holds it
-                    pool = SlotPool(self._cluster.create_pool(device, worker_id, size, count), size, count,
-                                    served_at=self._cluster.slot_server(device))
+                if self._cluster is not None and self._cluster.is_remote(device):
+                    # Its node's agent makes it when the worker starts (_ready_remote_pool): the
+                    # core does not wait here for an agent that may still be starting.
+                    pool = SlotPool(f"(pending w{worker_id})", size, count, served_at=PENDING)
                 else:
                     pool = SlotPool.create_host(f"{self.segment_prefix}w{worker_id}", size, count)
                 workers.append(Worker(worker_id, stage, device, pool, cpus=device_cpus(device)))
@@ -212,10 +213,13 @@ class WorkerMoves:
         self._leaving = still
 
     def _unlink_pool(self, worker: Worker) -> None:
+        if worker.pool.served_at == PENDING:
+            return
         if worker.pool.served_at is not None:
             self._cluster.remove_pool(worker.device, worker.pool.name)
         else:
             unlink_segment(worker.pool.name)
 
 
-IDLE = "idle"  # a move's stage when a worker starts or stops (stats().moves)
+IDLE = "idle"
+PENDING = "(pending)"  # the slot server of a pool its node's agent has not made yet  # a move's stage when a worker starts or stops (stats().moves)

@@ -73,6 +73,7 @@ class WorkerSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     gpu_pool: tuple[str, int, int] | None = None  # (name, slot bytes, slots): outputs stay on this GPU
     cpus: tuple[int, ...] | None = None  # cores of its own (engine/cpu_affinity.py); None: the OS places it
     variant: str | None = None  # which weight files to load (diffusers' variant: "fp16"); None: the plain ones
+    generation: int = 0  # how many processes this worker has had (engine/core.py _spawn), this one included
     secret: str | None = None  # hex, on a cluster: signs reads of other nodes' pools, and every frame of a TCP task socket
 
 
@@ -153,6 +154,7 @@ class Ready(msgspec.Struct, **_STRUCT):
     load_s: float
     pool: PoolInfo | None = None  # set by producers on a GPU whose consumers map GPU memory
     task_address: str | None = None  # a worker on another node: where it bound its task socket (tcp://...)
+    generation: int = 0  # its WorkerSpec's: a READY from a replaced process is told apart (over TCP it may come late)
 
 
 class LoadFailed(msgspec.Struct, **_STRUCT):

@@ -120,8 +120,8 @@ class WorkerRecovery:
         """`charge=False`: the worker asked to be replaced after reporting its failing request,
         so the requests still queued there did not run and none is charged an attempt."""
         worker.died_at = time.monotonic()
-        node_lost = getattr(worker.process, "node_lost", False)  # a worker on a cluster node that left
         worker.process.kill()
+        node_lost = getattr(worker.process, "node_lost", False)  # a cluster worker whose agent (node) is gone
         # Its socket's file in the run dir (one per generation, see _spawn) would stay behind
         # with every restart: closing a bound ipc socket does not unlink it.
         endpoint = worker.socket.getsockopt(zmq.LAST_ENDPOINT).decode()
@@ -156,7 +156,7 @@ class WorkerRecovery:
             worker.pool_info = None  # consumers starting now must wait for the new pool's handle
             self._restart_requests_reading(worker.pool)
         if node_lost:
-            self._cluster.forget(worker.device)  # a replacement needs a new agent, if its node comes back
+            self._cluster.forget(worker.device, worker.process.agent)  # its replacement needs a new agent
         if worker.stopping:  # it was leaving anyway: no replacement; it goes once its outputs are read
             worker.process, worker.socket, worker.died_at = None, None, None
             return

@@ -48,8 +48,7 @@ def build_workers(config: EngineConfig, segment_prefix: str, cluster=None) -> di
         name, size = f"{segment_prefix}w{worker_id}", config.transport.slot_bytes
         count = config.slots_per_worker(stage)
         if cluster is not None and cluster.is_remote(device):
-            pool = SlotPool(cluster.create_pool(device, worker_id, size, count), size, count,
-                            served_at=cluster.slot_server(device))
+            pool = cluster.new_pool(device, worker_id, size, count)
         elif pool_kind(links) == "cuda":
             pool = SlotPool(name, size, count)
         else:

@@ -50,14 +50,17 @@ log = logging.getLogger("dfuse.worker")
 
 STAGE_CLASSES = {cls.kind: cls for cls in (EncoderStage, DiTStage, DecoderStage, FusedStage)}
 # A worker on another node than the engine's (engine/cluster.py) talks over TCP: every frame it
-# sends carries an HMAC under the engine's secret, and a frame it receives without one is dropped.
-# One per process (a process serves one engine); None on the engine's own host (Unix sockets).
+# sends carries an HMAC under the engine's secret, and a frame it receives without one, or seen
+# before, is dropped. None on the engine's own host (Unix sockets). One signer per socket and
+# thread (transport/tcp.py): the results socket's here; the heartbeat and the receiver make theirs.
 _signer: FrameSigner | None = None
+MAX_TASK_FRAME_BYTES = 16 << 20  # a batch of tasks with long prompts is well under this
 
 
-def _encode(message) -> bytes:
+def _encode(message, signer: FrameSigner | None = None) -> bytes:
     frame = wire.encode(message)
-    return frame if _signer is None else _signer.sign(frame)
+    signer = signer or _signer
+    return frame if signer is None else signer.sign(frame)
 
 
 def run_stage_worker(spec: WorkerSpec, death_pipe: Connection) -> None:
@@ -102,16 +105,18 @@ def run_stage_worker(spec: WorkerSpec, death_pipe: Connection) -> None:
     # READY says where, so the engine connects to exactly this worker: a stranger who connects
     # can only push frames, which lack the signature and are dropped, and cannot pull tasks.
     task_socket = context.socket(zmq.PULL)
-    task_address = None
+    task_address, opener = None, None
     if _signer is not None:
+        task_socket.setsockopt(zmq.MAXMSGSIZE, MAX_TASK_FRAME_BYTES)  # a stranger's huge frame is not buffered
         task_address = f"{spec.task_endpoint}:{task_socket.bind_to_random_port(spec.task_endpoint)}"
+        opener = FrameSigner(secret)
     else:
         task_socket.connect(spec.task_endpoint)
-    receiver = threading.Thread(target=_receive, args=(task_socket, endpoint, tasks, cancelled), daemon=True)
+    receiver = threading.Thread(target=_receive, args=(task_socket, opener, endpoint, tasks, cancelled), daemon=True)
     receiver.start()
     load_s = time.perf_counter() - started
     log.info("loaded %s weights on %s in %.2f s", spec.dtype, spec.device, load_s)
-    results.send(_encode(wire.Ready(spec.worker_id, os.getpid(), load_s, pool, task_address)))
+    results.send(_encode(wire.Ready(spec.worker_id, os.getpid(), load_s, pool, task_address, spec.generation)))
     loop = _ComputeLoop(spec, stage, endpoint, results, tasks, cancelled)
     stop_beating = threading.Event()
     heart = threading.Thread(target=_beat, args=(context, spec, loop, stop_beating), daemon=True, name="heartbeat")
@@ -130,11 +135,12 @@ def _beat(context, spec: WorkerSpec, loop: "_ComputeLoop", stop: threading.Event
     socket = context.socket(zmq.PUSH)
     socket.setsockopt(zmq.LINGER, 0)
     socket.setsockopt(zmq.SNDHWM, 4)  # an engine that reads nothing gets no pile of old beats
+    signer = FrameSigner(bytes.fromhex(spec.secret)) if _signer is not None else None  # a session of its own
     socket.connect(spec.result_endpoint)
     try:
         while not stop.wait(wire.HEARTBEAT_INTERVAL_S):
             try:
-                socket.send(_encode(wire.Heartbeat(spec.worker_id, round(loop.stalled_s(), 3))), zmq.NOBLOCK)
+                socket.send(_encode(wire.Heartbeat(spec.worker_id, round(loop.stalled_s(), 3)), signer), zmq.NOBLOCK)
             except zmq.Again:
                 pass
     finally:
@@ -230,7 +236,8 @@ class _ComputeLoop:
             self.running = False
             return
         self.spec = msgspec.structs.replace(self.spec, stage=message.stage)
-        self._send(wire.Ready(self.spec.worker_id, os.getpid(), time.perf_counter() - started, None))
+        self._send(wire.Ready(self.spec.worker_id, os.getpid(), time.perf_counter() - started, None,
+                              generation=self.spec.generation))
 
     def _skip_if_cancelled(self, task: wire.StageTask) -> bool:
         """A task cancelled while it waited here is answered without running."""
@@ -349,7 +356,8 @@ class _ComputeLoop:
         self.results.send(_encode(message))
 
 
-def _receive(socket: zmq.Socket, endpoint: Endpoint, tasks: queue.Queue, cancelled: CancelledTasks) -> None:
+def _receive(socket: zmq.Socket, opener: FrameSigner | None, endpoint: Endpoint, tasks: queue.Queue,
+             cancelled: CancelledTasks) -> None:
     """Receiver thread: decode every frame against the schema (malformed frames are dropped),
     note cancelled tasks, open announced pools, prefetch task inputs, queue tasks for the
     compute loop."""
@@ -357,8 +365,8 @@ def _receive(socket: zmq.Socket, endpoint: Endpoint, tasks: queue.Queue, cancell
         torch.cuda.set_device(endpoint.device)  # the current device is per thread
     while True:
         frame = socket.recv()
-        if _signer is not None:
-            signed, frame = frame, _signer.open(frame)
+        if opener is not None:
+            signed, frame = frame, opener.open(frame)
             if frame is None:
                 log.warning("dropped a frame without the engine's signature (%d bytes)", len(signed))
                 continue

@@ -40,6 +40,7 @@ class Endpoint:
         self._remote: dict[str, str] = {}  # pool name -> the slot server of its node (transport/tcp.py)
         self._secret = secret
         self._client: SlotClient | None = None  # made on first use: most workers never need one
+        self._pull_lock = threading.Lock()  # the client's socket: one read at a time
         self._prefetched: dict[int, tuple[dict[str, torch.Tensor], object]] = {}
         # Requests of one shape reuse the same (slot, shape, dtype) views over and over: caching
         # them keeps the hop to a dict lookup, which matters most when the producer's large
@@ -95,12 +96,18 @@ class Endpoint:
 
     # --- inputs ----------------------------------------------------------------------------
     def prefetch(self, request_id: int, refs: list[TensorRef]) -> None:
+        pulled = self._pull_remote(refs)  # outside the lock: the compute loop's fetch must not wait on the network
         with self._lock:
-            self._prefetched[request_id] = self._load(refs)
+            self._prefetched[request_id] = self._load(refs, pulled)
 
     def fetch(self, request_id: int, refs: list[TensorRef]) -> dict[str, torch.Tensor]:
         with self._lock:
-            tensors, copied = self._prefetched.pop(request_id, None) or self._load(refs)
+            loaded = self._prefetched.pop(request_id, None)
+        if loaded is None:  # its prefetch failed: once more, here, so the error goes with the task
+            pulled = self._pull_remote(refs)
+            with self._lock:
+                loaded = self._load(refs, pulled)
+        tensors, copied = loaded
         if copied is not None:
             torch.cuda.current_stream(self.device).wait_event(copied)
         return tensors
@@ -110,10 +117,12 @@ class Endpoint:
         with self._lock:
             self._prefetched.pop(request_id, None)
 
-    def _load(self, refs: list[TensorRef]):
-        remote = [ref for ref in refs if ref.pool in self._remote]
-        if remote:
-            return self._load_remote(refs, remote)
+    def _load(self, refs: list[TensorRef], pulled: dict[str, torch.Tensor] | None = None):
+        """The task's input tensors (and the copy event to wait for, on a GPU); `pulled`: those
+        already read from other nodes' pools (_pull_remote)."""
+        if pulled:
+            local, copied = self._load([ref for ref in refs if ref.name not in pulled])
+            return {**pulled, **local}, copied
         if not self.cuda:  # a CPU worker reads every pool in place: no device checks to make
             return {ref.name: self.view(ref.pool, ref.offset, tuple(ref.shape), dtype_from_name(ref.dtype))
                     for ref in refs}, None
@@ -139,25 +148,29 @@ class Endpoint:
             copied.record(self.copy_stream)
         return tensors, copied
 
-    def _load_remote(self, refs: list[TensorRef], remote: list[TensorRef]):
-        """Pull each remote pool's part of the task in one read (a task's inputs share a slot),
-        then view the tensors in what came; the rest load as usual."""
-        if self._client is None:
-            if self._secret is None:
-                raise RuntimeError("a pool on another node, but this worker has no cluster secret")
-            self._client = SlotClient(zmq.Context.instance(), FrameSigner(self._secret))
+    def _pull_remote(self, refs: list[TensorRef]) -> dict[str, torch.Tensor]:
+        """Read the inputs that live in other nodes' pools: each pool's part of the task in one
+        read (a task's inputs share a slot), the tensors then viewed in what came (on a GPU,
+        copied there). Its own lock: the receiver and the compute loop may both read."""
+        with self._lock:
+            remote = [(ref, self._remote[ref.pool]) for ref in refs if ref.pool in self._remote]
+        if not remote:
+            return {}
         tensors: dict[str, torch.Tensor] = {}
-        for pool in dict.fromkeys(ref.pool for ref in remote):
-            mine = [ref for ref in remote if ref.pool == pool]
-            start = min(ref.offset for ref in mine)
-            end = max(ref.offset + tensor_nbytes(tuple(ref.shape), dtype_from_name(ref.dtype)) for ref in mine)
-            data = self._client.read(self._remote[pool], pool, start, end - start)
-            for ref in mine:
-                view = byte_view(data, ref.offset - start, tuple(ref.shape), dtype_from_name(ref.dtype))
-                tensors[ref.name] = view.to(self.device, non_blocking=False) if self.cuda else view
-        local, copied = self._load([ref for ref in refs if ref.pool not in self._remote]) if len(remote) < len(refs) \
-            else ({}, None)
-        return {**tensors, **local}, copied
+        with self._pull_lock:
+            if self._client is None:
+                if self._secret is None:
+                    raise RuntimeError("a pool on another node, but this worker has no cluster secret")
+                self._client = SlotClient(zmq.Context.instance(), FrameSigner(self._secret))
+            for pool in dict.fromkeys(ref.pool for ref, _ in remote):
+                mine = [(ref, address) for ref, address in remote if ref.pool == pool]
+                start = min(ref.offset for ref, _ in mine)
+                end = max(ref.offset + tensor_nbytes(tuple(ref.shape), dtype_from_name(ref.dtype)) for ref, _ in mine)
+                data = self._client.read(mine[0][1], pool, start, end - start)
+                for ref, _ in mine:
+                    view = byte_view(data, ref.offset - start, tuple(ref.shape), dtype_from_name(ref.dtype))
+                    tensors[ref.name] = view.to(self.device) if self.cuda else view
+        return tensors
 
     # --- outputs ---------------------------------------------------------------------------
     def writer(self, slot: OutputSlot) -> SlotWriter:

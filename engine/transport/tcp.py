@@ -9,11 +9,12 @@ Nothing is copied on the sending side (the frame points into the segment) and th
 one buffer per slot. Slot credits are unchanged: the engine frees the producer's slot when the
 consumer reports the task done, so a slot is never rewritten while it is being sent.
 
-Every frame carries an HMAC-SHA256 under the engine's secret (`FrameSigner`): a request without a
-valid tag is dropped, so nobody without the secret reads a slot or forges a reply header. The
-tensor bytes themselves are not hashed: HMAC-SHA256 costs more than the whole transfer at
-16 MiB (bench/results/README.md, handoff over tcp); they travel on the TCP connection the
-consumer opened to the address the engine announced.
+Every frame carries an HMAC-SHA256 under the engine's secret and a per-sender counter
+(`FrameSigner`): a request without a valid tag, or seen before, is dropped, so nobody without the
+secret reads a slot or forges or replays a reply header. The tensor bytes themselves are not
+hashed: HMAC-SHA256 costs more than the whole transfer at 16 MiB (bench/results/README.md,
+handoff over tcp); they travel on the TCP connection the consumer opened to the address the
+engine announced. Nothing is encrypted: run a cluster on a network you trust (or a VPN).
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ import zmq
 log = logging.getLogger("dfuse.transport")
 
 TAG_BYTES = 32  # HMAC-SHA256
-READ_TIMEOUT_S = 60.0  # a producer that stops answering (its node died) fails the read, not the worker
+HEADER_BYTES = TAG_BYTES + 16  # tag | session (8) | counter (8)
+MAX_REQUEST_BYTES = 64 << 10  # a read request is a few dozen bytes: bigger frames are refused unread
+READ_TIMEOUT_S = 20.0  # a producer that stops answering (its node died) fails the read, not the worker
 
 
 def new_secret() -> bytes:
@@ -43,26 +46,49 @@ def new_secret() -> bytes:
 
 
 class FrameSigner:
-    """HMAC on every frame of a cross-node socket: `sign` prefixes the tag, `open` checks and strips it."""
+    """HMAC on every frame of a cross-node socket, and no frame accepted twice.
+
+    `sign` prefixes tag | session | counter: the session is this signer's (random), the counter
+    counts its frames; the MAC covers both and the frame. `open` checks the tag and that the
+    counter is above the last one seen from that session, so a frame captured on the network and
+    sent again (to the same socket or another) is dropped like a forged one. One signer per
+    sending socket (frames of one session must arrive in order: one connection) and per thread.
+    """
+
+    MAX_SESSIONS = 4096  # senders remembered per receiver (workers, their restarts, slot clients)
 
     def __init__(self, secret: bytes):
         if len(secret) < 16:
             raise ValueError("secret: at least 16 bytes")
         self._secret = secret
+        self._session = secrets.token_bytes(8)
+        self._counter = 0
+        self._last: dict[bytes, int] = {}  # session -> its last counter opened here
 
-    def tag(self, frame: bytes) -> bytes:
-        return hmac.new(self._secret, frame, hashlib.sha256).digest()
+    def _tag(self, body: bytes) -> bytes:
+        return hmac.new(self._secret, body, hashlib.sha256).digest()
 
     def sign(self, frame: bytes) -> bytes:
-        return self.tag(frame) + frame
+        self._counter += 1
+        body = self._session + self._counter.to_bytes(8, "big") + frame
+        return self._tag(body) + body
 
     def open(self, signed: bytes) -> bytes | None:
-        """The frame without its tag, or None when the tag is missing or wrong (forged, or
-        signed under another engine's secret)."""
-        if len(signed) < TAG_BYTES:
+        """The frame without its header, or None when the tag is missing or wrong (forged, or
+        signed under another engine's secret) or the frame was seen before (replayed)."""
+        if len(signed) < HEADER_BYTES:
             return None
-        tag, frame = signed[:TAG_BYTES], signed[TAG_BYTES:]
-        return frame if hmac.compare_digest(tag, self.tag(frame)) else None
+        tag, body = signed[:TAG_BYTES], signed[TAG_BYTES:]
+        if not hmac.compare_digest(tag, self._tag(body)):
+            return None
+        session, counter = body[:8], int.from_bytes(body[8:16], "big")
+        if counter <= self._last.get(session, 0):
+            return None
+        self._last.pop(session, None)  # re-inserted last: the dict stays in order of use
+        self._last[session] = counter
+        if len(self._last) > self.MAX_SESSIONS:
+            del self._last[next(iter(self._last))]
+        return body[16:]
 
 
 class ReadRequest(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
@@ -95,6 +121,7 @@ class SlotServer:
         self._buffers = buffers
         self._socket = context.socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST_BYTES)  # a stranger's huge frame is not buffered
         port = self._socket.bind_to_random_port(f"tcp://{host}")
         self.address = f"tcp://{host}:{port}"
         self._stop = context.socket(zmq.PAIR)  # close() rings it: the server thread owns _socket

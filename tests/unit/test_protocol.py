@@ -37,6 +37,7 @@ TO_WORKER = [
 TO_ENGINE = [
     wire.Ready(3, 12345, 1.5),
     wire.Ready(4, 12346, 2.0, _pool),
+    wire.Ready(5, 12347, 1.0, None, "tcp://10.0.0.7:40001", 3),
     wire.LoadFailed(2, "OSError: no such file"),
     wire.StageDone(1, 9, [_ref], wire.StageTimings(0.001, 2.5)),
     wire.StageDone(1, 10, [], wire.StageTimings(0.0, 0.0)),

@@ -1,11 +1,12 @@
 """The cross-node tensor link (engine/transport/tcp.py) on loopback: what a consumer reads is what
 the producer wrote; a request without the engine's secret gets nothing."""
 
+import msgspec
 import pytest
 import torch
 import zmq
 
-from dfuse.engine.transport.tcp import FrameSigner, SlotClient, SlotServer, new_secret
+from dfuse.engine.transport.tcp import FrameSigner, ReadRequest, SlotClient, SlotServer, new_secret
 
 
 @pytest.fixture
@@ -48,20 +49,47 @@ def test_a_read_outside_the_pool_or_of_an_unknown_pool_names_it(context, served)
         client.close()
 
 
-def test_a_request_signed_with_another_secret_is_dropped(context, served):
-    server, _, _ = served
+def test_a_request_signed_with_another_secret_is_dropped_and_the_server_serves_on(context, served):
+    server, signer, pool = served
     stranger = SlotClient(context, FrameSigner(new_secret()), timeout_s=0.5)
+    client = SlotClient(context, FrameSigner(signer._secret))
     try:
         with pytest.raises(ConnectionError, match="no answer"):
             stranger.read(server.address, "p0", 0, 16)
+        assert torch.equal(client.read(server.address, "p0", 0, 16), pool[:16])
     finally:
         stranger.close()
+        client.close()
 
 
-def test_a_forged_or_truncated_frame_fails_to_open():
-    signer = FrameSigner(new_secret())
-    signed = signer.sign(b"task")
-    assert signer.open(signed) == b"task"
-    assert signer.open(signed[:-1] + b"X") is None
-    assert signer.open(b"short") is None
-    assert FrameSigner(new_secret()).open(signed) is None
+def test_a_captured_request_sent_again_gets_nothing(context, served):
+    """Someone on the network who saw a signed read request cannot replay it for the slot's
+    later contents (another request's data by then)."""
+    server, signer, pool = served
+    owner = FrameSigner(signer._secret)
+    captured = owner.sign(msgspec.msgpack.encode(ReadRequest(1, "p0", 0, 16)))
+    first = context.socket(zmq.DEALER)
+    first.connect(server.address)
+    first.send(captured)
+    assert first.poll(5000) and len(first.recv_multipart()[1]) == 16  # the genuine one is served
+    replay = context.socket(zmq.DEALER)
+    replay.connect(server.address)
+    replay.send(captured)
+    first.send(captured)
+    assert not replay.poll(500) and not first.poll(100)
+    first.close(linger=0)
+    replay.close(linger=0)
+
+
+def test_a_forged_truncated_or_replayed_frame_fails_to_open():
+    secret = new_secret()
+    sender, receiver = FrameSigner(secret), FrameSigner(secret)
+    first, second = sender.sign(b"task"), sender.sign(b"next")
+    assert receiver.open(first[:-1] + b"X") is None
+    assert receiver.open(b"short") is None
+    assert FrameSigner(new_secret()).open(first) is None
+    assert receiver.open(first) == b"task"
+    assert receiver.open(first) is None  # the same frame again
+    assert receiver.open(second) == b"next"
+    assert receiver.open(first) is None  # an older one
+    assert FrameSigner(secret).open(first) == b"task"  # counters are per receiver and sender
