@@ -243,10 +243,6 @@ class SlotClient:
         if socket is not None:
             socket.close(linger=0)
 
-    def forget(self, address: str) -> None:
-        """The server at `address` is gone (its producer stopped): close its socket."""
-        self._drop(address)
-
     def close(self) -> None:
         for address in list(self._sockets):
             self._drop(address)
