@@ -249,6 +249,8 @@ class RayCluster:
 class RemoteWorkerProcess:
     """A worker an agent runs on another node, with the interface of launcher.WorkerProcess."""
 
+    remote = True  # its pid is its node's
+
     def __init__(self, ray, agent, worker_id: int, exit_ref):
         self._ray, self._agent, self._worker_id, self._exit = ray, agent, worker_id, exit_ref
         self.pid: int | None = None  # this node cannot see it; its READY says

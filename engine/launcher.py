@@ -41,6 +41,7 @@ class WorkerProcess:
     death_pipe: Connection = field(repr=False)  # the engine's write end
     janitor: Janitor | None = field(default=None, repr=False)  # told when the worker is reaped
     started: float = field(default_factory=time.time)  # wall clock: files it made are newer
+    remote = False  # a process of this host (cluster.RemoteWorkerProcess: of another node)
 
     @property
     def pid(self) -> int:

@@ -35,6 +35,7 @@ class WorkerStats(_Snapshot):
     cpus: str | None  # its own cores ("0-1"), or None where the OS places it
     state: str  # ready | unresponsive (missed heartbeats: no new tasks) | loading | moving | stopping | waiting (to start, for the workers leaving its device) | restarting | closed
     load_deaths: int  # times in a row its process died before it was ready
+    remote: bool = False  # it runs on another node of a Ray cluster: its pid is that node's
 
 
 class Move(_Snapshot, rename={"from_stage": "from", "to_stage": "to"}):
@@ -181,7 +182,7 @@ class StatsRecorder:
                     pid=w.process.pid if w.process else None, inflight=len(w.inflight),
                     free_slots=w.pool.free, restarts=w.restarts, load_s=round(w.load_s, 3),
                     moving_to=w.moving_to, cpus=describe(w.cpus) if w.cpus else None, state=_state(w),
-                    load_deaths=w.load_deaths,
+                    load_deaths=w.load_deaths, remote=w.process is not None and w.process.remote,
                 )
                 for w in workers
             ],

@@ -79,6 +79,10 @@ class SweepConfig:
     placement: Mapping[str, tuple[str, ...]] | None = None
     """The pool form (engine/devices.py): the stages of each device, one worker per device and
     stage, e.g. {"cpu:0": ("encoder", "decoder"), "cpu:1": ("dit",)}; None: devices + instances."""
+    cluster: str | None = None
+    """"ray": the engine modes run their workers on the Ray cluster at `ray_address` (devices may
+    name nodes: engine/cluster.py); mono runs on this host, on the same devices without the node names."""
+    ray_address: str | None = None
     threads: int | None = None
     """Torch threads per engine worker (None: the engine's default, cores / CPU workers)."""
     mono_threads: int | None = None
@@ -308,10 +312,11 @@ DEFAULT_DEVICE, DEFAULT_INSTANCES = "cpu", "encoder=1,dit=1,decoder=1"
 
 
 def config_from_options(model, rates, trace, modes, duration, instances, device, threads, mono_threads, steps, size,
-                        seed, drain_timeout, quiet_wait, pool=None, placement=None) -> SweepConfig:
+                        seed, drain_timeout, quiet_wait, pool=None, placement=None, cluster=None,
+                        ray_address=None) -> SweepConfig:
     """Every option checked before a process starts; a bad one is a usage error naming it.
     `pool` and `placement` are --devices and --placement (the pool form, instead of
-    --device/--instances)."""
+    --device/--instances); `cluster` and `ray_address` are --cluster and --ray-address."""
     from ...engine.config import EngineConfig, parse_devices, parse_instances
     from ...engine.models import describe_model, resolve_model_path
 
@@ -326,26 +331,29 @@ def config_from_options(model, rates, trace, modes, duration, instances, device,
         _option("--device", lambda: EngineConfig(devices=devices, instances=counts))
         layout: dict = {"instances": counts, "devices": devices}
     else:
-        layout = _pool_layout(pool, placement, device, instances, mode_list, model)
+        layout = _pool_layout(pool, placement, device, instances, mode_list, model, cluster, ray_address)
+    if (cluster or ray_address) and "placement" not in layout:
+        raise click.UsageError("--cluster/--ray-address: give the workers' devices as --devices/--placement "
+                               "(a/cpu:0=encoder+decoder,b/cpu:1=dit)")
     info = _option("--model", lambda: describe_model(resolve_model_path(model)))
     config = SweepConfig(
         model=model, rates=tuple(_option("--rates", parse_rates, rates)), trace=trace, modes=mode_list,
         duration_s=duration, **layout, threads=threads, mono_threads=mono_threads, steps=steps, size=size, seed=seed,
-        drain_s=drain_timeout, quiet_wait_s=quiet_wait,
+        drain_s=drain_timeout, quiet_wait_s=quiet_wait, cluster=cluster, ray_address=ray_address,
     )
     _check_kinds(config, info)
     return config
 
 
 def _pool_layout(pool: str | None, placement: str | None, device: str, instances: str, modes: tuple[str, ...],
-                 model: str) -> dict:
+                 model: str, cluster: str | None = None, ray_address: str | None = None) -> dict:
     """SweepConfig's devices (the canonical pool), placement and instances from --devices and
     --placement, parsed as `dfuse run` parses them (engine/devices.py) and checked by EngineConfig.
     --placement auto is resolved here, as the Engine would (engine/auto_placement.py), so every
     mode and the report see the placement it chose."""
     from ...engine.auto_placement import auto_placed
     from ...engine.config import EngineConfig
-    from ...engine.devices import parse_device_list, parse_placement
+    from ...engine.devices import parse_device_list, parse_placement, split_node
     from ...engine.models import describe_model, detect_family, resolve_model_path
 
     other = [f"{flag} {value}" for flag, value, default in (("--device", device, DEFAULT_DEVICE),
@@ -361,13 +369,20 @@ def _pool_layout(pool: str | None, placement: str | None, device: str, instances
     fields = {"placement": stages, **({} if pool is None else {"devices": _option("--devices", parse_device_list, pool)})}
     policy = "elastic" if {"elastic", "auto"} & set(modes) else "static"  # what elastic refuses is refused here
     try:
-        engine = EngineConfig(model=model, **fields, policy=policy)
+        engine = EngineConfig(model=model, **fields, policy=policy, cluster=cluster, ray_address=ray_address)
         if engine.placement == "auto":
             path = resolve_model_path(model)
             engine = auto_placed(engine, path, describe_model(path), detect_family(path))
     except ValueError as e:  # "devices[1]: ...", "placement (cpu:9): ...", "model: ..."
-        flag = {"devices": "--devices", "model": "--model"}.get(str(e).split("[")[0].split(":")[0], "--placement")
+        flag = {"devices": "--devices", "model": "--model", "cluster": "--cluster",
+                "ray_address": "--ray-address"}.get(str(e).split("[")[0].split(":")[0], "--placement")
         raise click.BadParameter(str(e), param_hint=f"'{flag}'") from None
+    if "mono" in modes:  # mono runs here, one process per device named without its node
+        local = [split_node(d)[1] for d in engine.devices]
+        if len(set(local)) < len(local):
+            raise click.BadParameter(f"mono runs one process per device on this host, but {list(engine.devices)} "
+                                     "name one device twice once their nodes are dropped; give each node other "
+                                     "devices, or leave mono out of --modes", param_hint="'--devices'")
     return {"devices": tuple(engine.devices), "instances": dict(engine.instances),
             "placement": {d: tuple(s) for d, s in engine.layout().items() if s}}
 
@@ -424,6 +439,10 @@ def _want_plots(plots: bool | None) -> bool:
 @click.option("--placement", default=None,
               help="The stages of each device, one engine worker per device and stage: cpu:0=encoder+decoder,cpu:1=dit "
                    "(instead of --device/--instances); auto (the default with --devices): the engine planner's.")
+@click.option("--cluster", type=click.Choice(["ray"]), default=None,
+              help="ray: the engine modes run their workers on a Ray cluster (--devices/--placement may name its "
+                   "nodes: b/cpu:0); mono runs on this host, on the same devices without the node names.")
+@click.option("--ray-address", default=None, help="The Ray head's HOST:PORT, with --cluster ray.")
 @click.option("--threads", type=click.IntRange(1, 1024), default=None,
               help="Torch threads per engine worker [default: cores / CPU workers].")
 @click.option("--mono-threads", type=click.IntRange(1, 1024), default=None,
@@ -442,13 +461,13 @@ def _want_plots(plots: bool | None) -> bool:
 @click.option("--plots/--no-plots", default=None,
               help="Draw latency.png and allocation.png (needs matplotlib: pip install matplotlib) "
                    "[default: if matplotlib is installed, else a warning up front].")
-def sweep_command(model, rates, trace, modes, duration, out, instances, device, pool, placement, threads, mono_threads,
-                  steps, size, seed, drain_timeout, quiet_wait, plots):
+def sweep_command(model, rates, trace, modes, duration, out, instances, device, pool, placement, cluster, ray_address,
+                  threads, mono_threads, steps, size, seed, drain_timeout, quiet_wait, plots):
     """Open-loop serving sweep: every mode at every arrival rate, throughput, latency, SLO, allocation."""
     from .report import format_markdown, write_outputs
 
     config = config_from_options(model, rates, trace, modes, duration, instances, device, threads, mono_threads,
-                                 steps, size, seed, drain_timeout, quiet_wait, pool, placement)
+                                 steps, size, seed, drain_timeout, quiet_wait, pool, placement, cluster, ray_address)
     plots = _want_plots(plots)  # decided before any request, not after the sweep
     slug = "synthetic" if config.synthetic else Path(model).name
     out = out or Path(default_out(f"sweep-{slug}-{trace}"))

@@ -10,7 +10,7 @@ from typing import Mapping
 
 from ...engine.config import TransportConfig
 from ...engine.cpu_wake import CpuWakeHold
-from ...engine.devices import ROLES
+from ...engine.devices import ROLES, split_node
 from ...engine.protocol import RequestParams
 from ...scheduler.core import STAGES
 from ..lib.leaks import close_and_check
@@ -53,9 +53,11 @@ class EngineRunner:
         else:
             layout = {"devices": list(config.devices), "placement": {d: list(s) for d, s in config.placement.items()}}
         started, self.created = time.perf_counter(), time.monotonic()  # ~ the engine's clock zero
-        self.engine = Engine(model=config.model, **layout, cpu_threads=config.threads, policy=policy)
+        self.engine = Engine(model=config.model, **layout, cpu_threads=config.threads, policy=policy,
+                             cluster=config.cluster, ray_address=config.ray_address)
         self.startup_s = round(time.perf_counter() - started, 3)
-        self.pids = {w.pid for w in self.engine.stats().workers if w.pid}
+        # This host's workers: another node's pid means nothing here (nor their CPU time, nor leaks)
+        self.pids = {w.pid for w in self.engine.stats().workers if w.pid and not w.remote}
         self._synthetic = config.synthetic
 
     def submit(self, p: RequestParams) -> Future:
@@ -102,7 +104,8 @@ class MonoRunner:
             devices = config.devices if isinstance(config.devices, Mapping) else {s: config.devices for s in STAGES}
             configs = monolithic_configs(model, dict(devices), dict(config.instances), config.mono_threads, warmup)
         else:  # one process per pool device, pinned to its cores
-            configs = monolithic_configs(model, {}, {}, config.mono_threads, warmup, pool=tuple(config.devices))
+            pool = tuple(split_node(d)[1] for d in config.devices)  # on a cluster: here, without the node names
+            configs = monolithic_configs(model, {}, {}, config.mono_threads, warmup, pool=pool)
         self.configs, self.on_pool = configs, config.placement is not None
         self.description = describe(configs, pool=self.on_pool)
         started = time.perf_counter()

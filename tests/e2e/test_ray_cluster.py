@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from dfuse.engine.transport.shm_files import list_segments
+from process_utils import assert_every_request_served
 from ray_cluster import RAY_SKIP_REASON, run_in_ray_namespace
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(RAY_SKIP_REASON is not None, reason=RAY_SKIP_REASON or "")]
@@ -194,3 +195,24 @@ with engine({"a/cpu:0": ["encoder", "decoder"], "b/cpu:1": ["dit"]}) as e:
     for i in range(8):
         case = dict(CASES[i % 2], seed=40 + i)
         assert np.array_equal(_image(tmp_path, f"move{i}"), reference(num_inference_steps=4, **case)), i
+
+
+def test_a_sweep_runs_the_engine_on_the_cluster_and_mono_on_this_host(tmp_path, model_path):
+    script = """
+import subprocess, sys
+run = subprocess.run([sys.executable, "-m", "dfuse.cli", "bench", "sweep", "--model", "synthetic:encoder=5ms,dit=20ms,decoder=10ms,mode=sleep",
+    "--cluster", "ray", "--ray-address", ADDRESS, "--devices", "a/cpu:0,b/cpu:1",
+    "--placement", "a/cpu:0=encoder+decoder,b/cpu:1=dit", "--modes", "mono,static", "--rates", "8", "--duration", "3",
+    "--quiet-wait", "0", "--drain-timeout", "60", "--no-plots", "--out", os.path.join(OUT, "sweep")],
+    capture_output=True, text=True, timeout=400)
+report(code=run.returncode, tail=(run.stdout + run.stderr)[-3000:])
+"""
+    (result,) = _run(script, tmp_path, model_path)
+    assert result["code"] == 0, result["tail"]
+    doc = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    placement = {"a/cpu:0": ["encoder", "decoder"], "b/cpu:1": ["dit"]}
+    mono, static = assert_every_request_served(doc, ["mono", "static"], "8")
+    assert static["placement_end_devices"] == placement  # the engine's workers on both nodes
+    assert [p["device"] for p in doc["mono"]["processes"]] == ["cpu:0", "cpu:1"]  # mono: here, without the nodes
+    totals = doc["totals"]
+    assert totals["leaked_processes"] == [] and totals["leaked_segments"] == [] and not totals["run_dir_left"]
