@@ -33,6 +33,7 @@ import logging
 import os
 import threading
 import time
+from concurrent.futures import Future, TimeoutError
 from pathlib import Path
 
 import msgspec
@@ -69,7 +70,8 @@ from .transport.base import byte_view, dtype_from_name
 log = logging.getLogger("dfuse.engine")
 prompt_log = logging.getLogger("dfuse.engine.prompts")  # what the stages say of a request's prompts
 
-HEALTH_INTERVAL_S = 0.1  # how often worker liveness is checked: a crash is seen within ~0.1 s
+HEALTH_INTERVAL_S = 0.1
+MOVE_ANSWER_S = 10.0  # how long Engine.move/place wait for the core to accept or refuse  # how often worker liveness is checked: a crash is seen within ~0.1 s
 
 
 class EngineCore(TaskDispatch, WorkerRecovery, WorkerMoves, RemoteWorkers):
@@ -164,7 +166,14 @@ class EngineCore(TaskDispatch, WorkerRecovery, WorkerMoves, RemoteWorkers):
         losing nothing: movers take no new work, finish what they hold, and switch role in their
         own processes; stoppers drain likewise, then leave."""
         check_moves(dict(self.workers), self.config, moves, starts, stops)  # a copy: the core thread may change it
-        self._post(("move", (moves, starts, stops)))
+        accepted: Future = Future()
+        self._post(("move", (moves, starts, stops, accepted)))
+        # The core checks again, against its state when it gets there (a worker may have died or
+        # begun another move since): the caller hears its verdict, not only the log.
+        try:
+            accepted.result(timeout=MOVE_ANSWER_S)
+        except TimeoutError:
+            pass  # a core this busy acts on it all the same, or logs why not
 
     def close(self, timeout: float = 30.0) -> None:
         self._post(("close", None))
@@ -186,6 +195,8 @@ class EngineCore(TaskDispatch, WorkerRecovery, WorkerMoves, RemoteWorkers):
             if self._shut_down:
                 if item[0] == "submit":
                     resolve(item[1].future, error=EngineClosed(self.startup_error or "the engine is closed"))
+                elif item[0] == "move":
+                    item[1][-1].set_exception(EngineClosed("the engine is closed"))
                 return
             self._inbox.append(item)
             try:
@@ -252,7 +263,13 @@ class EngineCore(TaskDispatch, WorkerRecovery, WorkerMoves, RemoteWorkers):
                         self._elastic.arrival(item.queued_at, item.params)
                     self._queues[STAGES[0]].push(item)
             elif kind == "move":
-                self._start_moves(*item, reason="asked")
+                *batch, accepted = item
+                try:
+                    self._start_moves(*batch, reason="asked", strict=True)
+                except (ValueError, OSError) as e:
+                    accepted.set_exception(e)
+                else:
+                    accepted.set_result(None)
             elif kind == "close":
                 self._closing = True
             elif kind == "copied":  # the final pixels are out of the slot: it may take new work
@@ -574,6 +591,9 @@ class EngineCore(TaskDispatch, WorkerRecovery, WorkerMoves, RemoteWorkers):
         error = EngineClosed(self.startup_error or "the engine closed before this request completed")
         pending = [r for q in self._queues.values() for r in q] + [r for w in alive for r in w.inflight.values()]
         pending += [item for kind, item in self._inbox if kind == "submit"]
+        for kind, item in self._inbox:
+            if kind == "move":
+                item[-1].set_exception(EngineClosed("the engine closed before the move started"))
         for request in pending:
             self.completions.resolve(request.future, error=error)
         self._host.release()

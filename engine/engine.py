@@ -211,8 +211,9 @@ class Engine:
         {worker_id: stage} moves several together, e.g. two devices of a pool swapping stages.
         On a device pool a worker may take any stage (one worker per device and stage) or the
         fused role ("encoder+dit+decoder", alias "fused": the whole pipeline, alone on its
-        device); in the per-stage form, one configured on its device. ValueError if the moves
-        would leave a stage without workers."""
+        device); in the per-stage form, one configured on its device. Returns once the engine
+        core has taken the moves (they complete later); ValueError if they would leave a stage
+        without workers, or the core refuses them (a worker died or began another move meanwhile)."""
         self._check_process()
         if not self._finalizer.alive:
             raise EngineClosed("the engine is closed")
@@ -225,7 +226,8 @@ class Engine:
         where it gains (their weights from the host weight cache), drained ones stop where it
         loses; all together, as the elastic policy moves devices. ["encoder+dit+decoder"] (or
         ["fused"]) gives a device the whole pipeline in one process. Devices not named keep
-        theirs. ValueError if a stage would be left without workers."""
+        theirs. Returns once the engine core has taken the moves; ValueError if a stage would be
+        left without workers, or the core refuses them."""
         self._check_process()
         if not self._finalizer.alive:
             raise EngineClosed("the engine is closed")

@@ -56,15 +56,17 @@ class WorkerMoves:
         self.move(plan.switches, plan.starts, plan.stops)
 
     def _start_moves(self, moves: list[tuple[int, str]], starts: list[tuple[str, str]] = (), stops: list[int] = (),
-                     *, reason: str) -> None:
+                     *, reason: str, strict: bool = False) -> None:
         """Start these together, or none of them: moves (worker id, new stage), starts (device,
-        stage: a new worker) and stops (worker ids)."""
+        stage: a new worker) and stops (worker ids). `strict`: raise why they cannot start (to
+        the user who asked) rather than log it."""
         try:  # again: things may have changed since it was asked
             check_moves(self.workers, self.config, moves, starts, stops)
             new = self._new_workers(starts)  # their pools first: a full /dev/shm drops the whole batch
         except (ValueError, OSError) as e:
-            log.log(logging.INFO if reason == "elastic" else logging.WARNING,
-                    "moves %s, starts %s, stops %s dropped: %s", moves, starts, stops, e)
+            if strict:
+                raise
+            log.info("moves %s, starts %s, stops %s dropped: %s", moves, starts, stops, e)
             return
         now = time.monotonic()
         for worker_id, stage in moves:

@@ -1,5 +1,7 @@
 """Moving a worker between stages while requests flow loses nothing and changes no image."""
 
+import time
+
 import numpy as np
 import pytest
 
@@ -49,6 +51,21 @@ def test_moves_that_would_stall_a_stage_are_refused():
         (image,) = engine.generate("x", seed=4)
         assert image.getpixel((0, 0))[0] == 4
 
+
+def test_a_second_move_of_a_moving_worker_is_refused_to_the_caller_not_dropped():
+    """move() returns once the engine core has taken the move: a second move of the same worker
+    right after is refused with the reason, never accepted here and dropped there."""
+    with Engine(model="synthetic:encoder=1ms,dit=200ms,decoder=1ms", cpu_threads=1,
+                instances={"encoder": 1, "dit": 2, "decoder": 1}) as engine:
+        busy = [engine.submit("x", seed=i) for i in range(4)]
+        deadline = time.monotonic() + 30
+        while not engine.stats().workers[1].inflight:  # worker 1 has work: it drains for a while
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        engine.move(1, "decoder")
+        with pytest.raises(ValueError, match="^worker_id: worker 1 is already moving"):
+            engine.move(1, "encoder")
+        assert all(f.result(timeout=60).images for f in busy)
 
 
 def test_a_mover_takes_its_new_stage_only_once_downstream_has_read_its_outputs():
