@@ -33,7 +33,7 @@ import logging
 import os
 import threading
 import time
-from concurrent.futures import Future, TimeoutError
+from concurrent import futures
 from pathlib import Path
 
 import msgspec
@@ -70,8 +70,8 @@ from .transport.base import byte_view, dtype_from_name
 log = logging.getLogger("dfuse.engine")
 prompt_log = logging.getLogger("dfuse.engine.prompts")  # what the stages say of a request's prompts
 
-HEALTH_INTERVAL_S = 0.1
-MOVE_ANSWER_S = 10.0  # how long Engine.move/place wait for the core to accept or refuse  # how often worker liveness is checked: a crash is seen within ~0.1 s
+HEALTH_INTERVAL_S = 0.1  # how often worker liveness is checked: a crash is seen within ~0.1 s
+MOVE_ANSWER_S = 10.0  # how long Engine.move/place wait for the core to accept or refuse
 
 
 class EngineCore(TaskDispatch, WorkerRecovery, WorkerMoves, RemoteWorkers):
@@ -166,13 +166,13 @@ class EngineCore(TaskDispatch, WorkerRecovery, WorkerMoves, RemoteWorkers):
         losing nothing: movers take no new work, finish what they hold, and switch role in their
         own processes; stoppers drain likewise, then leave."""
         check_moves(dict(self.workers), self.config, moves, starts, stops)  # a copy: the core thread may change it
-        accepted: Future = Future()
+        accepted: futures.Future = futures.Future()
         self._post(("move", (moves, starts, stops, accepted)))
         # The core checks again, against its state when it gets there (a worker may have died or
         # begun another move since): the caller hears its verdict, not only the log.
         try:
             accepted.result(timeout=MOVE_ANSWER_S)
-        except TimeoutError:
+        except futures.TimeoutError:  # (not the builtin before Python 3.11)
             pass  # a core this busy acts on it all the same, or logs why not
 
     def close(self, timeout: float = 30.0) -> None:
