@@ -85,10 +85,12 @@ def _shape(info: ModelInfo, params: RequestParams) -> str:
     return f"height/width: a {params.width}x{params.height}"
 
 
-def detect_budgets(config: EngineConfig, model_path, root: Path = Path("/")) -> dict[str, int]:
+def detect_budgets(config: EngineConfig, model_path, root: Path = Path("/"), workers=None) -> dict[str, int]:
     """Bytes of activations each stage may use: its device's budget (every CPU device shares the
-    host's memory), the smallest where the stage runs on several devices. `root` is where /proc
+    host's memory), the smallest where the stage runs on several devices. `workers`: (device,
+    role) of the workers now, after moves (default: the configured ones). `root` is where /proc
     and /sys are read from (a fake tree in tests)."""
+    workers = config.workers if workers is None else list(workers)
     by_memory: dict[str, int] = {}
     for memory in {memory_of(d) for d in config.pool}:
         if memory in config.memory_limit_gib:
@@ -97,10 +99,14 @@ def detect_budgets(config: EngineConfig, model_path, root: Path = Path("/")) -> 
             by_memory[memory] = int(_mem_available(root) * CPU_SHARE)
         elif "/" in memory:  # a node's of a cluster: not measured from here (memory_limit_gib sets it)
             by_memory[memory] = UNMEASURED
-        else:
-            stages = [s for d, role in config.workers if d == memory for s in role_stages(role)]
+        else:  # a GPU: what the weights of the stages it holds now leave
+            stages = [s for d, role in workers if d == memory for s in role_stages(role)]
             by_memory[memory] = _gpu_budget(memory, list(dict.fromkeys(stages)), model_path)
-    return {stage: min(by_memory[memory_of(d)] for d in config.devices_of(stage)) for stage in STAGES}
+    budgets = {}
+    for stage in STAGES:
+        devices = {d for d, role in workers if stage in role_stages(role)} or set(config.pool)  # none: any may come to
+        budgets[stage] = min(by_memory[memory_of(d)] for d in devices)
+    return budgets
 
 
 UNMEASURED = 2**62  # a budget not known: nothing is refused for want of memory

@@ -90,6 +90,7 @@ class EngineCore(TaskDispatch, WorkerRecovery, WorkerMoves, RemoteWorkers):
         self._batch_wake: float | None = None  # a partial batch waits for companions until then
         self._leaving: list = []  # (device, process, kill deadline) of removed workers told to stop (engine/moves.py)
         self.batch_caps: dict[str, int] = {}  # activation bytes per batch and stage: set by the engine
+        self.on_layout = None  # called with the workers' (device, role) once a move changed them: by the engine
         # run dir, segment prefix and its lock, janitor, and the CPU latency request
         self._host = HostResources(config.transport.cpu_wake_latency_us)
         self.run_dir, self.segment_prefix = self._host.run_dir, self._host.segment_prefix
@@ -324,6 +325,7 @@ class EngineCore(TaskDispatch, WorkerRecovery, WorkerMoves, RemoteWorkers):
                 self._elastic.switched(switch_s)
             log.info("worker %d now serves %s (switch %.2f s)", worker.id, worker.stage, switch_s)
             worker.switch_started = None
+            self._layout_changed()
         self._startup.ready(worker, message)
         if self._cluster is not None:
             self._remote_ready(worker, message)

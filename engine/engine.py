@@ -136,8 +136,16 @@ class Engine:
             error = self._core.startup_error
             self.close()
             raise RuntimeError(error)
-        # Measured now that the workers hold their weights (see engine/admission.py).
-        budgets = detect_budgets(self.config, self.model_path)
+        # Measured now that the workers hold their weights (see engine/admission.py), and again
+        # whenever moves change which device holds which stage (the core calls on_layout).
+        self._set_budgets()
+        self._core.on_layout = self._set_budgets
+
+    def _set_budgets(self, workers=None) -> None:
+        """Memory budgets of requests and batches for the workers' layout (`workers`: their
+        (device, role) now; default: the configured ones). A new dict each time: readers on
+        other threads see the old one or the new one, whole."""
+        budgets = detect_budgets(self.config, self.model_path, workers=workers)
         self._inputs.budgets = budgets
         # A batch's summed activation estimate must fit its device's budget (or the set cap).
         cap_gib = self.config.batching.max_batch_gib

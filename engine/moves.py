@@ -199,6 +199,16 @@ class WorkerMoves:
             for other in self.workers.values():
                 self._send_control(other, wire.ClosePool(worker.pool.name))
         log.info("worker %d (%s on %s) stopped", worker.id, worker.stage, worker.device)
+        self._layout_changed()
+
+    def _layout_changed(self) -> None:
+        """A move completed (a worker serves its new stage, or left): memory budgets follow the
+        stages to their devices (a GPU that now holds more weights has less room for activations)."""
+        if self.on_layout is not None:
+            try:
+                self.on_layout([(w.device, w.stage) for w in self.workers.values() if not w.stopping])
+            except Exception:  # the old budgets stay: a measurement that failed must not stop the core
+                log.exception("could not measure the memory budgets after a move")
 
 
     def _reap_leaving(self, closing: bool = False) -> None:
