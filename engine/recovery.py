@@ -61,6 +61,11 @@ class WorkerRecovery:
                 if worker.load_deaths >= self.config.max_attempts:
                     self._fail_unservable(worker, f"worker {worker.id} died {worker.load_deaths} times in a row while "
                                                   f"loading (last exit code {code}); the engine keeps restarting it")
+            if getattr(worker.process, "node_lost", False):  # its node's agent is gone: no exit code came
+                log.warning("%s worker %d on %s is gone with its node's dfuse agent (the node left the Ray cluster, "
+                            "or the agent was killed); replacing it", worker.stage, worker.id, worker.device)
+                self._recover(worker, "its node's agent is gone")
+                continue
             log.warning("%s worker %d died (exit code %s); restarting it", worker.stage, worker.id, code)
             self._recover(worker, f"exit code {code}")
 

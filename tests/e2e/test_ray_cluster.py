@@ -35,6 +35,14 @@ def save(name, image):
 
 def report(**fields):
     print("RESULT " + json.dumps(fields), flush=True)
+
+def on_the_dit(e, steps_seen):  # submit CASES[0] with 30 steps; return once the DiT made steps_seen of them
+    steps = []
+    future = e.submit(num_inference_steps=30, on_progress=lambda stage, step, total: steps.append(step), **CASES[0])
+    deadline = time.monotonic() + 120
+    while len(steps) < steps_seen and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return future, steps
 """
 
 
@@ -92,11 +100,7 @@ class Count(logging.Handler):
 logging.getLogger("dfuse.engine").addHandler(Count())
 
 with engine({"a/cpu:0": ["encoder", "decoder"], "b/cpu:1": ["dit"]}) as e:
-    steps = []
-    future = e.submit(num_inference_steps=30, on_progress=lambda stage, step, total: steps.append(step), **CASES[0])
-    deadline = time.monotonic() + 120
-    while len(steps) < 2 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    future, steps = on_the_dit(e, 2)
     # Request 0 is on the DiT on node b. A stranger on the network says it failed (unsigned, and
     # signed with another secret), and tells the DiT worker itself to cancel it.
     core, context, stranger = e._core, zmq.Context.instance(), FrameSigner(new_secret())
@@ -120,11 +124,7 @@ with engine({"a/cpu:0": ["encoder", "decoder"], "b/cpu:1": ["dit"]}) as e:
 def test_a_worker_killed_on_node_b_is_replaced_and_its_request_completes(tmp_path, model_path, reference):
     script = """
 with engine({"a/cpu:0": ["encoder", "decoder"], "b/cpu:1": ["dit"]}) as e:
-    steps = []
-    future = e.submit(num_inference_steps=30, on_progress=lambda stage, step, total: steps.append(step), **CASES[0])
-    deadline = time.monotonic() + 120
-    while len(steps) < 3 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    future, steps = on_the_dit(e, 3)
     (dit,) = [w for w in e.stats().workers if w.stage == "dit"]
     os.kill(dit.pid, signal.SIGKILL)  # mid-request, on node b (one PID namespace for the whole cluster)
     save("after_kill", future.result(timeout=300).images[0])
