@@ -85,26 +85,44 @@ def _shape(info: ModelInfo, params: RequestParams) -> str:
     return f"height/width: a {params.width}x{params.height}"
 
 
-def detect_budgets(config: EngineConfig, model_path, root: Path = Path("/"), workers=None) -> dict[str, int]:
+def detect_budgets(config: EngineConfig, model_path, root: Path = Path("/")) -> dict[str, int]:
     """Bytes of activations each stage may use: its device's budget (every CPU device shares the
-    host's memory), the smallest where the stage runs on several devices. `workers`: (device,
-    role) of the workers now, after moves (default: the configured ones). `root` is where /proc
+    host's memory), the smallest where the stage runs on several devices. `root` is where /proc
     and /sys are read from (a fake tree in tests)."""
+    return stage_budgets(config, memory_budgets(config, model_path, root))
+
+
+def memory_budgets(config: EngineConfig, model_path, root: Path = Path("/"), workers=None,
+                   gpus_only: bool = False) -> dict[str, int]:
+    """Activation bytes per memory (memory_of: "cpu", "cuda:0", "b/cpu" ...). `workers`: (device,
+    role) of the workers now, after moves (default: the configured ones): a GPU's budget is what
+    the weights of the stages it holds leave. `gpus_only`: only those (a move changes nothing
+    else; free host memory read mid-move would count a leaving worker's)."""
     workers = config.workers if workers is None else list(workers)
     by_memory: dict[str, int] = {}
     for memory in {memory_of(d) for d in config.pool}:
+        gpu = memory not in ("cpu",) and "/" not in memory
+        if gpus_only and (not gpu or memory in config.memory_limit_gib):
+            continue
         if memory in config.memory_limit_gib:
             by_memory[memory] = int(config.memory_limit_gib[memory] * 2**30)
         elif memory == "cpu":
             by_memory[memory] = int(_mem_available(root) * CPU_SHARE)
-        elif "/" in memory:  # a node's of a cluster: not measured from here (memory_limit_gib sets it)
+        elif not gpu:  # a node's of a cluster: not measured from here (memory_limit_gib sets it)
             by_memory[memory] = UNMEASURED
-        else:  # a GPU: what the weights of the stages it holds now leave
+        else:
             stages = [s for d, role in workers if d == memory for s in role_stages(role)]
             by_memory[memory] = _gpu_budget(memory, list(dict.fromkeys(stages)), model_path)
+    return by_memory
+
+
+def stage_budgets(config: EngineConfig, by_memory: dict[str, int], workers=None) -> dict[str, int]:
+    """Each stage's budget: the smallest of its workers' memories (`workers` as in memory_budgets;
+    a stage no worker serves now: the smallest of the pool's, any device may come to host it)."""
+    workers = config.workers if workers is None else list(workers)
     budgets = {}
     for stage in STAGES:
-        devices = {d for d, role in workers if stage in role_stages(role)} or set(config.pool)  # none: any may come to
+        devices = {d for d, role in workers if stage in role_stages(role)} or set(config.pool)
         budgets[stage] = min(by_memory[memory_of(d)] for d in devices)
     return budgets
 

@@ -88,7 +88,7 @@ class RayCluster:
     def _init_nodes(self, devices: list[str]) -> None:
         ray = self._ray
         self.secret = new_secret()
-        self.signer = FrameSigner(self.secret)
+        self.opener = FrameSigner(self.secret)  # the core thread's: opens every remote worker's frames to the engine
         self.own_node_id = ray.get_runtime_context().get_node_id()
         self._nodes = self._live_nodes()
         self.host = self._nodes[self.own_node_id]["NodeManagerAddress"]  # where the engine listens for workers

@@ -66,6 +66,7 @@ from .state import (
 from .launcher import spawn_worker, stop_all
 from .startup import StartupProgress
 from .transport.base import byte_view, dtype_from_name
+from .transport.tcp import FrameSigner
 
 log = logging.getLogger("dfuse.engine")
 prompt_log = logging.getLogger("dfuse.engine.prompts")  # what the stages say of a request's prompts
@@ -88,7 +89,7 @@ class EngineCore(TaskDispatch, WorkerRecovery, WorkerMoves, RemoteWorkers):
         self._queues = {stage: StageQueue() for stage in STAGES}
         self._stats = StatsRecorder()
         self._batch_wake: float | None = None  # a partial batch waits for companions until then
-        self._leaving: list = []  # (device, process, kill deadline) of removed workers told to stop (engine/moves.py)
+        self._leaving: list = []  # moves.Leaving: removed workers' processes told to stop, until they exit
         self.batch_caps: dict[str, int] = {}  # activation bytes per batch and stage: set by the engine
         self.on_layout = None  # called with the workers' (device, role) once a move changed them: by the engine
         # run dir, segment prefix and its lock, janitor, and the CPU latency request
@@ -174,7 +175,8 @@ class EngineCore(TaskDispatch, WorkerRecovery, WorkerMoves, RemoteWorkers):
         try:
             accepted.result(timeout=MOVE_ANSWER_S)
         except futures.TimeoutError:  # (not the builtin before Python 3.11)
-            pass  # a core this busy acts on it all the same, or logs why not
+            raise TimeoutError(f"the engine core did not take the moves within {MOVE_ANSWER_S:g} s; they may still "
+                               "start (the log says whether they did)") from None
 
     def close(self, timeout: float = 30.0) -> None:
         self._post(("close", None))
@@ -232,7 +234,7 @@ class EngineCore(TaskDispatch, WorkerRecovery, WorkerMoves, RemoteWorkers):
                 if self._results in events:
                     self._drain_results(handlers, self._results)
                 if self._cluster is not None and self._remote_results in events:
-                    self._drain_results(handlers, self._remote_results, self._cluster.signer)
+                    self._drain_results(handlers, self._remote_results, self._cluster.opener)
                 for worker in self.workers.values():
                     self._flush_outbox(worker)
                 self._advance_moves()
@@ -268,7 +270,11 @@ class EngineCore(TaskDispatch, WorkerRecovery, WorkerMoves, RemoteWorkers):
                 try:
                     self._start_moves(*batch, reason="asked", strict=True)
                 except (ValueError, OSError) as e:
+                    log.warning("moves %s refused: %s", batch, e)  # also for a caller who stopped waiting
                     accepted.set_exception(e)
+                except BaseException as e:  # the core is crashing: the caller hears, then the loop's handler
+                    accepted.set_exception(e)
+                    raise
                 else:
                     accepted.set_result(None)
             elif kind == "close":
@@ -368,8 +374,8 @@ class EngineCore(TaskDispatch, WorkerRecovery, WorkerMoves, RemoteWorkers):
         if worker.socket is None:  # its replacement could not be started yet: kept for it
             return False
         frame = wire.encode(message)
-        if self._is_remote(worker):
-            frame = self._cluster.signer.sign(frame)
+        if worker.signer is not None:  # on another node: signed for its process alone
+            frame = worker.signer.sign(frame)
         try:
             worker.socket.send(frame, zmq.NOBLOCK)
             return True
@@ -538,6 +544,7 @@ class EngineCore(TaskDispatch, WorkerRecovery, WorkerMoves, RemoteWorkers):
         socket.setsockopt(zmq.LINGER, 0)
         if remote:  # it binds on its node and says where in its READY (stages/worker.py)
             endpoint = f"tcp://{self._cluster.node_address(worker.device)}"
+            worker.signer = FrameSigner(self._cluster.secret)  # a session of its own, for this process only
         else:
             endpoint = self._host.endpoint(f"w{worker.id}.{worker.generation}")
             socket.bind(endpoint)
@@ -550,7 +557,8 @@ class EngineCore(TaskDispatch, WorkerRecovery, WorkerMoves, RemoteWorkers):
             engine_pid=os.getpid(),
             segment_prefix=self.segment_prefix, run_dir=self.run_dir,
             gpu_pool=None if not worker.pool.on_gpu else (worker.pool.name, worker.pool.slot_bytes, worker.pool.n_slots),
-            cpus=worker.cpus, variant=self.config.variant, generation=worker.generation, secret=self._cluster.secret.hex() if self._cluster else None,
+            cpus=worker.cpus, variant=self.config.variant, generation=worker.generation,
+            task_session=worker.signer.session.hex() if remote else None, secret=self._cluster.secret.hex() if self._cluster else None,
         )
         try:
             worker.process = self._cluster.spawn(worker.device, spec) if remote else spawn_worker(spec, self._host.janitor)

@@ -15,7 +15,7 @@ import msgspec
 from PIL import Image
 
 from ..scheduler.core import STAGES
-from .admission import detect_budgets
+from .admission import memory_budgets, stage_budgets
 from .auto_placement import auto_placed, device_memory_gb, stage_memory
 from .completions import UserFuture, resolve
 from .config import DEFAULT_MODEL, EngineConfig
@@ -137,21 +137,11 @@ class Engine:
             self.close()
             raise RuntimeError(error)
         # Measured now that the workers hold their weights (see engine/admission.py), and again
-        # whenever moves change which device holds which stage (the core calls on_layout).
-        self._set_budgets()
-        self._core.on_layout = self._set_budgets
-
-    def _set_budgets(self, workers=None) -> None:
-        """Memory budgets of requests and batches for the workers' layout (`workers`: their
-        (device, role) now; default: the configured ones). A new dict each time: readers on
-        other threads see the old one or the new one, whole."""
-        budgets = detect_budgets(self.config, self.model_path, workers=workers)
-        self._inputs.budgets = budgets
-        # A batch's summed activation estimate must fit its device's budget (or the set cap).
-        cap_gib = self.config.batching.max_batch_gib
-        self._core.batch_caps = {
-            s: budget if cap_gib is None else min(budget, int(cap_gib * 2**30)) for s, budget in budgets.items()
-        }
+        # (GPUs only) whenever moves change which device holds which stage: the core calls
+        # on_layout, which must not hold the Engine (its finalizer would never run).
+        budgets = _Budgets(self.config, self.model_path, self._inputs, self._core)
+        self._core.on_layout = budgets.update
+        budgets.update()
 
     # --- requests ----------------------------------------------------------------------------
     def submit(
@@ -334,3 +324,25 @@ def _gather(requests: list[Request], outer: UserFuture) -> UserFuture:
         request.future.add_done_callback(on_inner_done)
     outer.add_internal_callback(on_outer_done)
     return outer
+
+
+class _Budgets:
+    """The memory budgets of requests (the input processor's) and batches (the core's), kept to
+    the workers' layout. New dicts each time: readers on other threads see old or new, whole."""
+
+    def __init__(self, config, model_path, inputs, core):
+        self._config, self._model_path, self._inputs, self._core = config, model_path, inputs, core
+        self._by_memory = memory_budgets(config, model_path)
+
+    def update(self, workers=None) -> None:
+        """`workers`: (device, role) of the workers now (default: the configured ones)."""
+        if workers is not None:
+            self._by_memory = {**self._by_memory, **memory_budgets(self._config, self._model_path, workers=workers,
+                                                                   gpus_only=True)}
+        budgets = stage_budgets(self._config, self._by_memory, workers)
+        self._inputs.budgets = budgets
+        # A batch's summed activation estimate must fit its device's budget (or the set cap).
+        cap_gib = self._config.batching.max_batch_gib
+        self._core.batch_caps = {
+            s: budget if cap_gib is None else min(budget, int(cap_gib * 2**30)) for s, budget in budgets.items()
+        }

@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import logging
 import time
+from dataclasses import dataclass
 
 import zmq
 
@@ -84,8 +85,8 @@ class WorkerMoves:
             self._stats.moved(now, worker.id, IDLE, worker.stage, reason)  # recorded before stats() can see it
             worker.switch_started = now
             self.workers[worker.id] = worker
-            if self._device_has_leavers(worker.device):
-                worker.waits_for_device = True  # _advance_moves starts it once they are gone
+            if self._device_leaving(worker.device):
+                worker.waits_for_device = True  # _advance_moves starts it once they have exited
             else:
                 self._start_new(worker)
 
@@ -97,11 +98,17 @@ class WorkerMoves:
             log.warning("could not start worker %d (%s); retrying", worker.id, e)
             worker.process, worker.respawn_at = None, time.monotonic() + 1.0
 
+    def _device_leaving(self, device: str) -> bool:
+        """Removed workers' processes on `device` have not exited yet: they still hold their
+        weights there (a GPU must not hold two sets at once). Bounded: each exits or is killed
+        within STOP_TIMEOUT_S. New and restarted workers wait only for these, never for workers
+        still draining: a draining worker's outputs may wait for the new worker to read them."""
+        return any(entry.device == device for entry in self._leaving)
+
     def _device_has_leavers(self, device: str) -> bool:
-        """Workers leaving `device` still hold their weights there: stopping ones, and removed
-        ones whose process has not exited yet. A GPU must never hold both sets at once."""
-        return (any(w.stopping and w.device == device for w in self.workers.values())
-                or any(d == device for d, _, _ in self._leaving))
+        """For a mover (a switch in place): also workers still draining on its device. A mover is
+        never the reader a draining worker waits for (check_moves counts only staying ones)."""
+        return self._device_leaving(device) or any(w.stopping and w.device == device for w in self.workers.values())
 
     def _new_workers(self, starts: list[tuple[str, str]]) -> list[Worker]:
         """Workers for `starts`, each with its output pool on the host, where any consumer can
@@ -156,7 +163,7 @@ class WorkerMoves:
             if worker.stopping and not worker.inflight and worker.pool.free == worker.pool.n_slots:
                 self._remove_worker(worker)
                 continue
-            if worker.waits_for_device and not self._device_has_leavers(worker.device):
+            if worker.waits_for_device and not self._device_leaving(worker.device):
                 self._start_new(worker)
                 continue
             if worker.moving_to is None or not worker.ready or worker.inflight:
@@ -189,7 +196,7 @@ class WorkerMoves:
         del self.workers[worker.id]
         if worker.process is not None:  # it holds no task: the word on its death pipe ends it at once
             worker.process.send_stop()
-            self._leaving.append((worker.device, worker.process, time.monotonic() + STOP_TIMEOUT_S))  # _reap_leaving
+            self._leaving.append(Leaving(worker.device, worker.process, time.monotonic() + STOP_TIMEOUT_S))
         if worker.socket is not None:
             endpoint = worker.socket.getsockopt_string(zmq.LAST_ENDPOINT)
             worker.socket.close(linger=0)
@@ -213,15 +220,23 @@ class WorkerMoves:
 
     def _reap_leaving(self, closing: bool = False) -> None:
         """Reap the processes of removed workers that have exited; kill those still there past
-        their deadline (or all, when the engine closes). Never waits: the core serves meanwhile."""
+        their deadline (or all, when the engine closes). Never waits: the core serves meanwhile.
+        A killed one stays listed until it has exited (a remote kill is only asked for), or for
+        one more STOP_TIMEOUT_S at most."""
         still = []
-        for device, process, deadline in self._leaving:
-            if process.exitcode is not None:
-                process.reaped()
-            elif closing or time.monotonic() >= deadline:
-                process.kill()  # and reaps it
-            else:
-                still.append((device, process, deadline))
+        for entry in self._leaving:
+            if entry.process.exitcode is not None:
+                entry.process.reaped()
+                continue
+            if (closing or time.monotonic() >= entry.deadline) and not entry.killed:
+                entry.process.kill()  # a local one is reaped by it
+                entry.killed, entry.deadline = True, time.monotonic() + STOP_TIMEOUT_S
+                if entry.process.exitcode is not None:
+                    continue
+            if not closing and time.monotonic() < entry.deadline:
+                still.append(entry)
+            elif entry.killed and not closing:
+                log.warning("a removed worker's process on %s did not exit after a kill", entry.device)
         self._leaving = still
 
     def _unlink_pool(self, worker: Worker) -> None:
@@ -231,6 +246,16 @@ class WorkerMoves:
             self._cluster.remove_pool(worker.device, worker.pool.name)
         else:
             unlink_segment(worker.pool.name)
+
+
+@dataclass
+class Leaving:
+    """A removed worker's process, told to stop, until it has exited (engine/moves.py _reap_leaving)."""
+
+    device: str
+    process: object  # launcher.WorkerProcess or cluster.RemoteWorkerProcess
+    deadline: float  # monotonic: killed then (and dropped one STOP_TIMEOUT_S after the kill)
+    killed: bool = False
 
 
 IDLE = "idle"

@@ -8,6 +8,8 @@ its death pipe and its clean-up are the same code. The agent holds the death pip
 engine goes, Ray kills its actors, the pipes close and the workers exit. When an actor's process
 ends, Ray also SIGKILLs its children (the workers): nobody would clean up after them, so the
 agent's janitor is not its child (Janitor.start detached) and removes what they left in /dev/shm.
+(With Ray's RAY_kill_child_processes_on_worker_exit_with_raylet_subreaper set, the raylet adopts
+and kills it too: then the next agent or engine on the node sweeps what was left.)
 
 A worker's pool belongs to the agent, not to the worker: outputs a worker wrote stay readable
 after it dies, as a host pool the engine owns does on one host. Kept free of Ray imports: the

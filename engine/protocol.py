@@ -75,6 +75,7 @@ class WorkerSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     variant: str | None = None  # which weight files to load (diffusers' variant: "fp16"); None: the plain ones
     generation: int = 0  # how many processes this worker has had (engine/core.py _spawn), this one included
     secret: str | None = None  # hex, on a cluster: signs reads of other nodes' pools, and every frame of a TCP task socket
+    task_session: str | None = None  # hex: the engine-side signer session its TCP task socket accepts frames of
 
 
 class RequestParams(msgspec.Struct, **_STRUCT):

@@ -27,6 +27,7 @@ from .transport.slots import SlotPool
 log = logging.getLogger("dfuse.engine")
 
 
+HEALTH_TICK_S = 0.1  # a respawn deferred for a device's leaving workers is tried again this soon
 SPAWN_BACKOFF_S = (0.1, 5.0)  # the first retry of a failed replacement spawn, and the longest wait
 LOAD_RETRY_BACKOFF_S = (0.5, 30.0)  # the same, after max_attempts deaths in a row while loading
 
@@ -183,6 +184,9 @@ class WorkerRecovery:
             worker.process, worker.respawn_at = None, time.monotonic() + wait
             log.warning("%s worker %d died %d times in a row while loading; next try in %.1f s",
                         worker.stage, worker.id, worker.load_deaths, wait)
+            return
+        if self._device_leaving(worker.device):  # a removed worker there still holds its weights: soon gone
+            worker.process, worker.respawn_at = None, time.monotonic() + HEALTH_TICK_S
             return
         worker.respawn_at = None
         try:

@@ -107,6 +107,7 @@ class Worker:
     died_at: float | None = None  # monotonic time its death was noticed, until its replacement is READY
     moving_to: str | None = None  # draining before it switches to this stage
     stopping: bool = False  # draining before it leaves its device (an elastic move that shrinks it)
+    signer: object = None  # transport.tcp.FrameSigner of its task socket, for a worker on another node (one per process)
     waits_for_device: bool = False  # a new worker not started until the workers leaving its device are gone
     switch_started: float | None = None  # a move's start, until the new stage is READY
     inflight: dict[int, Request] = field(default_factory=dict)  # in dispatch (= compute) order

@@ -109,7 +109,7 @@ def run_stage_worker(spec: WorkerSpec, death_pipe: Connection) -> None:
     if _signer is not None:
         task_socket.setsockopt(zmq.MAXMSGSIZE, MAX_TASK_FRAME_BYTES)  # a stranger's huge frame is not buffered
         task_address = f"{spec.task_endpoint}:{task_socket.bind_to_random_port(spec.task_endpoint)}"
-        opener = FrameSigner(secret)
+        opener = FrameSigner(secret, accept=bytes.fromhex(spec.task_session))  # its engine-side signer's frames only
     else:
         task_socket.connect(spec.task_endpoint)
     receiver = threading.Thread(target=_receive, args=(task_socket, opener, endpoint, tasks, cancelled), daemon=True)

@@ -57,11 +57,15 @@ class FrameSigner:
 
     MAX_SESSIONS = 4096  # senders remembered per receiver (workers, their restarts, slot clients)
 
-    def __init__(self, secret: bytes):
+    def __init__(self, secret: bytes, accept: bytes | None = None):
+        """`accept`: open only frames of that session (a socket with one rightful sender: a
+        worker's task socket takes only its own engine-side signer's frames, so a frame the
+        engine sent to another worker, or to this worker's previous process, is not taken)."""
         if len(secret) < 16:
             raise ValueError("secret: at least 16 bytes")
         self._secret = secret
-        self._session = secrets.token_bytes(8)
+        self.session = secrets.token_bytes(8)
+        self._accept = accept
         self._counter = 0
         self._last: dict[bytes, int] = {}  # session -> its last counter opened here
 
@@ -70,7 +74,7 @@ class FrameSigner:
 
     def sign(self, frame: bytes) -> bytes:
         self._counter += 1
-        body = self._session + self._counter.to_bytes(8, "big") + frame
+        body = self.session + self._counter.to_bytes(8, "big") + frame
         return self._tag(body) + body
 
     def open(self, signed: bytes) -> bytes | None:
@@ -82,7 +86,7 @@ class FrameSigner:
         if not hmac.compare_digest(tag, self._tag(body)):
             return None
         session, counter = body[:8], int.from_bytes(body[8:16], "big")
-        if counter <= self._last.get(session, 0):
+        if counter <= self._last.get(session, 0) or (self._accept is not None and session != self._accept):
             return None
         self._last.pop(session, None)  # re-inserted last: the dict stays in order of use
         self._last[session] = counter

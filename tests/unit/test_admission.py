@@ -210,13 +210,15 @@ def test_no_cgroup_files_leaves_memavailable_and_nothing_readable_refuses_nothin
 def test_budgets_follow_the_stages_when_moves_change_which_device_holds_them():
     """Each stage's budget is its devices' memory: after a move (the engine passes the workers'
     layout then), the DiT that moved to the small device gets the small budget."""
-    from dfuse.engine.admission import detect_budgets
+    from dfuse.engine.admission import detect_budgets, memory_budgets, stage_budgets
     from dfuse.engine.config import EngineConfig
 
     config = EngineConfig(devices=["a/cpu:0", "b/cpu:0"], placement={"a/cpu:0": ["encoder", "decoder"], "b/cpu:0": ["dit"]},
                           cluster="ray", ray_address="127.0.0.1:6379", memory_limit_gib={"a/cpu": 2, "b/cpu": 8})
     assert detect_budgets(config, None) == {"encoder": 2 * GIB, "dit": 8 * GIB, "decoder": 2 * GIB}
+    by_memory = memory_budgets(config, None)
     swapped = [("a/cpu:0", "dit"), ("b/cpu:0", "encoder"), ("b/cpu:0", "decoder")]
-    assert detect_budgets(config, None, workers=swapped) == {"encoder": 8 * GIB, "dit": 2 * GIB, "decoder": 8 * GIB}
+    assert stage_budgets(config, by_memory, swapped) == {"encoder": 8 * GIB, "dit": 2 * GIB, "decoder": 8 * GIB}
     fused = [("a/cpu:0", "encoder+dit+decoder"), ("b/cpu:0", "encoder+dit+decoder")]  # each runs every stage
-    assert detect_budgets(config, None, workers=fused) == {"encoder": 2 * GIB, "dit": 2 * GIB, "decoder": 2 * GIB}
+    assert stage_budgets(config, by_memory, fused) == {"encoder": 2 * GIB, "dit": 2 * GIB, "decoder": 2 * GIB}
+    assert memory_budgets(config, None, workers=swapped, gpus_only=True) == {}  # no GPU: nothing to measure again

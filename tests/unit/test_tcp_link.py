@@ -93,3 +93,13 @@ def test_a_forged_truncated_or_replayed_frame_fails_to_open():
     assert receiver.open(second) == b"next"
     assert receiver.open(first) is None  # an older one
     assert FrameSigner(secret).open(first) == b"task"  # counters are per receiver and sender
+
+
+def test_a_socket_with_one_rightful_sender_takes_no_other_senders_frames():
+    """A worker's task socket accepts only the engine-side signer made for its process: a frame
+    the engine signed for another worker (or this worker's previous process) is not taken."""
+    secret = new_secret()
+    mine, theirs = FrameSigner(secret), FrameSigner(secret)
+    opener = FrameSigner(secret, accept=mine.session)
+    assert opener.open(theirs.sign(b"task for another worker")) is None
+    assert opener.open(mine.sign(b"my task")) == b"my task"
