@@ -64,6 +64,10 @@ def _image(tmp_path, name):
 
 def test_two_nodes_serve_images_equal_to_diffusers_either_way_round(tmp_path, model_path, reference):
     script = """
+try:  # a node name no node of the cluster has: refused up front, naming the nodes there are
+    engine({"a/cpu:0": ["encoder", "decoder"], "z/cpu:1": ["dit"]})
+except ValueError as error:
+    report(error=str(error))
 for name, placement in [("dit_on_b", {"a/cpu:0": ["encoder", "decoder"], "b/cpu:1": ["dit"]}),
                         ("ends_on_b", {"a/cpu:0": ["dit"], "b/cpu:1": ["encoder", "decoder"]})]:
     with engine(placement) as e:
@@ -74,7 +78,9 @@ for name, placement in [("dit_on_b", {"a/cpu:0": ["encoder", "decoder"], "b/cpu:
             save(f"{name}{i}", future.result(timeout=300).images[0])
         report(name=name, completed=e.stats().completed, failed=e.stats().failed)
 """
-    results = _run(script, tmp_path, model_path)
+    error, *results = _run(script, tmp_path, model_path)
+    assert error == {"error": "devices: no live node of the Ray cluster has the dfuse-node label (or IP) 'z'; "
+                              "nodes: ['a', 'b']"}
     assert results[0] == {"name": "dit_on_b", "placement": {"a/cpu:0": ["encoder", "decoder"], "b/cpu:1": ["dit"]},
                           "links": {"encoder->dit": "tcp", "dit->decoder": "tcp", "decoder->engine": "shm"}}
     assert results[2]["links"] == {"encoder->dit": "tcp", "dit->decoder": "tcp", "decoder->engine": "tcp"}
