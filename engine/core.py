@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import os
 import threading
 import time
 from concurrent import futures
@@ -41,7 +40,6 @@ import zmq
 
 from ..scheduler.core import FUSED, STAGES
 from . import protocol as wire
-from .protocol import WorkerSpec
 from .config import EngineConfig
 from .devices import describe_device, device_kind
 from .dispatch import observe
@@ -51,8 +49,9 @@ from .host_resources import HostResources
 from .worker_layout import build_workers, check_moves, choose_links, pin_cpu_workers
 from .queues import StageQueue
 from .moves import WorkerMoves
-from .recovery import WorkerRecovery, unlink_ipc_file
+from .recovery import WorkerRecovery
 from .remote_workers import RemoteWorkers
+from .worker_spawn import WorkerSpawn
 from .task_dispatch import TaskDispatch
 from .stats import EngineStats, StatsRecorder
 from .state import (
@@ -63,10 +62,9 @@ from .state import (
     StageTiming,
     Worker,
 )
-from .launcher import spawn_worker, stop_all
+from .launcher import stop_all
 from .startup import StartupProgress
 from .transport.base import byte_view, dtype_from_name
-from .transport.tcp import FrameSigner
 
 log = logging.getLogger("dfuse.engine")
 prompt_log = logging.getLogger("dfuse.engine.prompts")  # what the stages say of a request's prompts
@@ -75,7 +73,7 @@ HEALTH_INTERVAL_S = 0.1  # how often worker liveness is checked: a crash is seen
 MOVE_ANSWER_S = 10.0  # how long Engine.move/place wait for the core to accept or refuse
 
 
-class EngineCore(TaskDispatch, WorkerRecovery, WorkerMoves, RemoteWorkers):
+class EngineCore(TaskDispatch, WorkerRecovery, WorkerMoves, RemoteWorkers, WorkerSpawn):
     def __init__(self, config: EngineConfig, model_path: Path, true_cfg: bool = False, memory=None):
         self.config = config
         self.model_path = model_path
@@ -533,41 +531,6 @@ class EngineCore(TaskDispatch, WorkerRecovery, WorkerMoves, RemoteWorkers):
         self.ready.set()
 
     # --- worker processes --------------------------------------------------------------------
-    def _spawn(self, worker: Worker) -> None:
-        remote = self._is_remote(worker)
-        if remote:
-            self._ready_remote_pool(worker)  # OSError (retried later) while its node's agent starts
-        worker.generation += 1
-        worker.outbox.clear()  # meant for the previous process; the new one is told at its READY
-        # A fresh endpoint per generation: frames queued for a dead worker die with its socket.
-        socket = self._context.socket(zmq.PUSH)
-        socket.setsockopt(zmq.LINGER, 0)
-        if remote:  # it binds on its node and says where in its READY (stages/worker.py)
-            endpoint = f"tcp://{self._cluster.node_address(worker.device)}"
-            worker.signer = FrameSigner(self._cluster.secret)  # a session of its own, for this process only
-        else:
-            endpoint = self._host.endpoint(f"w{worker.id}.{worker.generation}")
-            socket.bind(endpoint)
-        worker.socket = socket
-        spec = WorkerSpec(
-            worker_id=worker.id, stage=worker.stage, model_path=str(self.model_path), device=worker.device,
-            dtype=str(self.config.torch_dtype(worker.device)).removeprefix("torch."),
-            cpu_threads=self.config.threads_per_worker(worker.device), task_endpoint=endpoint,
-            result_endpoint=self._remote_results_address if remote else self._host.endpoint("results"),
-            engine_pid=os.getpid(),
-            segment_prefix=self.segment_prefix, run_dir=self.run_dir,
-            gpu_pool=None if not worker.pool.on_gpu else (worker.pool.name, worker.pool.slot_bytes, worker.pool.n_slots),
-            cpus=worker.cpus, variant=self.config.variant, generation=worker.generation,
-            task_session=worker.signer.session.hex() if remote else None, secret=self._cluster.secret.hex() if self._cluster else None,
-        )
-        try:
-            worker.process = self._cluster.spawn(worker.device, spec) if remote else spawn_worker(spec, self._host.janitor)
-        except OSError:  # no process: the socket bound for it must not stay (nor its file)
-            worker.socket = None
-            socket.close()
-            unlink_ipc_file(endpoint)
-            raise
-
     def _expire_waiting(self) -> None:
         """Cancelled and expired requests leave now: waiting ones at once, not when they reach a
         worker; computing ones once their worker stops (a DiT at its next denoising step, an
