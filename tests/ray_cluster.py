@@ -1,6 +1,6 @@
 """A throwaway multi-node Ray cluster for e2e tests, sealed in its own namespaces (imported by basename).
 
-Rules, learned the hard way on these machines (see /work/shared/FACTS.md, "Ray on these machines"):
+Rules, learned the hard way on these machines (see the shared FACTS.md, "Ray on these machines"):
 - Every Ray process runs inside a fresh `unshare -n -p -f --mount-proc` namespace with only `lo` up.
   Ray does not stay on loopback: even with the dashboard and usage stats off it probes 8.8.8.8:53,
   cloud metadata addresses and resolvers. In an empty network namespace those probes fail at once,
