@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-import dfuse.engine.core as core_module
+import dfuse.engine.worker_spawn as spawn_module
 from dfuse import Engine
 from dfuse.engine.transport.shm_files import list_segments
 
@@ -45,7 +45,7 @@ def test_generate_inside_a_callback_works():
 def test_a_failed_spawn_fails_start_up_and_leaves_nothing(monkeypatch):
     """A spawn that raises (e.g. out of file descriptors) must
     not hang the engine's shutdown on the socket it had bound for that worker."""
-    real_spawn, started = core_module.spawn_worker, []
+    real_spawn, started = spawn_module.spawn_worker, []
 
     def spawn_or_fail(spec, *args):
         started.append(spec)
@@ -53,7 +53,7 @@ def test_a_failed_spawn_fails_start_up_and_leaves_nothing(monkeypatch):
             raise OSError(24, "Too many open files")
         return real_spawn(spec, *args)
 
-    monkeypatch.setattr(core_module, "spawn_worker", spawn_or_fail)
+    monkeypatch.setattr(spawn_module, "spawn_worker", spawn_or_fail)
     # Other tests' engines (a session fixture) may run in this process: compare with before.
     threads_before, children_before = set(threading.enumerate()), set(children_of(os.getpid()))
     with pytest.raises(RuntimeError, match="Too many open files"):
@@ -69,7 +69,7 @@ def test_a_failed_spawn_fails_start_up_and_leaves_nothing(monkeypatch):
 def test_a_replacement_the_machine_refuses_to_start_is_tried_again_and_the_engine_serves(monkeypatch):
     """Out of file descriptors while a dead worker is replaced: the engine keeps serving with the
     others and starts the replacement once the machine lets it (it used to stop for good)."""
-    real_spawn, refusals = core_module.spawn_worker, [0]
+    real_spawn, refusals = spawn_module.spawn_worker, [0]
 
     def refuse_twice(spec, *args):
         if spec.stage == "dit" and refusals[0] < 2:
@@ -79,7 +79,7 @@ def test_a_replacement_the_machine_refuses_to_start_is_tried_again_and_the_engin
 
     with Engine(model=SYNTHETIC, cpu_threads=1) as engine:
         (dit,) = [w for w in engine.stats().workers if w.stage == "dit"]
-        monkeypatch.setattr(core_module, "spawn_worker", refuse_twice)
+        monkeypatch.setattr(spawn_module, "spawn_worker", refuse_twice)
         os.kill(dit.pid, signal.SIGKILL)
         (image,) = engine.generate("x", seed=9, timeout=120)  # waits for the replacement, then served
         assert image.getpixel((0, 0))[0] == 9
