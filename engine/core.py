@@ -74,8 +74,12 @@ MOVE_ANSWER_S = 10.0  # how long Engine.move/place wait for the core to accept o
 
 
 class EngineCore(TaskDispatch, WorkerRecovery, WorkerMoves, RemoteWorkers, WorkerSpawn):
-    def __init__(self, config: EngineConfig, model_path: Path, true_cfg: bool = False, memory=None):
+    def __init__(self, config: EngineConfig, model_path: Path, true_cfg: bool = False, memory=None, launch=None):
+        """`launch(spec, janitor)` starts a worker's process on this host and returns its handle
+        (alive, exitcode, pid, kill, send_stop, wait_exit, reaped); by default a real one
+        (launcher.spawn_worker). Tests of the core's own rules pass processes of their own."""
         self.config = config
+        self._launch = launch
         self.model_path = model_path
         self._memory = memory  # (stage GB, device GB) estimates for a pooled elastic plan (engine/auto_placement.py)
         self._true_cfg = true_cfg  # the family runs CFG only as true CFG (Flux): what a request costs
@@ -207,7 +211,18 @@ class EngineCore(TaskDispatch, WorkerRecovery, WorkerMoves, RemoteWorkers, Worke
 
     # --- the loop ----------------------------------------------------------------------------
     def _loop(self) -> None:
-        handlers = {
+        try:
+            self._begin()
+            while not self._closing:
+                self._turn()
+        except Exception as e:
+            log.exception("engine core crashed")
+            self._fatal(f"engine core crashed: {type(e).__name__}: {e}")
+        finally:
+            self._shutdown()
+
+    def _begin(self) -> None:
+        self._handlers = {
             wire.Ready: self._on_ready,
             wire.LoadFailed: self._on_load_failed,
             wire.StageDone: self._on_done,
@@ -215,42 +230,38 @@ class EngineCore(TaskDispatch, WorkerRecovery, WorkerMoves, RemoteWorkers, Worke
             wire.Progress: self._on_progress,
             wire.Heartbeat: self._on_heartbeat,
         }
-        next_health = 0.0
-        try:
-            self._startup.starting()
-            for worker in self.workers.values():
-                self._spawn(worker)
-            while not self._closing:
-                timeout = HEALTH_INTERVAL_S
-                if self._batch_wake is not None:  # a partial batch's wait ends sooner
-                    timeout = min(timeout, max(0.0, self._batch_wake - time.monotonic()))
-                events = dict(self._poller.poll(timeout * 1000))
-                if self._wake_pull in events:
-                    while self._wake_pull.poll(0):
-                        self._wake_pull.recv()
-                self._drain_inbox()
-                if self._results in events:
-                    self._drain_results(handlers, self._results)
-                if self._cluster is not None and self._remote_results in events:
-                    self._drain_results(handlers, self._remote_results, self._cluster.opener)
-                for worker in self.workers.values():
-                    self._flush_outbox(worker)
-                self._advance_moves()
-                if time.monotonic() >= next_health:
-                    self._check_workers()
-                    self._reap_leaving()
-                    self._restart_stranded()  # requests no worker will serve (the split gave way to fused ones)
-                    self._expire_waiting()
-                    self._startup.remind()
-                    if self._elastic and self.ready.is_set():
-                        self._rebalance()
-                    next_health = time.monotonic() + HEALTH_INTERVAL_S
-                self._dispatch()
-        except Exception as e:
-            log.exception("engine core crashed")
-            self._fatal(f"engine core crashed: {type(e).__name__}: {e}")
-        finally:
-            self._shutdown()
+        self._next_health = 0.0
+        self._startup.starting()
+        for worker in self.workers.values():
+            self._spawn(worker)
+
+    def _turn(self, wait_s: float = HEALTH_INTERVAL_S) -> None:
+        """One pass of the loop: wait up to `wait_s` for a message or a wake, take in what came,
+        check the workers' health when due, and dispatch."""
+        if self._batch_wake is not None:  # a partial batch's wait ends sooner
+            wait_s = min(wait_s, max(0.0, self._batch_wake - time.monotonic()))
+        events = dict(self._poller.poll(wait_s * 1000))
+        if self._wake_pull in events:
+            while self._wake_pull.poll(0):
+                self._wake_pull.recv()
+        self._drain_inbox()
+        if self._results in events:
+            self._drain_results(self._handlers, self._results)
+        if self._cluster is not None and self._remote_results in events:
+            self._drain_results(self._handlers, self._remote_results, self._cluster.opener)
+        for worker in self.workers.values():
+            self._flush_outbox(worker)
+        self._advance_moves()
+        if time.monotonic() >= self._next_health:
+            self._check_workers()
+            self._reap_leaving()
+            self._restart_stranded()  # requests no worker will serve (the split gave way to fused ones)
+            self._expire_waiting()
+            self._startup.remind()
+            if self._elastic and self.ready.is_set():
+                self._rebalance()
+            self._next_health = time.monotonic() + HEALTH_INTERVAL_S
+        self._dispatch()
 
     def _drain_inbox(self) -> None:
         while self._inbox:

@@ -258,5 +258,5 @@ class Leaving:
     killed: bool = False
 
 
-IDLE = "idle"
-PENDING = "(pending)"  # the slot server of a pool its node's agent has not made yet  # a move's stage when a worker starts or stops (stats().moves)
+IDLE = "idle"  # a move's stage when a worker starts or stops (stats().moves)
+PENDING = "(pending)"  # the slot server of a pool its node's agent has not made yet

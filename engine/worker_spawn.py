@@ -47,7 +47,8 @@ class WorkerSpawn:
             task_session=worker.signer.session.hex() if remote else None, secret=self._cluster.secret.hex() if self._cluster else None,
         )
         try:
-            worker.process = self._cluster.spawn(worker.device, spec) if remote else spawn_worker(spec, self._host.janitor)
+            launch = self._launch or spawn_worker  # looked up now: tests may replace it on a running engine
+            worker.process = self._cluster.spawn(worker.device, spec) if remote else launch(spec, self._host.janitor)
         except OSError:  # no process: the socket bound for it must not stay (nor its file)
             worker.socket = None
             socket.close()

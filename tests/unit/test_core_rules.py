@@ -1,0 +1,152 @@
+"""The engine core's rules, with no worker process: dispatch, recovery, moves and deadlines, as
+the real EngineCore applies them to workers the test plays (tests/core_harness.py)."""
+
+import time
+
+import pytest
+
+from dfuse.engine import protocol as wire
+from dfuse.engine.state import RequestFailed, RequestTimeout
+
+from core_harness import CoreHarness
+
+TWO_DITS = {"encoder": 1, "dit": 2, "decoder": 1}
+
+
+def _through_encoder(h):
+    """The encoder computes every task it is sent until its queue is empty."""
+    (encoder,) = h.ids("encoder")
+    while tasks := h.tasks(encoder):
+        for task in tasks:
+            h.done(encoder, task)
+    h.settle()
+
+
+@pytest.mark.parametrize("rule, expected", [("earliest-finish", "AAB"), ("fewest-in-flight", "ABA")])
+def test_tasks_go_to_the_worker_predicted_to_finish_first(rule, expected):
+    """A DiT measured three times as fast takes two of three tasks before the slow one gets its
+    first: its second finishes sooner than the slow one's first would. Blind to speed, the
+    baseline rule alternates."""
+    with CoreHarness(instances=TWO_DITS, dispatch=rule) as h:
+        h.ready()
+        fast, slow = h.ids("dit")
+        warm = [h.submit(seed) for seed in (1, 2)]
+        _through_encoder(h)
+        (on_fast,), (on_slow,) = h.tasks(fast), h.tasks(slow)  # one each while nothing is measured
+        h.done(fast, on_fast, compute_s=0.1)
+        h.done(slow, on_slow, compute_s=0.3)
+        h.serve(*warm)
+        batch = [h.submit(seed) for seed in (3, 4, 5)]
+        _through_encoder(h)
+        taken = {t.request_id: "A" for t in h.tasks(fast)} | {t.request_id: "B" for t in h.tasks(slow)}
+        assert "".join(taken[r.id] for r in batch) == expected
+
+
+def test_a_dead_workers_requests_go_to_its_replacement_and_only_the_computing_one_is_charged():
+    with CoreHarness() as h:
+        h.ready()
+        (dit,) = h.ids("dit")
+        first, second = h.submit(1), h.submit(2)
+        _through_encoder(h)
+        sent = h.tasks(dit)
+        assert [t.request_id for t in sent] == [first.id, second.id]  # one computing, one queued behind
+        h.die(dit)
+        replacement = h.spawned[-1]
+        assert (replacement.worker_id, replacement.stage, replacement.generation) == (dit, "dit", 2)
+        assert h.tasks(dit) == []  # nothing for it before it has loaded
+        h.ready(dit)
+        again = h.tasks(dit)
+        assert [(t.request_id, t.inputs) for t in again] == [(t.request_id, t.inputs) for t in sent]  # same inputs
+        assert (first.attempts, second.attempts) == (1, 0)
+        h.serve(first, second)
+        for request in (first, second):
+            assert (request.future.result(5)[0] == request.params.seed).all()
+
+
+def test_a_request_whose_workers_keep_dying_fails_and_the_one_behind_it_is_served():
+    with CoreHarness(max_attempts=2) as h:
+        h.ready()
+        (dit,) = h.ids("dit")
+        poison, innocent = h.submit(1), h.submit(2)
+        _through_encoder(h)
+        for _ in range(2):
+            assert [t.request_id for t in h.tasks(dit)] == [poison.id, innocent.id]
+            h.die(dit)
+            h.ready(dit)
+        with pytest.raises(RequestFailed, match="died 2 times"):
+            poison.future.result(5)
+        h.serve(innocent)
+        assert (innocent.future.result(5)[0] == 2).all()
+        assert innocent.attempts == 0
+
+
+def test_a_move_waits_for_its_outputs_to_be_read_then_switches_in_its_own_process():
+    with CoreHarness(instances=TWO_DITS) as h:
+        h.ready()
+        stays, mover = h.ids("dit")
+        first = h.submit(1)
+        _through_encoder(h)
+        (task,) = h.tasks(stays) + h.tasks(mover)
+        assert task.request_id == first.id
+        holder = stays if task in h.worker(stays).received else mover
+        if holder != mover:
+            stays, mover = mover, stays
+        h.core._start_moves([(mover, "encoder")], reason="asked", strict=True)
+        second = h.submit(2)
+        _through_encoder(h)
+        assert [t.request_id for t in h.tasks(stays)] == [second.id]  # a mover takes no new work
+        h.done(mover, task)
+        h.settle()
+        assert h.sent(mover, wire.Become) == []  # its output is not read yet
+        (decoder,) = h.ids("decoder")
+        (decode,) = [t for t in h.tasks(decoder) if t.request_id == first.id]
+        h.done(decoder, decode)
+        h.settle()
+        assert [m.stage for m in h.sent(mover, wire.Become)] == ["encoder"]
+        processes = len(h.spawned)
+        h.ready(mover)  # the same process, in its new stage
+        assert len(h.spawned) == processes and h.core.workers[mover].stage == "encoder"
+        third = h.submit(3)
+        h.settle()
+        assert third.id in [t.request_id for t in h.tasks(mover)] + [t.request_id for t in h.tasks(h.ids("encoder")[0])]
+        h.serve(third)
+        assert (third.future.result(5)[0] == 3).all()
+
+
+def test_a_worker_killed_mid_move_comes_back_in_its_new_role_and_loses_nothing():
+    with CoreHarness(instances=TWO_DITS) as h:
+        h.ready()
+        stays, mover = h.ids("dit")
+        request = h.submit(1)
+        _through_encoder(h)
+        (task,) = h.tasks(stays) + h.tasks(mover)
+        if task in h.worker(stays).received:
+            stays, mover = mover, stays
+        h.core._start_moves([(mover, "decoder")], reason="asked", strict=True)
+        h.die(mover)
+        assert h.spawned[-1].stage == "decoder" and h.spawned[-1].worker_id == mover
+        h.ready(mover)
+        assert h.core.workers[mover].stage == "decoder"
+        assert [t.request_id for t in h.tasks(stays)] == [request.id]  # the DiT left runs it again
+        h.serve(request)
+        assert (request.future.result(5)[0] == 1).all()
+        assert request.attempts == 1
+
+
+def test_a_computing_request_past_its_deadline_fails_its_caller_and_its_worker_is_told_to_stop():
+    with CoreHarness() as h:
+        h.ready()
+        (encoder,) = h.ids("encoder")
+        late = h.submit(1, deadline_s=0.05)
+        (task,) = h.tasks(encoder)
+        time.sleep(0.1)
+        h.turn(health=True)
+        with pytest.raises(RequestTimeout, match="deadline in the encoder stage"):
+            late.future.result(5)
+        assert [m.request_id for m in h.sent(encoder, wire.CancelTask)] == [late.id]
+        h.fail(encoder, task)  # it stopped: its slot comes back
+        pool = h.core.workers[encoder].pool
+        h.until(lambda: pool.free == pool.n_slots)
+        served = h.submit(2)
+        h.serve(served)
+        assert (served.future.result(5)[0] == 2).all()
