@@ -65,6 +65,7 @@ from .state import (
 from .launcher import stop_all
 from .startup import StartupProgress
 from .transport.base import byte_view, dtype_from_name
+from .transport.drop_log import DropLog
 
 log = logging.getLogger("dfuse.engine")
 prompt_log = logging.getLogger("dfuse.engine.prompts")  # what the stages say of a request's prompts
@@ -90,6 +91,7 @@ class EngineCore(TaskDispatch, WorkerRecovery, WorkerMoves, RemoteWorkers, Worke
         self._inbox: collections.deque = collections.deque()
         self._queues = {stage: StageQueue() for stage in STAGES}
         self._stats = StatsRecorder()
+        self._drops = DropLog(log)  # frames dropped on the results sockets (the cluster's is on the network)
         self._batch_wake: float | None = None  # a partial batch waits for companions until then
         self._leaving: list = []  # moves.Leaving: removed workers' processes told to stop, until they exit
         self.batch_caps: dict[str, int] = {}  # activation bytes per batch and stage: set by the engine
@@ -301,7 +303,7 @@ class EngineCore(TaskDispatch, WorkerRecovery, WorkerMoves, RemoteWorkers, Worke
             if signer is not None:  # from another node: only frames signed with this engine's secret count
                 signed, frame = frame, signer.open(frame)
                 if frame is None:
-                    log.warning("dropped an unsigned or forged message on the cluster socket (%d bytes)", len(signed))
+                    self._drops.warning("dropped an unsigned or forged message on the cluster socket (%d bytes)", len(signed))
                     continue
             try:
                 message = wire.engine_decoder.decode(frame)
@@ -312,14 +314,14 @@ class EngineCore(TaskDispatch, WorkerRecovery, WorkerMoves, RemoteWorkers, Worke
                     self._fatal(f"a stage worker sent a message this engine cannot decode ({e}); "
                                 "did the dfuse code change while the engine was starting?")
                     return
-                log.warning("dropped a malformed message from a worker (%d bytes): %s", len(frame), e)
+                self._drops.warning("dropped a malformed message from a worker (%d bytes): %s", len(frame), e)
                 continue
             worker = self.workers.get(message.worker_id)
             if worker is None:
-                log.warning("dropped a message from unknown worker %r", message.worker_id)
+                self._drops.warning("dropped a message from unknown worker %r", message.worker_id)
                 continue
             if (signer is not None) != self._is_remote(worker):  # a worker speaks on its own socket only
-                log.warning("dropped a message for worker %d on the wrong socket", worker.id)
+                self._drops.warning("dropped a message for worker %d on the wrong socket", worker.id)
                 continue
             worker.last_heard = time.monotonic()
             handlers[type(message)](worker, message)
@@ -327,7 +329,7 @@ class EngineCore(TaskDispatch, WorkerRecovery, WorkerMoves, RemoteWorkers, Worke
     # --- messages from workers ---------------------------------------------------------------
     def _on_ready(self, worker: Worker, message: wire.Ready) -> None:
         if message.generation != worker.generation or worker.process is None:
-            log.warning("dropped a READY from a replaced process of worker %d", worker.id)
+            self._drops.warning("dropped a READY from a replaced process of worker %d", worker.id)
             return
         worker.ready, worker.load_s, worker.load_deaths = True, message.load_s, 0
         if worker.died_at is not None:

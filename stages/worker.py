@@ -38,6 +38,7 @@ from ..engine.devices import is_cpu, torch_device
 from ..engine.models.libraries import quiet_libraries
 from ..engine.transport.endpoint import Endpoint
 from ..engine.transport.shm_files import unlink_segments
+from ..engine.transport.drop_log import DropLog
 from ..engine.transport.tcp import FrameSigner
 from .decoder import DecoderStage
 from .dit import DiTStage
@@ -363,17 +364,18 @@ def _receive(socket: zmq.Socket, opener: FrameSigner | None, endpoint: Endpoint,
     compute loop."""
     if endpoint.cuda:
         torch.cuda.set_device(endpoint.device)  # the current device is per thread
+    drops = DropLog(log)  # a TCP task socket is on the network: forged frames must not flood the log
     while True:
         frame = socket.recv()
         if opener is not None:
             signed, frame = frame, opener.open(frame)
             if frame is None:
-                log.warning("dropped a frame without the engine's signature (%d bytes)", len(signed))
+                drops.warning("dropped a frame without the engine's signature (%d bytes)", len(signed))
                 continue
         try:
             message = wire.worker_decoder.decode(frame)
         except msgspec.MsgspecError as e:
-            log.warning("dropped a malformed message (%d bytes): %s", len(frame), e)
+            drops.warning("dropped a malformed message (%d bytes): %s", len(frame), e)
             continue
         received_at = time.perf_counter()
         if isinstance(message, wire.CancelTask):  # seen by the compute loop at the next step

@@ -33,6 +33,8 @@ import msgspec
 import torch
 import zmq
 
+from .drop_log import DropLog
+
 log = logging.getLogger("dfuse.transport")
 
 TAG_BYTES = 32  # HMAC-SHA256
@@ -123,6 +125,7 @@ class SlotServer:
                  buffers: Callable[[str], torch.Tensor | None]):
         self._signer = signer
         self._buffers = buffers
+        self._drops = DropLog(log)  # anyone on the network can send here
         self._socket = context.socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST_BYTES)  # a stranger's huge frame is not buffered
@@ -147,7 +150,7 @@ class SlotServer:
                     return
                 frames = self._socket.recv_multipart()
                 if len(frames) != 2:
-                    log.warning("slot server dropped a request of %d frames", len(frames))
+                    self._drops.warning("slot server dropped a request of %d frames", len(frames))
                     continue
                 try:
                     self._answer(*frames)
@@ -160,12 +163,12 @@ class SlotServer:
     def _answer(self, peer: bytes, signed: bytes) -> None:
         frame = self._signer.open(signed)
         if frame is None:
-            log.warning("slot server dropped a request with a bad signature (%d bytes)", len(signed))
+            self._drops.warning("slot server dropped a request with a bad signature (%d bytes)", len(signed))
             return
         try:
             request = _request_decoder.decode(frame)
         except msgspec.MsgspecError as e:
-            log.warning("slot server dropped a malformed request: %s", e)
+            self._drops.warning("slot server dropped a malformed request: %s", e)
             return
         buffer = self._buffers(request.pool)
         error = None
@@ -194,6 +197,7 @@ class SlotClient:
         self._context = context
         self._signer = signer
         self._timeout_ms = int(timeout_s * 1000)
+        self._drops = DropLog(log)
         self._sockets: dict[str, zmq.Socket] = {}
         self._nonce = 0
 
@@ -227,7 +231,7 @@ class SlotClient:
             return None, None
         frame = self._signer.open(frames[0].bytes)
         if frame is None:
-            log.warning("dropped a slot reply with a bad signature")
+            self._drops.warning("dropped a slot reply with a bad signature")
             return None, None
         try:
             return _reply_decoder.decode(frame), frames[1]
