@@ -329,7 +329,8 @@ class EngineConfig:
 
     def threads_per_worker(self, device: str = "cpu") -> int:
         """Torch threads of a CPU worker on `device`: cpu_threads if set; on a core set, one per
-        core; on `cpu`, the cores this process may use divided among the `cpu` workers."""
+        core; on `cpu`, the cores this process may use divided among the `cpu` workers (on
+        another node's `cpu`, its agent divides that node's cores: `remote_cpu_share`)."""
         if self.cpu_threads is not None:
             return self.cpu_threads
         cores = device_cpus(device)
@@ -337,6 +338,13 @@ class EngineConfig:
             return len(cores)
         cpu_workers = sum(d == "cpu" for d, _ in self.workers)
         return max(1, len(usable_cpus()) // max(1, cpu_workers))
+
+    def remote_cpu_share(self, device: str, workers_there: int) -> int:
+        """For a worker on another node's whole host ("b/cpu"): how many workers share that
+        node's cores, for its agent to size their threads from the cores it has (this host's
+        count says nothing of that node's); 0 where threads are fixed here (cpu_threads, a core set)."""
+        node, local = split_node(device)
+        return max(1, workers_there) if node is not None and local == "cpu" and self.cpu_threads is None else 0
 
     def torch_dtype(self, device: str):
         import torch

@@ -25,6 +25,7 @@ import threading
 import msgspec
 import zmq
 
+from .cpu_affinity import usable_cpus
 from .host_resources import HostResources
 from .launcher import WorkerProcess, spawn_worker, stop_all
 from .protocol import decode_spec, encode_spec
@@ -70,8 +71,8 @@ class NodeAgent:
     def run(self, spec: bytes) -> int:
         """Start a worker from its spec (engine/protocol.py WorkerSpec, JSON) and wait for it to
         exit: returns its exit code (-N: signal N), which is how the engine learns of a death."""
-        spec = msgspec.structs.replace(decode_spec(spec), engine_pid=os.getpid(), run_dir=self._resources.run_dir,
-                                       segment_prefix=self._resources.segment_prefix)
+        spec = msgspec.structs.replace(sized_for_this_node(decode_spec(spec)), engine_pid=os.getpid(),
+                                       run_dir=self._resources.run_dir, segment_prefix=self._resources.segment_prefix)
         process = spawn_worker(spec, self._resources.janitor)
         with self._lock:
             self._workers[spec.worker_id] = process
@@ -103,6 +104,15 @@ class NodeAgent:
         self._server.close()
         self._context.term()
         self._resources.release()
+
+
+def sized_for_this_node(spec, cpus: int | None = None):
+    """A worker on this node's whole host (`cpu_share` set by the engine): its torch threads are
+    this node's usable cores divided among the workers sharing them."""
+    if not spec.cpu_share:
+        return spec
+    cpus = len(usable_cpus()) if cpus is None else cpus
+    return msgspec.structs.replace(spec, cpu_threads=max(1, cpus // spec.cpu_share))
 
 
 def encoded(spec) -> bytes:

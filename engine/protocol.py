@@ -76,6 +76,7 @@ class WorkerSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     generation: int = 0  # how many processes this worker has had (engine/core.py _spawn), this one included
     secret: str | None = None  # hex, on a cluster: signs reads of other nodes' pools, and every frame of a TCP task socket
     task_session: str | None = None  # hex: the engine-side signer session its TCP task socket accepts frames of
+    cpu_share: int = 0  # on another node's whole host (NODE/cpu): workers sharing its cores; its agent sets cpu_threads
 
 
 class RequestParams(msgspec.Struct, **_STRUCT):

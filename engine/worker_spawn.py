@@ -45,6 +45,8 @@ class WorkerSpawn:
             gpu_pool=None if not worker.pool.on_gpu else (worker.pool.name, worker.pool.slot_bytes, worker.pool.n_slots),
             cpus=worker.cpus, variant=self.config.variant, generation=worker.generation,
             task_session=worker.signer.session.hex() if remote else None, secret=self._cluster.secret.hex() if self._cluster else None,
+            cpu_share=self.config.remote_cpu_share(worker.device, sum(
+                w.device == worker.device and not w.stopping for w in self.workers.values())),
         )
         try:
             launch = self._launch or spawn_worker  # looked up now: tests may replace it on a running engine

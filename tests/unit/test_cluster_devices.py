@@ -9,6 +9,7 @@ from dfuse.cli import main
 from dfuse.engine.admission import detect_budgets
 from dfuse.engine.config import EngineConfig
 from dfuse.engine.devices import canonical_device, check_disjoint, parse_device_list
+from dfuse.engine.protocol import WorkerSpec
 from dfuse.engine.worker_layout import choose_links
 from dfuse.scheduler.core import FUSED
 
@@ -116,6 +117,21 @@ def test_a_cluster_config_keeps_its_node_placement():
     assert config.workers == (("a/cpu:0-3", "encoder"), ("b/cuda:0", "dit"), ("a/cpu:0-3", "decoder"))
     assert config.devices_of("dit") == ["b/cuda:0"]
     assert config.threads_per_worker("a/cpu:0-3") == 4  # one thread per core of its node's core set
+
+
+def test_workers_on_another_nodes_whole_host_get_that_nodes_cores_not_this_hosts():
+    from dfuse.engine.node_agent import sized_for_this_node
+
+    config = EngineConfig(devices=["cpu:0", "b/cpu"], placement={"cpu:0": ["encoder"], "b/cpu": ["dit", "decoder"]}, **RAY)
+    share = config.remote_cpu_share("b/cpu", workers_there=2)
+    spec = WorkerSpec(worker_id=1, stage="dit", model_path="m", device="b/cpu", dtype="float32",
+                      cpu_threads=config.threads_per_worker("b/cpu"), task_endpoint="tcp://b", result_endpoint="tcp://a",
+                      engine_pid=1, segment_prefix="p", run_dir="/r", cpu_share=share)
+    assert sized_for_this_node(spec, cpus=64).cpu_threads == 32  # node b's 64 cores, shared by its two workers
+    assert sized_for_this_node(spec, cpus=1).cpu_threads == 1
+    assert config.remote_cpu_share("cpu:0", workers_there=1) == 0  # this host's: sized here, as before
+    assert EngineConfig(devices=["cpu:0", "b/cpu"], placement={"cpu:0": ["encoder"], "b/cpu": ["dit", "decoder"]},
+                        cpu_threads=3, **RAY).remote_cpu_share("b/cpu", 2) == 0  # the user's count holds everywhere
 
 
 def test_a_placement_naming_a_device_outside_the_node_pool_is_refused():
