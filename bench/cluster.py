@@ -28,6 +28,7 @@ from ..engine.devices import parse_placement, split_node
 from .lib.libraries import package_version
 from .lib.outputs import default_out, write_json
 from .lib.prompts import BASE_SEED, make_prompts
+from .lib.reference import generate, load_pipeline
 
 
 def one_host(placement: dict[str, list[str]]) -> dict[str, list[str]]:
@@ -92,21 +93,14 @@ def run_cluster_bench(address: str, placement: dict[str, list[str]], requests: i
 
 
 def _diffusers_images(model: str, cases: list[dict]) -> list[np.ndarray]:
-    """diffusers' StableDiffusion3Pipeline, one thread (as each worker runs), for the same cases."""
+    """diffusers' pipeline, one thread (as each worker runs), for the same cases."""
     import torch
-    from diffusers import StableDiffusion3Pipeline
 
     from ..engine.models import resolve_model_path
 
     torch.set_num_threads(1)
-    pipe = StableDiffusion3Pipeline.from_pretrained(resolve_model_path(model))
-    pipe.set_progress_bar_config(disable=True)
-    out = []
-    for case in cases:
-        case = dict(case)
-        generator = torch.Generator("cpu").manual_seed(case.pop("seed"))
-        out.append(np.array(pipe(**case, generator=generator).images[0]))
-    return out
+    pipe = load_pipeline(resolve_model_path(model))
+    return [np.array(generate(pipe, **case)) for case in cases]
 
 
 @click.command("cluster")

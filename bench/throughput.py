@@ -30,11 +30,11 @@ from typing import Callable
 import numpy as np
 
 from ..scheduler.core import STAGES
-from ..engine.models.libraries import quiet_libraries
 from .lib.libraries import package_version
 from .lib.load import ClosedLoop, drive
 from .lib.meter import BUSY_SHARE, CpuMeter, wait_quiet
 from .lib.prompts import BASE_SEED, make_prompts
+from .lib.reference import generate, load_pipeline
 
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
@@ -95,17 +95,12 @@ def run_throughput(
     engine = Engine(model=model, device="cpu", instances={s: 1 for s in STAGES}, cpu_threads=threads)
     engine_start_s = time.perf_counter() - started
     try:
-        from diffusers import StableDiffusion3Pipeline
-
-        quiet_libraries()
         started = time.perf_counter()
-        pipe = StableDiffusion3Pipeline.from_pretrained(model_path)
-        pipe.set_progress_bar_config(disable=True)
+        pipe = load_pipeline(model_path)
         mono_load_s = time.perf_counter() - started
 
         def mono(prompt: str, seed: int) -> np.ndarray:
-            generator = torch.Generator("cpu").manual_seed(seed)
-            return np.asarray(pipe(prompt, negative_prompt=None, generator=generator, **params).images[0])
+            return np.asarray(generate(pipe, seed, prompt=prompt, negative_prompt=None, **params))
 
         def run_mono(n_threads: int):
             def run(on_done):

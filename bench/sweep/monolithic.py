@@ -141,26 +141,21 @@ def _load(config: MonolithicConfig):
     torch.set_num_threads(config.threads)
     if config.model.startswith(SYNTHETIC_PREFIX):
         return _load_synthetic(config)
-    from diffusers import DiffusionPipeline
-
     from ...engine.config import EngineConfig
-    from ...engine.models.libraries import quiet_libraries
+    from ..lib.reference import generate, load_pipeline
 
-    quiet_libraries()
     device = torch_device(config.device)  # cpu:0-3 is torch's cpu
     dtype = EngineConfig().torch_dtype(device)  # the engine's dtype="auto" for this device
-    pipe = DiffusionPipeline.from_pretrained(config.model, torch_dtype=dtype).to(device)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = load_pipeline(config.model, device, dtype)
 
-    def generate(params: RequestParams) -> list[int]:
+    def generate_one(params: RequestParams) -> list[int]:
         extra = {"true_cfg_scale": params.true_cfg_scale} if params.true_cfg_scale > 1 else {}
-        image = pipe(params.prompt, negative_prompt=params.negative_prompt,
-                     num_inference_steps=params.num_inference_steps, guidance_scale=params.guidance_scale,
-                     height=params.height, width=params.width,
-                     generator=torch.Generator(device).manual_seed(params.seed), **extra).images[0]
+        image = generate(pipe, params.seed, device, prompt=params.prompt, negative_prompt=params.negative_prompt,
+                         num_inference_steps=params.num_inference_steps, guidance_scale=params.guidance_scale,
+                         height=params.height, width=params.width, **extra)
         return [image.height, image.width, image.getpixel((0, 0))[0]]
 
-    return generate
+    return generate_one
 
 
 def _load_synthetic(config: MonolithicConfig):
