@@ -110,8 +110,9 @@ class WorkerRecovery:
         worker, the requests waiting there fail now with the reason (rather than wait for a
         restart that may never come); the other stages and devices serve on, and the restarts go on."""
         queue = STAGES[0] if worker.stage == FUSED else worker.stage  # a fused worker takes new requests
-        if any(w.ready and w.stage in (queue, FUSED if queue == STAGES[0] else queue) and w.moving_to is None
-               and not w.stopping for w in self.workers.values()):
+        serves = (queue, FUSED if queue == STAGES[0] else queue)
+        if any(w.stage in serves and w.moving_to is None and not w.stopping
+               and (w.ready or self._starting(w, besides=worker)) for w in self.workers.values()):
             return
         error = RequestFailed(f"no {worker.stage} worker is ready: {why}")
         fused_ready = any(w.ready and w.stage == FUSED and w.moving_to is None and not w.stopping
@@ -121,6 +122,12 @@ class WorkerRecovery:
                 self._start_over(request)  # a fused worker can still serve it, from the start
             else:
                 self._fail(request, error)
+
+    def _starting(self, worker: Worker, besides: Worker) -> bool:
+        """Loading now, in a process that runs (e.g. on a node that came back), and not failing
+        its loads: requests may wait for it."""
+        return (worker is not besides and worker.process is not None and worker.process.alive
+                and worker.load_deaths < self.config.max_attempts)
 
     def _recover(self, worker: Worker, cause: str, charge: bool = True) -> None:
         """`charge=False`: the worker asked to be replaced after reporting its failing request,

@@ -150,3 +150,28 @@ def test_a_computing_request_past_its_deadline_fails_its_caller_and_its_worker_i
         served = h.submit(2)
         h.serve(served)
         assert (served.future.result(5)[0] == 2).all()
+
+
+def test_requests_wait_for_a_worker_still_loading_and_fail_once_none_of_their_stage_can_come():
+    """One DiT keeps dying as it loads (e.g. its node's memory is gone) while the other still
+    loads (e.g. on a node that came back): the queue waits for the second; when it dies loading
+    too, nothing can serve the stage and the requests fail with the reason."""
+    with CoreHarness(instances=TWO_DITS, max_attempts=1) as h:
+        h.ready()
+        a, b = h.ids("dit")
+        h.die(a)
+        h.die(b)  # both replaced: both load again
+        first = h.submit(1)
+        _through_encoder(h)
+        h.die(a)  # dies while loading, max_attempts times in a row
+        h.settle()
+        assert not first.future.done()  # b may still serve it
+        h.ready(b)
+        h.serve(first)
+        assert (first.future.result(5)[0] == 1).all()
+        h.die(b)
+        second = h.submit(2)
+        _through_encoder(h)
+        h.die(b)  # now b dies while loading too, and a waits out its back-off: no DiT can come
+        with pytest.raises(RequestFailed, match="no dit worker is ready: worker .* died 1 times in a row while loading"):
+            second.future.result(5)
