@@ -1,12 +1,15 @@
 """The engine core's rules, with no worker process: dispatch, recovery, moves and deadlines, as
 the real EngineCore applies them to workers the test plays (tests/core_harness.py)."""
 
+import os
 import time
 
 import pytest
+import zmq
 
 from dfuse.engine import protocol as wire
 from dfuse.engine.state import RequestFailed, RequestTimeout
+from dfuse.engine.transport.shm_files import list_segments
 
 from core_harness import CoreHarness
 
@@ -175,3 +178,33 @@ def test_requests_wait_for_a_worker_still_loading_and_fail_once_none_of_their_st
         h.die(b)  # now b dies while loading too, and a waits out its back-off: no DiT can come
         with pytest.raises(RequestFailed, match="no dit worker is ready: worker .* died 1 times in a row while loading"):
             second.future.result(5)
+
+
+def test_a_device_giving_up_a_stage_drains_it_then_its_process_socket_and_pool_go():
+    """cpu:0 stops decoding and cpu:1 starts: the new decoder starts at once on its own device,
+    the old one finishes the request it holds, then leaves with its pool and socket file."""
+    with CoreHarness(devices=["cpu:0", "cpu:1"], placement={"cpu:0": ["encoder", "decoder"], "cpu:1": ["dit"]}) as h:
+        h.ready()
+        (encoder,), (dit,), (old,) = h.ids("encoder"), h.ids("dit"), h.ids("decoder")
+        first = h.submit(1)
+        _through_encoder(h)
+        (task,) = h.tasks(dit)
+        h.done(dit, task)
+        (decode,) = h.tasks(old)
+        h.core._start_moves([], starts=[("cpu:1", "decoder")], stops=[old], reason="asked", strict=True)
+        new = h.spawned[-1]
+        assert (new.stage, new.device) == ("decoder", "cpu:1") and new.worker_id not in (encoder, dit, old)
+        leaving, pool = h.worker(old).process, h.core.workers[old].pool.name
+        socket_file = h.core.workers[old].socket.getsockopt_string(zmq.LAST_ENDPOINT).removeprefix("ipc://")
+        h.ready(new.worker_id)
+        h.settle()
+        assert old in h.core.workers and not leaving.stop_asked  # it still holds the first request
+        assert pool in list_segments() and os.path.exists(socket_file)
+        h.done(old, decode)
+        h.until(lambda: old not in h.core.workers)
+        assert (first.future.result(5)[0] == 1).all()
+        assert leaving.stop_asked and pool not in list_segments() and not os.path.exists(socket_file)
+        assert [m.name for m in h.sent(encoder, wire.ClosePool)] == [pool]  # its readers let go of it
+        second = h.submit(2)
+        h.serve(second)
+        assert [t.request_id for t in h.worker(new.worker_id).received if isinstance(t, wire.StageTask)] == [second.id]
