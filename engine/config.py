@@ -131,7 +131,8 @@ class EngineConfig:
     """A worker whose compute makes no progress (no denoising step, no finished task) for this long,
     and for 10x its usual task time, is replaced; the request it held is charged an attempt."""
     startup_timeout_s: float = field(default=600.0, metadata=checked(positive(1e6)))
-    """How long to wait for all workers to load their weights and say READY."""
+    """How long to wait for all workers to load their weights and say READY; later, how long a
+    replacement or a worker switching stage may load before it is killed and started again."""
     policy: str = "static"
     """static: workers keep their stage. elastic: the engine moves workers between stages on one
     device as the workload's bottleneck moves (scheduler/controller.py on live statistics)."""

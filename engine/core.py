@@ -331,7 +331,7 @@ class EngineCore(TaskDispatch, WorkerRecovery, WorkerMoves, RemoteWorkers, Worke
         if message.generation != worker.generation or worker.process is None:
             self._drops.warning("dropped a READY from a replaced process of worker %d", worker.id)
             return
-        worker.ready, worker.load_s, worker.load_deaths = True, message.load_s, 0
+        worker.ready, worker.load_s, worker.load_deaths, worker.loading_since = True, message.load_s, 0, None
         if worker.died_at is not None:
             self._stats.recovery_s.append(time.monotonic() - worker.died_at)
             worker.died_at = None

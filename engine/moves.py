@@ -175,6 +175,7 @@ class WorkerMoves:
                              and (worker.stage, worker.moving_to) == STAGES[-2:])
             if drained or reads_its_own:
                 worker.stage, worker.moving_to, worker.ready = worker.moving_to, None, False
+                worker.loading_since = time.monotonic()
                 worker.task_s = None  # its speed at the old stage says nothing of the new one
                 worker.pool_info = None
                 self._send_control(worker, wire.Become(worker.stage))

@@ -76,7 +76,8 @@ class WorkerRecovery:
         like a dead one; its queued requests go to the other workers. Only the request a stuck
         compute held is charged an attempt: a stopped process is no request's fault."""
         if not worker.ready:
-            return  # loading or switching: startup_timeout_s and the move's own checks cover it
+            self._check_loading(worker)
+            return
         if not worker.responsive:
             self._reroute_waiting(worker)
         silent = time.monotonic() - worker.last_heard
@@ -90,6 +91,19 @@ class WorkerRecovery:
         log.warning("%s worker %d (pid %s): %s; replacing it", worker.stage, worker.id, worker.process.pid, reason)
         worker.stalled_s = 0.0
         self._recover(worker, f"killed: {reason}", charge=charge)
+
+    def _check_loading(self, worker: Worker) -> None:
+        """A replacement or a switch that never says READY (stuck on a filesystem, a driver) is
+        killed past startup_timeout_s, and counts as a death while loading: requests waiting for
+        its stage are not held by it forever. (At first start-up the Engine itself gives up.)"""
+        if not self.ready.is_set() or worker.loading_since is None:
+            return
+        loading_s = time.monotonic() - worker.loading_since
+        if loading_s > self.config.startup_timeout_s:
+            log.warning("%s worker %d (pid %s) is not ready %.0f s after it started (startup_timeout_s); killing it",
+                        worker.stage, worker.id, worker.process.pid, loading_s)
+            worker.loading_since = None  # killed once; its death is seen at the next check
+            worker.process.kill()
 
     def _reroute_waiting(self, worker: Worker) -> None:
         """A silent worker's tasks queued behind the one it computes go back to the engine's queue

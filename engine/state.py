@@ -110,6 +110,7 @@ class Worker:
     signer: object = None  # transport.tcp.FrameSigner of its task socket, for a worker on another node (one per process)
     waits_for_device: bool = False  # a new worker not started until the workers leaving its device are gone
     switch_started: float | None = None  # a move's start, until the new stage is READY
+    loading_since: float | None = None  # monotonic: its process started, or it began to switch stage (until READY)
     inflight: dict[int, Request] = field(default_factory=dict)  # in dispatch (= compute) order
     batches: list[set[int]] = field(default_factory=list)  # request ids per task sent, in compute order
     orphans: dict[int, int] = field(default_factory=dict)  # request id -> output offset of a task handed

@@ -8,6 +8,7 @@ one die with its socket; a worker on another node binds its own and says where i
 from __future__ import annotations
 
 import os
+import time
 
 import zmq
 
@@ -51,6 +52,7 @@ class WorkerSpawn:
         try:
             launch = self._launch or spawn_worker  # looked up now: tests may replace it on a running engine
             worker.process = self._cluster.spawn(worker.device, spec) if remote else launch(spec, self._host.janitor)
+            worker.loading_since = time.monotonic()
         except OSError:  # no process: the socket bound for it must not stay (nor its file)
             worker.socket = None
             socket.close()

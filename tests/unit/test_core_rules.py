@@ -208,3 +208,21 @@ def test_a_device_giving_up_a_stage_drains_it_then_its_process_socket_and_pool_g
         second = h.submit(2)
         h.serve(second)
         assert [t.request_id for t in h.worker(new.worker_id).received if isinstance(t, wire.StageTask)] == [second.id]
+
+
+def test_a_replacement_that_never_says_ready_is_killed_after_startup_timeout_and_started_again():
+    with CoreHarness(startup_timeout_s=0.2) as h:
+        h.ready()
+        (dit,) = h.ids("dit")
+        h.die(dit)
+        request = h.submit(1)
+        _through_encoder(h)
+        stuck = h.worker(dit).process  # loads forever (a hung filesystem)
+        time.sleep(0.3)
+        h.turn(health=True)
+        assert stuck.exitcode == -9  # killed
+        h.turn(health=True)
+        assert h.worker(dit).process is not stuck and h.spawned[-1].generation == 3
+        h.ready(dit)
+        h.serve(request)
+        assert (request.future.result(5)[0] == 1).all()
