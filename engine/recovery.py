@@ -122,7 +122,9 @@ class WorkerRecovery:
     def _fail_unservable(self, worker: Worker, why: str) -> None:
         """A worker keeps dying while it loads, or its node is gone: if its stage has no ready
         worker, the requests waiting there fail now with the reason (rather than wait for a
-        restart that may never come); the other stages and devices serve on, and the restarts go on."""
+        restart that may never come); the other stages and devices serve on, and the restarts go on.
+        While another worker of the stage is still loading they wait for it instead: up to
+        startup_timeout_s for each of its tries (a request's own timeout bounds that wait)."""
         queue = STAGES[0] if worker.stage == FUSED else worker.stage  # a fused worker takes new requests
         serves = (queue, FUSED if queue == STAGES[0] else queue)
         if any(w.stage in serves and w.moving_to is None and not w.stopping
@@ -138,10 +140,11 @@ class WorkerRecovery:
                 self._fail(request, error)
 
     def _starting(self, worker: Worker, besides: Worker) -> bool:
-        """Loading now, in a process that runs (e.g. on a node that came back), and not failing
-        its loads: requests may wait for it."""
+        """Loading now, in a process that runs (e.g. on a node that came back), not failing its
+        loads and not killed for loading too long: requests may wait for it, at most
+        startup_timeout_s per try (then it is killed: _check_loading)."""
         return (worker is not besides and worker.process is not None and worker.process.alive
-                and worker.load_deaths < self.config.max_attempts)
+                and worker.loading_since is not None and worker.load_deaths < self.config.max_attempts)
 
     def _recover(self, worker: Worker, cause: str, charge: bool = True) -> None:
         """`charge=False`: the worker asked to be replaced after reporting its failing request,

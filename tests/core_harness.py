@@ -5,7 +5,8 @@ A real `EngineCore` runs here: its queues, slot credits, dispatch, recovery and 
 sockets and shared-memory pools. Only the worker processes are played by the test, through the
 core's `launch` hook: each "process" is a socket pair speaking the real wire protocol, and the
 test decides when it says READY, what it answers and when it dies. The core's loop is driven one
-turn at a time (`turn`), so what happens between two messages is exactly what the test sends.
+turn at a time (`turn`), its health checks only when the test asks: what happens is what the
+test sends, whatever the machine's speed (deadlines and back-offs still read the clock).
 """
 
 from __future__ import annotations
@@ -97,8 +98,14 @@ class CoreHarness:
         self.current: dict[int, PlayedWorker] = {}  # worker id -> its latest process
         self._played: list[PlayedWorker] = []  # every process, to close their sockets
         self.spawned: list[wire.WorkerSpec] = []  # every process the core started, in order
-        self.core = EngineCore(self.config, Path(self.config.model), launch=self._launch)
-        self.core._begin()
+        try:
+            self.core = EngineCore(self.config, Path(self.config.model), launch=self._launch)
+            self.core._begin()
+        except BaseException:
+            if hasattr(self, "core"):  # its pools, run dir and sockets
+                self.core._shutdown()
+            self._close_played()
+            raise
 
     def _launch(self, spec: wire.WorkerSpec, janitor) -> PlayedProcess:
         tasks = self._context.socket(zmq.PULL)
@@ -113,9 +120,10 @@ class CoreHarness:
 
     # --- driving the core ----------------------------------------------------------------------
     def turn(self, health: bool = False) -> None:
-        """One pass of the core's loop; `health`: its health checks run in this pass."""
-        if health:
-            self.core._next_health = 0.0
+        """One pass of the core's loop. Its health checks (deaths, liveness, deadlines, moves'
+        leavers) run only in a pass with `health`, never on the clock: a slow machine changes
+        nothing a test sees."""
+        self.core._next_health = 0.0 if health else float("inf")
         self.core._turn(wait_s=0.002)
 
     def settle(self, turns: int = 20) -> None:
@@ -207,6 +215,9 @@ class CoreHarness:
     def close(self) -> None:
         self.core._closing = True
         self.core._shutdown()
+        self._close_played()
+
+    def _close_played(self) -> None:
         for played in self._played:
             played.tasks.close(linger=0)
             played.results.close(linger=0)

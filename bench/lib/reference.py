@@ -17,8 +17,9 @@ def load_pipeline(model_path, device: str = "cpu", dtype=None):
     return pipe
 
 
-def generate(pipe, seed: int, device: str = "cpu", **params):
-    """One image, seeded as the engine seeds a request: a torch.Generator on the pipeline's device."""
+def generate(pipe, seed: int, **params):
+    """One image, seeded as the engine seeds a request: a CPU torch.Generator, whatever the
+    pipeline's device (stages/families/base.py)."""
     import torch
 
-    return pipe(generator=torch.Generator(device).manual_seed(seed), **params).images[0]
+    return pipe(generator=torch.Generator("cpu").manual_seed(seed), **params).images[0]

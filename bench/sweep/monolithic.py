@@ -150,7 +150,7 @@ def _load(config: MonolithicConfig):
 
     def generate_one(params: RequestParams) -> list[int]:
         extra = {"true_cfg_scale": params.true_cfg_scale} if params.true_cfg_scale > 1 else {}
-        image = generate(pipe, params.seed, device, prompt=params.prompt, negative_prompt=params.negative_prompt,
+        image = generate(pipe, params.seed, prompt=params.prompt, negative_prompt=params.negative_prompt,
                          num_inference_steps=params.num_inference_steps, guidance_scale=params.guidance_scale,
                          height=params.height, width=params.width, **extra)
         return [image.height, image.width, image.getpixel((0, 0))[0]]
