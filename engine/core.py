@@ -51,6 +51,7 @@ from .queues import StageQueue
 from .moves import WorkerMoves
 from .recovery import WorkerRecovery
 from .remote_workers import RemoteWorkers
+from .request_exits import RequestExits
 from .worker_spawn import WorkerSpawn
 from .task_dispatch import TaskDispatch
 from .stats import EngineStats, StatsRecorder
@@ -64,7 +65,6 @@ from .state import (
 )
 from .launcher import stop_all
 from .startup import StartupProgress
-from .transport.base import byte_view, dtype_from_name
 from .transport.drop_log import DropLog
 
 log = logging.getLogger("dfuse.engine")
@@ -74,7 +74,7 @@ HEALTH_INTERVAL_S = 0.1  # how often worker liveness is checked: a crash is seen
 MOVE_ANSWER_S = 10.0  # how long Engine.move/place wait for the core to accept or refuse
 
 
-class EngineCore(TaskDispatch, WorkerRecovery, WorkerMoves, RemoteWorkers, WorkerSpawn):
+class EngineCore(TaskDispatch, WorkerRecovery, WorkerMoves, RemoteWorkers, WorkerSpawn, RequestExits):
     def __init__(self, config: EngineConfig, model_path: Path, true_cfg: bool = False, memory=None, launch=None):
         """`launch(spec, janitor)` starts a worker's process on this host and returns its handle
         (alive, exitcode, pid, kill, send_stop, wait_exit, reaped); by default a real one
@@ -506,37 +506,6 @@ class EngineCore(TaskDispatch, WorkerRecovery, WorkerMoves, RemoteWorkers, Worke
             stage = "dit" if worker.stage == FUSED else worker.stage  # only the DiT reports steps
             self.completions.progress(request.on_progress, stage, message.step, message.total)
 
-    # --- requests leaving the engine ---------------------------------------------------------
-    def _finish(self, request: Request, worker: Worker, outputs: list[wire.TensorRef]) -> None:
-        (ref,) = [r for r in outputs if r.name == "image"]
-        dtype = dtype_from_name(ref.dtype)
-        if worker.pool.served_at is not None:  # on another node: the copy-out thread reads it over TCP
-            view = self._remote_pixels(worker, ref, dtype)
-        else:
-            view = byte_view(worker.pool.segment.data, ref.offset, ref.shape, dtype)
-        self._stats.left(request, "completed")
-        self._left(request)
-        self._copy_out.put(request, view, worker.pool)
-
-    def _fail(self, request: Request, error: Exception) -> None:
-        self._release_inputs(request)
-        self._stats.left(request, "failed")
-        self._left(request)
-        self.completions.resolve(request.future, error=error)
-
-    def _drop(self, request: Request) -> None:
-        self._release_inputs(request)
-        self._left(request)
-
-    def _left(self, request: Request) -> None:
-        if self._elastic:
-            self._elastic.finished(time.monotonic(), request.params)
-
-    def _release_inputs(self, request: Request) -> None:
-        if request.input_pool is not None:
-            request.input_pool.release(request.input_offset, request.id)
-            request.input_pool = None
-
     def _fatal(self, error: str) -> None:
         """Nothing more can be served: fail everything waiting and stop."""
         self.startup_error = self.startup_error or error
@@ -544,25 +513,6 @@ class EngineCore(TaskDispatch, WorkerRecovery, WorkerMoves, RemoteWorkers, Worke
         self.ready.set()
 
     # --- worker processes --------------------------------------------------------------------
-    def _expire_waiting(self) -> None:
-        """Cancelled and expired requests leave now: waiting ones at once, not when they reach a
-        worker; computing ones once their worker stops (a DiT at its next denoising step, an
-        encoder or decoder when its call returns)."""
-        for queue in self._queues.values():
-            for request in queue.remove_where(lambda r: r.future.cancelled() or r.expired()):
-                self._enqueue(request)
-        # Computing ones: the caller hears now, and the worker is told to stop (or to skip the
-        # task if it has not started it); its StageFailed then releases the slots.
-        for worker in self.workers.values():
-            for request in worker.inflight.values():
-                if request.expired() and not request.timed_out:
-                    request.timed_out = True
-                    self.completions.resolve(request.future, error=RequestTimeout(
-                        f"request {request.id} passed its deadline in the {worker.stage} stage"))
-                if (request.timed_out or request.future.cancelled()) and not request.cancel_sent:
-                    request.cancel_sent = True
-                    self._send_control(worker, wire.CancelTask(request.id))
-
     def _shutdown(self) -> None:
         """Stop every worker, fail what is left, remove every segment and socket."""
         # Nothing may be submitted from here on (a done-callback below could try): close the
