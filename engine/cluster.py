@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from .devices import split_node
 from .launcher import STOP_TIMEOUT_S
+from .admission import host_memory
 from .node_agent import NodeAgent, encoded
 from .transport.slots import SlotPool
 from .transport.tcp import FrameSigner, new_secret
@@ -96,7 +97,7 @@ class RayCluster:
         for device in devices:
             node = split_node(device)[0]
             if node is not None and node not in self.node_ids:
-                self.node_ids[node] = self._find(node)
+                self.node_ids[node] = self._find(node, self._nodes)
         self._agents: dict[str, _Agent] = {}  # node id -> its NodeAgent
         self.lost: set[str] = set()  # node names found gone
 
@@ -104,13 +105,14 @@ class RayCluster:
     def _live_nodes(self) -> dict[str, dict]:
         return {n["NodeID"]: n for n in self._ray.nodes() if n.get("Alive")}
 
-    def _find(self, name: str) -> str:
-        by_label = [i for i, n in self._nodes.items() if (n.get("Labels") or {}).get(NODE_LABEL) == name]
-        by_ip = [i for i, n in self._nodes.items() if n.get("NodeManagerAddress") == name]
+    def _find(self, name: str, nodes: dict[str, dict]) -> str:
+        """The id of the one live node (of `nodes`) with label or IP `name`; ValueError otherwise."""
+        by_label = [i for i, n in nodes.items() if (n.get("Labels") or {}).get(NODE_LABEL) == name]
+        by_ip = [i for i, n in nodes.items() if n.get("NodeManagerAddress") == name]
         found = by_label or by_ip
         if len(found) != 1:
             known = sorted({(n.get("Labels") or {}).get(NODE_LABEL) or n.get("NodeManagerAddress")
-                            for n in self._nodes.values()})
+                            for n in nodes.values()})
             why = "no live node" if not found else f"{len(found)} nodes"
             raise ValueError(f"devices: {why} of the Ray cluster has the {NODE_LABEL} label (or IP) {name!r}; "
                              f"nodes: {known}")
@@ -138,8 +140,9 @@ class RayCluster:
         node_id = self.node_of(device)
         agent = self._agents.get(node_id)
         if agent is None:
-            if node_id not in self._live_nodes():
-                self._lose(device)
+            live = self._live_nodes()
+            if node_id not in live:
+                node_id = self._rejoined(device, live)  # NodeLost unless it is back
             from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
             actor = self._ray.remote(NodeAgent).options(
@@ -153,7 +156,7 @@ class RayCluster:
                 if node_id not in self._live_nodes():  # Ray keeps an actor for a dead node pending
                     del self._agents[node_id]
                     self._ray.kill(agent.actor)
-                    self._lose(device)
+                    raise self._lose(device)
                 if wait:
                     raise TimeoutError(f"the dfuse agent on node {split_node(device)[0]} did not start within "
                                        f"{AGENT_START_TIMEOUT_S:.0f} s")
@@ -163,24 +166,46 @@ class RayCluster:
             except Exception as e:  # it could not start: its node is gone, or it failed there
                 del self._agents[node_id]
                 if node_id not in self._live_nodes():
-                    self._lose(device)
+                    raise self._lose(device) from None
                 raise OSError(f"the dfuse agent on node {split_node(device)[0]} failed to start: {e}") from None
+            name = split_node(device)[0]
+            if name in self.lost:  # it left, came back (`_rejoined`), and runs our agent again
+                self.lost.discard(name)
+                log.warning("node %s is back in the Ray cluster: its devices serve again", name)
         return agent
 
-    def _call(self, device: str, what: str, ref, timeout: float):
-        """ray.get of an agent call, its failures as OSError (NodeLost when the node is gone):
-        what the engine core's recovery and moves catch, never a Ray exception type."""
+    def _call(self, device: str, agent: "_Agent", what: str, ref, timeout: float):
+        """ray.get of a call to `device`'s `agent`, its failures as OSError (NodeLost when the
+        node is gone): what the engine core's recovery and moves catch, never a Ray exception
+        type. An agent that died, or whose node left, is forgotten: the next start makes a new
+        one (on the node again once it is back, `_rejoined`)."""
         try:
             return self._ray.get(ref, timeout=timeout)
         except Exception as e:
-            if self.node_of(device) not in self._live_nodes():
-                self._lose(device)
+            gone = self.node_of(device) not in self._live_nodes()
+            if gone or isinstance(e, self._ray.exceptions.ActorDiedError):  # not a passing ActorUnavailableError
+                self.forget(device, agent.actor)
+            if gone:
+                raise self._lose(device) from None
             raise OSError(f"{what} on node {split_node(device)[0]} failed: {type(e).__name__}: {e}") from None
 
-    def _lose(self, device: str):
+    def _rejoined(self, device: str, live: dict[str, dict]) -> str:
+        """The node of `device` left; it may be back (`ray start` again with its label or IP),
+        under a new Ray node id: then its devices serve again, with a new agent. NodeLost if not."""
+        name = split_node(device)[0]
+        try:
+            node_id = self._find(name, live)
+        except ValueError:
+            raise self._lose(device) from None
+        self._nodes.update(live)  # its address may have changed
+        self.node_ids[name] = node_id  # still lost until an agent runs there (agent())
+        return node_id
+
+    def _lose(self, device: str) -> "NodeLost":
+        """`device`'s node is gone (until it comes back): the error to raise."""
         node = split_node(device)[0]
         self.lost.add(node)
-        raise NodeLost(f"node {node} of device {device} has left the Ray cluster")
+        return NodeLost(f"node {node} of device {device} has left the Ray cluster")
 
     def lost_devices(self, devices) -> list[str]:
         return [d for d in devices if split_node(d)[0] in self.lost]
@@ -189,9 +214,26 @@ class RayCluster:
         """An output pool for a worker on `device`'s node, made by its agent there (the engine's
         credits for it here). `wait=False` on the engine core: AgentStarting rather than block."""
         agent = self.agent(device, wait=wait)
-        name = self._call(device, "creating a pool", agent.actor.create_pool.remote(worker_id, slot_bytes, n_slots),
-                          POOL_TIMEOUT_S)
+        name = self._call(device, agent, "creating a pool",
+                          agent.actor.create_pool.remote(worker_id, slot_bytes, n_slots), POOL_TIMEOUT_S)
         return SlotPool(name, slot_bytes, n_slots, served_at=agent.info.slot_server)
+
+    def node_memory(self, device: str) -> dict[str, int] | None:
+        """{"total": bytes, "available": bytes} of the host memory of `device`'s node, measured
+        there by its running agent (this host's, measured here); None when it cannot say (no
+        agent runs there, the call failed): then no request is refused for want of it. Changes
+        nothing here: other threads than the engine core's may ask (the engine's budgets)."""
+        if not self.is_remote(device):
+            return host_memory()
+        agent = self._agents.get(self.node_of(device))
+        try:
+            if agent is None or agent.info is None:
+                raise OSError("no dfuse agent runs there")
+            return self._ray.get(agent.actor.memory.remote(), timeout=POOL_TIMEOUT_S)
+        except Exception as e:
+            log.info("the memory of node %s is not known (%s): its requests are not checked against it",
+                     split_node(device)[0], e)
+            return None
 
     def owns_pool(self, device: str, name: str) -> bool:
         """Whether pool `name` is one of the running agent's on `device`'s node (an agent that

@@ -145,6 +145,8 @@ class EngineCore(TaskDispatch, WorkerRecovery, WorkerMoves, RemoteWorkers, Worke
         self._next_worker_id = len(self.workers)  # workers a move starts get new ids (engine/moves.py)
         self.cpu_pinning = pin_cpu_workers(self.config, self.workers)  # before any worker spawns
         self._devices = {device: describe_device(device) for device in self.config.pool}
+        if self._cluster is not None:  # CPU devices of other nodes: that node's memory
+            self._devices.update(self._node_cpu_devices())
         self._startup = StartupProgress(self.workers)
         self._elastic = self._init_elastic() if self.config.policy == "elastic" else None
 
@@ -161,6 +163,11 @@ class EngineCore(TaskDispatch, WorkerRecovery, WorkerMoves, RemoteWorkers, Worke
                        memory=self._memory, true_cfg=self._true_cfg)
 
     # --- called from other threads -----------------------------------------------------------
+    @property
+    def cluster(self):
+        """The Ray cluster of workers on other nodes (engine/cluster.py), or None."""
+        return self._cluster
+
     def start(self) -> None:
         self._thread.start()
 
@@ -231,6 +238,7 @@ class EngineCore(TaskDispatch, WorkerRecovery, WorkerMoves, RemoteWorkers, Worke
             wire.StageFailed: self._on_failed,
             wire.Progress: self._on_progress,
             wire.Heartbeat: self._on_heartbeat,
+            wire.WorkerLog: self._on_worker_log,
         }
         self._next_health = 0.0
         self._startup.starting()

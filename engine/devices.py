@@ -141,7 +141,8 @@ def is_cpu(device: str) -> bool:
 
 def describe_device(device: str) -> tuple[str, float]:
     """(what it is, its memory in GiB) for users: the GPU's name, or the host's cores; a device
-    of another node only by its name (0: its memory is not known here)."""
+    of another node only by its name (0: not known here; the engine asks that node's agent for
+    a CPU device's, engine/remote_workers.py)."""
     node, local = split_node(device)
     if node is not None:
         return (f"{len(device_cpus(local) or ())} CPU cores ({local.removeprefix('cpu:')})" if device_cpus(local)

@@ -49,6 +49,12 @@ class NodeAgent:
         return {"pid": os.getpid(), "slot_server": self._server.address,
                 "segment_prefix": self._resources.segment_prefix}
 
+    def memory(self) -> dict[str, int]:
+        """This node's host memory: {"total": bytes, "available": bytes} (admission.host_memory)."""
+        from .admission import host_memory
+
+        return host_memory()
+
     def _buffer(self, name: str):
         pool = self._pools.get(name)
         return None if pool is None else pool.segment.data

@@ -218,8 +218,17 @@ class Heartbeat(msgspec.Struct, **_STRUCT):
     stalled_s: float  # seconds the compute loop has held a task without a step or an end (0: idle)
 
 
+class WorkerLog(msgspec.Struct, **_STRUCT):
+    """Worker on another node -> engine: what it logged at WARNING or above (on the engine's host
+    a worker's stderr is the engine's; there it would stay in Ray's log files on that node)."""
+
+    worker_id: int
+    level: int  # logging's: 30 WARNING, 40 ERROR, 50 CRITICAL
+    text: str
+
+
 ToWorker = StageTask | StageBatch | OpenPool | RemotePool | ClosePool | Become | CancelTask
-ToEngine = Ready | LoadFailed | StageDone | StageFailed | Progress | Heartbeat
+ToEngine = Ready | LoadFailed | StageDone | StageFailed | Progress | Heartbeat | WorkerLog
 
 _encoder = msgspec.msgpack.Encoder()
 

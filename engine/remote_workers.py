@@ -19,11 +19,13 @@ import logging
 import zmq
 
 from . import protocol as wire
+from .devices import is_cpu, split_node
 from .state import Worker
 from .transport.base import byte_view, tensor_nbytes
 from .transport.tcp import FrameSigner, SlotClient, SlotServer
 
 log = logging.getLogger("dfuse.engine")
+worker_log = logging.getLogger("dfuse.worker")  # what workers on other nodes logged, forwarded
 
 MAX_RESULT_FRAME_BYTES = 4 << 20  # a worker's message is a few KiB (refs, timings, warnings)
 
@@ -47,6 +49,24 @@ class RemoteWorkers:
         if hasattr(self, "_remote_results"):
             self._remote_results.close(linger=0)
         self._cluster.close()
+
+    def _node_cpu_devices(self) -> dict[str, tuple[str, float]]:
+        """(kind, memory GiB) of the node-named CPU devices, their node's memory as measured there
+        (asked once per node)."""
+        described, by_node = {}, {}
+        for device in self.config.pool:
+            node = split_node(device)[0]
+            if node is not None and is_cpu(device):
+                if node not in by_node:
+                    by_node[node] = self._cluster.node_memory(device)
+                if by_node[node] is not None:
+                    described[device] = (self._devices[device][0], round(by_node[node]["total"] / 2**30, 1))
+        return described
+
+    def _on_worker_log(self, worker: Worker, message: wire.WorkerLog) -> None:
+        """What a worker on another node logged (stages/log_forward.py), in the engine's log."""
+        level = min(max(message.level, logging.WARNING), logging.CRITICAL)
+        worker_log.log(level, "%s worker %d on %s: %s", worker.stage, worker.id, worker.device, message.text)
 
     def _is_remote(self, worker: Worker) -> bool:
         return self._cluster is not None and self._cluster.is_remote(worker.device)

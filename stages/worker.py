@@ -46,6 +46,7 @@ from .encoder import EncoderStage
 from .fused import FusedStage
 from . import weights
 from .families import load_family
+from .log_forward import KEPT, LogForwarder
 
 log = logging.getLogger("dfuse.worker")
 
@@ -74,6 +75,10 @@ def run_stage_worker(spec: WorkerSpec, death_pipe: Connection) -> None:
     # Ctrl-C reaches the whole process group; the engine decides how its workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=os.environ.get("DFUSE_LOG", "WARNING"), format=f"[{spec.stage}#{spec.worker_id}] %(message)s")
+    forwarder = None
+    if _signer is not None:  # on another node: its warnings go to the engine too (stages/log_forward.py)
+        forwarder = LogForwarder(spec.worker_id)
+        logging.getLogger().addHandler(forwarder)
     threading.Thread(target=_watch_engine, args=(spec, death_pipe), daemon=True, name="death-watch").start()
     os.environ["HF_HUB_OFFLINE"] = "1"  # the engine resolved the model to a folder: N workers never ask the hub
     quiet_libraries()
@@ -94,6 +99,7 @@ def run_stage_worker(spec: WorkerSpec, death_pipe: Connection) -> None:
         stage = load_stage(spec, spec.stage)
         pool = endpoint.create_gpu_pool(*spec.gpu_pool) if spec.gpu_pool else None
     except Exception as e:  # any load failure must reach the engine as a message, not a hang
+        _forward_logs(results, None, forwarder)  # what it warned of while loading, first
         results.send(_encode(wire.LoadFailed(spec.worker_id, f"{type(e).__name__}: {e}")))
         results.close()
         context.term()
@@ -120,7 +126,8 @@ def run_stage_worker(spec: WorkerSpec, death_pipe: Connection) -> None:
     results.send(_encode(wire.Ready(spec.worker_id, os.getpid(), load_s, pool, task_address, spec.generation)))
     loop = _ComputeLoop(spec, stage, endpoint, results, tasks, cancelled)
     stop_beating = threading.Event()
-    heart = threading.Thread(target=_beat, args=(context, spec, loop, stop_beating), daemon=True, name="heartbeat")
+    heart = threading.Thread(target=_beat, args=(context, spec, loop, stop_beating, forwarder), daemon=True,
+                             name="heartbeat")
     heart.start()
     loop.run()
     stop_beating.set()
@@ -129,23 +136,38 @@ def run_stage_worker(spec: WorkerSpec, death_pipe: Connection) -> None:
     context.term()
 
 
-def _beat(context, spec: WorkerSpec, loop: "_ComputeLoop", stop: threading.Event) -> None:
+def _beat(context, spec: WorkerSpec, loop: "_ComputeLoop", stop: threading.Event,
+          forwarder: LogForwarder | None = None) -> None:
     """Heartbeats on a socket of their own (a zmq socket belongs to one thread): the engine
     notices a process that stopped running (SIGSTOP, a stuck kernel) by their silence, and a
-    compute stuck on one task by the stall they report."""
+    compute stuck on one task by the stall they report. A worker on another node sends what it
+    logged since the last beat with it (`forwarder`)."""
     socket = context.socket(zmq.PUSH)
     socket.setsockopt(zmq.LINGER, 0)
-    socket.setsockopt(zmq.SNDHWM, 4)  # an engine that reads nothing gets no pile of old beats
+    socket.setsockopt(zmq.SNDHWM, 8 + KEPT)  # room for a second's logs; an engine that reads nothing gets no more
     signer = FrameSigner(bytes.fromhex(spec.secret)) if _signer is not None else None  # a session of its own
     socket.connect(spec.result_endpoint)
     try:
         while not stop.wait(wire.HEARTBEAT_INTERVAL_S):
             try:
                 socket.send(_encode(wire.Heartbeat(spec.worker_id, round(loop.stalled_s(), 3)), signer), zmq.NOBLOCK)
-            except zmq.Again:
+            except zmq.Again:  # the engine reads nothing now: what it missed is not kept
                 pass
+            _forward_logs(socket, signer, forwarder)
+        _forward_logs(socket, signer, forwarder)  # the last second's
     finally:
         socket.close()
+
+
+def _forward_logs(socket: zmq.Socket, signer: FrameSigner | None, forwarder: LogForwarder | None) -> None:
+    """Send what the worker logged since the last call (stages/log_forward.py). Never raises:
+    a log that cannot be sent must not stop the heartbeats (the engine would replace a working
+    worker for their silence)."""
+    for message in forwarder.take() if forwarder is not None else ():
+        try:
+            socket.send(_encode(message, signer), zmq.NOBLOCK)
+        except Exception:  # zmq.Again (the engine reads nothing now), or a record that cannot be encoded
+            pass
 
 
 def load_stage(spec: WorkerSpec, kind: str):

@@ -14,8 +14,10 @@ Rules, learned the hard way on these machines (see the shared FACTS.md, "Ray on 
 - RAY_worker_niceness=0: Ray nices its workers, and under CPU load a 16 s test took 45-60 s.
 - Each cluster gets its own --temp-dir: /tmp is shared with the host, and /tmp/ray with other runs.
 
-The script sees DFUSE_RAY_ADDRESS ("127.0.0.1:<head port>") and DFUSE_RAYLET_PIDS (json
-{"a": pid, ...}, PIDs inside the namespace, so the script can SIGKILL a node's raylet).
+The script sees DFUSE_RAY_ADDRESS ("127.0.0.1:<head port>"), DFUSE_RAYLET_PIDS (json
+{"a": pid, ...}, PIDs inside the namespace, so the script can SIGKILL a node's raylet) and
+DFUSE_RAY_REJOIN (json {"b": argv}: `ray start` for that node again, on ports of its own, once
+it was killed: a node that comes back).
 A driver always attaches to the head node's raylet (Ray prefers the head among nodes on one IP).
 """
 
@@ -43,16 +45,23 @@ import json, os, subprocess, sys
 nodes, temp_dir, script = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
 ray = [sys.executable, "-m", "ray.scripts.scripts", "start"]
 head = f"127.0.0.1:{HEAD_PORT}"
-pids = {}
+pids, rejoin = {}, {}
+
+def node_args(name, cpus, nm_port, workers_from):
+    return ["--node-ip-address", "127.0.0.1", "--labels", f"dfuse-node={name}",
+            "--num-cpus", str(cpus), "--object-store-memory", str(256 << 20), "--disable-usage-stats",
+            "--node-manager-port", str(nm_port), "--object-manager-port", str(nm_port + 1),
+            "--dashboard-agent-listen-port", str(nm_port + 2),
+            "--min-worker-port", str(workers_from), "--max-worker-port", str(workers_from + 999)]
+
 for i, (name, cpus) in enumerate(nodes.items()):
     # Explicit, distinct ports per node: two raylets share one IP, so nothing may collide,
     # and the node manager port is how we find this node's raylet below.
     nm_port = 7000 + 10 * i
-    args = ["--node-ip-address", "127.0.0.1", "--labels", f"dfuse-node={name}",
-            "--num-cpus", str(cpus), "--object-store-memory", str(256 << 20), "--disable-usage-stats",
-            "--node-manager-port", str(nm_port), "--object-manager-port", str(nm_port + 1),
-            "--dashboard-agent-listen-port", str(nm_port + 2),
-            "--min-worker-port", str(20000 + 1000 * i), "--max-worker-port", str(20999 + 1000 * i)]
+    args = node_args(name, cpus, nm_port, 20000 + 1000 * i)
+    # The same node starting again after its raylet was killed: ports of its own (what the
+    # killed node left may still hold the old ones for a while).
+    rejoin[name] = ray + ["--address", head] + node_args(name, cpus, nm_port + 5, 40000 + 1000 * i)
     if i == 0:  # only the head takes these (a worker node refuses --include-dashboard)
         args = ["--head", "--port", str(HEAD_PORT), "--temp-dir", temp_dir,
                 "--include-dashboard=false"] + args
@@ -73,7 +82,7 @@ for i, (name, cpus) in enumerate(nodes.items()):
     if name not in pids:
         sys.stderr.write(f"no raylet found for node {name}")
         sys.exit(97)
-env = dict(os.environ, DFUSE_RAY_ADDRESS=head, DFUSE_RAYLET_PIDS=json.dumps(pids))
+env = dict(os.environ, DFUSE_RAY_ADDRESS=head, DFUSE_RAYLET_PIDS=json.dumps(pids), DFUSE_RAY_REJOIN=json.dumps(rejoin))
 sys.exit(subprocess.run([sys.executable, "-c", script], env=env).returncode)
 """.replace("HEAD_PORT", str(HEAD_PORT))
 

@@ -6,7 +6,7 @@ import pytest
 from click.testing import CliRunner
 
 from dfuse.cli import main
-from dfuse.engine.admission import detect_budgets
+from dfuse.engine.admission import detect_budgets, memory_budgets, stage_budgets
 from dfuse.engine.config import EngineConfig
 from dfuse.engine.devices import canonical_device, check_disjoint, parse_device_list
 from dfuse.engine.protocol import WorkerSpec
@@ -196,6 +196,23 @@ def test_a_remote_node_memory_is_not_measured_here(tmp_path, remote):
     budgets = detect_budgets(_split_over(remote), None, root=_root(tmp_path))
     assert budgets["encoder"] == budgets["decoder"] == int(4 * GIB * 0.8)  # this host's, measured
     assert budgets["dit"] > 1024 * GIB  # not this host's 4 GiB: nothing is refused for want of b's memory
+
+
+@pytest.mark.parametrize("remote, said, expected", [
+    ("b/cpu:0", 10 * GIB, int(10 * GIB * 0.8)),  # what b's agent measured there, with the same share
+    ("b/cpu:0", None, None),  # b could not say: nothing refused for want of its memory
+    ("b/cuda:0", 10 * GIB, None),  # a GPU's is not asked of the agent (it would make a CUDA context there)
+])
+def test_another_node_host_memory_is_what_its_agent_measures(tmp_path, remote, said, expected):
+    asked = []
+    node_memory = lambda memory: asked.append(memory) or said  # noqa: E731
+    budgets = stage_budgets(_split_over(remote), memory_budgets(_split_over(remote), None, root=_root(tmp_path),
+                                                                 node_memory=node_memory))
+    assert budgets["decoder"] == int(4 * GIB * 0.8)
+    if expected is None:
+        assert budgets["dit"] > 1024 * GIB
+    else:
+        assert budgets["dit"] == expected and asked == ["b/cpu"]
 
 
 @pytest.mark.parametrize("remote, limit_key, memory", [

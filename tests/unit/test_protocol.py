@@ -48,6 +48,7 @@ TO_ENGINE = [
     wire.StageDone(1, 12, [_ref], wire.StageTimings(0.001, 2.5, fetch_s=0.0004)),
     wire.Heartbeat(2, 0.0),
     wire.Heartbeat(3, 12.5),
+    wire.WorkerLog(4, 30, "dfuse.worker: could not open pool p1"),
 ]
 
 

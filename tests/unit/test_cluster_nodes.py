@@ -1,0 +1,117 @@
+"""How RayCluster keeps track of nodes that leave and come back, and of agents that die, against
+a cluster whose membership the test sets (no Ray runs: these are its bookkeeping rules; the e2e
+tests in tests/e2e/test_ray_cluster.py run them on real Ray nodes)."""
+
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("ray")  # its exception types and scheduling strategy are the real ones
+
+import ray.exceptions  # noqa: E402
+
+from dfuse.engine.cluster import NodeLost, RayCluster  # noqa: E402
+
+
+A, B, B2 = "aa" * 28, "bb" * 28, "cc" * 28  # Ray node ids (hex, as NodeAffinitySchedulingStrategy checks)
+
+
+class _Ref:
+    def __init__(self, value=None, error=None):
+        self.value, self.error = value, error
+
+
+class _FakeRay:
+    """What RayCluster asks of the `ray` module, with the membership and the calls' outcomes set
+    by the test."""
+
+    exceptions = ray.exceptions
+
+    def __init__(self):
+        self.members = {}  # node id -> (label, address, alive)
+        self.actors = []
+        self.pool_error = None  # what the next create_pool call fails with
+
+    def nodes(self):
+        return [{"NodeID": i, "Alive": alive, "Labels": {"dfuse-node": label}, "NodeManagerAddress": address}
+                for i, (label, address, alive) in self.members.items()]
+
+    def wait(self, refs, timeout=None):
+        return refs, []
+
+    def get(self, ref, timeout=None):
+        if ref.error is not None:
+            raise ref.error
+        return ref.value
+
+    def kill(self, actor):
+        pass
+
+    def remote(self, cls):
+        fake = self
+
+        class Options:
+            def options(self, **kw):
+                return self
+
+            def remote(self, secret, address):
+                actor = SimpleNamespace(address=address)
+                actor.info = SimpleNamespace(remote=lambda: _Ref(
+                    {"pid": 1, "slot_server": f"tcp://{address}:1", "segment_prefix": f"p{len(fake.actors)}"}))
+                actor.create_pool = SimpleNamespace(remote=lambda worker_id, size, count: _Ref(
+                    f"p{len(fake.actors)}w{worker_id}", fake.pool_error))
+                fake.actors.append(actor)
+                return actor
+
+        return Options()
+
+
+def _cluster(fake):
+    fake.members = {A: ("a", "10.0.0.1", True), B: ("b", "10.0.0.2", True)}
+    cluster = RayCluster.__new__(RayCluster)
+    cluster._ray = fake
+    cluster.secret = b"s" * 32
+    cluster.own_node_id = A
+    cluster._nodes = cluster._live_nodes()
+    cluster.node_ids = {"a": A, "b": B}
+    cluster._agents = {}
+    cluster.lost = set()
+    return cluster
+
+
+def test_a_node_that_leaves_is_lost_until_it_comes_back_under_its_label_then_serves_again():
+    fake = _FakeRay()
+    cluster = _cluster(fake)
+    first = cluster.new_pool("b/cpu:1", 1, 1024, 2)
+    assert first.served_at == "tcp://10.0.0.2:1"
+    fake.members[B] = ("b", "10.0.0.2", False)  # b's raylet died
+    fake.pool_error = ray.exceptions.ActorDiedError()
+    with pytest.raises(NodeLost):
+        cluster.new_pool("b/cpu:1", 1, 1024, 2)
+    assert cluster.lost_devices(["a/cpu:0", "b/cpu:1"]) == ["b/cpu:1"]
+    assert cluster._agents == {}  # its dead agent is forgotten
+    with pytest.raises(NodeLost):  # still gone
+        cluster.new_pool("b/cpu:1", 1, 1024, 2)
+    fake.members[B2] = ("b", "10.0.0.9", True)  # `ray start` again: a new node id, maybe a new address
+    fake.pool_error = None
+    again = cluster.new_pool("b/cpu:1", 1, 1024, 2)
+    assert cluster.lost_devices(["a/cpu:0", "b/cpu:1"]) == []
+    assert cluster.node_of("b/cpu:1") == B2 and cluster.node_address("b/cpu:1") == "10.0.0.9"
+    assert again.served_at == "tcp://10.0.0.9:1" and len(fake.actors) == 2  # a new agent there
+
+
+def test_an_agent_that_died_on_a_live_node_is_replaced_and_a_passing_outage_keeps_it():
+    fake = _FakeRay()
+    cluster = _cluster(fake)
+    cluster.new_pool("b/cpu:1", 1, 1024, 2)
+    fake.pool_error = ray.exceptions.ActorUnavailableError("a network blip", None)
+    with pytest.raises(OSError, match="creating a pool on node b failed"):
+        cluster.new_pool("b/cpu:1", 1, 1024, 2)
+    assert len(cluster._agents) == 1  # kept: it may answer again; a second agent there would orphan the first
+    fake.pool_error = ray.exceptions.ActorDiedError()
+    with pytest.raises(OSError) as raised:
+        cluster.new_pool("b/cpu:1", 1, 1024, 2)
+    assert not isinstance(raised.value, NodeLost) and cluster._agents == {}  # the node is up: only the agent died
+    fake.pool_error = None
+    cluster.new_pool("b/cpu:1", 1, 1024, 2)
+    assert len(fake.actors) == 2 and cluster.lost_devices(["b/cpu:1"]) == []
