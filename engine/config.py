@@ -260,6 +260,15 @@ class EngineConfig:
         return isinstance(self.devices, tuple)
 
     @property
+    def gpu_pools(self) -> bool:
+        """Whether a GPU producer may keep its outputs in its GPU's memory for consumers that can
+        map it (CUDA IPC on its GPU, P2P across): a static engine, for the fastest hop. Under the
+        elastic policy every output goes through pinned host memory instead (a D2H copy by its
+        producer, an H2D copy by its consumer on its copy stream), so that any worker can move
+        and its outputs outlive it."""
+        return self.policy != "elastic"
+
+    @property
     def pool(self) -> tuple[str, ...]:
         """Every device of this engine (those of the per-stage form, or the pool's)."""
         if isinstance(self.devices, tuple):

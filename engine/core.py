@@ -140,7 +140,7 @@ class EngineCore(TaskDispatch, WorkerRecovery, WorkerMoves, RemoteWorkers, Worke
             self._init_cluster_sockets()
 
     def _init_workers(self) -> None:
-        self.links = choose_links(self.config.workers, self._cluster)
+        self.links = choose_links(self.config.workers, self._cluster, self.config.gpu_pools)
         self.workers: dict[int, Worker] = build_workers(self.config, self.segment_prefix, self._cluster)
         self._next_worker_id = len(self.workers)  # workers a move starts get new ids (engine/moves.py)
         self.cpu_pinning = pin_cpu_workers(self.config, self.workers)  # before any worker spawns
@@ -151,11 +151,6 @@ class EngineCore(TaskDispatch, WorkerRecovery, WorkerMoves, RemoteWorkers, Worke
         self._elastic = self._init_elastic() if self.config.policy == "elastic" else None
 
     def _init_elastic(self) -> Elastic:
-        fixed = [w.id for w in self.workers.values() if w.pool.on_gpu]
-        if fixed:
-            raise ValueError(
-                f"policy: 'elastic' cannot move workers {fixed}: they hand their outputs over in GPU memory "
-                f"(links {self.links}), and moving such a worker is not supported yet; use policy='static'")
         pooled = self.config.pooled
         return Elastic(self.config.elastic, {w.id: w.device for w in self.workers.values()},
                        {s: list(self.config.pool) if pooled else self.config.devices_of(s) for s in STAGES},

@@ -10,22 +10,23 @@ from .config import EngineConfig
 from .cpu_affinity import describe, openmp_affinity, physical_cores, plan, usable_cpus
 from .devices import FUSED_ALONE, ROLES, device_cpus, fused_alone
 from .state import Worker
-from .transport.base import choose_link, cuda_peer_access, pool_kind, probe_places
+from .transport.base import GPU_LINKS, choose_link, cuda_peer_access, pool_kind, probe_places
 from .transport.slots import SlotPool
 
 _CONSUMERS = {stage: STAGES[i + 1] for i, stage in enumerate(STAGES[:-1])}
 
 
-def choose_links(workers: Sequence[tuple[str, str]], cluster=None) -> dict[str, str]:
+def choose_links(workers: Sequence[tuple[str, str]], cluster=None, gpu_pools: bool = True) -> dict[str, str]:
     """The transport of every stage pair ("encoder->dit": "shm" | "cuda_ipc" | "tcp" ...), probed
     from where each side lives; where a pair's workers sit on several devices, the links it uses
     ("cuda_ipc+host_staged"). The last stage hands its pixels to the engine on its host.
-    `cluster` (engine/cluster.py): workers on different nodes hand over by TCP."""
+    `cluster` (engine/cluster.py): workers on different nodes hand over by TCP. `gpu_pools=False`
+    (EngineConfig.gpu_pools): outputs never stay in GPU memory, GPU to GPU is "host_staged"."""
     places = _probe(workers, cluster)
     node_of = cluster.node_of if cluster is not None else None
     links = {}
     for stage, consumer in _CONSUMERS.items():
-        kinds = {_link(places, producer, reader, node_of) for producer in _devices(workers, stage)
+        kinds = {_link(places, producer, reader, node_of, gpu_pools) for producer in _devices(workers, stage)
                  for reader in _devices(workers, consumer)}
         links[f"{stage}->{consumer}"] = "+".join(sorted(kinds))
     last = {"tcp" if cluster is not None and cluster.is_remote(d) else "shm" for d in _devices(workers, STAGES[-1])}
@@ -44,7 +45,7 @@ def build_workers(config: EngineConfig, segment_prefix: str, cluster=None) -> di
     for device, stage in config.workers:
         worker_id = len(workers)
         consumers = _devices(config.workers, _CONSUMERS[stage]) if stage in _CONSUMERS else []
-        links = [_link(places, device, reader, node_of) for reader in consumers] or ["shm"]
+        links = [_link(places, device, reader, node_of, config.gpu_pools) for reader in consumers] or ["shm"]
         name, size = f"{segment_prefix}w{worker_id}", config.transport.slot_bytes
         count = config.slots_per_worker(stage)
         if cluster is not None and cluster.is_remote(device):
@@ -66,12 +67,13 @@ def _devices(workers: Sequence[tuple[str, str]], stage: str) -> list[str]:
     return list(dict.fromkeys(d for d, s in workers if s == stage))
 
 
-def _link(places, producer: str, consumer: str, node_of=None) -> str:
+def _link(places, producer: str, consumer: str, node_of=None, gpu_pools: bool = True) -> str:
     if node_of is not None and node_of(producer) != node_of(consumer):
         return "tcp"
     if producer not in places or consumer not in places:  # both on one other node: host pools there
         return "shm"
-    return choose_link(places[producer], places[consumer], cuda_peer_access)
+    link = choose_link(places[producer], places[consumer], cuda_peer_access)
+    return link if gpu_pools or link not in GPU_LINKS else "host_staged"
 
 
 def pin_cpu_workers(config: EngineConfig, workers: Mapping[int, Worker]) -> str:
@@ -121,7 +123,9 @@ def check_moves(workers: Mapping[int, Worker], config: EngineConfig, moves: Sequ
         if worker.stage == stage:
             raise ValueError(f"stage: worker {worker_id} already serves {stage}")
         if worker.pool.on_gpu:
-            raise ValueError(f"worker_id: worker {worker_id} keeps its outputs on its GPU; moving it is not supported yet")
+            raise ValueError(f"worker_id: worker {worker_id} keeps its outputs in its GPU's memory (CUDA IPC), which a "
+                             "static engine does for speed; an engine with policy='elastic' keeps every output in "
+                             "pinned host memory, where moves can take them")
         if not config.pooled and stage == FUSED:
             raise ValueError(f"stage: {FUSED} (the fused role) runs only on an engine on a device pool "
                              "(devices= and placement=)")
@@ -142,7 +146,8 @@ def check_moves(workers: Mapping[int, Worker], config: EngineConfig, moves: Sequ
                           and p.device != device]
             if unreadable:
                 raise ValueError(f"placement: a {stage} worker on {device} could not read the GPU pool of worker(s) "
-                                 f"{unreadable} (outputs that stay on another GPU); moving such pools is not supported yet")
+                                 f"{unreadable} (outputs that stay on another GPU: a static engine's CUDA IPC); an "
+                                 "engine with policy='elastic' keeps every output in pinned host memory")
     ids = [w for w, _ in moves] + list(stops)
     if len(set(ids)) < len(ids):
         raise ValueError("worker_id: a worker may make one move at a time")

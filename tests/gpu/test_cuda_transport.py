@@ -119,3 +119,41 @@ def test_requests_survive_a_gpu_producer_killed_while_consumers_hold_its_outputs
     for seed, image in enumerate(images):
         expected = pipe("a red fox in the snow", generator=torch.Generator().manual_seed(seed), **params).images[0]
         assert np.array_equal(np.array(image), np.array(expected)), f"seed {seed}"
+
+
+def test_an_elastic_engine_moves_gpu_workers_under_load_and_every_image_matches_diffusers():
+    # policy="elastic": every output goes through pinned host memory ("host_staged", even on one
+    # GPU), so GPU workers may switch stage in their own processes. One of two DiTs becomes a
+    # second decoder while requests run, then a DiT again: nothing is lost, every image equals
+    # diffusers' (host staging copies bytes exactly), and no IPC file is left.
+    import time
+
+    from diffusers import StableDiffusion3Pipeline
+
+    from dfuse import Engine
+    from dfuse.engine.models.tiny import tiny_model_path
+
+    path = tiny_model_path()
+    params = dict(num_inference_steps=4, guidance_scale=4.5, height=128, width=128)
+    with Engine(model=str(path), device="cuda:0", instances={"encoder": 1, "dit": 2, "decoder": 1}, dtype="float32",
+                policy="elastic") as engine:
+        assert engine.stats().links == {"encoder->dit": "host_staged", "dit->decoder": "host_staged",
+                                        "decoder->engine": "shm"}
+        # 14 requests in all: under the controller's min_arrivals (20), so only these moves happen.
+        futures = [engine.submit("a red fox in the snow", seed=s, **params) for s in range(10)]
+        mover = max(w.id for w in engine.stats().workers if w.stage == "dit")
+        engine.move(mover, "decoder")
+        deadline = time.monotonic() + 120
+        while engine.stats().workers[mover].stage != "decoder" or not engine.stats().workers[mover].ready:
+            assert time.monotonic() < deadline, "the DiT did not become a decoder"
+            time.sleep(0.1)
+        futures += [engine.submit("a red fox in the snow", seed=s, **params) for s in range(10, 14)]
+        engine.move(mover, "dit")
+        images = [f.result(timeout=300).images[0] for f in futures]
+        pids = [w.pid for w in engine.stats().workers]
+        assert engine.stats().failed == 0 and len(engine.stats().switch_s) >= 2
+    assert ipc_leftovers(pids) == []
+    pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype=torch.float32).to("cuda:0")
+    for seed, image in enumerate(images):
+        expected = pipe("a red fox in the snow", generator=torch.Generator().manual_seed(seed), **params).images[0]
+        assert np.array_equal(np.array(image), np.array(expected)), f"seed {seed}"

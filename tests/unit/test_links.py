@@ -38,3 +38,33 @@ def test_choose_link(producer, consumer, peer_access, link):
 )
 def test_pool_lives_on_the_gpu_only_if_every_consumer_reads_gpu_memory(links, kind):
     assert pool_kind(links) == kind
+
+
+@pytest.mark.parametrize("policy, links, gpu_pools", [
+    ("static", {"encoder->dit": "cuda_ipc", "dit->decoder": "cuda_p2p", "decoder->engine": "shm"}, ["dit", "encoder"]),
+    ("elastic", {"encoder->dit": "host_staged", "dit->decoder": "host_staged", "decoder->engine": "shm"}, []),
+])
+def test_an_elastic_engine_keeps_every_output_in_host_memory_where_moves_can_take_it(monkeypatch, policy, links,
+                                                                                    gpu_pools):
+    """Two GPUs with P2P: a static engine keeps outputs on the GPU for its consumers (IPC, P2P);
+    an elastic one stages them all through host memory, so no worker's outputs die with it or
+    stop it from moving."""
+    import torch
+
+    from dfuse.engine import worker_layout
+    from dfuse.engine.config import EngineConfig, TransportConfig
+    from dfuse.engine.transport.shm_files import new_segment_prefix, unlink_segments
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(worker_layout, "_probe", lambda workers, cluster: {"cuda:0": GPU_A, "cuda:1": GPU_B})
+    monkeypatch.setattr(worker_layout, "cuda_peer_access", peers(("GPU-aaaa", "GPU-bbbb")))
+    config = EngineConfig(model="synthetic:encoder=1ms,dit=1ms,decoder=1ms", devices=["cuda:0", "cuda:1"],
+                          placement={"cuda:0": ["encoder", "dit"], "cuda:1": ["decoder"]}, policy=policy,
+                          transport=TransportConfig(slot_mib=1))
+    assert worker_layout.choose_links(config.workers, None, config.gpu_pools) == links
+    prefix = new_segment_prefix()
+    try:
+        workers = worker_layout.build_workers(config, prefix)
+        assert sorted(w.stage for w in workers.values() if w.pool.on_gpu) == gpu_pools
+    finally:
+        unlink_segments(prefix)
