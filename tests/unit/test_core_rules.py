@@ -227,3 +227,28 @@ def test_a_replacement_that_never_says_ready_is_killed_after_startup_timeout_and
         h.ready(dit)
         h.serve(request)
         assert (request.future.result(5)[0] == 1).all()
+
+
+def test_a_silent_workers_queued_task_goes_to_another_and_its_late_answer_only_frees_the_slot():
+    with CoreHarness(instances=TWO_DITS) as h:
+        h.ready()
+        a, b = h.ids("dit")
+        first, second, third = h.submit(1), h.submit(2), h.submit(3)
+        _through_encoder(h)
+        on_a = [t for t in h.tasks(a)]
+        on_b = [t for t in h.tasks(b)]
+        if len(on_a) < 2:  # name the worker holding two tasks (one computing, one queued) `a`
+            (a, on_a), (b, on_b) = (b, on_b), (a, on_a)
+        computing, queued = on_a
+        h.core.workers[a].last_heard -= 5  # silent for 5 s: past 3 heartbeats, short of heartbeat_timeout_s
+        h.turn(health=True)
+        assert [t.request_id for t in h.tasks(b)] == [queued.request_id]  # the queued one, not the computing one
+        pool = h.core.workers[a].pool
+        held = pool.n_slots - pool.free
+        h.done(a, queued)  # a wakes up and answers the task it was relieved of
+        h.settle()
+        assert pool.n_slots - pool.free == held - 1  # only its slot comes back; the request is b's
+        h.serve(first, second, third)
+        for request in (first, second, third):
+            assert (request.future.result(5)[0] == request.params.seed).all()
+        assert h.core.stats("m", "f").completed == 3
