@@ -16,7 +16,9 @@ priority and arrival, engine/queues.py) until `max_attempts` is reached (engine/
 With batching on (EngineConfig.batching), a free worker takes the queue's head plus compatible
 requests behind it as one task (engine/batching.py); each request still holds its own output
 slot and gets its own StageDone, so everything above stays per request. Which worker takes a
-task is engine/task_dispatch.py.
+task is engine/task_dispatch.py; how a request leaves (done, failed, dropped, expired),
+engine/request_exits.py. Tests drive this loop one turn at a time, with workers of their own
+(`launch`, tests/core_harness.py).
 
 A fused worker (stages/fused.py) takes a new request from the encoder queue and runs it start to
 finish in its own process; its StageDone carries the final pixels and each stage's time.
