@@ -25,6 +25,16 @@ def _through_encoder(h):
     h.settle()
 
 
+def _dit_computing(h):
+    """The one request submitted goes through the encoder to one of two DiTs: (the DiT that has
+    it, the other, its task)."""
+    _through_encoder(h)
+    first, second = h.ids("dit")
+    on_first = h.tasks(first)
+    (task,) = on_first + h.tasks(second)
+    return (first, second, task) if on_first else (second, first, task)
+
+
 @pytest.mark.parametrize("rule, expected", [("earliest-finish", "AAB"), ("fewest-in-flight", "ABA")])
 def test_tasks_go_to_the_worker_predicted_to_finish_first(rule, expected):
     """A DiT measured three times as fast takes two of three tasks before the slow one gets its
@@ -86,14 +96,9 @@ def test_a_request_whose_workers_keep_dying_fails_and_the_one_behind_it_is_serve
 def test_a_move_waits_for_its_outputs_to_be_read_then_switches_in_its_own_process():
     with CoreHarness(instances=TWO_DITS) as h:
         h.ready()
-        stays, mover = h.ids("dit")
         first = h.submit(1)
-        _through_encoder(h)
-        (task,) = h.tasks(stays) + h.tasks(mover)
+        mover, stays, task = _dit_computing(h)
         assert task.request_id == first.id
-        holder = stays if task in h.worker(stays).received else mover
-        if holder != mover:
-            stays, mover = mover, stays
         h.core._start_moves([(mover, "encoder")], reason="asked", strict=True)
         second = h.submit(2)
         _through_encoder(h)
@@ -118,12 +123,8 @@ def test_a_move_waits_for_its_outputs_to_be_read_then_switches_in_its_own_proces
 def test_a_worker_killed_mid_move_comes_back_in_its_new_role_and_loses_nothing():
     with CoreHarness(instances=TWO_DITS) as h:
         h.ready()
-        stays, mover = h.ids("dit")
         request = h.submit(1)
-        _through_encoder(h)
-        (task,) = h.tasks(stays) + h.tasks(mover)
-        if task in h.worker(stays).received:
-            stays, mover = mover, stays
+        mover, stays, _ = _dit_computing(h)
         h.core._start_moves([(mover, "decoder")], reason="asked", strict=True)
         h.die(mover)
         assert h.spawned[-1].stage == "decoder" and h.spawned[-1].worker_id == mover
