@@ -36,7 +36,8 @@ def choose_links(workers: Sequence[tuple[str, str]], cluster=None, gpu_pools: bo
 
 def build_workers(config: EngineConfig, segment_prefix: str, cluster=None) -> dict[int, Worker]:
     """Every configured worker, with the output pool its links need: its pool is on its GPU only
-    when every consumer can map GPU memory (same GPU, or peer access); host pools are created
+    when every consumer can map GPU memory (same GPU, or peer access) and the engine keeps GPU
+    pools (EngineConfig.gpu_pools: not under the elastic policy); host pools are created
     here (the engine owns them), a GPU pool is allocated by its worker on its device, a pool on
     another node by that node's agent (engine/node_agent.py)."""
     places = _probe(config.workers, cluster)

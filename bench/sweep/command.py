@@ -367,7 +367,7 @@ def _pool_layout(pool: str | None, placement: str | None, device: str, instances
         raise click.UsageError("--placement auto places the stages over --devices; give them (e.g. --devices cpu:0,cpu:1)")
     stages = "auto" if placement in (None, "auto") else _option("--placement", parse_placement, placement)
     fields = {"placement": stages, **({} if pool is None else {"devices": _option("--devices", parse_device_list, pool)})}
-    policy = "elastic" if {"elastic", "auto"} & set(modes) else "static"  # what elastic refuses is refused here
+    policy = "elastic" if {"elastic", "auto"} & set(modes) else "static"  # checked as the engine modes will run
     try:
         engine = EngineConfig(model=model, **fields, policy=policy, cluster=cluster, ray_address=ray_address)
         if engine.placement == "auto":

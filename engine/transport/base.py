@@ -9,6 +9,9 @@ Links, chosen once per stage pair at start-up (the same for every tensor of that
     cuda X     cuda Y, P2P       cuda_p2p      producer's GPU     copies X->Y on a copy stream
     cuda X     cuda Y, no P2P    host_staged   /dev/shm, pinned   copies H2D on a copy stream
 
+Under the elastic policy (EngineConfig.gpu_pools False) every GPU-to-GPU pair is host_staged:
+outputs that stay in a producer's GPU memory could not outlive it or follow it to another stage.
+
 GPUs are identified by UUID, not by index: an index means different GPUs in processes with
 different CUDA_VISIBLE_DEVICES.
 """

@@ -35,6 +35,7 @@ class Endpoint:
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
         self._lock = threading.Lock()  # the receiver thread prefetches beside the compute loop
         self._host: dict[str, Segment] = {}
+        self._pinned: set[str] = set()  # host pools page-locked for this GPU's copies (cudaHostRegister)
         self._gpu: dict[str, object] = {}  # OpenedCudaPool by name
         self._own_gpu = None  # CudaPool, when this worker's outputs stay on its GPU
         self._remote: dict[str, str] = {}  # pool name -> the slot server of its node (transport/tcp.py)
@@ -67,11 +68,17 @@ class Endpoint:
             self._remote[name] = address
 
     def close_pool(self, name: str) -> None:
-        """Forget a host pool whose producer stopped (no task reads it any more)."""
+        """Forget a host pool whose producer stopped (no task reads it any more). A pinned one is
+        unpinned first: its mapping goes, and a later pool mapped at the same address must not
+        meet a stale registration (a copy could read the old pages)."""
         with self._lock:
-            self._host.pop(name, None)
+            segment = self._host.pop(name, None)
             self._remote.pop(name, None)
             self._views = {key: view for key, view in self._views.items() if key[0] != name}
+            if segment is not None and name in self._pinned:
+                self._pinned.discard(name)
+                self.copy_stream.synchronize()  # no copy from it is still in flight
+                _unpin(segment)
 
     def _buffer(self, pool: str) -> torch.Tensor:
         if self._own_gpu is not None and pool == self._own_gpu.name:
@@ -81,8 +88,8 @@ class Endpoint:
         segment = self._host.get(pool)
         if segment is None:
             segment = self._host[pool] = Segment(pool)
-            if self.cuda:
-                _pin(segment)
+            if self.cuda and _pin(segment):
+                self._pinned.add(pool)
         return segment.data
 
     def view(self, pool: str, offset: int, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
@@ -188,13 +195,24 @@ class Endpoint:
         torch.cuda.current_stream(self.device).synchronize()
 
 
-def _pin(segment: Segment) -> None:
-    """Page-lock a host segment in this process so H2D/D2H copies can run asynchronously."""
+def _pin(segment: Segment) -> bool:
+    """Page-lock a host segment in this process so H2D/D2H copies can run asynchronously;
+    whether it is."""
     cudart = torch.cuda.cudart()
     code = int(cudart.cudaHostRegister(segment.data.data_ptr(), segment.size, 0))
     if code != 0:
         log.warning("could not pin %s (cudaHostRegister: %s): copies use pageable memory",
                     segment.name, cudart.cudaGetErrorString(cudart.cudaError(code)))
+        _clear_cuda_error()
+    return code == 0
+
+
+def _unpin(segment: Segment) -> None:
+    cudart = torch.cuda.cudart()
+    code = int(cudart.cudaHostUnregister(segment.data.data_ptr()))
+    if code != 0:
+        log.warning("could not unpin %s (cudaHostUnregister: %s)", segment.name,
+                    cudart.cudaGetErrorString(cudart.cudaError(code)))
         _clear_cuda_error()
 
 
