@@ -22,6 +22,7 @@ from pathlib import Path
 import click
 
 from ..engine.config import DEFAULT_MODEL
+from ..engine.devices import host_memory_bytes
 from .lib.meter import CpuMeter
 from .lib.outputs import write_json
 
@@ -208,7 +209,7 @@ class _Meter:
 
         if self.device.type == "cuda":
             return torch.cuda.get_device_properties(self.device).total_memory / 1e9
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+        return host_memory_bytes() / 1e9
 
 
 def _status_kb(field: str) -> int | None:

@@ -10,7 +10,6 @@ out-of-memory that still happens inside a worker is reported to the caller (the 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import msgspec
 
 from ..scheduler.core import STAGES
 from .config import EngineConfig, memory_of
-from .devices import role_stages
+from .devices import host_memory_bytes, role_stages
 from .models.base import FamilySpec, ModelInfo
 from .models.catalog import stage_weight_bytes
 from .protocol import RequestParams
@@ -99,8 +98,8 @@ def memory_budgets(config: EngineConfig, model_path, root: Path = Path("/"), wor
     role) of the workers now, after moves (default: the configured ones): a GPU's budget is what
     the weights of the stages it holds leave. `gpus_only`: only those (a move changes nothing
     else; free host memory read mid-move would count a leaving worker's). `node_memory(memory)`:
-    the bytes another node's host memory ("b/cpu") has available, as its agent measures it
-    there (`host_memory`), or None."""
+    another node's host memory ("b/cpu") as its agent measures it there (`host_memory`, RayCluster.
+    node_memory), or None."""
     workers = config.workers if workers is None else list(workers)
     by_memory: dict[str, int] = {}
     for memory in {memory_of(d) for d in config.pool}:
@@ -113,7 +112,7 @@ def memory_budgets(config: EngineConfig, model_path, root: Path = Path("/"), wor
             by_memory[memory] = int(_mem_available(root) * CPU_SHARE)
         elif not gpu:  # another node's
             measured = node_memory(memory) if node_memory is not None and memory.endswith("/cpu") else None
-            by_memory[memory] = UNMEASURED if measured is None else int(measured * CPU_SHARE)
+            by_memory[memory] = UNMEASURED if measured is None else int(measured["available"] * CPU_SHARE)
         else:
             stages = [s for d, role in workers if d == memory for s in role_stages(role)]
             by_memory[memory] = _gpu_budget(memory, list(dict.fromkeys(stages)), model_path)
@@ -137,7 +136,7 @@ UNMEASURED = 2**62  # a budget not known: nothing is refused for want of memory
 def host_memory() -> dict[str, int]:
     """This host's memory: "total" bytes, and "available", what its processes may still allocate
     (what a cluster node's agent reports of its node)."""
-    return {"total": os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "available": _mem_available()}
+    return {"total": host_memory_bytes(), "available": _mem_available()}
 
 
 def _mem_available(root: Path = Path("/")) -> int:

@@ -139,6 +139,11 @@ def is_cpu(device: str) -> bool:
     return local_part(device).startswith("cpu")
 
 
+def host_memory_bytes() -> int:
+    """This host's physical memory."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def describe_device(device: str) -> tuple[str, float]:
     """(what it is, its memory in GiB) for users: the GPU's name, or the host's cores; a device
     of another node only by its name (0: not known here; the engine asks that node's agent for
@@ -149,7 +154,7 @@ def describe_device(device: str) -> tuple[str, float]:
                 else local) + f" on node {node}", 0.0
     if is_cpu(device):
         cores = device_cpus(device) or usable_cpus()
-        return f"{len(cores)} CPU core{'s' if len(cores) > 1 else ''} ({describe(cores)})", round(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30, 1)
+        return f"{len(cores)} CPU core{'s' if len(cores) > 1 else ''} ({describe(cores)})", round(host_memory_bytes() / 2**30, 1)
     import torch
 
     properties = torch.cuda.get_device_properties(torch.device(device))

@@ -326,11 +326,6 @@ def _gather(requests: list[Request], outer: UserFuture) -> UserFuture:
     return outer
 
 
-def _available(cluster, memory: str) -> int | None:
-    measured = cluster.node_memory(memory)
-    return None if measured is None else measured["available"]
-
-
 class _Budgets:
     """The memory budgets of requests (the input processor's) and batches (the core's), kept to
     the workers' layout. New dicts each time: readers on other threads see old or new, whole."""
@@ -338,8 +333,7 @@ class _Budgets:
     def __init__(self, config, model_path, inputs, core):
         self._config, self._model_path, self._inputs, self._core = config, model_path, inputs, core
         cluster = core.cluster
-        self._by_memory = memory_budgets(config, model_path,
-                                         node_memory=None if cluster is None else lambda memory: _available(cluster, memory))
+        self._by_memory = memory_budgets(config, model_path, node_memory=cluster.node_memory if cluster else None)
 
     def update(self, workers=None) -> None:
         """`workers`: (device, role) of the workers now (default: the configured ones)."""

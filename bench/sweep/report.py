@@ -16,6 +16,7 @@ from .traces import trace_phases
 from ..lib.load import UNFINISHED
 from ..lib.outputs import write_json
 from ..lib.libraries import package_version
+from ...engine.devices import host_memory_bytes
 
 CSV_COLUMNS = (
     "mode", "rate_rps", "trace", "submitted", "completed", "failed", "unfinished", "offered_rps", "throughput_rps",
@@ -253,7 +254,7 @@ def _machine(load_before) -> dict:
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return {"cpu_count": os.cpu_count(), "platform": platform.platform(),
             "processor": platform.processor() or platform.machine(), "gpus": gpus,
-            "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+            "memory_gib": round(host_memory_bytes() / 2**30, 1),
             "loadavg_1_5_15_before": [round(x, 2) for x in load_before],
             "loadavg_1_5_15_after": [round(x, 2) for x in os.getloadavg()]}
 

@@ -205,7 +205,7 @@ def test_a_remote_node_memory_is_not_measured_here(tmp_path, remote):
 ])
 def test_another_node_host_memory_is_what_its_agent_measures(tmp_path, remote, said, expected):
     asked = []
-    node_memory = lambda memory: asked.append(memory) or said  # noqa: E731
+    node_memory = lambda memory: asked.append(memory) or (said and {"total": 2 * said, "available": said})  # noqa: E731
     budgets = stage_budgets(_split_over(remote), memory_budgets(_split_over(remote), None, root=_root(tmp_path),
                                                                  node_memory=node_memory))
     assert budgets["decoder"] == int(4 * GIB * 0.8)
