@@ -23,7 +23,6 @@ import os
 import threading
 
 import msgspec
-import zmq
 
 from .cpu_affinity import usable_cpus
 from .host_resources import HostResources
@@ -42,8 +41,7 @@ class NodeAgent:
         self._pools: dict[str, SlotPool] = {}
         self._workers: dict[int, WorkerProcess] = {}
         self._lock = threading.Lock()  # the actor runs its calls on several threads
-        self._context = zmq.Context()
-        self._server = SlotServer(self._context, host, FrameSigner(secret), self._buffer)
+        self._server = SlotServer(host, FrameSigner(secret), self._buffer)
 
     def info(self) -> dict:
         return {"pid": os.getpid(), "slot_server": self._server.address,
@@ -108,7 +106,6 @@ class NodeAgent:
             processes = list(self._workers.values())
         stop_all(processes)
         self._server.close()
-        self._context.term()
         self._resources.release()
 
 

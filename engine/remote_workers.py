@@ -39,8 +39,8 @@ class RemoteWorkers:
         self._remote_results_address = f"tcp://{host}:{self._remote_results.bind_to_random_port(f'tcp://{host}')}"
         self._poller.register(self._remote_results, zmq.POLLIN)
         # One signer per thread and socket (transport/tcp.py): the slot server's, the copy-out's.
-        self._slot_server = SlotServer(self._context, host, FrameSigner(self._cluster.secret), self._host_pool)
-        self._remote_reader = SlotClient(self._context, FrameSigner(self._cluster.secret))  # the copy-out thread's only
+        self._slot_server = SlotServer(host, FrameSigner(self._cluster.secret), self._host_pool)
+        self._remote_reader = SlotClient(FrameSigner(self._cluster.secret))  # the copy-out thread's only
 
     def _close_cluster(self) -> None:
         for name in ("_slot_server", "_remote_reader"):

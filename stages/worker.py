@@ -271,6 +271,12 @@ class _ComputeLoop:
         return True
 
     def on_task(self, task: wire.StageTask, received_at: float) -> None:
+        try:
+            self._run_task(task, received_at)
+        finally:
+            self.endpoint.release(task.request_id)  # its inputs from other nodes: their buffers serve later reads
+
+    def _run_task(self, task: wire.StageTask, received_at: float) -> None:
         started = time.perf_counter()
         if self._skip_if_cancelled(task):
             return
@@ -311,6 +317,13 @@ class _ComputeLoop:
         batched call raises (one bad request, or a batch too big for memory), the requests run
         again one by one, so only the request at fault fails. A request cancelled meanwhile is
         dropped and the others start again together."""
+        try:
+            self._run_batch(batch, received_at)
+        finally:
+            for task in batch.tasks:
+                self.endpoint.release(task.request_id)
+
+    def _run_batch(self, batch: wire.StageBatch, received_at: float) -> None:
         started = time.perf_counter()
         tasks = [t for t in batch.tasks if not self._skip_if_cancelled(t)]
         if len(tasks) <= 1:
@@ -328,7 +341,7 @@ class _ComputeLoop:
         except TaskCancelled:
             # The batch stopped for one request: the others start again, still as one batch
             # (a batched call cannot drop a member midway). Their progress restarts from step 1.
-            self.on_batch(wire.StageBatch(tasks), received_at)
+            self._run_batch(wire.StageBatch(tasks), received_at)
             return
         except Exception as e:  # incl. out of memory; the single path reports each request's own error
             log.warning("a batch of %d failed (%s: %s); running its requests one by one",

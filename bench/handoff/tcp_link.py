@@ -13,6 +13,9 @@ Mechanisms, side by side in one run:
                 producer tags the slot after its write (inside the timed hop) and sends the tag
                 beside the message, the consumer checks it on the bytes it received. What
                 "HMAC on every byte" would cost; tcp.py signs the header frames only.
+    tcp-floor   what the link itself costs: the producer `sendall`s the bytes on a plain TCP
+                connection, the consumer `recv_into`s one buffer it keeps; no message, request, or
+                signature. No mechanism moving bytes over this link can beat it.
     pickle-tcp  the naive way: pickle.dumps of the array, zmq TCP send, pickle.loads, between two
                 processes (the receiver checks the last byte and acks).
     ray-object-ref  with --ray-address only (ray_link.py): an actor pinned on another node than
@@ -31,6 +34,7 @@ import math
 import os
 import pickle  # the naive baseline being measured; dfuse never pickles on a socket
 import platform
+import socket
 import time
 from pathlib import Path
 
@@ -45,10 +49,10 @@ from ...engine.host_resources import HostResources
 from ...engine.transport.shm import Segment
 from ...engine.transport.shm_files import unlink_segment
 from ...engine.transport.slots import SlotPool
-from ...engine.transport.tcp import FrameSigner, SlotClient, SlotServer, new_secret
+from ...engine.transport.tcp import FrameSigner, ReceiveBuffers, SlotClient, SlotServer, new_secret
 from .process_pair import cpu_blocks, exit_with_parent, measurement, pool_numbers, run_pair, summarize
 
-MECHANISMS = ("dfuse-tcp", "dfuse-tcp-hmac-payload", "pickle-tcp", "ray-object-ref")
+MECHANISMS = ("dfuse-tcp", "dfuse-tcp-hmac-payload", "tcp-floor", "pickle-tcp", "ray-object-ref")
 TARGET_RATIO = 5.0  # the goal: dfuse-tcp at least 5x faster than Ray object refs ...
 TARGET_FROM_BYTES = 16 * 2**20  # ... at 16 MiB and above
 NO_RAY = "needs --ray-address ADDR: a running Ray cluster with a node other than the bench's own"
@@ -97,7 +101,7 @@ def _tcp_consumer(iterations: int, run_dir: str, secret: bytes, hmac_payload: bo
     signer = FrameSigner(secret)
     context = zmq.Context()
     hops, acks = _bind(context, run_dir)
-    client = SlotClient(context, signer)
+    client, buffers = SlotClient(signer), ReceiveBuffers()
     results.send_bytes(b"bound")
     address = signer.open(hops.recv())  # the producer's SlotServer, announced once (untimed)
     if address is None:
@@ -112,7 +116,9 @@ def _tcp_consumer(iterations: int, run_dir: str, secret: bytes, hmac_payload: bo
             raise RuntimeError("a hop message came with a bad signature")
         message = _done_decoder.decode(frame)
         (ref,) = message.outputs
-        data = client.read(address, ref.pool, ref.offset, math.prod(ref.shape))  # uint8: bytes = elements
+        nbytes = math.prod(ref.shape)  # uint8: bytes = elements
+        buffer = buffers.take(nbytes)
+        data = client.read(address, ref.pool, ref.offset, nbytes, into=buffer)
         good = int(data[-1]) == hop % 251
         if hmac_payload:
             good &= hmac.compare_digest(frames[1], _payload_tag(secret, data))
@@ -121,7 +127,8 @@ def _tcp_consumer(iterations: int, run_dir: str, secret: bytes, hmac_payload: bo
         if hop:
             samples.append(elapsed_us)
             arrivals.append((arrived_ns - message.request_id) / 1000)
-        del data  # the received frame: one buffer per hop, as a worker holds one per input
+        del data
+        buffers.give(buffer)  # the task is over: as a worker's Endpoint.release
         acks.send(b"")
     results.send_bytes(json.dumps({"samples_us": samples, "arrivals_us": arrivals, "wrong_values": wrong}).encode())
     client.close()
@@ -136,7 +143,7 @@ def _tcp_producer(pool_name: str, nbytes: int, iterations: int, run_dir: str, se
     pool = Segment(pool_name).data  # the host pool, mapped as a worker maps its output pool
     slot = pool[:nbytes]
     context = zmq.Context()
-    server = SlotServer(context, "127.0.0.1", signer, {pool_name: pool}.get)
+    server = SlotServer("127.0.0.1", signer, {pool_name: pool}.get)
     hops, acks = _connect(context, run_dir)
     hops.send(signer.sign(server.address.encode()))
     ref = wire.TensorRef("x", pool_name, 0, (nbytes,), "uint8")
@@ -171,6 +178,52 @@ def measure_dfuse_tcp(nbytes: int, iterations: int, host: HostResources, hmac_pa
     summary = summarize(mechanism, nbytes, result["samples_us"])
     summary["arrive_p50_us"] = round(float(np.median(result["arrivals_us"])), 1)
     return summary
+
+
+# --- tcp-floor: the bytes on a plain connection, nothing else ------------------------------------
+def _floor_consumer(nbytes: int, iterations: int, run_dir: str, results) -> None:
+    exit_with_parent()
+    listener = socket.create_server(("127.0.0.1", 0))
+    Path(run_dir, _PORTS).write_text(json.dumps({"floor": listener.getsockname()[1]}))
+    results.send_bytes(b"bound")
+    connection, _ = listener.accept()
+    stamp, buffer = bytearray(8), torch.empty(nbytes, dtype=torch.uint8)
+    samples, wrong = [], 0
+    for hop in range(iterations + 1):  # + an untimed first hop, as for dfuse-tcp
+        for view in (memoryview(stamp), memoryview(buffer.numpy())):
+            got = 0
+            while got < len(view):
+                got += connection.recv_into(view[got:])
+        wrong += int(buffer[-1]) != hop % 251
+        if hop:
+            samples.append((time.perf_counter_ns() - int.from_bytes(stamp, "big")) / 1000)
+        connection.sendall(b"a")
+    results.send_bytes(json.dumps({"samples_us": samples, "wrong_values": wrong}).encode())
+    connection.close()
+    listener.close()
+
+
+def _floor_producer(nbytes: int, iterations: int, run_dir: str) -> None:
+    exit_with_parent()
+    port = json.loads(Path(run_dir, _PORTS).read_text())["floor"]
+    connection = socket.create_connection(("127.0.0.1", port))
+    connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    array = torch.empty(nbytes, dtype=torch.uint8)
+    for hop in range(iterations + 1):
+        array.fill_(hop % 251)  # the same write as dfuse-tcp's: not timed
+        connection.sendall(time.perf_counter_ns().to_bytes(8, "big"))
+        connection.sendall(memoryview(array.numpy()))
+        connection.recv(1)
+    connection.close()
+
+
+def measure_tcp_floor(nbytes: int, iterations: int, host: HostResources) -> dict:
+    with measurement(host) as (host, run_dir):
+        result = json.loads(run_pair(_floor_consumer, (nbytes, iterations, run_dir), _floor_producer,
+                                     (nbytes, iterations, run_dir), host, cpu_blocks("cpu", "cpu")))
+    if result["wrong_values"]:
+        raise RuntimeError(f"tcp-floor read {result['wrong_values']} wrong values at {nbytes} bytes")
+    return summarize("tcp-floor", nbytes, result["samples_us"])
 
 
 # --- pickle-tcp: the naive way --------------------------------------------------------------------
@@ -228,11 +281,16 @@ def _ratios(results: list[dict], sizes: list[int]) -> list[dict]:
     return rows
 
 
-def _target(ratios: list[dict]) -> dict:
+def _target(results: list[dict], ratios: list[dict]) -> dict:
     measured = [r["ray-object-ref_over_dfuse-tcp"] for r in ratios if r["bytes"] >= TARGET_FROM_BYTES]
     met = None if not measured or None in measured else min(measured) >= TARGET_RATIO
+    p50 = {(r["mechanism"], r["bytes"]): r["p50_us"] for r in results}
+    # The most any mechanism could gain on Ray here: Ray's p50 over the link's own (tcp-floor).
+    reachable = {n: round(p50[("ray-object-ref", n)] / p50[("tcp-floor", n)], 2)
+                 for (m, n) in p50 if m == "ray-object-ref" and n >= TARGET_FROM_BYTES and ("tcp-floor", n) in p50}
     return {"goal": f"dfuse-tcp p50 at least {TARGET_RATIO:g}x lower than ray-object-ref at 16 MiB and above",
-            "met": met}  # None: not measured (no Ray, or no size from 16 MiB up)
+            "met": met,  # None: not measured (no Ray, or no size from 16 MiB up)
+            "ray_over_tcp_floor": reachable}
 
 
 def run_tcp_handoff(sizes: list[int], ray_address: str | None = None) -> dict:
@@ -256,6 +314,8 @@ def run_tcp_handoff(sizes: list[int], ray_address: str | None = None) -> dict:
                 results.append(ray.measure(nbytes, iterations))
             elif mechanism == "pickle-tcp":
                 results.append(measure_pickle_tcp(nbytes, iterations, host))
+            elif mechanism == "tcp-floor":
+                results.append(measure_tcp_floor(nbytes, iterations, host))
             else:
                 results.append(measure_dfuse_tcp(nbytes, iterations, host, mechanism == "dfuse-tcp-hmac-payload"))
         wake_us = host.cpu_wake.max_us if host.cpu_wake is not None and host.cpu_wake.held else None
@@ -276,14 +336,15 @@ def run_tcp_handoff(sizes: list[int], ray_address: str | None = None) -> dict:
         "note": "one-way hop p50/p99 in microseconds from the producer's send to the consumer holding the "
                 "bytes (each mechanism is described in bench/handoff/tcp_link.py), all on loopback TCP. "
                 "dfuse-tcp: signed StageDone with the TensorRef over zmq TCP, then SlotClient.read from the "
-                "producer's SlotServer (headers HMAC-signed, payload not hashed); arrive_p50_us: the median "
+                "producer's SlotServer into a kept buffer (headers HMAC-signed, payload not hashed); arrive_p50_us: the median "
                 "time until the message is in the consumer's hands. dfuse-tcp-hmac-payload: the same plus "
-                "HMAC-SHA256 over the payload on both sides. pickle-tcp: pickle.dumps, zmq TCP, pickle.loads. "
+                "HMAC-SHA256 over the payload on both sides. tcp-floor: the bytes alone on a plain TCP "
+                "connection into a kept buffer, the link's floor. pickle-tcp: pickle.dumps, zmq TCP, pickle.loads. "
                 "ray-object-ref: ray.put in an actor on another node, ray.get in the driver. The producer "
                 "rewrites the whole tensor before every hop (not timed); ratios: p50 of the other mechanism "
                 "over p50 of dfuse-tcp at the same size.",
         "results": results,
         "skipped": skipped,
         "ratios": ratios,
-        "target": _target(ratios),
+        "target": _target(results, ratios),
     }

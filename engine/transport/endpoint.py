@@ -7,7 +7,8 @@ before the worker reports done (after which the engine may reuse both slots).
 
 `prefetch` runs on the receiver thread as soon as a task arrives, so the next task's inputs
 are mapped (CPU) or copied on the copy stream (GPU) while the current task computes. Inputs in
-a pool on another node (a Ray cluster) are pulled from its slot server then (transport/tcp.py).
+a pool on another node (a Ray cluster) are pulled from its slot server then (transport/tcp.py),
+into host buffers this worker keeps: `release` gives a task's back once the task is over.
 """
 
 from __future__ import annotations
@@ -16,15 +17,15 @@ import logging
 import threading
 
 import torch
-import zmq
 
 from ..protocol import OutputSlot, PoolInfo, TensorRef
 from .base import SlotWriter, byte_view, dtype_from_name, tensor_nbytes
 from .shm import Segment
-from .tcp import FrameSigner, SlotClient
+from .tcp import FrameSigner, ReceiveBuffers, SlotClient
 
 log = logging.getLogger("dfuse.transport")
 _MAX_CACHED_VIEWS = 1024
+_MAX_HELD_TASKS = 64  # tasks whose received inputs wait for `release`; past that the oldest are forgotten
 
 
 class Endpoint:
@@ -43,6 +44,8 @@ class Endpoint:
         self._client: SlotClient | None = None  # made on first use: most workers never need one
         self._pull_lock = threading.Lock()  # the client's socket: one read at a time
         self._prefetched: dict[int, tuple[dict[str, torch.Tensor], object]] = {}
+        self._received = ReceiveBuffers()
+        self._held: dict[int, list[torch.Tensor]] = {}  # request id -> the buffers its remote inputs are in
         # Requests of one shape reuse the same (slot, shape, dtype) views over and over: caching
         # them keeps the hop to a dict lookup, which matters most when the producer's large
         # write has just evicted this process's code and data from the shared cache.
@@ -103,7 +106,7 @@ class Endpoint:
 
     # --- inputs ----------------------------------------------------------------------------
     def prefetch(self, request_id: int, refs: list[TensorRef]) -> None:
-        pulled = self._pull_remote(refs)  # outside the lock: the compute loop's fetch must not wait on the network
+        pulled = self._pull_remote(request_id, refs)  # outside the lock: the compute loop's fetch must not wait on the network
         with self._lock:
             self._prefetched[request_id] = self._load(refs, pulled)
 
@@ -111,7 +114,7 @@ class Endpoint:
         with self._lock:
             loaded = self._prefetched.pop(request_id, None)
         if loaded is None:  # its prefetch failed: once more, here, so the error goes with the task
-            pulled = self._pull_remote(refs)
+            pulled = self._pull_remote(request_id, refs)
             with self._lock:
                 loaded = self._load(refs, pulled)
         tensors, copied = loaded
@@ -123,6 +126,15 @@ class Endpoint:
         """A task that will not run (cancelled): forget what was prefetched for it."""
         with self._lock:
             self._prefetched.pop(request_id, None)
+        self.release(request_id)
+
+    def release(self, request_id: int) -> None:
+        """The task is over (done, failed or cancelled) and nothing reads its inputs any more:
+        the buffers its inputs from other nodes arrived in serve later reads."""
+        with self._lock:
+            held = self._held.pop(request_id, ())
+        for buffer in held:
+            self._received.give(buffer)
 
     def _load(self, refs: list[TensorRef], pulled: dict[str, torch.Tensor] | None = None):
         """The task's input tensors (and the copy event to wait for, on a GPU); `pulled`: those
@@ -155,10 +167,11 @@ class Endpoint:
             copied.record(self.copy_stream)
         return tensors, copied
 
-    def _pull_remote(self, refs: list[TensorRef]) -> dict[str, torch.Tensor]:
+    def _pull_remote(self, request_id: int, refs: list[TensorRef]) -> dict[str, torch.Tensor]:
         """Read the inputs that live in other nodes' pools: each pool's part of the task in one
         read (a task's inputs share a slot), the tensors then viewed in what came (on a GPU,
-        copied there). Its own lock: the receiver and the compute loop may both read."""
+        copied there, and the buffer kept for the next read at once). Its own lock: the receiver
+        and the compute loop may both read."""
         with self._lock:
             remote = [(ref, self._remote[ref.pool]) for ref in refs if ref.pool in self._remote]
         if not remote:
@@ -168,16 +181,31 @@ class Endpoint:
             if self._client is None:
                 if self._secret is None:
                     raise RuntimeError("a pool on another node, but this worker has no cluster secret")
-                self._client = SlotClient(zmq.Context.instance(), FrameSigner(self._secret))
+                self._client = SlotClient(FrameSigner(self._secret))
             for pool in dict.fromkeys(ref.pool for ref, _ in remote):
                 mine = [(ref, address) for ref, address in remote if ref.pool == pool]
                 start = min(ref.offset for ref, _ in mine)
                 end = max(ref.offset + tensor_nbytes(tuple(ref.shape), dtype_from_name(ref.dtype)) for ref, _ in mine)
-                data = self._client.read(mine[0][1], pool, start, end - start)
-                for ref, _ in mine:
-                    view = byte_view(data, ref.offset - start, tuple(ref.shape), dtype_from_name(ref.dtype))
-                    tensors[ref.name] = view.to(self.device) if self.cuda else view
+                buffer = self._received.take(end - start)
+                try:
+                    data = self._client.read(mine[0][1], pool, start, end - start, into=buffer)
+                    for ref, _ in mine:
+                        view = byte_view(data, ref.offset - start, tuple(ref.shape), dtype_from_name(ref.dtype))
+                        tensors[ref.name] = view.to(self.device) if self.cuda else view  # pageable: copied on return
+                except BaseException:
+                    self._received.give(buffer)  # nothing of it was handed out
+                    raise
+                if self.cuda:
+                    self._received.give(buffer)
+                else:
+                    self._hold(request_id, buffer)
         return tensors
+
+    def _hold(self, request_id: int, buffer: torch.Tensor) -> None:
+        with self._lock:
+            self._held.setdefault(request_id, []).append(buffer)
+            while len(self._held) > _MAX_HELD_TASKS:  # a task never released: its buffers go to the collector
+                del self._held[next(iter(self._held))]
 
     # --- outputs ---------------------------------------------------------------------------
     def writer(self, slot: OutputSlot) -> SlotWriter:

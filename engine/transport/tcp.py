@@ -1,37 +1,41 @@
-"""Tensors between nodes: a producer serves reads of its host pool over ZeroMQ TCP.
+"""Tensors between nodes: a producer serves reads of its host pool over plain TCP.
 
 On one node, a consumer maps its producer's /dev/shm segment and reads in place. A consumer on
-another node cannot, so the producer's process runs a `SlotServer` (a thread with a ROUTER
+another node cannot, so the producer's process runs a `SlotServer` (a thread with a listening
 socket) and the consumer pulls a task's inputs with a `SlotClient` as soon as the task arrives,
 on its receiver thread (transport/endpoint.py prefetch): the transfer hides behind the task the
 consumer is computing, and the producer's server sends while the producer computes its next one.
-Nothing is copied on the sending side (the frame points into the segment) and the receiver gets
-one buffer per slot. Slot credits are unchanged: the engine frees the producer's slot when the
-consumer reports the task done, so a slot is never rewritten while it is being sent.
+The bytes go from the producer's segment to the kernel and from the kernel straight into a
+buffer the consumer keeps for the next read (`ReceiveBuffers`): no copy in user space on either
+side, and no fresh buffer whose pages fault in one by one (bench/results/README.md, handoff over
+tcp: that cost as much as the transfer at 64 MiB, when the reply was a ZeroMQ message). Slot
+credits are unchanged: the engine frees the producer's slot when the consumer reports the task
+done, so a slot is never rewritten while it is being sent.
 
-Every frame carries an HMAC-SHA256 under the engine's secret and a per-sender counter
-(`FrameSigner`): a request without a valid tag, or seen before, is dropped, so nobody without the
-secret reads a slot or forges or replays a reply header. The tensor bytes themselves are not
-hashed: HMAC-SHA256 costs more than the whole transfer at 16 MiB (bench/results/README.md,
-handoff over tcp); they travel on the TCP connection the consumer opened to the address the
-engine announced. Nothing is encrypted: run a cluster on a network you trust (or a VPN).
+On a connection, a read is one request frame (a 4-byte length, then the frame) and one reply
+frame followed by exactly the bytes it announces. Every frame carries an HMAC-SHA256 under the
+engine's secret and a per-sender counter (`FrameSigner`): a request without a valid tag, or seen
+before, closes the connection unanswered, so nobody without the secret reads a slot or forges or
+replays a reply header. The tensor bytes themselves are not hashed: HMAC-SHA256 costs more than
+the whole transfer at 16 MiB (bench/results/README.md, handoff over tcp); they travel on the
+TCP connection the consumer opened to the address the engine announced. Nothing is encrypted:
+run a cluster on a network you trust (or a VPN). Control messages stay on ZeroMQ.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-import itertools
 import logging
 import secrets
+import selectors
+import socket
+import struct
 import threading
-import time
-import warnings
 from typing import Callable
 
 import msgspec
 import torch
-import zmq
 
 from .drop_log import DropLog
 
@@ -39,8 +43,11 @@ log = logging.getLogger("dfuse.transport")
 
 TAG_BYTES = 32  # HMAC-SHA256
 HEADER_BYTES = TAG_BYTES + 16  # tag | session (8) | counter (8)
-MAX_REQUEST_BYTES = 64 << 10  # a read request is a few dozen bytes: bigger frames are refused unread
+MAX_FRAME_BYTES = 64 << 10  # requests and reply headers are a few dozen bytes: a bigger frame closes the connection
 READ_TIMEOUT_S = 20.0  # a producer that stops answering (its node died) fails the read, not the worker
+SEND_TIMEOUT_S = 20.0  # a consumer that stops reading mid-reply loses its connection, not the server
+MAX_CONNECTIONS = 256  # open connections a server keeps; beyond, the longest idle one is closed
+_LENGTH = struct.Struct(">I")
 
 
 def new_secret() -> bytes:
@@ -98,7 +105,7 @@ class FrameSigner:
 
 
 class ReadRequest(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
-    nonce: int  # echoed in the reply: a late reply to an abandoned read is told apart
+    nonce: int  # echoed in the reply: a reply out of step with its request closes the connection
     pool: str
     offset: int
     nbytes: int
@@ -106,151 +113,274 @@ class ReadRequest(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
 
 class ReadReply(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
     nonce: int
-    error: str | None = None  # set when the range cannot be served; the data frame is then empty
+    nbytes: int  # the bytes that follow this frame on the connection
+    error: str | None = None  # set when the range cannot be served; nothing follows then
 
 
-_SERVERS = itertools.count()  # names each server's stop socket: ids of collected objects come back
 _request_decoder = msgspec.msgpack.Decoder(ReadRequest)
 _reply_decoder = msgspec.msgpack.Decoder(ReadReply)
 _encoder = msgspec.msgpack.Encoder()
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    """("host", port) of "tcp://host:port" (an IPv6 host in brackets)."""
+    host, _, port = address.removeprefix("tcp://").rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def _recv_exactly(connection: socket.socket, view: memoryview) -> None:
+    """Fill `view` from `connection`. On a blocking socket MSG_WAITALL makes it one call that
+    wakes this thread once, not once per arriving segment (a quarter faster at 16 MiB)."""
+    got = 0
+    while got < len(view):
+        n = connection.recv_into(view[got:], 0, socket.MSG_WAITALL)
+        if not n:
+            raise ConnectionError("the other side closed the connection")
+        got += n
+
+
+def _recv_frame(connection: socket.socket) -> bytes:
+    length = bytearray(_LENGTH.size)
+    _recv_exactly(connection, memoryview(length))
+    (nbytes,) = _LENGTH.unpack(length)
+    if nbytes > MAX_FRAME_BYTES:
+        raise ConnectionError(f"a frame of {nbytes} bytes announced (at most {MAX_FRAME_BYTES})")
+    frame = bytearray(nbytes)
+    _recv_exactly(connection, memoryview(frame))
+    return bytes(frame)
+
+
+def _timeval(seconds: float) -> bytes:
+    """`seconds` as SO_RCVTIMEO / SO_SNDTIMEO take it."""
+    return struct.pack("ll", int(seconds), int((seconds - int(seconds)) * 1e6))
+
+
+def _frame(frame: bytes) -> bytes:
+    return _LENGTH.pack(len(frame)) + frame
 
 
 class SlotServer:
     """Serves byte ranges of this process's host pools to consumers on other nodes.
 
     `buffers(pool)` returns the flat uint8 tensor of a pool this process may serve, or None.
-    Runs on a thread of its own with its own socket; `close()` stops it."""
+    Runs on a thread of its own; `close()` stops it. One reply is sent at a time: reads are
+    bound by the link, and a consumer that stops reading is dropped after SEND_TIMEOUT_S."""
 
-    def __init__(self, context: zmq.Context, host: str, signer: FrameSigner,
-                 buffers: Callable[[str], torch.Tensor | None]):
+    def __init__(self, host: str, signer: FrameSigner, buffers: Callable[[str], torch.Tensor | None]):
         self._signer = signer
         self._buffers = buffers
-        self._drops = DropLog(log)  # anyone on the network can send here
-        self._socket = context.socket(zmq.ROUTER)
-        self._socket.setsockopt(zmq.LINGER, 0)
-        self._socket.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST_BYTES)  # a stranger's huge frame is not buffered
-        port = self._socket.bind_to_random_port(f"tcp://{host}")
-        self.address = f"tcp://{host}:{port}"
-        self._stop = context.socket(zmq.PAIR)  # close() rings it: the server thread owns _socket
-        self._stop_address = f"inproc://slot-server-stop-{next(_SERVERS)}"
-        self._stop.bind(self._stop_address)
-        self._thread = threading.Thread(target=self._serve, args=(context,), daemon=True, name="slot-server")
+        self._drops = DropLog(log)  # anyone on the network can connect here
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._listener = socket.create_server((host, 0), family=family)
+        self._listener.setblocking(False)
+        port = self._listener.getsockname()[1]
+        self.address = f"tcp://[{host}]:{port}" if family == socket.AF_INET6 else f"tcp://{host}:{port}"
+        self._wake, self._woken = socket.socketpair()  # close() rings it: the server thread owns the sockets
+        self._thread = threading.Thread(target=self._serve, daemon=True, name="slot-server")
         self._thread.start()
 
-    def _serve(self, context: zmq.Context) -> None:
-        stop = context.socket(zmq.PAIR)
-        stop.connect(self._stop_address)
-        poller = zmq.Poller()
-        poller.register(self._socket, zmq.POLLIN)
-        poller.register(stop, zmq.POLLIN)
+    def _serve(self) -> None:
+        selector = selectors.DefaultSelector()
+        selector.register(self._listener, selectors.EVENT_READ)
+        selector.register(self._woken, selectors.EVENT_READ)
+        pending: dict[socket.socket, bytearray] = {}  # connection -> what it sent that is not a whole frame yet
         try:
             while True:
-                events = dict(poller.poll())
-                if stop in events:
-                    return
-                frames = self._socket.recv_multipart()
-                if len(frames) != 2:
-                    self._drops.warning("slot server dropped a request of %d frames", len(frames))
-                    continue
-                try:
-                    self._answer(*frames)
-                except Exception:  # one bad request must not end the server: every later read would time out
-                    log.exception("slot server could not answer a request")
+                for key, _ in selector.select():
+                    if key.fileobj is self._woken:
+                        return
+                    if key.fileobj is self._listener:
+                        self._accept(selector, pending)
+                    elif not self._receive(key.fileobj, pending[key.fileobj]):
+                        self._hang_up(selector, pending, key.fileobj)
         finally:
-            stop.close(linger=0)
-            self._socket.close(linger=0)
+            for connection in list(pending):
+                self._hang_up(selector, pending, connection)
+            selector.close()
+            self._listener.close()
+            self._woken.close()
 
-    def _answer(self, peer: bytes, signed: bytes) -> None:
+    def _accept(self, selector, pending: dict) -> None:
+        try:
+            connection, _ = self._listener.accept()
+        except (BlockingIOError, ConnectionError):
+            return
+        if len(pending) >= MAX_CONNECTIONS:  # dicts keep insertion order: the first is the oldest
+            self._drops.warning("slot server at %d connections: closed the oldest", MAX_CONNECTIONS)
+            self._hang_up(selector, pending, next(iter(pending)))
+        # Blocking, with the kernel's send timeout: a reply is one sendall without a poll per
+        # chunk; requests are read only when the selector says some arrived, without waiting.
+        connection.setblocking(True)
+        connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(SEND_TIMEOUT_S))
+        connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        pending[connection] = bytearray()
+        selector.register(connection, selectors.EVENT_READ)
+
+    @staticmethod
+    def _hang_up(selector, pending: dict, connection: socket.socket) -> None:
+        selector.unregister(connection)
+        del pending[connection]
+        connection.close()
+
+    def _receive(self, connection: socket.socket, received: bytearray) -> bool:
+        """Answer the whole requests `connection` has sent; False when it must be closed."""
+        try:
+            data = connection.recv(MAX_FRAME_BYTES, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        if not data:
+            return False
+        received += data
+        while len(received) >= _LENGTH.size:
+            (nbytes,) = _LENGTH.unpack_from(received)
+            if nbytes > MAX_FRAME_BYTES:
+                self._drops.warning("slot server dropped a connection announcing a %d-byte request", nbytes)
+                return False
+            if len(received) < _LENGTH.size + nbytes:
+                return True
+            frame = bytes(received[_LENGTH.size : _LENGTH.size + nbytes])
+            del received[: _LENGTH.size + nbytes]
+            try:
+                if not self._answer(connection, frame):
+                    return False
+            except OSError:  # BlockingIOError: SO_SNDTIMEO ran out
+                return False  # the consumer stopped reading, or went away
+            except Exception:  # one bad request must not end the server: every later read would time out
+                log.exception("slot server could not answer a request")
+                return False
+        return True
+
+    def _answer(self, connection: socket.socket, signed: bytes) -> bool:
         frame = self._signer.open(signed)
         if frame is None:
             self._drops.warning("slot server dropped a request with a bad signature (%d bytes)", len(signed))
-            return
+            return False
         try:
             request = _request_decoder.decode(frame)
         except msgspec.MsgspecError as e:
             self._drops.warning("slot server dropped a malformed request: %s", e)
-            return
+            return False
         buffer = self._buffers(request.pool)
         error = None
         if buffer is None:
             error = f"no pool {request.pool!r} here"
         elif request.offset < 0 or request.nbytes < 0 or request.offset + request.nbytes > buffer.numel():
             error = f"[{request.offset}, {request.offset + request.nbytes}) lies outside pool {request.pool}"
-        header = self._signer.sign(_encoder.encode(ReadReply(request.nonce, error)))
-        data = b"" if error else memoryview(buffer.numpy())[request.offset : request.offset + request.nbytes]
-        self._socket.send_multipart([peer, header, data], copy=False)
+        nbytes = 0 if error else request.nbytes
+        header = _frame(self._signer.sign(_encoder.encode(ReadReply(request.nonce, nbytes, error))))
+        connection.sendall(header)  # one reply at a time
+        if nbytes:
+            connection.sendall(memoryview(buffer.numpy())[request.offset : request.offset + nbytes])
+        return True
 
     def close(self) -> None:
         try:
-            self._stop.send(b"")
-        except zmq.ZMQError:
+            self._wake.send(b"x")
+        except OSError:
             pass
         self._thread.join(5)
-        self._stop.close(linger=0)
+        self._wake.close()
+
+
+class ReceiveBuffers:
+    """Host memory that reads from other nodes land in, kept for later reads. A new buffer per
+    read would fault its pages in one by one as the bytes arrive; a worker holds a buffer per
+    task in flight (the one computing, the one prefetched), so keeping a few is enough."""
+
+    def __init__(self, keep: int = 4):
+        self._keep = keep
+        self._free: list[torch.Tensor] = []
+        self._lock = threading.Lock()  # the receiver thread and the compute loop both take and give
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        """A uint8 buffer of at least `nbytes` (at most twice that, so small reads do not hold big buffers)."""
+        with self._lock:
+            fitting = [i for i, b in enumerate(self._free) if nbytes <= b.numel() <= 2 * nbytes]
+            if fitting:
+                return self._free.pop(min(fitting, key=lambda i: self._free[i].numel()))
+        return torch.empty(nbytes, dtype=torch.uint8)
+
+    def give(self, buffer: torch.Tensor) -> None:
+        """`buffer` back: nothing reads it any more."""
+        with self._lock:
+            self._free.append(buffer)
+            if len(self._free) > self._keep:
+                del self._free[0]
 
 
 class SlotClient:
-    """Reads byte ranges of pools served by `SlotServer`s on other nodes. One socket per server;
-    not thread-safe (the caller serializes, as transport/endpoint.py does under its lock)."""
+    """Reads byte ranges of pools served by `SlotServer`s on other nodes. One connection per
+    server; not thread-safe (the caller serializes, as transport/endpoint.py does under its lock)."""
 
-    def __init__(self, context: zmq.Context, signer: FrameSigner, timeout_s: float = READ_TIMEOUT_S):
-        self._context = context
+    def __init__(self, signer: FrameSigner, timeout_s: float = READ_TIMEOUT_S):
         self._signer = signer
-        self._timeout_ms = int(timeout_s * 1000)
-        self._drops = DropLog(log)
-        self._sockets: dict[str, zmq.Socket] = {}
+        self._timeout_s = timeout_s
+        self._connections: dict[str, socket.socket] = {}
         self._nonce = 0
 
-    def read(self, address: str, pool: str, offset: int, nbytes: int) -> torch.Tensor:
-        """The bytes [offset, offset + nbytes) of `pool`, served at `address`, as a uint8 tensor
-        that owns its memory (the received frame)."""
-        socket = self._socket(address)
-        self._nonce += 1
-        socket.send(self._signer.sign(_encoder.encode(ReadRequest(self._nonce, pool, offset, nbytes))))
-        deadline = time.monotonic() + self._timeout_ms / 1000  # stray replies do not extend it
-        while True:
-            if not socket.poll(max(0, int((deadline - time.monotonic()) * 1000))):
-                self._drop(address)  # a reply that arrives later must not answer the next read
-                raise ConnectionError(f"no answer from {address} for pool {pool} within {self._timeout_ms / 1000:.0f} s")
-            header, data = self._recv(socket)
-            if header is None or header.nonce != self._nonce:
-                continue  # forged, or the late answer to an abandoned read
-            if header.error:
-                raise ConnectionError(f"{address} could not serve pool {pool}: {header.error}")
-            if len(data) != nbytes:
-                raise ConnectionError(f"{address} sent {len(data)} bytes of pool {pool}, not {nbytes}")
-            if not nbytes:
-                return torch.empty(0, dtype=torch.uint8)
-            with warnings.catch_warnings():  # zmq marks the received buffer read-only; inputs are only read
-                warnings.simplefilter("ignore", UserWarning)
-                return torch.frombuffer(data.buffer, dtype=torch.uint8)  # keeps the frame alive
-
-    def _recv(self, socket: zmq.Socket):
-        frames = socket.recv_multipart(copy=False)
-        if len(frames) != 2:
-            return None, None
-        frame = self._signer.open(frames[0].bytes)
-        if frame is None:
-            self._drops.warning("dropped a slot reply with a bad signature")
-            return None, None
+    def read(self, address: str, pool: str, offset: int, nbytes: int, into: torch.Tensor | None = None) -> torch.Tensor:
+        """The bytes [offset, offset + nbytes) of `pool`, served at `address`, as a uint8 tensor:
+        the first `nbytes` of `into` (a uint8 buffer, e.g. from ReceiveBuffers), or a new one."""
+        if into is not None and (into.dtype != torch.uint8 or into.numel() < nbytes):
+            raise ValueError(f"into: a uint8 buffer of at least {nbytes} bytes")
         try:
-            return _reply_decoder.decode(frame), frames[1]
-        except msgspec.MsgspecError:
-            return None, None
+            reply, data = self._transfer(address, pool, offset, nbytes, into)
+        except (TimeoutError, BlockingIOError):  # connecting; SO_RCVTIMEO or SO_SNDTIMEO ran out
+            self._drop(address)  # a reply that arrives later must not answer the next read
+            raise ConnectionError(f"no answer from {address} for pool {pool} within {self._timeout_s:g} s") from None
+        except OSError as e:  # refused, reset, closed (a request it did not take), or out of step
+            self._drop(address)
+            raise ConnectionError(f"reading pool {pool} from {address}: {e}") from None
+        if reply.error:
+            raise ConnectionError(f"{address} could not serve pool {pool}: {reply.error}")
+        return data
 
-    def _socket(self, address: str) -> zmq.Socket:
-        socket = self._sockets.get(address)
-        if socket is None:
-            socket = self._sockets[address] = self._context.socket(zmq.DEALER)
-            socket.setsockopt(zmq.LINGER, 0)
-            socket.connect(address)
-        return socket
+    def _transfer(self, address: str, pool: str, offset: int, nbytes: int, into: torch.Tensor | None):
+        self._nonce += 1
+        connection = self._connection(address)
+        connection.sendall(_frame(self._signer.sign(_encoder.encode(ReadRequest(self._nonce, pool, offset, nbytes)))))
+        reply = self._reply(connection)
+        if reply.error:
+            return reply, None
+        if reply.nbytes != nbytes:
+            raise ConnectionError(f"{reply.nbytes} bytes announced, not {nbytes}")
+        data = into[:nbytes] if into is not None else torch.empty(nbytes, dtype=torch.uint8)
+        if nbytes:
+            _recv_exactly(connection, memoryview(data.numpy()))
+        return reply, data
+
+    def _reply(self, connection: socket.socket) -> ReadReply:
+        header = self._signer.open(_recv_frame(connection))
+        if header is None:
+            raise ConnectionError("a reply with a bad signature")
+        try:
+            reply = _reply_decoder.decode(header)
+        except msgspec.MsgspecError as e:
+            raise ConnectionError(f"a malformed reply: {e}") from None
+        if reply.nonce != self._nonce:
+            raise ConnectionError("a reply to another request")
+        return reply
+
+    def _connection(self, address: str) -> socket.socket:
+        connection = self._connections.get(address)
+        if connection is None:
+            connection = socket.create_connection(_host_port(address), timeout=self._timeout_s)
+            connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # Blocking, with the kernel's timeouts instead of Python's (which makes the socket
+            # non-blocking, and MSG_WAITALL void): a call with no progress for timeout_s fails.
+            connection.settimeout(None)
+            connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(self._timeout_s))
+            connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(self._timeout_s))
+            self._connections[address] = connection
+        return connection
 
     def _drop(self, address: str) -> None:
-        socket = self._sockets.pop(address, None)
-        if socket is not None:
-            socket.close(linger=0)
+        connection = self._connections.pop(address, None)
+        if connection is not None:
+            connection.close()
 
     def close(self) -> None:
-        for address in list(self._sockets):
+        for address in list(self._connections):
             self._drop(address)

@@ -1,33 +1,41 @@
 """The cross-node tensor link (engine/transport/tcp.py) on loopback: what a consumer reads is what
 the producer wrote; a request without the engine's secret gets nothing."""
 
+import socket
+import struct
+
 import msgspec
 import pytest
 import torch
-import zmq
 
-from dfuse.engine.transport.tcp import FrameSigner, ReadRequest, SlotClient, SlotServer, new_secret
-
-
-@pytest.fixture
-def context():
-    context = zmq.Context()
-    yield context
-    context.term()
+from dfuse.engine.transport import tcp
+from dfuse.engine.transport.tcp import FrameSigner, ReadRequest, ReceiveBuffers, SlotClient, SlotServer, new_secret
 
 
 @pytest.fixture
-def served(context):
+def served():
     pool = torch.arange(4096, dtype=torch.int32).view(torch.uint8)  # 16 KiB of known bytes
     signer = FrameSigner(new_secret())
-    server = SlotServer(context, "127.0.0.1", signer, {"p0": pool}.get)
+    server = SlotServer("127.0.0.1", signer, {"p0": pool}.get)
     yield server, signer, pool
     server.close()
 
 
-def test_a_read_returns_the_producers_bytes(context, served):
+def _connect(server: SlotServer) -> socket.socket:
+    host, port = server.address.removeprefix("tcp://").split(":")
+    return socket.create_connection((host, int(port)), timeout=5)
+
+
+def _closed_by_server(connection: socket.socket) -> bool:
+    try:
+        return connection.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_a_read_returns_the_producers_bytes(served):
     server, signer, pool = served
-    client = SlotClient(context, signer)
+    client = SlotClient(signer)
     try:
         got = client.read(server.address, "p0", 1024, 2048)
         assert torch.equal(got, pool[1024:3072])
@@ -36,9 +44,27 @@ def test_a_read_returns_the_producers_bytes(context, served):
         client.close()
 
 
-def test_a_read_outside_the_pool_or_of_an_unknown_pool_names_it(context, served):
+def test_reads_land_in_a_kept_buffer_and_the_next_read_reuses_it(served):
+    """A worker receives into buffers it keeps (a fresh one per read faults its pages in as
+    the bytes arrive); a buffer given back carries the next read, with the new bytes."""
+    server, signer, pool = served
+    client, buffers = SlotClient(signer), ReceiveBuffers()
+    try:
+        first = buffers.take(4096)
+        got = client.read(server.address, "p0", 0, 4096, into=first)
+        assert torch.equal(got, pool[:4096]) and got.data_ptr() == first.data_ptr()
+        buffers.give(first)
+        second = buffers.take(3000)
+        got = client.read(server.address, "p0", 8192, 3000, into=second)
+        assert second.data_ptr() == first.data_ptr() and torch.equal(got, pool[8192:11192])
+        assert buffers.take(100).data_ptr() != first.data_ptr()  # taken, and too big for 100 bytes anyway
+    finally:
+        client.close()
+
+
+def test_a_read_outside_the_pool_or_of_an_unknown_pool_names_it(served):
     server, signer, _ = served
-    client = SlotClient(context, signer)
+    client = SlotClient(signer)
     try:
         with pytest.raises(ConnectionError, match="outside pool p0"):
             client.read(server.address, "p0", 16000, 1024)
@@ -49,12 +75,12 @@ def test_a_read_outside_the_pool_or_of_an_unknown_pool_names_it(context, served)
         client.close()
 
 
-def test_a_request_signed_with_another_secret_is_dropped_and_the_server_serves_on(context, served):
+def test_a_request_signed_with_another_secret_is_dropped_and_the_server_serves_on(served):
     server, signer, pool = served
-    stranger = SlotClient(context, FrameSigner(new_secret()), timeout_s=0.5)
-    client = SlotClient(context, FrameSigner(signer._secret))
+    stranger = SlotClient(FrameSigner(new_secret()), timeout_s=0.5)
+    client = SlotClient(FrameSigner(signer._secret))
     try:
-        with pytest.raises(ConnectionError, match="no answer"):
+        with pytest.raises(ConnectionError, match="closed the connection"):
             stranger.read(server.address, "p0", 0, 16)
         assert torch.equal(client.read(server.address, "p0", 0, 16), pool[:16])
     finally:
@@ -62,23 +88,51 @@ def test_a_request_signed_with_another_secret_is_dropped_and_the_server_serves_o
         client.close()
 
 
-def test_a_captured_request_sent_again_gets_nothing(context, served):
+def test_a_captured_request_sent_again_gets_nothing(served):
     """Someone on the network who saw a signed read request cannot replay it for the slot's
     later contents (another request's data by then)."""
     server, signer, pool = served
     owner = FrameSigner(signer._secret)
     captured = owner.sign(msgspec.msgpack.encode(ReadRequest(1, "p0", 0, 16)))
-    first = context.socket(zmq.DEALER)
-    first.connect(server.address)
-    first.send(captured)
-    assert first.poll(5000) and len(first.recv_multipart()[1]) == 16  # the genuine one is served
-    replay = context.socket(zmq.DEALER)
-    replay.connect(server.address)
-    replay.send(captured)
-    first.send(captured)
-    assert not replay.poll(500) and not first.poll(100)
-    first.close(linger=0)
-    replay.close(linger=0)
+    framed = struct.pack(">I", len(captured)) + captured
+    first = _connect(server)
+    first.sendall(framed)
+    header = first.recv(4 + tcp.MAX_FRAME_BYTES)
+    assert len(header) > 4  # the genuine one is answered
+    replay = _connect(server)
+    replay.sendall(framed)
+    assert _closed_by_server(replay)
+    first.sendall(framed)
+    while len(header) < 4 + struct.unpack(">I", header[:4])[0] + 16:  # the rest of the first reply
+        header += first.recv(4096)
+    assert _closed_by_server(first)
+    first.close()
+    replay.close()
+
+
+def test_a_neighbour_announcing_a_huge_frame_or_never_reading_does_not_stop_the_server(served, monkeypatch):
+    """Anyone on the network can connect: a connection that announces a frame bigger than any
+    request is closed unread, and a consumer that stops reading mid-reply loses its connection
+    after the send timeout, while the others are served."""
+    server, signer, pool = served
+    huge = _connect(server)
+    huge.sendall(struct.pack(">I", 1 << 30) + b"x" * 64)
+    assert _closed_by_server(huge)
+    huge.close()
+
+    big = torch.zeros(64 << 20, dtype=torch.uint8)  # more than the kernel buffers on loopback
+    monkeypatch.setattr(tcp, "SEND_TIMEOUT_S", 0.5)
+    stalled_server = SlotServer("127.0.0.1", signer, {"big": big}.get)
+    stalled = _connect(stalled_server)
+    client = SlotClient(FrameSigner(signer._secret))
+    try:
+        request = FrameSigner(signer._secret).sign(msgspec.msgpack.encode(ReadRequest(1, "big", 0, big.numel())))
+        stalled.sendall(struct.pack(">I", len(request)) + request)  # and never reads the reply
+        assert torch.equal(client.read(stalled_server.address, "big", 0, 16), big[:16])
+    finally:
+        client.close()
+        stalled.close()
+        stalled_server.close()
 
 
 def test_a_forged_truncated_or_replayed_frame_fails_to_open():
