@@ -17,7 +17,7 @@ import msgspec
 
 from ..scheduler.core import STAGES
 from .config import EngineConfig, memory_of
-from .devices import host_memory_bytes, role_stages
+from .devices import host_memory_bytes, role_stages, split_node
 from .models.base import FamilySpec, ModelInfo
 from .models.catalog import stage_weight_bytes
 from .protocol import RequestParams
@@ -98,25 +98,34 @@ def memory_budgets(config: EngineConfig, model_path, root: Path = Path("/"), wor
     role) of the workers now, after moves (default: the configured ones): a GPU's budget is what
     the weights of the stages it holds leave. `gpus_only`: only those (a move changes nothing
     else; free host memory read mid-move would count a leaving worker's). `node_memory(memory)`:
-    another node's host memory ("b/cpu") as its agent measures it there (`host_memory`, RayCluster.
-    node_memory), or None."""
+    what another node's agent measures there (RayCluster.node_memory): its host memory for
+    "b/cpu", with its GPUs' totals for "b/cuda:0"; or None. Unmeasured memory refuses nothing."""
     workers = config.workers if workers is None else list(workers)
     by_memory: dict[str, int] = {}
     for memory in {memory_of(d) for d in config.pool}:
-        gpu = memory not in ("cpu",) and "/" not in memory
+        node, local = split_node(memory)
+        gpu = local != "cpu"
         if gpus_only and (not gpu or memory in config.memory_limit_gib):
             continue
         if memory in config.memory_limit_gib:
             by_memory[memory] = int(config.memory_limit_gib[memory] * 2**30)
         elif memory == "cpu":
             by_memory[memory] = int(_mem_available(root) * CPU_SHARE)
-        elif not gpu:  # another node's
-            measured = node_memory(memory) if node_memory is not None and memory.endswith("/cpu") else None
-            by_memory[memory] = UNMEASURED if measured is None else int(measured["available"] * CPU_SHARE)
+        elif node is not None:  # another node's, as its agent measures it there
+            measured = node_memory(memory) if node_memory is not None else None
+            if not gpu:
+                by_memory[memory] = UNMEASURED if measured is None else int(measured["available"] * CPU_SHARE)
+            else:
+                total = (measured or {}).get("gpus", {}).get(local)
+                by_memory[memory] = UNMEASURED if total is None else _gpu_budget(
+                    memory, _stages_on(memory, workers), model_path, total)
         else:
-            stages = [s for d, role in workers if d == memory for s in role_stages(role)]
-            by_memory[memory] = _gpu_budget(memory, list(dict.fromkeys(stages)), model_path)
+            by_memory[memory] = _gpu_budget(memory, _stages_on(memory, workers), model_path)
     return by_memory
+
+
+def _stages_on(memory: str, workers) -> list[str]:
+    return list(dict.fromkeys(s for d, role in workers if d == memory for s in role_stages(role)))
 
 
 def stage_budgets(config: EngineConfig, by_memory: dict[str, int], workers=None) -> dict[str, int]:
@@ -217,9 +226,12 @@ def _stat(path: Path, key: str) -> int:
     return 0
 
 
-def _gpu_budget(device: str, stages: list[str], model_path) -> int:
-    import torch
+def _gpu_budget(device: str, stages: list[str], model_path, total: int | None = None) -> int:
+    """What the weights of `stages` leave of GPU `device`'s memory (`total` bytes: as measured on
+    another node; this host's GPUs are asked here)."""
+    if total is None:
+        import torch
 
-    total = torch.cuda.get_device_properties(torch.device(device)).total_memory
+        total = torch.cuda.get_device_properties(torch.device(device)).total_memory
     weights = sum(stage_weight_bytes(model_path, stage) for stage in stages) if isinstance(model_path, Path) else 0
     return max(0, total - weights - GPU_RESERVE_BYTES)

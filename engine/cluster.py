@@ -21,7 +21,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from .devices import split_node
+from .devices import is_cpu, split_node
 from .launcher import STOP_TIMEOUT_S
 from .admission import host_memory
 from .node_agent import NodeAgent, encoded
@@ -34,6 +34,7 @@ NODE_LABEL = "dfuse-node"
 LOST = -9  # the exit code reported for a worker whose agent is gone (with its node, as a rule)
 AGENT_START_TIMEOUT_S = 120.0
 POOL_TIMEOUT_S = 10.0  # an agent that is up creates a pool in milliseconds
+GPU_QUERY_TIMEOUT_S = 150.0  # the first ask of a node's GPUs starts a child process that imports torch
 
 
 class NodeLost(OSError):
@@ -218,18 +219,20 @@ class RayCluster:
                           agent.actor.create_pool.remote(worker_id, slot_bytes, n_slots), POOL_TIMEOUT_S)
         return SlotPool(name, slot_bytes, n_slots, served_at=agent.info.slot_server)
 
-    def node_memory(self, device: str) -> dict[str, int] | None:
+    def node_memory(self, device: str) -> dict | None:
         """{"total": bytes, "available": bytes} of the host memory of `device`'s node, measured
-        there by its running agent (this host's, measured here); None when it cannot say (no
-        agent runs there, the call failed): then no request is refused for want of it. Changes
-        nothing here: other threads than the engine core's may ask (the engine's budgets)."""
+        there by its running agent (this host's, measured here), and for a GPU device "gpus":
+        {"cuda:0": total bytes, ...} of that node; None when it cannot say (no agent runs there,
+        the call failed): then no request is refused for want of it. Changes nothing here: other
+        threads than the engine core's may ask (the engine's budgets)."""
         if not self.is_remote(device):
             return host_memory()
         agent = self._agents.get(self.node_of(device))
+        gpus = not is_cpu(device)
         try:
             if agent is None or agent.info is None:
                 raise OSError("no dfuse agent runs there")
-            return self._ray.get(agent.actor.memory.remote(), timeout=POOL_TIMEOUT_S)
+            return self._ray.get(agent.actor.memory.remote(gpus), timeout=GPU_QUERY_TIMEOUT_S if gpus else POOL_TIMEOUT_S)
         except Exception as e:
             log.info("the memory of node %s is not known (%s): its requests are not checked against it",
                      split_node(device)[0], e)

@@ -144,6 +144,29 @@ def host_memory_bytes() -> int:
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+_GPU_TOTALS = """
+import json, torch
+print(json.dumps({f"cuda:{i}": torch.cuda.get_device_properties(i).total_memory
+                  for i in range(torch.cuda.device_count())} if torch.cuda.is_available() else {}))
+"""
+
+
+def gpu_totals(timeout_s: float = 120.0) -> dict[str, int]:
+    """Each GPU's total bytes on this host ({"cuda:0": ...}; {} without CUDA, or when it cannot
+    be told), asked in a child process: asking here would leave a CUDA context in this one (a
+    cluster node's agent, which holds no GPU memory otherwise)."""
+    import json
+    import subprocess
+    import sys
+
+    try:
+        done = subprocess.run([sys.executable, "-c", _GPU_TOTALS], capture_output=True, text=True,
+                              timeout=timeout_s, check=True)
+        return {str(k): int(v) for k, v in json.loads(done.stdout).items()}
+    except (OSError, subprocess.SubprocessError, ValueError, AttributeError):
+        return {}
+
+
 def describe_device(device: str) -> tuple[str, float]:
     """(what it is, its memory in GiB) for users: the GPU's name, or the host's cores; a device
     of another node only by its name (0: not known here; the engine asks that node's agent for

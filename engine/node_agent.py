@@ -25,6 +25,7 @@ import threading
 import msgspec
 
 from .cpu_affinity import usable_cpus
+from .devices import gpu_totals
 from .host_resources import HostResources
 from .launcher import WorkerProcess, spawn_worker, stop_all
 from .protocol import decode_spec, encode_spec
@@ -41,17 +42,25 @@ class NodeAgent:
         self._pools: dict[str, SlotPool] = {}
         self._workers: dict[int, WorkerProcess] = {}
         self._lock = threading.Lock()  # the actor runs its calls on several threads
+        self._gpus: dict[str, int] | None = None  # each GPU's total bytes, once asked
         self._server = SlotServer(host, FrameSigner(secret), self._buffer)
 
     def info(self) -> dict:
         return {"pid": os.getpid(), "slot_server": self._server.address,
                 "segment_prefix": self._resources.segment_prefix}
 
-    def memory(self) -> dict[str, int]:
-        """This node's host memory: {"total": bytes, "available": bytes} (admission.host_memory)."""
+    def memory(self, gpus: bool = False) -> dict:
+        """This node's host memory: {"total": bytes, "available": bytes} (admission.host_memory);
+        `gpus`: with "gpus": {"cuda:0": total bytes, ...} (measured once: it takes a child process)."""
         from .admission import host_memory
 
-        return host_memory()
+        report: dict = dict(host_memory())
+        if gpus:
+            with self._lock:
+                if self._gpus is None:
+                    self._gpus = gpu_totals()
+            report["gpus"] = self._gpus
+        return report
 
     def _buffer(self, name: str):
         pool = self._pools.get(name)

@@ -6,8 +6,8 @@ import pytest
 from click.testing import CliRunner
 
 from dfuse.cli import main
-from dfuse.engine.admission import detect_budgets, memory_budgets, stage_budgets
-from dfuse.engine.config import EngineConfig
+from dfuse.engine.admission import GPU_RESERVE_BYTES, detect_budgets, memory_budgets, stage_budgets
+from dfuse.engine.config import EngineConfig, memory_of
 from dfuse.engine.devices import canonical_device, check_disjoint, parse_device_list
 from dfuse.engine.protocol import WorkerSpec
 from dfuse.engine.worker_layout import choose_links
@@ -201,18 +201,26 @@ def test_a_remote_node_memory_is_not_measured_here(tmp_path, remote):
 @pytest.mark.parametrize("remote, said, expected", [
     ("b/cpu:0", 10 * GIB, int(10 * GIB * 0.8)),  # what b's agent measured there, with the same share
     ("b/cpu:0", None, None),  # b could not say: nothing refused for want of its memory
-    ("b/cuda:0", 10 * GIB, None),  # a GPU's is not asked of the agent (it would make a CUDA context there)
+    ("b/cuda:0", 16 * GIB, 16 * GIB - GPU_RESERVE_BYTES),  # b's GPU, as b's agent saw it (no weights: no model dir)
+    ("b/cuda:0", None, None),
 ])
-def test_another_node_host_memory_is_what_its_agent_measures(tmp_path, remote, said, expected):
+def test_another_node_memory_is_what_its_agent_measures(tmp_path, remote, said, expected):
     asked = []
-    node_memory = lambda memory: asked.append(memory) or (said and {"total": 2 * said, "available": said})  # noqa: E731
+
+    def node_memory(memory):
+        asked.append(memory)
+        if said is None:
+            return None
+        return {"total": 2 * said, "available": said, "gpus": {"cuda:0": said, "cuda:1": 2 * said}}
+
     budgets = stage_budgets(_split_over(remote), memory_budgets(_split_over(remote), None, root=_root(tmp_path),
                                                                  node_memory=node_memory))
     assert budgets["decoder"] == int(4 * GIB * 0.8)
+    assert asked == [memory_of(remote)]
     if expected is None:
         assert budgets["dit"] > 1024 * GIB
     else:
-        assert budgets["dit"] == expected and asked == ["b/cpu"]
+        assert budgets["dit"] == expected
 
 
 @pytest.mark.parametrize("remote, limit_key, memory", [
