@@ -333,13 +333,20 @@ class _Budgets:
     def __init__(self, config, model_path, inputs, core):
         self._config, self._model_path, self._inputs, self._core = config, model_path, inputs, core
         cluster = core.cluster
-        self._by_memory = memory_budgets(config, model_path, node_memory=cluster.node_memory if cluster else None)
+        self._node_reports: dict[str, dict | None] = {}  # what other nodes' agents measured, by memory
+
+        def node_memory(memory: str) -> dict | None:
+            report = self._node_reports[memory] = cluster.node_memory(memory)
+            return report
+
+        self._by_memory = memory_budgets(config, model_path, node_memory=node_memory if cluster else None)
 
     def update(self, workers=None) -> None:
         """`workers`: (device, role) of the workers now (default: the configured ones)."""
         if workers is not None:
+            # Other nodes' GPUs: their totals as measured at start (no Ray call on the core thread).
             self._by_memory = {**self._by_memory, **memory_budgets(self._config, self._model_path, workers=workers,
-                                                                   gpus_only=True)}
+                                                                   gpus_only=True, node_memory=self._node_reports.get)}
         budgets = stage_budgets(self._config, self._by_memory, workers)
         self._inputs.budgets = budgets
         # A batch's summed activation estimate must fit its device's budget (or the set cap).

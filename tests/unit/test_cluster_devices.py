@@ -223,6 +223,16 @@ def test_another_node_memory_is_what_its_agent_measures(tmp_path, remote, said, 
         assert budgets["dit"] == expected
 
 
+def test_after_a_move_another_node_gpu_keeps_the_total_its_agent_measured(tmp_path):
+    """Moves re-budget GPUs (gpus_only) from the reports taken at start: no Ray call then, and
+    the node's GPU does not fall back to admitting everything."""
+    config = _split_over("b/cuda:0")
+    reports = {"b/cuda:0": {"total": 64 * GIB, "available": 32 * GIB, "gpus": {"cuda:0": 16 * GIB}}}
+    moved = [("cpu:0", "encoder"), ("b/cuda:0", "dit+decoder")]
+    again = memory_budgets(config, None, root=_root(tmp_path), workers=moved, gpus_only=True, node_memory=reports.get)
+    assert again == {"b/cuda:0": 16 * GIB - GPU_RESERVE_BYTES}
+
+
 @pytest.mark.parametrize("remote, limit_key, memory", [
     ("b/cpu:0", "b/cpu", "b/cpu"),
     ("b/cpu:0", "b/cpu:0", "b/cpu"),  # a core set names its node's memory
