@@ -157,3 +157,35 @@ def test_a_socket_with_one_rightful_sender_takes_no_other_senders_frames():
     opener = FrameSigner(secret, accept=mine.session)
     assert opener.open(theirs.sign(b"task for another worker")) is None
     assert opener.open(mine.sign(b"my task")) == b"my task"
+
+
+def test_a_worker_reads_each_task_inputs_from_another_node_right_while_reusing_buffers(served):
+    """A worker's Endpoint pulls inputs from another node's pool into buffers it keeps: each
+    task sees its own producer's values, a buffer is reused only once its task is released
+    (done or cancelled), and a task still running keeps its inputs intact."""
+    from dfuse.engine.protocol import TensorRef
+    from dfuse.engine.transport.endpoint import Endpoint
+
+    server, signer, pool = served
+    endpoint = Endpoint(torch.device("cpu"), secret=signer._secret)
+    endpoint.open_remote("p0", server.address)
+    values = pool.view(torch.int32)
+
+    def refs(slot: int) -> list[TensorRef]:  # two tensors of a task in one 4 KiB slot
+        return [TensorRef("a", "p0", slot * 4096, (256,), "int32"), TensorRef("b", "p0", slot * 4096 + 1024, (2, 64), "int32")]
+
+    endpoint.prefetch(1, refs(0))
+    first = endpoint.fetch(1, refs(0))
+    endpoint.prefetch(2, refs(1))  # while task 1 runs: must not land in task 1's buffer
+    second = endpoint.fetch(2, refs(1))
+    assert torch.equal(first["a"], values[0:256]) and torch.equal(first["b"].flatten(), values[256:384])
+    assert torch.equal(second["a"], values[1024:1280])
+    endpoint.release(1)
+    endpoint.prefetch(3, refs(2))  # task 1's buffer again, now with slot 2's bytes
+    third = endpoint.fetch(3, refs(2))
+    assert third["a"].data_ptr() == first["a"].data_ptr()
+    assert torch.equal(third["a"], values[2048:2304]) and torch.equal(second["a"], values[1024:1280])
+    endpoint.prefetch(4, refs(3))
+    endpoint.discard_prefetched(4)  # cancelled before it ran: its buffer serves the next read
+    endpoint.prefetch(5, refs(3))
+    assert torch.equal(endpoint.fetch(5, refs(3))["b"].flatten(), values[3328:3456])
