@@ -151,8 +151,8 @@ print(json.dumps({f"cuda:{i}": torch.cuda.get_device_properties(i).total_memory
 """
 
 
-def gpu_totals(timeout_s: float = 120.0) -> dict[str, int]:
-    """Each GPU's total bytes on this host ({"cuda:0": ...}; {} without CUDA, or when it cannot
+def gpu_totals(timeout_s: float = 120.0) -> dict[str, int] | None:
+    """Each GPU's total bytes on this host ({"cuda:0": ...}; {} without CUDA; None when it cannot
     be told), asked in a child process: asking here would leave a CUDA context in this one (a
     cluster node's agent, which holds no GPU memory otherwise)."""
     import json
@@ -164,7 +164,7 @@ def gpu_totals(timeout_s: float = 120.0) -> dict[str, int]:
                               timeout=timeout_s, check=True)
         return {str(k): int(v) for k, v in json.loads(done.stdout).items()}
     except (OSError, subprocess.SubprocessError, ValueError, AttributeError):
-        return {}
+        return None
 
 
 def describe_device(device: str) -> tuple[str, float]:

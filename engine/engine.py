@@ -19,7 +19,7 @@ from .admission import memory_budgets, stage_budgets
 from .auto_placement import auto_placed, device_memory_gb, stage_memory
 from .completions import UserFuture, resolve
 from .config import DEFAULT_MODEL, EngineConfig
-from .devices import as_role
+from .devices import as_role, is_cpu, split_node
 from .input_processor import InputProcessor
 from .models import describe_model, detect_family, resolve_model_path
 from .core import EngineCore
@@ -336,7 +336,10 @@ class _Budgets:
         self._node_reports: dict[str, dict | None] = {}  # what other nodes' agents measured, by memory
 
         def node_memory(memory: str) -> dict | None:
-            report = self._node_reports[memory] = cluster.node_memory(memory)
+            # One ask per node for its GPUs (each may wait on that node's agent), and one for its host.
+            asked = next((r for m, r in self._node_reports.items()
+                          if split_node(m)[0] == split_node(memory)[0] and is_cpu(m) == is_cpu(memory)), False)
+            report = self._node_reports[memory] = cluster.node_memory(memory) if asked is False else asked
             return report
 
         self._by_memory = memory_budgets(config, model_path, node_memory=node_memory if cluster else None)

@@ -42,7 +42,8 @@ class NodeAgent:
         self._pools: dict[str, SlotPool] = {}
         self._workers: dict[int, WorkerProcess] = {}
         self._lock = threading.Lock()  # the actor runs its calls on several threads
-        self._gpus: dict[str, int] | None = None  # each GPU's total bytes, once asked
+        self._gpus: dict[str, int] | None = None  # each GPU's total bytes, once told
+        self._gpu_lock = threading.Lock()
         self._server = SlotServer(host, FrameSigner(secret), self._buffer)
 
     def info(self) -> dict:
@@ -56,10 +57,10 @@ class NodeAgent:
 
         report: dict = dict(host_memory())
         if gpus:
-            with self._lock:
+            with self._gpu_lock:  # not self._lock: pools and workers must not wait on a child process
                 if self._gpus is None:
                     self._gpus = gpu_totals()
-            report["gpus"] = self._gpus
+            report["gpus"] = self._gpus or {}
         return report
 
     def _buffer(self, name: str):

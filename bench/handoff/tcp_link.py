@@ -193,7 +193,10 @@ def _floor_consumer(nbytes: int, iterations: int, run_dir: str, results) -> None
         for view in (memoryview(stamp), memoryview(buffer.numpy())):
             got = 0
             while got < len(view):
-                got += connection.recv_into(view[got:])
+                n = connection.recv_into(view[got:])
+                if not n:
+                    raise ConnectionError("the producer closed the connection mid-hop")
+                got += n
         wrong += int(buffer[-1]) != hop % 251
         if hop:
             samples.append((time.perf_counter_ns() - int.from_bytes(stamp, "big")) / 1000)

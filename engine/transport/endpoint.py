@@ -45,7 +45,7 @@ class Endpoint:
         self._pull_lock = threading.Lock()  # the client's socket: one read at a time
         self._prefetched: dict[int, tuple[dict[str, torch.Tensor], object]] = {}
         self._received = ReceiveBuffers()
-        self._held: dict[int, list[torch.Tensor]] = {}  # request id -> the buffers its remote inputs are in
+        self._running: dict[int, list[torch.Tensor]] = {}  # request id -> the buffers its remote inputs are in
         # Requests of one shape reuse the same (slot, shape, dtype) views over and over: caching
         # them keeps the hop to a dict lookup, which matters most when the producer's large
         # write has just evicted this process's code and data from the shared cache.
@@ -106,18 +106,24 @@ class Endpoint:
 
     # --- inputs ----------------------------------------------------------------------------
     def prefetch(self, request_id: int, refs: list[TensorRef]) -> None:
-        pulled = self._pull_remote(request_id, refs)  # outside the lock: the compute loop's fetch must not wait on the network
+        pulled, buffers = self._pull_remote(refs)  # outside the lock: the compute loop's fetch must not wait on the network
         with self._lock:
-            self._prefetched[request_id] = self._load(refs, pulled)
+            self._prefetched[request_id] = (*self._load(refs, pulled), buffers)
 
     def fetch(self, request_id: int, refs: list[TensorRef]) -> dict[str, torch.Tensor]:
+        """The task's inputs; its buffers from other nodes are the running task's until `release`."""
         with self._lock:
             loaded = self._prefetched.pop(request_id, None)
         if loaded is None:  # its prefetch failed: once more, here, so the error goes with the task
-            pulled = self._pull_remote(request_id, refs)
+            pulled, buffers = self._pull_remote(refs)
             with self._lock:
-                loaded = self._load(refs, pulled)
-        tensors, copied = loaded
+                loaded = (*self._load(refs, pulled), buffers)
+        tensors, copied, buffers = loaded
+        if buffers:
+            with self._lock:
+                self._running.setdefault(request_id, []).extend(buffers)
+                while len(self._running) > _MAX_HELD_TASKS:  # never released: left to the collector
+                    del self._running[next(iter(self._running))]
         if copied is not None:
             torch.cuda.current_stream(self.device).wait_event(copied)
         return tensors
@@ -125,14 +131,17 @@ class Endpoint:
     def discard_prefetched(self, request_id: int) -> None:
         """A task that will not run (cancelled): forget what was prefetched for it."""
         with self._lock:
-            self._prefetched.pop(request_id, None)
-        self.release(request_id)
+            loaded = self._prefetched.pop(request_id, None)
+        for buffer in loaded[2] if loaded is not None else ():
+            self._received.give(buffer)
 
     def release(self, request_id: int) -> None:
-        """The task is over (done, failed or cancelled) and nothing reads its inputs any more:
-        the buffers its inputs from other nodes arrived in serve later reads."""
+        """The running task (the compute loop runs one at a time) is over, done or failed, and
+        nothing reads its inputs any more: the buffers they arrived in from other nodes serve
+        later reads. Only what `fetch` handed to it: a second task of the same request (rerouted
+        here while the first still ran) keeps what was prefetched for it."""
         with self._lock:
-            held = self._held.pop(request_id, ())
+            held = self._running.pop(request_id, ())
         for buffer in held:
             self._received.give(buffer)
 
@@ -167,45 +176,41 @@ class Endpoint:
             copied.record(self.copy_stream)
         return tensors, copied
 
-    def _pull_remote(self, request_id: int, refs: list[TensorRef]) -> dict[str, torch.Tensor]:
+    def _pull_remote(self, refs: list[TensorRef]) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
         """Read the inputs that live in other nodes' pools: each pool's part of the task in one
         read (a task's inputs share a slot), the tensors then viewed in what came (on a GPU,
-        copied there, and the buffer kept for the next read at once). Its own lock: the receiver
-        and the compute loop may both read."""
+        copied there, and the buffer kept for the next read at once). The tensors, and the
+        buffers they are views of. Its own lock: the receiver and the compute loop may both read."""
         with self._lock:
             remote = [(ref, self._remote[ref.pool]) for ref in refs if ref.pool in self._remote]
         if not remote:
-            return {}
+            return {}, []
         tensors: dict[str, torch.Tensor] = {}
+        buffers: list[torch.Tensor] = []
         with self._pull_lock:
             if self._client is None:
                 if self._secret is None:
                     raise RuntimeError("a pool on another node, but this worker has no cluster secret")
                 self._client = SlotClient(FrameSigner(self._secret))
-            for pool in dict.fromkeys(ref.pool for ref, _ in remote):
-                mine = [(ref, address) for ref, address in remote if ref.pool == pool]
-                start = min(ref.offset for ref, _ in mine)
-                end = max(ref.offset + tensor_nbytes(tuple(ref.shape), dtype_from_name(ref.dtype)) for ref, _ in mine)
-                buffer = self._received.take(end - start)
-                try:
-                    data = self._client.read(mine[0][1], pool, start, end - start, into=buffer)
+            try:
+                for pool in dict.fromkeys(ref.pool for ref, _ in remote):
+                    mine = [(ref, address) for ref, address in remote if ref.pool == pool]
+                    start = min(ref.offset for ref, _ in mine)
+                    end = max(ref.offset + tensor_nbytes(tuple(ref.shape), dtype_from_name(ref.dtype)) for ref, _ in mine)
+                    buffers.append(self._received.take(end - start))
+                    data = self._client.read(mine[0][1], pool, start, end - start, into=buffers[-1])
                     for ref, _ in mine:
                         view = byte_view(data, ref.offset - start, tuple(ref.shape), dtype_from_name(ref.dtype))
                         tensors[ref.name] = view.to(self.device) if self.cuda else view  # pageable: copied on return
-                except BaseException:
-                    self._received.give(buffer)  # nothing of it was handed out
-                    raise
-                if self.cuda:
+            except BaseException:
+                for buffer in buffers:  # nothing of them was handed out
                     self._received.give(buffer)
-                else:
-                    self._hold(request_id, buffer)
-        return tensors
-
-    def _hold(self, request_id: int, buffer: torch.Tensor) -> None:
-        with self._lock:
-            self._held.setdefault(request_id, []).append(buffer)
-            while len(self._held) > _MAX_HELD_TASKS:  # a task never released: its buffers go to the collector
-                del self._held[next(iter(self._held))]
+                raise
+        if self.cuda:
+            for buffer in buffers:
+                self._received.give(buffer)
+            buffers = []
+        return tensors, buffers
 
     # --- outputs ---------------------------------------------------------------------------
     def writer(self, slot: OutputSlot) -> SlotWriter:

@@ -32,6 +32,7 @@ import selectors
 import socket
 import struct
 import threading
+import time
 from typing import Callable
 
 import msgspec
@@ -44,9 +45,16 @@ log = logging.getLogger("dfuse.transport")
 TAG_BYTES = 32  # HMAC-SHA256
 HEADER_BYTES = TAG_BYTES + 16  # tag | session (8) | counter (8)
 MAX_FRAME_BYTES = 64 << 10  # requests and reply headers are a few dozen bytes: a bigger frame closes the connection
-READ_TIMEOUT_S = 20.0  # a producer that stops answering (its node died) fails the read, not the worker
-SEND_TIMEOUT_S = 20.0  # a consumer that stops reading mid-reply loses its connection, not the server
-MAX_CONNECTIONS = 256  # open connections a server keeps; beyond, the longest idle one is closed
+READ_TIMEOUT_S = 30.0  # a producer that stops answering (its node died) fails the read, not the worker
+# A consumer that stops reading mid-reply loses its connection, not the server, after SEND_TIMEOUT_S
+# without progress, or once the reply took SEND_TIMEOUT_S plus its bytes at MIN_SEND_RATE: shorter
+# than READ_TIMEOUT_S, so a consumer queued behind a stalled one still gets its answer.
+SEND_TIMEOUT_S = 10.0
+MIN_SEND_RATE = 50e6  # bytes/s
+SEND_CHUNK = 4 << 20  # the deadline is checked between chunks
+MAX_CONNECTIONS = 256  # open connections a server keeps; beyond, a stranger's (or the least recently used) is closed
+AUTH_DEADLINE_S = 10.0  # a connection with no valid request by then is closed
+MAX_CLIENT_CONNECTIONS = 64  # servers a client stays connected to (retired agents' addresses get dropped)
 _LENGTH = struct.Struct(">I")
 
 
@@ -60,7 +68,9 @@ class FrameSigner:
     `sign` prefixes tag | session | counter: the session is this signer's (random), the counter
     counts its frames; the MAC covers both and the frame. `open` checks the tag and that the
     counter is above the last one seen from that session, so a frame captured on the network and
-    sent again (to the same socket or another) is dropped like a forged one. One signer per
+    sent again to the same receiver is dropped like a forged one. (Another receiver keeps its own
+    counters: a read request replayed to another node's slot server names a pool that server
+    does not have, as pool names carry their agent's prefix.) One signer per
     sending socket (frames of one session must arrive in order: one connection) and per thread.
     """
 
@@ -159,12 +169,26 @@ def _frame(frame: bytes) -> bytes:
     return _LENGTH.pack(len(frame)) + frame
 
 
+class _Peer:
+    """A connection to a SlotServer: what it sent that is not a whole frame yet, and whether it
+    ever sent a valid one (a consumer) and when it last did."""
+
+    __slots__ = ("received", "signed_in", "since")
+
+    def __init__(self, now: float):
+        self.received = bytearray()
+        self.signed_in = False
+        self.since = now  # accepted at, then the time of its last valid request
+
+
 class SlotServer:
     """Serves byte ranges of this process's host pools to consumers on other nodes.
 
     `buffers(pool)` returns the flat uint8 tensor of a pool this process may serve, or None.
-    Runs on a thread of its own; `close()` stops it. One reply is sent at a time: reads are
-    bound by the link, and a consumer that stops reading is dropped after SEND_TIMEOUT_S."""
+    Runs on a thread of its own; `close()` stops it. One reply is sent at a time (reads are
+    bound by the link), within a deadline (SEND_TIMEOUT_S). Anyone on the network can connect:
+    a connection that sends no valid request within AUTH_DEADLINE_S is closed, and when
+    MAX_CONNECTIONS are open such a stranger's goes first, consumers' only after."""
 
     def __init__(self, host: str, signer: FrameSigner, buffers: Callable[[str], torch.Tensor | None]):
         self._signer = signer
@@ -176,53 +200,70 @@ class SlotServer:
         port = self._listener.getsockname()[1]
         self.address = f"tcp://[{host}]:{port}" if family == socket.AF_INET6 else f"tcp://{host}:{port}"
         self._wake, self._woken = socket.socketpair()  # close() rings it: the server thread owns the sockets
+        self._peers: dict[socket.socket, _Peer] = {}
+        self._selector = selectors.DefaultSelector()
         self._thread = threading.Thread(target=self._serve, daemon=True, name="slot-server")
         self._thread.start()
 
     def _serve(self) -> None:
-        selector = selectors.DefaultSelector()
-        selector.register(self._listener, selectors.EVENT_READ)
-        selector.register(self._woken, selectors.EVENT_READ)
-        pending: dict[socket.socket, bytearray] = {}  # connection -> what it sent that is not a whole frame yet
+        self._selector.register(self._listener, selectors.EVENT_READ)
+        self._selector.register(self._woken, selectors.EVENT_READ)
         try:
             while True:
-                for key, _ in selector.select():
+                for key, _ in self._selector.select(timeout=AUTH_DEADLINE_S / 4):
                     if key.fileobj is self._woken:
                         return
-                    if key.fileobj is self._listener:
-                        self._accept(selector, pending)
-                    elif not self._receive(key.fileobj, pending[key.fileobj]):
-                        self._hang_up(selector, pending, key.fileobj)
+                    try:
+                        if key.fileobj is self._listener:
+                            self._accept()
+                        elif key.fileobj in self._peers and not self._receive(key.fileobj):  # may be closed already
+                            self._hang_up(key.fileobj)
+                    except Exception:  # nothing a peer does may end this thread: every later read would fail
+                        log.exception("slot server: a connection failed")
+                        if key.fileobj in self._peers:
+                            self._hang_up(key.fileobj)
+                self._close_strangers()
         finally:
-            for connection in list(pending):
-                self._hang_up(selector, pending, connection)
-            selector.close()
+            for connection in list(self._peers):
+                self._hang_up(connection)
+            self._selector.close()
             self._listener.close()
             self._woken.close()
 
-    def _accept(self, selector, pending: dict) -> None:
+    def _accept(self) -> None:
         try:
             connection, _ = self._listener.accept()
-        except (BlockingIOError, ConnectionError):
+        except OSError as e:  # BlockingIOError: another event took it; EMFILE & co: try again later
+            if not isinstance(e, BlockingIOError):
+                self._drops.warning("slot server could not accept a connection: %s", e)
             return
-        if len(pending) >= MAX_CONNECTIONS:  # dicts keep insertion order: the first is the oldest
-            self._drops.warning("slot server at %d connections: closed the oldest", MAX_CONNECTIONS)
-            self._hang_up(selector, pending, next(iter(pending)))
-        # Blocking, with the kernel's send timeout: a reply is one sendall without a poll per
-        # chunk; requests are read only when the selector says some arrived, without waiting.
-        connection.setblocking(True)
-        connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(SEND_TIMEOUT_S))
-        connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        pending[connection] = bytearray()
-        selector.register(connection, selectors.EVENT_READ)
+        try:
+            # Blocking, with the kernel's send timeout: a reply is sent without a poll per chunk;
+            # requests are read only when the selector says some arrived, without waiting.
+            connection.setblocking(True)
+            connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(SEND_TIMEOUT_S))
+            connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            connection.close()
+            return
+        if len(self._peers) >= MAX_CONNECTIONS:
+            self._drops.warning("slot server at %d connections: closed one", MAX_CONNECTIONS)
+            self._hang_up(min(self._peers, key=lambda c: (self._peers[c].signed_in, self._peers[c].since)))
+        self._peers[connection] = _Peer(time.monotonic())
+        self._selector.register(connection, selectors.EVENT_READ)
 
-    @staticmethod
-    def _hang_up(selector, pending: dict, connection: socket.socket) -> None:
-        selector.unregister(connection)
-        del pending[connection]
+    def _close_strangers(self) -> None:
+        """Close the connections that sent no valid request within AUTH_DEADLINE_S."""
+        too_old = time.monotonic() - AUTH_DEADLINE_S
+        for connection in [c for c, peer in self._peers.items() if not peer.signed_in and peer.since < too_old]:
+            self._hang_up(connection)
+
+    def _hang_up(self, connection: socket.socket) -> None:
+        self._selector.unregister(connection)
+        del self._peers[connection]
         connection.close()
 
-    def _receive(self, connection: socket.socket, received: bytearray) -> bool:
+    def _receive(self, connection: socket.socket) -> bool:
         """Answer the whole requests `connection` has sent; False when it must be closed."""
         try:
             data = connection.recv(MAX_FRAME_BYTES, socket.MSG_DONTWAIT)
@@ -232,6 +273,8 @@ class SlotServer:
             return False
         if not data:
             return False
+        peer = self._peers[connection]
+        received = peer.received
         received += data
         while len(received) >= _LENGTH.size:
             (nbytes,) = _LENGTH.unpack_from(received)
@@ -243,16 +286,13 @@ class SlotServer:
             frame = bytes(received[_LENGTH.size : _LENGTH.size + nbytes])
             del received[: _LENGTH.size + nbytes]
             try:
-                if not self._answer(connection, frame):
+                if not self._answer(connection, peer, frame):
                     return False
-            except OSError:  # BlockingIOError: SO_SNDTIMEO ran out
+            except OSError:  # BlockingIOError: SO_SNDTIMEO ran out; TimeoutError: the deadline did
                 return False  # the consumer stopped reading, or went away
-            except Exception:  # one bad request must not end the server: every later read would time out
-                log.exception("slot server could not answer a request")
-                return False
         return True
 
-    def _answer(self, connection: socket.socket, signed: bytes) -> bool:
+    def _answer(self, connection: socket.socket, peer: _Peer, signed: bytes) -> bool:
         frame = self._signer.open(signed)
         if frame is None:
             self._drops.warning("slot server dropped a request with a bad signature (%d bytes)", len(signed))
@@ -262,6 +302,7 @@ class SlotServer:
         except msgspec.MsgspecError as e:
             self._drops.warning("slot server dropped a malformed request: %s", e)
             return False
+        peer.signed_in, peer.since = True, time.monotonic()
         buffer = self._buffers(request.pool)
         error = None
         if buffer is None:
@@ -272,7 +313,7 @@ class SlotServer:
         header = _frame(self._signer.sign(_encoder.encode(ReadReply(request.nonce, nbytes, error))))
         connection.sendall(header)  # one reply at a time
         if nbytes:
-            connection.sendall(memoryview(buffer.numpy())[request.offset : request.offset + nbytes])
+            _send_within_deadline(connection, memoryview(buffer.numpy())[request.offset : request.offset + nbytes])
         return True
 
     def close(self) -> None:
@@ -282,6 +323,16 @@ class SlotServer:
             pass
         self._thread.join(5)
         self._wake.close()
+
+
+def _send_within_deadline(connection: socket.socket, data: memoryview) -> None:
+    """sendall, but TimeoutError once it took SEND_TIMEOUT_S plus the bytes at MIN_SEND_RATE: a
+    consumer reading a trickle must not hold the server (SO_SNDTIMEO bounds one call only)."""
+    deadline = time.monotonic() + SEND_TIMEOUT_S + len(data) / MIN_SEND_RATE
+    for start in range(0, len(data), SEND_CHUNK):
+        if time.monotonic() > deadline:
+            raise TimeoutError("the consumer reads too slowly")
+        connection.sendall(data[start : start + SEND_CHUNK])
 
 
 class ReceiveBuffers:
@@ -303,11 +354,11 @@ class ReceiveBuffers:
         return torch.empty(nbytes, dtype=torch.uint8)
 
     def give(self, buffer: torch.Tensor) -> None:
-        """`buffer` back: nothing reads it any more."""
+        """`buffer` back: nothing reads it any more. The largest are kept: they cost the most to fault in."""
         with self._lock:
             self._free.append(buffer)
             if len(self._free) > self._keep:
-                del self._free[0]
+                del self._free[min(range(len(self._free)), key=lambda i: self._free[i].numel())]
 
 
 class SlotClient:
@@ -323,8 +374,9 @@ class SlotClient:
     def read(self, address: str, pool: str, offset: int, nbytes: int, into: torch.Tensor | None = None) -> torch.Tensor:
         """The bytes [offset, offset + nbytes) of `pool`, served at `address`, as a uint8 tensor:
         the first `nbytes` of `into` (a uint8 buffer, e.g. from ReceiveBuffers), or a new one."""
-        if into is not None and (into.dtype != torch.uint8 or into.numel() < nbytes):
-            raise ValueError(f"into: a uint8 buffer of at least {nbytes} bytes")
+        if into is not None and (into.dtype != torch.uint8 or into.device.type != "cpu"
+                                 or not into.is_contiguous() or into.numel() < nbytes):
+            raise ValueError(f"into: a contiguous uint8 CPU buffer of at least {nbytes} bytes")
         try:
             reply, data = self._transfer(address, pool, offset, nbytes, into)
         except (TimeoutError, BlockingIOError):  # connecting; SO_RCVTIMEO or SO_SNDTIMEO ran out
@@ -333,6 +385,9 @@ class SlotClient:
         except OSError as e:  # refused, reset, closed (a request it did not take), or out of step
             self._drop(address)
             raise ConnectionError(f"reading pool {pool} from {address}: {e}") from None
+        except BaseException:  # anything else mid-read (out of memory, an interrupt): the reply may be unread
+            self._drop(address)
+            raise
         if reply.error:
             raise ConnectionError(f"{address} could not serve pool {pool}: {reply.error}")
         return data
@@ -373,7 +428,11 @@ class SlotClient:
             connection.settimeout(None)
             connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(self._timeout_s))
             connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(self._timeout_s))
+            if len(self._connections) >= MAX_CLIENT_CONNECTIONS:  # the least recently used first
+                self._drop(next(iter(self._connections)))
             self._connections[address] = connection
+        else:
+            self._connections[address] = self._connections.pop(address)  # now the most recently used
         return connection
 
     def _drop(self, address: str) -> None:

@@ -135,6 +135,36 @@ def test_a_neighbour_announcing_a_huge_frame_or_never_reading_does_not_stop_the_
         stalled_server.close()
 
 
+def test_strangers_filling_every_connection_cut_off_no_consumer(served, monkeypatch):
+    """Past MAX_CONNECTIONS the server closes a connection that never sent a valid request
+    before any consumer's, and the server thread survives the churn."""
+    server, signer, pool = served
+    monkeypatch.setattr(tcp, "MAX_CONNECTIONS", 4)
+    client = SlotClient(FrameSigner(signer._secret))
+    strangers = []
+    try:
+        assert torch.equal(client.read(server.address, "p0", 0, 16), pool[:16])  # its connection is the oldest
+        for _ in range(12):
+            strangers.append(_connect(server))
+        assert torch.equal(client.read(server.address, "p0", 16, 16), pool[16:32])  # same connection, still open
+        late = SlotClient(FrameSigner(signer._secret))
+        assert torch.equal(late.read(server.address, "p0", 32, 16), pool[32:48])
+        late.close()
+    finally:
+        client.close()
+        for stranger in strangers:
+            stranger.close()
+
+
+def test_a_connection_that_never_sends_a_valid_request_is_closed(served, monkeypatch):
+    server, _, _ = served
+    monkeypatch.setattr(tcp, "AUTH_DEADLINE_S", 0.4)
+    idle = _connect(server)
+    idle.settimeout(10)
+    assert _closed_by_server(idle)
+    idle.close()
+
+
 def test_a_forged_truncated_or_replayed_frame_fails_to_open():
     secret = new_secret()
     sender, receiver = FrameSigner(secret), FrameSigner(secret)
@@ -189,3 +219,14 @@ def test_a_worker_reads_each_task_inputs_from_another_node_right_while_reusing_b
     endpoint.discard_prefetched(4)  # cancelled before it ran: its buffer serves the next read
     endpoint.prefetch(5, refs(3))
     assert torch.equal(endpoint.fetch(5, refs(3))["b"].flatten(), values[3328:3456])
+    # The same request twice (recovery rerouted it here while its first task still ran): the
+    # first task's release gives back only what the first fetched, not the second's inputs.
+    endpoint = Endpoint(torch.device("cpu"), secret=signer._secret)
+    endpoint.open_remote("p0", server.address)
+    endpoint.prefetch(7, refs(0))
+    endpoint.fetch(7, refs(0))
+    endpoint.prefetch(7, refs(1))
+    endpoint.release(7)
+    for other, slot in ((8, 2), (9, 3)):
+        endpoint.prefetch(other, refs(slot))
+    assert torch.equal(endpoint.fetch(7, refs(1))["a"], values[1024:1280])
