@@ -43,7 +43,7 @@ class Endpoint:
         self._secret = secret
         self._client: SlotClient | None = None  # made on first use: most workers never need one
         self._pull_lock = threading.Lock()  # the client's socket: one read at a time
-        self._prefetched: dict[int, tuple[dict[str, torch.Tensor], object]] = {}
+        self._prefetched: dict[int, tuple[dict[str, torch.Tensor], object, list[torch.Tensor]]] = {}  # tensors, copy event, buffers
         self._received = ReceiveBuffers()
         self._running: dict[int, list[torch.Tensor]] = {}  # request id -> the buffers its remote inputs are in
         # Requests of one shape reuse the same (slot, shape, dtype) views over and over: caching
@@ -108,7 +108,7 @@ class Endpoint:
     def prefetch(self, request_id: int, refs: list[TensorRef]) -> None:
         pulled, buffers = self._pull_remote(refs)  # outside the lock: the compute loop's fetch must not wait on the network
         with self._lock:
-            self._prefetched[request_id] = (*self._load(refs, pulled), buffers)
+            self._prefetched[request_id] = self._load_holding(refs, pulled, buffers)
 
     def fetch(self, request_id: int, refs: list[TensorRef]) -> dict[str, torch.Tensor]:
         """The task's inputs; its buffers from other nodes are the running task's until `release`."""
@@ -117,7 +117,7 @@ class Endpoint:
         if loaded is None:  # its prefetch failed: once more, here, so the error goes with the task
             pulled, buffers = self._pull_remote(refs)
             with self._lock:
-                loaded = (*self._load(refs, pulled), buffers)
+                loaded = self._load_holding(refs, pulled, buffers)
         tensors, copied, buffers = loaded
         if buffers:
             with self._lock:
@@ -144,6 +144,15 @@ class Endpoint:
             held = self._running.pop(request_id, ())
         for buffer in held:
             self._received.give(buffer)
+
+    def _load_holding(self, refs: list[TensorRef], pulled: dict[str, torch.Tensor], buffers: list[torch.Tensor]):
+        """_load, and the buffers `pulled` lives in; those go back if it fails."""
+        try:
+            return (*self._load(refs, pulled), buffers)
+        except BaseException:
+            for buffer in buffers:
+                self._received.give(buffer)
+            raise
 
     def _load(self, refs: list[TensorRef], pulled: dict[str, torch.Tensor] | None = None):
         """The task's input tensors (and the copy event to wait for, on a GPU); `pulled`: those

@@ -49,9 +49,11 @@ READ_TIMEOUT_S = 30.0  # a producer that stops answering (its node died) fails t
 # A consumer that stops reading mid-reply loses its connection, not the server, after SEND_TIMEOUT_S
 # without progress, or once the reply took SEND_TIMEOUT_S plus its bytes at MIN_SEND_RATE: shorter
 # than READ_TIMEOUT_S, so a consumer queued behind a stalled one still gets its answer.
+# (A bound for one stalled consumer at a time: replies are sent one after another.)
 SEND_TIMEOUT_S = 10.0
-MIN_SEND_RATE = 50e6  # bytes/s
-SEND_CHUNK = 4 << 20  # the deadline is checked between chunks
+MIN_SEND_RATE = 5e6  # bytes/s: 40 Mbit/s, below any link a cluster runs on
+SEND_CHUNK = 4 << 20  # the deadline is checked between sends of at most this
+ACCEPT_PAUSE_S = 1.0  # after accept() failed for want of file descriptors: not a busy loop meanwhile
 MAX_CONNECTIONS = 256  # open connections a server keeps; beyond, a stranger's (or the least recently used) is closed
 AUTH_DEADLINE_S = 10.0  # a connection with no valid request by then is closed
 MAX_CLIENT_CONNECTIONS = 64  # servers a client stays connected to (retired agents' addresses get dropped)
@@ -202,6 +204,7 @@ class SlotServer:
         self._wake, self._woken = socket.socketpair()  # close() rings it: the server thread owns the sockets
         self._peers: dict[socket.socket, _Peer] = {}
         self._selector = selectors.DefaultSelector()
+        self._accept_again_at: float | None = None  # the listener is not watched until then
         self._thread = threading.Thread(target=self._serve, daemon=True, name="slot-server")
         self._thread.start()
 
@@ -210,7 +213,11 @@ class SlotServer:
         self._selector.register(self._woken, selectors.EVENT_READ)
         try:
             while True:
-                for key, _ in self._selector.select(timeout=AUTH_DEADLINE_S / 4):
+                events = self._selector.select(timeout=min(AUTH_DEADLINE_S / 4, ACCEPT_PAUSE_S))
+                if self._accept_again_at is not None and time.monotonic() >= self._accept_again_at:
+                    self._accept_again_at = None
+                    self._selector.register(self._listener, selectors.EVENT_READ)
+                for key, _ in events:
                     if key.fileobj is self._woken:
                         return
                     try:
@@ -233,9 +240,12 @@ class SlotServer:
     def _accept(self) -> None:
         try:
             connection, _ = self._listener.accept()
-        except OSError as e:  # BlockingIOError: another event took it; EMFILE & co: try again later
-            if not isinstance(e, BlockingIOError):
-                self._drops.warning("slot server could not accept a connection: %s", e)
+        except BlockingIOError:  # the connection went before it was taken
+            return
+        except OSError as e:  # EMFILE & co: the listener stays readable; look again in a while
+            self._drops.warning("slot server could not accept a connection: %s", e)
+            self._selector.unregister(self._listener)
+            self._accept_again_at = time.monotonic() + ACCEPT_PAUSE_S
             return
         try:
             # Blocking, with the kernel's send timeout: a reply is sent without a poll per chunk;
@@ -249,13 +259,23 @@ class SlotServer:
         if len(self._peers) >= MAX_CONNECTIONS:
             self._drops.warning("slot server at %d connections: closed one", MAX_CONNECTIONS)
             self._hang_up(min(self._peers, key=lambda c: (self._peers[c].signed_in, self._peers[c].since)))
+        try:
+            self._selector.register(connection, selectors.EVENT_READ)
+        except (OSError, ValueError):
+            connection.close()
+            return
         self._peers[connection] = _Peer(time.monotonic())
-        self._selector.register(connection, selectors.EVENT_READ)
 
     def _close_strangers(self) -> None:
-        """Close the connections that sent no valid request within AUTH_DEADLINE_S."""
+        """Close the connections that sent no valid request within AUTH_DEADLINE_S. One whose
+        bytes wait unread (this thread was sending meanwhile) is read first."""
         too_old = time.monotonic() - AUTH_DEADLINE_S
         for connection in [c for c, peer in self._peers.items() if not peer.signed_in and peer.since < too_old]:
+            try:
+                if connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT):
+                    continue
+            except OSError:  # BlockingIOError: nothing came; anything else: it is broken
+                pass
             self._hang_up(connection)
 
     def _hang_up(self, connection: socket.socket) -> None:
@@ -311,9 +331,10 @@ class SlotServer:
             error = f"[{request.offset}, {request.offset + request.nbytes}) lies outside pool {request.pool}"
         nbytes = 0 if error else request.nbytes
         header = _frame(self._signer.sign(_encoder.encode(ReadReply(request.nonce, nbytes, error))))
-        connection.sendall(header)  # one reply at a time
-        if nbytes:
-            _send_within_deadline(connection, memoryview(buffer.numpy())[request.offset : request.offset + nbytes])
+        data = memoryview(buffer.numpy())[request.offset : request.offset + nbytes] if nbytes else memoryview(b"")
+        deadline = time.monotonic() + SEND_TIMEOUT_S + nbytes / MIN_SEND_RATE
+        for part in (memoryview(header), data):  # one reply at a time
+            _send_within(connection, part, deadline)
         return True
 
     def close(self) -> None:
@@ -325,14 +346,16 @@ class SlotServer:
         self._wake.close()
 
 
-def _send_within_deadline(connection: socket.socket, data: memoryview) -> None:
-    """sendall, but TimeoutError once it took SEND_TIMEOUT_S plus the bytes at MIN_SEND_RATE: a
-    consumer reading a trickle must not hold the server (SO_SNDTIMEO bounds one call only)."""
-    deadline = time.monotonic() + SEND_TIMEOUT_S + len(data) / MIN_SEND_RATE
-    for start in range(0, len(data), SEND_CHUNK):
-        if time.monotonic() > deadline:
+def _send_within(connection: socket.socket, data: memoryview, deadline: float) -> None:
+    """sendall, but TimeoutError at `deadline`: a consumer reading a trickle must not hold the
+    server (SO_SNDTIMEO bounds one send call only; sendall goes on while any byte moves)."""
+    sent = 0
+    while sent < len(data):
+        left = deadline - time.monotonic()
+        if left <= 0:
             raise TimeoutError("the consumer reads too slowly")
-        connection.sendall(data[start : start + SEND_CHUNK])
+        connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(min(SEND_TIMEOUT_S, left)))
+        sent += connection.send(data[sent : sent + SEND_CHUNK])
 
 
 class ReceiveBuffers:
@@ -354,11 +377,12 @@ class ReceiveBuffers:
         return torch.empty(nbytes, dtype=torch.uint8)
 
     def give(self, buffer: torch.Tensor) -> None:
-        """`buffer` back: nothing reads it any more. The largest are kept: they cost the most to fault in."""
+        """`buffer` back: nothing reads it any more. The ones given back longest ago go first:
+        the sizes read now are the ones worth keeping."""
         with self._lock:
             self._free.append(buffer)
             if len(self._free) > self._keep:
-                del self._free[min(range(len(self._free)), key=lambda i: self._free[i].numel())]
+                del self._free[0]
 
 
 class SlotClient:
@@ -374,9 +398,9 @@ class SlotClient:
     def read(self, address: str, pool: str, offset: int, nbytes: int, into: torch.Tensor | None = None) -> torch.Tensor:
         """The bytes [offset, offset + nbytes) of `pool`, served at `address`, as a uint8 tensor:
         the first `nbytes` of `into` (a uint8 buffer, e.g. from ReceiveBuffers), or a new one."""
-        if into is not None and (into.dtype != torch.uint8 or into.device.type != "cpu"
+        if into is not None and (into.dtype != torch.uint8 or into.device.type != "cpu" or into.dim() != 1
                                  or not into.is_contiguous() or into.numel() < nbytes):
-            raise ValueError(f"into: a contiguous uint8 CPU buffer of at least {nbytes} bytes")
+            raise ValueError(f"into: a flat, contiguous uint8 CPU buffer of at least {nbytes} bytes")
         try:
             reply, data = self._transfer(address, pool, offset, nbytes, into)
         except (TimeoutError, BlockingIOError):  # connecting; SO_RCVTIMEO or SO_SNDTIMEO ran out

@@ -67,7 +67,7 @@ def test_handoff_over_tcp_runs_without_ray_and_says_why_the_ray_column_is_skippe
     report = json.loads(out.read_text())
     assert report["link"] == "tcp"
     # Every hop read the value its producer wrote (the run fails otherwise); Ray needs a cluster.
-    assert {r["mechanism"] for r in report["results"]} == {"dfuse-tcp", "dfuse-tcp-hmac-payload", "pickle-tcp"}
+    assert {r["mechanism"] for r in report["results"]} == {"dfuse-tcp", "dfuse-tcp-hmac-payload", "tcp-floor", "pickle-tcp"}
     for row in report["results"]:
         assert row["bytes"] == 64 * 1024
         assert row["samples"] > 0 and 0 < row["p50_us"] <= row["p99_us"], row
@@ -76,7 +76,8 @@ def test_handoff_over_tcp_runs_without_ray_and_says_why_the_ray_column_is_skippe
     assert "skipped ray-object-ref: needs --ray-address" in result.output
     (ratios,) = report["ratios"]
     assert ratios["ray-object-ref_over_dfuse-tcp"] is None and ratios["pickle-tcp_over_dfuse-tcp"] > 0
-    assert report["target"]["met"] is None  # not measured, never claimed
+    assert ratios["tcp-floor_over_dfuse-tcp"] > 0  # the link's own cost, beside dfuse's
+    assert report["target"]["met"] is None and report["target"]["ray_over_tcp_floor"] == {}  # not measured, never claimed
     assert set(engine_segments(os.getpid())) <= before
 
 def test_a_bench_killed_mid_hop_leaves_no_segment_run_dir_or_process(tmp_path):

@@ -135,6 +135,44 @@ def test_a_neighbour_announcing_a_huge_frame_or_never_reading_does_not_stop_the_
         stalled_server.close()
 
 
+def test_a_consumer_reading_a_trickle_does_not_hold_the_server(served, monkeypatch):
+    """The send timeout bounds one send call; a reader taking a few bytes at a time would keep
+    every call alive. The whole reply has a deadline, so the next consumer is served."""
+    import threading
+    import time
+
+    _, signer, _ = served
+    big = torch.zeros(64 << 20, dtype=torch.uint8)
+    monkeypatch.setattr(tcp, "SEND_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(tcp, "MIN_SEND_RATE", 1e12)  # the deadline: the send timeout alone
+    monkeypatch.setattr(tcp, "SEND_CHUNK", big.numel())  # one send call for the whole reply
+    server = SlotServer("127.0.0.1", signer, {"big": big}.get)
+    trickle, stop = _connect(server), threading.Event()
+    request = FrameSigner(signer._secret).sign(msgspec.msgpack.encode(ReadRequest(1, "big", 0, big.numel())))
+    trickle.sendall(struct.pack(">I", len(request)) + request)
+
+    def read_slowly():
+        while not stop.is_set():
+            try:
+                if not trickle.recv(16 << 10):
+                    return
+            except OSError:
+                return
+            time.sleep(0.05)
+
+    reader = threading.Thread(target=read_slowly, daemon=True)
+    reader.start()
+    client = SlotClient(FrameSigner(signer._secret), timeout_s=5)
+    try:
+        assert torch.equal(client.read(server.address, "big", 0, 16), big[:16])
+    finally:
+        stop.set()
+        client.close()
+        trickle.close()
+        reader.join(5)
+        server.close()
+
+
 def test_strangers_filling_every_connection_cut_off_no_consumer(served, monkeypatch):
     """Past MAX_CONNECTIONS the server closes a connection that never sent a valid request
     before any consumer's, and the server thread survives the churn."""
