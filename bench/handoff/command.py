@@ -271,7 +271,7 @@ def run_handoff(sizes: list[int], device: str, mechanisms=tuple(MECHANISMS)) -> 
 @click.option("--device", default="cpu", show_default=True, help="cpu, or cuda:N for the same-GPU CUDA IPC link.")
 @click.option("--link", type=click.Choice(["shm", "tcp"]), default="shm", show_default=True,
               help="shm: two processes on one node (shared memory, CUDA IPC); tcp: one cross-node hop on "
-                   "loopback (SlotServer/SlotClient vs pickle over TCP vs Ray object refs).")
+                   "loopback (SlotServer/SlotClient vs the bare link vs pickle over TCP vs Ray object refs).")
 @click.option("--ray-address", default=None, metavar="ADDR",
               help="With --link tcp: a running Ray cluster (two nodes or more) for the ray-object-ref column; "
                    "without it that column is skipped.")
@@ -279,7 +279,7 @@ def run_handoff(sizes: list[int], device: str, mechanisms=tuple(MECHANISMS)) -> 
               show_default=True, help="Where the JSON result is written.")
 def handoff_command(sizes, device, link, ray_address, out):
     """One hop between two real processes: dfuse vs memcpy vs pickle over zmq, beside wake-up floors
-    (--link tcp: one hop between nodes, dfuse vs pickle vs Ray object refs)."""
+    (--link tcp: one hop between nodes, dfuse vs the bare link vs pickle vs Ray object refs)."""
     try:
         parsed = [parse_size(s) for s in sizes.split(",") if s.strip()]
     except ValueError as e:

@@ -7,8 +7,8 @@ on its receiver thread (transport/endpoint.py prefetch): the transfer hides behi
 consumer is computing, and the producer's server sends while the producer computes its next one.
 The bytes go from the producer's segment to the kernel and from the kernel straight into a
 buffer the consumer keeps for the next read (`ReceiveBuffers`): no copy in user space on either
-side, and no fresh buffer whose pages fault in one by one (bench/results/README.md, handoff over
-tcp: that cost as much as the transfer at 64 MiB, when the reply was a ZeroMQ message). Slot
+side, and no fresh buffer whose pages fault in one by one, as a ZeroMQ reply's did
+(bench/results/README.md, handoff over TCP, run 5). Slot
 credits are unchanged: the engine frees the producer's slot when the consumer reports the task
 done, so a slot is never rewritten while it is being sent.
 
@@ -142,7 +142,7 @@ def _host_port(address: str) -> tuple[str, int]:
 
 def _recv_exactly(connection: socket.socket, view: memoryview) -> None:
     """Fill `view` from `connection`. On a blocking socket MSG_WAITALL makes it one call that
-    wakes this thread once, not once per arriving segment (a quarter faster at 16 MiB)."""
+    wakes this thread once, not once per arriving segment."""
     got = 0
     while got < len(view):
         n = connection.recv_into(view[got:], 0, socket.MSG_WAITALL)
@@ -163,7 +163,8 @@ def _recv_frame(connection: socket.socket) -> bytes:
 
 
 def _timeval(seconds: float) -> bytes:
-    """`seconds` as SO_RCVTIMEO / SO_SNDTIMEO take it."""
+    """`seconds` as SO_RCVTIMEO / SO_SNDTIMEO take it: at least 1 ms, as 0 would mean never."""
+    seconds = max(seconds, 0.001)
     return struct.pack("ll", int(seconds), int((seconds - int(seconds)) * 1e6))
 
 
