@@ -499,6 +499,8 @@ class EngineCore(TaskDispatch, WorkerRecovery, WorkerMoves, RemoteWorkers, Worke
                 self._start_over(request)
             elif request.future.cancelled():  # stopped because its caller cancelled it
                 self._drop(request)
+            elif message.inputs_unreachable:
+                self._start_over_unreachable(request, worker.stage, message.error)
             else:
                 self._fail(request, RequestFailed(f"the {worker.stage} stage failed: {message.error}"))
         if message.replace_me and worker.ready:

@@ -190,12 +190,15 @@ class StageFailed(msgspec.Struct, **_STRUCT):
     """Worker -> engine: the task raised; the worker stays up and takes the next task, unless
     `replace_me`: its device is unusable (a CUDA fault), it computes nothing more and waits for
     the engine to replace it. The engine kills it only after reading this, so the request's own
-    error reaches the caller instead of a "worker died" retry."""
+    error reaches the caller instead of a "worker died" retry. `inputs_unreachable`: the task's
+    inputs on another node could not be read (that node may have left before the engine saw it):
+    the request's fault is not shown, so it starts over rather than fails."""
 
     worker_id: int
     request_id: int
     error: str
     replace_me: bool = False
+    inputs_unreachable: bool = False
 
 
 class Progress(msgspec.Struct, **_STRUCT):

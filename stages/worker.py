@@ -281,7 +281,12 @@ class _ComputeLoop:
         if self._skip_if_cancelled(task):
             return
         try:
-            inputs = self.endpoint.fetch(task.request_id, task.inputs)
+            try:
+                inputs = self.endpoint.fetch(task.request_id, task.inputs)
+            except ConnectionError as e:  # from another node's slot server (transport/tcp.py)
+                self._send(wire.StageFailed(self.spec.worker_id, task.request_id, f"could not read its inputs: {e}",
+                                            inputs_unreachable=True))
+                return
             fetched = time.perf_counter()
             writer = self.endpoint.writer(task.output)
             outputs = self.stage.run(inputs, task.params, self._step_hook(task), writer)

@@ -93,6 +93,27 @@ def test_a_request_whose_workers_keep_dying_fails_and_the_one_behind_it_is_serve
         assert innocent.attempts == 0
 
 
+def test_a_request_whose_inputs_on_another_node_cannot_be_read_starts_over_then_fails_clearly():
+    """A consumer that cannot read its inputs from another node (that node left before the
+    engine saw it go) does not fail the request: it starts over from the first stage, on what is
+    left. A link that never works fails it after max_attempts, saying so."""
+    with CoreHarness(max_attempts=2) as h:
+        h.ready()
+        (dit,), (decoder,) = h.ids("dit"), h.ids("decoder")
+        request = h.submit(1)
+        for _ in range(2):
+            _through_encoder(h)  # the request is there again: it started over
+            (task,) = h.tasks(dit)
+            h.done(dit, task)
+            (task,) = h.tasks(decoder)
+            h.worker(decoder).unanswered.remove(task)
+            h.worker(decoder).say(wire.StageFailed(decoder, task.request_id, "could not read its inputs: refused",
+                                                   inputs_unreachable=True))
+            h.settle()
+        with pytest.raises(RequestFailed, match="could not read request .* inputs from another node 2 times"):
+            request.future.result(5)
+
+
 def test_a_move_waits_for_its_outputs_to_be_read_then_switches_in_its_own_process():
     with CoreHarness(instances=TWO_DITS) as h:
         h.ready()
