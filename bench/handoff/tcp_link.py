@@ -14,8 +14,8 @@ Mechanisms, side by side in one run:
                 beside the message, the consumer checks it on the bytes it received. What
                 "HMAC on every byte" would cost; tcp.py signs the header frames only.
     tcp-floor   what the link itself costs: the producer `sendall`s the bytes on a plain TCP
-                connection, the consumer `recv_into`s one buffer it keeps; no message, request, or
-                signature. No mechanism moving bytes over this link can beat it.
+                connection, the consumer `recv_into`s (MSG_WAITALL) one buffer it keeps; no
+                message, request, or signature. No mechanism moving bytes over this link can beat it.
     pickle-tcp  the naive way: pickle.dumps of the array, zmq TCP send, pickle.loads, between two
                 processes (the receiver checks the last byte and acks).
     ray-object-ref  with --ray-address only (ray_link.py): an actor pinned on another node than
@@ -193,7 +193,7 @@ def _floor_consumer(nbytes: int, iterations: int, run_dir: str, results) -> None
         for view in (memoryview(stamp), memoryview(buffer.numpy())):
             got = 0
             while got < len(view):
-                n = connection.recv_into(view[got:])
+                n = connection.recv_into(view[got:], 0, socket.MSG_WAITALL)  # as SlotClient reads
                 if not n:
                     raise ConnectionError("the producer closed the connection mid-hop")
                 got += n
