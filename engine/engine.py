@@ -334,13 +334,15 @@ class _Budgets:
         self._config, self._model_path, self._inputs, self._core = config, model_path, inputs, core
         cluster = core.cluster
         self._node_reports: dict[str, dict | None] = {}  # what other nodes' agents measured, by memory
+        asked: dict[tuple, dict | None] = {}  # (node, host or GPUs) -> its agent's report
 
         def node_memory(memory: str) -> dict | None:
             # One ask per node for its GPUs (each may wait on that node's agent), and one for its host.
-            asked = next((r for m, r in self._node_reports.items()
-                          if split_node(m)[0] == split_node(memory)[0] and is_cpu(m) == is_cpu(memory)), False)
-            report = self._node_reports[memory] = cluster.node_memory(memory) if asked is False else asked
-            return report
+            key = (split_node(memory)[0], is_cpu(memory))
+            if key not in asked:
+                asked[key] = cluster.node_memory(memory)
+            self._node_reports[memory] = asked[key]
+            return asked[key]
 
         self._by_memory = memory_budgets(config, model_path, node_memory=node_memory if cluster else None)
 

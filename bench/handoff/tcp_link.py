@@ -49,7 +49,7 @@ from ...engine.host_resources import HostResources
 from ...engine.transport.shm import Segment
 from ...engine.transport.shm_files import unlink_segment
 from ...engine.transport.slots import SlotPool
-from ...engine.transport.tcp import FrameSigner, ReceiveBuffers, SlotClient, SlotServer, new_secret
+from ...engine.transport.tcp import FrameSigner, ReceiveBuffers, SlotClient, SlotServer, new_secret, recv_exactly
 from .process_pair import cpu_blocks, exit_with_parent, measurement, pool_numbers, run_pair, summarize
 
 MECHANISMS = ("dfuse-tcp", "dfuse-tcp-hmac-payload", "tcp-floor", "pickle-tcp", "ray-object-ref")
@@ -191,12 +191,7 @@ def _floor_consumer(nbytes: int, iterations: int, run_dir: str, results) -> None
     samples, wrong = [], 0
     for hop in range(iterations + 1):  # + an untimed first hop, as for dfuse-tcp
         for view in (memoryview(stamp), memoryview(buffer.numpy())):
-            got = 0
-            while got < len(view):
-                n = connection.recv_into(view[got:], 0, socket.MSG_WAITALL)  # as SlotClient reads
-                if not n:
-                    raise ConnectionError("the producer closed the connection mid-hop")
-                got += n
+            recv_exactly(connection, view)  # as SlotClient reads
         wrong += int(buffer[-1]) != hop % 251
         if hop:
             samples.append((time.perf_counter_ns() - int.from_bytes(stamp, "big")) / 1000)

@@ -140,7 +140,7 @@ def _host_port(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _recv_exactly(connection: socket.socket, view: memoryview) -> None:
+def recv_exactly(connection: socket.socket, view: memoryview) -> None:
     """Fill `view` from `connection`. On a blocking socket MSG_WAITALL makes it one call that
     wakes this thread once, not once per arriving segment."""
     got = 0
@@ -153,12 +153,12 @@ def _recv_exactly(connection: socket.socket, view: memoryview) -> None:
 
 def _recv_frame(connection: socket.socket) -> bytes:
     length = bytearray(_LENGTH.size)
-    _recv_exactly(connection, memoryview(length))
+    recv_exactly(connection, memoryview(length))
     (nbytes,) = _LENGTH.unpack(length)
     if nbytes > MAX_FRAME_BYTES:
         raise ConnectionError(f"a frame of {nbytes} bytes announced (at most {MAX_FRAME_BYTES})")
     frame = bytearray(nbytes)
-    _recv_exactly(connection, memoryview(frame))
+    recv_exactly(connection, memoryview(frame))
     return bytes(frame)
 
 
@@ -428,7 +428,7 @@ class SlotClient:
             raise ConnectionError(f"{reply.nbytes} bytes announced, not {nbytes}")
         data = into[:nbytes] if into is not None else torch.empty(nbytes, dtype=torch.uint8)
         if nbytes:
-            _recv_exactly(connection, memoryview(data.numpy()))
+            recv_exactly(connection, memoryview(data.numpy()))
         return reply, data
 
     def _reply(self, connection: socket.socket) -> ReadReply:
