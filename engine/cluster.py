@@ -35,6 +35,7 @@ LOST = -9  # the exit code reported for a worker whose agent is gone (with its n
 AGENT_START_TIMEOUT_S = 120.0
 POOL_TIMEOUT_S = 10.0  # an agent that is up creates a pool in milliseconds
 GPU_QUERY_TIMEOUT_S = 150.0  # the first ask of a node's GPUs starts a child process that imports torch
+NODE_WATCH_S = 2.0  # how often the engine core reads the cluster's membership (one call to Ray's GCS)
 
 
 class NodeLost(OSError):
@@ -101,6 +102,7 @@ class RayCluster:
                 self.node_ids[node] = self._find(node, self._nodes)
         self._agents: dict[str, _Agent] = {}  # node id -> its NodeAgent
         self.lost: set[str] = set()  # node names found gone
+        self._next_watch = 0.0  # when `watch` reads the membership again
 
     # --- nodes ------------------------------------------------------------------------------
     def _live_nodes(self) -> dict[str, dict]:
@@ -190,6 +192,36 @@ class RayCluster:
                 raise self._lose(device) from None
             raise OSError(f"{what} on node {split_node(device)[0]} failed: {type(e).__name__}: {e}") from None
 
+    def watch(self) -> None:
+        """Keep `lost` true to Ray's node table, read at most every NODE_WATCH_S: a node of the
+        engine's devices that left is lost even when none of its workers is there to notice
+        (none was placed there, or they all stopped), and one that came back under its label or
+        IP serves again even when no worker of its restarts to find it. On the engine core."""
+        now = time.monotonic()
+        if now < self._next_watch:
+            return
+        self._next_watch = now + NODE_WATCH_S
+        try:
+            live = self._live_nodes()
+        except Exception as e:  # the GCS is unreachable for a moment: the next watch reads it again
+            log.info("could not read the Ray cluster's nodes: %s", e)
+            return
+        for name, node_id in list(self.node_ids.items()):
+            if node_id not in live:
+                self._agents.pop(node_id, None)  # it went with its node; a worker there starts a new one
+                try:
+                    node_id = self._find(name, live)
+                except ValueError:
+                    if name not in self.lost:
+                        log.warning("node %s has left the Ray cluster: its devices serve no more until it is back", name)
+                    self.lost.add(name)
+                    continue
+                self._nodes.update(live)
+                self.node_ids[name] = node_id
+            if name in self.lost:
+                self.lost.discard(name)
+                log.warning("node %s is back in the Ray cluster: its devices serve again", name)
+
     def _rejoined(self, device: str, live: dict[str, dict]) -> str:
         """The node of `device` left; it may be back (`ray start` again with its label or IP),
         under a new Ray node id: then its devices serve again, with a new agent. NodeLost if not."""
@@ -199,7 +231,7 @@ class RayCluster:
         except ValueError:
             raise self._lose(device) from None
         self._nodes.update(live)  # its address may have changed
-        self.node_ids[name] = node_id  # still lost until an agent runs there (agent())
+        self.node_ids[name] = node_id  # lost until an agent runs there (agent()) or `watch` sees it
         return node_id
 
     def _lose(self, device: str) -> "NodeLost":

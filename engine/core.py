@@ -261,6 +261,8 @@ class EngineCore(TaskDispatch, WorkerRecovery, WorkerMoves, RemoteWorkers, Worke
         self._advance_moves()
         if time.monotonic() >= self._next_health:
             self._check_workers()
+            if self._cluster is not None:
+                self._cluster.watch()  # nodes that left or came back, with or without workers there
             self._reap_leaving()
             self._restart_stranded()  # requests no worker will serve (the split gave way to fused ones)
             self._expire_waiting()

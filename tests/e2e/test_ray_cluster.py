@@ -205,6 +205,38 @@ with engine(placement) as e:
     assert np.array_equal(_image(tmp_path, "rejoined"), reference(num_inference_steps=8, **CASES[1]))
 
 
+def test_a_node_with_no_worker_is_seen_to_leave_and_come_back_and_then_takes_a_stage(tmp_path, model_path, reference):
+    script = """
+raylets = json.loads(os.environ["DFUSE_RAYLET_PIDS"])
+with Engine(model=MODEL, cluster="ray", ray_address=ADDRESS, devices=["a/cpu:0", "b/cpu:1"],
+            placement={"a/cpu:0": ["encoder", "dit", "decoder"]}) as e:  # b/cpu:1 in the pool, idle
+    os.kill(raylets["b"], signal.SIGKILL)  # node b leaves: no worker of the engine is there to notice
+    deadline = time.monotonic() + 60
+    while not e.stats().lost_devices and time.monotonic() < deadline:
+        time.sleep(0.2)
+    report(lost=e.stats().lost_devices)
+    import subprocess
+    started = subprocess.run(json.loads(os.environ["DFUSE_RAY_REJOIN"])["b"], capture_output=True, text=True)
+    assert started.returncode == 0, started.stdout + started.stderr
+    deadline = time.monotonic() + 60
+    while e.stats().lost_devices and time.monotonic() < deadline:
+        time.sleep(0.2)
+    report(lost=e.stats().lost_devices)
+    e.place({"a/cpu:0": ["encoder", "decoder"], "b/cpu:1": ["dit"]})  # the DiT to the node that came back
+    deadline = time.monotonic() + 120
+    while e.stats().placement != {"a/cpu:0": ["encoder", "decoder"], "b/cpu:1": ["dit"]}:
+        assert time.monotonic() < deadline, e.stats().placement
+        time.sleep(0.1)
+    result = e.submit(num_inference_steps=4, **CASES[0]).result(timeout=120)
+    save("on_b", result.images[0])
+    report(dit_device=result.timings[0]["dit"].device)
+"""
+    results = _run(script, tmp_path, model_path)
+    assert results[:2] == [{"lost": ["b/cpu:1"]}, {"lost": []}], results
+    assert results[2] == {"dit_device": "b/cpu:1"}, results
+    assert np.array_equal(_image(tmp_path, "on_b"), reference(num_inference_steps=4, **CASES[0]))
+
+
 def test_moves_across_nodes_lose_nothing_and_images_stay_equal(tmp_path, model_path, reference):
     script = """
 with engine({"a/cpu:0": ["encoder", "decoder"], "b/cpu:1": ["dit"]}) as e:

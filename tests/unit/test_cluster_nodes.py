@@ -76,7 +76,13 @@ def _cluster(fake):
     cluster.node_ids = {"a": A, "b": B}
     cluster._agents = {}
     cluster.lost = set()
+    cluster._next_watch = 0.0
     return cluster
+
+
+def _watch(cluster):
+    cluster._next_watch = 0.0  # the engine core's next health check past NODE_WATCH_S
+    cluster.watch()
 
 
 def test_a_node_that_leaves_is_lost_until_it_comes_back_under_its_label_then_serves_again():
@@ -115,3 +121,36 @@ def test_an_agent_that_died_on_a_live_node_is_replaced_and_a_passing_outage_keep
     fake.pool_error = None
     cluster.new_pool("b/cpu:1", 1, 1024, 2)
     assert len(fake.actors) == 2 and cluster.lost_devices(["b/cpu:1"]) == []
+
+
+def test_a_node_without_workers_is_seen_to_leave_and_to_come_back_by_the_cores_watch():
+    fake = _FakeRay()
+    cluster = _cluster(fake)  # b hosts no worker: nothing of the engine's calls it
+    _watch(cluster)
+    assert cluster.lost_devices(["a/cpu:0", "b/cpu:1"]) == []
+    fake.members[B] = ("b", "10.0.0.2", False)  # b's raylet died
+    _watch(cluster)
+    assert cluster.lost_devices(["a/cpu:0", "b/cpu:1"]) == ["b/cpu:1"]
+    fake.members[B2] = ("b", "10.0.0.9", True)  # `ray start` again: a new node id and address
+    _watch(cluster)
+    assert cluster.lost_devices(["a/cpu:0", "b/cpu:1"]) == []
+    assert cluster.node_of("b/cpu:1") == B2 and cluster.node_address("b/cpu:1") == "10.0.0.9"
+    assert cluster.new_pool("b/cpu:1", 1, 1024, 2).served_at == "tcp://10.0.0.9:1"  # a worker may start there
+
+
+def test_a_node_whose_workers_all_stopped_is_back_without_a_worker_restarting_there():
+    fake = _FakeRay()
+    cluster = _cluster(fake)
+    cluster.new_pool("b/cpu:1", 1, 1024, 2)
+    fake.members[B] = ("b", "10.0.0.2", False)
+    fake.pool_error = ray.exceptions.ActorDiedError()
+    with pytest.raises(NodeLost):  # a worker's restart there finds it gone ...
+        cluster.new_pool("b/cpu:1", 1, 1024, 2)
+    fake.members[B2] = ("b", "10.0.0.2", True)  # ... and none tries again (it was leaving anyway)
+    _watch(cluster)
+    assert cluster.lost_devices(["b/cpu:1"]) == [] and cluster.node_of("b/cpu:1") == B2
+    fake.pool_error = None
+    cluster.new_pool("b/cpu:1", 1, 1024, 2)  # a worker starts there: an agent on B2
+    fake.members[B2] = ("b", "10.0.0.2", False)  # gone again: the watch forgets that agent with its node
+    _watch(cluster)
+    assert cluster.lost_devices(["b/cpu:1"]) == ["b/cpu:1"] and cluster._agents == {}
