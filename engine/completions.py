@@ -20,7 +20,6 @@ import threading
 import time
 from concurrent.futures import Future, InvalidStateError
 
-from .state import RequestFailed
 
 log = logging.getLogger("dfuse.engine")
 
@@ -135,18 +134,19 @@ class Completions:
 
 class CopyOut:
     """The final pixels leave the decoder's slot on a thread of their own: a video's copy (tens
-    of MiB) on the core thread would stall every dispatch meanwhile. Each copy hands its slot
-    back (`hand_back(pool, offset, request_id)`, whatever happened) before the caller hears."""
+    of MiB) on the core thread would stall every dispatch meanwhile. Each copy's outcome goes to
+    `copied(request, pool, pixels, error)` (the engine core's inbox), which hands the slot back
+    and settles the request: it leaves, or starts over when the node holding its pixels is gone."""
 
-    def __init__(self, completions: Completions, hand_back) -> None:
-        self._completions, self._hand_back = completions, hand_back
+    def __init__(self, copied) -> None:
+        self._copied = copied
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="dfuse-copy-out", daemon=True)
         self._thread.start()
 
     def put(self, request, view, pool) -> None:
         """Copy `view` (the request's pixels in `pool`'s slot; or a function that reads them, from
-        another node), then resolve its future."""
+        another node)."""
         self._queue.put((request, view, pool))
 
     def close(self) -> None:
@@ -157,13 +157,11 @@ class CopyOut:
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
             request, view, pool = item
-            pixels = None
+            pixels, error = None, None
             try:
-                pixels = view() if callable(view) else view
-                outcome = {"result": (pixels[0].numpy().copy(), request.timings)}
-            except Exception as e:  # e.g. MemoryError on a long video: that request fails, not the engine
-                outcome = {"error": RequestFailed(f"request {request.id}: copying its output failed: {e!r}")}
+                pixels = (view() if callable(view) else view)[0].numpy().copy()
+            except Exception as e:  # out of memory on a long video; a node gone (ConnectionError): the core decides
+                error = e
             finally:
-                del view, pixels
-                self._hand_back(pool, request.output_offset, request.id)
-            self._completions.resolve(request.future, **outcome)
+                del view, item  # no view of the slot outlives the copy: the core hands the slot on
+            self._copied(request, pool, pixels, error)

@@ -105,7 +105,7 @@ class EngineCore(TaskDispatch, WorkerRecovery, WorkerMoves, RemoteWorkers, Worke
         self._cluster = None
         self.completions = Completions()  # futures are resolved there, user callbacks beside it: never here
         # The final pixels leave the decoder's slot on a thread of their own (engine/completions.py)
-        self._copy_out = CopyOut(self.completions, lambda *slot: self._post(("copied", slot)))
+        self._copy_out = CopyOut(lambda *copied: self._post(("copied", copied)))
         try:
             if config.cluster == "ray":
                 from .cluster import RayCluster
@@ -204,7 +204,9 @@ class EngineCore(TaskDispatch, WorkerRecovery, WorkerMoves, RemoteWorkers, Worke
     def _post(self, item) -> None:
         with self._wake_lock:  # zmq sockets are not thread-safe; the lock serialises the wake
             if self._shut_down:
-                if item[0] == "submit":
+                if item[0] == "copied":  # a copy finished while the engine closes: _shutdown settles it
+                    self._inbox.append(item)
+                elif item[0] == "submit":
                     resolve(item[1].future, error=EngineClosed(self.startup_error or "the engine is closed"))
                 elif item[0] == "move":
                     item[1][-1].set_exception(EngineClosed("the engine is closed"))
@@ -297,9 +299,8 @@ class EngineCore(TaskDispatch, WorkerRecovery, WorkerMoves, RemoteWorkers, Worke
                     accepted.set_result(None)
             elif kind == "close":
                 self._closing = True
-            elif kind == "copied":  # the final pixels are out of the slot: it may take new work
-                pool, offset, request_id = item
-                pool.release(offset, request_id)
+            elif kind == "copied":  # the final pixels are out of the slot (or could not be read)
+                self._copied(*item)
 
     def _drain_results(self, handlers, socket: zmq.Socket, signer=None) -> None:
         while True:
@@ -502,7 +503,7 @@ class EngineCore(TaskDispatch, WorkerRecovery, WorkerMoves, RemoteWorkers, Worke
             elif request.future.cancelled():  # stopped because its caller cancelled it
                 self._drop(request)
             elif message.inputs_unreachable:
-                self._start_over_unreachable(request, worker.stage, message.error)
+                self._start_over_unreachable(request, f"the {worker.stage} stage", "inputs", message.error)
             else:
                 self._fail(request, RequestFailed(f"the {worker.stage} stage failed: {message.error}"))
         if message.replace_me and worker.ready:
@@ -533,6 +534,9 @@ class EngineCore(TaskDispatch, WorkerRecovery, WorkerMoves, RemoteWorkers, Worke
         stop_all([w.process for w in alive])  # all at once: closing death pipes stops them now
         self._reap_leaving(closing=True)
         self._copy_out.close()  # the copies in progress read segments released below
+        for kind, item in self._inbox:
+            if kind == "copied":
+                self._copied(*item, closing=True)
         error = EngineClosed(self.startup_error or "the engine closed before this request completed")
         pending = [r for q in self._queues.values() for r in q] + [r for w in alive for r in w.inflight.values()]
         pending += [item for kind, item in self._inbox if kind == "submit"]

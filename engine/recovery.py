@@ -242,18 +242,19 @@ class WorkerRecovery:
             for request in consumer.inflight.values():
                 request.inputs_lost = request.inputs_lost or request.input_pool is pool
 
-    def _start_over_unreachable(self, request: Request, stage: str, error: str) -> None:
-        """A consumer could not read the request's inputs from another node: the node that holds
-        them may have left (its raylet killed) before the engine saw it. The request starts over
-        on what is left, charged an attempt, so a link that never works fails it in the end."""
+    def _start_over_unreachable(self, request: Request, reader: str, data: str, error: str) -> None:
+        """`reader` ("the dit stage", "the engine") could not read the request's `data` from
+        another node: the node that holds them may have left (its raylet killed) before the engine
+        saw it. The request starts over on what is left, charged an attempt, so a link that never
+        works fails it in the end."""
         request.attempts += 1
         if request.attempts >= self.config.max_attempts:
             self._fail(request, RequestFailed(
-                f"the {stage} stage could not read request {request.id}'s inputs from another node "
+                f"{reader} could not read request {request.id}'s {data} from another node "
                 f"{request.attempts} times (last: {error})"))
             return
-        log.warning("request %d: the %s stage could not read its inputs from another node (%s); it starts over",
-                    request.id, stage, error)
+        log.warning("request %d: %s could not read its %s from another node (%s); it starts over",
+                    request.id, reader, data, error)
         self._start_over(request)
 
     def _start_over(self, request: Request) -> None:

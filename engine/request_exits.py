@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 
 from . import protocol as wire
-from .state import Request, RequestTimeout, Worker
+from .state import EngineClosed, Request, RequestFailed, RequestTimeout, Worker
 from .transport.base import byte_view, dtype_from_name
 
 
@@ -22,9 +22,24 @@ class RequestExits:
             view = self._remote_pixels(worker, ref, dtype)
         else:
             view = byte_view(worker.pool.segment.data, ref.offset, ref.shape, dtype)
-        self._stats.left(request, "completed")
-        self._left(request)
-        self._copy_out.put(request, view, worker.pool)
+        self._copy_out.put(request, view, worker.pool)  # then _copied, on this thread
+
+    def _copied(self, request: Request, pool, pixels, error: Exception | None, closing: bool = False) -> None:
+        """The copy-out thread is done with a request's pixels (engine/completions.py): its slot
+        may take new work, and the request leaves with its image; or, when the node holding the
+        pixels left before they were read (a ConnectionError), it starts over on the nodes left."""
+        pool.release(request.output_offset, request.id)
+        if pixels is not None:
+            self._stats.left(request, "completed")
+            self._left(request)
+            self.completions.resolve(request.future, result=(pixels, request.timings))
+        elif isinstance(error, ConnectionError) and not closing:
+            self._start_over_unreachable(request, "the engine", "pixels", str(error))
+        elif isinstance(error, ConnectionError):
+            self._fail(request, EngineClosed(f"the engine closed before request {request.id}'s pixels were read "
+                                             f"from another node ({error})"))
+        else:
+            self._fail(request, RequestFailed(f"request {request.id}: copying its output failed: {error!r}"))
 
     def _fail(self, request: Request, error: Exception) -> None:
         self._release_inputs(request)

@@ -2,6 +2,7 @@
 the real EngineCore applies them to workers the test plays (tests/core_harness.py)."""
 
 import os
+import socket
 import time
 
 import pytest
@@ -9,6 +10,7 @@ import zmq
 
 from dfuse.engine import protocol as wire
 from dfuse.engine.state import RequestFailed, RequestTimeout
+from dfuse.engine.transport.tcp import FrameSigner, SlotClient, SlotServer, new_secret
 from dfuse.engine.transport.shm_files import list_segments
 
 from core_harness import CoreHarness
@@ -112,6 +114,51 @@ def test_a_request_whose_inputs_on_another_node_cannot_be_read_starts_over_then_
             h.settle()
         with pytest.raises(RequestFailed, match="could not read request .* inputs from another node 2 times"):
             request.future.result(5)
+
+
+def _refused_address() -> str:
+    """Where nothing listens: a connection there is refused at once, as on a node that left."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+def test_pixels_on_a_node_that_left_before_they_were_read_start_the_request_over_then_fail_clearly():
+    """The decoder's node leaves between its StageDone and the engine reading the pixels from
+    there: the request does not fail but starts over, and its image comes from the node that
+    serves it then (a real slot server over TCP). A node that never answers fails the request
+    after max_attempts, saying so."""
+    secret = new_secret()
+    with CoreHarness(max_attempts=2) as h:
+        h.ready()
+        (dit,), (decoder,) = h.ids("dit"), h.ids("decoder")
+        pool = h.core.workers[decoder].pool
+        h.core._remote_reader = SlotClient(FrameSigner(secret))  # the copy-out thread's, as on a cluster
+        server = SlotServer("127.0.0.1", FrameSigner(secret), lambda name: pool.segment.data if name == pool.name else None)
+        try:
+            pool.served_at = _refused_address()  # the decoder's node is gone
+            request = h.submit(7)
+            _through_encoder(h)
+            (task,) = h.tasks(dit)
+            h.done(dit, task)
+            (task,) = h.tasks(decoder)
+            h.done(decoder, task)
+            h.until(lambda: request.attempts == 1)
+            assert not request.future.done()  # it started over
+            pool.served_at = server.address  # served again (a new decoder there, in the engine's eyes)
+            h.serve(request)
+            assert (request.future.result(5)[0] == 7).all()
+            assert (h.core._stats.completed, h.core._stats.failed) == (1, 0)
+
+            pool.served_at = _refused_address()
+            never = h.submit(8)
+            h.serve(never)
+            with pytest.raises(RequestFailed, match="the engine could not read request .* pixels from another node 2 times"):
+                never.future.result(5)
+            assert (h.core._stats.completed, h.core._stats.failed) == (1, 1)
+        finally:
+            server.close()
+            h.core._remote_reader.close()
 
 
 def test_a_move_waits_for_its_outputs_to_be_read_then_switches_in_its_own_process():
