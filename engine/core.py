@@ -175,7 +175,8 @@ class EngineCore(TaskDispatch, WorkerRecovery, WorkerMoves, RemoteWorkers, Worke
         """Turn each worker into a worker of its new stage, start and stop workers, together,
         losing nothing: movers take no new work, finish what they hold, and switch role in their
         own processes; stoppers drain likewise, then leave."""
-        check_moves(dict(self.workers), self.config, moves, starts, stops)  # a copy: the core thread may change it
+        # A copy: the core thread may change them meanwhile.
+        check_moves(dict(self.workers), self.config, moves, starts, stops, self._lost_devices())
         accepted: futures.Future = futures.Future()
         self._post(("move", (moves, starts, stops, accepted)))
         # The core checks again, against its state when it gets there (a worker may have died or

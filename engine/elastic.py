@@ -125,8 +125,9 @@ class Elastic:
         else:
             units = [str(w) for w in sorted(self.devices)]
             planner = Planner(PlannerConfig(share="none"))
+        self._units = [Device(u, u if self.pooled else self.devices[int(u)]) for u in units]  # a unit's kind is its device
         self.controller = Controller(
-            devices=[Device(u, u if self.pooled else self.devices[int(u)]) for u in units],
+            devices=self._units,
             predictor=self._predictor({}),
             planner=planner,
             config=ControllerConfig(
@@ -152,9 +153,13 @@ class Elastic:
 
     # --- the decision ---------------------------------------------------------------------------
     def step(self, now: float, workers: dict[int, tuple[str, str]], queues: dict[str, int],
-             busy: dict[str, int]) -> Rebalance:
+             busy: dict[str, int], lost: frozenset[str] = frozenset()) -> Rebalance:
         """What to start now, together; `workers` is every worker's (device, stage) (a moving one
-        counted in its destination, a stopping one not at all), `busy` the workers computing per stage."""
+        counted in its destination, a stopping one not at all), `busy` the workers computing per
+        stage. `lost`: devices gone with their Ray nodes (engine/cluster.py), planned without
+        until they are back: no stage counts on a worker there, and none is sent there."""
+        workers = {w: (device, stage) for w, (device, stage) in workers.items() if device not in lost}
+        self.controller.devices = [unit for unit in self._units if unit.kind not in lost]
         stages = {w: stage for w, (_, stage) in workers.items()}
         instances = collections.Counter(s for role in stages.values() for s in role_stages(role))
         self.feedback.gauge(now, queues, busy, instances)
@@ -174,7 +179,12 @@ class Elastic:
             placement = Placement({str(w): frozenset((s,)) for w, s in stages.items()})
         stats = self.feedback.snapshot(now)
         before = len(self.controller.decisions)
-        moves = self.controller.step(now, placement, stats)
+        try:
+            moves = self.controller.step(now, placement, stats)
+        except ValueError as e:  # no placement of the devices left serves every stage (memory, lost nodes)
+            self.decisions.append({"t_s": round(now - self._t0, 3), "current_rps": 0.0, "target_rps": 0.0,
+                                   "reason": f"no plan: {e}"})
+            return Rebalance()
         for d in self.controller.decisions[before:]:
             self.decisions.append({"t_s": round(d.t - self._t0, 3), "current_rps": round(d.current_rps, 3),
                                    "target_rps": round(d.target_rps, 3), "reason": d.reason})

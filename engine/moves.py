@@ -62,7 +62,7 @@ class WorkerMoves:
         stage: a new worker) and stops (worker ids). `strict`: raise why they cannot start (to
         the user who asked) rather than log it."""
         try:  # again: things may have changed since it was asked
-            check_moves(self.workers, self.config, moves, starts, stops)
+            check_moves(self.workers, self.config, moves, starts, stops, self._lost_devices())
             new = self._new_workers(starts)  # their pools first: a full /dev/shm drops the whole batch
         except (ValueError, OSError) as e:
             if strict:
@@ -139,7 +139,7 @@ class WorkerMoves:
         workers = {w.id: (w.device, w.moving_to or w.stage) for w in self.workers.values() if not w.stopping}
         busy = collections.Counter(s for w in self.workers.values() if w.inflight for s in role_stages(w.stage))
         queues = {stage: len(q) for stage, q in self._queues.items()}
-        plan = self._elastic.step(time.monotonic(), workers, queues, busy)
+        plan = self._elastic.step(time.monotonic(), workers, queues, busy, self._lost_devices())
         if plan:
             self._start_moves(plan.switches, plan.starts, plan.stops, reason="elastic")
 

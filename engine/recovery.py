@@ -217,8 +217,8 @@ class WorkerRecovery:
             self._spawn(worker)
         except OSError as e:
             if getattr(e, "node_lost", False):  # the device's node left the cluster: serve with what is left
-                lost = self._cluster.lost_devices(self.config.pool)
-                self._fail_unservable(worker, f"device(s) {', '.join(lost)} left the Ray cluster (their nodes are gone)")
+                lost = ", ".join(sorted(self._lost_devices(), key=self.config.pool.index))
+                self._fail_unservable(worker, f"device(s) {lost} left the Ray cluster (their nodes are gone)")
             worker.process = None  # nothing runs for it until a later try succeeds
             worker.spawn_failures += 1
             first, longest = SPAWN_BACKOFF_S

@@ -68,6 +68,11 @@ class RemoteWorkers:
         level = min(max(message.level, logging.WARNING), logging.CRITICAL)
         worker_log.log(level, "%s worker %d on %s: %s", worker.stage, worker.id, worker.device, message.text)
 
+    def _lost_devices(self) -> frozenset[str]:
+        """The engine's devices whose Ray node left the cluster (none on one host): no move goes
+        there, and the elastic policy plans without them, until they are back."""
+        return frozenset(self._cluster.lost_devices(self.config.pool)) if self._cluster is not None else frozenset()
+
     def _is_remote(self, worker: Worker) -> bool:
         return self._cluster is not None and self._cluster.is_remote(worker.device)
 

@@ -3,7 +3,7 @@ move between stages must keep. Decided in the engine process, before and while t
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Collection, Mapping, Sequence
 
 from ..scheduler.core import FUSED, STAGES
 from .config import EngineConfig
@@ -109,14 +109,20 @@ def _pin_whole_host_workers(config: EngineConfig, cpu_workers: list[Worker]) -> 
 
 
 def check_moves(workers: Mapping[int, Worker], config: EngineConfig, moves: Sequence[tuple[int, str]],
-                starts: Sequence[tuple[str, str]] = (), stops: Sequence[int] = ()) -> None:
+                starts: Sequence[tuple[str, str]] = (), stops: Sequence[int] = (), lost: Collection[str] = ()) -> None:
     """ValueError, naming the field, unless these can start now, together: `moves` (worker id,
     new stage) switch a worker in its own process, `starts` (device, stage) add a worker and
     `stops` (worker ids) remove one, the last two on a pooled engine only. Each stage keeps a
     worker once they are done (two workers may swap stages, each the last of its own), unless
     the whole split pipeline gives way to fused workers; on a pooled engine a worker may take any
     stage or the fused role, one worker per device and stage, a fused one alone on its device;
-    in the per-stage form, only a stage configured on its device."""
+    in the per-stage form, only a stage configured on its device. Devices `lost` with their Ray
+    node (engine/cluster.py) take no move, and their workers serve no stage meanwhile."""
+    for device in [*(workers[w].device for w, _ in moves if w in workers), *(d for d, _ in starts),
+                   *(workers[w].device for w in stops if w in workers)]:
+        if device in lost:
+            raise ValueError(f"placement: {device} has left with its node (the Ray cluster lost it); it takes "
+                             "moves again once its node is back")
     for worker_id, stage in moves:
         worker = _busy_check(workers, worker_id)
         if stage not in ROLES:
@@ -152,7 +158,7 @@ def check_moves(workers: Mapping[int, Worker], config: EngineConfig, moves: Sequ
     ids = [w for w, _ in moves] + list(stops)
     if len(set(ids)) < len(ids):
         raise ValueError("worker_id: a worker may make one move at a time")
-    after = {w.id: (w.device, w.moving_to or w.stage) for w in workers.values() if not w.stopping}
+    after = {w.id: (w.device, w.moving_to or w.stage) for w in workers.values() if not w.stopping and w.device not in lost}
     after |= {w: (workers[w].device, stage) for w, stage in moves}
     hosted = [where for w, where in after.items() if w not in stops] + list(starts)
     if config.pooled:
@@ -175,7 +181,8 @@ def check_moves(workers: Mapping[int, Worker], config: EngineConfig, moves: Sequ
                              "stall every request")
     # A leaving worker waits until its outputs are read (engine/moves.py): someone must stay (or
     # start) to read them, but a dit worker becoming a decoder on a pooled engine reads its own.
-    staying = {w.stage for w in workers.values() if w.moving_to is None and not w.stopping and w.id not in ids}
+    staying = {w.stage for w in workers.values()
+               if w.moving_to is None and not w.stopping and w.id not in ids and w.device not in lost}
     staying |= {stage for _, stage in starts}
     for worker_id, stage in [*moves, *((w, None) for w in stops)] if split else ():
         old = workers[worker_id].stage

@@ -162,8 +162,10 @@ class Controller:
                     for shape, share in d.mix:
                         work[shape] = work.get(shape, 0.0) + share
             averaged = Demand.of(work)
-            gain = (self.planner.capacity(target, self.devices, averaged, belief)[0]
-                    / self.planner.capacity(placement, self.devices, averaged, belief)[0] - 1)
+            now_rps = self.planner.capacity(placement, self.devices, averaged, belief)[0]
+            if now_rps <= 0:  # a stage has no device left (they went with their node): any plan serving it gains
+                return self.planner.capacity(target, self.devices, averaged, belief)[0] > 0
+            gain = self.planner.capacity(target, self.devices, averaged, belief)[0] / now_rps - 1
             if gain >= c.min_gain * (c.confirm_s / h) ** 0.5:
                 return True
         return False

@@ -4,12 +4,13 @@ device's new stage set into them, and what the pooled planner wants on alike dev
 
 import pytest
 
+from dfuse.engine import protocol as wire
 from dfuse.engine.config import EngineConfig
 from dfuse.engine.state import Worker
 from dfuse.engine.transport.slots import SlotPool
 from dfuse.engine.worker_layout import check_moves
 from dfuse.engine.elastic import Elastic, ElasticConfig, rebalance
-from dfuse.scheduler.core import FUSED_COMBO, Demand, Move, Shape
+from dfuse.scheduler.core import FUSED, FUSED_COMBO, Demand, Move, Shape
 from dfuse.scheduler.predictor import FEATURES
 
 SPLIT = {"cpu:0": ["encoder", "decoder"], "cpu:1": ["dit"]}
@@ -96,3 +97,72 @@ def test_the_pooled_planner_serves_whole_requests_on_every_alike_device_with_roo
     demand = Demand.of(Shape(height=128, width=128, steps=56))
     plan = elastic.controller.planner.plan(elastic.controller.devices, demand, predictor)
     assert dict(plan.placement.assignment) == {d: expected for d in ("cpu:0", "cpu:1")}
+
+
+def _three_devices():
+    """Devices on three Ray nodes (none is reached: only the moves are checked)."""
+    config = EngineConfig(model="synthetic:encoder=1ms", cluster="ray", ray_address="127.0.0.1:6379",
+                          devices=["a/cpu:0", "b/cpu:0", "c/cpu:0"],
+                          placement={"a/cpu:0": ["encoder", "decoder"], "b/cpu:0": ["dit"], "c/cpu:0": ["dit"]})
+    workers = _workers(config)
+    return config, workers, {(w.device, w.stage): w.id for w in workers.values()}
+
+
+def test_a_device_lost_with_its_node_takes_no_move_and_keeps_no_stage_served():
+    config, workers, ids = _three_devices()
+    with pytest.raises(ValueError, match="b/cpu:0 has left with its node"):
+        check_moves(workers, config, [], starts=[("b/cpu:0", "encoder")], lost={"b/cpu:0"})
+    with pytest.raises(ValueError, match="b/cpu:0 has left with its node"):
+        check_moves(workers, config, [(ids["b/cpu:0", "dit"], "encoder")], lost={"b/cpu:0"})
+    check_moves(workers, config, [(ids["c/cpu:0", "dit"], "encoder")])  # b's DiT stays ...
+    with pytest.raises(ValueError, match="last dit worker"):  # ... unless it went with its node
+        check_moves(workers, config, [(ids["c/cpu:0", "dit"], "encoder")], lost={"b/cpu:0"})
+    # Every DiT lost: the live device may take the whole pipeline; the lost DiTs keep nothing split.
+    check_moves(workers, config, [(ids["a/cpu:0", "encoder"], FUSED)], stops=[ids["a/cpu:0", "decoder"]],
+                lost={"b/cpu:0", "c/cpu:0"})
+
+
+def _fed_elastic(fused: bool) -> Elastic:
+    """An elastic policy over cpu:0 (encoder+decoder), cpu:1 and cpu:2 (a DiT each) that has
+    measured every worker: requests arrive 10/s and the encoder is the bottleneck."""
+    workers = {0: ("cpu:0", "encoder"), 1: ("cpu:1", "dit"), 2: ("cpu:2", "dit"), 3: ("cpu:0", "decoder")}
+    devices = ["cpu:0", "cpu:1", "cpu:2"]
+    elastic = Elastic(ElasticConfig(interval_s=1, min_arrivals=5, dwell_s=1, confirm_s=1, fused=fused),
+                      {w: d for w, (d, _) in workers.items()}, {s: devices for s in ("encoder", "dit", "decoder")},
+                      pooled=True)
+    params = wire.RequestParams("a prompt", None, 4, 1.0, 64, 64, 1)
+    cost = {"encoder": 0.5, "dit": 0.05, "decoder": 0.05}
+    for i in range(30):
+        elastic.arrival(i / 10, params)
+        for device, stage in workers.values():
+            elastic.computed(stage, device, params, cost[stage])
+        elastic.finished(i / 10, params)
+    return elastic, workers
+
+
+def _plan(elastic, workers, lost):
+    for tick in range(30):  # one step a second, until the controller moves (its confirmation takes a few)
+        plan = elastic.step(3 + tick, workers, {"encoder": 10, "dit": 0, "decoder": 0}, {"encoder": 1}, lost)
+        if plan:
+            return plan
+    raise AssertionError(f"no move: {elastic.decisions[-3:]}")
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_the_elastic_policy_plans_without_devices_lost_with_their_node(fused):
+    for lost in ({"cpu:1"}, {"cpu:1", "cpu:2"}):  # a DiT left; every DiT left
+        elastic, workers = _fed_elastic(fused)
+        plan = _plan(elastic, workers, frozenset(lost))
+        touched = {workers[w][0] for w, _ in plan.switches} | {d for d, _ in plan.starts} | {workers[w][0] for w in plan.stops}
+        assert not touched & lost, plan
+        stages = {w: s for w, (d, s) in workers.items() if d not in lost and w not in plan.stops} | dict(plan.switches)
+        hosted = set(stages.values()) | {s for _, s in plan.starts}
+        assert hosted >= {"encoder", "dit", "decoder"} or FUSED in hosted, plan  # what is left serves every stage
+
+
+def test_with_every_device_lost_the_elastic_policy_plans_nothing_and_says_why():
+    elastic, workers = _fed_elastic(fused=True)
+    everything = frozenset({"cpu:0", "cpu:1", "cpu:2"})
+    for tick in range(5):
+        assert not elastic.step(3 + tick, workers, {"encoder": 10, "dit": 0, "decoder": 0}, {}, everything)
+    assert elastic.decisions[-1]["reason"].startswith("no plan: "), elastic.decisions[-1]
