@@ -156,6 +156,7 @@ class WorkerRecovery:
         # with every restart: closing a bound ipc socket does not unlink it.
         endpoint = worker.socket.getsockopt(zmq.LAST_ENDPOINT).decode()
         worker.socket.close()
+        worker.socket = None  # what is sent to it meanwhile waits in its outbox (_send), not on a closed socket
         unlink_ipc_file(endpoint)
         worker.ready = False
         # A worker computes its tasks in the order it got them: only the first was running when
@@ -188,7 +189,7 @@ class WorkerRecovery:
         if node_lost:
             self._cluster.forget(worker.device, worker.process.agent)  # its replacement needs a new agent
         if worker.stopping:  # it was leaving anyway: no replacement; it goes once its outputs are read
-            worker.process, worker.socket, worker.died_at = None, None, None
+            worker.process, worker.died_at = None, None
             return
         worker.restarts += 1
         if worker.moving_to is not None:  # it died while draining: it comes back in its new stage

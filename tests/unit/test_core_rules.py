@@ -278,6 +278,29 @@ def test_a_device_giving_up_a_stage_drains_it_then_its_process_socket_and_pool_g
         assert [t.request_id for t in h.worker(new.worker_id).received if isinstance(t, wire.StageTask)] == [second.id]
 
 
+def test_a_worker_waiting_to_be_replaced_misses_nothing_and_stops_nothing():
+    """A dead DiT whose replacement must wait (a removed worker's process on its device has not
+    exited yet; or, on a cluster, its node is gone) is not there to be told that another
+    worker's pool went: the engine serves on, and the DiT hears what it must once it is back."""
+    placement = {"cpu:0": ["encoder", "decoder"], "cpu:1": ["encoder", "dit", "decoder"]}
+    with CoreHarness(devices=["cpu:0", "cpu:1"], placement=placement) as h:
+        h.ready()
+        (_, encoder), (dit,), (_, decoder) = h.ids("encoder"), h.ids("dit"), h.ids("decoder")
+        h.core._start_moves([], stops=[decoder], reason="asked", strict=True)
+        h.until(lambda: decoder not in h.core.workers)  # its process is leaving cpu:1
+        h.die(dit)  # its replacement waits for that process to exit
+        h.core._start_moves([], stops=[encoder], reason="asked", strict=True)
+        h.until(lambda: encoder not in h.core.workers)  # every worker is told its pool went
+        deadline = time.monotonic() + 5
+        while h.core.workers[dit].process is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+            h.turn(health=True)
+        h.ready(dit)
+        request = h.submit(3)
+        h.serve(request)
+        assert (request.future.result(5)[0] == 3).all()
+
+
 def test_a_replacement_that_never_says_ready_is_killed_after_startup_timeout_and_started_again():
     with CoreHarness(startup_timeout_s=30) as h:
         h.ready()
