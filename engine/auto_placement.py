@@ -16,6 +16,7 @@ devices differ; the elastic policy then corrects it from live measurements.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 from pathlib import Path
@@ -34,25 +35,32 @@ log = logging.getLogger("dfuse.engine")
 _GB = 1e9
 
 
-def auto_placed(config: EngineConfig, model_path: Path | str, info, family) -> EngineConfig:
+def auto_placed(config: EngineConfig, model_path: Path | str, info, family, cluster=None) -> EngineConfig:
     """`config` (placement "auto") with the planner's placement over its pool, under each
     device's memory: its memory_limit_gib where set, else what the device has (CPU devices
-    share the host's, in equal parts)."""
-    placement = plan_placement(config.pool, model_path, info, family, config.itemsizes(), device_memory_gb(config),
-                               fused=config.elastic.fused)
+    share their host's, in equal parts; another node's are measured there, `cluster`)."""
+    placement = plan_placement(config.pool, model_path, info, family, config.itemsizes(),
+                               device_memory_gb(config, cluster), fused=config.elastic.fused)
     log.info("placement auto: %s", placement)
     return dataclasses.replace(config, placement=placement, instances={s: 1 for s in STAGES})
 
 
-def device_memory_gb(config: EngineConfig) -> dict[str, float]:
+def device_memory_gb(config: EngineConfig, cluster=None) -> dict[str, float]:
     """GB each device of the pool offers the planner: its memory_limit_gib where set, else what
-    it has; CPU devices share the host's, in equal parts."""
-    cpu_devices = sum(is_cpu(d) for d in config.pool)
+    it has; CPU devices share their host's, in equal parts. `cluster` (engine/cluster.py): the
+    devices of other nodes as measured there (inf, unbounded, where that cannot be told)."""
+    host_of = (lambda d: cluster.node_of(d)) if cluster is not None else (lambda d: None)  # noqa: E731
+    cpu_devices = collections.Counter(host_of(d) for d in config.pool if is_cpu(d))
     memory_gb = {}
     for device in config.pool:
         limit = config.memory_limit_gib.get(memory_of(device))
-        gib = limit if limit is not None else describe_device(device)[1]
-        memory_gb[device] = gib * 2**30 / _GB / (cpu_devices if is_cpu(device) else 1)
+        if limit is not None:
+            gib = limit
+        elif cluster is not None:
+            gib = cluster.device_memory_gib(device)
+        else:
+            gib = describe_device(device)[1]
+        memory_gb[device] = gib * 2**30 / _GB / (cpu_devices[host_of(device)] if is_cpu(device) else 1)
     return memory_gb
 
 

@@ -18,10 +18,11 @@ cluster is asked for.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 
-from .devices import is_cpu, split_node
+from .devices import describe_device, is_cpu, split_node
 from .launcher import STOP_TIMEOUT_S
 from .admission import host_memory
 from .node_agent import NodeAgent, encoded
@@ -269,6 +270,26 @@ class RayCluster:
             log.info("the memory of node %s is not known (%s): its requests are not checked against it",
                      split_node(device)[0], e)
             return None
+
+    def device_memory_gib(self, device: str) -> float:
+        """What `device` holds, in GiB, for the planner (engine/auto_placement.py): its GPU's
+        memory, or for a CPU device its node's host memory; measured on its node by its agent
+        (started now if it is not yet). inf when that cannot be told: the planner then takes it
+        as unbounded, and requests are still admitted by what that node measures as it serves."""
+        if not self.is_remote(device):
+            return describe_device(split_node(device)[1])[1]
+        try:
+            self.agent(device)
+        except OSError as e:
+            log.warning("the memory of %s is not known (%s): it is planned as unbounded", device, e)
+            return math.inf
+        measured = self.node_memory(device)
+        total = None if measured is None else measured["total"] if is_cpu(device) else \
+            measured.get("gpus", {}).get(split_node(device)[1])
+        if total is None:
+            log.warning("the memory of %s is not known: it is planned as unbounded", device)
+            return math.inf
+        return total / 2**30
 
     def owns_pool(self, device: str, name: str) -> bool:
         """Whether pool `name` is one of the running agent's on `device`'s node (an agent that

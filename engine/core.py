@@ -77,10 +77,13 @@ MOVE_ANSWER_S = 10.0  # how long Engine.move/place wait for the core to accept o
 
 
 class EngineCore(TaskDispatch, WorkerRecovery, WorkerMoves, RemoteWorkers, WorkerSpawn, RequestExits):
-    def __init__(self, config: EngineConfig, model_path: Path, true_cfg: bool = False, memory=None, launch=None):
+    def __init__(self, config: EngineConfig, model_path: Path, true_cfg: bool = False, memory=None, launch=None,
+                 cluster=None):
         """`launch(spec, janitor)` starts a worker's process on this host and returns its handle
         (alive, exitcode, pid, kill, send_stop, wait_exit, reaped); by default a real one
-        (launcher.spawn_worker). Tests of the core's own rules pass processes of their own."""
+        (launcher.spawn_worker). Tests of the core's own rules pass processes of their own.
+        `cluster`: the engine's RayCluster (engine/cluster.py) for config.cluster "ray", which
+        the core owns from here: it closes it when it shuts down, or fails to start."""
         self.config = config
         self._launch = launch
         self.model_path = model_path
@@ -102,15 +105,13 @@ class EngineCore(TaskDispatch, WorkerRecovery, WorkerMoves, RemoteWorkers, Worke
         self._host = HostResources(config.transport.cpu_wake_latency_us)
         self.run_dir, self.segment_prefix = self._host.run_dir, self._host.segment_prefix
         self._context = zmq.Context()
-        self._cluster = None
+        self._cluster = cluster
         self.completions = Completions()  # futures are resolved there, user callbacks beside it: never here
         # The final pixels leave the decoder's slot on a thread of their own (engine/completions.py)
         self._copy_out = CopyOut(lambda *copied: self._post(("copied", copied)))
         try:
-            if config.cluster == "ray":
-                from .cluster import RayCluster
-
-                self._cluster = RayCluster(config.ray_address, list(config.pool))
+            if (config.cluster == "ray") != (cluster is not None):
+                raise ValueError("cluster: an engine on a Ray cluster is given its RayCluster (engine/cluster.py)")
             self._init_sockets()
             self._init_workers()
         except BaseException:  # e.g. /dev/shm full: leave nothing of a half-built engine behind

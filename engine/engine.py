@@ -106,25 +106,47 @@ class Engine:
         self.config = config
         self._pid = os.getpid()
         self._close_lock = threading.Lock()  # a second close() waits for the first to finish
-        self._init_model()
-        self._init_core()
+        cluster = self._join_cluster()
+        try:
+            self._init_model(cluster)
+            memory = self._plan_memory(cluster)
+        except BaseException:
+            if cluster is not None:
+                cluster.close()
+            raise
+        self._init_core(cluster, memory)  # the core owns the cluster from here, and closes it
 
-    def _init_model(self) -> None:
+    def _join_cluster(self):
+        """The Ray cluster of the devices on other nodes (engine/cluster.py), joined first: auto
+        placement and the elastic plan measure those devices there."""
+        if self.config.cluster != "ray":
+            return None
+        from .cluster import RayCluster
+
+        return RayCluster(self.config.ray_address, list(self.config.pool))
+
+    def _init_model(self, cluster) -> None:
         self.model_path = resolve_model_path(self.config.model, self.config.revision, self.config.variant)
         self.model_info = describe_model(self.model_path)  # ValueError before any process starts
         if self.config.placement == "auto":
-            self.config = auto_placed(self.config, self.model_path, self.model_info, detect_family(self.model_path))
+            self.config = auto_placed(self.config, self.model_path, self.model_info, detect_family(self.model_path),
+                                      cluster)
         self._inputs = InputProcessor.for_config(self.config, self.model_info, detect_family(self.model_path))
         self._ids = itertools.count()
         self._ids_lock = threading.Lock()
 
-    def _init_core(self) -> None:
-        memory = None
-        if self.config.pooled and self.config.policy == "elastic":  # a move must never give a device more than it holds
-            family = detect_family(self.model_path)
-            memory = (stage_memory(self.model_path, self.model_info, family, self.config.itemsizes()),
-                      device_memory_gb(self.config))
-        self._core = EngineCore(self.config, self.model_path, true_cfg=self.model_info.true_cfg, memory=memory)
+    def _plan_memory(self, cluster):
+        """(stage GB, device GB) for the elastic plan on a device pool (a move must never give a
+        device more than it holds); None otherwise."""
+        if not (self.config.pooled and self.config.policy == "elastic"):
+            return None
+        family = detect_family(self.model_path)
+        return (stage_memory(self.model_path, self.model_info, family, self.config.itemsizes()),
+                device_memory_gb(self.config, cluster))
+
+    def _init_core(self, cluster, memory) -> None:
+        self._core = EngineCore(self.config, self.model_path, true_cfg=self.model_info.true_cfg, memory=memory,
+                                cluster=cluster)
         # Closes the workers even if the user never calls close() (runs at interpreter exit too,
         # in a forked child's as well: there it must leave the parent's workers alone).
         self._finalizer = weakref.finalize(self, _close_in, self._pid, self._core)

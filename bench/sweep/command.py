@@ -372,7 +372,16 @@ def _pool_layout(pool: str | None, placement: str | None, device: str, instances
         engine = EngineConfig(model=model, **fields, policy=policy, cluster=cluster, ray_address=ray_address)
         if engine.placement == "auto":
             path = resolve_model_path(model)
-            engine = auto_placed(engine, path, describe_model(path), detect_family(path))
+            nodes = None
+            if cluster == "ray":  # the devices of other nodes are measured there
+                from ...engine.cluster import RayCluster
+
+                nodes = RayCluster(ray_address, list(engine.pool))
+            try:
+                engine = auto_placed(engine, path, describe_model(path), detect_family(path), nodes)
+            finally:
+                if nodes is not None:
+                    nodes.close()
     except ValueError as e:  # "devices[1]: ...", "placement (cpu:9): ...", "model: ..."
         flag = {"devices": "--devices", "model": "--model", "cluster": "--cluster",
                 "ray_address": "--ray-address"}.get(str(e).split("[")[0].split(":")[0], "--placement")

@@ -2,6 +2,7 @@
 a cluster whose membership the test sets (no Ray runs: these are its bookkeeping rules; the e2e
 tests in tests/e2e/test_ray_cluster.py run them on real Ray nodes)."""
 
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -10,7 +11,10 @@ pytest.importorskip("ray")  # its exception types and scheduling strategy are th
 
 import ray.exceptions  # noqa: E402
 
+from dfuse.engine.auto_placement import device_memory_gb  # noqa: E402
 from dfuse.engine.cluster import NodeLost, RayCluster  # noqa: E402
+from dfuse.engine.config import EngineConfig  # noqa: E402
+from dfuse.engine.devices import describe_device  # noqa: E402
 
 
 A, B, B2 = "aa" * 28, "bb" * 28, "cc" * 28  # Ray node ids (hex, as NodeAffinitySchedulingStrategy checks)
@@ -60,6 +64,8 @@ class _FakeRay:
                     {"pid": 1, "slot_server": f"tcp://{address}:1", "segment_prefix": f"p{len(fake.actors)}"}))
                 actor.create_pool = SimpleNamespace(remote=lambda worker_id, size, count: _Ref(
                     f"p{len(fake.actors)}w{worker_id}", fake.pool_error))
+                actor.memory = SimpleNamespace(remote=lambda gpus: _Ref(  # what NodeAgent.memory measures there
+                    {"total": 64 << 30, "available": 32 << 30, **({"gpus": {"cuda:0": 80 << 30}} if gpus else {})}))
                 fake.actors.append(actor)
                 return actor
 
@@ -154,3 +160,14 @@ def test_a_node_whose_workers_all_stopped_is_back_without_a_worker_restarting_th
     fake.members[B2] = ("b", "10.0.0.2", False)  # gone again: the watch forgets that agent with its node
     _watch(cluster)
     assert cluster.lost_devices(["b/cpu:1"]) == ["b/cpu:1"] and cluster._agents == {}
+
+
+def test_the_planner_is_given_the_memory_each_node_measures_for_its_devices():
+    cluster = _cluster(_FakeRay())
+    config = EngineConfig(model="synthetic:encoder=1ms", cluster="ray", ray_address="127.0.0.1:6379",
+                          devices=["cpu:0", "b/cpu:0", "b/cpu:1", "b/cuda:0", "b/cuda:1"], placement="auto")
+    gb = device_memory_gb(config, cluster)
+    assert gb["cpu:0"] == pytest.approx(describe_device("cpu:0")[1] * 2**30 / 1e9)  # this host's: its only CPU device
+    assert gb["b/cpu:0"] == gb["b/cpu:1"] == pytest.approx(32 * 2**30 / 1e9)  # node b's 64 GiB, shared by two
+    assert gb["b/cuda:0"] == pytest.approx(80 * 2**30 / 1e9)
+    assert gb["b/cuda:1"] == math.inf  # node b reports no such GPU: planned as unbounded, not as empty
