@@ -237,6 +237,59 @@ with Engine(model=MODEL, cluster="ray", ray_address=ADDRESS, devices=["a/cpu:0",
     assert np.array_equal(_image(tmp_path, "on_b"), reference(num_inference_steps=4, **CASES[0]))
 
 
+def test_the_elastic_policy_brings_the_stage_of_a_lost_node_to_the_nodes_left(tmp_path, model_path, reference):
+    script = """
+from dfuse.engine.config import EngineConfig
+from dfuse.engine.elastic import ElasticConfig
+raylets = json.loads(os.environ["DFUSE_RAYLET_PIDS"])
+quick = ElasticConfig(interval_s=0.5, window_s=10, min_arrivals=5, confirm_s=1, dwell_s=1)
+config = EngineConfig(model=MODEL, cluster="ray", ray_address=ADDRESS, devices=["a/cpu:0", "b/cpu:1"],
+                      placement={"a/cpu:0": ["encoder", "decoder"], "b/cpu:1": ["dit"]}, policy="elastic", elastic=quick)
+with Engine(config=config) as e:
+    for future in [e.submit(num_inference_steps=2, **dict(CASES[0], seed=60 + i)) for i in range(6)]:
+        future.result(timeout=120)  # every stage measured, the DiT on b
+    os.kill(raylets["b"], signal.SIGKILL)  # node b leaves with the only DiT
+    deadline = time.monotonic() + 60  # Ray declares a node dead after its missed health checks
+    while not e.stats().lost_devices and time.monotonic() < deadline:
+        time.sleep(0.2)
+    failed, served, deadline = 0, None, time.monotonic() + 150
+    for i in range(200):  # bounded: one request at a time until one is served on what is left
+        if time.monotonic() > deadline:
+            break
+        try:
+            result = e.submit(num_inference_steps=2, **dict(CASES[0], seed=70 + i)).result(timeout=60)
+        except Exception:
+            failed += 1  # while no DiT is ready anywhere: a clear failure, not a hang
+            time.sleep(0.2)
+            continue
+        served = result
+        save("after_loss", result.images[0])
+        break
+    report(served_on=served and served.timings[0]["dit"].device, seed=served and served.seeds[0],
+           placement=e.stats().placement, lost=e.stats().lost_devices, failed_meanwhile=failed)
+"""
+    (result,) = _run(script, tmp_path, model_path)
+    assert result["served_on"] == "a/cpu:0" and result["lost"] == ["b/cpu:1"], result
+    case = dict(CASES[0], seed=result["seed"])
+    assert np.array_equal(_image(tmp_path, "after_loss"), reference(num_inference_steps=2, **case))
+
+
+def test_auto_placement_plans_over_the_nodes_with_their_memory_measured_there(tmp_path, model_path, reference):
+    script = """
+with Engine(model=MODEL, cluster="ray", ray_address=ADDRESS, devices=["a/cpu:0", "b/cpu:1"], placement="auto",
+            policy="elastic") as e:
+    results = [e.submit(num_inference_steps=4, **dict(CASES[i % 2], seed=80 + i)) for i in range(4)]
+    for i, future in enumerate(results):
+        save(f"auto{i}", future.result(timeout=300).images[0])
+    report(placement=e.stats().placement, failed=e.stats().failed)
+"""
+    (result,) = _run(script, tmp_path, model_path)
+    assert set(result["placement"]) == {"a/cpu:0", "b/cpu:1"} and result["failed"] == 0, result
+    for i in range(4):
+        case = dict(CASES[i % 2], seed=80 + i)
+        assert np.array_equal(_image(tmp_path, f"auto{i}"), reference(num_inference_steps=4, **case)), i
+
+
 def test_moves_across_nodes_lose_nothing_and_images_stay_equal(tmp_path, model_path, reference):
     script = """
 with engine({"a/cpu:0": ["encoder", "decoder"], "b/cpu:1": ["dit"]}) as e:
