@@ -99,7 +99,9 @@ def plan_placement(pool: Sequence[str], model_path: Path | str, info, family, it
                 coefficients[stage, kind] = (per_pass,) + (0.0,) * (len(FEATURES[stage]) - 1)
     predictor = Predictor(
         Geometry(), stages,
-        {kind: DeviceSpec(kind, memory_gb=memory_gb[device]) for device, kind in kinds.items()}, coefficients,
+        # Devices of one kind (remote GPUs, CPU core sets) may hold different amounts: the least bounds them all.
+        {kind: DeviceSpec(kind, memory_gb=min(memory_gb[d] for d, k in kinds.items() if k == kind))
+         for kind in set(kinds.values())}, coefficients,
     )
     planner = Planner(PlannerConfig(share="any", streaming=False, fused=fused))
     try:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from dataclasses import dataclass
 
@@ -36,7 +37,7 @@ LOST = -9  # the exit code reported for a worker whose agent is gone (with its n
 AGENT_START_TIMEOUT_S = 120.0
 POOL_TIMEOUT_S = 10.0  # an agent that is up creates a pool in milliseconds
 GPU_QUERY_TIMEOUT_S = 150.0  # the first ask of a node's GPUs starts a child process that imports torch
-NODE_WATCH_S = 2.0  # how often the engine core reads the cluster's membership (one call to Ray's GCS)
+NODE_WATCH_S = 2.0  # how often the cluster's membership is read (one call to Ray's GCS, off the engine core)
 
 
 class NodeLost(OSError):
@@ -103,7 +104,12 @@ class RayCluster:
                 self.node_ids[node] = self._find(node, self._nodes)
         self._agents: dict[str, _Agent] = {}  # node id -> its NodeAgent
         self.lost: set[str] = set()  # node names found gone
-        self._next_watch = 0.0  # when `watch` reads the membership again
+        # The membership as a thread of its own last read it (a call to Ray's GCS, which may hang
+        # while the head is unreachable: never on the engine core), and as `watch` last applied it.
+        self._watched: dict[str, dict] | None = None
+        self._applied: dict[str, dict] | None = None
+        self._stop_watching = threading.Event()
+        threading.Thread(target=self._read_membership, name="dfuse-ray-nodes", daemon=True).start()
 
     # --- nodes ------------------------------------------------------------------------------
     def _live_nodes(self) -> dict[str, dict]:
@@ -193,20 +199,22 @@ class RayCluster:
                 raise self._lose(device) from None
             raise OSError(f"{what} on node {split_node(device)[0]} failed: {type(e).__name__}: {e}") from None
 
+    def _read_membership(self) -> None:
+        while not self._stop_watching.wait(NODE_WATCH_S):
+            try:
+                self._watched = self._live_nodes()
+            except Exception as e:  # the GCS is unreachable for now: read again next time
+                log.info("could not read the Ray cluster's nodes: %s", e)
+
     def watch(self) -> None:
-        """Keep `lost` true to Ray's node table, read at most every NODE_WATCH_S: a node of the
+        """Keep `lost` true to Ray's node table (as last read, every NODE_WATCH_S): a node of the
         engine's devices that left is lost even when none of its workers is there to notice
         (none was placed there, or they all stopped), and one that came back under its label or
         IP serves again even when no worker of its restarts to find it. On the engine core."""
-        now = time.monotonic()
-        if now < self._next_watch:
+        live = self._watched
+        if live is None or live is self._applied:
             return
-        self._next_watch = now + NODE_WATCH_S
-        try:
-            live = self._live_nodes()
-        except Exception as e:  # the GCS is unreachable for a moment: the next watch reads it again
-            log.info("could not read the Ray cluster's nodes: %s", e)
-            return
+        self._applied = live
         for name, node_id in list(self.node_ids.items()):
             if node_id not in live:
                 self._agents.pop(node_id, None)  # it went with its node; a worker there starts a new one
@@ -325,6 +333,7 @@ class RayCluster:
     def close(self) -> None:
         """Stop every agent (each stops its workers and gives its node's resources back). Never
         raises: it runs while the engine closes, maybe after Ray itself went."""
+        self._stop_watching.set()
         agents, self._agents = list(self._agents.values()), {}
         if not self._ray.is_initialized():
             return

@@ -106,15 +106,19 @@ class Engine:
         self.config = config
         self._pid = os.getpid()
         self._close_lock = threading.Lock()  # a second close() waits for the first to finish
+        self.model_path = resolve_model_path(self.config.model, self.config.revision, self.config.variant)
+        self.model_info = describe_model(self.model_path)  # ValueError before any process starts (or Ray call)
         cluster = self._join_cluster()
         try:
-            self._init_model(cluster)
+            self._place(cluster)
             memory = self._plan_memory(cluster)
+            self._core = EngineCore(self.config, self.model_path, true_cfg=self.model_info.true_cfg, memory=memory,
+                                    cluster=cluster)  # which owns the cluster from here, and closes it
         except BaseException:
             if cluster is not None:
-                cluster.close()
+                cluster.close()  # (again, if the core closed it already: a no-op)
             raise
-        self._init_core(cluster, memory)  # the core owns the cluster from here, and closes it
+        self._start_core()
 
     def _join_cluster(self):
         """The Ray cluster of the devices on other nodes (engine/cluster.py), joined first: auto
@@ -125,9 +129,7 @@ class Engine:
 
         return RayCluster(self.config.ray_address, list(self.config.pool))
 
-    def _init_model(self, cluster) -> None:
-        self.model_path = resolve_model_path(self.config.model, self.config.revision, self.config.variant)
-        self.model_info = describe_model(self.model_path)  # ValueError before any process starts
+    def _place(self, cluster) -> None:
         if self.config.placement == "auto":
             self.config = auto_placed(self.config, self.model_path, self.model_info, detect_family(self.model_path),
                                       cluster)
@@ -144,9 +146,7 @@ class Engine:
         return (stage_memory(self.model_path, self.model_info, family, self.config.itemsizes()),
                 device_memory_gb(self.config, cluster))
 
-    def _init_core(self, cluster, memory) -> None:
-        self._core = EngineCore(self.config, self.model_path, true_cfg=self.model_info.true_cfg, memory=memory,
-                                cluster=cluster)
+    def _start_core(self) -> None:
         # Closes the workers even if the user never calls close() (runs at interpreter exit too,
         # in a forked child's as well: there it must leave the parent's workers alone).
         self._finalizer = weakref.finalize(self, _close_in, self._pid, self._core)

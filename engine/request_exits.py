@@ -33,6 +33,8 @@ class RequestExits:
             self._stats.left(request, "completed")
             self._left(request)
             self.completions.resolve(request.future, result=(pixels, request.timings))
+        elif request.future.cancelled():  # its caller stopped waiting: nothing to read again
+            self._drop(request)
         elif isinstance(error, ConnectionError) and not closing:
             self._start_over_unreachable(request, "the engine", "pixels", str(error))
         elif isinstance(error, ConnectionError):

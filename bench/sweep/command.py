@@ -382,6 +382,8 @@ def _pool_layout(pool: str | None, placement: str | None, device: str, instances
             finally:
                 if nodes is not None:
                     nodes.close()
+    except ConnectionError as e:  # Ray's: no cluster answers at --ray-address (auto placement measures its nodes)
+        raise click.BadParameter(str(e), param_hint="'--ray-address'") from None
     except ValueError as e:  # "devices[1]: ...", "placement (cpu:9): ...", "model: ..."
         flag = {"devices": "--devices", "model": "--model", "cluster": "--cluster",
                 "ray_address": "--ray-address"}.get(str(e).split("[")[0].split(":")[0], "--placement")

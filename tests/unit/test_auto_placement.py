@@ -48,6 +48,18 @@ def test_devices_too_small_for_the_whole_model_split_it(tiny):
     assert {s for stages in placement.values() for s in stages} == {"encoder", "dit", "decoder"}
 
 
+def test_alike_devices_holding_less_than_the_others_are_never_planned_more(tiny):
+    # Two devices of one kind (one core each; on a cluster, two nodes' GPUs of one name) where
+    # cpu:0 has room for the split only: it must not be given the whole pipeline.
+    stages = inspect_model("tiny-sd3")["stages"]
+    whole = sum(s["weights_gb"] for s in stages.values()) + max(s["activations_gb"]["float32"] for s in stages.values())
+    small = (whole - stages["encoder"]["weights_gb"] / 2) / USABLE_FRACTION
+    for memory in ((small, 8.0), (8.0, small)):
+        placement = _plan(tiny, memory)
+        on_small = placement.get(POOL[memory.index(small)], [])
+        assert len(on_small) < 3 and "encoder+dit+decoder" not in on_small, (memory, placement)
+
+
 def test_no_placement_that_fits_is_a_clear_error(tiny):
     with pytest.raises(ValueError, match=r"placement: no placement of the stages .* fits their memory"):
         _plan(tiny, (0.01, 0.01))

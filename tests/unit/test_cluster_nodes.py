@@ -82,13 +82,13 @@ def _cluster(fake):
     cluster.node_ids = {"a": A, "b": B}
     cluster._agents = {}
     cluster.lost = set()
-    cluster._next_watch = 0.0
+    cluster._watched = cluster._applied = None
     return cluster
 
 
 def _watch(cluster):
-    cluster._next_watch = 0.0  # the engine core's next health check past NODE_WATCH_S
-    cluster.watch()
+    cluster._watched = cluster._live_nodes()  # what its thread reads every NODE_WATCH_S
+    cluster.watch()  # on the engine core's next health check
 
 
 def test_a_node_that_leaves_is_lost_until_it_comes_back_under_its_label_then_serves_again():

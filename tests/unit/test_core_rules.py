@@ -156,6 +156,18 @@ def test_pixels_on_a_node_that_left_before_they_were_read_start_the_request_over
             with pytest.raises(RequestFailed, match="the engine could not read request .* pixels from another node 2 times"):
                 never.future.result(5)
             assert (h.core._stats.completed, h.core._stats.failed) == (1, 1)
+
+            cancelled = h.submit(9)  # its caller cancels once the decoder is done: it is dropped, not retried
+            _through_encoder(h)
+            (task,) = h.tasks(dit)
+            h.done(dit, task)
+            (task,) = h.tasks(decoder)
+            h.done(decoder, task)
+            assert cancelled.future.cancel()
+            h.until(lambda: pool.free == pool.n_slots)  # the copy-out thread tried, and gave the slot back
+            h.settle()
+            assert cancelled.attempts == 0 and h.tasks(h.ids("encoder")[0]) == []
+            assert (h.core._stats.completed, h.core._stats.failed) == (1, 1)
         finally:
             server.close()
             h.core._remote_reader.close()
