@@ -94,4 +94,8 @@ class _EngineCollector(Collector):
                                      labels=["outcome"])
         engine.add_metric(["completed"], stats.completed)
         engine.add_metric(["failed"], stats.failed)
-        yield from (queue, workers, ready, moves, restarts, engine)
+        up = GaugeMetricFamily("dfuse_device_up", "1 while a device's node is in the cluster, 0 once it left "
+                               "(always 1 on one host)", labels=["device"])
+        for device in stats.devices:
+            up.add_metric([device.name], 0 if device.name in stats.lost_devices else 1)
+        yield from (queue, workers, ready, moves, restarts, engine, up)
