@@ -106,8 +106,9 @@ class RayCluster:
         self.lost: set[str] = set()  # node names found gone
         # The membership as a thread of its own last read it (a call to Ray's GCS, which may hang
         # while the head is unreachable: never on the engine core), and as `watch` last applied it.
-        self._watched: dict[str, dict] | None = None
-        self._applied: dict[str, dict] | None = None
+        self._watched: tuple[float, dict[str, dict]] | None = None  # (when its read began, the live nodes)
+        self._applied: tuple[float, dict[str, dict]] | None = None
+        self._lost_at: dict[str, float] = {}  # node name -> when a call found it gone
         self._stop_watching = threading.Event()
         threading.Thread(target=self._read_membership, name="dfuse-ray-nodes", daemon=True).start()
 
@@ -202,7 +203,8 @@ class RayCluster:
     def _read_membership(self) -> None:
         while not self._stop_watching.wait(NODE_WATCH_S):
             try:
-                self._watched = self._live_nodes()
+                started = time.monotonic()
+                self._watched = (started, self._live_nodes())
             except Exception as e:  # the GCS is unreachable for now: read again next time
                 log.info("could not read the Ray cluster's nodes: %s", e)
 
@@ -211,10 +213,11 @@ class RayCluster:
         engine's devices that left is lost even when none of its workers is there to notice
         (none was placed there, or they all stopped), and one that came back under its label or
         IP serves again even when no worker of its restarts to find it. On the engine core."""
-        live = self._watched
-        if live is None or live is self._applied:
+        watched = self._watched
+        if watched is None or watched is self._applied:
             return
-        self._applied = live
+        self._applied = watched
+        read_at, live = watched
         for name, node_id in list(self.node_ids.items()):
             if node_id not in live:
                 self._agents.pop(node_id, None)  # it went with its node; a worker there starts a new one
@@ -227,7 +230,7 @@ class RayCluster:
                     continue
                 self._nodes.update(live)
                 self.node_ids[name] = node_id
-            if name in self.lost:
+            if name in self.lost and read_at > self._lost_at.get(name, -math.inf):  # not a read from before the loss
                 self.lost.discard(name)
                 log.warning("node %s is back in the Ray cluster: its devices serve again", name)
 
@@ -247,6 +250,7 @@ class RayCluster:
         """`device`'s node is gone (until it comes back): the error to raise."""
         node = split_node(device)[0]
         self.lost.add(node)
+        self._lost_at[node] = time.monotonic()
         return NodeLost(f"node {node} of device {device} has left the Ray cluster")
 
     def lost_devices(self, devices) -> list[str]:
@@ -283,7 +287,7 @@ class RayCluster:
         """What `device` holds, in GiB, for the planner (engine/auto_placement.py): its GPU's
         memory, or for a CPU device its node's host memory; measured on its node by its agent
         (started now if it is not yet). inf when that cannot be told: the planner then takes it
-        as unbounded, and requests are still admitted by what that node measures as it serves."""
+        as unbounded (the user's memory_limit_gib for it bounds it)."""
         if not self.is_remote(device):
             return describe_device(split_node(device)[1])[1]
         try:

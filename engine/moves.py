@@ -183,10 +183,15 @@ class WorkerMoves:
     def _restart_stranded(self) -> None:
         """Requests waiting for a later stage that no worker serves or is coming to serve (the
         split pipeline gave way to fused workers) start over from the first stage, where a fused
-        worker takes them; their upstream slots are released, so the leaving producers drain."""
+        worker takes them; their upstream slots are released, so the leaving producers drain.
+        Workers on a device lost with its node are not coming (until it is back)."""
+        lost = self._lost_devices()
+        staying = [w for w in self.workers.values() if not w.stopping and w.device not in lost]
+        if not any((w.moving_to or w.stage) == FUSED for w in staying):
+            return  # no fused worker to take them: they wait, or fail if none of their stage can come
         for stage in STAGES[1:]:
             queue = self._queues[stage]
-            coming = [w for w in self.workers.values() if not w.stopping and (w.moving_to or w.stage) == stage]
+            coming = [w for w in staying if (w.moving_to or w.stage) == stage]
             if queue and not coming:
                 for request in queue.remove_where(lambda r: True):
                     log.info("request %d restarts: no %s worker is left to take it", request.id, stage)

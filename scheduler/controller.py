@@ -110,7 +110,8 @@ class Controller:
             return []
         demand = self.demand(stats)
         belief = self.predictor.corrected(stats.corrections) if c.use_corrections else self.predictor
-        pinned = {d for d, t in self._last_move.items() if now - t < c.dwell_s}
+        present = {d.id for d in self.devices}  # a device moved recently may have gone since (its node left)
+        pinned = {d for d, t in self._last_move.items() if now - t < c.dwell_s and d in present}
         self._remember(now, demand)
         current, current_stages = self.planner.capacity(placement, self.devices, demand, belief)
         plan = self.planner.plan(self.devices, demand, belief, current=placement, pinned=pinned)

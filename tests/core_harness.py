@@ -25,6 +25,7 @@ from dfuse.engine.config import EngineConfig, TransportConfig
 from dfuse.engine.core import EngineCore
 from dfuse.engine.state import Request
 from dfuse.engine.transport.base import byte_view
+from dfuse.scheduler.core import FUSED
 
 IMAGE_SHAPE = (1, 2, 2, 3)  # the played decoder's pixels: every byte is the request's seed
 
@@ -165,12 +166,12 @@ class CoreHarness:
         return self.messages(worker_id, wire.StageTask)
 
     def done(self, worker_id: int, task: wire.StageTask, compute_s: float = 0.01) -> None:
-        """The worker computed `task`: its outputs are in the slot it was given. A decoder's
-        pixels are written there for real (the engine copies them out); other stages' outputs
-        only name their slot (the next played worker never reads them)."""
+        """The worker computed `task`: its outputs are in the slot it was given. A decoder's (or a
+        fused worker's) pixels are written there for real (the engine copies them out); other
+        stages' outputs only name their slot (the next played worker never reads them)."""
         played, worker = self.worker(worker_id), self.core.workers[worker_id]
         played.unanswered.remove(task)
-        if worker.stage == "decoder":
+        if worker.stage in ("decoder", FUSED):
             pixels = byte_view(worker.pool.segment.data, task.output.offset, IMAGE_SHAPE, torch.uint8)
             pixels.fill_(task.params.seed)
             outputs = [wire.TensorRef("image", task.output.pool, task.output.offset, IMAGE_SHAPE, "uint8")]

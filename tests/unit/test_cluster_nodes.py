@@ -3,6 +3,7 @@ a cluster whose membership the test sets (no Ray runs: these are its bookkeeping
 tests in tests/e2e/test_ray_cluster.py run them on real Ray nodes)."""
 
 import math
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -83,11 +84,12 @@ def _cluster(fake):
     cluster._agents = {}
     cluster.lost = set()
     cluster._watched = cluster._applied = None
+    cluster._lost_at = {}
     return cluster
 
 
 def _watch(cluster):
-    cluster._watched = cluster._live_nodes()  # what its thread reads every NODE_WATCH_S
+    cluster._watched = (time.monotonic(), cluster._live_nodes())  # what its thread reads every NODE_WATCH_S
     cluster.watch()  # on the engine core's next health check
 
 
@@ -171,3 +173,19 @@ def test_the_planner_is_given_the_memory_each_node_measures_for_its_devices():
     assert gb["b/cpu:0"] == gb["b/cpu:1"] == pytest.approx(32 * 2**30 / 1e9)  # node b's 64 GiB, shared by two
     assert gb["b/cuda:0"] == pytest.approx(80 * 2**30 / 1e9)
     assert gb["b/cuda:1"] == math.inf  # node b reports no such GPU: planned as unbounded, not as empty
+
+
+def test_a_membership_read_before_a_node_was_found_gone_does_not_bring_it_back():
+    fake = _FakeRay()
+    cluster = _cluster(fake)
+    cluster.new_pool("b/cpu:1", 1, 1024, 2)
+    stale = (time.monotonic(), cluster._live_nodes())  # read while b was still up ...
+    fake.members[B] = ("b", "10.0.0.2", False)
+    fake.pool_error = ray.exceptions.ActorDiedError()
+    with pytest.raises(NodeLost):  # ... then a call finds it gone ...
+        cluster.new_pool("b/cpu:1", 1, 1024, 2)
+    cluster._watched = stale  # ... and the engine core applies the older read
+    cluster.watch()
+    assert cluster.lost_devices(["b/cpu:1"]) == ["b/cpu:1"]
+    _watch(cluster)  # a read after the loss: still gone
+    assert cluster.lost_devices(["b/cpu:1"]) == ["b/cpu:1"]

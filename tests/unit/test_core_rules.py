@@ -143,16 +143,16 @@ def test_pixels_on_a_node_that_left_before_they_were_read_start_the_request_over
             h.done(dit, task)
             (task,) = h.tasks(decoder)
             h.done(decoder, task)
-            h.until(lambda: request.attempts == 1)
+            h.until(lambda: request.attempts == 1, turns=5000)  # the copy-out thread reads over TCP: up to ~10 s
             assert not request.future.done()  # it started over
             pool.served_at = server.address  # served again (a new decoder there, in the engine's eyes)
-            h.serve(request)
+            h.serve(request, turns=5000)
             assert (request.future.result(5)[0] == 7).all()
             assert (h.core._stats.completed, h.core._stats.failed) == (1, 0)
 
             pool.served_at = _refused_address()
             never = h.submit(8)
-            h.serve(never)
+            h.serve(never, turns=5000)
             with pytest.raises(RequestFailed, match="the engine could not read request .* pixels from another node 2 times"):
                 never.future.result(5)
             assert (h.core._stats.completed, h.core._stats.failed) == (1, 1)
@@ -164,7 +164,7 @@ def test_pixels_on_a_node_that_left_before_they_were_read_start_the_request_over
             (task,) = h.tasks(decoder)
             h.done(decoder, task)
             assert cancelled.future.cancel()
-            h.until(lambda: pool.free == pool.n_slots)  # the copy-out thread tried, and gave the slot back
+            h.until(lambda: pool.free == pool.n_slots, turns=5000)  # the copy-out thread tried, and gave the slot back
             h.settle()
             assert cancelled.attempts == 0 and h.tasks(h.ids("encoder")[0]) == []
             assert (h.core._stats.completed, h.core._stats.failed) == (1, 1)
@@ -311,6 +311,27 @@ def test_a_worker_waiting_to_be_replaced_misses_nothing_and_stops_nothing():
         request = h.submit(3)
         h.serve(request)
         assert (request.future.result(5)[0] == 3).all()
+
+
+def test_requests_waiting_for_a_stage_lost_with_its_node_start_over_on_a_fused_worker():
+    """The DiT's node left (the cluster says so) while a request waited for it; the device left
+    turns fused: the request starts over there rather than wait for the lost DiT."""
+    with CoreHarness(devices=["cpu:0", "cpu:1"], placement={"cpu:0": ["encoder", "decoder"], "cpu:1": ["dit"]}) as h:
+        (encoder,), (dit,), (decoder,) = h.ids("encoder"), h.ids("dit"), h.ids("decoder")
+        h.ready(encoder, decoder)  # the DiT never comes: its node is gone
+        h.core._lost_devices = lambda: frozenset({"cpu:1"})  # what the engine's RayCluster reports
+        request = h.submit(4)
+        _through_encoder(h)
+        assert len(h.core._queues["dit"]) == 1
+        h.core._start_moves([(encoder, "encoder+dit+decoder")], stops=[decoder], reason="asked", strict=True)
+        for _ in range(50):  # health passes: the stranded request leaves the DiT's queue, the encoder drains
+            h.turn(health=True)
+            if h.core.workers[encoder].stage == "encoder+dit+decoder":
+                break
+        h.ready(encoder)
+        h.serve(request)
+        assert (request.future.result(5)[0] == 4).all()
+        assert request.timings["dit"].worker_id == encoder  # served whole by the fused worker
 
 
 def test_a_replacement_that_never_says_ready_is_killed_after_startup_timeout_and_started_again():

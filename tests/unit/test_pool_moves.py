@@ -122,12 +122,12 @@ def test_a_device_lost_with_its_node_takes_no_move_and_keeps_no_stage_served():
                 lost={"b/cpu:0", "c/cpu:0"})
 
 
-def _fed_elastic(fused: bool) -> Elastic:
+def _fed_elastic(fused: bool, dwell_s: float = 1) -> Elastic:
     """An elastic policy over cpu:0 (encoder+decoder), cpu:1 and cpu:2 (a DiT each) that has
     measured every worker: requests arrive 10/s and the encoder is the bottleneck."""
     workers = {0: ("cpu:0", "encoder"), 1: ("cpu:1", "dit"), 2: ("cpu:2", "dit"), 3: ("cpu:0", "decoder")}
     devices = ["cpu:0", "cpu:1", "cpu:2"]
-    elastic = Elastic(ElasticConfig(interval_s=1, min_arrivals=5, dwell_s=1, confirm_s=1, fused=fused),
+    elastic = Elastic(ElasticConfig(interval_s=1, min_arrivals=5, dwell_s=dwell_s, confirm_s=1, fused=fused),
                       {w: d for w, (d, _) in workers.items()}, {s: devices for s in ("encoder", "dit", "decoder")},
                       pooled=True)
     params = wire.RequestParams("a prompt", None, 4, 1.0, 64, 64, 1)
@@ -166,3 +166,16 @@ def test_with_every_device_lost_the_elastic_policy_plans_nothing_and_says_why():
     for tick in range(5):
         assert not elastic.step(3 + tick, workers, {"encoder": 10, "dit": 0, "decoder": 0}, {}, everything)
     assert elastic.decisions[-1]["reason"].startswith("no plan: "), elastic.decisions[-1]
+
+
+def test_a_device_lost_soon_after_the_policy_moved_it_is_planned_without():
+    elastic, workers = _fed_elastic(fused=True, dwell_s=20)  # a moved device stays put 20 s
+    queues, busy = {"encoder": 10, "dit": 0, "decoder": 0}, {"encoder": 1}
+    now = 3
+    while not (plan := elastic.step(now, workers, queues, busy)):
+        now += 1
+        assert now < 30, elastic.decisions[-3:]
+    assert "cpu:1" in {workers[w][0] for w, _ in plan.switches}, plan
+    for tick in range(1, 4):  # cpu:1's node leaves within those 20 s: planned without (no crash), not pinned
+        plan = elastic.step(now + tick, workers, queues, busy, frozenset({"cpu:1"}))
+        assert "cpu:1" not in {workers[w][0] for w, _ in plan.switches} | {d for d, _ in plan.starts}, plan
