@@ -20,7 +20,6 @@ import threading
 import time
 from concurrent.futures import Future, InvalidStateError
 
-
 log = logging.getLogger("dfuse.engine")
 
 
