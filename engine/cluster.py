@@ -103,6 +103,7 @@ class RayCluster:
             if node is not None and node not in self.node_ids:
                 self.node_ids[node] = self._find(node, self._nodes)
         self._agents: dict[str, _Agent] = {}  # node id -> its NodeAgent
+        self._pools_asked: dict[tuple[str, int], tuple] = {}  # (node id, worker id) -> (agent, create_pool's ref)
         self.lost: set[str] = set()  # node names found gone
         # The membership as a thread of its own last read it (a call to Ray's GCS, which may hang
         # while the head is unreachable: never on the engine core), and as `watch` last applied it.
@@ -258,10 +259,17 @@ class RayCluster:
 
     def new_pool(self, device: str, worker_id: int, slot_bytes: int, n_slots: int, wait: bool = True) -> SlotPool:
         """An output pool for a worker on `device`'s node, made by its agent there (the engine's
-        credits for it here). `wait=False` on the engine core: AgentStarting rather than block."""
+        credits for it here). `wait=False` on the engine core: AgentStarting while the agent
+        starts or makes the pool, rather than block (the next try takes the pool once made)."""
         agent = self.agent(device, wait=wait)
-        name = self._call(device, agent, "creating a pool",
-                          agent.actor.create_pool.remote(worker_id, slot_bytes, n_slots), POOL_TIMEOUT_S)
+        key = (self.node_of(device), worker_id)
+        asked = self._pools_asked.get(key)
+        if asked is None or asked[0] is not agent:  # not asked yet, or of an agent since replaced
+            asked = self._pools_asked[key] = (agent, agent.actor.create_pool.remote(worker_id, slot_bytes, n_slots))
+        if not wait and not self._ray.wait([asked[1]], timeout=0)[0]:
+            raise AgentStarting(f"the dfuse agent on node {split_node(device)[0]} is making worker {worker_id}'s pool")
+        del self._pools_asked[key]
+        name = self._call(device, agent, "creating a pool", asked[1], POOL_TIMEOUT_S)
         return SlotPool(name, slot_bytes, n_slots, served_at=agent.info.slot_server)
 
     def node_memory(self, device: str) -> dict | None:

@@ -13,7 +13,7 @@ pytest.importorskip("ray")  # its exception types and scheduling strategy are th
 import ray.exceptions  # noqa: E402
 
 from dfuse.engine.auto_placement import device_memory_gb  # noqa: E402
-from dfuse.engine.cluster import NodeLost, RayCluster  # noqa: E402
+from dfuse.engine.cluster import AgentStarting, NodeLost, RayCluster  # noqa: E402
 from dfuse.engine.config import EngineConfig  # noqa: E402
 from dfuse.engine.devices import describe_device  # noqa: E402
 
@@ -36,12 +36,16 @@ class _FakeRay:
         self.members = {}  # node id -> (label, address, alive)
         self.actors = []
         self.pool_error = None  # what the next create_pool call fails with
+        self.busy = False  # calls made are not answered yet
+        self.pools_asked = 0
 
     def nodes(self):
         return [{"NodeID": i, "Alive": alive, "Labels": {"dfuse-node": label}, "NodeManagerAddress": address}
                 for i, (label, address, alive) in self.members.items()]
 
     def wait(self, refs, timeout=None):
+        if self.busy:  # the agent has not answered yet
+            return [], refs
         return refs, []
 
     def get(self, ref, timeout=None):
@@ -63,8 +67,11 @@ class _FakeRay:
                 actor = SimpleNamespace(address=address)
                 actor.info = SimpleNamespace(remote=lambda: _Ref(
                     {"pid": 1, "slot_server": f"tcp://{address}:1", "segment_prefix": f"p{len(fake.actors)}"}))
-                actor.create_pool = SimpleNamespace(remote=lambda worker_id, size, count: _Ref(
-                    f"p{len(fake.actors)}w{worker_id}", fake.pool_error))
+                def create_pool(worker_id, size, count):
+                    fake.pools_asked += 1
+                    return _Ref(f"p{len(fake.actors)}w{worker_id}", fake.pool_error)
+
+                actor.create_pool = SimpleNamespace(remote=create_pool)
                 actor.memory = SimpleNamespace(remote=lambda gpus: _Ref(  # what NodeAgent.memory measures there
                     {"total": 64 << 30, "available": 32 << 30, **({"gpus": {"cuda:0": 80 << 30}} if gpus else {})}))
                 fake.actors.append(actor)
@@ -82,6 +89,7 @@ def _cluster(fake):
     cluster._nodes = cluster._live_nodes()
     cluster.node_ids = {"a": A, "b": B}
     cluster._agents = {}
+    cluster._pools_asked = {}
     cluster.lost = set()
     cluster._watched = cluster._applied = None
     cluster._lost_at = {}
@@ -189,3 +197,16 @@ def test_a_membership_read_before_a_node_was_found_gone_does_not_bring_it_back()
     assert cluster.lost_devices(["b/cpu:1"]) == ["b/cpu:1"]
     _watch(cluster)  # a read after the loss: still gone
     assert cluster.lost_devices(["b/cpu:1"]) == ["b/cpu:1"]
+
+
+def test_the_engine_core_never_waits_for_an_agent_making_a_pool():
+    fake = _FakeRay()
+    cluster = _cluster(fake)
+    cluster.agent("b/cpu:1")  # up
+    fake.busy = True  # its answers are slow (a loaded node, a slow network)
+    for _ in range(3):
+        with pytest.raises(AgentStarting, match="making worker 1's pool"):  # the core retries later
+            cluster.new_pool("b/cpu:1", 1, 1024, 2, wait=False)
+    fake.busy = False
+    pool = cluster.new_pool("b/cpu:1", 1, 1024, 2, wait=False)
+    assert pool.served_at == "tcp://10.0.0.2:1" and fake.pools_asked == 1  # asked once, taken when made
