@@ -49,7 +49,7 @@ def device_memory_gb(config: EngineConfig, cluster=None) -> dict[str, float]:
     """GB each device of the pool offers the planner: its memory_limit_gib where set, else what
     it has; CPU devices share their host's, in equal parts. `cluster` (engine/cluster.py): the
     devices of other nodes as measured there (inf, unbounded, where that cannot be told)."""
-    host_of = (lambda d: cluster.node_of(d)) if cluster is not None else (lambda d: None)  # noqa: E731
+    host_of = cluster.node_of if cluster is not None else (lambda d: None)  # noqa: E731
     cpu_devices = collections.Counter(host_of(d) for d in config.pool if is_cpu(d))
     memory_gb = {}
     for device in config.pool:

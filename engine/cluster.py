@@ -104,6 +104,7 @@ class RayCluster:
                 self.node_ids[node] = self._find(node, self._nodes)
         self._agents: dict[str, _Agent] = {}  # node id -> its NodeAgent
         self._pools_asked: dict[tuple[str, int], tuple] = {}  # (node id, worker id) -> (agent, create_pool's ref)
+        self._totals: dict[tuple[str, bool], dict | None] = {}  # (node id, host?) -> its memory, for planning
         self.lost: set[str] = set()  # node names found gone
         # The membership as a thread of its own last read it (a call to Ray's GCS, which may hang
         # while the head is unreachable: never on the engine core), and as `watch` last applied it.
@@ -294,16 +295,20 @@ class RayCluster:
     def device_memory_gib(self, device: str) -> float:
         """What `device` holds, in GiB, for the planner (engine/auto_placement.py): its GPU's
         memory, or for a CPU device its node's host memory; measured on its node by its agent
-        (started now if it is not yet). inf when that cannot be told: the planner then takes it
-        as unbounded (the user's memory_limit_gib for it bounds it)."""
+        (started now if it is not yet), once per node for its host and once for its GPUs, however
+        many devices and plans ask. inf when that cannot be told: the planner then takes it as
+        unbounded (the user's memory_limit_gib for it bounds it)."""
         if not self.is_remote(device):
             return describe_device(split_node(device)[1])[1]
-        try:
-            self.agent(device)
-        except OSError as e:
-            log.warning("the memory of %s is not known (%s): it is planned as unbounded", device, e)
-            return math.inf
-        measured = self.node_memory(device)
+        key = (self.node_of(device), is_cpu(device))
+        if key not in self._totals:
+            try:
+                self.agent(device)
+                self._totals[key] = self.node_memory(device)
+            except OSError as e:
+                log.warning("the memory of node %s is not known (%s)", split_node(device)[0], e)
+                self._totals[key] = None
+        measured = self._totals[key]
         total = None if measured is None else measured["total"] if is_cpu(device) else \
             measured.get("gpus", {}).get(split_node(device)[1])
         if total is None:

@@ -38,6 +38,7 @@ class _FakeRay:
         self.pool_error = None  # what the next create_pool call fails with
         self.busy = False  # calls made are not answered yet
         self.pools_asked = 0
+        self.memory_asked = 0
 
     def nodes(self):
         return [{"NodeID": i, "Alive": alive, "Labels": {"dfuse-node": label}, "NodeManagerAddress": address}
@@ -72,8 +73,11 @@ class _FakeRay:
                     return _Ref(f"p{len(fake.actors)}w{worker_id}", fake.pool_error)
 
                 actor.create_pool = SimpleNamespace(remote=create_pool)
-                actor.memory = SimpleNamespace(remote=lambda gpus: _Ref(  # what NodeAgent.memory measures there
-                    {"total": 64 << 30, "available": 32 << 30, **({"gpus": {"cuda:0": 80 << 30}} if gpus else {})}))
+                def memory(gpus):  # what NodeAgent.memory measures there
+                    fake.memory_asked += 1
+                    return _Ref({"total": 64 << 30, "available": 32 << 30, **({"gpus": {"cuda:0": 80 << 30}} if gpus else {})})
+
+                actor.memory = SimpleNamespace(remote=memory)
                 fake.actors.append(actor)
                 return actor
 
@@ -90,6 +94,7 @@ def _cluster(fake):
     cluster.node_ids = {"a": A, "b": B}
     cluster._agents = {}
     cluster._pools_asked = {}
+    cluster._totals = {}
     cluster.lost = set()
     cluster._watched = cluster._applied = None
     cluster._lost_at = {}
@@ -173,7 +178,8 @@ def test_a_node_whose_workers_all_stopped_is_back_without_a_worker_restarting_th
 
 
 def test_the_planner_is_given_the_memory_each_node_measures_for_its_devices():
-    cluster = _cluster(_FakeRay())
+    fake = _FakeRay()
+    cluster = _cluster(fake)
     config = EngineConfig(model="synthetic:encoder=1ms", cluster="ray", ray_address="127.0.0.1:6379",
                           devices=["cpu:0", "b/cpu:0", "b/cpu:1", "b/cuda:0", "b/cuda:1"], placement="auto")
     gb = device_memory_gb(config, cluster)
@@ -181,6 +187,8 @@ def test_the_planner_is_given_the_memory_each_node_measures_for_its_devices():
     assert gb["b/cpu:0"] == gb["b/cpu:1"] == pytest.approx(32 * 2**30 / 1e9)  # node b's 64 GiB, shared by two
     assert gb["b/cuda:0"] == pytest.approx(80 * 2**30 / 1e9)
     assert gb["b/cuda:1"] == math.inf  # node b reports no such GPU: planned as unbounded, not as empty
+    device_memory_gb(config, cluster)  # a second plan (auto placement, then the elastic policy's) ...
+    assert fake.memory_asked == 2  # ... asks nothing more: node b was asked once for its host, once for its GPUs
 
 
 def test_a_membership_read_before_a_node_was_found_gone_does_not_bring_it_back():
